@@ -1,0 +1,138 @@
+//! `vpcgate preflight`: can this host run vpcgate?
+
+use std::path::Path;
+
+use aya::programs::{TestRun, TestRunOptions};
+use serde::Serialize;
+
+use super::{EXIT_ERROR, EXIT_FAILED, EXIT_OK, Output};
+use crate::datapath::Datapath;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Report format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+#[derive(Serialize)]
+struct Check {
+    check: &'static str,
+    ok: bool,
+    detail: String,
+}
+
+#[derive(Serialize)]
+struct Report {
+    ok: bool,
+    checks: Vec<Check>,
+}
+
+/// A minimal Ethernet + IPv4 + UDP frame (10.0.0.1:1000 -> 10.0.0.2:53).
+const TEST_FRAME: [u8; 42] = [
+    0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00, // Ethernet
+    0x45, 0, 0, 28, 0, 1, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2, // IPv4
+    0x03, 0xe8, 0, 53, 0, 8, 0, 0, // UDP
+];
+
+fn checks() -> Vec<Check> {
+    let mut checks = Vec::new();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease");
+    checks.push(Check {
+        check: "kernel",
+        ok: release.is_ok(),
+        detail: match &release {
+            Ok(v) => format!(
+                "{}; tc programs attach via {}",
+                v.trim(),
+                if crate::datapath::has_tcx() {
+                    "tcx"
+                } else {
+                    "clsact"
+                }
+            ),
+            Err(e) => format!("cannot read /proc/sys/kernel/osrelease: {e}"),
+        },
+    });
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    checks.push(Check {
+        check: "btf",
+        ok: btf,
+        detail: if btf {
+            "/sys/kernel/btf/vmlinux present".into()
+        } else {
+            "/sys/kernel/btf/vmlinux missing: the kernel lacks CONFIG_DEBUG_INFO_BTF".into()
+        },
+    });
+    match Datapath::load() {
+        Ok(mut dp) => {
+            checks.push(Check {
+                check: "verifier",
+                ok: true,
+                detail: "tc egress and xdp programs loaded".into(),
+            });
+            let tc = dp.tc_egress().ok().map(|p| run_frame(p));
+            let xdp = dp.xdp().ok().map(|p| run_frame(p));
+            // TC_ACT_UNSPEC (-1) and XDP_PASS (2) are "pass".
+            let ok = matches!(tc, Some(Ok(r)) if r == u32::MAX) && matches!(xdp, Some(Ok(2)));
+            let detail = if ok {
+                "both programs pass a UDP test frame (BPF_PROG_TEST_RUN)".to_owned()
+            } else {
+                format!("unexpected result for a UDP test frame: tc egress {tc:?}, xdp {xdp:?}")
+            };
+            checks.push(Check {
+                check: "test_run",
+                ok,
+                detail,
+            });
+        }
+        Err(e) => checks.push(Check {
+            check: "verifier",
+            ok: false,
+            detail: e.to_string(),
+        }),
+    }
+    checks
+}
+
+fn run_frame<
+    P: TestRun<Opts<'static> = TestRunOptions<'static>, Result = aya::programs::TestRunResult>,
+>(
+    prog: &P,
+) -> Result<u32, String> {
+    let opts = TestRunOptions {
+        data_in: Some(&TEST_FRAME),
+        ..TestRunOptions::new()
+    };
+    prog.test_run(opts)
+        .map(|r| r.return_value)
+        .map_err(|e| e.to_string())
+}
+
+pub fn run(args: &Args) -> u8 {
+    let checks = checks();
+    let report = Report {
+        ok: checks.iter().all(|c| c.ok),
+        checks,
+    };
+    match args.output {
+        Output::Json => match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("vpcgate: {e}");
+                return EXIT_ERROR;
+            }
+        },
+        Output::Text => {
+            for c in &report.checks {
+                println!(
+                    "{} {:<10} {}",
+                    if c.ok { "✓" } else { "✗" },
+                    c.check,
+                    c.detail
+                );
+            }
+        }
+    }
+    if report.ok { EXIT_OK } else { EXIT_FAILED }
+}

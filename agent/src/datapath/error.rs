@@ -1,0 +1,67 @@
+use aya::programs::ProgramError;
+
+/// What can go wrong loading, attaching or reading the kernel side, with what an operator needs to act.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("cannot load the vpcgate kernel object: {0} (is this root, with CAP_BPF and BTF?)")]
+    Object(#[source] aya::EbpfError),
+
+    #[error(
+        "the kernel object has no program {0}: the agent and its embedded object disagree (rebuild)"
+    )]
+    MissingProgram(&'static str),
+
+    #[error(
+        "the kernel object has no map {0}: the agent and its embedded object disagree (rebuild)"
+    )]
+    MissingMap(&'static str),
+
+    #[error("the kernel refused program {program}: {reason}\n--- verifier log ---\n{verifier_log}")]
+    Verifier {
+        program: &'static str,
+        reason: String,
+        verifier_log: String,
+    },
+
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+
+    #[error("interface {0} not found (in this network namespace)")]
+    InterfaceNotFound(String),
+
+    #[error("cannot attach {program} to {interface}: {source}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        #[source]
+        source: ProgramError,
+    },
+
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+impl DatapathError {
+    /// A load error, with the verifier's log spelled out when the verifier is what refused.
+    pub(crate) fn load(program: &'static str, e: ProgramError) -> Self {
+        match e {
+            ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            } => DatapathError::Verifier {
+                program,
+                reason: io_error.to_string(),
+                verifier_log: verifier_log.to_string(),
+            },
+            source => DatapathError::Program { program, source },
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Loading the kernel programs, attaching them to interfaces, and reading their maps.
+
+mod error;
+mod stats;
+
+use std::ffi::CString;
+
+use aya::{
+    Ebpf, EbpfLoader, VerifierLogLevel,
+    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+};
+pub use error::DatapathError;
+pub use stats::{ParseStats, read_parse_stats};
+use vpcgate_common::programs;
+
+/// The kernel object built from `ebpf/` by `build.rs`.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vpcgate.bpf.o"));
+
+/// How the XDP program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum XdpAttachMode {
+    /// In the driver (native XDP).
+    Native,
+    /// In the generic (skb) path.
+    Generic,
+}
+
+/// How the TC program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TcAttachMode {
+    /// A tcx link (kernel >= 6.6).
+    Tcx,
+    /// A cls_bpf filter on a clsact qdisc (older kernels).
+    Clsact,
+}
+
+/// The loaded kernel object: programs verified and loaded, maps created. Dropping it detaches every
+/// link it made (pinning, which keeps them past the agent's exit, comes with the daemon).
+pub struct Datapath {
+    ebpf: Ebpf,
+}
+
+impl Datapath {
+    /// Loads the embedded object and both programs into the kernel.
+    pub fn load() -> Result<Self, DatapathError> {
+        Self::load_object(EBPF_OBJECT)
+    }
+
+    /// Loads `object` (an ELF built from `ebpf/`) and both programs into the kernel.
+    pub fn load_object(object: &[u8]) -> Result<Self, DatapathError> {
+        let mut ebpf = EbpfLoader::new()
+            .verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS)
+            .load(object)
+            .map_err(DatapathError::Object)?;
+        {
+            let prog: &mut SchedClassifier = program_mut(&mut ebpf, programs::TC_EGRESS)?;
+            prog.load()
+                .map_err(|e| DatapathError::load(programs::TC_EGRESS, e))?;
+        }
+        {
+            let prog: &mut Xdp = program_mut(&mut ebpf, programs::XDP)?;
+            prog.load()
+                .map_err(|e| DatapathError::load(programs::XDP, e))?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// The loaded TC egress classifier.
+    pub fn tc_egress(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        program_mut(&mut self.ebpf, programs::TC_EGRESS)
+    }
+
+    /// The loaded XDP program.
+    pub fn xdp(&mut self) -> Result<&mut Xdp, DatapathError> {
+        program_mut(&mut self.ebpf, programs::XDP)
+    }
+
+    /// Attaches the TC egress classifier to `interface` (in the caller's network namespace): a tcx link
+    /// where the kernel has tcx, else a filter on a clsact qdisc (added when missing).
+    pub fn attach_tc_egress(&mut self, interface: &str) -> Result<TcAttachMode, DatapathError> {
+        ifindex(interface)?;
+        let tcx = has_tcx();
+        if !tcx {
+            // EEXIST just means the qdisc is there already.
+            if let Err(e) = tc::qdisc_add_clsact(interface)
+                && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
+            {
+                return Err(DatapathError::Attach {
+                    program: programs::TC_EGRESS,
+                    interface: interface.to_owned(),
+                    source: ProgramError::from(e),
+                });
+            }
+        }
+        self.tc_egress()?
+            .attach(interface, TcAttachType::Egress)
+            .map_err(|source| DatapathError::Attach {
+                program: programs::TC_EGRESS,
+                interface: interface.to_owned(),
+                source,
+            })?;
+        Ok(if tcx {
+            TcAttachMode::Tcx
+        } else {
+            TcAttachMode::Clsact
+        })
+    }
+
+    /// Attaches the XDP program to `interface`: native (driver) mode where the driver supports it,
+    /// generic mode otherwise. The mode actually used is returned, never silently assumed.
+    pub fn attach_xdp(&mut self, interface: &str) -> Result<XdpAttachMode, DatapathError> {
+        ifindex(interface)?;
+        let prog = self.xdp()?;
+        match prog.attach(interface, XdpMode::Driver) {
+            Ok(_) => Ok(XdpAttachMode::Native),
+            Err(native) => {
+                tracing::info!(interface, error = %native, "native XDP refused, using generic XDP");
+                prog.attach(interface, XdpMode::Skb)
+                    .map_err(|source| DatapathError::Attach {
+                        program: programs::XDP,
+                        interface: interface.to_owned(),
+                        source,
+                    })?;
+                Ok(XdpAttachMode::Generic)
+            }
+        }
+    }
+
+    /// Sums the per-CPU parse counters.
+    pub fn parse_stats(&self) -> Result<ParseStats, DatapathError> {
+        read_parse_stats(&self.ebpf)
+    }
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?;
+    prog.try_into().map_err(|e| DatapathError::load(name, e))
+}
+
+/// Whether TC programs attach as tcx links (kernel >= 6.6) rather than clsact filters.
+pub fn has_tcx() -> bool {
+    use aya::util::KernelVersion;
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// The interface's index in the caller's network namespace.
+pub fn ifindex(interface: &str) -> Result<u32, DatapathError> {
+    let missing = || DatapathError::InterfaceNotFound(interface.to_owned());
+    let name = CString::new(interface).map_err(|_| missing())?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        Err(missing())
+    } else {
+        Ok(index)
+    }
+}

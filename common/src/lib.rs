@@ -1,0 +1,21 @@
+//! Layouts shared by the vpcgate kernel programs (`vpcgate-ebpf`) and the agent.
+//!
+//! Everything here is `#[repr(C)]` (or a plain constant) and defined exactly once: the kernel side and
+//! userspace import it from here, so the two can never disagree about a map's key, value or index.
+#![no_std]
+
+pub mod parse_stats;
+
+/// Names of the maps in the kernel object, as the loader looks them up.
+pub mod maps {
+    /// Per-CPU array of `u64`, indexed by [`crate::parse_stats::index`].
+    pub const PARSE_STATS: &str = "PARSE_STATS";
+}
+
+/// Names of the programs in the kernel object.
+pub mod programs {
+    /// TC classifier on the ENI's egress.
+    pub const TC_EGRESS: &str = "vpcgate_tc_egress";
+    /// XDP program (ENI ingress, forward interfaces).
+    pub const XDP: &str = "vpcgate_xdp";
+}

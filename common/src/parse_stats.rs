@@ -1,0 +1,90 @@
+//! Per-protocol packet counters kept by the parser, per hook, in one per-CPU array.
+//!
+//! Index = `hook * STAT_COUNT + stat`. Append-only: a retired stat keeps its number.
+
+/// Which program counted the packet.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// TC egress classifier.
+    TcEgress = 0,
+    /// XDP program.
+    Xdp = 1,
+}
+
+pub const HOOK_COUNT: u32 = 2;
+
+/// What the parser saw. A packet increments one L3 stat and, when its L4 header was parsed, one L4 stat;
+/// VLAN-tagged frames and fragments additionally increment their own stat.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Neither IPv4 nor IPv6 (ARP, LLDP, ...): passed, not evaluated.
+    NonIp = 0,
+    Ipv4 = 1,
+    Ipv6 = 2,
+    Tcp = 3,
+    Udp = 4,
+    Icmp = 5,
+    Icmpv6 = 6,
+    /// An IP protocol the parser does not look into (GRE, ESP, SCTP, no next header, ...).
+    OtherL4 = 7,
+    /// Carried at least one 802.1Q / 802.1ad tag.
+    Vlan = 8,
+    /// First fragment of a fragmented datagram (carries the L4 header).
+    FragmentFirst = 9,
+    /// Non-first fragment: no L4 header, ports unknown.
+    FragmentNonFirst = 10,
+    /// Truncated or inconsistent header: dropped (fail closed).
+    Malformed = 11,
+}
+
+pub const STAT_COUNT: u32 = 12;
+
+/// Every stat, in index order (for userspace reports).
+pub const ALL_STATS: [Stat; STAT_COUNT as usize] = [
+    Stat::NonIp,
+    Stat::Ipv4,
+    Stat::Ipv6,
+    Stat::Tcp,
+    Stat::Udp,
+    Stat::Icmp,
+    Stat::Icmpv6,
+    Stat::OtherL4,
+    Stat::Vlan,
+    Stat::FragmentFirst,
+    Stat::FragmentNonFirst,
+    Stat::Malformed,
+];
+
+/// Number of entries of the `PARSE_STATS` array.
+pub const PARSE_STATS_LEN: u32 = HOOK_COUNT * STAT_COUNT;
+
+/// Index of `stat` for `hook` in the `PARSE_STATS` array.
+#[inline(always)]
+pub const fn index(hook: Hook, stat: Stat) -> u32 {
+    hook as u32 * STAT_COUNT + stat as u32
+}
+
+impl Stat {
+    /// Stable snake_case name used in CLI output, JSON and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::NonIp => "non_ip",
+            Stat::Ipv4 => "ipv4",
+            Stat::Ipv6 => "ipv6",
+            Stat::Tcp => "tcp",
+            Stat::Udp => "udp",
+            Stat::Icmp => "icmp",
+            Stat::Icmpv6 => "icmpv6",
+            Stat::OtherL4 => "other_l4",
+            Stat::Vlan => "vlan",
+            Stat::FragmentFirst => "fragment_first",
+            Stat::FragmentNonFirst => "fragment_non_first",
+            Stat::Malformed => "malformed",
+        }
+    }
+}
+
+const _: () = assert!(ALL_STATS.len() == STAT_COUNT as usize);
+const _: () = assert!(index(Hook::Xdp, Stat::Malformed) == PARSE_STATS_LEN - 1);

@@ -1,0 +1,389 @@
+//! Header parsing shared by every program: one cursor, one bounds check, one `parse_*` per header.
+//!
+//! Modelled on xdp-tools' `parsing_helpers.h`: every loop is bounded by a named constant so the verifier
+//! can see its end, and every read goes through [`Cursor::ptr_at`]. Anything the parser cannot verify
+//! (a header cut short, an inconsistent length field, more VLAN tags or IPv6 extension headers than it
+//! walks) is [`Malformed`]: the caller fails closed.
+
+use core::mem::size_of;
+
+/// 802.1Q / 802.1ad tags walked before giving up (QinQ = 2).
+pub const VLAN_MAX_DEPTH: usize = 2;
+/// IPv6 extension headers walked before giving up.
+pub const IPV6_EXT_MAX_CHAIN: usize = 6;
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ROUTING: u8 = 43;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_AH: u8 = 51;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_DSTOPTS: u8 = 60;
+pub const IPPROTO_MH: u8 = 135;
+
+/// A header was cut short or is inconsistent.
+#[derive(Clone, Copy)]
+pub struct Malformed;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub proto: [u8; 2],
+}
+
+#[repr(C)]
+pub struct VlanHdr {
+    pub tci: [u8; 2],
+    pub proto: [u8; 2],
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: [u8; 2],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub version_tc_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_hdr: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// The first two bytes every IPv6 extension header but the fragment header shares.
+#[repr(C)]
+pub struct Ipv6ExtHdr {
+    pub next_hdr: u8,
+    pub len: u8,
+}
+
+#[repr(C)]
+pub struct Ipv6FragHdr {
+    pub next_hdr: u8,
+    pub reserved: u8,
+    pub frag_off: [u8; 2],
+    pub id: [u8; 4],
+}
+
+#[repr(C)]
+pub struct TcpHdr {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub seq: [u8; 4],
+    pub ack: [u8; 4],
+    pub doff_res: u8,
+    pub flags: u8,
+    pub window: [u8; 2],
+    pub check: [u8; 2],
+    pub urg: [u8; 2],
+}
+
+#[repr(C)]
+pub struct UdpHdr {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub len: [u8; 2],
+    pub check: [u8; 2],
+}
+
+/// ICMP and ICMPv6 share this 8-byte prefix (type, code, checksum, rest-of-header).
+#[repr(C)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub check: [u8; 2],
+    pub rest: [u8; 4],
+}
+
+/// Bounds-checked view of a packet: `[start, end)` are the packet pointers the program got.
+#[derive(Clone, Copy)]
+pub struct Cursor {
+    start: usize,
+    end: usize,
+}
+
+/// Upper bound on any offset the parser computes; keeps offsets provably small for the verifier.
+pub const MAX_PARSE_OFFSET: usize = 4096;
+
+impl Cursor {
+    #[inline(always)]
+    pub fn new(start: usize, end: usize) -> Self {
+        Self { start, end }
+    }
+
+    /// The one bounds check: a `T` at `offset` lies entirely inside the packet.
+    #[inline(always)]
+    pub fn ptr_at<T>(&self, offset: usize) -> Result<&T, Malformed> {
+        if offset > MAX_PARSE_OFFSET {
+            return Err(Malformed);
+        }
+        let start = self.start + offset;
+        if start + size_of::<T>() > self.end {
+            return Err(Malformed);
+        }
+        // SAFETY: [start, start + size_of::<T>()) is inside the packet (checked above), and every header
+        // type here is a `#[repr(C)]` struct of byte fields (alignment 1).
+        Ok(unsafe { &*(start as *const T) })
+    }
+
+    /// Bytes from `offset` to the end of the packet.
+    #[inline(always)]
+    pub fn remaining(&self, offset: usize) -> usize {
+        (self.end - self.start).saturating_sub(offset)
+    }
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+/// Network layer of a parsed packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum L3 {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...).
+    NonIp,
+    Ipv4,
+    Ipv6,
+}
+
+/// Fragment position of the datagram this packet belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented.
+    None,
+    /// Offset 0, more fragments follow: carries the L4 header.
+    First,
+    /// Offset > 0: no L4 header; ports are unknown.
+    NonFirst,
+}
+
+/// Transport layer of a parsed packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum L4 {
+    /// No transport header to look at (non-first fragment, non-IP).
+    None,
+    Tcp { sport: u16, dport: u16, flags: u8 },
+    Udp { sport: u16, dport: u16 },
+    Icmp { kind: u8, code: u8 },
+    Icmpv6 { kind: u8, code: u8 },
+    /// An IP protocol the parser does not look into.
+    Other,
+}
+
+/// What the verdict needs of a packet. Addresses are in network byte order; IPv4 uses the first 4 bytes.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    pub l3: L3,
+    pub vlan_tags: u8,
+    pub proto: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub fragment: Fragment,
+    /// IPv4 identification or IPv6 fragment identification (fragments only).
+    pub frag_id: u32,
+    pub l4: L4,
+}
+
+/// Parses a frame starting with its Ethernet header.
+#[inline(always)]
+pub fn parse(c: &Cursor) -> Result<Packet, Malformed> {
+    let mut pkt = Packet {
+        l3: L3::NonIp,
+        vlan_tags: 0,
+        proto: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        fragment: Fragment::None,
+        frag_id: 0,
+        l4: L4::None,
+    };
+    let eth: &EthHdr = c.ptr_at(0)?;
+    let mut ethertype = be16(eth.proto);
+    let mut off = size_of::<EthHdr>();
+    // Unrolled by the compiler: VLAN_MAX_DEPTH is a small constant.
+    for _ in 0..VLAN_MAX_DEPTH {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        let vlan: &VlanHdr = c.ptr_at(off)?;
+        ethertype = be16(vlan.proto);
+        off += size_of::<VlanHdr>();
+        pkt.vlan_tags += 1;
+    }
+    match ethertype {
+        ETH_P_IP => parse_ipv4(c, off, &mut pkt)?,
+        ETH_P_IPV6 => parse_ipv6(c, off, &mut pkt)?,
+        // More tags than we walk: we cannot see what is inside, so we cannot let it pass unexamined.
+        ETH_P_8021Q | ETH_P_8021AD => return Err(Malformed),
+        _ => return Ok(pkt),
+    }
+    Ok(pkt)
+}
+
+#[inline(always)]
+fn parse_ipv4(c: &Cursor, off: usize, pkt: &mut Packet) -> Result<(), Malformed> {
+    let ip: &Ipv4Hdr = c.ptr_at(off)?;
+    if ip.version_ihl >> 4 != 4 {
+        return Err(Malformed);
+    }
+    let hdr_len = ((ip.version_ihl & 0x0f) as usize) * 4;
+    if hdr_len < size_of::<Ipv4Hdr>() {
+        return Err(Malformed);
+    }
+    // Options must be present in full.
+    if c.remaining(off) < hdr_len {
+        return Err(Malformed);
+    }
+    let tot_len = be16(ip.tot_len) as usize;
+    // tot_len 0 is how the kernel marks an IPv4 BIG TCP GSO packet (longer than 64 KiB) on egress:
+    // its extent is the frame's. Otherwise the L4 header must lie inside the datagram, never in padding.
+    let l3_len = if tot_len == 0 { c.remaining(off) } else { tot_len };
+    if l3_len < hdr_len {
+        return Err(Malformed);
+    }
+    pkt.l3 = L3::Ipv4;
+    pkt.proto = ip.proto;
+    pkt.src[..4].copy_from_slice(&ip.src);
+    pkt.dst[..4].copy_from_slice(&ip.dst);
+    let frag = be16(ip.frag_off);
+    let more_fragments = frag & 0x2000 != 0;
+    let frag_offset = frag & 0x1fff;
+    if frag_offset != 0 {
+        pkt.fragment = Fragment::NonFirst;
+        pkt.frag_id = be16(ip.id) as u32;
+        return Ok(());
+    }
+    if more_fragments {
+        pkt.fragment = Fragment::First;
+        pkt.frag_id = be16(ip.id) as u32;
+    }
+    parse_l4(c, off + hdr_len, l3_len - hdr_len, ip.proto, pkt)
+}
+
+#[inline(always)]
+fn parse_ipv6(c: &Cursor, off: usize, pkt: &mut Packet) -> Result<(), Malformed> {
+    let ip: &Ipv6Hdr = c.ptr_at(off)?;
+    if ip.version_tc_flow[0] >> 4 != 6 {
+        return Err(Malformed);
+    }
+    pkt.l3 = L3::Ipv6;
+    pkt.src = ip.src;
+    pkt.dst = ip.dst;
+    let payload_len = be16(ip.payload_len) as usize;
+    let mut next = ip.next_hdr;
+    let mut off = off + size_of::<Ipv6Hdr>();
+    // payload_len 0: a jumbogram / IPv6 BIG TCP GSO packet, whose extent is the frame's.
+    let l3_end = if payload_len == 0 { off + c.remaining(off) } else { off + payload_len };
+    let mut chain = 0;
+    loop {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MH => {
+                if chain == IPV6_EXT_MAX_CHAIN {
+                    return Err(Malformed);
+                }
+                let ext: &Ipv6ExtHdr = c.ptr_at(off)?;
+                let len = (ext.len as usize + 1) * 8;
+                if off + len > l3_end || c.remaining(off) < len {
+                    return Err(Malformed);
+                }
+                next = ext.next_hdr;
+                off += len;
+            }
+            IPPROTO_AH => {
+                if chain == IPV6_EXT_MAX_CHAIN {
+                    return Err(Malformed);
+                }
+                // RFC 4302: AH's length is in 4-octet units, minus 2.
+                let ext: &Ipv6ExtHdr = c.ptr_at(off)?;
+                let len = (ext.len as usize + 2) * 4;
+                if off + len > l3_end || c.remaining(off) < len {
+                    return Err(Malformed);
+                }
+                next = ext.next_hdr;
+                off += len;
+            }
+            IPPROTO_FRAGMENT => {
+                if chain == IPV6_EXT_MAX_CHAIN {
+                    return Err(Malformed);
+                }
+                let frag: &Ipv6FragHdr = c.ptr_at(off)?;
+                if off + size_of::<Ipv6FragHdr>() > l3_end {
+                    return Err(Malformed);
+                }
+                let fo = be16(frag.frag_off);
+                pkt.frag_id = u32::from_be_bytes(frag.id);
+                next = frag.next_hdr;
+                off += size_of::<Ipv6FragHdr>();
+                if fo & 0xfff8 != 0 {
+                    pkt.fragment = Fragment::NonFirst;
+                    pkt.proto = next;
+                    return Ok(());
+                }
+                if fo & 1 != 0 {
+                    pkt.fragment = Fragment::First;
+                }
+                // An atomic fragment (offset 0, M clear, RFC 6946) is a whole datagram: treat it as such.
+            }
+            _ => break,
+        }
+        chain += 1;
+    }
+    pkt.proto = next;
+    parse_l4(c, off, l3_end.saturating_sub(off), next, pkt)
+}
+
+/// Parses the transport header at `off`; `l3_room` is how many bytes of the IP datagram follow `off`.
+#[inline(always)]
+fn parse_l4(c: &Cursor, off: usize, l3_room: usize, proto: u8, pkt: &mut Packet) -> Result<(), Malformed> {
+    match proto {
+        IPPROTO_TCP => {
+            let tcp: &TcpHdr = c.ptr_at(off)?;
+            let doff = ((tcp.doff_res >> 4) as usize) * 4;
+            if doff < size_of::<TcpHdr>() || l3_room < doff || c.remaining(off) < doff {
+                return Err(Malformed);
+            }
+            pkt.l4 = L4::Tcp { sport: be16(tcp.sport), dport: be16(tcp.dport), flags: tcp.flags };
+        }
+        IPPROTO_UDP => {
+            let udp: &UdpHdr = c.ptr_at(off)?;
+            if l3_room < size_of::<UdpHdr>() {
+                return Err(Malformed);
+            }
+            pkt.l4 = L4::Udp { sport: be16(udp.sport), dport: be16(udp.dport) };
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let icmp: &IcmpHdr = c.ptr_at(off)?;
+            if l3_room < size_of::<IcmpHdr>() {
+                return Err(Malformed);
+            }
+            // ICMP inside IPv6 (or ICMPv6 inside IPv4) is no ICMP any stack would act on: an unknown protocol.
+            pkt.l4 = match (pkt.l3, proto) {
+                (L3::Ipv4, IPPROTO_ICMP) => L4::Icmp { kind: icmp.kind, code: icmp.code },
+                (L3::Ipv6, IPPROTO_ICMPV6) => L4::Icmpv6 { kind: icmp.kind, code: icmp.code },
+                _ => L4::Other,
+            };
+        }
+        _ => pkt.l4 = L4::Other,
+    }
+    Ok(())
+}
