@@ -182,10 +182,23 @@ pub enum Fragment {
 pub enum L4 {
     /// No transport header to look at (non-first fragment, non-IP).
     None,
-    Tcp { sport: u16, dport: u16, flags: u8 },
-    Udp { sport: u16, dport: u16 },
-    Icmp { kind: u8, code: u8 },
-    Icmpv6 { kind: u8, code: u8 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    Icmp {
+        kind: u8,
+        code: u8,
+    },
+    Icmpv6 {
+        kind: u8,
+        code: u8,
+    },
     /// An IP protocol the parser does not look into.
     Other,
 }
@@ -257,7 +270,11 @@ fn parse_ipv4(c: &Cursor, off: usize, pkt: &mut Packet) -> Result<(), Malformed>
     let tot_len = be16(ip.tot_len) as usize;
     // tot_len 0 is how the kernel marks an IPv4 BIG TCP GSO packet (longer than 64 KiB) on egress:
     // its extent is the frame's. Otherwise the L4 header must lie inside the datagram, never in padding.
-    let l3_len = if tot_len == 0 { c.remaining(off) } else { tot_len };
+    let l3_len = if tot_len == 0 {
+        c.remaining(off)
+    } else {
+        tot_len
+    };
     if l3_len < hdr_len {
         return Err(Malformed);
     }
@@ -293,7 +310,11 @@ fn parse_ipv6(c: &Cursor, off: usize, pkt: &mut Packet) -> Result<(), Malformed>
     let mut next = ip.next_hdr;
     let mut off = off + size_of::<Ipv6Hdr>();
     // payload_len 0: a jumbogram / IPv6 BIG TCP GSO packet, whose extent is the frame's.
-    let l3_end = if payload_len == 0 { off + c.remaining(off) } else { off + payload_len };
+    let l3_end = if payload_len == 0 {
+        off + c.remaining(off)
+    } else {
+        off + payload_len
+    };
     let mut chain = 0;
     loop {
         match next {
@@ -354,7 +375,13 @@ fn parse_ipv6(c: &Cursor, off: usize, pkt: &mut Packet) -> Result<(), Malformed>
 
 /// Parses the transport header at `off`; `l3_room` is how many bytes of the IP datagram follow `off`.
 #[inline(always)]
-fn parse_l4(c: &Cursor, off: usize, l3_room: usize, proto: u8, pkt: &mut Packet) -> Result<(), Malformed> {
+fn parse_l4(
+    c: &Cursor,
+    off: usize,
+    l3_room: usize,
+    proto: u8,
+    pkt: &mut Packet,
+) -> Result<(), Malformed> {
     match proto {
         IPPROTO_TCP => {
             let tcp: &TcpHdr = c.ptr_at(off)?;
@@ -362,14 +389,21 @@ fn parse_l4(c: &Cursor, off: usize, l3_room: usize, proto: u8, pkt: &mut Packet)
             if doff < size_of::<TcpHdr>() || l3_room < doff || c.remaining(off) < doff {
                 return Err(Malformed);
             }
-            pkt.l4 = L4::Tcp { sport: be16(tcp.sport), dport: be16(tcp.dport), flags: tcp.flags };
+            pkt.l4 = L4::Tcp {
+                sport: be16(tcp.sport),
+                dport: be16(tcp.dport),
+                flags: tcp.flags,
+            };
         }
         IPPROTO_UDP => {
             let udp: &UdpHdr = c.ptr_at(off)?;
             if l3_room < size_of::<UdpHdr>() {
                 return Err(Malformed);
             }
-            pkt.l4 = L4::Udp { sport: be16(udp.sport), dport: be16(udp.dport) };
+            pkt.l4 = L4::Udp {
+                sport: be16(udp.sport),
+                dport: be16(udp.dport),
+            };
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             let icmp: &IcmpHdr = c.ptr_at(off)?;
@@ -378,8 +412,14 @@ fn parse_l4(c: &Cursor, off: usize, l3_room: usize, proto: u8, pkt: &mut Packet)
             }
             // ICMP inside IPv6 (or ICMPv6 inside IPv4) is no ICMP any stack would act on: an unknown protocol.
             pkt.l4 = match (pkt.l3, proto) {
-                (L3::Ipv4, IPPROTO_ICMP) => L4::Icmp { kind: icmp.kind, code: icmp.code },
-                (L3::Ipv6, IPPROTO_ICMPV6) => L4::Icmpv6 { kind: icmp.kind, code: icmp.code },
+                (L3::Ipv4, IPPROTO_ICMP) => L4::Icmp {
+                    kind: icmp.kind,
+                    code: icmp.code,
+                },
+                (L3::Ipv6, IPPROTO_ICMPV6) => L4::Icmpv6 {
+                    kind: icmp.kind,
+                    code: icmp.code,
+                },
                 _ => L4::Other,
             };
         }

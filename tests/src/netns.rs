@@ -1,0 +1,149 @@
+//! Network namespaces that a test creates and always removes (RAII), and a way to run code inside one.
+//!
+//! Nothing here touches the root namespace: addresses, routes and links live inside the namespaces.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+/// Runs `cmd` to completion, panicking with its output when it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A named network namespace, deleted (with everything in it: veths, addresses, routes) on drop.
+pub struct Netns {
+    name: String,
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+impl Netns {
+    /// Creates a namespace named `vg-<role>-<pid>-<n>` with its loopback up.
+    pub fn new(role: &str) -> Self {
+        let name = format!(
+            "vg-{role}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <ns> args...`
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "-n", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// `ip netns exec <ns> args...`
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace (sockets it opens and interfaces it names are
+    /// this namespace's); the calling thread is never moved.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns on a namespace fd only changes this (scoped, short-lived) thread's namespace.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Best effort, never panicking in drop (a test may already be unwinding).
+        let out = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        if !matches!(&out, Ok(o) if o.status.success()) {
+            eprintln!(
+                "warning: could not delete network namespace {}: {out:?}",
+                self.name
+            );
+        }
+    }
+}
+
+/// Two namespaces joined by a veth pair, with IPv4 and IPv6 addresses:
+/// `gw` (`veth-gw`, 10.200.0.1/24, fd00:200::1/64) and `vpc` (`veth-vpc`, 10.200.0.2/24, fd00:200::2/64).
+pub struct Pair {
+    pub gw: Netns,
+    pub vpc: Netns,
+}
+
+pub const GW_IF: &str = "veth-gw";
+pub const VPC_IF: &str = "veth-vpc";
+pub const GW_V4: &str = "10.200.0.1";
+pub const VPC_V4: &str = "10.200.0.2";
+pub const GW_V6: &str = "fd00:200::1";
+pub const VPC_V6: &str = "fd00:200::2";
+
+impl Pair {
+    pub fn new() -> Self {
+        let gw = Netns::new("gw");
+        let vpc = Netns::new("vpc");
+        gw.ip(&[
+            "link",
+            "add",
+            GW_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            VPC_IF,
+            "netns",
+            vpc.name(),
+        ]);
+        for (ns, dev, v4, v6) in [(&gw, GW_IF, GW_V4, GW_V6), (&vpc, VPC_IF, VPC_V4, VPC_V6)] {
+            // No DAD: the addresses are usable at once, without waiting for duplicate detection.
+            ns.exec(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{dev}.accept_dad=0"),
+            ]);
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
+            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        Self { gw, vpc }
+    }
+}
+
+impl Default for Pair {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,381 @@
+//! Crafted frames for BPF_PROG_TEST_RUN: a list of layers serialised with consistent lengths and
+//! next-header fields, plus what the parser must report for the frame (derived from how it was built,
+//! not by parsing it) and how many bytes the parser needs (every shorter truncation is malformed).
+
+use vpcgate_common::parse_stats::Stat;
+
+/// An IPv6 extension header.
+#[derive(Clone, Copy, Debug)]
+pub enum Ext {
+    /// Hop-by-hop options, `len8` 8-octet units beyond the first.
+    HopByHop {
+        len8: u8,
+    },
+    Routing {
+        len8: u8,
+    },
+    DstOpts {
+        len8: u8,
+    },
+    /// Mobility header (parsed as an extension header, like the kernel's ipv6_ext_hdr()).
+    Mobility {
+        len8: u8,
+    },
+    /// Authentication header, `len4` = length in 4-octet units minus 2 (RFC 4302).
+    Ah {
+        len4: u8,
+    },
+    Fragment {
+        offset: u16,
+        more: bool,
+        id: u32,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Layer {
+    /// An 802.1Q (0x8100) or 802.1ad (0x88a8) tag.
+    Vlan {
+        tpid: u16,
+        vid: u16,
+    },
+    Arp,
+    Ipv4 {
+        src: [u8; 4],
+        dst: [u8; 4],
+        options: u8,
+        frag_offset: u16,
+        more_fragments: bool,
+        id: u16,
+    },
+    Ipv6 {
+        src: [u8; 16],
+        dst: [u8; 16],
+    },
+    Ext(Ext),
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        options: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    /// ICMP in IPv4, ICMPv6 in IPv6.
+    Icmp {
+        kind: u8,
+        code: u8,
+    },
+    /// An IP protocol the parser does not look into, followed by `len` opaque bytes.
+    Proto {
+        proto: u8,
+        len: usize,
+    },
+}
+
+/// A serialised frame and what the parser must make of it.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub name: String,
+    pub bytes: Vec<u8>,
+    /// Start offset of each layer (parallel to the layers it was built from; Ethernet is at 0).
+    pub offsets: Vec<usize>,
+    /// Bytes the parser must see: every truncation shorter than this is malformed.
+    pub required: usize,
+    /// Stats the parser increments for the whole frame (empty with `malformed`).
+    pub stats: Vec<Stat>,
+    pub malformed: bool,
+}
+
+fn ethertype_of(layer: Option<&Layer>) -> u16 {
+    match layer {
+        Some(Layer::Vlan { tpid, .. }) => *tpid,
+        Some(Layer::Arp) => 0x0806,
+        Some(Layer::Ipv4 { .. }) => 0x0800,
+        Some(Layer::Ipv6 { .. }) => 0x86dd,
+        _ => 0x88b5, // IEEE local experimental
+    }
+}
+
+fn proto_of(layer: Option<&Layer>, v6: bool) -> u8 {
+    match layer {
+        Some(Layer::Ext(Ext::HopByHop { .. })) => 0,
+        Some(Layer::Ext(Ext::Routing { .. })) => 43,
+        Some(Layer::Ext(Ext::Fragment { .. })) => 44,
+        Some(Layer::Ext(Ext::Ah { .. })) => 51,
+        Some(Layer::Ext(Ext::DstOpts { .. })) => 60,
+        Some(Layer::Ext(Ext::Mobility { .. })) => 135,
+        Some(Layer::Tcp { .. }) => 6,
+        Some(Layer::Udp { .. }) => 17,
+        Some(Layer::Icmp { .. }) => {
+            if v6 {
+                58
+            } else {
+                1
+            }
+        }
+        Some(Layer::Proto { proto, .. }) => *proto,
+        _ => 59, // IPv6 "no next header"
+    }
+}
+
+/// Serialises `layers` (after an Ethernet header) followed by `payload` bytes.
+pub fn build(name: &str, layers: &[Layer], payload: usize) -> Frame {
+    let mut b = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
+    b.extend(ethertype_of(layers.first()).to_be_bytes());
+    let mut offsets = vec![];
+    let mut required = b.len();
+    let mut stats = vec![];
+    let mut v6 = false;
+    // Where the L3 length field lives and where the L3 payload starts, to fix up after serialising.
+    let mut l3_len_fixup: Option<(usize, usize, bool)> = None;
+    let mut parsing = true; // the parser still reads headers (false after a non-first fragment)
+    let mut vlan = false;
+    for (i, layer) in layers.iter().enumerate() {
+        let next = layers.get(i + 1);
+        offsets.push(b.len());
+        match *layer {
+            Layer::Vlan { vid, .. } => {
+                vlan = true;
+                b.extend(vid.to_be_bytes());
+                b.extend(ethertype_of(next).to_be_bytes());
+                required = b.len();
+            }
+            Layer::Arp => {
+                stats.push(Stat::NonIp);
+                b.extend([0u8; 28]);
+            }
+            Layer::Ipv4 {
+                src,
+                dst,
+                options,
+                frag_offset,
+                more_fragments,
+                id,
+            } => {
+                stats.push(Stat::Ipv4);
+                let start = b.len();
+                let ihl = 5 + options;
+                let frag = (frag_offset & 0x1fff) | if more_fragments { 0x2000 } else { 0 };
+                b.extend([0x40 | ihl, 0, 0, 0]);
+                b.extend(id.to_be_bytes());
+                b.extend(frag.to_be_bytes());
+                b.extend([64, proto_of(next, false), 0, 0]);
+                b.extend(src);
+                b.extend(dst);
+                // Options: NOPs then End of Options.
+                for k in 0..options as usize * 4 {
+                    b.push(if k + 1 == options as usize * 4 { 0 } else { 1 });
+                }
+                l3_len_fixup = Some((start + 2, start, false));
+                required = b.len();
+                if frag_offset != 0 {
+                    stats.push(Stat::FragmentNonFirst);
+                    parsing = false;
+                } else if more_fragments {
+                    stats.push(Stat::FragmentFirst);
+                }
+            }
+            Layer::Ipv6 { src, dst } => {
+                v6 = true;
+                stats.push(Stat::Ipv6);
+                let start = b.len();
+                b.extend([0x60, 0, 0, 0, 0, 0, proto_of(next, true), 64]);
+                b.extend(src);
+                b.extend(dst);
+                l3_len_fixup = Some((start + 4, start + 40, true));
+                required = b.len();
+            }
+            Layer::Ext(ext) => {
+                let nh = proto_of(next, true);
+                match ext {
+                    Ext::HopByHop { len8 }
+                    | Ext::Routing { len8 }
+                    | Ext::DstOpts { len8 }
+                    | Ext::Mobility { len8 } => {
+                        b.extend([nh, len8]);
+                        b.extend(vec![0u8; (len8 as usize + 1) * 8 - 2]);
+                    }
+                    Ext::Ah { len4 } => {
+                        b.extend([nh, len4]);
+                        b.extend(vec![0u8; (len4 as usize + 2) * 4 - 2]);
+                    }
+                    Ext::Fragment { offset, more, id } => {
+                        let fo = (offset << 3) | u16::from(more);
+                        b.extend([nh, 0]);
+                        b.extend(fo.to_be_bytes());
+                        b.extend(id.to_be_bytes());
+                        if offset != 0 {
+                            stats.push(Stat::FragmentNonFirst);
+                            required = b.len();
+                            parsing = false;
+                        } else if more {
+                            stats.push(Stat::FragmentFirst);
+                        }
+                    }
+                }
+                if parsing {
+                    required = b.len();
+                }
+            }
+            Layer::Tcp {
+                sport,
+                dport,
+                flags,
+                options,
+            } => {
+                b.extend(sport.to_be_bytes());
+                b.extend(dport.to_be_bytes());
+                b.extend([0, 0, 0, 1, 0, 0, 0, 0]);
+                b.extend([(5 + options) << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
+                b.extend(vec![1u8; options as usize * 4]);
+                if parsing {
+                    stats.push(Stat::Tcp);
+                    required = b.len();
+                }
+            }
+            Layer::Udp { sport, dport } => {
+                b.extend(sport.to_be_bytes());
+                b.extend(dport.to_be_bytes());
+                b.extend([0, 0, 0, 0]); // length fixed up below
+                if parsing {
+                    stats.push(Stat::Udp);
+                    required = b.len();
+                }
+            }
+            Layer::Icmp { kind, code } => {
+                b.extend([kind, code, 0, 0, 0, 1, 0, 1]);
+                if parsing {
+                    stats.push(if v6 { Stat::Icmpv6 } else { Stat::Icmp });
+                    required = b.len();
+                }
+            }
+            Layer::Proto { len, .. } => {
+                b.extend(vec![0xabu8; len]);
+                if parsing {
+                    stats.push(Stat::OtherL4);
+                }
+            }
+        }
+    }
+    // An IP header whose payload names no L4 layer ("no next header" / unknown): other L4.
+    if parsing
+        && matches!(
+            layers.last(),
+            Some(Layer::Ipv4 { .. } | Layer::Ipv6 { .. } | Layer::Ext(_))
+        )
+    {
+        stats.push(Stat::OtherL4);
+    }
+    if vlan {
+        stats.push(Stat::Vlan);
+    }
+    b.extend((0..payload).map(|i| i as u8));
+    if let Some((field, l3_start, is_v6)) = l3_len_fixup {
+        let len = if is_v6 {
+            b.len() - l3_start
+        } else {
+            b.len() - l3_start
+        };
+        b[field..field + 2].copy_from_slice(&(len as u16).to_be_bytes());
+    }
+    if let Some(i) = layers.iter().position(|l| matches!(l, Layer::Udp { .. })) {
+        let start = offsets[i];
+        let len = (b.len() - start) as u16;
+        b[start + 4..start + 6].copy_from_slice(&len.to_be_bytes());
+    }
+    Frame {
+        name: name.to_owned(),
+        bytes: b,
+        offsets,
+        required,
+        stats,
+        malformed: false,
+    }
+}
+
+impl Frame {
+    /// This frame cut to `len` bytes: malformed when the parser needs more than that.
+    pub fn truncated(&self, len: usize) -> Frame {
+        let malformed = len < self.required;
+        Frame {
+            name: format!("{} truncated to {len}", self.name),
+            bytes: self.bytes[..len].to_vec(),
+            offsets: self.offsets.clone(),
+            required: self.required,
+            stats: if malformed {
+                vec![]
+            } else {
+                self.stats.clone()
+            },
+            malformed,
+        }
+    }
+
+    /// This frame with bytes changed by `edit`, expected to be malformed.
+    pub fn corrupted(&self, why: &str, edit: impl FnOnce(&mut Vec<u8>, &[usize])) -> Frame {
+        let mut f = self.clone();
+        edit(&mut f.bytes, &self.offsets);
+        f.name = format!("{}: {why}", self.name);
+        f.stats = vec![];
+        f.malformed = true;
+        f
+    }
+
+    /// This frame with bytes changed by `edit`, expected to count `stats`.
+    pub fn edited(
+        &self,
+        why: &str,
+        stats: &[Stat],
+        edit: impl FnOnce(&mut Vec<u8>, &[usize]),
+    ) -> Frame {
+        let mut f = self.clone();
+        edit(&mut f.bytes, &self.offsets);
+        f.name = format!("{}: {why}", self.name);
+        f.stats = stats.to_vec();
+        f
+    }
+}
+
+pub const V4_SRC: [u8; 4] = [10, 0, 0, 5];
+pub const V4_DST: [u8; 4] = [10, 0, 3, 7];
+pub const V6_SRC: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+pub const V6_DST: [u8; 16] = [0xfd, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+
+/// A plain IPv4 header layer.
+pub fn ipv4() -> Layer {
+    Layer::Ipv4 {
+        src: V4_SRC,
+        dst: V4_DST,
+        options: 0,
+        frag_offset: 0,
+        more_fragments: false,
+        id: 1,
+    }
+}
+
+/// A plain IPv6 header layer.
+pub fn ipv6() -> Layer {
+    Layer::Ipv6 {
+        src: V6_SRC,
+        dst: V6_DST,
+    }
+}
+
+pub fn tcp(dport: u16) -> Layer {
+    Layer::Tcp {
+        sport: 40000,
+        dport,
+        flags: 0x02,
+        options: 0,
+    }
+}
+
+pub fn udp(dport: u16) -> Layer {
+    Layer::Udp {
+        sport: 40000,
+        dport,
+    }
+}
