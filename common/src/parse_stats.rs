@@ -88,3 +88,31 @@ impl Stat {
 
 const _: () = assert!(ALL_STATS.len() == STAT_COUNT as usize);
 const _: () = assert!(index(Hook::Xdp, Stat::Malformed) == PARSE_STATS_LEN - 1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_stats_are_in_index_order_with_unique_names() {
+        for (i, s) in ALL_STATS.iter().enumerate() {
+            assert_eq!(*s as usize, i, "{s:?} out of order");
+        }
+        for a in ALL_STATS {
+            assert_eq!(ALL_STATS.iter().filter(|b| b.name() == a.name()).count(), 1, "{} twice", a.name());
+        }
+    }
+
+    #[test]
+    fn indices_cover_the_array_without_overlap() {
+        let mut seen = [false; PARSE_STATS_LEN as usize];
+        for hook in [Hook::TcEgress, Hook::Xdp] {
+            for s in ALL_STATS {
+                let i = index(hook, s) as usize;
+                assert!(!seen[i], "index {i} used twice");
+                seen[i] = true;
+            }
+        }
+        assert!(seen.iter().all(|&x| x));
+    }
+}

@@ -25,7 +25,7 @@ const TC_PASS: i32 = TC_ACT_UNSPEC;
 pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
     match try_tc_egress(&ctx) {
         Ok(action) => action,
-        Err(()) => TC_ACT_SHOT as i32,
+        Err(()) => TC_ACT_SHOT,
     }
 }
 

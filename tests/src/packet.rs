@@ -129,8 +129,8 @@ pub fn build(name: &str, layers: &[Layer], payload: usize) -> Frame {
     let mut required = b.len();
     let mut stats = vec![];
     let mut v6 = false;
-    // Where the L3 length field lives and where the L3 payload starts, to fix up after serialising.
-    let mut l3_len_fixup: Option<(usize, usize, bool)> = None;
+    // Where the L3 length field lives and where the length it holds counts from, fixed up at the end.
+    let mut l3_len_fixup: Option<(usize, usize)> = None;
     let mut parsing = true; // the parser still reads headers (false after a non-first fragment)
     let mut vlan = false;
     for (i, layer) in layers.iter().enumerate() {
@@ -169,7 +169,7 @@ pub fn build(name: &str, layers: &[Layer], payload: usize) -> Frame {
                 for k in 0..options as usize * 4 {
                     b.push(if k + 1 == options as usize * 4 { 0 } else { 1 });
                 }
-                l3_len_fixup = Some((start + 2, start, false));
+                l3_len_fixup = Some((start + 2, start));
                 required = b.len();
                 if frag_offset != 0 {
                     stats.push(Stat::FragmentNonFirst);
@@ -185,7 +185,7 @@ pub fn build(name: &str, layers: &[Layer], payload: usize) -> Frame {
                 b.extend([0x60, 0, 0, 0, 0, 0, proto_of(next, true), 64]);
                 b.extend(src);
                 b.extend(dst);
-                l3_len_fixup = Some((start + 4, start + 40, true));
+                l3_len_fixup = Some((start + 4, start + 40));
                 required = b.len();
             }
             Layer::Ext(ext) => {
@@ -273,13 +273,10 @@ pub fn build(name: &str, layers: &[Layer], payload: usize) -> Frame {
         stats.push(Stat::Vlan);
     }
     b.extend((0..payload).map(|i| i as u8));
-    if let Some((field, l3_start, is_v6)) = l3_len_fixup {
-        let len = if is_v6 {
-            b.len() - l3_start
-        } else {
-            b.len() - l3_start
-        };
-        b[field..field + 2].copy_from_slice(&(len as u16).to_be_bytes());
+    // IPv4 tot_len counts from the IP header, IPv6 payload_len from after the fixed header.
+    if let Some((field, counted_from)) = l3_len_fixup {
+        let len = (b.len() - counted_from) as u16;
+        b[field..field + 2].copy_from_slice(&len.to_be_bytes());
     }
     if let Some(i) = layers.iter().position(|l| matches!(l, Layer::Udp { .. })) {
         let start = offsets[i];

@@ -1,0 +1,97 @@
+//! `cargo xtask test`: everything CI checks, in order, with a timing per phase.
+
+use anyhow::{Result, bail};
+
+use crate::{
+    run::{Timings, cargo, cmd, step},
+    setup,
+};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The kernel crate, checked by clippy with the toolchain that builds it.
+fn kernel_clippy() -> Result<()> {
+    let mut c = if std::path::Path::new("/etc/debian_version").exists() {
+        let mut c = cmd("rustup");
+        c.args(["run", setup::DEBIAN_TOOLCHAIN, "cargo", "clippy"]);
+        // aya-ebpf uses #![feature(asm_experimental_arch)]: unstable features for those crates only.
+        c.env("RUSTC_BOOTSTRAP", "aya_ebpf,aya_log_ebpf");
+        c
+    } else {
+        let mut c = cmd("rustup");
+        c.args(["run", "nightly", "cargo", "clippy", "-Z", "build-std=core"]);
+        c
+    };
+    c.args([
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "--manifest-path",
+        "ebpf/Cargo.toml",
+    ])
+    .args(["--target-dir", "target/ebpf-clippy", "--", "-D", "warnings"])
+    .env_remove("RUSTUP_TOOLCHAIN")
+    .env_remove("RUSTC")
+    .env_remove("RUSTC_WRAPPER")
+    .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    step("clippy, kernel crate (ebpf/)", &mut c)
+}
+
+/// The privileged tier needs root (BPF, network namespaces). It never skips: without root it fails.
+fn privileged() -> Result<()> {
+    if !is_root() {
+        bail!(
+            "the privileged tests (BPF_PROG_TEST_RUN, network namespaces) need root and were NOT run; \
+             rerun as root: `sudo -E cargo xtask test`"
+        );
+    }
+    step(
+        "privileged tests: BPF_PROG_TEST_RUN parser tests and network-namespace lab",
+        cargo().args(["test", "--package", "vpcgate-lab", "--", "--test-threads=1"]),
+    )
+}
+
+pub fn run(with_setup: bool) -> Result<()> {
+    let mut t = Timings::default();
+    let result = (|| {
+        if with_setup {
+            t.phase("setup", setup::ensure)?;
+        }
+        t.phase("rustfmt", || {
+            step(
+                "rustfmt, workspace",
+                cargo().args(["fmt", "--all", "--", "--check"]),
+            )?;
+            step(
+                "rustfmt, kernel crate",
+                cargo().args(["fmt", "--manifest-path", "ebpf/Cargo.toml", "--", "--check"]),
+            )
+        })?;
+        t.phase("clippy (userspace)", || {
+            step(
+                "clippy, userspace crates",
+                cargo().args([
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]),
+            )
+        })?;
+        t.phase("clippy (kernel)", kernel_clippy)?;
+        t.phase("unit tests", || {
+            step(
+                "unit tests",
+                cargo().args(["test", "--workspace", "--exclude", "vpcgate-lab"]),
+            )
+        })?;
+        t.phase("privileged tests", privileged)
+    })();
+    t.print();
+    result
+}
