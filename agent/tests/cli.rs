@@ -11,7 +11,11 @@ fn command_line_definition_is_consistent() {
 #[test]
 fn help_names_every_command_and_the_exit_statuses() {
     let help = Cli::command().render_long_help().to_string();
-    for needle in ["preflight", "Exit status: 0 ok, 1", "2 usage or runtime error"] {
+    for needle in [
+        "preflight",
+        "Exit status: 0 ok, 1",
+        "2 usage or runtime error",
+    ] {
         assert!(help.contains(needle), "--help lacks {needle:?}:\n{help}");
     }
 }

@@ -99,7 +99,12 @@ mod tests {
             assert_eq!(*s as usize, i, "{s:?} out of order");
         }
         for a in ALL_STATS {
-            assert_eq!(ALL_STATS.iter().filter(|b| b.name() == a.name()).count(), 1, "{} twice", a.name());
+            assert_eq!(
+                ALL_STATS.iter().filter(|b| b.name() == a.name()).count(),
+                1,
+                "{} twice",
+                a.name()
+            );
         }
     }
 
