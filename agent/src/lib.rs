@@ -5,3 +5,4 @@
 
 pub mod cli;
 pub mod datapath;
+pub mod policy;

@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod parse_stats;
+pub mod verdict;
 
 /// Names of the maps in the kernel object, as the loader looks them up.
 pub mod maps {

@@ -1,5 +1,7 @@
 //! The command line: a thin clap layer, one module per subcommand.
 
+mod check;
+mod explain;
 mod preflight;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -21,8 +23,10 @@ pub const EXIT_ERROR: u8 = 2;
                   every drop by reason and destination, and diagnoses failed connections from what the \
                   kernel saw.\n\n\
                   Exit status: 0 ok, 1 the checked thing failed, 2 usage or runtime error.",
-    after_help = "Examples:\n  vpcgate preflight                 can this host run vpcgate?\n  \
-                  vpcgate preflight --output json   the same, for automation"
+    after_help = "Examples:\n  \
+                  vpcgate check examples/policy.toml              validate a policy, every problem at once\n  \
+                  vpcgate explain examples/policy.toml 10.0.3.7:80   would the gateway reach it, and why\n  \
+                  vpcgate preflight                               can this host run vpcgate?"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -31,6 +35,11 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Validate a policy file and print every problem (file:line:col, what is wrong, how to fix it).
+    Check(check::Args),
+    /// Offline: the verdict for one packet under a policy, the deciding rule, and for a drop the smallest
+    /// policy change that would allow it.
+    Explain(explain::Args),
     /// Check that this host can run vpcgate: kernel, BTF, bpffs, and the kernel programs pass the verifier
     /// and classify a test packet.
     Preflight(preflight::Args),
@@ -44,9 +53,25 @@ pub enum Output {
     Json,
 }
 
+/// Prints `value` as pretty JSON; on failure reports it and returns the exit status.
+pub(crate) fn print_json(value: &impl serde::Serialize) -> Result<(), u8> {
+    match serde_json::to_string_pretty(value) {
+        Ok(s) => {
+            println!("{s}");
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("vpcgate: cannot encode JSON: {e}");
+            Err(EXIT_ERROR)
+        }
+    }
+}
+
 /// Runs the parsed command line; returns the process exit status.
 pub fn run(cli: Cli) -> u8 {
     match cli.command {
+        Command::Check(args) => check::run(&args),
+        Command::Explain(args) => explain::run(&args),
         Command::Preflight(args) => preflight::run(&args),
     }
 }

@@ -1,0 +1,210 @@
+//! `vpcgate check FILE [--migrate-to OTHER]`: validate, print every problem.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::{EXIT_ERROR, EXIT_FAILED, EXIT_OK, Output, print_json};
+use crate::policy::{self, Checked, Policy, diag::Diagnostic, diag::Severity};
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    vpcgate check examples/policy.toml\n  \
+    vpcgate check examples/policy.toml --output json\n  \
+    vpcgate check old.toml --migrate-to new.toml   would old.toml's backends work on new.toml's instance?\n\n\
+    Zones for `zone = \"...\"` are those of the provider's reserved-block table, e.g. cn-hangzhou-b.\n\
+    Exit status: 0 valid, 1 invalid (or a backend would fail after migration), 2 unreadable file or usage.")]
+pub struct Args {
+    /// The policy file (TOML).
+    pub file: PathBuf,
+    /// Check FILE's authorizations and upstreams against OTHER's [instance] (VPC id, accessible and
+    /// reserved blocks) and list every one that would fail there.
+    #[arg(long, value_name = "OTHER")]
+    pub migrate_to: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    instance: String,
+    kind: policy::model::Kind,
+    mode: policy::model::Mode,
+    authorizations: usize,
+    upstreams: usize,
+    upstream_nodes: usize,
+    accessible_blocks: usize,
+    reserved_blocks: usize,
+}
+
+#[derive(Serialize)]
+struct FileReport {
+    file: String,
+    valid: bool,
+    errors: usize,
+    warnings: usize,
+    diagnostics: Vec<Diagnostic>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    summary: Option<Summary>,
+}
+
+#[derive(Serialize)]
+struct MigrateReport {
+    to: String,
+    /// Backends (authorizations, upstream nodes) that would fail on the new instance.
+    failing: usize,
+    diagnostics: Vec<Diagnostic>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    #[serde(flatten)]
+    file: FileReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    migrate_to: Option<FileReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    migration: Option<MigrateReport>,
+}
+
+fn summary(p: &Policy) -> Summary {
+    Summary {
+        instance: p.instance.name.clone(),
+        kind: p.instance.kind,
+        mode: p.instance.mode,
+        authorizations: p.authorizations.len(),
+        upstreams: p.upstreams.len(),
+        upstream_nodes: p.upstreams.iter().map(|u| u.nodes.len()).sum(),
+        accessible_blocks: p.accessible_blocks().count(),
+        reserved_blocks: p.instance.reserved.len(),
+    }
+}
+
+fn file_report(c: &Checked) -> FileReport {
+    FileReport {
+        file: c.source.path.clone(),
+        valid: c.policy.is_some(),
+        errors: c.errors(),
+        warnings: c.warnings(),
+        diagnostics: c.diagnostics.clone(),
+        summary: c.policy.as_ref().map(summary),
+    }
+}
+
+fn print_file(r: &FileReport) {
+    for d in &r.diagnostics {
+        println!("{d}");
+    }
+    match &r.summary {
+        Some(s) => println!(
+            "{}: valid ({} warning{}): instance {} ({}, {}), {} authorization{}, {} upstream{} ({} node{}), {} accessible block{}, {} reserved block{}",
+            r.file,
+            r.warnings,
+            plural(r.warnings),
+            s.instance,
+            match s.kind {
+                policy::model::Kind::VpcIntegration => "vpc-integration",
+                policy::model::Kind::Dedicated => "dedicated",
+            },
+            match s.mode {
+                policy::model::Mode::Enforce => "enforce",
+                policy::model::Mode::Audit => "audit",
+            },
+            s.authorizations,
+            plural(s.authorizations),
+            s.upstreams,
+            plural(s.upstreams),
+            s.upstream_nodes,
+            plural(s.upstream_nodes),
+            s.accessible_blocks,
+            plural(s.accessible_blocks),
+            s.reserved_blocks,
+            plural(s.reserved_blocks),
+        ),
+        None => println!(
+            "{}: invalid: {} error{}, {} warning{}",
+            r.file,
+            r.errors,
+            plural(r.errors),
+            r.warnings,
+            plural(r.warnings)
+        ),
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+fn load(path: &Path) -> Result<Checked, u8> {
+    policy::load(path).map_err(|e| {
+        eprintln!("vpcgate: cannot read {}: {e}", path.display());
+        EXIT_ERROR
+    })
+}
+
+pub fn run(args: &Args) -> u8 {
+    let checked = match load(&args.file) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut report = Report {
+        file: file_report(&checked),
+        migrate_to: None,
+        migration: None,
+    };
+    let mut ok = checked.policy.is_some();
+    if let Some(other) = &args.migrate_to {
+        let to = match load(other) {
+            Ok(c) => c,
+            Err(code) => return code,
+        };
+        if let (Some(from_p), Some(to_p)) = (&checked.policy, &to.policy) {
+            let diagnostics = policy::migrate(&checked, from_p, &to, to_p);
+            let failing = diagnostics
+                .iter()
+                .filter(|d| d.severity == Severity::Error && d.file == checked.source.path)
+                .count();
+            ok &= failing == 0;
+            report.migration = Some(MigrateReport {
+                to: to.source.path.clone(),
+                failing,
+                diagnostics,
+            });
+        } else {
+            ok = false;
+        }
+        report.migrate_to = Some(file_report(&to));
+    }
+    match args.output {
+        Output::Json => {
+            if let Err(code) = print_json(&report) {
+                return code;
+            }
+        }
+        Output::Text => {
+            print_file(&report.file);
+            if let Some(to) = &report.migrate_to {
+                print_file(to);
+            }
+            if let Some(m) = &report.migration {
+                println!("\nmigration to {}:", m.to);
+                for d in &m.diagnostics {
+                    println!("{d}");
+                }
+                if m.failing == 0 {
+                    println!("every authorization and upstream node works on the new instance");
+                } else {
+                    println!(
+                        "{} authorization{}/upstream node{} would fail on the new instance",
+                        m.failing,
+                        plural(m.failing),
+                        plural(m.failing)
+                    );
+                }
+            } else if args.migrate_to.is_some() {
+                println!("\nmigration not checked: both files must be valid first");
+            }
+        }
+    }
+    if ok { EXIT_OK } else { EXIT_FAILED }
+}

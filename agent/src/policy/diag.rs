@@ -1,0 +1,107 @@
+//! Diagnostics: every problem found in a policy, with its position, what is wrong, and how to fix it.
+
+use std::{fmt, ops::Range};
+
+use serde::Serialize;
+
+use super::source::{Pos, Source};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Diagnostic {
+    pub severity: Severity,
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    /// How to fix it, when there is a specific fix.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sev = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(
+            f,
+            "{}:{}:{}: {sev}: {}",
+            self.file, self.line, self.column, self.message
+        )?;
+        if let Some(fix) = &self.fix {
+            write!(f, "\n    fix: {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects diagnostics against one source.
+pub struct Diags<'s> {
+    pub source: &'s Source,
+    pub list: Vec<Diagnostic>,
+}
+
+impl<'s> Diags<'s> {
+    pub fn new(source: &'s Source) -> Self {
+        Self {
+            source,
+            list: vec![],
+        }
+    }
+
+    fn push(
+        &mut self,
+        severity: Severity,
+        span: &Range<usize>,
+        message: String,
+        fix: Option<String>,
+    ) {
+        let pos = self.source.pos(span);
+        self.push_at(severity, pos, message, fix);
+    }
+
+    pub fn push_at(&mut self, severity: Severity, pos: Pos, message: String, fix: Option<String>) {
+        self.list.push(Diagnostic {
+            severity,
+            file: self.source.path.clone(),
+            line: pos.line,
+            column: pos.column,
+            message,
+            fix,
+        });
+    }
+
+    pub fn error(&mut self, span: &Range<usize>, message: impl Into<String>) {
+        self.push(Severity::Error, span, message.into(), None);
+    }
+
+    pub fn error_fix(
+        &mut self,
+        span: &Range<usize>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
+        self.push(Severity::Error, span, message.into(), Some(fix.into()));
+    }
+
+    pub fn warning_fix(
+        &mut self,
+        span: &Range<usize>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
+        self.push(Severity::Warning, span, message.into(), Some(fix.into()));
+    }
+
+    pub fn has_errors(&self) -> bool {
+        self.list.iter().any(|d| d.severity == Severity::Error)
+    }
+}

@@ -1,0 +1,165 @@
+//! Explaining a verdict to an operator: the deciding rule, and for a drop the smallest policy change that
+//! would allow the packet.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use vpcgate_common::verdict::DropReason;
+
+use super::{
+    compile::{Compiled, RuleKind},
+    model::{Kind, Policy, ReservedSource},
+    verdict::{Basis, L4, Packet, Verdict},
+};
+
+fn host(addr: IpAddr) -> IpNet {
+    IpNet::from(addr)
+}
+
+/// One sentence on why, naming the rule or block.
+pub fn detail(c: &Compiled, path: &str, pkt: &Packet, v: &Verdict) -> String {
+    let rule_at = |id| {
+        c.rule(id).map_or_else(
+            || format!("rule {id}"),
+            |r| {
+                format!(
+                    "{} ({path}:{}, verdict rule {})",
+                    r.describe(),
+                    r.pos.line,
+                    r.kind.verdict_rule()
+                )
+            },
+        )
+    };
+    let dst = match pkt {
+        Packet::Ip(ip) => ip.dst.to_string(),
+        _ => String::new(),
+    };
+    match v.basis {
+        Basis::NotIp => "not IPv4/IPv6: passes unevaluated (rule 1)".into(),
+        Basis::NeighbourDiscovery => "ICMPv6 neighbour discovery always passes (rule 1)".into(),
+        Basis::Malformed => "truncated or malformed header (rule 2)".into(),
+        Basis::Reply => "reply in a flow a peer initiated toward the gateway (rule 3)".into(),
+        Basis::Reserved(i) => {
+            let r = &c.reserved[i];
+            format!(
+                "{dst} is inside reserved block {} ({}, {path}:{}) (rule 4)",
+                r.cidr, r.source, r.pos.line
+            )
+        }
+        Basis::Rule(id) => format!("allowed by {}", rule_at(id)),
+        Basis::IcmpError => {
+            "ICMP errors (unreachable, time exceeded, packet too big) always pass".into()
+        }
+        Basis::FragmentOfPassedDatagram => {
+            "non-first fragment of a datagram whose first fragment passed".into()
+        }
+        Basis::FragmentUnverified => format!(
+            "non-first fragment (no ports) toward {dst}, which is not allowed on all ports, and its first fragment was not seen passing"
+        ),
+        Basis::Covered(id) => format!(
+            "{dst} is covered by {}, but not for this port/protocol (rule 7)",
+            rule_at(id)
+        ),
+        Basis::NoRule => {
+            format!("no authorization, upstream node or accessible block covers {dst} (rule 7)")
+        }
+    }
+}
+
+/// The smallest policy change that would allow a dropped packet, as policy lines to add or edit.
+pub fn suggestion(p: &Policy, c: &Compiled, pkt: &Packet, v: &Verdict) -> Option<String> {
+    let Packet::Ip(ip) = pkt else { return None };
+    let reason = v.reason?;
+    let (proto, port) = match ip.l4 {
+        L4::Tcp { dport } => ("tcp", Some(dport)),
+        L4::Udp { dport } => ("udp", Some(dport)),
+        L4::Icmp { .. } | L4::Icmpv6 { .. } => ("icmp", None),
+        L4::Other { proto: 6 } => ("tcp", None),
+        L4::Other { proto: 17 } => ("udp", None),
+        L4::Other { .. } => ("other", None),
+    };
+    let integration = p.instance.kind == Kind::VpcIntegration;
+    let new_block = |port: Option<u16>| {
+        let ports = port.map_or(String::new(), |port| format!("\nports = [\"{port}\"]"));
+        let protocols = if proto == "tcp" || proto == "udp" {
+            format!("\nprotocols = [\"{proto}\"]")
+        } else {
+            String::new()
+        };
+        format!(
+            "[[accessible]]\ncidr = \"{}\"{ports}{protocols}",
+            host(ip.dst)
+        )
+    };
+    let new_authorization = |port: u16| {
+        format!(
+            "[[authorization]]\nname = \"allow-{}-{port}\"\nvpc_id = \"{}\"\naddress = \"{}\"\nports = [\"{port}\"]\nprotocol = \"{proto}\"",
+            ip.dst.to_string().replace([':', '.'], "-"),
+            p.instance.vpc_id,
+            ip.dst,
+        )
+    };
+    match reason {
+        DropReason::ReservedRange => {
+            let Basis::Reserved(i) = v.basis else {
+                return None;
+            };
+            let r = &c.reserved[i];
+            Some(match &r.source {
+                ReservedSource::Explicit => format!(
+                    "{} is listed in reserved_cidrs (line {}): remove it there if the gateway may reach it",
+                    r.cidr, r.pos.line
+                ),
+                ReservedSource::Zone(z) => format!(
+                    "no policy change can allow it: the provider reserves {} in zone {z}; the backend must move to another block",
+                    r.cidr
+                ),
+            })
+        }
+        DropReason::Malformed => None,
+        DropReason::FragmentUnverified => Some(format!(
+            "allow every {proto} port toward {}, e.g.\n{}",
+            ip.dst,
+            if integration {
+                new_block(None)
+            } else {
+                "(dedicated instances allow listed ports only: avoid fragmentation toward this backend)".into()
+            }
+        )),
+        DropReason::NotAuthorized => match (port, integration) {
+            (_, true) => Some(new_block(port)),
+            (Some(port), false) => Some(new_authorization(port)),
+            (None, false) => None,
+        },
+        DropReason::PortNotAuthorized => {
+            let Basis::Covered(id) = v.basis else {
+                return None;
+            };
+            let r = c.rule(id)?;
+            let port = port?;
+            Some(match r.kind {
+                RuleKind::Authorization if r.protocols.iter().any(|x| x.name() == proto) => {
+                    format!(
+                        "add \"{port}\" to `ports` of authorization {} (line {})",
+                        r.name, r.pos.line
+                    )
+                }
+                RuleKind::Accessible if r.protocols.iter().any(|x| x.name() == proto) => {
+                    format!(
+                        "add \"{port}\" to `ports` of accessible block {} (line {})",
+                        r.prefix, r.pos.line
+                    )
+                }
+                RuleKind::Accessible if r.ports.contains(port) => {
+                    format!(
+                        "add \"{proto}\" to `protocols` of accessible block {} (line {})",
+                        r.prefix, r.pos.line
+                    )
+                }
+                _ if integration => new_block(Some(port)),
+                _ => new_authorization(port),
+            })
+        }
+    }
+}

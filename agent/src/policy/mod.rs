@@ -1,0 +1,110 @@
+//! The policy: file model, validation, compilation into datapath entries, and the reference verdict.
+
+pub mod compile;
+pub mod diag;
+pub mod explain;
+pub mod model;
+pub mod parse;
+pub mod ports;
+pub mod reserved;
+pub mod source;
+pub mod validate;
+pub mod verdict;
+mod walk;
+
+use std::path::Path;
+
+use diag::{Diagnostic, Diags, Severity};
+use ipnet::IpNet;
+pub use model::Policy;
+use source::Source;
+
+/// A policy file checked: every diagnostic, and the policy when there is no error.
+#[derive(Clone, Debug)]
+pub struct Checked {
+    pub source: Source,
+    pub policy: Option<Policy>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Checked {
+    pub fn errors(&self) -> usize {
+        self.diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count()
+    }
+
+    pub fn warnings(&self) -> usize {
+        self.diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Warning)
+            .count()
+    }
+}
+
+/// Parses and validates policy text; `path` names it in diagnostics.
+pub fn check_text(path: &str, text: &str) -> Checked {
+    let source = Source::new(path, text);
+    let mut d = Diags::new(&source);
+    let mut policy = parse::parse(&mut d, &source);
+    if let Some(p) = &policy {
+        validate::validate(&mut d, p);
+        if d.has_errors() {
+            policy = None;
+        }
+    }
+    let mut diagnostics = d.list;
+    diagnostics.sort_by_key(|d| (d.line, d.column));
+    Checked {
+        source,
+        policy,
+        diagnostics,
+    }
+}
+
+/// Reads and checks a policy file.
+pub fn load(path: &Path) -> std::io::Result<Checked> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(check_text(&path.display().to_string(), &text))
+}
+
+/// The provider's "change the instance of an API group" check: `from`'s authorizations and upstreams
+/// against `to`'s instance. Diagnostics point into `from`; the egress-IP reminder points into `to`.
+pub fn migrate(
+    from: &Checked,
+    from_policy: &Policy,
+    to: &Checked,
+    to_policy: &Policy,
+) -> Vec<Diagnostic> {
+    let mut d = Diags::new(&from.source);
+    let accessible: Vec<IpNet> = to_policy.accessible_blocks().collect();
+    validate::check_backends(&mut d, from_policy, &to_policy.instance, &accessible);
+    let mut out = d.list;
+    let (a, b) = (&from_policy.instance, &to_policy.instance);
+    let describe = |i: &model::Instance| match i.egress_ip {
+        Some(ip) => ip.to_string(),
+        None => format!("the primary address of {}", i.interface),
+    };
+    if a.egress_ip != b.egress_ip || a.interface != b.interface || a.kind != b.kind {
+        let mut d = Diags::new(&to.source);
+        d.push_at(
+            Severity::Warning,
+            if b.egress_ip.is_some() { b.egress_pos } else { source::Pos { line: 1, column: 1 } },
+            format!(
+                "the egress IP changes from {} (instance {}) to {} (instance {})",
+                describe(a),
+                a.name,
+                describe(b),
+                b.name
+            ),
+            Some(format!(
+                "add {} to every backend's security group / access control allowlist before migrating, \
+                 or connections from the new instance will time out",
+                describe(b)
+            )),
+        );
+        out.extend(d.list);
+    }
+    out
+}

@@ -1,0 +1,725 @@
+//! From TOML text to a [`Policy`]: every field checked on its own (types, syntax, ranges, canonical CIDRs),
+//! every problem reported. Checks across fields live in `validate`.
+
+use std::{collections::HashMap, net::IpAddr, ops::Range};
+
+use ipnet::IpNet;
+use toml::de::{DeTable, DeValue};
+
+use super::{
+    diag::Diags,
+    model::*,
+    ports::PortSet,
+    reserved,
+    source::{Pos, Source},
+    walk::{At, Fields, integer_value},
+};
+
+pub const MAX_NODES: usize = 200;
+pub const RETRIES: std::ops::RangeInclusive<i64> = 1..=100;
+pub const DEFAULT_RETRIES: u32 = 5;
+pub const WEIGHTS: std::ops::RangeInclusive<i64> = 1..=100;
+pub const DEFAULT_WEIGHT: u32 = 10;
+
+/// Parses a CIDR (or, with `allow_address`, a bare address as a host prefix); host bits are an error that
+/// names the canonical form.
+pub fn cidr(d: &mut Diags, v: &At<String>, what: &str, allow_address: bool) -> Option<IpNet> {
+    let s = v.value.trim();
+    if allow_address && let Ok(addr) = s.parse::<IpAddr>() {
+        return Some(IpNet::from(addr));
+    }
+    match s.parse::<IpNet>() {
+        Ok(net) if net != net.trunc() => {
+            d.error_fix(
+                &v.span,
+                format!("{what} {s} has host bits set"),
+                format!("write {}", net.trunc()),
+            );
+            None
+        }
+        Ok(net) => Some(net),
+        Err(_) => {
+            let example = if allow_address {
+                "an address such as 10.0.3.7 or a block such as 10.0.3.0/24"
+            } else {
+                "a block such as 10.0.0.0/24 or fd00::/64"
+            };
+            d.error_fix(
+                &v.span,
+                format!("{what} `{s}` is not a valid CIDR block"),
+                format!("write {example}"),
+            );
+            None
+        }
+    }
+}
+
+fn address(d: &mut Diags, v: &At<String>, what: &str) -> Option<IpAddr> {
+    match v.value.trim().parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            d.error_fix(
+                &v.span,
+                format!("{what} `{}` is not an IP address", v.value),
+                "write an address such as 10.0.3.8 or fd00::8",
+            );
+            None
+        }
+    }
+}
+
+fn one_of<T: Copy>(d: &mut Diags, v: &At<String>, what: &str, choices: &[(&str, T)]) -> Option<T> {
+    match choices.iter().find(|(name, _)| *name == v.value) {
+        Some((_, t)) => Some(*t),
+        None => {
+            let names: Vec<&str> = choices.iter().map(|c| c.0).collect();
+            d.error_fix(
+                &v.span,
+                format!("{what} `{}` is not one of {}", v.value, names.join(", ")),
+                format!("write one of: {}", names.join(", ")),
+            );
+            None
+        }
+    }
+}
+
+fn check_name(
+    d: &mut Diags,
+    v: &At<String>,
+    what: &str,
+    max: usize,
+    allowed: impl Fn(char) -> bool,
+    charset: &str,
+) -> bool {
+    let n = v.value.chars().count();
+    if n == 0 || n > max || !v.value.chars().all(&allowed) {
+        d.error_fix(
+            &v.span,
+            format!(
+                "{what} `{}` must be 1 to {max} characters of {charset}",
+                v.value
+            ),
+            format!(
+                "rename it, e.g. `{}`",
+                suggest_name(&v.value, max, &allowed)
+            ),
+        );
+        return false;
+    }
+    true
+}
+
+fn suggest_name(s: &str, max: usize, allowed: &impl Fn(char) -> bool) -> String {
+    let mapped: String = s
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| {
+            if allowed(c) {
+                c
+            } else if allowed('-') {
+                '-'
+            } else {
+                '_'
+            }
+        })
+        .take(max)
+        .collect();
+    if mapped.is_empty() {
+        "name".into()
+    } else {
+        mapped
+    }
+}
+
+fn interface_name(d: &mut Diags, v: &At<String>, what: &str) -> bool {
+    // Linux: IFNAMSIZ - 1 bytes, no '/', no whitespace, not "." or "..".
+    let ok = !v.value.is_empty()
+        && v.value.len() <= 15
+        && !v.value.contains(['/', ':'])
+        && !v.value.chars().any(char::is_whitespace)
+        && v.value != "."
+        && v.value != "..";
+    if !ok {
+        d.error_fix(
+            &v.span,
+            format!("{what} `{}` is not a valid interface name", v.value),
+            "use the name `ip link` shows (at most 15 characters, no '/', ':' or spaces)",
+        );
+    }
+    ok
+}
+
+fn ports(d: &mut Diags, f: &mut Fields, key: &'static str) -> Option<Option<PortSet>> {
+    let arr = f.array(d, key)?;
+    let mut ranges = vec![];
+    let mut ok = true;
+    for item in arr.value.iter() {
+        let parsed = match item.get_ref() {
+            DeValue::String(s) => PortSet::parse_item(s),
+            DeValue::Integer(_) => match integer_value(d, item.get_ref(), item.span(), "a port") {
+                Some(n) => PortSet::parse_item(&n.value.to_string()),
+                None => {
+                    ok = false;
+                    continue;
+                }
+            },
+            _ => Err("ports are written as \"80\" or \"8000-8100\"".to_owned()),
+        };
+        match parsed {
+            Ok(r) => ranges.push(r),
+            Err(e) => {
+                d.error(&item.span(), format!("`{key}` in {}: {e}", f.what));
+                ok = false;
+            }
+        }
+    }
+    if arr.value.is_empty() {
+        d.error_fix(
+            &arr.span,
+            format!("`{key}` in {} is empty: nothing would be allowed", f.what),
+            format!("list ports such as [\"80\", \"8000-8100\"], or remove `{key}` to allow all"),
+        );
+        ok = false;
+    }
+    ok.then(|| Some(PortSet::from_ranges(ranges)))
+}
+
+/// Reads the `[[name]]` array of tables, calling `each` with the fields of every entry.
+fn tables<'a, 'i>(
+    d: &mut Diags,
+    root: &mut Fields<'a, 'i>,
+    key: &'static str,
+    mut each: impl FnMut(&mut Diags, Fields<'a, 'i>, usize),
+) {
+    let Some(arr) = root.array(d, key) else {
+        return;
+    };
+    for (i, item) in arr.value.iter().enumerate() {
+        match item.get_ref() {
+            DeValue::Table(t) => each(
+                d,
+                Fields::new(t, item.span(), format!("[[{key}]] #{}", i + 1)),
+                i,
+            ),
+            _ => d.error(
+                &item.span(),
+                format!("`{key}` must be written as [[{key}]] tables"),
+            ),
+        }
+    }
+}
+
+struct Parsed {
+    instance: Option<Instance>,
+    accessible: Vec<Accessible>,
+    authorizations: Vec<Authorization>,
+    upstreams: Vec<Upstream>,
+}
+
+fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<Instance> {
+    let name = f.required_string(d, "name", "\"gw-1\"");
+    let kind = f.required_string(d, "kind", "\"vpc-integration\"");
+    let vpc_id = f.required_string(d, "vpc_id", "\"vpc-...\"");
+    let interface = f.required_string(d, "interface", "\"eth1\"");
+    let egress_ip = f.string(d, "egress_ip");
+    let vswitch = f.string(d, "vswitch_cidr");
+    let zone = f.string(d, "zone");
+    let reserved_cidrs = f.strings(d, "reserved_cidrs");
+    let mode = f.string(d, "mode");
+    let forward = f.strings(d, "forward_interfaces");
+    let span = f.span.clone();
+    f.finish(d);
+
+    let name_ok = name.as_ref().is_some_and(|n| {
+        check_name(
+            d,
+            n,
+            "instance name",
+            32,
+            |c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-',
+            "a-z, 0-9 and -",
+        )
+    });
+    let kind_v = kind.as_ref().and_then(|k| {
+        one_of(
+            d,
+            k,
+            "kind",
+            &[
+                ("vpc-integration", Kind::VpcIntegration),
+                ("dedicated", Kind::Dedicated),
+            ],
+        )
+    });
+    let vpc_ok = vpc_id.as_ref().is_some_and(|v| vpc_id_ok(d, v));
+    let iface_ok = interface
+        .as_ref()
+        .is_some_and(|i| interface_name(d, i, "interface"));
+    let egress = egress_ip.as_ref().map(|e| address(d, e, "egress_ip"));
+    let vswitch_v = vswitch.as_ref().map(|v| cidr(d, v, "vswitch_cidr", false));
+    if kind_v == Some(Kind::VpcIntegration) && vswitch.is_none() {
+        d.error_fix(&span, "[instance] of kind vpc-integration has no `vswitch_cidr`", "add the vSwitch block the instance was created in, e.g. `vswitch_cidr = \"10.0.0.0/24\"`");
+    }
+    let mut reserved = vec![];
+    let mut zone_ok = true;
+    if let Some(z) = &zone {
+        match reserved::zone_blocks(&z.value) {
+            Some(blocks) => reserved.extend(blocks.iter().map(|&cidr| Reserved {
+                cidr,
+                source: ReservedSource::Zone(z.value.clone()),
+                pos: d.source.pos(&z.span),
+            })),
+            None => {
+                zone_ok = false;
+                let near: Vec<&str> = reserved::zones()
+                    .filter(|k| {
+                        k.starts_with(z.value.rsplit_once('-').map_or(z.value.as_str(), |p| p.0))
+                    })
+                    .collect();
+                let fix = if near.is_empty() {
+                    "use a zone of the provider's table (see `vpcgate check --help`), or list its blocks in reserved_cidrs".to_owned()
+                } else {
+                    format!("known zones nearby: {}", near.join(", "))
+                };
+                d.error_fix(
+                    &z.span,
+                    format!(
+                        "unknown zone `{}`: the built-in reserved-block table has no such zone",
+                        z.value
+                    ),
+                    fix,
+                );
+            }
+        }
+    }
+    let mut reserved_ok = true;
+    for r in reserved_cidrs.iter().flatten() {
+        match cidr(d, r, "reserved block", false) {
+            Some(c) => reserved.push(Reserved {
+                cidr: c,
+                source: ReservedSource::Explicit,
+                pos: d.source.pos(&r.span),
+            }),
+            None => reserved_ok = false,
+        }
+    }
+    let mode_v = match &mode {
+        Some(m) => one_of(
+            d,
+            m,
+            "mode",
+            &[("enforce", Mode::Enforce), ("audit", Mode::Audit)],
+        ),
+        None => Some(Mode::Enforce),
+    };
+    let mut fwd_ok = true;
+    for i in forward.iter().flatten() {
+        fwd_ok &= interface_name(d, i, "forward interface");
+    }
+    if !(name_ok && vpc_ok && iface_ok && zone_ok && reserved_ok && fwd_ok) {
+        return None;
+    }
+    Some(Instance {
+        name: name?.value,
+        kind: kind_v?,
+        vpc_id: vpc_id?.value,
+        interface: interface?.value,
+        egress_ip: egress.flatten(),
+        egress_pos: egress_ip
+            .as_ref()
+            .map(|e| d.source.pos(&e.span))
+            .unwrap_or_default(),
+        vswitch_cidr: match vswitch_v {
+            Some(None) => return None,
+            v => v.flatten(),
+        },
+        vswitch_pos: vswitch
+            .as_ref()
+            .map(|v| d.source.pos(&v.span))
+            .unwrap_or_default(),
+        zone: zone.map(|z| z.value),
+        reserved,
+        mode: mode_v?,
+        forward_interfaces: forward
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| i.value)
+            .collect(),
+    })
+}
+
+fn vpc_id_ok(d: &mut Diags, v: &At<String>) -> bool {
+    let ok = !v.value.is_empty()
+        && v.value.len() <= 64
+        && v.value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !ok {
+        d.error_fix(
+            &v.span,
+            format!("vpc_id `{}` is not a VPC id", v.value),
+            "copy the VPC id from the console, e.g. \"vpc-bp1example\"",
+        );
+    }
+    ok
+}
+
+fn parse_accessible(d: &mut Diags, mut f: Fields) -> Option<Accessible> {
+    let c = f.required_string(d, "cidr", "\"10.1.0.0/16\"");
+    let has_ports = f.has("ports");
+    let ports = ports(d, &mut f, "ports");
+    let protocols = f.strings(d, "protocols");
+    f.finish(d);
+    let cidr_v = c
+        .as_ref()
+        .and_then(|c| cidr(d, c, "accessible block", false));
+    let protos = match &protocols {
+        None => Some(Proto::ALL.to_vec()),
+        Some(list) => {
+            let mut out = vec![];
+            let mut ok = true;
+            for p in list {
+                match one_of(
+                    d,
+                    p,
+                    "protocol",
+                    &[("tcp", Proto::Tcp), ("udp", Proto::Udp)],
+                ) {
+                    Some(p) if !out.contains(&p) => out.push(p),
+                    Some(_) => {}
+                    None => ok = false,
+                }
+            }
+            if list.is_empty() {
+                d.error_fix(
+                    &f_span(&protocols),
+                    "`protocols` is empty: nothing would be allowed",
+                    "list [\"tcp\"], [\"udp\"] or both, or remove `protocols` to allow both",
+                );
+                ok = false;
+            }
+            ok.then_some(out)
+        }
+    };
+    Some(Accessible {
+        cidr: cidr_v?,
+        ports: match ports {
+            Some(p) => p?,
+            None if !has_ports => PortSet::all(),
+            None => return None,
+        },
+        protocols: protos?,
+        pos: d.source.pos(&c?.span),
+    })
+}
+
+fn f_span(list: &Option<Vec<At<String>>>) -> Range<usize> {
+    list.as_ref()
+        .and_then(|l| l.first())
+        .map_or(0..0, |a| a.span.clone())
+}
+
+fn rule_name_ok(d: &mut Diags, v: &At<String>) -> bool {
+    check_name(
+        d,
+        v,
+        "authorization name",
+        64,
+        |c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.',
+        "A-Z, a-z, 0-9, -, _ and .",
+    )
+}
+
+fn parse_authorization(d: &mut Diags, mut f: Fields) -> Option<(Authorization, At<String>)> {
+    let name = f.required_string(d, "name", "\"orders-slb\"");
+    let vpc_id = f.required_string(d, "vpc_id", "\"vpc-...\"");
+    let instance_id = f.string(d, "instance_id");
+    let instance_type = f.string(d, "instance_type");
+    let addr = f.required_string(d, "address", "\"10.0.3.7\"");
+    let has_ports = f.has("ports");
+    let present_ports = ports(d, &mut f, "ports");
+    let protocol = f.string(d, "protocol");
+    let span = f.span.clone();
+    let what = f.what.clone();
+    f.finish(d);
+    let name_ok = name.as_ref().is_some_and(|n| rule_name_ok(d, n));
+    let vpc_ok = vpc_id.as_ref().is_some_and(|v| vpc_id_ok(d, v));
+    let itype = match &instance_type {
+        Some(t) => one_of(
+            d,
+            t,
+            "instance_type",
+            &[
+                ("ecs", InstanceType::Ecs),
+                ("clb", InstanceType::Clb),
+                ("nlb", InstanceType::Nlb),
+                ("ip", InstanceType::Ip),
+            ],
+        ),
+        None => Some(InstanceType::Ip),
+    };
+    let address_v = addr.as_ref().and_then(|a| cidr(d, a, "address", true));
+    let ports_v = match present_ports {
+        Some(p) => p,
+        None if !has_ports => {
+            d.error_fix(
+                &span,
+                format!("{what} has no `ports`: an authorization names the service's ports"),
+                "add e.g. `ports = [\"80\"]`",
+            );
+            None
+        }
+        None => None, // wrong type, already reported
+    };
+    let proto = match &protocol {
+        Some(p) => one_of(
+            d,
+            p,
+            "protocol",
+            &[("tcp", Proto::Tcp), ("udp", Proto::Udp)],
+        ),
+        None => Some(Proto::Tcp),
+    };
+    if !(name_ok && vpc_ok) {
+        return None;
+    }
+    let name = name?;
+    Some((
+        Authorization {
+            name: name.value.clone(),
+            vpc_id: vpc_id?.value,
+            instance_id: instance_id.map(|i| i.value),
+            instance_type: itype?,
+            address: address_v?,
+            ports: ports_v?,
+            protocol: proto?,
+            pos: d.source.pos(&addr?.span),
+        },
+        name,
+    ))
+}
+
+fn parse_upstream(d: &mut Diags, mut f: Fields) -> Option<(Upstream, At<String>)> {
+    let name = f.required_string(d, "name", "\"orders_pool\"");
+    let description = f.string(d, "description");
+    let vpc_id = f.required_string(d, "vpc_id", "\"vpc-...\"");
+    let protocol = f.string(d, "protocol");
+    let host_header = f.string(d, "host_header");
+    let retries = f.integer(d, "retries");
+    let nodes = f.array(d, "nodes");
+    let span = f.span.clone();
+    let what = f.what.clone();
+    f.finish(d);
+    let name_ok = name.as_ref().is_some_and(|n| {
+        check_name(
+            d,
+            n,
+            "upstream name",
+            50,
+            |c| c.is_ascii_alphanumeric() || c == '_',
+            "A-Z, a-z, 0-9 and _",
+        )
+    });
+    let vpc_ok = vpc_id.as_ref().is_some_and(|v| vpc_id_ok(d, v));
+    let proto = match &protocol {
+        Some(p) => one_of(
+            d,
+            p,
+            "upstream protocol",
+            &[
+                ("http", UpstreamProtocol::Http),
+                ("https", UpstreamProtocol::Https),
+            ],
+        ),
+        None => Some(UpstreamProtocol::Http),
+    };
+    let retries_v = match retries {
+        Some(r) if RETRIES.contains(&r.value) => Some(r.value as u32),
+        Some(r) => {
+            d.error_fix(
+                &r.span,
+                format!("retries {} is out of range 1..=100", r.value),
+                "write a number from 1 to 100 (default 5)",
+            );
+            None
+        }
+        None => Some(DEFAULT_RETRIES),
+    };
+    let mut node_list = vec![];
+    let mut nodes_ok = true;
+    match &nodes {
+        None => {
+            d.error_fix(
+                &span,
+                format!("{what} has no `nodes`"),
+                "add e.g. `nodes = [ { address = \"10.0.3.8\", port = 8080, weight = 10 } ]`",
+            );
+            nodes_ok = false;
+        }
+        Some(arr) if arr.value.is_empty() || arr.value.len() > MAX_NODES => {
+            d.error_fix(
+                &arr.span,
+                format!(
+                    "{what} has {} nodes: an upstream has 1 to {MAX_NODES}",
+                    arr.value.len()
+                ),
+                if arr.value.is_empty() {
+                    "add at least one node".to_owned()
+                } else {
+                    format!("split it into upstreams of at most {MAX_NODES} nodes")
+                },
+            );
+            nodes_ok = false;
+        }
+        Some(arr) => {
+            for (i, item) in arr.value.iter().enumerate() {
+                let DeValue::Table(t) = item.get_ref() else {
+                    d.error(&item.span(), format!("node #{} of {what} must be a table {{ address = ..., port = ..., weight = ... }}", i + 1));
+                    nodes_ok = false;
+                    continue;
+                };
+                match parse_node(
+                    d,
+                    Fields::new(t, item.span(), format!("node #{} of {what}", i + 1)),
+                ) {
+                    Some(n) => node_list.push(n),
+                    None => nodes_ok = false,
+                }
+            }
+        }
+    }
+    if !(name_ok && vpc_ok && nodes_ok) {
+        return None;
+    }
+    let name = name?;
+    Some((
+        Upstream {
+            name: name.value.clone(),
+            description: description.map(|x| x.value),
+            vpc_id: vpc_id?.value,
+            protocol: proto?,
+            host_header: host_header.map(|h| h.value),
+            retries: retries_v?,
+            nodes: node_list,
+            pos: d.source.pos(&name.span),
+        },
+        name,
+    ))
+}
+
+fn parse_node(d: &mut Diags, mut f: Fields) -> Option<Node> {
+    let addr = f.required_string(d, "address", "\"10.0.3.8\"");
+    let port = f.integer(d, "port");
+    let weight = f.integer(d, "weight");
+    let span = f.span.clone();
+    let what = f.what.clone();
+    f.finish(d);
+    let address_v = addr.as_ref().and_then(|a| address(d, a, "node address"));
+    let port_v = match port {
+        Some(p) if (1..=65535).contains(&p.value) => Some(p.value as u16),
+        Some(p) => {
+            d.error(
+                &p.span,
+                format!("port {} of {what} is out of range 1..=65535", p.value),
+            );
+            None
+        }
+        None => {
+            d.error_fix(
+                &span,
+                format!("{what} has no `port`"),
+                "add e.g. `port = 8080`",
+            );
+            None
+        }
+    };
+    let weight_v = match weight {
+        Some(w) if WEIGHTS.contains(&w.value) => Some(w.value as u32),
+        Some(w) => {
+            d.error_fix(
+                &w.span,
+                format!("weight {} of {what} is out of range 1..=100", w.value),
+                "write a weight from 1 to 100 (default 10)",
+            );
+            None
+        }
+        None => Some(DEFAULT_WEIGHT),
+    };
+    Some(Node {
+        address: address_v?,
+        port: port_v?,
+        weight: weight_v?,
+        pos: d.source.pos(&addr?.span),
+    })
+}
+
+fn parse_doc(d: &mut Diags, doc: &DeTable, span: Range<usize>) -> Parsed {
+    let mut root = Fields::new(doc, span, "the policy file");
+    let instance = match root.table(d, "instance") {
+        Some(t) => parse_instance(d, Fields::new(t.value, t.span, "[instance]")),
+        None => {
+            root.missing(d, "instance", "{ ... } (an [instance] table)");
+            None
+        }
+    };
+    let mut p = Parsed {
+        instance,
+        accessible: vec![],
+        authorizations: vec![],
+        upstreams: vec![],
+    };
+    let mut names: HashMap<String, Pos> = HashMap::new();
+    let mut unique = |d: &mut Diags, n: &At<String>| {
+        let pos = d.source.pos(&n.span);
+        if let Some(first) = names.get(&n.value) {
+            d.error_fix(
+                &n.span,
+                format!("name `{}` is already used at line {}", n.value, first.line),
+                "authorization and upstream names must be unique: rename one",
+            );
+        } else {
+            names.insert(n.value.clone(), pos);
+        }
+    };
+    tables(d, &mut root, "accessible", |d, f, _| {
+        p.accessible.extend(parse_accessible(d, f))
+    });
+    tables(d, &mut root, "authorization", |d, f, _| {
+        if let Some((a, n)) = parse_authorization(d, f) {
+            unique(d, &n);
+            p.authorizations.push(a);
+        }
+    });
+    tables(d, &mut root, "upstream", |d, f, _| {
+        if let Some((u, n)) = parse_upstream(d, f) {
+            unique(d, &n);
+            p.upstreams.push(u);
+        }
+    });
+    root.finish(d);
+    p
+}
+
+/// Parses `source` into a policy, reporting every field-level problem into `d`. Returns the policy only
+/// when the structure is complete (cross-field validation is `validate::validate`).
+pub fn parse(d: &mut Diags, source: &Source) -> Option<Policy> {
+    let doc = match DeTable::parse(&source.text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            d.error(&span, format!("not valid TOML: {}", e.message()));
+            return None;
+        }
+    };
+    let span = doc.span();
+    let parsed = parse_doc(d, doc.get_ref(), span);
+    if d.has_errors() {
+        return None;
+    }
+    Some(Policy {
+        instance: parsed.instance?,
+        accessible: parsed.accessible,
+        authorizations: parsed.authorizations,
+        upstreams: parsed.upstreams,
+    })
+}

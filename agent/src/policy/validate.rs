@@ -1,0 +1,204 @@
+//! Checks across fields: reserved blocks, accessible blocks, VPC ids, public backends.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::{
+    diag::{Diags, Severity},
+    model::*,
+    source::Pos,
+};
+
+/// Whether `net` lies entirely inside the union of `blocks`.
+pub fn covered_by(net: &IpNet, blocks: &[IpNet]) -> bool {
+    if blocks.iter().any(|b| b.contains(net)) {
+        return true;
+    }
+    // Split and try the halves, as long as some block is strictly inside `net`.
+    if !blocks
+        .iter()
+        .any(|b| net.contains(b) && b.prefix_len() > net.prefix_len())
+    {
+        return false;
+    }
+    match net.subnets(net.prefix_len() + 1) {
+        Ok(halves) => halves.into_iter().all(|h| covered_by(&h, blocks)),
+        Err(_) => false,
+    }
+}
+
+pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Internal (VPC) addresses: RFC 1918, the shared/CGNAT block providers use internally, IPv6 ULA.
+pub fn is_internal(net: &IpNet) -> bool {
+    const INTERNAL: [&str; 5] = [
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "fc00::/7",
+    ];
+    INTERNAL
+        .iter()
+        .any(|b| b.parse::<IpNet>().is_ok_and(|b| b.contains(net)))
+}
+
+/// A backend to check: an authorization's address or an upstream node.
+struct Backend<'a> {
+    /// `authorization `orders-slb`` / `node 10.0.3.8:8080 of upstream `orders_pool``
+    what: String,
+    vpc_id: &'a str,
+    net: IpNet,
+    pos: Pos,
+}
+
+fn backends(p: &Policy) -> Vec<Backend<'_>> {
+    let mut out: Vec<Backend> = p
+        .authorizations
+        .iter()
+        .map(|a| Backend {
+            what: format!("authorization `{}`", a.name),
+            vpc_id: &a.vpc_id,
+            net: a.address,
+            pos: a.pos,
+        })
+        .collect();
+    for u in &p.upstreams {
+        for n in &u.nodes {
+            out.push(Backend {
+                what: format!(
+                    "node {} of upstream `{}`",
+                    std::net::SocketAddr::new(n.address, n.port),
+                    u.name
+                ),
+                vpc_id: &u.vpc_id,
+                net: IpNet::from(n.address),
+                pos: n.pos,
+            });
+        }
+    }
+    out
+}
+
+fn show(net: &IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
+/// A block to suggest for an address outside the accessible blocks: its /24 (IPv4) or /64 (IPv6).
+fn suggest_block(net: &IpNet) -> IpNet {
+    let len = match net.addr() {
+        IpAddr::V4(_) => 24,
+        IpAddr::V6(_) => 64,
+    };
+    if net.prefix_len() <= len {
+        *net
+    } else {
+        IpNet::new(net.addr(), len)
+            .map(|n| n.trunc())
+            .unwrap_or(*net)
+    }
+}
+
+/// Checks `policy`'s authorizations and upstream nodes against `instance` (and the accessible blocks
+/// `accessible`), reporting into `d` (whose source is the file the backends come from).
+pub fn check_backends(d: &mut Diags, policy: &Policy, instance: &Instance, accessible: &[IpNet]) {
+    for b in backends(policy) {
+        for r in &instance.reserved {
+            if overlaps(&b.net, &r.cidr) {
+                d.push_at(
+                    Severity::Error,
+                    b.pos,
+                    format!("{}: backend {} is inside reserved block {} ({})", b.what, show(&b.net), r.cidr, r.source),
+                    Some("the gateway can never reach a reserved block: move the backend to another block of the VPC".into()),
+                );
+            }
+        }
+        if !is_internal(&b.net) {
+            d.push_at(
+                Severity::Warning,
+                b.pos,
+                format!(
+                    "{}: backend {} is a public address, but VPC backends are internal",
+                    b.what,
+                    show(&b.net)
+                ),
+                Some("reach public backends as plain HTTP backends, not through VPC access".into()),
+            );
+        }
+        if instance.kind == Kind::VpcIntegration {
+            if b.vpc_id != instance.vpc_id {
+                d.push_at(
+                    Severity::Error,
+                    b.pos,
+                    format!("{} is in VPC {}, but instance {} is attached to VPC {}", b.what, b.vpc_id, instance.name, instance.vpc_id),
+                    Some(format!("a VPC integration instance reaches only its own VPC: set vpc_id = \"{}\", or use a dedicated instance", instance.vpc_id)),
+                );
+            }
+            if !covered_by(&b.net, accessible) {
+                let blocks: Vec<String> = accessible.iter().map(ToString::to_string).collect();
+                d.push_at(
+                    Severity::Error,
+                    b.pos,
+                    format!("instance cannot connect to the backend {}: outside accessible CIDR blocks {}", show(&b.net), blocks.join(", ")),
+                    Some(format!("add an accessible block that contains it: [[accessible]] cidr = \"{}\"", suggest_block(&b.net))),
+                );
+            }
+        }
+    }
+}
+
+/// Every cross-field check of one policy.
+pub fn validate(d: &mut Diags, p: &Policy) {
+    let i = &p.instance;
+    if let Some(vswitch) = &i.vswitch_cidr {
+        for r in &i.reserved {
+            if overlaps(vswitch, &r.cidr) {
+                d.push_at(
+                    Severity::Error,
+                    i.vswitch_pos,
+                    format!("vswitch_cidr {vswitch} overlaps reserved block {} ({})", r.cidr, r.source),
+                    Some("the instance's vSwitch must not overlap the blocks the gateway reserves: use a vSwitch in another block".into()),
+                );
+            }
+        }
+        if let (Some(egress), Kind::VpcIntegration) = (i.egress_ip, i.kind)
+            && !vswitch.contains(&egress)
+        {
+            d.push_at(
+                Severity::Warning,
+                i.egress_pos,
+                format!("egress_ip {egress} is outside vswitch_cidr {vswitch}"),
+                Some("a VPC integration instance's egress IP is an address of its vSwitch: check both".into()),
+            );
+        }
+    }
+    for a in &p.accessible {
+        if i.kind == Kind::Dedicated {
+            d.push_at(
+                Severity::Error,
+                a.pos,
+                format!("[[accessible]] {} on a dedicated instance: accessible blocks belong to vpc-integration instances", a.cidr),
+                Some("remove it and authorize the backends with [[authorization]], or set kind = \"vpc-integration\"".into()),
+            );
+        }
+        for r in &i.reserved {
+            if overlaps(&a.cidr, &r.cidr) {
+                d.push_at(
+                    Severity::Warning,
+                    a.pos,
+                    format!("accessible block {} overlaps reserved block {} ({}): that part stays unreachable", a.cidr, r.cidr, r.source),
+                    Some("narrow the accessible block so it leaves the reserved block out".into()),
+                );
+            }
+        }
+    }
+    let accessible: Vec<IpNet> = p.accessible_blocks().collect();
+    check_backends(d, p, i, &accessible);
+}
