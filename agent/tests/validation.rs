@@ -55,14 +55,21 @@ fn base_and_examples_are_valid() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
     for f in ["policy.toml", "dedicated.toml"] {
         let c = policy::load(std::path::Path::new(&format!("{root}/{f}"))).unwrap();
-        assert!(c.policy.is_some() && c.diagnostics.is_empty(), "{f}: {:?}", c.diagnostics);
+        assert!(
+            c.policy.is_some() && c.diagnostics.is_empty(),
+            "{f}: {:?}",
+            c.diagnostics
+        );
     }
 }
 
 #[test]
 fn cidr_with_host_bits_names_the_canonical_form() {
     assert_eq!(
-        diags(&with("vswitch_cidr = \"10.0.0.0/24\"", "vswitch_cidr = \"10.0.0.1/24\"")),
+        diags(&with(
+            "vswitch_cidr = \"10.0.0.0/24\"",
+            "vswitch_cidr = \"10.0.0.1/24\""
+        )),
         ["7:16: error: vswitch_cidr 10.0.0.1/24 has host bits set | write 10.0.0.0/24"]
     );
     assert_eq!(
@@ -71,14 +78,19 @@ fn cidr_with_host_bits_names_the_canonical_form() {
     );
     assert_eq!(
         diags(&with("cidr = \"10.1.0.0/16\"", "cidr = \"10.1.0.0/33\"")),
-        ["11:8: error: accessible block `10.1.0.0/33` is not a valid CIDR block | write a block such as 10.0.0.0/24 or fd00::/64"]
+        [
+            "11:8: error: accessible block `10.1.0.0/33` is not a valid CIDR block | write a block such as 10.0.0.0/24 or fd00::/64"
+        ]
     );
 }
 
 #[test]
 fn ports_must_be_in_range_and_ordered() {
     assert_eq!(
-        diags(&with(r#"ports = ["80", "443", "8000-8100"]"#, r#"ports = ["0", "70000", "90-80", "http", 22]"#)),
+        diags(&with(
+            r#"ports = ["80", "443", "8000-8100"]"#,
+            r#"ports = ["0", "70000", "90-80", "http", 22]"#
+        )),
         [
             "12:10: error: `ports` in [[accessible]] #1: port 0 is out of range 1..=65535",
             "12:15: error: `ports` in [[accessible]] #1: port 70000 is out of range 1..=65535",
@@ -88,7 +100,9 @@ fn ports_must_be_in_range_and_ordered() {
     );
     assert_eq!(
         diags(&with(r#"ports = ["80"]"#, "ports = []")),
-        ["18:9: error: `ports` in [[authorization]] #1 is empty: nothing would be allowed | list ports such as [\"80\", \"8000-8100\"], or remove `ports` to allow all"]
+        [
+            "18:9: error: `ports` in [[authorization]] #1 is empty: nothing would be allowed | list ports such as [\"80\", \"8000-8100\"], or remove `ports` to allow all"
+        ]
     );
 }
 
@@ -100,36 +114,64 @@ fn names_are_unique_and_well_formed() {
             "21:8: error: upstream name `orders-slb` must be 1 to 50 characters of A-Z, a-z, 0-9 and _ | rename it, e.g. `orders_slb`",
         ]
     );
-    let dup = BASE.replace("name = \"orders_pool\"", "name = \"orders\"").replace("name = \"orders-slb\"", "name = \"orders\"");
+    let dup = BASE
+        .replace("name = \"orders_pool\"", "name = \"orders\"")
+        .replace("name = \"orders-slb\"", "name = \"orders\"");
     assert_eq!(
         diags(&dup),
-        ["21:8: error: name `orders` is already used at line 15 | authorization and upstream names must be unique: rename one"]
+        [
+            "21:8: error: name `orders` is already used at line 15 | authorization and upstream names must be unique: rename one"
+        ]
     );
     assert_eq!(
         diags(&with("name = \"gw-hz-1\"", "name = \"GW_1\"")),
-        ["2:8: error: instance name `GW_1` must be 1 to 32 characters of a-z, 0-9 and - | rename it, e.g. `gw-1`"]
+        [
+            "2:8: error: instance name `GW_1` must be 1 to 32 characters of a-z, 0-9 and - | rename it, e.g. `gw-1`"
+        ]
     );
     let long = "u".repeat(51);
     assert_eq!(
-        diags(&with("name = \"orders_pool\"", &format!("name = \"{long}\""))),
-        [format!("21:8: error: upstream name `{long}` must be 1 to 50 characters of A-Z, a-z, 0-9 and _ | rename it, e.g. `{}`", "u".repeat(50))]
+        diags(&with(
+            "name = \"orders_pool\"",
+            &format!("name = \"{long}\"")
+        )),
+        [format!(
+            "21:8: error: upstream name `{long}` must be 1 to 50 characters of A-Z, a-z, 0-9 and _ | rename it, e.g. `{}`",
+            "u".repeat(50)
+        )]
     );
 }
 
 #[test]
 fn upstream_nodes_retries_and_weights_are_bounded() {
     assert_eq!(
-        diags(&with("nodes = [ { address = \"10.1.3.8\", port = 8080, weight = 10 } ]", "nodes = []\nretries = 0")),
+        diags(&with(
+            "nodes = [ { address = \"10.1.3.8\", port = 8080, weight = 10 } ]",
+            "nodes = []\nretries = 0"
+        )),
         [
             "23:9: error: [[upstream]] #1 has 0 nodes: an upstream has 1 to 200 | add at least one node",
             "24:11: error: retries 0 is out of range 1..=100 | write a number from 1 to 100 (default 5)",
         ]
     );
-    let many: Vec<String> = (0..201).map(|i| format!("{{ address = \"10.1.3.{}\", port = 80 }}", i % 250)).collect();
-    let text = with("nodes = [ { address = \"10.1.3.8\", port = 8080, weight = 10 } ]", &format!("nodes = [{}]", many.join(", ")));
-    assert_eq!(diags(&text), ["23:9: error: [[upstream]] #1 has 201 nodes: an upstream has 1 to 200 | split it into upstreams of at most 200 nodes"]);
+    let many: Vec<String> = (0..201)
+        .map(|i| format!("{{ address = \"10.1.3.{}\", port = 80 }}", i % 250))
+        .collect();
+    let text = with(
+        "nodes = [ { address = \"10.1.3.8\", port = 8080, weight = 10 } ]",
+        &format!("nodes = [{}]", many.join(", ")),
+    );
     assert_eq!(
-        diags(&with("weight = 10 }", "weight = 101 }").replace("name = \"orders_pool\"", "name = \"orders_pool\"\nretries = 101")),
+        diags(&text),
+        [
+            "23:9: error: [[upstream]] #1 has 201 nodes: an upstream has 1 to 200 | split it into upstreams of at most 200 nodes"
+        ]
+    );
+    assert_eq!(
+        diags(&with("weight = 10 }", "weight = 101 }").replace(
+            "name = \"orders_pool\"",
+            "name = \"orders_pool\"\nretries = 101"
+        )),
         [
             "22:11: error: retries 101 is out of range 1..=100 | write a number from 1 to 100 (default 5)",
             "24:57: error: weight 101 of node #1 of [[upstream]] #1 is out of range 1..=100 | write a weight from 1 to 100 (default 10)",
@@ -144,23 +186,32 @@ fn upstream_nodes_retries_and_weights_are_bounded() {
 #[test]
 fn vswitch_overlapping_a_reserved_block_names_the_block_and_its_source() {
     assert_eq!(
-        diags(&with("vswitch_cidr = \"10.0.0.0/24\"", "vswitch_cidr = \"192.168.0.0/16\"")),
+        diags(&with(
+            "vswitch_cidr = \"10.0.0.0/24\"",
+            "vswitch_cidr = \"192.168.0.0/16\""
+        )),
         [
             "6:13: warning: egress_ip 10.0.0.5 is outside vswitch_cidr 192.168.0.0/16 | a VPC integration instance's egress IP is an address of its vSwitch: check both",
             "7:16: error: vswitch_cidr 192.168.0.0/16 overlaps reserved block 192.168.0.0/20 (reserved for zone cn-hangzhou-b) | the instance's vSwitch must not overlap the blocks the gateway reserves: use a vSwitch in another block",
             "17:11: error: instance cannot connect to the backend 10.0.0.7: outside accessible CIDR blocks 192.168.0.0/16, 10.1.0.0/16 | add an accessible block that contains it: [[accessible]] cidr = \"10.0.0.0/24\"",
         ]
     );
-    let explicit = with("zone = \"cn-hangzhou-b\"", "reserved_cidrs = [\"10.0.0.128/25\"]");
+    let explicit = with(
+        "zone = \"cn-hangzhou-b\"",
+        "reserved_cidrs = [\"10.0.0.128/25\"]",
+    );
     assert_eq!(
         diags(&explicit),
-        ["7:16: error: vswitch_cidr 10.0.0.0/24 overlaps reserved block 10.0.0.128/25 (listed in reserved_cidrs) | the instance's vSwitch must not overlap the blocks the gateway reserves: use a vSwitch in another block"]
+        [
+            "7:16: error: vswitch_cidr 10.0.0.0/24 overlaps reserved block 10.0.0.128/25 (listed in reserved_cidrs) | the instance's vSwitch must not overlap the blocks the gateway reserves: use a vSwitch in another block"
+        ]
     );
 }
 
 #[test]
 fn backends_in_reserved_blocks_are_errors_and_public_ones_warnings() {
-    let text = with("cidr = \"10.1.0.0/16\"", "cidr = \"172.16.0.0/12\"").replace("10.1.3.8", "172.20.1.8");
+    let text = with("cidr = \"10.1.0.0/16\"", "cidr = \"172.16.0.0/12\"")
+        .replace("10.1.3.8", "172.20.1.8");
     assert_eq!(
         diags(&text),
         [
@@ -169,10 +220,18 @@ fn backends_in_reserved_blocks_are_errors_and_public_ones_warnings() {
             "23:23: error: node 172.20.1.8:8080 of upstream `orders_pool`: backend 172.20.1.8 is inside reserved block 172.20.0.0/16 (reserved for zone cn-hangzhou-b) | the gateway can never reach a reserved block: move the backend to another block of the VPC",
         ]
     );
-    let public = BASE.replace("kind = \"vpc-integration\"", "kind = \"dedicated\"").replace("[[accessible]]\ncidr = \"10.1.0.0/16\"\nports = [\"80\", \"443\", \"8000-8100\"]\n", "").replace("10.0.0.7", "8.8.8.8");
+    let public = BASE
+        .replace("kind = \"vpc-integration\"", "kind = \"dedicated\"")
+        .replace(
+            "[[accessible]]\ncidr = \"10.1.0.0/16\"\nports = [\"80\", \"443\", \"8000-8100\"]\n",
+            "",
+        )
+        .replace("10.0.0.7", "8.8.8.8");
     assert_eq!(
         diags(&public),
-        ["14:11: warning: authorization `orders-slb`: backend 8.8.8.8 is a public address, but VPC backends are internal | reach public backends as plain HTTP backends, not through VPC access"]
+        [
+            "14:11: warning: authorization `orders-slb`: backend 8.8.8.8 is a public address, but VPC backends are internal | reach public backends as plain HTTP backends, not through VPC access"
+        ]
     );
 }
 
@@ -180,18 +239,31 @@ fn backends_in_reserved_blocks_are_errors_and_public_ones_warnings() {
 fn integration_backends_must_be_in_the_vpc_and_accessible_blocks() {
     assert_eq!(
         diags(&with("address = \"10.0.0.7\"", "address = \"10.9.0.4\"")),
-        ["17:11: error: instance cannot connect to the backend 10.9.0.4: outside accessible CIDR blocks 10.0.0.0/24, 10.1.0.0/16 | add an accessible block that contains it: [[accessible]] cidr = \"10.9.0.0/24\""]
+        [
+            "17:11: error: instance cannot connect to the backend 10.9.0.4: outside accessible CIDR blocks 10.0.0.0/24, 10.1.0.0/16 | add an accessible block that contains it: [[accessible]] cidr = \"10.9.0.0/24\""
+        ]
     );
     assert_eq!(
         diags(&with("address = \"10.0.0.7\"", "address = \"fd00:9::4\"")),
-        ["17:11: error: instance cannot connect to the backend fd00:9::4: outside accessible CIDR blocks 10.0.0.0/24, 10.1.0.0/16 | add an accessible block that contains it: [[accessible]] cidr = \"fd00:9::/64\""]
+        [
+            "17:11: error: instance cannot connect to the backend fd00:9::4: outside accessible CIDR blocks 10.0.0.0/24, 10.1.0.0/16 | add an accessible block that contains it: [[accessible]] cidr = \"fd00:9::/64\""
+        ]
     );
     // A block covered by the union of two accessible blocks is inside.
-    let halves = with("cidr = \"10.1.0.0/16\"", "cidr = \"10.1.0.0/17\"\n[[accessible]]\ncidr = \"10.1.128.0/17\"").replace("address = \"10.0.0.7\"", "address = \"10.1.0.0/16\"");
+    let halves = with(
+        "cidr = \"10.1.0.0/16\"",
+        "cidr = \"10.1.0.0/17\"\n[[accessible]]\ncidr = \"10.1.128.0/17\"",
+    )
+    .replace("address = \"10.0.0.7\"", "address = \"10.1.0.0/16\"");
     assert_eq!(diags(&halves), Vec::<String>::new());
     assert_eq!(
-        diags(&with("vpc_id = \"vpc-bp1example\"\naddress", "vpc_id = \"vpc-other\"\naddress")),
-        ["17:11: error: authorization `orders-slb` is in VPC vpc-other, but instance gw-hz-1 is attached to VPC vpc-bp1example | a VPC integration instance reaches only its own VPC: set vpc_id = \"vpc-bp1example\", or use a dedicated instance"]
+        diags(&with(
+            "vpc_id = \"vpc-bp1example\"\naddress",
+            "vpc_id = \"vpc-other\"\naddress"
+        )),
+        [
+            "17:11: error: authorization `orders-slb` is in VPC vpc-other, but instance gw-hz-1 is attached to VPC vpc-bp1example | a VPC integration instance reaches only its own VPC: set vpc_id = \"vpc-bp1example\", or use a dedicated instance"
+        ]
     );
 }
 
@@ -199,19 +271,30 @@ fn integration_backends_must_be_in_the_vpc_and_accessible_blocks() {
 fn dedicated_instances_take_several_vpcs_but_no_accessible_blocks() {
     let text = BASE
         .replace("kind = \"vpc-integration\"", "kind = \"dedicated\"")
-        .replace("vpc_id = \"vpc-bp1example\"\naddress", "vpc_id = \"vpc-other\"\naddress");
+        .replace(
+            "vpc_id = \"vpc-bp1example\"\naddress",
+            "vpc_id = \"vpc-other\"\naddress",
+        );
     assert_eq!(
         diags(&text),
-        ["11:8: error: [[accessible]] 10.1.0.0/16 on a dedicated instance: accessible blocks belong to vpc-integration instances | remove it and authorize the backends with [[authorization]], or set kind = \"vpc-integration\""]
+        [
+            "11:8: error: [[accessible]] 10.1.0.0/16 on a dedicated instance: accessible blocks belong to vpc-integration instances | remove it and authorize the backends with [[authorization]], or set kind = \"vpc-integration\""
+        ]
     );
 }
 
 #[test]
 fn structure_errors_are_all_reported_with_positions() {
     let text = BASE
-        .replace("vswitch_cidr = \"10.0.0.0/24\"", "vswitch_cdr = \"10.0.0.0/24\"")
+        .replace(
+            "vswitch_cidr = \"10.0.0.0/24\"",
+            "vswitch_cdr = \"10.0.0.0/24\"",
+        )
         .replace("interface = \"eth1\"\n", "")
-        .replace("zone = \"cn-hangzhou-b\"", "zone = \"cn-hangzhou-q\"\nmode = 3");
+        .replace(
+            "zone = \"cn-hangzhou-b\"",
+            "zone = \"cn-hangzhou-q\"\nmode = 3",
+        );
     assert_eq!(
         diags(&text),
         [
@@ -223,7 +306,9 @@ fn structure_errors_are_all_reported_with_positions() {
         ]
     );
     assert_eq!(
-        diags("[instance]\nname = \"x\"\nkind = \"vpc-integration\"\nvpc_id = \"v\"\ninterface = \"eth1\"\nvswitch_cidr = \"10.0.0.0/24\"\nkind2 = 1\n[[authorisation]]\n"),
+        diags(
+            "[instance]\nname = \"x\"\nkind = \"vpc-integration\"\nvpc_id = \"v\"\ninterface = \"eth1\"\nvswitch_cidr = \"10.0.0.0/24\"\nkind2 = 1\n[[authorisation]]\n"
+        ),
         [
             "7:1: error: unknown field `kind2` in [instance] | did you mean `kind`? known fields: name, kind, vpc_id, interface, egress_ip, vswitch_cidr, zone, reserved_cidrs, mode, forward_interfaces",
             "8:3: error: unknown field `authorisation` in the policy file | did you mean `authorization`? known fields: instance, accessible, authorization, upstream",
@@ -243,10 +328,15 @@ fn toml_syntax_errors_have_positions() {
 fn enums_list_the_allowed_values() {
     assert_eq!(
         diags(&with("kind = \"vpc-integration\"", "kind = \"shared\"")),
-        ["3:8: error: kind `shared` is not one of vpc-integration, dedicated | write one of: vpc-integration, dedicated"]
+        [
+            "3:8: error: kind `shared` is not one of vpc-integration, dedicated | write one of: vpc-integration, dedicated"
+        ]
     );
     assert_eq!(
-        diags(&with("ports = [\"80\"]\n", "ports = [\"80\"]\nprotocol = \"sctp\"\ninstance_type = \"rds\"\n")),
+        diags(&with(
+            "ports = [\"80\"]\n",
+            "ports = [\"80\"]\nprotocol = \"sctp\"\ninstance_type = \"rds\"\n"
+        )),
         [
             "19:12: error: protocol `sctp` is not one of tcp, udp | write one of: tcp, udp",
             "20:17: error: instance_type `rds` is not one of ecs, clb, nlb, ip | write one of: ecs, clb, nlb, ip",
@@ -260,16 +350,24 @@ fn migrate_lists_every_backend_that_would_fail_and_reminds_of_the_egress_ip() {
     let other = BASE
         .replace("name = \"gw-hz-1\"", "name = \"gw-hz-2\"")
         .replace("egress_ip = \"10.0.0.5\"", "egress_ip = \"10.5.0.5\"")
-        .replace("vswitch_cidr = \"10.0.0.0/24\"", "vswitch_cidr = \"10.5.0.0/24\"")
+        .replace(
+            "vswitch_cidr = \"10.0.0.0/24\"",
+            "vswitch_cidr = \"10.5.0.0/24\"",
+        )
         .replace("cidr = \"10.1.0.0/16\"", "cidr = \"10.5.128.0/17\"")
         .replace("10.0.0.7", "10.5.0.7")
         .replace("10.1.3.8", "10.5.200.8");
     let to = check_text("new.toml", &other);
     assert!(to.diagnostics.is_empty(), "{:?}", to.diagnostics);
-    let out: Vec<String> = policy::migrate(&from, from.policy.as_ref().unwrap(), &to, to.policy.as_ref().unwrap())
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let out: Vec<String> = policy::migrate(
+        &from,
+        from.policy.as_ref().unwrap(),
+        &to,
+        to.policy.as_ref().unwrap(),
+    )
+    .iter()
+    .map(ToString::to_string)
+    .collect();
     assert_eq!(
         out,
         [

@@ -376,7 +376,8 @@ impl Compiled {
             addr_entries.push((prefix, entry));
         }
         let (mut reserved_v4, mut reserved_v6) = (Lpm::default(), Lpm::default());
-        for (i, r) in p.instance.reserved.iter().enumerate() {
+        // The same block listed twice (by the zone and explicitly) is attributed to its first listing.
+        for (i, r) in p.instance.reserved.iter().enumerate().rev() {
             match r.cidr {
                 IpNet::V4(_) => reserved_v4.insert(r.cidr, i),
                 IpNet::V6(_) => reserved_v6.insert(r.cidr, i),

@@ -1,0 +1,398 @@
+//! Property tests: the compiled policy (LPM entries carrying covering-prefix ports, port tables resolved
+//! to one rule per port) decides exactly what a naive reading of the rules decides, over random policies
+//! (overlapping prefixes, port ranges, reserved blocks, both families, audit mode) and random packets.
+
+use std::{
+    cmp::Reverse,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use ipnet::IpNet;
+use proptest::prelude::*;
+use vpcgate::policy::{
+    compile::Compiled,
+    model::*,
+    ports::PortSet,
+    source::Pos,
+    verdict::{Action, Basis, FlowFacts, Fragment, IpPacket, L4, Packet, Verdict, verdict},
+};
+use vpcgate_common::verdict::DropReason;
+
+// ---------- the naive evaluation: straight from the rules, no LPM, no port tables ----------
+
+struct NaiveRule {
+    id: u32,
+    category: u8,
+    prefix: IpNet,
+    protocols: Vec<Proto>,
+    ports: PortSet,
+}
+
+/// Rules in file order (ids 1..): authorizations, upstream nodes, the vSwitch block, accessible blocks.
+fn naive_rules(p: &Policy) -> Vec<NaiveRule> {
+    let mut out = vec![];
+    let mut add = |category, prefix, protocols: Vec<Proto>, ports: PortSet| {
+        out.push(NaiveRule {
+            id: out.len() as u32 + 1,
+            category,
+            prefix,
+            protocols,
+            ports,
+        })
+    };
+    for a in &p.authorizations {
+        add(5, a.address, vec![a.protocol], a.ports.clone());
+    }
+    for u in &p.upstreams {
+        for n in &u.nodes {
+            add(
+                5,
+                IpNet::from(n.address),
+                vec![Proto::Tcp],
+                PortSet::single(n.port),
+            );
+        }
+    }
+    if let Some(v) = p.instance.vswitch_cidr {
+        add(6, v, Proto::ALL.to_vec(), PortSet::all());
+    }
+    for a in &p.accessible {
+        add(6, a.cidr, a.protocols.clone(), a.ports.clone());
+    }
+    out
+}
+
+fn naive(p: &Policy, pkt: &Packet, facts: FlowFacts) -> Verdict {
+    let mode = p.instance.mode;
+    let drop = |reason, basis| match mode {
+        Mode::Enforce => Verdict {
+            action: Action::Drop,
+            reason: Some(reason),
+            basis,
+            audit: false,
+        },
+        Mode::Audit => Verdict {
+            action: Action::Pass,
+            reason: Some(reason),
+            basis,
+            audit: true,
+        },
+    };
+    let pass = |basis| Verdict {
+        action: Action::Pass,
+        reason: None,
+        basis,
+        audit: false,
+    };
+    let ip = match pkt {
+        Packet::NonIp => return pass(Basis::NotIp),
+        Packet::Malformed => return drop(DropReason::Malformed, Basis::Malformed),
+        Packet::Ip(ip) => ip,
+    };
+    if matches!(
+        ip.l4,
+        L4::Icmpv6 {
+            kind: 133..=137,
+            ..
+        }
+    ) {
+        return pass(Basis::NeighbourDiscovery);
+    }
+    if facts.reply {
+        return pass(Basis::Reply);
+    }
+    // Longest reserved block; the first listed among equal ones.
+    let reserved = p
+        .instance
+        .reserved
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.cidr.contains(&ip.dst))
+        .min_by_key(|(i, r)| (Reverse(r.cidr.prefix_len()), *i));
+    if let Some((i, _)) = reserved {
+        return drop(DropReason::ReservedRange, Basis::Reserved(i));
+    }
+    let mut covering: Vec<NaiveRule> = naive_rules(p)
+        .into_iter()
+        .filter(|r| r.prefix.contains(&ip.dst))
+        .collect();
+    covering.sort_by_key(|r| (r.category, Reverse(r.prefix.prefix_len()), r.id));
+    let not_allowed = || match covering.first() {
+        Some(r) => drop(DropReason::PortNotAuthorized, Basis::Covered(r.id)),
+        None => drop(DropReason::NotAuthorized, Basis::NoRule),
+    };
+    let winner = |proto: Proto, port: u16| {
+        covering
+            .iter()
+            .find(|r| r.protocols.contains(&proto) && r.ports.contains(port))
+            .map(|r| r.id)
+    };
+    if ip.fragment == Fragment::NonFirst {
+        let proto = match ip.l4 {
+            L4::Other { proto: 6 } => Some(Proto::Tcp),
+            L4::Other { proto: 17 } => Some(Proto::Udp),
+            _ => None,
+        };
+        if let Some(proto) = proto {
+            // The winner is constant between range boundaries: checking the boundaries sees every winner.
+            let mut points = vec![1u32];
+            for r in covering.iter().filter(|r| r.protocols.contains(&proto)) {
+                for &(lo, hi) in r.ports.ranges() {
+                    points.extend([u32::from(lo), u32::from(hi) + 1]);
+                }
+            }
+            points.retain(|&x| (1..=65535).contains(&x));
+            let all = (1..=65535u16).all(|port| winner(proto, port).is_some());
+            if all {
+                let winners: Vec<u32> = points
+                    .iter()
+                    .filter_map(|&x| winner(proto, x as u16))
+                    .collect();
+                let first = covering
+                    .iter()
+                    .find(|r| winners.contains(&r.id))
+                    .map(|r| r.id)
+                    .unwrap();
+                return pass(Basis::Rule(first));
+            }
+        }
+        if facts.first_fragment_passed {
+            return pass(Basis::FragmentOfPassedDatagram);
+        }
+        return drop(DropReason::FragmentUnverified, Basis::FragmentUnverified);
+    }
+    match ip.l4 {
+        L4::Icmp { kind: 3 | 11, .. } | L4::Icmpv6 { kind: 1..=3, .. } => pass(Basis::IcmpError),
+        L4::Icmp { kind: 8, .. } | L4::Icmpv6 { kind: 128, .. } => match covering.first() {
+            Some(r) => pass(Basis::Rule(r.id)),
+            None => drop(DropReason::NotAuthorized, Basis::NoRule),
+        },
+        L4::Tcp { dport } => {
+            winner(Proto::Tcp, dport).map_or_else(not_allowed, |id| pass(Basis::Rule(id)))
+        }
+        L4::Udp { dport } => {
+            winner(Proto::Udp, dport).map_or_else(not_allowed, |id| pass(Basis::Rule(id)))
+        }
+        _ => not_allowed(),
+    }
+}
+
+// ---------- generators: small address and port spaces, so rules overlap a lot ----------
+
+fn v4_net() -> impl Strategy<Value = IpNet> {
+    (0u32..1024, prop_oneof![22u8..=26, 27u8..=32]).prop_map(|(host, len)| {
+        IpNet::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | host)), len)
+            .unwrap()
+            .trunc()
+    })
+}
+
+fn v6_net() -> impl Strategy<Value = IpNet> {
+    (0u128..1024, prop_oneof![118u8..=122, 123u8..=128]).prop_map(|(host, len)| {
+        IpNet::new(IpAddr::V6(Ipv6Addr::from((0xfd00u128 << 112) | host)), len)
+            .unwrap()
+            .trunc()
+    })
+}
+
+fn net() -> impl Strategy<Value = IpNet> {
+    prop_oneof![v4_net(), v6_net()]
+}
+
+fn ports() -> impl Strategy<Value = PortSet> {
+    prop_oneof![
+        1 => Just(PortSet::all()),
+        4 => prop::collection::vec((1u16..200, 0u16..40), 1..4)
+            .prop_map(|r| PortSet::from_ranges(r.into_iter().map(|(lo, w)| (lo, lo.saturating_add(w))).collect())),
+        1 => prop::collection::vec((1u16..200, 0u16..40), 1..3)
+            .prop_map(|r| PortSet::from_ranges(r.into_iter().map(|(lo, w)| (lo, lo.saturating_add(w))).chain([(150, 65535)]).collect())),
+    ]
+}
+
+fn proto() -> impl Strategy<Value = Proto> {
+    prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)]
+}
+
+fn protocols() -> impl Strategy<Value = Vec<Proto>> {
+    prop_oneof![
+        Just(vec![Proto::Tcp]),
+        Just(vec![Proto::Udp]),
+        Just(vec![Proto::Tcp, Proto::Udp])
+    ]
+}
+
+prop_compose! {
+    fn policy()(
+        auths in prop::collection::vec((net(), ports(), proto()), 0..6),
+        nodes in prop::collection::vec((net(), 1u16..200), 0..4),
+        vswitch in prop::option::of(net()),
+        accessible in prop::collection::vec((net(), ports(), protocols()), 0..4),
+        reserved in prop::collection::vec(net().prop_filter("narrow", |n| n.prefix_len() + 6 >= n.max_prefix_len()), 0..3),
+        audit in any::<bool>(),
+    ) -> Policy {
+        let pos = Pos::default();
+        Policy {
+            instance: Instance {
+                name: "gw".into(), kind: Kind::VpcIntegration, vpc_id: "vpc-1".into(), interface: "eth1".into(),
+                egress_ip: None, vswitch_cidr: vswitch, vswitch_pos: pos, egress_pos: pos, zone: None,
+                reserved: reserved.into_iter().map(|cidr| Reserved { cidr, source: ReservedSource::Explicit, pos }).collect(),
+                mode: if audit { Mode::Audit } else { Mode::Enforce }, forward_interfaces: vec![],
+            },
+            accessible: accessible.into_iter().map(|(cidr, ports, protocols)| Accessible { cidr, ports, protocols, pos }).collect(),
+            authorizations: auths.into_iter().enumerate().map(|(i, (address, ports, protocol))| Authorization {
+                name: format!("a{i}"), vpc_id: "vpc-1".into(), instance_id: None, instance_type: InstanceType::Ip,
+                address, ports, protocol, pos,
+            }).collect(),
+            upstreams: vec![Upstream {
+                name: "u".into(), description: None, vpc_id: "vpc-1".into(), protocol: UpstreamProtocol::Http,
+                host_header: None, retries: 5,
+                nodes: nodes.into_iter().map(|(n, port)| Node { address: n.addr(), port, weight: 1, pos }).collect(),
+                pos,
+            }],
+        }
+    }
+}
+
+/// Addresses and ports where the policy's decisions change: rule and reserved prefixes (and just past
+/// them), range boundaries (and just outside them).
+fn interesting(p: &Policy) -> (Vec<IpAddr>, Vec<u16>) {
+    let mut nets: Vec<IpNet> = p.authorizations.iter().map(|a| a.address).collect();
+    nets.extend(p.accessible.iter().map(|a| a.cidr));
+    nets.extend(p.instance.vswitch_cidr);
+    nets.extend(p.instance.reserved.iter().map(|r| r.cidr));
+    nets.extend(
+        p.upstreams
+            .iter()
+            .flat_map(|u| u.nodes.iter().map(|n| IpNet::from(n.address))),
+    );
+    let mut addrs = vec![
+        IpAddr::from([10, 0, 0, 1]),
+        IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, 1]),
+    ];
+    for n in nets {
+        addrs.extend([n.network(), n.broadcast()]);
+        addrs.extend(next_addr(n.broadcast()));
+    }
+    let mut ports = vec![1u16, 65535];
+    let ranges = p
+        .authorizations
+        .iter()
+        .map(|a| &a.ports)
+        .chain(p.accessible.iter().map(|a| &a.ports))
+        .flat_map(|ps| ps.ranges().to_vec())
+        .chain(
+            p.upstreams
+                .iter()
+                .flat_map(|u| u.nodes.iter().map(|n| (n.port, n.port))),
+        );
+    for (lo, hi) in ranges {
+        ports.extend([lo, hi, lo.saturating_sub(1).max(1), hi.saturating_add(1)]);
+    }
+    (addrs, ports)
+}
+
+fn next_addr(a: IpAddr) -> Option<IpAddr> {
+    match a {
+        IpAddr::V4(a) => u32::from(a).checked_add(1).map(|x| IpAddr::V4(x.into())),
+        IpAddr::V6(a) => u128::from(a).checked_add(1).map(|x| IpAddr::V6(x.into())),
+    }
+}
+
+fn policy_and_packets() -> impl Strategy<Value = (Policy, Vec<(Packet, FlowFacts)>)> {
+    policy().prop_flat_map(|p| {
+        let (addrs, ports) = interesting(&p);
+        (Just(p), prop::collection::vec(packet(addrs, ports), 1..60))
+    })
+}
+
+fn packet(addrs: Vec<IpAddr>, ports: Vec<u16>) -> impl Strategy<Value = (Packet, FlowFacts)> {
+    let dst = prop_oneof![
+        3 => prop::sample::select(addrs),
+        1 => (0u32..1100).prop_map(|h| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | h))),
+        1 => (0u128..1100).prop_map(|h| IpAddr::V6(Ipv6Addr::from((0xfd00u128 << 112) | h))),
+    ];
+    let port = prop_oneof![3 => prop::sample::select(ports), 2 => 1u16..260, 1 => any::<u16>().prop_map(|p| p.max(1))];
+    let l4 = prop_oneof![
+        4 => port.clone().prop_map(|dport| L4::Tcp { dport }),
+        4 => port.prop_map(|dport| L4::Udp { dport }),
+        1 => (prop_oneof![Just(8u8), Just(3), Just(11), Just(0), Just(13)], any::<u8>()).prop_map(|(kind, code)| L4::Icmp { kind, code }),
+        1 => (prop_oneof![Just(128u8), Just(1), Just(2), Just(3), Just(135), Just(129)], any::<u8>()).prop_map(|(kind, code)| L4::Icmpv6 { kind, code }),
+        1 => prop_oneof![Just(6u8), Just(17), Just(47), Just(1)].prop_map(|proto| L4::Other { proto }),
+    ];
+    (
+        dst,
+        l4,
+        any::<bool>(),
+        prop::bool::weighted(0.05),
+        any::<bool>(),
+        prop::bool::weighted(0.02),
+    )
+        .prop_map(|(dst, l4, nonfirst, reply, first_passed, special)| {
+            let src = if dst.is_ipv4() {
+                IpAddr::from([10, 0, 0, 5])
+            } else {
+                IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, 5])
+            };
+            let fragment = if nonfirst && matches!(l4, L4::Other { .. }) {
+                Fragment::NonFirst
+            } else {
+                Fragment::None
+            };
+            let pkt = if special {
+                Packet::Malformed
+            } else {
+                Packet::Ip(IpPacket {
+                    src,
+                    dst,
+                    l4,
+                    fragment,
+                })
+            };
+            (
+                pkt,
+                FlowFacts {
+                    reply,
+                    first_fragment_passed: first_passed,
+                },
+            )
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn compiled_verdict_equals_naive_reading_of_the_rules((p, pkts) in policy_and_packets()) {
+        let c = Compiled::new(&p);
+        for (pkt, facts) in &pkts {
+            prop_assert_eq!(verdict(&c, pkt, *facts), naive(&p, pkt, *facts), "packet {:?} facts {:?}", pkt, facts);
+        }
+    }
+
+    #[test]
+    fn port_tables_are_disjoint_sorted_and_their_prefix_blocks_agree(p in policy(), probes in prop::collection::vec(any::<u16>(), 64)) {
+        let c = Compiled::new(&p);
+        for t in &c.port_tables {
+            for w in t.intervals.windows(2) {
+                prop_assert!(w[0].1 < w[1].0, "overlapping or unsorted {:?}", t.intervals);
+            }
+            let blocks = t.prefix_blocks();
+            for &port in probes.iter().chain(t.intervals.iter().flat_map(|i| [&i.0, &i.1])) {
+                let hits: Vec<u32> = blocks
+                    .iter()
+                    .filter(|&&(base, len, _)| {
+                        let size = 1u32 << (16 - len);
+                        u32::from(port) >= u32::from(base) && u32::from(port) < u32::from(base) + size
+                    })
+                    .map(|b| b.2)
+                    .collect();
+                prop_assert!(hits.len() <= 1);
+                prop_assert_eq!(hits.first().copied(), t.lookup(port));
+            }
+        }
+        // Every rule prefix has an address entry.
+        for r in &c.rules {
+            prop_assert!(c.addr_entry(r.prefix.addr()).is_some());
+        }
+    }
+}
