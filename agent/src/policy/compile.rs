@@ -456,8 +456,8 @@ mod tests {
             assert_eq!(hit.first().copied(), want, "port {port}");
             assert!(hit.len() <= 1, "port {port} in {} blocks", hit.len());
         }
-        // 1024-65535 is 6 aligned blocks, 8000-8100 is 7.
-        assert!(blocks.len() <= 2 + 6 + 7 + 1, "{blocks:?}");
+        // A range needs at most 2 * 15 aligned blocks.
+        assert!(blocks.len() <= 2 + 3 * 30, "{blocks:?}");
     }
 
     #[test]
