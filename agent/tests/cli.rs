@@ -12,6 +12,8 @@ fn command_line_definition_is_consistent() {
 fn help_names_every_command_and_the_exit_statuses() {
     let help = Cli::command().render_long_help().to_string();
     for needle in [
+        "check",
+        "explain",
         "preflight",
         "Exit status: 0 ok, 1",
         "2 usage or runtime error",
@@ -25,4 +27,154 @@ fn unknown_output_format_is_a_usage_error() {
     let err = Cli::try_parse_from(["vpcgate", "preflight", "--output", "yaml"]).unwrap_err();
     assert_eq!(err.exit_code(), 2, "{err}");
     assert!(err.to_string().contains("yaml"));
+}
+
+fn vpcgate(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vpcgate"))
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .expect("run vpcgate");
+    (
+        out.status.code().expect("exit code"),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn check_exit_statuses_and_text() {
+    let (code, out, _) = vpcgate(&["check", "examples/policy.toml"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.trim(),
+        "examples/policy.toml: valid (0 warnings): instance gw-hz-1 (vpc-integration, enforce), 2 authorizations, 1 upstream (2 nodes), 3 accessible blocks, 4 reserved blocks"
+    );
+    let (code, out, _) = vpcgate(&["check", "examples/broken.toml"]);
+    assert_eq!(code, 1, "{out}");
+    let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("examples/")).collect();
+    assert_eq!(
+        lines,
+        [
+            "examples/broken.toml:7:16: error: vswitch_cidr 192.168.1.0/24 overlaps reserved block 192.168.0.0/20 (reserved for zone cn-hangzhou-b)",
+            "examples/broken.toml:11:8: error: accessible block 10.1.0.1/16 has host bits set",
+            "examples/broken.toml:12:17: error: `ports` in [[accessible]] #1: port range 9000-8000 is reversed: write 8000-9000",
+            "examples/broken.toml:19:1: error: unknown field `protcol` in [[authorization]] #1",
+            "examples/broken.toml: invalid: 4 errors, 0 warnings",
+        ]
+    );
+    let (code, _, err) = vpcgate(&["check", "examples/nonexistent.toml"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("cannot read examples/nonexistent.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_json_is_machine_readable() {
+    let (code, out, _) = vpcgate(&["check", "examples/broken.toml", "--output", "json"]);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["errors"], 4);
+    assert_eq!(v["diagnostics"][1]["line"], 11);
+    assert_eq!(v["diagnostics"][1]["column"], 8);
+    assert_eq!(v["diagnostics"][1]["severity"], "error");
+    assert_eq!(v["diagnostics"][1]["fix"], "write 10.1.0.0/16");
+}
+
+#[test]
+fn check_migrate_to_lists_failing_backends() {
+    let (code, out, _) = vpcgate(&[
+        "check",
+        "examples/dedicated.toml",
+        "--migrate-to",
+        "examples/policy.toml",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    // Each of the 6 backends is in another VPC and outside gw-hz-1's accessible blocks (12), and
+    // 192.168.10.0/28 is inside cn-hangzhou-b's reserved 192.168.0.0/20 (1).
+    assert_eq!(v["migration"]["failing"], 13, "{out}");
+    let last = v["migration"]["diagnostics"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["severity"], "warning");
+    assert_eq!(
+        last["message"],
+        "the egress IP changes from 100.104.12.7 (instance gw-sh-dedicated) to 10.0.0.5 (instance gw-hz-1)"
+    );
+}
+
+#[test]
+fn explain_verdicts_rules_and_suggestions() {
+    let (code, out, _) = vpcgate(&["explain", "examples/policy.toml", "10.0.3.7:80"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out,
+        "10.0.3.7:80/tcp → pass\n  allowed by authorization orders-slb (examples/policy.toml:29, verdict rule 5)\n"
+    );
+    let (code, out, _) = vpcgate(&["explain", "examples/policy.toml", "10.9.0.4:80"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        out,
+        "10.9.0.4:80/tcp → drop (not_authorized)\n  no authorization, upstream node or accessible block covers 10.9.0.4 (rule 7)\n  smallest change that allows it:\n    [[accessible]]\n    cidr = \"10.9.0.4/32\"\n    ports = [\"80\"]\n    protocols = [\"tcp\"]\n"
+    );
+    let (code, out, _) = vpcgate(&[
+        "explain",
+        "examples/dedicated.toml",
+        "172.16.4.20:22",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["action"], "drop");
+    assert_eq!(v["reason"], "port_not_authorized");
+    assert_eq!(v["rule"]["name"], "billing-ecs");
+    assert_eq!(v["rule"]["line"], 16);
+    assert_eq!(v["suggestion"]["kind"], "change");
+    assert_eq!(
+        v["suggestion"]["text"],
+        "add \"22\" to `ports` of authorization billing-ecs (line 16)"
+    );
+    let (code, out, _) = vpcgate(&["explain", "examples/policy.toml", "172.20.1.1:80"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        out,
+        "172.20.1.1:80/tcp → drop (reserved_range)\n  172.20.1.1 is inside reserved block 172.20.0.0/16 (reserved for zone cn-hangzhou-b, examples/policy.toml:11) (rule 4)\n  no policy change can allow it:\n    the provider reserves 172.20.0.0/16 in zone cn-hangzhou-b for the gateway itself; the backend must move to another block\n"
+    );
+    let (code, out, _) = vpcgate(&["explain", "examples/policy.toml", "[fd00:10::7]:8443"]);
+    assert_eq!(
+        (code, out.lines().next().unwrap()),
+        (0, "[fd00:10::7]:8443/tcp → pass")
+    );
+}
+
+#[test]
+fn explain_usage_errors() {
+    let (code, _, err) = vpcgate(&["explain", "examples/policy.toml", "10.0.3.7"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("give a port: 10.0.3.7:80"), "{err}");
+    let (code, _, err) = vpcgate(&[
+        "explain",
+        "examples/policy.toml",
+        "10.0.3.7:80",
+        "--proto",
+        "icmp",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--proto icmp takes a bare address"), "{err}");
+    let (code, _, err) = vpcgate(&["explain", "examples/broken.toml", "10.0.3.7:80"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("examples/broken.toml is invalid (4 errors)"),
+        "{err}"
+    );
 }

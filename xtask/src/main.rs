@@ -35,8 +35,11 @@ enum Task {
         /// Do not run `setup` first.
         #[arg(long)]
         no_setup: bool,
+        /// How long to fuzz the policy parser.
+        #[arg(long, default_value_t = test::FUZZ_SECONDS)]
+        fuzz_seconds: u32,
     },
-    /// Show vpcgate on this host: build it, print its help, and run its preflight checks.
+    /// Show vpcgate on this host: build it, check and explain the example policy, run its preflight checks.
     Demo,
 }
 
@@ -45,7 +48,10 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup { check } => setup::run(check),
         Task::Build { release } => setup::ensure().and_then(|()| run::build(release).map(|_| ())),
-        Task::Test { no_setup } => test::run(!no_setup),
+        Task::Test {
+            no_setup,
+            fuzz_seconds,
+        } => test::run(!no_setup, fuzz_seconds),
         Task::Demo => demo(),
     };
     match result {
@@ -61,6 +67,21 @@ fn demo() -> anyhow::Result<()> {
     setup::ensure()?;
     let bin = run::build(false)?;
     run::step("vpcgate --help", run::cmd(&bin).arg("--help"))?;
+    run::step(
+        "vpcgate check examples/policy.toml",
+        run::cmd(&bin).args(["check", "examples/policy.toml"]),
+    )?;
+    // Explain exits 1 for a drop: show both verdicts, and fail only on usage or runtime errors (2).
+    for dst in ["10.0.3.7:80", "10.9.0.4:80", "172.20.1.1:80"] {
+        eprintln!("\n==> vpcgate explain examples/policy.toml {dst}");
+        let status = run::cmd(&bin)
+            .args(["explain", "examples/policy.toml", dst])
+            .status()?;
+        anyhow::ensure!(
+            status.code() != Some(2),
+            "vpcgate explain failed ({status})"
+        );
+    }
     run::step("vpcgate preflight", run::cmd(&bin).arg("preflight"))?;
     Ok(())
 }

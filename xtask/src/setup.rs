@@ -32,6 +32,7 @@ const PACKAGES: &[(&str, &str)] = &[
 /// The toolchain name rustup gets for Debian's rustc.
 pub const DEBIAN_TOOLCHAIN: &str = "debian-bpf";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -102,6 +103,7 @@ enum Fix {
         llvm: u32,
         force: bool,
     },
+    CargoFuzz,
     Mount {
         fstype: &'static str,
         at: &'static str,
@@ -204,6 +206,21 @@ fn survey() -> Vec<Missing> {
             });
         }
     }
+    // The policy fuzzer (cargo-fuzz builds with nightly's sanitizers; it needs no rust-src).
+    if !output(cmd("rustup").args(["toolchain", "list"]))
+        .is_some_and(|s| s.lines().any(|l| l.starts_with("nightly")))
+    {
+        missing.push(Missing {
+            what: "a nightly toolchain (for cargo-fuzz)".into(),
+            fix: Fix::Manual("`rustup toolchain install nightly`".into()),
+        });
+    }
+    if output(crate::run::cargo().args(["fuzz", "--version"])).is_none() {
+        missing.push(Missing {
+            what: format!("cargo-fuzz {CARGO_FUZZ_VERSION}"),
+            fix: Fix::CargoFuzz,
+        });
+    }
     for tool in ["fmt", "clippy"] {
         if output(crate::run::cargo().args([tool, "--version"])).is_none() {
             missing.push(Missing {
@@ -271,6 +288,16 @@ fn apply(missing: &[Missing]) -> Result<()> {
                     &mut c,
                 )?;
             }
+            Fix::CargoFuzz => step(
+                &format!("cargo install cargo-fuzz {CARGO_FUZZ_VERSION}"),
+                crate::run::cargo().args([
+                    "install",
+                    "cargo-fuzz",
+                    "--locked",
+                    "--version",
+                    CARGO_FUZZ_VERSION,
+                ]),
+            )?,
             Fix::Mount { fstype, at } => {
                 fs::create_dir_all(at).ok();
                 step(

@@ -40,6 +40,39 @@ fn kernel_clippy() -> Result<()> {
     step("clippy, kernel crate (ebpf/)", &mut c)
 }
 
+/// How long `cargo xtask test` fuzzes the policy parser (`--fuzz-seconds`).
+pub const FUZZ_SECONDS: u32 = 30;
+
+/// The policy parser/validator/compiler under libFuzzer for a bounded time (nightly, no rust-src needed).
+fn fuzz(seconds: u32) -> Result<()> {
+    std::fs::create_dir_all(crate::run::root().join("fuzz/corpus/policy"))?;
+    step(
+        &format!("fuzz the policy parser for {seconds} s"),
+        cmd("rustup")
+            .args([
+                "run",
+                "nightly",
+                "cargo",
+                "fuzz",
+                "run",
+                "policy",
+                "fuzz/corpus/policy",
+                "examples",
+                "--",
+            ])
+            .arg(format!("-max_total_time={seconds}"))
+            .args([
+                "-max_len=8192",
+                "-dict=fuzz/policy.dict",
+                "-print_final_stats=1",
+            ])
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WRAPPER")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER"),
+    )
+}
+
 /// The privileged tier needs root (BPF, network namespaces). It never skips: without root it fails.
 fn privileged() -> Result<()> {
     if !is_root() {
@@ -54,7 +87,7 @@ fn privileged() -> Result<()> {
     )
 }
 
-pub fn run(with_setup: bool) -> Result<()> {
+pub fn run(with_setup: bool, fuzz_seconds: u32) -> Result<()> {
     let mut t = Timings::default();
     let result = (|| {
         if with_setup {
@@ -90,6 +123,7 @@ pub fn run(with_setup: bool) -> Result<()> {
                 cargo().args(["test", "--workspace", "--exclude", "vpcgate-lab"]),
             )
         })?;
+        t.phase("fuzz (policy)", || fuzz(fuzz_seconds))?;
         t.phase("privileged tests", privileged)
     })();
     t.print();

@@ -65,7 +65,7 @@ struct Report {
     audit: bool,
     rule: Option<RuleRef>,
     detail: String,
-    suggestion: Option<String>,
+    suggestion: Option<explain::Suggestion>,
 }
 
 /// Parses `DST[:PORT]`.
@@ -185,9 +185,14 @@ pub fn run(args: &Args) -> u8 {
             };
             println!("{target} → {verdict}");
             println!("  {}", report.detail);
-            if let Some(s) = &report.suggestion {
-                println!("  smallest change that allows it:");
-                for line in s.lines() {
+            let (heading, text) = match &report.suggestion {
+                Some(explain::Suggestion::Change(t)) => ("smallest change that allows it:", t),
+                Some(explain::Suggestion::Impossible(t)) => ("no policy change can allow it:", t),
+                None => ("", &String::new()),
+            };
+            if !text.is_empty() {
+                println!("  {heading}");
+                for line in text.lines() {
                     println!("    {line}");
                 }
             }

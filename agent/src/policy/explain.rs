@@ -67,8 +67,28 @@ pub fn detail(c: &Compiled, path: &str, pkt: &Packet, v: &Verdict) -> String {
     }
 }
 
-/// The smallest policy change that would allow a dropped packet, as policy lines to add or edit.
-pub fn suggestion(p: &Policy, c: &Compiled, pkt: &Packet, v: &Verdict) -> Option<String> {
+/// What would allow a dropped packet.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", content = "text", rename_all = "snake_case")]
+pub enum Suggestion {
+    /// The smallest policy change that allows it: policy lines to add, or an edit.
+    Change(String),
+    /// No policy change can (a provider-reserved block): what to do instead.
+    Impossible(String),
+}
+
+/// The smallest policy change that would allow a dropped packet.
+pub fn suggestion(p: &Policy, c: &Compiled, pkt: &Packet, v: &Verdict) -> Option<Suggestion> {
+    suggest(p, c, pkt, v).map(|text| {
+        if matches!(v.basis, Basis::Reserved(i) if matches!(c.reserved[i].source, ReservedSource::Zone(_))) {
+            Suggestion::Impossible(text)
+        } else {
+            Suggestion::Change(text)
+        }
+    })
+}
+
+fn suggest(p: &Policy, c: &Compiled, pkt: &Packet, v: &Verdict) -> Option<String> {
     let Packet::Ip(ip) = pkt else { return None };
     let reason = v.reason?;
     let (proto, port) = match ip.l4 {
@@ -112,7 +132,7 @@ pub fn suggestion(p: &Policy, c: &Compiled, pkt: &Packet, v: &Verdict) -> Option
                     r.cidr, r.pos.line
                 ),
                 ReservedSource::Zone(z) => format!(
-                    "no policy change can allow it: the provider reserves {} in zone {z}; the backend must move to another block",
+                    "the provider reserves {} in zone {z} for the gateway itself; the backend must move to another block",
                     r.cidr
                 ),
             })

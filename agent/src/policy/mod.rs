@@ -48,11 +48,14 @@ pub fn check_text(path: &str, text: &str) -> Checked {
     let source = Source::new(path, text);
     let mut d = Diags::new(&source);
     let mut policy = parse::parse(&mut d, &source);
+    // Field errors may have left entries out: still check what parsed, but "outside the accessible
+    // blocks" only when every block parsed. Any error at all and no policy comes back.
+    let complete = !d.has_errors();
     if let Some(p) = &policy {
-        validate::validate(&mut d, p);
-        if d.has_errors() {
-            policy = None;
-        }
+        validate::validate(&mut d, p, complete);
+    }
+    if d.has_errors() {
+        policy = None;
     }
     let mut diagnostics = d.list;
     diagnostics.sort_by_key(|d| (d.line, d.column));
@@ -79,7 +82,7 @@ pub fn migrate(
 ) -> Vec<Diagnostic> {
     let mut d = Diags::new(&from.source);
     let accessible: Vec<IpNet> = to_policy.accessible_blocks().collect();
-    validate::check_backends(&mut d, from_policy, &to_policy.instance, &accessible);
+    validate::check_backends(&mut d, from_policy, &to_policy.instance, &accessible, true);
     let mut out = d.list;
     let (a, b) = (&from_policy.instance, &to_policy.instance);
     let describe = |i: &model::Instance| match i.egress_ip {

@@ -700,8 +700,9 @@ fn parse_doc(d: &mut Diags, doc: &DeTable, span: Range<usize>) -> Parsed {
     p
 }
 
-/// Parses `source` into a policy, reporting every field-level problem into `d`. Returns the policy only
-/// when the structure is complete (cross-field validation is `validate::validate`).
+/// Parses `source` into a policy, reporting every field-level problem into `d`. When some entries had
+/// errors the policy holds the others (so cross-field validation can still report on them) and `d` has
+/// errors: such a policy must never be applied. None when there is no usable `[instance]`.
 pub fn parse(d: &mut Diags, source: &Source) -> Option<Policy> {
     let doc = match DeTable::parse(&source.text) {
         Ok(doc) => doc,
@@ -713,9 +714,6 @@ pub fn parse(d: &mut Diags, source: &Source) -> Option<Policy> {
     };
     let span = doc.span();
     let parsed = parse_doc(d, doc.get_ref(), span);
-    if d.has_errors() {
-        return None;
-    }
     Some(Policy {
         instance: parsed.instance?,
         accessible: parsed.accessible,

@@ -108,7 +108,15 @@ fn suggest_block(net: &IpNet) -> IpNet {
 
 /// Checks `policy`'s authorizations and upstream nodes against `instance` (and the accessible blocks
 /// `accessible`), reporting into `d` (whose source is the file the backends come from).
-pub fn check_backends(d: &mut Diags, policy: &Policy, instance: &Instance, accessible: &[IpNet]) {
+/// `accessible_known`: false when some accessible block failed to parse, so "outside the accessible
+/// blocks" cannot be decided (and is not reported).
+pub fn check_backends(
+    d: &mut Diags,
+    policy: &Policy,
+    instance: &Instance,
+    accessible: &[IpNet],
+    accessible_known: bool,
+) {
     for b in backends(policy) {
         for r in &instance.reserved {
             if overlaps(&b.net, &r.cidr) {
@@ -141,7 +149,7 @@ pub fn check_backends(d: &mut Diags, policy: &Policy, instance: &Instance, acces
                     Some(format!("a VPC integration instance reaches only its own VPC: set vpc_id = \"{}\", or use a dedicated instance", instance.vpc_id)),
                 );
             }
-            if !covered_by(&b.net, accessible) {
+            if accessible_known && !covered_by(&b.net, accessible) {
                 let blocks: Vec<String> = accessible.iter().map(ToString::to_string).collect();
                 d.push_at(
                     Severity::Error,
@@ -154,8 +162,8 @@ pub fn check_backends(d: &mut Diags, policy: &Policy, instance: &Instance, acces
     }
 }
 
-/// Every cross-field check of one policy.
-pub fn validate(d: &mut Diags, p: &Policy) {
+/// Every cross-field check of one policy (`accessible_known` as for [`check_backends`]).
+pub fn validate(d: &mut Diags, p: &Policy, accessible_known: bool) {
     let i = &p.instance;
     if let Some(vswitch) = &i.vswitch_cidr {
         for r in &i.reserved {
@@ -200,5 +208,5 @@ pub fn validate(d: &mut Diags, p: &Policy) {
         }
     }
     let accessible: Vec<IpNet> = p.accessible_blocks().collect();
-    check_backends(d, p, i, &accessible);
+    check_backends(d, p, i, &accessible, accessible_known);
 }
