@@ -377,3 +377,47 @@ fn migrate_lists_every_backend_that_would_fail_and_reminds_of_the_egress_ip() {
         ]
     );
 }
+
+#[test]
+fn instance_fields_are_checked_one_by_one() {
+    let text = BASE
+        .replace(
+            "interface = \"eth1\"",
+            "interface = \"eth1/2\"\nforward_interfaces = [\"veth0\", \"a very long name\"]",
+        )
+        .replace("egress_ip = \"10.0.0.5\"", "egress_ip = \"10.0.0\"")
+        .replace(
+            "vpc_id = \"vpc-bp1example\"\ninterface",
+            "vpc_id = \"vpc bp1\"\ninterface",
+        );
+    assert_eq!(
+        diags(&text),
+        [
+            "4:10: error: vpc_id `vpc bp1` is not a VPC id | copy the VPC id from the console, e.g. \"vpc-bp1example\"",
+            "5:13: error: interface `eth1/2` is not a valid interface name | use the name `ip link` shows (at most 15 characters, no '/', ':' or spaces)",
+            "6:32: error: forward interface `a very long name` is not a valid interface name | use the name `ip link` shows (at most 15 characters, no '/', ':' or spaces)",
+            "7:13: error: egress_ip `10.0.0` is not an IP address | write an address such as 10.0.3.8 or fd00::8",
+        ]
+    );
+}
+
+#[test]
+fn protocol_lists_and_upstream_protocols_are_checked() {
+    let text = with("ports = [\"80\", \"443\", \"8000-8100\"]", "protocols = []")
+        .replace(
+            "vpc_id = \"vpc-bp1example\"\nnodes",
+            "vpc_id = \"vpc-bp1example\"\nprotocol = \"grpc\"\nnodes",
+        )
+        .replace(
+            "nodes = [ { address = \"10.1.3.8\", port = 8080, weight = 10 } ]",
+            "nodes = [ \"10.1.3.8:8080\" ]",
+        );
+    assert_eq!(
+        diags(&text),
+        [
+            "12:13: error: `protocols` is empty: nothing would be allowed | list [\"tcp\"], [\"udp\"] or both, or remove `protocols` to allow both",
+            "23:12: error: upstream protocol `grpc` is not one of http, https | write one of: http, https",
+            "24:11: error: node #1 of [[upstream]] #1 must be a table { address = ..., port = ..., weight = ... }",
+        ]
+    );
+}

@@ -369,6 +369,7 @@ fn parse_accessible(d: &mut Diags, mut f: Fields) -> Option<Accessible> {
     let has_ports = f.has("ports");
     let ports = ports(d, &mut f, "ports");
     let protocols = f.strings(d, "protocols");
+    let protocols_span = f.span_of("protocols").unwrap_or_default();
     f.finish(d);
     let cidr_v = c
         .as_ref()
@@ -392,7 +393,7 @@ fn parse_accessible(d: &mut Diags, mut f: Fields) -> Option<Accessible> {
             }
             if list.is_empty() {
                 d.error_fix(
-                    &f_span(&protocols),
+                    &protocols_span,
                     "`protocols` is empty: nothing would be allowed",
                     "list [\"tcp\"], [\"udp\"] or both, or remove `protocols` to allow both",
                 );
@@ -411,12 +412,6 @@ fn parse_accessible(d: &mut Diags, mut f: Fields) -> Option<Accessible> {
         protocols: protos?,
         pos: d.source.pos(&c?.span),
     })
-}
-
-fn f_span(list: &Option<Vec<At<String>>>) -> Range<usize> {
-    list.as_ref()
-        .and_then(|l| l.first())
-        .map_or(0..0, |a| a.span.clone())
 }
 
 fn rule_name_ok(d: &mut Diags, v: &At<String>) -> bool {

@@ -57,6 +57,14 @@ impl<'a, 'i> Fields<'a, 'i> {
         self.table.iter().any(|(k, _)| k.get_ref().as_ref() == key)
     }
 
+    /// Where `key`'s value is, if present.
+    pub fn span_of(&self, key: &str) -> Option<Range<usize>> {
+        self.table
+            .iter()
+            .find(|(k, _)| k.get_ref().as_ref() == key)
+            .map(|(_, v)| v.span())
+    }
+
     fn raw(&mut self, key: &'static str) -> Option<(&'a DeValue<'i>, Range<usize>)> {
         self.known.push(key);
         self.table
