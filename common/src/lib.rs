@@ -4,6 +4,7 @@
 //! userspace import it from here, so the two can never disagree about a map's key, value or index.
 #![no_std]
 
+pub mod datapath;
 pub mod parse_stats;
 pub mod verdict;
 

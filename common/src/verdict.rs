@@ -15,19 +15,22 @@ pub enum DropReason {
     Malformed = 4,
     /// A non-first fragment whose datagram could not be verified.
     FragmentUnverified = 5,
+    /// The programs run but no policy generation is active (fail closed).
+    NoPolicy = 6,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::NotAuthorized,
         DropReason::PortNotAuthorized,
         DropReason::ReservedRange,
         DropReason::Malformed,
         DropReason::FragmentUnverified,
+        DropReason::NoPolicy,
     ];
 
     /// Highest code in use (per-reason counter arrays have `MAX_CODE + 1` slots; slot 0 is unused).
-    pub const MAX_CODE: u32 = 5;
+    pub const MAX_CODE: u32 = 6;
 
     pub const fn code(self) -> u32 {
         self as u32
@@ -40,6 +43,7 @@ impl DropReason {
             3 => Some(DropReason::ReservedRange),
             4 => Some(DropReason::Malformed),
             5 => Some(DropReason::FragmentUnverified),
+            6 => Some(DropReason::NoPolicy),
             _ => None,
         }
     }
@@ -52,6 +56,7 @@ impl DropReason {
             DropReason::ReservedRange => "reserved_range",
             DropReason::Malformed => "malformed",
             DropReason::FragmentUnverified => "fragment_unverified",
+            DropReason::NoPolicy => "no_policy",
         }
     }
 }
@@ -68,6 +73,7 @@ mod tests {
             (3, "reserved_range"),
             (4, "malformed"),
             (5, "fragment_unverified"),
+            (6, "no_policy"),
         ];
         for (r, (code, name)) in DropReason::ALL.iter().zip(expected) {
             assert_eq!((r.code(), r.name()), (code, name));

@@ -1,0 +1,224 @@
+//! Maps of the enforcement datapath: keys, values and limits, shared by the kernel programs and the agent.
+//!
+//! Policy entries carry a generation byte in front of their key data. The agent writes a new policy under the
+//! inactive generation, flips `ACTIVE` (one u32 whose two possible values, 1 and 2, differ in one byte, so
+//! even a torn read sees one of them), then deletes the old generation. A packet reads `ACTIVE` once and
+//! looks up only that generation: it never sees half of an old and half of a new policy.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Generation slots. Any other `ACTIVE` value (0: no policy applied yet) fails closed: IP packets drop
+/// with `no_policy` (the agent applies a policy before it attaches the programs).
+pub const GEN_A: u8 = 1;
+pub const GEN_B: u8 = 2;
+
+/// Map names, as the loader finds them in the object.
+pub mod names {
+    pub const ACTIVE: &str = "ACTIVE";
+    pub const GEN_CONFIG: &str = "GEN_CONFIG";
+    pub const ADDR_V4: &str = "ADDR_V4";
+    pub const ADDR_V6: &str = "ADDR_V6";
+    pub const RESERVED_V4: &str = "RESERVED_V4";
+    pub const RESERVED_V6: &str = "RESERVED_V6";
+    pub const PORTS: &str = "PORTS";
+    pub const RULE_STATS: &str = "RULE_STATS";
+    pub const DROP_STATS: &str = "DROP_STATS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const FRAGS: &str = "FRAGS";
+    pub const LAST_VERDICT: &str = "LAST_VERDICT";
+}
+
+/// Capacities (Katran style: every tunable in one place). Policy maps are checked against these before
+/// apply. Policy maps hold two generations during an apply: their `max_entries` are twice these.
+pub mod limits {
+    /// Address prefixes per family, per generation.
+    pub const ADDR_ENTRIES: u32 = 16384;
+    pub const RESERVED_ENTRIES: u32 = 1024;
+    /// Port blocks (a range is at most 30) over all port tables, per generation.
+    pub const PORT_ENTRIES: u32 = 65536;
+    /// Rules per generation (authorizations + upstream nodes + accessible blocks).
+    pub const RULES: u32 = 8192;
+    pub const FLOWS: u32 = 65536;
+    pub const FRAGS: u32 = 8192;
+}
+
+/// `GEN_CONFIG[gen].mode`.
+pub const MODE_ENFORCE: u32 = 0;
+pub const MODE_AUDIT: u32 = 1;
+
+/// `GEN_CONFIG[gen].flags`: write every verdict to `LAST_VERDICT` (tests only: one shared cache line per packet).
+pub const FLAG_RECORD_LAST: u32 = 1;
+
+/// Per-generation settings; indexed by generation (slot 0 unused).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct GenConfig {
+    pub mode: u32,
+    pub flags: u32,
+}
+
+/// LPM key data of an IPv4 prefix in one generation (the key's prefix length, kept beside it by the
+/// LPM key type of aya and aya-ebpf, is 8 for the generation + the address bits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AddrV4 {
+    pub generation: u8,
+    pub addr: [u8; 4],
+    pub _pad: [u8; 3],
+}
+
+/// LPM key data of an IPv6 prefix in one generation (prefix length: 8 + address bits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AddrV6 {
+    pub generation: u8,
+    pub addr: [u8; 16],
+    pub _pad: [u8; 3],
+}
+
+/// Prefix length of the generation byte in every policy LPM key.
+pub const GEN_BITS: u32 = 8;
+
+/// What an address prefix allows (compiled: covering prefixes' rules included).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AddrValue {
+    /// Port table id per protocol (0 tcp, 1 udp); 0 is the empty table.
+    pub port_table: [u32; 2],
+    /// The highest-precedence rule covering the address (ICMP echo requests, `port_not_authorized`).
+    pub icmp_rule: u32,
+    /// Per protocol, the rule a non-first fragment is attributed to when every port is allowed; 0 if not.
+    pub all_ports_rule: [u32; 2],
+    pub _pad: u32,
+}
+
+/// LPM key data of a port block: generation, table, protocol, then the port's high bits.
+/// Prefix length: `PORT_KEY_FIXED_BITS` + port prefix bits (0..=16).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PortData {
+    pub generation: u8,
+    /// Big-endian table id (LPM compares bytes in order).
+    pub table: [u8; 4],
+    pub proto: u8,
+    pub port: [u8; 2],
+}
+
+pub const PORT_KEY_FIXED_BITS: u32 = GEN_BITS + 32 + 8;
+
+/// Per-rule counters key: a rule id is only meaningful within its generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct RuleStatsKey {
+    pub generation: u32,
+    pub rule: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RuleStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// `DROP_STATS` index: reason code, plus `AUDIT_OFFSET` for would-be drops that audit mode passed.
+pub const DROP_STATS_LEN: u32 = 16;
+pub const AUDIT_OFFSET: u32 = 8;
+
+/// A flow a peer initiated toward the gateway, as the gateway's replies see it (local = the gateway).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    /// 4 or 6.
+    pub family: u8,
+    pub proto: u8,
+    /// Big-endian ports (ICMP echo: the identifier in both).
+    pub local_port: [u8; 2],
+    pub remote_port: [u8; 2],
+    pub _pad: [u8; 2],
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowValue {
+    /// bpf_ktime_get_ns of the last inbound packet.
+    pub last_seen_ns: u64,
+}
+
+/// The first fragment of a datagram passed: its non-first fragments may follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragKey {
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+    pub id: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// How the kernel decided (`LAST_VERDICT`, and later drop events); mirrors the reference verdict's basis.
+pub mod basis {
+    pub const NOT_IP: u32 = 1;
+    pub const NEIGHBOUR_DISCOVERY: u32 = 2;
+    pub const MALFORMED: u32 = 3;
+    pub const REPLY: u32 = 4;
+    /// `id` = index of the reserved block.
+    pub const RESERVED: u32 = 5;
+    /// `id` = rule.
+    pub const RULE: u32 = 6;
+    pub const ICMP_ERROR: u32 = 7;
+    pub const FRAGMENT_OF_PASSED: u32 = 8;
+    pub const FRAGMENT_UNVERIFIED: u32 = 9;
+    /// `id` = covering rule.
+    pub const COVERED: u32 = 10;
+    pub const NO_RULE: u32 = 11;
+    /// No policy applied yet: dropped (`no_policy`).
+    pub const NO_POLICY: u32 = 12;
+}
+
+/// The last verdict (tests, with `FLAG_RECORD_LAST`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct LastVerdict {
+    /// Incremented per recorded verdict, so a reader can tell a fresh record from a stale one.
+    pub seq: u64,
+    /// 1 pass, 2 drop.
+    pub action: u32,
+    /// Drop reason code, 0 for none.
+    pub reason: u32,
+    pub basis: u32,
+    pub id: u32,
+    pub audit: u32,
+    pub generation: u32,
+}
+
+pub const ACTION_PASS: u32 = 1;
+pub const ACTION_DROP: u32 = 2;
+
+const _: () = assert!(core::mem::size_of::<AddrV4>() == 8);
+const _: () = assert!(core::mem::size_of::<AddrV6>() == 20);
+const _: () = assert!(core::mem::size_of::<AddrValue>() == 24);
+const _: () = assert!(core::mem::size_of::<PortData>() == 8);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+const _: () = assert!(core::mem::size_of::<LastVerdict>() == 32);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: plain-old-data, `#[repr(C)]`, explicit padding (checked by bytemuck's derive).
+    unsafe impl aya::Pod for GenConfig {}
+    unsafe impl aya::Pod for AddrV4 {}
+    unsafe impl aya::Pod for AddrV6 {}
+    unsafe impl aya::Pod for AddrValue {}
+    unsafe impl aya::Pod for PortData {}
+    unsafe impl aya::Pod for RuleStatsKey {}
+    unsafe impl aya::Pod for RuleStats {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for LastVerdict {}
+}
