@@ -11,12 +11,26 @@ use std::{
     time::Duration,
 };
 
-use vpcgate::datapath::{Datapath, ParseStats, XdpAttachMode};
+use vpcgate::{
+    datapath::{Datapath, ParseStats, XdpAttachMode, XdpRole},
+    policy::{check_text, compile::Compiled},
+};
 use vpcgate_common::parse_stats::{Hook, Stat};
 use vpcgate_lab::{
     netns::{GW_IF, GW_V4, GW_V6, Pair, VPC_IF, VPC_V4, VPC_V6},
     packet::{build, ipv4, udp},
 };
+
+const ALLOW_LAB: &str = r#"
+[instance]
+name = "lab"
+kind = "vpc-integration"
+vpc_id = "vpc-lab"
+interface = "veth-gw"
+vswitch_cidr = "10.200.0.0/24"
+[[accessible]]
+cidr = "fd00:200::/64"
+"#;
 
 const UDP_PORT: u16 = 9000;
 const TCP_PORT: u16 = 9001;
@@ -192,15 +206,28 @@ fn counts_real_traffic_between_namespaces() {
     let pair = Pair::new();
     let mut gw_dp = Datapath::load().unwrap_or_else(|e| panic!("{e}"));
     let mut vpc_dp = Datapath::load().unwrap_or_else(|e| panic!("{e}"));
+    // The gateway may reach its whole vSwitch block (both families): this test is about counting.
+    let checked = check_text("lab.toml", ALLOW_LAB);
+    let policy = checked
+        .policy
+        .unwrap_or_else(|| panic!("{:?}", checked.diagnostics));
+    gw_dp
+        .apply(&Compiled::new(&policy))
+        .unwrap_or_else(|e| panic!("{e}"));
     let (tc_mode, xdp_mode) = pair.gw.run(|| {
         let tc = gw_dp
             .attach_tc_egress(GW_IF)
             .unwrap_or_else(|e| panic!("{e}"));
-        let xdp = gw_dp.attach_xdp(GW_IF).unwrap_or_else(|e| panic!("{e}"));
+        let xdp = gw_dp
+            .attach_xdp(GW_IF, XdpRole::EniIngress)
+            .unwrap_or_else(|e| panic!("{e}"));
         (tc, xdp)
     });
-    pair.vpc
-        .run(|| vpc_dp.attach_xdp(VPC_IF).unwrap_or_else(|e| panic!("{e}")));
+    pair.vpc.run(|| {
+        vpc_dp
+            .attach_xdp(VPC_IF, XdpRole::EniIngress)
+            .unwrap_or_else(|e| panic!("{e}"))
+    });
     eprintln!("attached: tc egress via {tc_mode:?}, xdp {xdp_mode:?}");
     assert_eq!(xdp_mode, XdpAttachMode::Native, "veth supports native XDP");
     let shown = pair.gw.ip(&["link", "show", GW_IF]);

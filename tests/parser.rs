@@ -1,22 +1,57 @@
 //! The kernel parser on crafted frames, through BPF_PROG_TEST_RUN: every odd header the datapath must
-//! understand, every truncation point, and deliberately inconsistent headers. For each frame both programs
-//! (TC egress, XDP) must return the expected action and count exactly the expected stats.
+//! understand, every truncation point, and deliberately inconsistent headers. For each frame every program
+//! must count exactly the expected parse stats; the enforcing ones (TC egress, XDP forward) must decide
+//! what the reference verdict decides (malformed: dropped), and XDP ingress must pass.
 
-use aya::programs::{TestRun, TestRunOptions, TestRunResult};
-use vpcgate::datapath::{Datapath, ParseStats};
-use vpcgate_common::parse_stats::{ALL_STATS, Hook, Stat};
-use vpcgate_lab::packet::{Ext, Frame, Layer, V4_DST, V4_SRC, build, ipv4, ipv6, tcp, udp};
+use aya::programs::{TestRun, TestRunOptions};
+use vpcgate::{datapath::ParseStats, policy::check_text};
+use vpcgate_common::parse_stats::{ALL_HOOKS, ALL_STATS, Hook, Stat};
+use vpcgate_lab::{
+    harness::{Enforcer, Harness, XDP_PASS},
+    packet::{Ext, Frame, Layer, V4_DST, V4_SRC, build, ipv4, ipv6, tcp, udp},
+};
 
-const TC_PASS: u32 = u32::MAX; // TC_ACT_UNSPEC (-1)
-const TC_SHOT: u32 = 2;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
 /// BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.
 const ETH_HLEN: usize = 14;
 
+/// Allows every TCP and UDP port of the frames' destinations; everything else gets its verdict too.
+const POLICY: &str = r#"
+[instance]
+name = "parser-test"
+kind = "dedicated"
+vpc_id = "vpc-1"
+interface = "eth1"
+[[authorization]]
+name = "v4-tcp"
+vpc_id = "vpc-1"
+address = "10.0.3.7"
+ports = ["1-65535"]
+[[authorization]]
+name = "v4-udp"
+vpc_id = "vpc-1"
+address = "10.0.3.7"
+ports = ["1-65535"]
+protocol = "udp"
+[[authorization]]
+name = "v6-tcp"
+vpc_id = "vpc-1"
+address = "fd00:0:0:3::7"
+ports = ["1-65535"]
+"#;
+
+fn harness() -> Harness {
+    let checked = check_text("parser-test.toml", POLICY);
+    let policy = checked
+        .policy
+        .unwrap_or_else(|| panic!("{:?}", checked.diagnostics));
+    let mut h = Harness::new();
+    h.apply(&policy);
+    h
+}
+
 /// For skb programs BPF_PROG_TEST_RUN (6.x) refuses, with EINVAL, a frame whose Ethernet type is IPv4 or
 /// IPv6 but which is too short for the fixed IP header: the kernel reads it to set up the test socket.
-/// Such frames can only reach the XDP program here (which runs the same parser). Returns whether the TC
+/// Such frames can only reach the XDP programs here (which run the same parser). Returns whether the TC
 /// program can be run on `frame`.
 fn skb_test_run_accepts(frame: &Frame) -> bool {
     let ethertype = u16::from_be_bytes([frame.bytes[12], frame.bytes[13]]);
@@ -28,19 +63,6 @@ fn skb_test_run_accepts(frame: &Frame) -> bool {
     }
 }
 
-fn run<P>(prog: &P, frame: &Frame) -> u32
-where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
-{
-    let opts = TestRunOptions {
-        data_in: Some(&frame.bytes),
-        ..TestRunOptions::new()
-    };
-    prog.test_run(opts)
-        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {}: {e:?}", frame.name))
-        .return_value
-}
-
 fn delta(before: &ParseStats, after: &ParseStats, hook: Hook) -> Vec<Stat> {
     let mut out = vec![];
     for s in ALL_STATS {
@@ -50,21 +72,23 @@ fn delta(before: &ParseStats, after: &ParseStats, hook: Hook) -> Vec<Stat> {
     out
 }
 
-/// Runs `frame` through both programs and checks verdicts and counters. Returns a failure description.
-fn check(dp: &mut Datapath, frame: &Frame) -> Option<String> {
-    let mut expect = frame.stats.clone();
-    if frame.malformed {
-        expect = vec![Stat::Malformed];
-    }
+/// Runs `frame` through all three programs: each must count exactly the expected parse stats (under its
+/// own hook only); the enforcing ones must decide what the reference decides; XDP ingress always passes.
+fn check(h: &mut Harness, frame: &Frame) -> Option<String> {
+    let mut expect = if frame.malformed {
+        vec![Stat::Malformed]
+    } else {
+        frame.stats.clone()
+    };
     expect.sort_by_key(|s| *s as u32);
     let mut failures = vec![];
-    for hook in [Hook::TcEgress, Hook::Xdp] {
+    for hook in ALL_HOOKS {
         if hook == Hook::TcEgress && !skb_test_run_accepts(frame) {
             let opts = TestRunOptions {
                 data_in: Some(&frame.bytes),
                 ..TestRunOptions::new()
             };
-            let refused = dp.tc_egress().expect("tc program").test_run(opts);
+            let refused = h.dp.tc_egress().expect("tc program").test_run(opts);
             assert!(
                 matches!(&refused, Err(aya::programs::ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EINVAL)),
                 "{}: expected the kernel to refuse this skb test run with EINVAL, got {refused:?}",
@@ -72,31 +96,36 @@ fn check(dp: &mut Datapath, frame: &Frame) -> Option<String> {
             );
             continue;
         }
-        let before = dp.parse_stats().expect("read stats");
-        let rv = match hook {
-            Hook::TcEgress => run(dp.tc_egress().expect("tc program"), frame),
-            Hook::Xdp => run(dp.xdp().expect("xdp program"), frame),
-        };
-        let after = dp.parse_stats().expect("read stats");
-        let want_rv = match (hook, frame.malformed) {
-            (Hook::TcEgress, false) => TC_PASS,
-            (Hook::TcEgress, true) => TC_SHOT,
-            (Hook::Xdp, false) => XDP_PASS,
-            (Hook::Xdp, true) => XDP_DROP,
-        };
-        let got = delta(&before, &after, hook);
-        if rv != want_rv || got != expect {
-            failures.push(format!(
-                "{hook:?}: returned {rv:#x} (want {want_rv:#x}), counted {got:?} (want {expect:?})"
-            ));
+        let before = h.dp.parse_stats().expect("read stats");
+        match hook {
+            Hook::TcEgress => failures.extend(h.check(Enforcer::TcEgress, frame)),
+            Hook::XdpForward => failures.extend(h.check(Enforcer::XdpForward, frame)),
+            Hook::Xdp => {
+                let opts = TestRunOptions {
+                    data_in: Some(&frame.bytes),
+                    ..TestRunOptions::new()
+                };
+                let rv =
+                    h.dp.xdp_ingress()
+                        .expect("xdp")
+                        .test_run(opts)
+                        .expect("test run")
+                        .return_value;
+                if rv != XDP_PASS {
+                    failures.push(format!("xdp ingress returned {rv} (it must always pass)"));
+                }
+            }
         }
-        let other = match hook {
-            Hook::TcEgress => Hook::Xdp,
-            Hook::Xdp => Hook::TcEgress,
-        };
-        let leaked = delta(&before, &after, other);
-        if !leaked.is_empty() {
-            failures.push(format!("{hook:?} counted under {other:?}: {leaked:?}"));
+        let after = h.dp.parse_stats().expect("read stats");
+        let got = delta(&before, &after, hook);
+        if got != expect {
+            failures.push(format!("{hook:?} counted {got:?} (want {expect:?})"));
+        }
+        for other in ALL_HOOKS.into_iter().filter(|&o| o != hook) {
+            let leaked = delta(&before, &after, other);
+            if !leaked.is_empty() {
+                failures.push(format!("{hook:?} counted under {other:?}: {leaked:?}"));
+            }
         }
     }
     (!failures.is_empty()).then(|| {
@@ -313,14 +342,14 @@ fn well_formed() -> Vec<Frame> {
 #[test]
 fn well_formed_frames_and_every_truncation() {
     vpcgate_lab::require_root();
-    let mut dp = Datapath::load().unwrap_or_else(|e| panic!("{e}"));
+    let mut h = harness();
     let mut failures = vec![];
     let mut checked = 0;
     for frame in well_formed() {
-        failures.extend(check(&mut dp, &frame));
+        failures.extend(check(&mut h, &frame));
         checked += 1;
         for len in ETH_HLEN..frame.bytes.len() {
-            failures.extend(check(&mut dp, &frame.truncated(len)));
+            failures.extend(check(&mut h, &frame.truncated(len)));
             checked += 1;
         }
     }
@@ -336,7 +365,7 @@ fn well_formed_frames_and_every_truncation() {
 #[test]
 fn inconsistent_headers_fail_closed() {
     vpcgate_lab::require_root();
-    let mut dp = Datapath::load().unwrap_or_else(|e| panic!("{e}"));
+    let mut h = harness();
     let q = |vid| Layer::Vlan { tpid: 0x8100, vid };
     let v4_tcp = build("ipv4 tcp", &[ipv4(), tcp(80)], 8);
     let v4_udp = build("ipv4 udp", &[ipv4(), udp(53)], 0);
@@ -411,7 +440,7 @@ fn inconsistent_headers_fail_closed() {
             0,
         ),
     ];
-    let failures: Vec<String> = frames.iter().filter_map(|f| check(&mut dp, f)).collect();
+    let failures: Vec<String> = frames.iter().filter_map(|f| check(&mut h, f)).collect();
     assert!(
         failures.is_empty(),
         "{} of {} frames wrong:\n{}",

@@ -18,6 +18,8 @@ pub mod maps {
 pub mod programs {
     /// TC classifier on the ENI's egress.
     pub const TC_EGRESS: &str = "vpcgate_tc_egress";
-    /// XDP program (ENI ingress, forward interfaces).
-    pub const XDP: &str = "vpcgate_xdp";
+    /// XDP on the ENI's ingress: observes (records inbound flows), always passes.
+    pub const XDP_INGRESS: &str = "vpcgate_xdp_ingress";
+    /// XDP on forward interfaces: enforces the same verdict as TC egress.
+    pub const XDP_FORWARD: &str = "vpcgate_xdp_forward";
 }

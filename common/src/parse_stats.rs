@@ -8,11 +8,15 @@
 pub enum Hook {
     /// TC egress classifier.
     TcEgress = 0,
-    /// XDP program.
+    /// XDP on the ENI's ingress (observes replies and inbound flows; never drops).
     Xdp = 1,
+    /// XDP on a forward interface (enforces gateway egress arriving from pods/VMs).
+    XdpForward = 2,
 }
 
-pub const HOOK_COUNT: u32 = 2;
+pub const HOOK_COUNT: u32 = 3;
+
+pub const ALL_HOOKS: [Hook; HOOK_COUNT as usize] = [Hook::TcEgress, Hook::Xdp, Hook::XdpForward];
 
 /// What the parser saw. A packet increments one L3 stat and, when its L4 header was parsed, one L4 stat;
 /// VLAN-tagged frames and fragments additionally increment their own stat.
@@ -87,7 +91,7 @@ impl Stat {
 }
 
 const _: () = assert!(ALL_STATS.len() == STAT_COUNT as usize);
-const _: () = assert!(index(Hook::Xdp, Stat::Malformed) == PARSE_STATS_LEN - 1);
+const _: () = assert!(index(Hook::XdpForward, Stat::Malformed) == PARSE_STATS_LEN - 1);
 
 #[cfg(test)]
 mod tests {
@@ -111,7 +115,7 @@ mod tests {
     #[test]
     fn indices_cover_the_array_without_overlap() {
         let mut seen = [false; PARSE_STATS_LEN as usize];
-        for hook in [Hook::TcEgress, Hook::Xdp] {
+        for hook in ALL_HOOKS {
             for s in ALL_STATS {
                 let i = index(hook, s) as usize;
                 assert!(!seen[i], "index {i} used twice");

@@ -1,18 +1,29 @@
-//! vpcgate kernel programs. One small function per hook; parsing and counting live in their modules.
+//! vpcgate kernel programs. One small function per hook; parsing, the verdict, flow state and accounting
+//! live in their modules.
 #![no_std]
 #![no_main]
 
+mod account;
+mod flows;
+mod maps;
 mod parse;
 mod stats;
+mod verdict;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use vpcgate_common::parse_stats::{Hook, Stat};
+use vpcgate_common::{
+    datapath::ACTION_PASS,
+    parse_stats::{Hook, Stat},
+};
 
-use crate::parse::Cursor;
+use crate::{
+    parse::{Cursor, Fragment},
+    verdict::Outcome,
+};
 
 /// Headers the parser may need in the linear part of an skb: Ethernet + 2 VLAN tags + IPv4 with options
 /// or IPv6 with an extension chain + TCP with options. Longer chains are read if already linear.
@@ -21,47 +32,80 @@ const TC_PULL_LEN: u32 = 256;
 /// Pass, letting any later TC program and the stack decide (TC_ACT_UNSPEC: "next" for tcx and clsact).
 const TC_PASS: i32 = TC_ACT_UNSPEC;
 
-#[classifier]
-pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
-    match try_tc_egress(&ctx) {
-        Ok(action) => action,
-        Err(()) => TC_ACT_SHOT,
-    }
+/// Parses, decides, accounts: the enforcement path shared by TC egress and XDP forward.
+#[inline(always)]
+fn enforce(hook: Hook, cursor: &Cursor, bytes: u64) -> Outcome {
+    let outcome = match parse::parse(cursor) {
+        Ok(pkt) => {
+            stats::count(hook, &pkt);
+            let o = verdict::decide(&pkt);
+            if o.action == ACTION_PASS && pkt.fragment == Fragment::First {
+                flows::record_first_fragment(&pkt, o.id);
+            }
+            o
+        }
+        Err(_) => {
+            stats::bump(hook, Stat::Malformed);
+            verdict::malformed()
+        }
+    };
+    account::account(&outcome, bytes);
+    outcome
 }
 
-fn try_tc_egress(ctx: &TcContext) -> Result<i32, ()> {
+#[classifier]
+pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
     // Headers of a locally built skb may sit in paged fragments; make what we parse linear first.
     let want = core::cmp::min(ctx.len(), TC_PULL_LEN);
     if ((ctx.data_end() - ctx.data()) as u32) < want && ctx.pull_data(want).is_err() {
         stats::bump(Hook::TcEgress, Stat::Malformed);
-        return Err(());
+        let o = verdict::malformed();
+        account::account(&o, u64::from(ctx.len()));
+        return if o.action == ACTION_PASS {
+            TC_PASS
+        } else {
+            TC_ACT_SHOT
+        };
     }
-    let cursor = Cursor::new(ctx.data(), ctx.data_end());
-    match parse::parse(&cursor) {
-        Ok(pkt) => {
-            stats::count(Hook::TcEgress, &pkt);
-            Ok(TC_PASS)
-        }
-        Err(_) => {
-            stats::bump(Hook::TcEgress, Stat::Malformed);
-            Err(())
-        }
+    let o = enforce(
+        Hook::TcEgress,
+        &Cursor::new(ctx.data(), ctx.data_end()),
+        u64::from(ctx.len()),
+    );
+    if o.action == ACTION_PASS {
+        TC_PASS
+    } else {
+        TC_ACT_SHOT
     }
 }
 
 #[xdp]
-pub fn vpcgate_xdp(ctx: XdpContext) -> u32 {
-    let cursor = Cursor::new(ctx.data(), ctx.data_end());
-    match parse::parse(&cursor) {
+pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let o = enforce(
+        Hook::XdpForward,
+        &Cursor::new(ctx.data(), ctx.data_end()),
+        bytes,
+    );
+    if o.action == ACTION_PASS {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+/// The ENI's ingress: observe only. Records flows peers initiate (so the gateway's replies pass); never
+/// drops (the stack validates what it receives).
+#[xdp]
+pub fn vpcgate_xdp_ingress(ctx: XdpContext) -> u32 {
+    match parse::parse(&Cursor::new(ctx.data(), ctx.data_end())) {
         Ok(pkt) => {
             stats::count(Hook::Xdp, &pkt);
-            xdp_action::XDP_PASS
+            flows::record_inbound(&pkt);
         }
-        Err(_) => {
-            stats::bump(Hook::Xdp, Stat::Malformed);
-            xdp_action::XDP_DROP
-        }
+        Err(_) => stats::bump(Hook::Xdp, Stat::Malformed),
     }
+    xdp_action::XDP_PASS
 }
 
 #[cfg(not(test))]

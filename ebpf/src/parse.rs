@@ -191,13 +191,16 @@ pub enum L4 {
         sport: u16,
         dport: u16,
     },
+    /// `id`: the echo identifier (the two bytes after the checksum; meaningful for echo messages).
     Icmp {
         kind: u8,
         code: u8,
+        id: u16,
     },
     Icmpv6 {
         kind: u8,
         code: u8,
+        id: u16,
     },
     /// An IP protocol the parser does not look into.
     Other,
@@ -415,10 +418,12 @@ fn parse_l4(
                 (L3::Ipv4, IPPROTO_ICMP) => L4::Icmp {
                     kind: icmp.kind,
                     code: icmp.code,
+                    id: be16([icmp.rest[0], icmp.rest[1]]),
                 },
                 (L3::Ipv6, IPPROTO_ICMPV6) => L4::Icmpv6 {
                     kind: icmp.kind,
                     code: icmp.code,
+                    id: be16([icmp.rest[0], icmp.rest[1]]),
                 },
                 _ => L4::Other,
             };

@@ -2,6 +2,9 @@
 //! next-header fields, plus what the parser must report for the frame (derived from how it was built,
 //! not by parsing it) and how many bytes the parser needs (every shorter truncation is malformed).
 
+use std::net::IpAddr;
+
+use vpcgate::policy::verdict::{Fragment, IpPacket, L4, Packet};
 use vpcgate_common::parse_stats::Stat;
 
 /// An IPv6 extension header.
@@ -87,6 +90,8 @@ pub struct Frame {
     /// Stats the parser increments for the whole frame (empty with `malformed`).
     pub stats: Vec<Stat>,
     pub malformed: bool,
+    /// What the frame was built from.
+    pub layers: Vec<Layer>,
 }
 
 fn ethertype_of(layer: Option<&Layer>) -> u16 {
@@ -290,6 +295,7 @@ pub fn build(name: &str, layers: &[Layer], payload: usize) -> Frame {
         required,
         stats,
         malformed: false,
+        layers: layers.to_vec(),
     }
 }
 
@@ -301,6 +307,7 @@ impl Frame {
             name: format!("{} truncated to {len}", self.name),
             bytes: self.bytes[..len].to_vec(),
             offsets: self.offsets.clone(),
+            layers: self.layers.clone(),
             required: self.required,
             stats: if malformed {
                 vec![]
@@ -374,5 +381,152 @@ pub fn udp(dport: u16) -> Layer {
     Layer::Udp {
         sport: 40000,
         dport,
+    }
+}
+
+/// What the verdict sees of a frame, derived from how it was built (not by parsing it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Described {
+    pub packet: Packet,
+    pub src_port: Option<u16>,
+    /// ICMP echo identifier (echo request/reply frames).
+    pub echo_id: Option<u16>,
+    pub proto: u8,
+    /// Fragment identification (fragments).
+    pub frag_id: Option<u32>,
+}
+
+impl Frame {
+    /// The reference verdict's view of this frame.
+    pub fn describe(&self) -> Described {
+        let none = Described {
+            packet: Packet::NonIp,
+            src_port: None,
+            echo_id: None,
+            proto: 0,
+            frag_id: None,
+        };
+        if self.malformed {
+            return Described {
+                packet: Packet::Malformed,
+                ..none
+            };
+        }
+        let Some(ip_at) = self
+            .layers
+            .iter()
+            .position(|l| matches!(l, Layer::Ipv4 { .. } | Layer::Ipv6 { .. }))
+        else {
+            return none;
+        };
+        let (src, dst, mut fragment, mut frag_id): (IpAddr, IpAddr, Fragment, Option<u32>) =
+            match self.layers[ip_at] {
+                Layer::Ipv4 {
+                    src,
+                    dst,
+                    frag_offset,
+                    more_fragments,
+                    id,
+                    ..
+                } => (
+                    src.into(),
+                    dst.into(),
+                    match (frag_offset, more_fragments) {
+                        (0, false) => Fragment::None,
+                        (0, true) => Fragment::First,
+                        _ => Fragment::NonFirst,
+                    },
+                    (frag_offset != 0 || more_fragments).then_some(u32::from(id)),
+                ),
+                Layer::Ipv6 { src, dst } => (src.into(), dst.into(), Fragment::None, None),
+                _ => unreachable!(),
+            };
+        let v6 = dst.is_ipv6();
+        let mut rest = self.layers[ip_at + 1..].iter();
+        let mut l4 = None;
+        let mut proto = 59;
+        let (mut src_port, mut echo_id) = (None, None);
+        for layer in rest.by_ref() {
+            proto = proto_of(Some(layer), v6);
+            match *layer {
+                Layer::Ext(Ext::Fragment { offset, more, id }) => {
+                    frag_id = Some(id);
+                    if offset != 0 {
+                        fragment = Fragment::NonFirst;
+                    } else if more {
+                        fragment = Fragment::First;
+                    } else {
+                        frag_id = None; // an atomic fragment is a whole datagram
+                    }
+                    if fragment == Fragment::NonFirst {
+                        break;
+                    }
+                }
+                Layer::Ext(_) => {}
+                _ => {
+                    l4 = Some(*layer);
+                    break;
+                }
+            }
+        }
+        if fragment == Fragment::NonFirst {
+            // The protocol the fragment header (or IPv4 header) names: the next layer's.
+            let proto =
+                match self.layers.iter().rposition(|l| {
+                    matches!(l, Layer::Ext(Ext::Fragment { .. }) | Layer::Ipv4 { .. })
+                }) {
+                    Some(i) => proto_of(self.layers.get(i + 1), v6),
+                    None => 59,
+                };
+            return Described {
+                packet: Packet::Ip(IpPacket {
+                    src,
+                    dst,
+                    l4: L4::Other { proto },
+                    fragment,
+                }),
+                src_port: None,
+                echo_id: None,
+                proto,
+                frag_id,
+            };
+        }
+        let l4 = match l4 {
+            None => {
+                proto = 59;
+                L4::Other { proto: 59 }
+            }
+            Some(Layer::Tcp { sport, dport, .. }) => {
+                src_port = Some(sport);
+                L4::Tcp { dport }
+            }
+            Some(Layer::Udp { sport, dport }) => {
+                src_port = Some(sport);
+                L4::Udp { dport }
+            }
+            // The builder writes identifier 1 into every ICMP header.
+            Some(Layer::Icmp { kind, code }) => {
+                echo_id = Some(1);
+                if v6 {
+                    L4::Icmpv6 { kind, code }
+                } else {
+                    L4::Icmp { kind, code }
+                }
+            }
+            Some(Layer::Proto { proto, .. }) => L4::Other { proto },
+            Some(other) => unreachable!("{other:?} after an IP header"),
+        };
+        Described {
+            packet: Packet::Ip(IpPacket {
+                src,
+                dst,
+                l4,
+                fragment,
+            }),
+            src_port,
+            echo_id,
+            proto,
+            frag_id,
+        }
     }
 }

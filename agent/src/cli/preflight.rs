@@ -69,14 +69,16 @@ fn checks() -> Vec<Check> {
             checks.push(Check {
                 check: "verifier",
                 ok: true,
-                detail: "tc egress and xdp programs loaded".into(),
+                detail: "tc egress, xdp ingress and xdp forward programs loaded".into(),
             });
             let tc = dp.tc_egress().ok().map(|p| run_frame(p));
-            let xdp = dp.xdp().ok().map(|p| run_frame(p));
-            // TC_ACT_UNSPEC (-1) and XDP_PASS (2) are "pass".
-            let ok = matches!(tc, Some(Ok(r)) if r == u32::MAX) && matches!(xdp, Some(Ok(2)));
+            let xdp = dp.xdp_ingress().ok().map(|p| run_frame(p));
+            // No policy is applied to this fresh object: TC egress must fail closed (TC_ACT_SHOT, 2) and the
+            // observing XDP program must pass (XDP_PASS, 2).
+            let ok = matches!(tc, Some(Ok(2))) && matches!(xdp, Some(Ok(2)));
             let detail = if ok {
-                "both programs pass a UDP test frame (BPF_PROG_TEST_RUN)".to_owned()
+                "without a policy tc egress fails closed and xdp ingress passes a UDP test frame (BPF_PROG_TEST_RUN)"
+                    .to_owned()
             } else {
                 format!("unexpected result for a UDP test frame: tc egress {tc:?}, xdp {xdp:?}")
             };

@@ -41,6 +41,15 @@ pub enum DatapathError {
         source: ProgramError,
     },
 
+    #[error(
+        "map {map} is full: {capacity} entries, the policy needs {needed}; the old policy stays active"
+    )]
+    MapFull {
+        map: &'static str,
+        capacity: u32,
+        needed: u32,
+    },
+
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,

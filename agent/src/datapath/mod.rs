@@ -2,6 +2,7 @@
 
 mod error;
 mod stats;
+mod sync;
 
 use std::ffi::CString;
 
@@ -11,6 +12,7 @@ use aya::{
 };
 pub use error::DatapathError;
 pub use stats::{ParseStats, read_parse_stats};
+pub use sync::{ApplyReport, DropCounts, EntryCounts, entry_counts};
 use vpcgate_common::programs;
 
 /// The kernel object built from `ebpf/` by `build.rs`.
@@ -25,6 +27,24 @@ pub enum XdpAttachMode {
     Native,
     /// In the generic (skb) path.
     Generic,
+}
+
+/// Which XDP program to attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpRole {
+    /// The ENI's ingress: observe replies and inbound flows.
+    EniIngress,
+    /// A forward interface: enforce gateway egress arriving from pods/VMs.
+    Forward,
+}
+
+impl XdpRole {
+    pub fn program(self) -> &'static str {
+        match self {
+            XdpRole::EniIngress => programs::XDP_INGRESS,
+            XdpRole::Forward => programs::XDP_FORWARD,
+        }
+    }
 }
 
 /// How the TC program ended up attached.
@@ -60,10 +80,9 @@ impl Datapath {
             prog.load()
                 .map_err(|e| DatapathError::load(programs::TC_EGRESS, e))?;
         }
-        {
-            let prog: &mut Xdp = program_mut(&mut ebpf, programs::XDP)?;
-            prog.load()
-                .map_err(|e| DatapathError::load(programs::XDP, e))?;
+        for name in [programs::XDP_INGRESS, programs::XDP_FORWARD] {
+            let prog: &mut Xdp = program_mut(&mut ebpf, name)?;
+            prog.load().map_err(|e| DatapathError::load(name, e))?;
         }
         Ok(Self { ebpf })
     }
@@ -73,9 +92,22 @@ impl Datapath {
         program_mut(&mut self.ebpf, programs::TC_EGRESS)
     }
 
-    /// The loaded XDP program.
-    pub fn xdp(&mut self) -> Result<&mut Xdp, DatapathError> {
-        program_mut(&mut self.ebpf, programs::XDP)
+    /// The loaded XDP program for the ENI's ingress (observe: records inbound flows, never drops).
+    pub fn xdp_ingress(&mut self) -> Result<&mut Xdp, DatapathError> {
+        program_mut(&mut self.ebpf, programs::XDP_INGRESS)
+    }
+
+    /// The loaded XDP program for forward interfaces (enforces like TC egress).
+    pub fn xdp_forward(&mut self) -> Result<&mut Xdp, DatapathError> {
+        program_mut(&mut self.ebpf, programs::XDP_FORWARD)
+    }
+
+    pub(crate) fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
+    pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     /// Attaches the TC egress classifier to `interface` (in the caller's network namespace): a tcx link
@@ -109,18 +141,23 @@ impl Datapath {
         })
     }
 
-    /// Attaches the XDP program to `interface`: native (driver) mode where the driver supports it,
-    /// generic mode otherwise. The mode actually used is returned, never silently assumed.
-    pub fn attach_xdp(&mut self, interface: &str) -> Result<XdpAttachMode, DatapathError> {
+    /// Attaches an XDP program (`XdpRole`) to `interface`: native (driver) mode where the driver supports
+    /// it, generic mode otherwise. The mode actually used is returned, never silently assumed.
+    pub fn attach_xdp(
+        &mut self,
+        interface: &str,
+        role: XdpRole,
+    ) -> Result<XdpAttachMode, DatapathError> {
         ifindex(interface)?;
-        let prog = self.xdp()?;
+        let name = role.program();
+        let prog: &mut Xdp = program_mut(&mut self.ebpf, name)?;
         match prog.attach(interface, XdpMode::Driver) {
             Ok(_) => Ok(XdpAttachMode::Native),
             Err(native) => {
                 tracing::info!(interface, error = %native, "native XDP refused, using generic XDP");
                 prog.attach(interface, XdpMode::Skb)
                     .map_err(|source| DatapathError::Attach {
-                        program: programs::XDP,
+                        program: name,
                         interface: interface.to_owned(),
                         source,
                     })?;

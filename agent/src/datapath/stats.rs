@@ -1,7 +1,7 @@
 use aya::{Ebpf, maps::PerCpuArray};
 use vpcgate_common::{
     maps,
-    parse_stats::{ALL_STATS, HOOK_COUNT, Hook, STAT_COUNT, Stat, index},
+    parse_stats::{ALL_HOOKS, ALL_STATS, HOOK_COUNT, Hook, STAT_COUNT, Stat, index},
 };
 
 use super::DatapathError;
@@ -35,7 +35,7 @@ pub fn read_parse_stats(ebpf: &Ebpf) -> Result<ParseStats, DatapathError> {
         source,
     })?;
     let mut stats = ParseStats::default();
-    for hook in [Hook::TcEgress, Hook::Xdp] {
+    for hook in ALL_HOOKS {
         for stat in ALL_STATS {
             let per_cpu =
                 array

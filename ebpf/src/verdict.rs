@@ -1,0 +1,285 @@
+//! The verdict, rule by rule as DESIGN.md numbers them, with the names of the reference
+//! (`agent/src/policy/verdict.rs`). A differential test runs both over the same packets.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use vpcgate_common::{
+    datapath::{
+        ACTION_DROP, ACTION_PASS, AddrV4, AddrV6, AddrValue, GEN_A, GEN_B, GEN_BITS, MODE_AUDIT,
+        PORT_KEY_FIXED_BITS, PortData, basis,
+    },
+    verdict::DropReason,
+};
+
+use crate::{
+    flows,
+    maps::{ACTIVE, ADDR_V4, ADDR_V6, GEN_CONFIG, PORTS, RESERVED_V4, RESERVED_V6},
+    parse::{Fragment, IPPROTO_TCP, IPPROTO_UDP, L3, L4, Packet},
+};
+
+/// What the datapath decided for one packet.
+#[derive(Clone, Copy)]
+pub struct Outcome {
+    /// `ACTION_PASS` or `ACTION_DROP` (what the program returns; audit mode turns drops into passes).
+    pub action: u32,
+    /// Drop reason code (also set for audited would-be drops), 0 for none.
+    pub reason: u32,
+    pub basis: u32,
+    /// Rule id or reserved-block index, by `basis`.
+    pub id: u32,
+    pub audit: bool,
+    pub generation: u32,
+}
+
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ND_FIRST: u8 = 133;
+const ICMPV6_ND_LAST: u8 = 137;
+
+struct Ctx {
+    generation: u32,
+    audit: bool,
+}
+
+impl Ctx {
+    #[inline(always)]
+    fn pass(&self, basis: u32, id: u32) -> Outcome {
+        Outcome {
+            action: ACTION_PASS,
+            reason: 0,
+            basis,
+            id,
+            audit: false,
+            generation: self.generation,
+        }
+    }
+
+    #[inline(always)]
+    fn drop(&self, reason: DropReason, basis: u32, id: u32) -> Outcome {
+        let action = if self.audit { ACTION_PASS } else { ACTION_DROP };
+        Outcome {
+            action,
+            reason: reason.code(),
+            basis,
+            id,
+            audit: self.audit,
+            generation: self.generation,
+        }
+    }
+}
+
+/// The active generation and its mode; None when no policy is applied.
+#[inline(always)]
+fn active() -> Option<Ctx> {
+    let generation = *ACTIVE.get(0)?;
+    if generation != GEN_A as u32 && generation != GEN_B as u32 {
+        return None;
+    }
+    let cfg = GEN_CONFIG.get(generation)?;
+    Some(Ctx {
+        generation,
+        audit: cfg.mode == MODE_AUDIT,
+    })
+}
+
+/// Rule 2 (a header the parser could not verify): drop `malformed`, or pass audited.
+#[inline(always)]
+pub fn malformed() -> Outcome {
+    match active() {
+        Some(ctx) => ctx.drop(DropReason::Malformed, basis::MALFORMED, 0),
+        None => Outcome {
+            action: ACTION_DROP,
+            reason: DropReason::Malformed.code(),
+            basis: basis::MALFORMED,
+            id: 0,
+            audit: false,
+            generation: 0,
+        },
+    }
+}
+
+#[inline(always)]
+fn addr_entry(generation: u8, pkt: &Packet) -> Option<&'static AddrValue> {
+    if pkt.l3 == L3::Ipv4 {
+        let mut addr = [0u8; 4];
+        addr.copy_from_slice(&pkt.dst[..4]);
+        ADDR_V4.get(Key::new(
+            GEN_BITS + 32,
+            AddrV4 {
+                generation,
+                addr,
+                _pad: [0; 3],
+            },
+        ))
+    } else {
+        ADDR_V6.get(Key::new(
+            GEN_BITS + 128,
+            AddrV6 {
+                generation,
+                addr: pkt.dst,
+                _pad: [0; 3],
+            },
+        ))
+    }
+}
+
+#[inline(always)]
+fn reserved_index(generation: u8, pkt: &Packet) -> Option<u32> {
+    let index = if pkt.l3 == L3::Ipv4 {
+        let mut addr = [0u8; 4];
+        addr.copy_from_slice(&pkt.dst[..4]);
+        RESERVED_V4.get(Key::new(
+            GEN_BITS + 32,
+            AddrV4 {
+                generation,
+                addr,
+                _pad: [0; 3],
+            },
+        ))
+    } else {
+        RESERVED_V6.get(Key::new(
+            GEN_BITS + 128,
+            AddrV6 {
+                generation,
+                addr: pkt.dst,
+                _pad: [0; 3],
+            },
+        ))
+    };
+    index.copied()
+}
+
+#[inline(always)]
+fn port_rule(generation: u8, table: u32, proto: u8, port: u16) -> Option<u32> {
+    let data = PortData {
+        generation,
+        table: table.to_be_bytes(),
+        proto,
+        port: port.to_be_bytes(),
+    };
+    PORTS.get(Key::new(PORT_KEY_FIXED_BITS + 16, data)).copied()
+}
+
+/// 0 for TCP, 1 for UDP (the `AddrValue` arrays' index), None otherwise.
+#[inline(always)]
+fn proto_index(proto: u8) -> Option<usize> {
+    match proto {
+        IPPROTO_TCP => Some(0),
+        IPPROTO_UDP => Some(1),
+        _ => None,
+    }
+}
+
+/// The verdict for a parsed packet leaving through the ENI (TC egress) or entering a forward interface.
+#[inline(always)]
+pub fn decide(pkt: &Packet) -> Outcome {
+    // 1. Not IPv4/IPv6 -> pass.
+    if pkt.l3 == L3::NonIp {
+        return Outcome {
+            action: ACTION_PASS,
+            reason: 0,
+            basis: basis::NOT_IP,
+            id: 0,
+            audit: false,
+            generation: 0,
+        };
+    }
+    // No policy applied: fail closed.
+    let Some(ctx) = active() else {
+        return Outcome {
+            action: ACTION_DROP,
+            reason: DropReason::NoPolicy.code(),
+            basis: basis::NO_POLICY,
+            id: 0,
+            audit: false,
+            generation: 0,
+        };
+    };
+    let generation = ctx.generation as u8;
+    // 1. ICMPv6 neighbour discovery -> pass.
+    if let L4::Icmpv6 { kind, .. } = pkt.l4
+        && (ICMPV6_ND_FIRST..=ICMPV6_ND_LAST).contains(&kind)
+    {
+        return ctx.pass(basis::NEIGHBOUR_DISCOVERY, 0);
+    }
+    // 3. Reply in a flow that a peer initiated toward the gateway -> pass.
+    if flows::is_reply(pkt) {
+        return ctx.pass(basis::REPLY, 0);
+    }
+    // 4. Destination in a reserved block -> drop reserved_range.
+    if let Some(index) = reserved_index(generation, pkt) {
+        return ctx.drop(DropReason::ReservedRange, basis::RESERVED, index);
+    }
+    let entry = addr_entry(generation, pkt);
+    let covering = match entry {
+        Some(e) => e.icmp_rule,
+        None => 0,
+    };
+    // 7. Covered by some rule but not this port/protocol, or by none.
+    let not_allowed = |covering: u32| {
+        if covering != 0 {
+            ctx.drop(DropReason::PortNotAuthorized, basis::COVERED, covering)
+        } else {
+            ctx.drop(DropReason::NotAuthorized, basis::NO_RULE, 0)
+        }
+    };
+    // Fragments: a non-first fragment has no ports.
+    if pkt.fragment == Fragment::NonFirst {
+        if let (Some(e), Some(i)) = (entry, proto_index(pkt.proto)) {
+            let rule = e.all_ports_rule[i];
+            if rule != 0 {
+                return ctx.pass(basis::RULE, rule);
+            }
+        }
+        if flows::first_fragment_passed(pkt) {
+            return ctx.pass(basis::FRAGMENT_OF_PASSED, 0);
+        }
+        return ctx.drop(
+            DropReason::FragmentUnverified,
+            basis::FRAGMENT_UNVERIFIED,
+            0,
+        );
+    }
+    match pkt.l4 {
+        // ICMP errors pass; echo requests pass toward addresses rule 5 or 6 covers.
+        L4::Icmp {
+            kind: ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED,
+            ..
+        }
+        | L4::Icmpv6 {
+            kind: ICMPV6_DEST_UNREACH | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED,
+            ..
+        } => ctx.pass(basis::ICMP_ERROR, 0),
+        L4::Icmp {
+            kind: ICMP_ECHO_REQUEST,
+            ..
+        }
+        | L4::Icmpv6 {
+            kind: ICMPV6_ECHO_REQUEST,
+            ..
+        } => {
+            if covering != 0 {
+                ctx.pass(basis::RULE, covering)
+            } else {
+                not_allowed(0)
+            }
+        }
+        // 5./6. (destination, protocol, port) matches a rule -> pass, attributed to it.
+        L4::Tcp { dport, .. } | L4::Udp { dport, .. } => {
+            let i = if pkt.proto == IPPROTO_TCP { 0 } else { 1 };
+            let rule = match entry {
+                Some(e) => port_rule(generation, e.port_table[i], pkt.proto, dport),
+                None => None,
+            };
+            match rule {
+                Some(rule) => ctx.pass(basis::RULE, rule),
+                None => not_allowed(covering),
+            }
+        }
+        _ => not_allowed(covering),
+    }
+}
