@@ -38,6 +38,9 @@ enum Task {
         /// How long to fuzz the policy parser.
         #[arg(long, default_value_t = test::FUZZ_SECONDS)]
         fuzz_seconds: u32,
+        /// Packets for the kernel-vs-reference differential test (e.g. 10000000 for the long run).
+        #[arg(long, default_value_t = test::DIFF_PACKETS)]
+        diff_packets: u64,
     },
     /// Show vpcgate on this host: build it, check and explain the example policy, run its preflight checks.
     Demo,
@@ -51,7 +54,8 @@ fn main() -> ExitCode {
         Task::Test {
             no_setup,
             fuzz_seconds,
-        } => test::run(!no_setup, fuzz_seconds),
+            diff_packets,
+        } => test::run(!no_setup, fuzz_seconds, diff_packets),
         Task::Demo => demo(),
     };
     match result {

@@ -40,6 +40,9 @@ fn kernel_clippy() -> Result<()> {
     step("clippy, kernel crate (ebpf/)", &mut c)
 }
 
+/// Packets of the differential test (kernel vs reference verdict) by default.
+pub const DIFF_PACKETS: u64 = 200_000;
+
 /// How long `cargo xtask test` fuzzes the policy parser (`--fuzz-seconds`).
 pub const FUZZ_SECONDS: u32 = 30;
 
@@ -74,7 +77,7 @@ fn fuzz(seconds: u32) -> Result<()> {
 }
 
 /// The privileged tier needs root (BPF, network namespaces). It never skips: without root it fails.
-fn privileged() -> Result<()> {
+fn privileged(diff_packets: u64) -> Result<()> {
     if !is_root() {
         bail!(
             "the privileged tests (BPF_PROG_TEST_RUN, network namespaces) need root and were NOT run; \
@@ -82,12 +85,23 @@ fn privileged() -> Result<()> {
         );
     }
     step(
-        "privileged tests: BPF_PROG_TEST_RUN parser tests and network-namespace lab",
-        cargo().args(["test", "--package", "vpcgate-lab", "--", "--test-threads=1"]),
+        "privileged tests: parser and differential tests (BPF_PROG_TEST_RUN), network-namespace lab",
+        // Release: the differential test runs hundreds of thousands of packets through both sides.
+        cargo()
+            .args([
+                "test",
+                "--release",
+                "--package",
+                "vpcgate-lab",
+                "--",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env("VPCGATE_DIFF_PACKETS", diff_packets.to_string()),
     )
 }
 
-pub fn run(with_setup: bool, fuzz_seconds: u32) -> Result<()> {
+pub fn run(with_setup: bool, fuzz_seconds: u32, diff_packets: u64) -> Result<()> {
     let mut t = Timings::default();
     let result = (|| {
         if with_setup {
@@ -124,7 +138,7 @@ pub fn run(with_setup: bool, fuzz_seconds: u32) -> Result<()> {
             )
         })?;
         t.phase("fuzz (policy)", || fuzz(fuzz_seconds))?;
-        t.phase("privileged tests", privileged)
+        t.phase("privileged tests", || privileged(diff_packets))
     })();
     t.print();
     result
