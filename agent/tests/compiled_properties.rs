@@ -396,3 +396,53 @@ proptest! {
         }
     }
 }
+
+/// Compiling stays near-linear in the number of rules (a quadratic compile would take minutes here).
+#[test]
+fn compiles_a_large_policy() {
+    let pos = Pos::default();
+    let n = 20_000u32;
+    let policy = Policy {
+        instance: Instance {
+            name: "big".into(),
+            kind: Kind::Dedicated,
+            vpc_id: "vpc-1".into(),
+            interface: "eth1".into(),
+            egress_ip: None,
+            vswitch_cidr: None,
+            vswitch_pos: pos,
+            egress_pos: pos,
+            zone: None,
+            reserved: vec![],
+            mode: Mode::Enforce,
+            forward_interfaces: vec![],
+        },
+        accessible: vec![],
+        authorizations: (0..n)
+            .map(|i| Authorization {
+                name: format!("a{i}"),
+                vpc_id: "vpc-1".into(),
+                instance_id: None,
+                instance_type: InstanceType::Ip,
+                address: IpNet::from(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | i))),
+                ports: PortSet::single(80),
+                protocol: Proto::Tcp,
+                pos,
+            })
+            .collect(),
+        upstreams: vec![],
+    };
+    let c = Compiled::new(&policy);
+    assert_eq!(c.addr_entries.len(), n as usize);
+    assert_eq!(c.rules.len(), n as usize);
+    let pkt = Packet::Ip(IpPacket {
+        src: IpAddr::from([10, 0, 0, 5]),
+        dst: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | 777)),
+        l4: L4::Tcp { dport: 80 },
+        fragment: Fragment::None,
+    });
+    assert_eq!(
+        verdict(&c, &pkt, FlowFacts::default()).basis,
+        Basis::Rule(778)
+    );
+}

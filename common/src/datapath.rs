@@ -37,7 +37,7 @@ pub mod limits {
     /// Port blocks (a range is at most 30) over all port tables, per generation.
     pub const PORT_ENTRIES: u32 = 65536;
     /// Rules per generation (authorizations + upstream nodes + accessible blocks).
-    pub const RULES: u32 = 8192;
+    pub const RULES: u32 = 16384;
     pub const FLOWS: u32 = 65536;
     pub const FRAGS: u32 = 8192;
 }

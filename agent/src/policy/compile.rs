@@ -329,9 +329,12 @@ fn port_table(covering: &[&Rule], proto: Proto) -> PortTable {
 impl Compiled {
     pub fn new(p: &Policy) -> Self {
         let rules = rules(p);
-        let mut ordered: Vec<(usize, &Rule)> = rules.iter().enumerate().collect();
-        ordered.sort_by_key(|(i, r)| precedence(r, *i));
-        let ordered: Vec<&Rule> = ordered.into_iter().map(|(_, r)| r).collect();
+        // Rules by exact prefix: the rules covering a prefix are found by walking its shorter prefixes
+        // (at most 33 or 129 lookups), not by scanning every rule.
+        let mut by_prefix: HashMap<IpNet, Vec<usize>> = HashMap::new();
+        for (i, r) in rules.iter().enumerate() {
+            by_prefix.entry(r.prefix).or_default().push(i);
+        }
 
         let mut port_tables = vec![PortTable::default()];
         let mut table_ids: HashMap<PortTable, u32> = HashMap::from([(PortTable::default(), 0)]);
@@ -347,11 +350,14 @@ impl Compiled {
         let (mut addr_v4, mut addr_v6) = (Lpm::default(), Lpm::default());
         let mut addr_entries = vec![];
         for prefix in prefixes {
-            let covering: Vec<&Rule> = ordered
-                .iter()
-                .copied()
-                .filter(|r| r.prefix.contains(&prefix))
+            let mut covering: Vec<(usize, &Rule)> = (0..=prefix.prefix_len())
+                .filter_map(|len| IpNet::new(prefix.addr(), len).ok().map(|n| n.trunc()))
+                .filter_map(|n| by_prefix.get(&n))
+                .flatten()
+                .map(|&i| (i, &rules[i]))
                 .collect();
+            covering.sort_by_key(|(i, r)| precedence(r, *i));
+            let covering: Vec<&Rule> = covering.into_iter().map(|(_, r)| r).collect();
             let tables = Proto::ALL.map(|proto| port_table(&covering, proto));
             let all_ports_rule = tables.clone().map(|t| {
                 if t.covers_all() {
