@@ -26,6 +26,7 @@ pub mod names {
     pub const FLOWS: &str = "FLOWS";
     pub const FRAGS: &str = "FRAGS";
     pub const LAST_VERDICT: &str = "LAST_VERDICT";
+    pub const DEST_OBS: &str = "DEST_OBS";
 }
 
 /// Capacities (Katran style: every tunable in one place). Policy maps are checked against these before
@@ -40,6 +41,8 @@ pub mod limits {
     pub const RULES: u32 = 16384;
     pub const FLOWS: u32 = 65536;
     pub const FRAGS: u32 = 8192;
+    /// Destinations (address, protocol, port) observed.
+    pub const DESTINATIONS: u32 = 65536;
 }
 
 /// `GEN_CONFIG[gen].mode`.
@@ -159,6 +162,36 @@ pub struct FragKey {
     pub dst: [u8; 16],
 }
 
+/// A destination the gateway sent to: (address, protocol, port). ICMP uses port 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct DestKey {
+    /// 4 or 6.
+    pub family: u8,
+    pub proto: u8,
+    /// Big-endian destination port.
+    pub port: [u8; 2],
+    pub addr: [u8; 16],
+}
+
+/// What the kernel saw toward one destination, per CPU (the agent sums CPUs, latest drop wins).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DestObs {
+    pub passed: u64,
+    pub dropped: u64,
+    /// Would-be drops that audit mode passed.
+    pub audited: u64,
+    /// TCP SYNs (without ACK) that passed.
+    pub syn_sent: u64,
+    /// bpf_ktime_get_ns of the last packet, and of the last drop.
+    pub last_seen_ns: u64,
+    pub last_drop_ns: u64,
+    /// Drop reason code of the last (would-be) drop, 0 if none.
+    pub last_reason: u32,
+    pub _pad: u32,
+}
+
 /// How the kernel decided (`LAST_VERDICT`, and later drop events); mirrors the reference verdict's basis.
 pub mod basis {
     pub const NOT_IP: u32 = 1;
@@ -205,6 +238,8 @@ const _: () = assert!(core::mem::size_of::<PortData>() == 8);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 const _: () = assert!(core::mem::size_of::<LastVerdict>() == 32);
+const _: () = assert!(core::mem::size_of::<DestKey>() == 20);
+const _: () = assert!(core::mem::size_of::<DestObs>() == 56);
 
 #[cfg(feature = "user")]
 mod user {
@@ -221,4 +256,6 @@ mod user {
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for LastVerdict {}
+    unsafe impl aya::Pod for DestKey {}
+    unsafe impl aya::Pod for DestObs {}
 }

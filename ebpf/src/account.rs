@@ -1,13 +1,69 @@
-//! Every verdict goes through here once: drop counters, per-rule counters, the test hook.
+//! Every verdict goes through here once: drop counters, per-rule counters, per-destination observations,
+//! the test hook.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 
 use vpcgate_common::datapath::{
-    AUDIT_OFFSET, FLAG_RECORD_LAST, LastVerdict, RuleStats, RuleStatsKey, basis,
+    ACTION_PASS, AUDIT_OFFSET, DestKey, DestObs, FLAG_RECORD_LAST, LastVerdict, RuleStats,
+    RuleStatsKey, basis,
 };
 
 use crate::{
-    maps::{DROP_STATS, GEN_CONFIG, LAST_VERDICT, RULE_STATS},
+    maps::{DEST_OBS, DROP_STATS, GEN_CONFIG, LAST_VERDICT, RULE_STATS},
+    parse::{L3, L4, Packet},
     verdict::Outcome,
 };
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// Per-destination observations (DESIGN.md "Kernel observations"): what passed, what dropped and why,
+/// SYNs sent. Per CPU (no shared cache line per packet); the agent sums the CPUs and takes the latest drop.
+#[inline(always)]
+pub fn observe(pkt: &Packet, o: &Outcome) {
+    let (port, syn) = match pkt.l4 {
+        L4::Tcp { dport, flags, .. } => (dport, flags & (TCP_SYN | TCP_ACK) == TCP_SYN),
+        L4::Udp { dport, .. } => (dport, false),
+        L4::Icmp { .. } | L4::Icmpv6 { .. } => (0, false),
+        _ => return,
+    };
+    let key = DestKey {
+        family: if pkt.l3 == L3::Ipv4 { 4 } else { 6 },
+        proto: pkt.proto,
+        port: port.to_be_bytes(),
+        addr: pkt.dst,
+    };
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let obs = match DEST_OBS.get_ptr_mut(key) {
+        Some(p) => p,
+        None => {
+            let _ = DEST_OBS.insert(key, DestObs::default(), 0);
+            match DEST_OBS.get_ptr_mut(key) {
+                Some(p) => p,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: `obs` points at this CPU's copy of a live map value.
+    unsafe {
+        if o.action == ACTION_PASS && !o.audit {
+            (*obs).passed += 1;
+            if syn {
+                (*obs).syn_sent += 1;
+            }
+        } else if o.audit {
+            (*obs).audited += 1;
+        } else {
+            (*obs).dropped += 1;
+        }
+        (*obs).last_seen_ns = now;
+        if o.reason != 0 {
+            (*obs).last_drop_ns = now;
+            (*obs).last_reason = o.reason;
+        }
+    }
+}
 
 #[inline(always)]
 pub fn account(o: &Outcome, bytes: u64) {

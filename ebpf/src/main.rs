@@ -42,6 +42,7 @@ fn enforce(hook: Hook, cursor: &Cursor, bytes: u64) -> Outcome {
             if o.action == ACTION_PASS && pkt.fragment == Fragment::First {
                 flows::record_first_fragment(&pkt, o.id);
             }
+            account::observe(&pkt, &o);
             o
         }
         Err(_) => {

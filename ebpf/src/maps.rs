@@ -2,11 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
 };
 use vpcgate_common::datapath::{
-    AddrV4, AddrV6, AddrValue, DROP_STATS_LEN, FlowKey, FlowValue, FragKey, GenConfig, LastVerdict,
-    PortData, RuleStats, RuleStatsKey, limits,
+    AddrV4, AddrV6, AddrValue, DROP_STATS_LEN, DestKey, DestObs, FlowKey, FlowValue, FragKey,
+    GenConfig, LastVerdict, PortData, RuleStats, RuleStatsKey, limits,
 };
 
 /// The active policy generation (`GEN_A` or `GEN_B`; anything else: no policy).
@@ -52,6 +52,10 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(
 /// Value: the rule (or 0) the first fragment passed with.
 #[map(name = "FRAGS")]
 pub static FRAGS: LruHashMap<FragKey, u32> = LruHashMap::with_max_entries(limits::FRAGS, 0);
+
+#[map(name = "DEST_OBS")]
+pub static DEST_OBS: LruPerCpuHashMap<DestKey, DestObs> =
+    LruPerCpuHashMap::with_max_entries(limits::DESTINATIONS, 0);
 
 #[map(name = "LAST_VERDICT")]
 pub static LAST_VERDICT: Array<LastVerdict> = Array::with_max_entries(1, 0);

@@ -1,6 +1,7 @@
 //! Loading the kernel programs, attaching them to interfaces, and reading their maps.
 
 mod error;
+mod observe;
 mod stats;
 mod sync;
 
@@ -11,6 +12,7 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
 pub use error::DatapathError;
+pub use observe::Destination;
 pub use stats::{ParseStats, read_parse_stats};
 pub use sync::{ApplyReport, DropCounts, EntryCounts, entry_counts};
 use vpcgate_common::programs;

@@ -1,0 +1,105 @@
+//! Reading what the kernel observed per destination (DESIGN.md "Kernel observations").
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::maps::PerCpuHashMap;
+use vpcgate_common::{
+    datapath::{DestKey, DestObs, names},
+    verdict::DropReason,
+};
+
+use super::{Datapath, DatapathError};
+
+/// One destination (address, protocol, port), summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Destination {
+    pub address: IpAddr,
+    pub protocol: u8,
+    pub port: u16,
+    pub passed: u64,
+    pub dropped: u64,
+    pub audited: u64,
+    pub syn_sent: u64,
+    /// The reason of the most recent (would-be) drop on any CPU.
+    #[serde(serialize_with = "reason_name")]
+    pub last_reason: Option<DropReason>,
+    pub last_seen_ns: u64,
+    pub last_drop_ns: u64,
+}
+
+fn reason_name<S: serde::Serializer>(r: &Option<DropReason>, s: S) -> Result<S::Ok, S::Error> {
+    match r {
+        Some(r) => s.serialize_str(r.name()),
+        None => s.serialize_none(),
+    }
+}
+
+fn address(k: &DestKey) -> IpAddr {
+    if k.family == 4 {
+        IpAddr::V4(Ipv4Addr::new(k.addr[0], k.addr[1], k.addr[2], k.addr[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(k.addr))
+    }
+}
+
+impl Datapath {
+    /// Every destination the kernel has observed (an LRU: the least recently used are evicted first).
+    pub fn destinations(&self) -> Result<Vec<Destination>, DatapathError> {
+        let m = self
+            .ebpf()
+            .map(names::DEST_OBS)
+            .ok_or(DatapathError::MissingMap(names::DEST_OBS))?;
+        let map = PerCpuHashMap::<_, DestKey, DestObs>::try_from(m).map_err(|source| {
+            DatapathError::Map {
+                map: names::DEST_OBS,
+                source,
+            }
+        })?;
+        let mut out = vec![];
+        for item in map.iter() {
+            let (k, per_cpu) = item.map_err(|source| DatapathError::Map {
+                map: names::DEST_OBS,
+                source,
+            })?;
+            let mut d = Destination {
+                address: address(&k),
+                protocol: k.proto,
+                port: u16::from_be_bytes(k.port),
+                passed: 0,
+                dropped: 0,
+                audited: 0,
+                syn_sent: 0,
+                last_reason: None,
+                last_seen_ns: 0,
+                last_drop_ns: 0,
+            };
+            for o in per_cpu.iter() {
+                d.passed += o.passed;
+                d.dropped += o.dropped;
+                d.audited += o.audited;
+                d.syn_sent += o.syn_sent;
+                d.last_seen_ns = d.last_seen_ns.max(o.last_seen_ns);
+                if o.last_reason != 0 && o.last_drop_ns >= d.last_drop_ns {
+                    d.last_drop_ns = o.last_drop_ns;
+                    d.last_reason = DropReason::from_code(o.last_reason);
+                }
+            }
+            out.push(d);
+        }
+        out.sort_by_key(|d| (d.address, d.protocol, d.port));
+        Ok(out)
+    }
+
+    /// The observations of one destination, if the kernel has any.
+    pub fn destination(
+        &self,
+        address: IpAddr,
+        protocol: u8,
+        port: u16,
+    ) -> Result<Option<Destination>, DatapathError> {
+        Ok(self
+            .destinations()?
+            .into_iter()
+            .find(|d| d.address == address && d.protocol == protocol && d.port == port))
+    }
+}
