@@ -33,6 +33,14 @@ pub fn observe(pkt: &Packet, o: &Outcome) {
         port: port.to_be_bytes(),
         addr: pkt.dst,
     };
+    record_destination(&key, syn, o.action == ACTION_PASS, o.audit, o.reason);
+}
+
+/// A separate BPF function taking only plain values: inlined into the enforcement path (or handed the
+/// parsed packet, whose enum payloads are partly undefined), LLVM produced register uses the verifier
+/// rejects ("bitwise operator on pointer", "!read_ok").
+#[inline(never)]
+fn record_destination(key: &DestKey, syn: bool, passed: bool, audit: bool, reason: u32) {
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let obs = match DEST_OBS.get_ptr_mut(key) {
@@ -47,20 +55,20 @@ pub fn observe(pkt: &Packet, o: &Outcome) {
     };
     // SAFETY: `obs` points at this CPU's copy of a live map value.
     unsafe {
-        if o.action == ACTION_PASS && !o.audit {
+        if passed && !audit {
             (*obs).passed += 1;
             if syn {
                 (*obs).syn_sent += 1;
             }
-        } else if o.audit {
+        } else if audit {
             (*obs).audited += 1;
         } else {
             (*obs).dropped += 1;
         }
         (*obs).last_seen_ns = now;
-        if o.reason != 0 {
+        if reason != 0 {
             (*obs).last_drop_ns = now;
-            (*obs).last_reason = o.reason;
+            (*obs).last_reason = reason;
         }
     }
 }
