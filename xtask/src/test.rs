@@ -85,6 +85,11 @@ fn privileged(diff_packets: u64) -> Result<()> {
         );
     }
     step(
+        "build vpcgate (release) for the lab",
+        cargo().args(["build", "--release", "--package", "vpcgate"]),
+    )?;
+    let bin = crate::run::root().join("target/release/vpcgate");
+    step(
         "privileged tests: parser and differential tests (BPF_PROG_TEST_RUN), network-namespace lab",
         // Release: the differential test runs hundreds of thousands of packets through both sides.
         cargo()
@@ -97,7 +102,8 @@ fn privileged(diff_packets: u64) -> Result<()> {
                 "--test-threads=1",
                 "--nocapture",
             ])
-            .env("VPCGATE_DIFF_PACKETS", diff_packets.to_string()),
+            .env("VPCGATE_DIFF_PACKETS", diff_packets.to_string())
+            .env("VPCGATE_BIN", bin),
     )
 }
 

@@ -3,6 +3,7 @@
 mod check;
 mod explain;
 mod preflight;
+mod run;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -40,6 +41,8 @@ pub enum Command {
     /// Offline: the verdict for one packet under a policy, the deciding rule, and for a drop the smallest
     /// policy change that would allow it.
     Explain(explain::Args),
+    /// Enforce a policy in the foreground: apply it, attach the programs, reload on SIGHUP, detach on exit.
+    Run(run::Args),
     /// Check that this host can run vpcgate: kernel, BTF, bpffs, and the kernel programs pass the verifier
     /// and classify a test packet.
     Preflight(preflight::Args),
@@ -73,5 +76,6 @@ pub fn run(cli: Cli) -> u8 {
         Command::Check(args) => check::run(&args),
         Command::Explain(args) => explain::run(&args),
         Command::Preflight(args) => preflight::run(&args),
+        Command::Run(args) => run::run(&args),
     }
 }

@@ -1,0 +1,121 @@
+//! `vpcgate run --config FILE`: load, apply, attach, and enforce in the foreground.
+//!
+//! This is the minimal form: the programs are detached when it exits. Pinning (enforcement that outlives
+//! the agent), the control socket, metrics and file watching come with the daemon.
+
+use std::path::{Path, PathBuf};
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::{EXIT_ERROR, EXIT_FAILED, EXIT_OK};
+use crate::{
+    datapath::{Datapath, XdpRole},
+    policy::{self, compile::Compiled},
+};
+
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Example:\n  vpcgate run --config /etc/vpcgate/policy.toml\n\n\
+    Applies the policy, then attaches TC egress and XDP ingress to [instance].interface and XDP to each\n\
+    forward interface. SIGHUP re-reads the file (an invalid file is reported and the current policy stays).\n\
+    SIGINT/SIGTERM detach everything and exit 0. Exit 1: the policy is invalid; 2: load or attach failed."
+)]
+pub struct Args {
+    /// The policy file (TOML).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+/// Reads, validates and compiles the policy; prints diagnostics when it is invalid.
+fn compile(path: &Path) -> Result<(policy::Policy, Compiled), u8> {
+    let checked = policy::load(path).map_err(|e| {
+        tracing::error!(file = %path.display(), error = %e, "cannot read the policy");
+        EXIT_ERROR
+    })?;
+    for d in &checked.diagnostics {
+        eprintln!("{d}");
+    }
+    let errors = checked.errors();
+    let p = checked.policy.ok_or_else(|| {
+        tracing::error!(file = %path.display(), errors, "invalid policy: nothing applied");
+        EXIT_FAILED
+    })?;
+    let c = Compiled::new(&p);
+    Ok((p, c))
+}
+
+pub fn run(args: &Args) -> u8 {
+    let (policy, compiled) = match compile(&args.config) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let mut dp = match Datapath::load() {
+        Ok(dp) => dp,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot load the kernel programs");
+            return EXIT_ERROR;
+        }
+    };
+    // Policy first, then attach: the programs never see traffic without a policy.
+    match dp.apply(&compiled) {
+        Ok(r) => tracing::info!(generation = r.generation, entries = ?r.entries, "policy applied"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot apply the policy");
+            return EXIT_ERROR;
+        }
+    }
+    let iface = &policy.instance.interface;
+    let attached = dp
+        .attach_tc_egress(iface)
+        .and_then(|tc| Ok((tc, dp.attach_xdp(iface, XdpRole::EniIngress)?)))
+        .and_then(|(tc, xdp)| {
+            for f in &policy.instance.forward_interfaces {
+                let mode = dp.attach_xdp(f, XdpRole::Forward)?;
+                tracing::info!(interface = %f, ?mode, "forward interface enforced");
+            }
+            Ok((tc, xdp))
+        });
+    match attached {
+        Ok((tc, xdp)) => {
+            tracing::info!(interface = %iface, tc = ?tc, xdp = ?xdp, mode = ?policy.instance.mode, "enforcing")
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot attach; detaching what was attached");
+            return EXIT_ERROR;
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return EXIT_ERROR;
+        }
+    };
+    rt.block_on(async {
+        let (Ok(mut hup), Ok(mut term), Ok(mut int)) =
+            (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            tracing::error!("cannot install signal handlers");
+            return EXIT_ERROR;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match compile(&args.config) {
+                    Ok((p, c)) if p.instance.interface == policy.instance.interface => match dp.apply(&c) {
+                        Ok(r) => tracing::info!(generation = r.generation, entries = ?r.entries, "policy reloaded"),
+                        Err(e) => tracing::error!(error = %e, "reload failed; the previous policy stays active"),
+                    },
+                    Ok(_) => tracing::error!("reload changes [instance].interface: restart the agent instead; the previous policy stays active"),
+                    Err(_) => tracing::error!("reload failed; the previous policy stays active"),
+                },
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        tracing::info!("stopping: detaching the programs");
+        EXIT_OK
+    })
+}
