@@ -41,6 +41,19 @@ ports = ["9000"]
 protocol = "udp"
 
 [[authorization]]
+name = "closed"
+vpc_id = "vpc-lab"
+address = "10.200.0.2"
+ports = ["8082"]
+
+[[authorization]]
+name = "nobody-listens"
+vpc_id = "vpc-lab"
+address = "10.200.0.2"
+ports = ["9003"]
+protocol = "udp"
+
+[[authorization]]
 name = "web6"
 vpc_id = "vpc-lab"
 address = "fd00:200::2"
@@ -173,6 +186,16 @@ fn allowed_traffic_passes_and_denied_traffic_drops_with_its_reason() {
             connect("10.200.0.20:8080").is_err(),
             "connected into a reserved block"
         );
+        // Authorized, but nothing listens: the backend answers RST (TCP) and port unreachable (UDP).
+        let refused = connect("10.200.0.2:8082").expect_err("connected to a closed port");
+        assert_eq!(
+            refused.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{refused}"
+        );
+        let s = udp("10.200.0.1:0");
+        s.send_to(b"?", addr("10.200.0.2:9003")).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
         let s = udp("10.200.0.1:0");
         for i in 0..5u8 {
             s.send_to(&[i; 32], addr("10.200.0.2:9000")).unwrap();
@@ -213,7 +236,7 @@ fn allowed_traffic_passes_and_denied_traffic_drops_with_its_reason() {
         lab.dp
             .destination(a.parse().unwrap(), proto, port)
             .unwrap()
-            .unwrap_or_else(|| panic!("no observation of {a}:{port}"))
+            .unwrap_or_else(|| panic!("no observation of {a}:{port}: {:?}", lab.dp.destinations()))
     };
     let echo_dst = d("10.200.0.2", 17, 9000);
     assert_eq!(
@@ -244,7 +267,30 @@ fn allowed_traffic_passes_and_denied_traffic_drops_with_its_reason() {
         Some(DropReason::ReservedRange)
     );
     let web_dst = d("10.200.0.2", 6, 8080);
-    assert_eq!((web_dst.syn_sent, web_dst.dropped), (1, 0));
+    assert_eq!(
+        (
+            web_dst.syn_sent,
+            web_dst.dropped,
+            web_dst.syn_ack,
+            web_dst.rst
+        ),
+        (1, 0, 1, 0)
+    );
+    // What came back, matched to the destination the gateway sent to.
+    let closed = d("10.200.0.2", 6, 8082);
+    assert_eq!((closed.syn_sent, closed.syn_ack, closed.rst), (1, 0, 1));
+    let unreachable = d("10.200.0.2", 17, 9003);
+    assert_eq!((unreachable.passed, unreachable.icmp_errors), (1, 1));
+    assert_eq!(
+        (unreachable.icmp_type, unreachable.icmp_code),
+        (Some(3), Some(3)),
+        "ICMP port unreachable"
+    );
+    assert_eq!(
+        wrong_port.syn_ack + wrong_port.rst + wrong_port.icmp_errors,
+        0,
+        "a dropped SYN got an answer"
+    );
 }
 
 #[test]

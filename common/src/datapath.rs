@@ -190,6 +190,17 @@ pub struct DestObs {
     /// Drop reason code of the last (would-be) drop, 0 if none.
     pub last_reason: u32,
     pub _pad: u32,
+    /// What came back on the ENI's ingress (XDP ingress): TCP SYN-ACKs and RSTs from the destination,
+    /// ICMP destination-unreachable (and packet-too-big, time-exceeded) errors quoting a packet to it.
+    pub syn_ack: u64,
+    pub rst: u64,
+    pub icmp_errors: u64,
+    /// bpf_ktime_get_ns of the last of those.
+    pub last_reply_ns: u64,
+    /// Type and code of the last ICMP error.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub _pad2: [u8; 6],
 }
 
 /// How the kernel decided (`LAST_VERDICT`, and later drop events); mirrors the reference verdict's basis.
@@ -239,7 +250,7 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 const _: () = assert!(core::mem::size_of::<LastVerdict>() == 32);
 const _: () = assert!(core::mem::size_of::<DestKey>() == 20);
-const _: () = assert!(core::mem::size_of::<DestObs>() == 56);
+const _: () = assert!(core::mem::size_of::<DestObs>() == 96);
 
 #[cfg(feature = "user")]
 mod user {

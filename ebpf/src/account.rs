@@ -10,7 +10,7 @@ use vpcgate_common::datapath::{
 
 use crate::{
     maps::{DEST_OBS, DROP_STATS, GEN_CONFIG, LAST_VERDICT, RULE_STATS},
-    parse::{L3, L4, Packet},
+    parse::{self, Cursor, L3, L4, Packet},
     verdict::Outcome,
 };
 
@@ -115,5 +115,84 @@ pub fn account(o: &Outcome, bytes: u64) {
                 generation: o.generation,
             };
         }
+    }
+}
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+const TCP_RST: u8 = 0x04;
+
+/// What came back: for a packet arriving on the ENI (XDP ingress), credit the destination the gateway
+/// sent to. Only destinations already observed are updated (no entries for unsolicited traffic).
+#[inline(always)]
+pub fn observe_reply(c: &Cursor, pkt: &Packet) {
+    let family = if pkt.l3 == L3::Ipv4 { 4 } else { 6 };
+    match pkt.l4 {
+        L4::Tcp { sport, flags, .. } => {
+            let kind = if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+                REPLY_SYN_ACK
+            } else if flags & TCP_RST != 0 {
+                REPLY_RST
+            } else {
+                return;
+            };
+            let key = DestKey {
+                family,
+                proto: pkt.proto,
+                port: sport.to_be_bytes(),
+                addr: pkt.src,
+            };
+            record_reply(&key, kind, 0, 0);
+        }
+        L4::Icmp {
+            kind: kind @ (ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED),
+            code,
+            ..
+        }
+        | L4::Icmpv6 {
+            kind: kind @ (ICMPV6_DEST_UNREACH | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED),
+            code,
+            ..
+        } => {
+            if let Ok((proto, addr, port)) = parse::quoted(c, pkt.l4_off as usize, family == 6) {
+                let key = DestKey {
+                    family,
+                    proto,
+                    port: port.to_be_bytes(),
+                    addr,
+                };
+                record_reply(&key, REPLY_ICMP, kind, code);
+            }
+        }
+        _ => {}
+    }
+}
+
+const REPLY_SYN_ACK: u8 = 1;
+const REPLY_RST: u8 = 2;
+const REPLY_ICMP: u8 = 3;
+
+/// A separate BPF function taking plain values (see `record_destination`).
+#[inline(never)]
+fn record_reply(key: &DestKey, kind: u8, icmp_type: u8, icmp_code: u8) {
+    let Some(obs) = DEST_OBS.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: a helper without preconditions; `obs` points at this CPU's copy of a live map value.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        match kind {
+            REPLY_SYN_ACK => (*obs).syn_ack += 1,
+            REPLY_RST => (*obs).rst += 1,
+            _ => {
+                (*obs).icmp_errors += 1;
+                (*obs).icmp_type = icmp_type;
+                (*obs).icmp_code = icmp_code;
+            }
+        }
+        (*obs).last_reply_ns = now;
     }
 }

@@ -95,14 +95,17 @@ pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
     }
 }
 
-/// The ENI's ingress: observe only. Records flows peers initiate (so the gateway's replies pass); never
-/// drops (the stack validates what it receives).
+/// The ENI's ingress: observe only. Records flows peers initiate (so the gateway's replies pass) and what
+/// came back from destinations the gateway sent to (SYN-ACK, RST, ICMP errors); never drops (the stack
+/// validates what it receives).
 #[xdp]
 pub fn vpcgate_xdp_ingress(ctx: XdpContext) -> u32 {
-    match parse::parse(&Cursor::new(ctx.data(), ctx.data_end())) {
+    let cursor = Cursor::new(ctx.data(), ctx.data_end());
+    match parse::parse(&cursor) {
         Ok(pkt) => {
             stats::count(Hook::Xdp, &pkt);
             flows::record_inbound(&pkt);
+            account::observe_reply(&cursor, &pkt);
         }
         Err(_) => stats::bump(Hook::Xdp, Stat::Malformed),
     }

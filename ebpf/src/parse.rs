@@ -218,6 +218,8 @@ pub struct Packet {
     /// IPv4 identification or IPv6 fragment identification (fragments only).
     pub frag_id: u32,
     pub l4: L4,
+    /// Offset of the transport header (0 when there is none).
+    pub l4_off: u16,
 }
 
 /// Parses a frame starting with its Ethernet header.
@@ -232,6 +234,7 @@ pub fn parse(c: &Cursor) -> Result<Packet, Malformed> {
         fragment: Fragment::None,
         frag_id: 0,
         l4: L4::None,
+        l4_off: 0,
     };
     let eth: &EthHdr = c.ptr_at(0)?;
     let mut ethertype = be16(eth.proto);
@@ -385,6 +388,7 @@ fn parse_l4(
     proto: u8,
     pkt: &mut Packet,
 ) -> Result<(), Malformed> {
+    pkt.l4_off = off as u16;
     match proto {
         IPPROTO_TCP => {
             let tcp: &TcpHdr = c.ptr_at(off)?;
@@ -431,4 +435,28 @@ fn parse_l4(
         _ => pkt.l4 = L4::Other,
     }
     Ok(())
+}
+
+/// The packet an ICMP error quotes: the gateway's own outbound packet, as (IP protocol, destination,
+/// destination port). `icmp_off` is where the ICMP header starts; `v6` whether it is ICMPv6.
+#[inline(always)]
+pub fn quoted(c: &Cursor, icmp_off: usize, v6: bool) -> Result<(u8, [u8; 16], u16), Malformed> {
+    let inner = icmp_off + size_of::<IcmpHdr>();
+    let mut dst = [0u8; 16];
+    let (proto, l4) = if v6 {
+        let ip: &Ipv6Hdr = c.ptr_at(inner)?;
+        dst = ip.dst;
+        (ip.next_hdr, inner + size_of::<Ipv6Hdr>())
+    } else {
+        let ip: &Ipv4Hdr = c.ptr_at(inner)?;
+        let hdr_len = ((ip.version_ihl & 0x0f) as usize) * 4;
+        if hdr_len < size_of::<Ipv4Hdr>() {
+            return Err(Malformed);
+        }
+        dst[..4].copy_from_slice(&ip.dst);
+        (ip.proto, inner + hdr_len)
+    };
+    // Both TCP and UDP start with the source and destination ports; RFC 792 quotes at least 8 bytes.
+    let ports: &UdpHdr = c.ptr_at(l4)?;
+    Ok((proto, dst, be16(ports.dport)))
 }

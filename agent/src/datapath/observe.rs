@@ -25,6 +25,14 @@ pub struct Destination {
     pub last_reason: Option<DropReason>,
     pub last_seen_ns: u64,
     pub last_drop_ns: u64,
+    /// What came back on the ENI's ingress.
+    pub syn_ack: u64,
+    pub rst: u64,
+    pub icmp_errors: u64,
+    /// Type and code of the most recent ICMP error.
+    pub icmp_type: Option<u8>,
+    pub icmp_code: Option<u8>,
+    pub last_reply_ns: u64,
 }
 
 fn reason_name<S: serde::Serializer>(r: &Option<DropReason>, s: S) -> Result<S::Ok, S::Error> {
@@ -72,7 +80,14 @@ impl Datapath {
                 last_reason: None,
                 last_seen_ns: 0,
                 last_drop_ns: 0,
+                syn_ack: 0,
+                rst: 0,
+                icmp_errors: 0,
+                icmp_type: None,
+                icmp_code: None,
+                last_reply_ns: 0,
             };
+            let mut last_icmp_ns = 0;
             for o in per_cpu.iter() {
                 d.passed += o.passed;
                 d.dropped += o.dropped;
@@ -82,6 +97,15 @@ impl Datapath {
                 if o.last_reason != 0 && o.last_drop_ns >= d.last_drop_ns {
                     d.last_drop_ns = o.last_drop_ns;
                     d.last_reason = DropReason::from_code(o.last_reason);
+                }
+                d.syn_ack += o.syn_ack;
+                d.rst += o.rst;
+                d.icmp_errors += o.icmp_errors;
+                d.last_reply_ns = d.last_reply_ns.max(o.last_reply_ns);
+                if o.icmp_errors != 0 && o.last_reply_ns >= last_icmp_ns {
+                    last_icmp_ns = o.last_reply_ns;
+                    d.icmp_type = Some(o.icmp_type);
+                    d.icmp_code = Some(o.icmp_code);
                 }
             }
             out.push(d);
