@@ -171,3 +171,65 @@ fn drops_and_passes_are_counted_per_reason_and_per_rule() {
     assert_eq!(rules[&web_rule].packets, 6);
     assert_eq!(rules[&web_rule].bytes, 6 * pass.bytes.len() as u64);
 }
+
+#[test]
+fn drop_events_carry_the_packet_and_a_flood_is_rate_limited() {
+    use aya::programs::{TestRun, TestRunOptions};
+    use vpcgate_common::datapath::{basis, limits};
+    vpcgate_lab::require_root();
+    let mut h = Harness::new();
+    h.apply(&small());
+    let wrong_port = build("to web:22", &[ipv4(), tcp(22)], 0);
+    assert_eq!(h.check(Enforcer::TcEgress, &wrong_port), None);
+    let events = h.dp.take_events(10).unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = events[0];
+    assert_eq!(
+        (e.reason, e.basis, e.audit, e.family, e.proto),
+        (
+            DropReason::PortNotAuthorized.code(),
+            basis::COVERED,
+            0,
+            4,
+            6
+        )
+    );
+    assert_eq!(
+        (u16::from_be_bytes(e.sport), u16::from_be_bytes(e.dport)),
+        (40000, 22)
+    );
+    assert_eq!(&e.dst[..4], &[10, 0, 3, 7]);
+    assert!(e.timestamp_ns > 0);
+
+    // A flood: the kernel runs the program many times in a tight loop; the bucket holds EVENTS_BURST
+    // events and refills EVENTS_PER_SEC per second, so most are counted as suppressed, none lost.
+    let flood = 20_000u32;
+    let before = h.dp.event_loss().unwrap();
+    let opts = TestRunOptions {
+        data_in: Some(&wrong_port.bytes),
+        repeat: flood,
+        ..TestRunOptions::new()
+    };
+    h.dp.tc_egress().unwrap().test_run(opts).unwrap();
+    let emitted = h.dp.take_events(flood as usize + 1).unwrap().len() as u64;
+    let loss = h.dp.event_loss().unwrap();
+    let suppressed = loss.suppressed - before.suppressed;
+    assert_eq!(
+        emitted + suppressed,
+        u64::from(flood),
+        "every drop is either an event or counted as suppressed"
+    );
+    assert_eq!(loss.lost, 0);
+    assert!(
+        suppressed > 0,
+        "a flood of {flood} drops was not rate limited"
+    );
+    assert!(
+        emitted >= 1 && emitted < u64::from(flood),
+        "{emitted} events"
+    );
+    eprintln!(
+        "flood of {flood} drops: {emitted} events (burst {}), {suppressed} suppressed",
+        limits::EVENTS_BURST
+    );
+}

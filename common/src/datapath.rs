@@ -27,6 +27,8 @@ pub mod names {
     pub const FRAGS: &str = "FRAGS";
     pub const LAST_VERDICT: &str = "LAST_VERDICT";
     pub const DEST_OBS: &str = "DEST_OBS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
 }
 
 /// Capacities (Katran style: every tunable in one place). Policy maps are checked against these before
@@ -43,6 +45,12 @@ pub mod limits {
     pub const FRAGS: u32 = 8192;
     /// Destinations (address, protocol, port) observed.
     pub const DESTINATIONS: u32 = 65536;
+    /// Ring buffer for drop events, in bytes.
+    pub const EVENTS_BYTES: u32 = 256 * 1024;
+    /// Drop events per second per CPU, and the burst allowed above that rate; beyond, events are only
+    /// counted (`EventBudget::suppressed`), so a flood cannot starve the agent.
+    pub const EVENTS_PER_SEC: u64 = 1000;
+    pub const EVENTS_BURST: u64 = 200;
 }
 
 /// `GEN_CONFIG[gen].mode`.
@@ -203,6 +211,46 @@ pub struct DestObs {
     pub _pad2: [u8; 6],
 }
 
+/// One (would-be) drop, as the agent reads it from `EVENTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DropEvent {
+    pub timestamp_ns: u64,
+    /// Interface the packet was leaving (TC egress) or arriving on (XDP forward).
+    pub ifindex: u32,
+    /// Drop reason code.
+    pub reason: u32,
+    /// How the kernel decided (`basis`), and the rule or reserved block it names.
+    pub basis: u32,
+    pub id: u32,
+    /// 1 when audit mode passed it.
+    pub audit: u32,
+    /// `parse_stats::Hook` that saw it.
+    pub hook: u32,
+    /// 4 or 6; 0 when the packet was malformed before its addresses were read.
+    pub family: u8,
+    pub proto: u8,
+    /// Big-endian ports (0 when there are none).
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub _pad: [u8; 2],
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// Per-CPU token bucket for drop events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct EventBudget {
+    /// Tokens, in units of 1/1000 event (so refill stays integral at sub-event rates).
+    pub milli_tokens: u64,
+    pub last_ns: u64,
+    /// Events not emitted because the budget was empty.
+    pub suppressed: u64,
+    /// Events the ring buffer had no room for.
+    pub lost: u64,
+}
+
 /// How the kernel decided (`LAST_VERDICT`, and later drop events); mirrors the reference verdict's basis.
 pub mod basis {
     pub const NOT_IP: u32 = 1;
@@ -250,6 +298,8 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 const _: () = assert!(core::mem::size_of::<LastVerdict>() == 32);
 const _: () = assert!(core::mem::size_of::<DestKey>() == 20);
+const _: () = assert!(core::mem::size_of::<DropEvent>() == 72);
+const _: () = assert!(core::mem::size_of::<EventBudget>() == 32);
 const _: () = assert!(core::mem::size_of::<DestObs>() == 96);
 
 #[cfg(feature = "user")]
@@ -269,4 +319,6 @@ mod user {
     unsafe impl aya::Pod for LastVerdict {}
     unsafe impl aya::Pod for DestKey {}
     unsafe impl aya::Pod for DestObs {}
+    unsafe impl aya::Pod for DropEvent {}
+    unsafe impl aya::Pod for EventBudget {}
 }

@@ -4,6 +4,7 @@
 #![no_main]
 
 mod account;
+mod events;
 mod flows;
 mod maps;
 mod parse;
@@ -21,7 +22,7 @@ use vpcgate_common::{
 };
 
 use crate::{
-    parse::{Cursor, Fragment},
+    parse::{Cursor, Fragment, Packet},
     verdict::Outcome,
 };
 
@@ -34,20 +35,26 @@ const TC_PASS: i32 = TC_ACT_UNSPEC;
 
 /// Parses, decides, accounts: the enforcement path shared by TC egress and XDP forward.
 #[inline(always)]
-fn enforce(hook: Hook, cursor: &Cursor, bytes: u64) -> Outcome {
-    let outcome = match parse::parse(cursor) {
-        Ok(pkt) => {
+fn enforce(hook: Hook, ifindex: u32, cursor: &Cursor, bytes: u64) -> Outcome {
+    let mut pkt = Packet::new();
+    let outcome = match parse::parse(cursor, &mut pkt) {
+        Ok(()) => {
             stats::count(hook, &pkt);
             let o = verdict::decide(&pkt);
             if o.action == ACTION_PASS && pkt.fragment == Fragment::First {
                 flows::record_first_fragment(&pkt, o.id);
             }
             account::observe(&pkt, &o);
+            if o.reason != 0 {
+                events::drop_event(hook, ifindex, Some(&pkt), &o);
+            }
             o
         }
         Err(_) => {
             stats::bump(hook, Stat::Malformed);
-            verdict::malformed()
+            let o = verdict::malformed();
+            events::drop_event(hook, ifindex, None, &o);
+            o
         }
     };
     account::account(&outcome, bytes);
@@ -62,17 +69,18 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
         stats::bump(Hook::TcEgress, Stat::Malformed);
         let o = verdict::malformed();
         account::account(&o, u64::from(ctx.len()));
+        // SAFETY: the context pointer is valid for the program's run.
+        events::drop_event(Hook::TcEgress, unsafe { (*ctx.skb.skb).ifindex }, None, &o);
         return if o.action == ACTION_PASS {
             TC_PASS
         } else {
             TC_ACT_SHOT
         };
     }
-    let o = enforce(
-        Hook::TcEgress,
-        &Cursor::new(ctx.data(), ctx.data_end()),
-        u64::from(ctx.len()),
-    );
+    // SAFETY: the context pointer is valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let cursor = Cursor::new(ctx.data(), ctx.data_end());
+    let o = enforce(Hook::TcEgress, ifindex, &cursor, u64::from(ctx.len()));
     if o.action == ACTION_PASS {
         TC_PASS
     } else {
@@ -83,11 +91,9 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let o = enforce(
-        Hook::XdpForward,
-        &Cursor::new(ctx.data(), ctx.data_end()),
-        bytes,
-    );
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let cursor = Cursor::new(ctx.data(), ctx.data_end());
+    let o = enforce(Hook::XdpForward, ifindex, &cursor, bytes);
     if o.action == ACTION_PASS {
         xdp_action::XDP_PASS
     } else {
@@ -101,8 +107,9 @@ pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn vpcgate_xdp_ingress(ctx: XdpContext) -> u32 {
     let cursor = Cursor::new(ctx.data(), ctx.data_end());
-    match parse::parse(&cursor) {
-        Ok(pkt) => {
+    let mut pkt = Packet::new();
+    match parse::parse(&cursor, &mut pkt) {
+        Ok(()) => {
             stats::count(Hook::Xdp, &pkt);
             flows::record_inbound(&pkt);
             account::observe_reply(&cursor, &pkt);

@@ -2,11 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use vpcgate_common::datapath::{
-    AddrV4, AddrV6, AddrValue, DROP_STATS_LEN, DestKey, DestObs, FlowKey, FlowValue, FragKey,
-    GenConfig, LastVerdict, PortData, RuleStats, RuleStatsKey, limits,
+    AddrV4, AddrV6, AddrValue, DROP_STATS_LEN, DestKey, DestObs, EventBudget, FlowKey, FlowValue,
+    FragKey, GenConfig, LastVerdict, PortData, RuleStats, RuleStatsKey, limits,
 };
 
 /// The active policy generation (`GEN_A` or `GEN_B`; anything else: no policy).
@@ -59,3 +59,10 @@ pub static DEST_OBS: LruPerCpuHashMap<DestKey, DestObs> =
 
 #[map(name = "LAST_VERDICT")]
 pub static LAST_VERDICT: Array<LastVerdict> = Array::with_max_entries(1, 0);
+
+/// Drop events for the agent (`vpcgate drops`), rate-limited by `EVENT_BUDGET`.
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENTS_BYTES, 0);
+
+#[map(name = "EVENT_BUDGET")]
+pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);

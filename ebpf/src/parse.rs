@@ -224,18 +224,11 @@ pub struct Packet {
 
 /// Parses a frame starting with its Ethernet header.
 #[inline(always)]
-pub fn parse(c: &Cursor) -> Result<Packet, Malformed> {
-    let mut pkt = Packet {
-        l3: L3::NonIp,
-        vlan_tags: 0,
-        proto: 0,
-        src: [0; 16],
-        dst: [0; 16],
-        fragment: Fragment::None,
-        frag_id: 0,
-        l4: L4::None,
-        l4_off: 0,
-    };
+///
+/// The caller owns `pkt` (start from [`Packet::new`]) and the parser fills it in place: returning the
+/// packet by value made LLVM copy its enum's undefined payload bytes through registers that, on some
+/// paths, held packet pointers, and the verifier rejected the program.
+pub fn parse(c: &Cursor, pkt: &mut Packet) -> Result<(), Malformed> {
     let eth: &EthHdr = c.ptr_at(0)?;
     let mut ethertype = be16(eth.proto);
     let mut off = size_of::<EthHdr>();
@@ -250,13 +243,30 @@ pub fn parse(c: &Cursor) -> Result<Packet, Malformed> {
         pkt.vlan_tags += 1;
     }
     match ethertype {
-        ETH_P_IP => parse_ipv4(c, off, &mut pkt)?,
-        ETH_P_IPV6 => parse_ipv6(c, off, &mut pkt)?,
+        ETH_P_IP => parse_ipv4(c, off, pkt),
+        ETH_P_IPV6 => parse_ipv6(c, off, pkt),
         // More tags than we walk: we cannot see what is inside, so we cannot let it pass unexamined.
-        ETH_P_8021Q | ETH_P_8021AD => return Err(Malformed),
-        _ => return Ok(pkt),
+        ETH_P_8021Q | ETH_P_8021AD => Err(Malformed),
+        _ => Ok(()),
     }
-    Ok(pkt)
+}
+
+impl Packet {
+    /// A packet nothing is known of yet (non-IP until the parser says otherwise).
+    #[inline(always)]
+    pub const fn new() -> Self {
+        Packet {
+            l3: L3::NonIp,
+            vlan_tags: 0,
+            proto: 0,
+            src: [0; 16],
+            dst: [0; 16],
+            fragment: Fragment::None,
+            frag_id: 0,
+            l4: L4::None,
+            l4_off: 0,
+        }
+    }
 }
 
 #[inline(always)]

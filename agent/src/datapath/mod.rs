@@ -12,7 +12,7 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
 pub use error::DatapathError;
-pub use observe::Destination;
+pub use observe::{Destination, EventLoss};
 pub use stats::{ParseStats, read_parse_stats};
 pub use sync::{ApplyReport, DropCounts, EntryCounts, entry_counts};
 use vpcgate_common::programs;

@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::PerCpuHashMap;
 use vpcgate_common::{
-    datapath::{DestKey, DestObs, names},
+    datapath::{DestKey, DestObs, DropEvent, EventBudget, names},
     verdict::DropReason,
 };
 
@@ -125,5 +125,57 @@ impl Datapath {
             .destinations()?
             .into_iter()
             .find(|d| d.address == address && d.protocol == protocol && d.port == port))
+    }
+}
+
+/// Events suppressed by the rate limit and lost for lack of ring space, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EventLoss {
+    pub suppressed: u64,
+    pub lost: u64,
+}
+
+impl Datapath {
+    /// Takes up to `max` drop events waiting in the ring buffer (never blocks).
+    pub fn take_events(&mut self, max: usize) -> Result<Vec<DropEvent>, DatapathError> {
+        let m = self
+            .ebpf_mut()
+            .map_mut(names::EVENTS)
+            .ok_or(DatapathError::MissingMap(names::EVENTS))?;
+        let mut ring = aya::maps::RingBuf::try_from(m).map_err(|source| DatapathError::Map {
+            map: names::EVENTS,
+            source,
+        })?;
+        let mut out = vec![];
+        while out.len() < max {
+            let Some(item) = ring.next() else { break };
+            if item.len() >= std::mem::size_of::<DropEvent>() {
+                out.push(bytemuck::pod_read_unaligned::<DropEvent>(
+                    &item[..std::mem::size_of::<DropEvent>()],
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn event_loss(&self) -> Result<EventLoss, DatapathError> {
+        let m = self
+            .ebpf()
+            .map(names::EVENT_BUDGET)
+            .ok_or(DatapathError::MissingMap(names::EVENT_BUDGET))?;
+        let a = aya::maps::PerCpuArray::<_, EventBudget>::try_from(m).map_err(|source| {
+            DatapathError::Map {
+                map: names::EVENT_BUDGET,
+                source,
+            }
+        })?;
+        let per_cpu = a.get(&0, 0).map_err(|source| DatapathError::Map {
+            map: names::EVENT_BUDGET,
+            source,
+        })?;
+        Ok(per_cpu.iter().fold(EventLoss::default(), |l, b| EventLoss {
+            suppressed: l.suppressed + b.suppressed,
+            lost: l.lost + b.lost,
+        }))
     }
 }

@@ -1,0 +1,84 @@
+//! Drop events to the agent through a ring buffer, behind a per-CPU token bucket: a flood of drops costs
+//! a counter increment per packet, never the agent's attention.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use vpcgate_common::{
+    datapath::{DropEvent, limits},
+    parse_stats::Hook,
+};
+
+use crate::{
+    maps::{EVENT_BUDGET, EVENTS},
+    parse::{L3, L4, Packet},
+    verdict::Outcome,
+};
+
+/// Emits a drop event for `o` (a drop or an audited would-be drop), if the budget allows.
+#[inline(always)]
+pub fn drop_event(hook: Hook, ifindex: u32, pkt: Option<&Packet>, o: &Outcome) {
+    let mut e = DropEvent {
+        timestamp_ns: 0,
+        ifindex,
+        reason: o.reason,
+        basis: o.basis,
+        id: o.id,
+        audit: o.audit as u32,
+        hook: hook as u32,
+        family: 0,
+        proto: 0,
+        sport: [0; 2],
+        dport: [0; 2],
+        _pad: [0; 2],
+        src: [0; 16],
+        dst: [0; 16],
+    };
+    if let Some(p) = pkt {
+        e.family = match p.l3 {
+            L3::Ipv4 => 4,
+            L3::Ipv6 => 6,
+            L3::NonIp => 0,
+        };
+        e.proto = p.proto;
+        e.src = p.src;
+        e.dst = p.dst;
+        if let L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } = p.l4 {
+            e.sport = sport.to_be_bytes();
+            e.dport = dport.to_be_bytes();
+        }
+    }
+    emit(&mut e);
+}
+
+/// A separate BPF function taking one fully initialised struct (see `account::record_destination`).
+#[inline(never)]
+fn emit(e: &mut DropEvent) {
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a helper without preconditions; `budget` is this CPU's slot.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        let b = &mut *budget;
+        // Refill: EVENTS_PER_SEC events per second, i.e. EVENTS_PER_SEC milli-tokens per millisecond.
+        let elapsed_ms = (now - b.last_ns) / 1_000_000;
+        if elapsed_ms > 0 {
+            let cap = limits::EVENTS_BURST * 1000;
+            let refill = elapsed_ms.saturating_mul(limits::EVENTS_PER_SEC);
+            b.milli_tokens = if refill >= cap || b.milli_tokens + refill >= cap {
+                cap
+            } else {
+                b.milli_tokens + refill
+            };
+            b.last_ns = now;
+        }
+        if b.milli_tokens < 1000 {
+            b.suppressed += 1;
+            return;
+        }
+        b.milli_tokens -= 1000;
+        e.timestamp_ns = now;
+        if EVENTS.output::<DropEvent>(&*e, 0).is_err() {
+            b.lost += 1;
+        }
+    }
+}
