@@ -13,7 +13,7 @@ use vpcgate::{
 };
 use vpcgate_common::verdict::DropReason;
 use vpcgate_lab::{
-    netns::{GW_IF, Pair, VPC_IF},
+    netns::{GW_IF, Pair, VPC_IF, send_raw},
     packet::{Layer, build},
 };
 
@@ -369,40 +369,6 @@ fn audit_mode_passes_everything_and_counts_would_be_drops() {
     );
 }
 
-/// Sends crafted frames through a packet socket on the gateway's veth; returns how many the egress path
-/// reported dropped (ENOBUFS).
-fn send_raw(frames: &[Vec<u8>]) -> usize {
-    let mut dropped = 0;
-    // SAFETY: plain socket syscalls on a fresh fd, closed below.
-    unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-        assert!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut sa: libc::sockaddr_ll = std::mem::zeroed();
-        sa.sll_family = libc::AF_PACKET as u16;
-        sa.sll_ifindex = vpcgate::datapath::ifindex(GW_IF).unwrap() as i32;
-        sa.sll_halen = 6;
-        for f in frames {
-            let n = libc::sendto(
-                fd,
-                f.as_ptr().cast(),
-                f.len(),
-                0,
-                (&raw const sa).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS) {
-                dropped += 1;
-            }
-        }
-        libc::close(fd);
-    }
-    dropped
-}
-
 #[test]
 fn fragments_pass_only_with_their_verified_first_fragment() {
     let lab = Lab::new("enforce");
@@ -452,7 +418,8 @@ fn fragments_pass_only_with_their_verified_first_fragment() {
             .bytes
         })
         .collect();
-    let reported = lab.pair.gw.run(|| send_raw(&orphans));
+    let orphans: Vec<&[u8]> = orphans.iter().map(Vec::as_slice).collect();
+    let reported = lab.pair.gw.run(|| send_raw(GW_IF, &orphans));
     assert_eq!(
         reported, 4,
         "the kernel did not report the orphan fragments dropped"

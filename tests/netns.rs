@@ -17,7 +17,7 @@ use vpcgate::{
 };
 use vpcgate_common::parse_stats::{Hook, Stat};
 use vpcgate_lab::{
-    netns::{GW_IF, GW_V4, GW_V6, Pair, VPC_IF, VPC_V4, VPC_V6},
+    netns::{GW_IF, GW_V4, GW_V6, Pair, VPC_IF, VPC_V4, VPC_V6, send_raw},
     packet::{build, ipv4, udp},
 };
 
@@ -139,36 +139,12 @@ fn send_malformed() {
     let mut frame = build("malformed", &[ipv4(), udp(UDP_PORT)], 0);
     let ip = frame.offsets[0];
     frame.bytes[ip] = 0x4f; // IHL 15: 60 bytes of header that the frame does not have
-    // SAFETY: plain socket syscalls on a fresh fd, closed below.
-    unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-        assert!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = vpcgate::datapath::ifindex(GW_IF).unwrap() as i32;
-        addr.sll_halen = 6;
-        for _ in 0..MALFORMED {
-            let n = libc::sendto(
-                fd,
-                frame.bytes.as_ptr().cast(),
-                frame.bytes.len(),
-                0,
-                (&raw const addr).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            // A frame dropped on the egress path comes back to a packet socket's sender as ENOBUFS.
-            let err = std::io::Error::last_os_error();
-            assert!(
-                n < 0 && err.raw_os_error() == Some(libc::ENOBUFS),
-                "sendto returned {n} ({err}): not dropped on egress"
-            );
-        }
-        libc::close(fd);
-    }
+    let frames = vec![frame.bytes.as_slice(); MALFORMED as usize];
+    assert_eq!(
+        send_raw(GW_IF, &frames),
+        MALFORMED as usize,
+        "malformed frames not dropped on egress"
+    );
 }
 
 fn ping(pair: &Pair, args: &[&str]) {

@@ -1,7 +1,7 @@
 //! The verdict, rule by rule as DESIGN.md numbers them, with the names of the reference
 //! (`agent/src/policy/verdict.rs`). A differential test runs both over the same packets.
 
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::{LpmTrie, lpm_trie::Key};
 use vpcgate_common::{
     datapath::{
         ACTION_DROP, ACTION_PASS, AddrV4, AddrV6, AddrValue, GEN_A, GEN_B, GEN_BITS, MODE_AUDIT,
@@ -102,12 +102,18 @@ pub fn malformed() -> Outcome {
     }
 }
 
+/// Longest-prefix lookup of the packet's destination in one generation of a per-family pair of tries.
 #[inline(always)]
-fn addr_entry(generation: u8, pkt: &Packet) -> Option<&'static AddrValue> {
+fn lookup_dst<V>(
+    v4: &'static LpmTrie<AddrV4, V>,
+    v6: &'static LpmTrie<AddrV6, V>,
+    generation: u8,
+    pkt: &Packet,
+) -> Option<&'static V> {
     if pkt.l3 == L3::Ipv4 {
         let mut addr = [0u8; 4];
         addr.copy_from_slice(&pkt.dst[..4]);
-        ADDR_V4.get(Key::new(
+        v4.get(Key::new(
             GEN_BITS + 32,
             AddrV4 {
                 generation,
@@ -116,7 +122,7 @@ fn addr_entry(generation: u8, pkt: &Packet) -> Option<&'static AddrValue> {
             },
         ))
     } else {
-        ADDR_V6.get(Key::new(
+        v6.get(Key::new(
             GEN_BITS + 128,
             AddrV6 {
                 generation,
@@ -128,29 +134,13 @@ fn addr_entry(generation: u8, pkt: &Packet) -> Option<&'static AddrValue> {
 }
 
 #[inline(always)]
+fn addr_entry(generation: u8, pkt: &Packet) -> Option<&'static AddrValue> {
+    lookup_dst(&ADDR_V4, &ADDR_V6, generation, pkt)
+}
+
+#[inline(always)]
 fn reserved_index(generation: u8, pkt: &Packet) -> Option<u32> {
-    let index = if pkt.l3 == L3::Ipv4 {
-        let mut addr = [0u8; 4];
-        addr.copy_from_slice(&pkt.dst[..4]);
-        RESERVED_V4.get(Key::new(
-            GEN_BITS + 32,
-            AddrV4 {
-                generation,
-                addr,
-                _pad: [0; 3],
-            },
-        ))
-    } else {
-        RESERVED_V6.get(Key::new(
-            GEN_BITS + 128,
-            AddrV6 {
-                generation,
-                addr: pkt.dst,
-                _pad: [0; 3],
-            },
-        ))
-    };
-    index.copied()
+    lookup_dst(&RESERVED_V4, &RESERVED_V6, generation, pkt).copied()
 }
 
 #[inline(always)]

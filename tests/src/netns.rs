@@ -147,3 +147,45 @@ impl Default for Pair {
         Self::new()
     }
 }
+
+/// Sends raw frames through a packet socket on `interface` (of the calling thread's namespace). Packet
+/// sockets go through the qdisc layer, so TC egress sees them; a frame dropped on the egress path comes
+/// back to the sender as ENOBUFS. Returns how many were reported dropped.
+pub fn send_raw(interface: &str, frames: &[&[u8]]) -> usize {
+    let ifindex = vpcgate::datapath::ifindex(interface).unwrap_or_else(|e| panic!("{e}"));
+    let mut dropped = 0;
+    // SAFETY: plain socket syscalls on a fresh fd, closed below.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut sa: libc::sockaddr_ll = std::mem::zeroed();
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_ifindex = ifindex as i32;
+        sa.sll_halen = 6;
+        for f in frames {
+            let n = libc::sendto(
+                fd,
+                f.as_ptr().cast(),
+                f.len(),
+                0,
+                (&raw const sa).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                assert_eq!(
+                    err.raw_os_error(),
+                    Some(libc::ENOBUFS),
+                    "sendto on {interface}: {err}"
+                );
+                dropped += 1;
+            }
+        }
+        libc::close(fd);
+    }
+    dropped
+}
