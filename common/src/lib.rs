@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod datapath;
+pub mod icmp;
 pub mod parse_stats;
 pub mod verdict;
 

@@ -7,15 +7,16 @@ use vpcgate_common::datapath::{
     ACTION_PASS, AUDIT_OFFSET, DestKey, DestObs, FLAG_RECORD_LAST, LastVerdict, RuleStats,
     RuleStatsKey, basis,
 };
+use vpcgate_common::icmp::{
+    ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG,
+    ICMPV6_TIME_EXCEEDED,
+};
 
 use crate::{
     maps::{DEST_OBS, DROP_STATS, GEN_CONFIG, LAST_VERDICT, RULE_STATS},
-    parse::{self, Cursor, L3, L4, Packet},
+    parse::{self, Cursor, L3, L4, Packet, TCP_ACK, TCP_RST, TCP_SYN},
     verdict::Outcome,
 };
-
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
 
 /// Per-destination observations (DESIGN.md "Kernel observations"): what passed, what dropped and why,
 /// SYNs sent. Per CPU (no shared cache line per packet); the agent sums the CPUs and takes the latest drop.
@@ -117,13 +118,6 @@ pub fn account(o: &Outcome, bytes: u64) {
         }
     }
 }
-
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMPV6_DEST_UNREACH: u8 = 1;
-const ICMPV6_PACKET_TOO_BIG: u8 = 2;
-const ICMPV6_TIME_EXCEEDED: u8 = 3;
-const TCP_RST: u8 = 0x04;
 
 /// What came back: for a packet arriving on the ENI (XDP ingress), credit the destination the gateway
 /// sent to. Only destinations already observed are updated (no entries for unsolicited traffic).

@@ -2,19 +2,17 @@
 //! first fragment passed.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use vpcgate_common::datapath::{FlowKey, FlowValue, FragKey};
+use vpcgate_common::{
+    datapath::{FlowKey, FlowValue, FragKey},
+    icmp::{ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST},
+};
 
 use crate::{
     maps::{FLOWS, FRAGS},
-    parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, L3, L4, Packet},
+    parse::{
+        IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, L3, L4, Packet, TCP_ACK, TCP_SYN,
+    },
 };
-
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMPV6_ECHO_REQUEST: u8 = 128;
-const ICMPV6_ECHO_REPLY: u8 = 129;
 
 fn family(pkt: &Packet) -> u8 {
     if pkt.l3 == L3::Ipv4 { 4 } else { 6 }

@@ -28,6 +28,10 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_DSTOPTS: u8 = 60;
 pub const IPPROTO_MH: u8 = 135;
 
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
 /// A header was cut short or is inconsistent.
 #[derive(Clone, Copy)]
 pub struct Malformed;

@@ -7,6 +7,7 @@ use vpcgate_common::{
         ACTION_DROP, ACTION_PASS, AddrV4, AddrV6, AddrValue, GEN_A, GEN_B, GEN_BITS, MODE_AUDIT,
         PORT_KEY_FIXED_BITS, PortData, basis,
     },
+    icmp::*,
     verdict::DropReason,
 };
 
@@ -29,16 +30,6 @@ pub struct Outcome {
     pub audit: bool,
     pub generation: u32,
 }
-
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMPV6_DEST_UNREACH: u8 = 1;
-const ICMPV6_PACKET_TOO_BIG: u8 = 2;
-const ICMPV6_TIME_EXCEEDED: u8 = 3;
-const ICMPV6_ECHO_REQUEST: u8 = 128;
-const ICMPV6_ND_FIRST: u8 = 133;
-const ICMPV6_ND_LAST: u8 = 137;
 
 struct Ctx {
     generation: u32,

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use serde::Serialize;
-use vpcgate_common::verdict::DropReason;
+use vpcgate_common::{icmp::*, verdict::DropReason};
 
 use super::{
     compile::{Compiled, RuleId, proto_index},
@@ -159,15 +159,7 @@ impl Verdict {
     }
 }
 
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMPV6_DEST_UNREACH: u8 = 1;
-const ICMPV6_PACKET_TOO_BIG: u8 = 2;
-const ICMPV6_TIME_EXCEEDED: u8 = 3;
-const ICMPV6_ECHO_REQUEST: u8 = 128;
-/// Router solicitation .. redirect (RFC 4861).
-const ICMPV6_ND: std::ops::RangeInclusive<u8> = 133..=137;
+const ICMPV6_ND: std::ops::RangeInclusive<u8> = ICMPV6_ND_FIRST..=ICMPV6_ND_LAST;
 
 /// The verdict for one packet. `c` is the compiled policy; `facts` what flow state knows.
 pub fn verdict(c: &Compiled, pkt: &Packet, facts: FlowFacts) -> Verdict {
