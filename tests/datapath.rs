@@ -112,14 +112,27 @@ fn generations_alternate_and_old_entries_are_removed() {
         None,
         "a fresh object has no policy"
     );
+    let policies = [small(), huge(300), small(), huge(5)];
     let mut seen = vec![];
-    for _ in 0..4 {
-        let report =
-            h.dp.apply(&Compiled::new(&small()))
-                .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(report.entries.addr_v4, 1);
-        assert_eq!(report.stale_entries, 0);
-        seen.push(report.generation);
+    for p in &policies {
+        let c = Compiled::new(p);
+        let report = h.dp.apply(&c).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report.stale_entries, 0, "{:?}", report.stale_reason);
+        let e = &report.entries;
+        let total = e.addr_v4 + e.addr_v6 + e.reserved_v4 + e.reserved_v6 + e.ports;
+        let active = report.generation;
+        let other = if active == GEN_A { GEN_B } else { GEN_A };
+        assert_eq!(
+            h.dp.stored_entries(active).unwrap(),
+            total,
+            "entries of the active generation"
+        );
+        assert_eq!(
+            h.dp.stored_entries(other).unwrap(),
+            0,
+            "the old generation was not removed"
+        );
+        seen.push(active);
     }
     assert_eq!(seen, [GEN_A, GEN_B, GEN_A, GEN_B]);
 }

@@ -50,7 +50,7 @@ pub enum DatapathError {
         needed: u32,
     },
 
-    #[error("map {map}: {source}")]
+    #[error("map {map}: {}", chain(source))]
     Map {
         map: &'static str,
         #[source]
@@ -73,4 +73,16 @@ impl DatapathError {
             source => DatapathError::Program { program, source },
         }
     }
+}
+
+/// An error and its sources on one line ("bpf_map_delete_elem failed: No such file or directory").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
 }

@@ -63,6 +63,8 @@ pub enum TcAttachMode {
 /// link it made (pinning, which keeps them past the agent's exit, comes with the daemon).
 pub struct Datapath {
     ebpf: Ebpf,
+    /// What `apply` knows of the policy maps, so it touches only the entries it must.
+    generations: sync::GenerationState,
 }
 
 impl Datapath {
@@ -86,7 +88,11 @@ impl Datapath {
             let prog: &mut Xdp = program_mut(&mut ebpf, name)?;
             prog.load().map_err(|e| DatapathError::load(name, e))?;
         }
-        Ok(Self { ebpf })
+        // Maps created by this load are empty: both generation slots are clean.
+        Ok(Self {
+            ebpf,
+            generations: sync::GenerationState::fresh(),
+        })
     }
 
     /// The loaded TC egress classifier.

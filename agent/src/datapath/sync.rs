@@ -26,6 +26,33 @@ use crate::policy::{
     model::{Mode, Proto},
 };
 
+/// The keys one generation wrote, so it can be removed with exactly as many deletes.
+#[derive(Default)]
+pub(crate) struct WrittenKeys {
+    v4: Vec<Key<AddrV4>>,
+    v6: Vec<Key<AddrV6>>,
+    reserved_v4: Vec<Key<AddrV4>>,
+    reserved_v6: Vec<Key<AddrV6>>,
+    ports: Vec<Key<PortData>>,
+    rules: u32,
+}
+
+/// Per generation slot: known to hold nothing, or the keys it holds (when this process wrote them).
+/// Anything else (maps adopted from an earlier process) is found by iterating the maps.
+pub(crate) struct GenerationState {
+    clean: [bool; 3],
+    written: [Option<WrittenKeys>; 3],
+}
+
+impl GenerationState {
+    pub(crate) fn fresh() -> Self {
+        Self {
+            clean: [true; 3],
+            written: [None, None, None],
+        }
+    }
+}
+
 /// How many entries a compiled policy needs in each map.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EntryCounts {
@@ -45,6 +72,8 @@ pub struct ApplyReport {
     pub entries: EntryCounts,
     /// Old-generation entries that could not be deleted (they are removed by the next apply).
     pub stale_entries: u32,
+    /// Why, when `stale_entries` is not 0.
+    pub stale_reason: Option<String>,
 }
 
 /// Drop counters summed over CPUs, by reason, enforced and audited.
@@ -159,6 +188,15 @@ fn addr_value(e: &AddrEntry) -> AddrValue {
     }
 }
 
+/// A delete of an entry that is not there (ENOENT), however aya reports it.
+fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }
 }
@@ -251,7 +289,15 @@ impl Datapath {
         Ok(n)
     }
 
-    fn write_generation(&mut self, c: &Compiled, generation: u8) -> Result<(), DatapathError> {
+    /// Writes `c` under `generation`, recording every key in `keys` before it is written (so a failure
+    /// half-way is undone exactly).
+    fn write_generation(
+        &mut self,
+        c: &Compiled,
+        generation: u8,
+        keys: &mut WrittenKeys,
+    ) -> Result<(), DatapathError> {
+        keys.rules = c.rules.len() as u32;
         {
             let mut cfg = typed_map!(self, Array<_, GenConfig>, names::GEN_CONFIG);
             let mode = match c.mode {
@@ -264,64 +310,139 @@ impl Datapath {
         {
             let mut v4 = typed_map!(self, LpmTrie<_, AddrV4, AddrValue>, names::ADDR_V4);
             for (net, e) in c.addr_entries.iter().filter(|e| e.0.addr().is_ipv4()) {
-                v4.insert(&v4_key(generation, net), addr_value(e), 0)
+                keys.v4.push(v4_key(generation, net));
+                v4.insert(keys.v4.last().unwrap(), addr_value(e), 0)
                     .map_err(map_err(names::ADDR_V4))?;
             }
         }
         {
             let mut v6 = typed_map!(self, LpmTrie<_, AddrV6, AddrValue>, names::ADDR_V6);
             for (net, e) in c.addr_entries.iter().filter(|e| e.0.addr().is_ipv6()) {
-                v6.insert(&v6_key(generation, net), addr_value(e), 0)
+                keys.v6.push(v6_key(generation, net));
+                v6.insert(keys.v6.last().unwrap(), addr_value(e), 0)
                     .map_err(map_err(names::ADDR_V6))?;
             }
         }
+        // The same block listed twice is attributed to its first listing (like the reference): write in
+        // reverse so the first listing's index is the one that stays.
+        let reserved: Vec<(usize, &IpNet)> = c
+            .reserved
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, r)| (i, &r.cidr))
+            .collect();
         {
-            // The same block listed twice is attributed to its first listing (like the reference).
             let mut r4 = typed_map!(self, LpmTrie<_, AddrV4, u32>, names::RESERVED_V4);
-            for (i, r) in c
-                .reserved
-                .iter()
-                .enumerate()
-                .rev()
-                .filter(|(_, r)| r.cidr.addr().is_ipv4())
-            {
-                r4.insert(&v4_key(generation, &r.cidr), i as u32, 0)
+            for &(i, net) in reserved.iter().filter(|(_, n)| n.addr().is_ipv4()) {
+                keys.reserved_v4.push(v4_key(generation, net));
+                r4.insert(keys.reserved_v4.last().unwrap(), i as u32, 0)
                     .map_err(map_err(names::RESERVED_V4))?;
             }
         }
         {
             let mut r6 = typed_map!(self, LpmTrie<_, AddrV6, u32>, names::RESERVED_V6);
-            for (i, r) in c
-                .reserved
-                .iter()
-                .enumerate()
-                .rev()
-                .filter(|(_, r)| r.cidr.addr().is_ipv6())
-            {
-                r6.insert(&v6_key(generation, &r.cidr), i as u32, 0)
+            for &(i, net) in reserved.iter().filter(|(_, n)| n.addr().is_ipv6()) {
+                keys.reserved_v6.push(v6_key(generation, net));
+                r6.insert(keys.reserved_v6.last().unwrap(), i as u32, 0)
                     .map_err(map_err(names::RESERVED_V6))?;
             }
         }
         let mut ports = typed_map!(self, LpmTrie<_, PortData, u32>, names::PORTS);
         for (table, proto) in used_tables(c) {
-            {
-                for (base, len, rule) in c.port_tables[table].prefix_blocks() {
-                    let data = PortData {
-                        generation,
-                        table: (table as u32).to_be_bytes(),
-                        proto: proto.number(),
-                        port: base.to_be_bytes(),
-                    };
-                    ports
-                        .insert(
-                            &Key::new(PORT_KEY_FIXED_BITS + u32::from(len), data),
-                            rule,
-                            0,
-                        )
-                        .map_err(map_err(names::PORTS))?;
-                }
+            for (base, len, rule) in c.port_tables[table].prefix_blocks() {
+                let data = PortData {
+                    generation,
+                    table: (table as u32).to_be_bytes(),
+                    proto: proto.number(),
+                    port: base.to_be_bytes(),
+                };
+                keys.ports
+                    .push(Key::new(PORT_KEY_FIXED_BITS + u32::from(len), data));
+                ports
+                    .insert(keys.ports.last().unwrap(), rule, 0)
+                    .map_err(map_err(names::PORTS))?;
             }
         }
+        Ok(())
+    }
+
+    /// Deletes exactly `keys` (entries already gone are fine) and the generation's rule counters.
+    fn remove_written(&mut self, generation: u8, keys: &WrittenKeys) -> Result<u32, DatapathError> {
+        fn remove_all<K: aya::Pod, V: aya::Pod>(
+            map: &mut LpmTrie<&mut MapData, K, V>,
+            keys: &[Key<K>],
+            name: &'static str,
+        ) -> Result<u32, DatapathError> {
+            for k in keys {
+                match map.remove(k) {
+                    Ok(()) => {}
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(map_err(name)(e)),
+                }
+            }
+            Ok(keys.len() as u32)
+        }
+        let mut n = 0;
+        n += remove_all(
+            &mut typed_map!(self, LpmTrie<_, AddrV4, AddrValue>, names::ADDR_V4),
+            &keys.v4,
+            names::ADDR_V4,
+        )?;
+        n += remove_all(
+            &mut typed_map!(self, LpmTrie<_, AddrV6, AddrValue>, names::ADDR_V6),
+            &keys.v6,
+            names::ADDR_V6,
+        )?;
+        n += remove_all(
+            &mut typed_map!(self, LpmTrie<_, AddrV4, u32>, names::RESERVED_V4),
+            &keys.reserved_v4,
+            names::RESERVED_V4,
+        )?;
+        n += remove_all(
+            &mut typed_map!(self, LpmTrie<_, AddrV6, u32>, names::RESERVED_V6),
+            &keys.reserved_v6,
+            names::RESERVED_V6,
+        )?;
+        n += remove_all(
+            &mut typed_map!(self, LpmTrie<_, PortData, u32>, names::PORTS),
+            &keys.ports,
+            names::PORTS,
+        )?;
+        let mut stats =
+            typed_map!(self, PerCpuHashMap<_, RuleStatsKey, RuleStats>, names::RULE_STATS);
+        for rule in 1..=keys.rules {
+            match stats.remove(&RuleStatsKey {
+                generation: u32::from(generation),
+                rule,
+            }) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err(names::RULE_STATS)(e)),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Empties a generation slot: by its recorded keys when this process wrote it, else by iterating the
+    /// maps (state adopted from elsewhere, or a slot whose keys were lost).
+    fn clear_generation(&mut self, generation: u8) -> Result<(), DatapathError> {
+        let slot = usize::from(generation);
+        if self.generations.clean[slot] {
+            return Ok(());
+        }
+        match self.generations.written[slot].take() {
+            Some(keys) => {
+                if let Err(e) = self.remove_written(generation, &keys) {
+                    self.generations.written[slot] = Some(keys);
+                    return Err(e);
+                }
+            }
+            None => {
+                self.purge_generation(generation)?;
+            }
+        }
+        self.generations.clean[slot] = true;
         Ok(())
     }
 
@@ -333,6 +454,9 @@ impl Datapath {
 
     /// Applies `c` atomically: capacity checked, new generation written, `ACTIVE` flipped, old generation
     /// removed. On any error before the flip the previous policy stays active and untouched.
+    ///
+    /// Cost: one map write per entry of the new policy and one delete per entry of the old one, whatever
+    /// changed: every packet must see one whole generation, so a new generation is written in full.
     pub fn apply(&mut self, c: &Compiled) -> Result<ApplyReport, DatapathError> {
         let entries = entry_counts(c);
         check_capacity(&entries)?;
@@ -342,22 +466,30 @@ impl Datapath {
         } else {
             GEN_A
         };
-        // Leftovers of an earlier apply that failed half-way.
-        self.purge_generation(next)?;
-        if let Err(e) = self.write_generation(c, next) {
-            let _ = self.purge_generation(next);
+        // Leftovers of an earlier apply that failed half-way, or of another process.
+        self.clear_generation(next)?;
+        let mut keys = WrittenKeys::default();
+        self.generations.clean[usize::from(next)] = false;
+        let written = self.write_generation(c, next, &mut keys);
+        self.generations.written[usize::from(next)] = Some(keys);
+        if let Err(e) = written {
+            if let Err(cleanup) = self.clear_generation(next) {
+                tracing::warn!(error = %cleanup, generation = next, "partial generation not removed; the next apply removes it");
+            }
             return Err(e);
         }
         self.set_active(next)?;
         tracing::info!(generation = next, ?previous, "policy generation active");
-        let mut stale = 0;
+        let (mut stale, mut stale_reason) = (0, None);
         if let Some(old) = previous {
             // A packet that read the old generation just before the flip finishes its few lookups within
             // microseconds (BPF programs run to completion); give it that before deleting what it reads.
             std::thread::sleep(Duration::from_millis(2));
-            if let Err(e) = self.purge_generation(old) {
+            self.generations.clean[usize::from(old)] = false;
+            if let Err(e) = self.clear_generation(old) {
                 tracing::warn!(error = %e, generation = old, "old generation not fully removed; the next apply removes it");
                 stale = 1;
+                stale_reason = Some(e.to_string());
             }
         }
         Ok(ApplyReport {
@@ -365,7 +497,49 @@ impl Datapath {
             previous_generation: previous,
             entries,
             stale_entries: stale,
+            stale_reason,
         })
+    }
+
+    /// How many policy-map entries (addresses, reserved blocks, port blocks) `generation` holds, found by
+    /// iterating the maps (for status and tests).
+    pub fn stored_entries(&mut self, generation: u8) -> Result<u32, DatapathError> {
+        fn count<K: aya::Pod, V: aya::Pod>(
+            map: &LpmTrie<&mut MapData, K, V>,
+            generation: u8,
+            gen_of: impl Fn(&K) -> u8,
+        ) -> u32 {
+            map.keys()
+                .filter_map(Result::ok)
+                .filter(|k| gen_of(&k.data()) == generation)
+                .count() as u32
+        }
+        let mut n = count(
+            &typed_map!(self, LpmTrie<_, AddrV4, AddrValue>, names::ADDR_V4),
+            generation,
+            |k| k.generation,
+        );
+        n += count(
+            &typed_map!(self, LpmTrie<_, AddrV6, AddrValue>, names::ADDR_V6),
+            generation,
+            |k| k.generation,
+        );
+        n += count(
+            &typed_map!(self, LpmTrie<_, AddrV4, u32>, names::RESERVED_V4),
+            generation,
+            |k| k.generation,
+        );
+        n += count(
+            &typed_map!(self, LpmTrie<_, AddrV6, u32>, names::RESERVED_V6),
+            generation,
+            |k| k.generation,
+        );
+        n += count(
+            &typed_map!(self, LpmTrie<_, PortData, u32>, names::PORTS),
+            generation,
+            |k| k.generation,
+        );
+        Ok(n)
     }
 
     /// Per-rule counters of the active generation, summed over CPUs: rule id -> (packets, bytes).
