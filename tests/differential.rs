@@ -173,6 +173,53 @@ fn random_policy(r: &mut Rng) -> Policy {
     }
 }
 
+/// `prev` edited in place (same rules, same mode): addresses, ports and protocols change, accessible
+/// blocks are added or removed at the end. Applying it exercises the incremental path.
+fn mutate(prev: &Policy, r: &mut Rng) -> Policy {
+    let mut p = prev.clone();
+    for a in p.authorizations.iter_mut() {
+        if r.chance(40) {
+            a.address = random_net(r);
+        }
+        if r.chance(40) {
+            a.ports = random_ports(r);
+        }
+    }
+    for n in p.upstreams.iter_mut().flat_map(|u| u.nodes.iter_mut()) {
+        if r.chance(30) {
+            n.port = 1 + r.below(300) as u16;
+        }
+    }
+    if r.chance(50) {
+        p.instance.reserved = (0..r.below(3))
+            .map(|_| {
+                p.instance.reserved.first().cloned().unwrap_or(Reserved {
+                    cidr: random_net(r),
+                    source: ReservedSource::Explicit,
+                    pos: Pos::default(),
+                })
+            })
+            .collect();
+    }
+    match r.below(3) {
+        0 if !p.accessible.is_empty() => {
+            p.accessible.pop();
+        }
+        1 => p.accessible.push(Accessible {
+            cidr: random_net(r),
+            ports: random_ports(r),
+            protocols: vec![Proto::Tcp],
+            pos: Pos::default(),
+        }),
+        _ => {
+            for a in p.accessible.iter_mut() {
+                a.cidr = random_net(r);
+            }
+        }
+    }
+    p
+}
+
 /// Addresses and ports where the policy's decisions change.
 fn interesting(p: &Policy) -> (Vec<IpAddr>, Vec<u16>) {
     let mut nets: Vec<IpNet> = p.authorizations.iter().map(|a| a.address).collect();
@@ -338,10 +385,20 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
     let mut h = Harness::new();
     let per_policy = packets.div_ceil(policies);
     let (mut ran, mut mismatches, mut replies, mut tc_runs) = (0u64, vec![], 0u64, 0u64);
+    // Policies applied in place (same rule identities and mode as the one before): the final state of an
+    // incremental apply must decide exactly like the reference too.
+    let mut incremental = 0u64;
+    let mut previous: Option<Policy> = None;
     let mut kinds = std::collections::BTreeMap::<String, u64>::new();
     for policy_no in 0..policies {
-        let policy = random_policy(&mut r);
-        h.apply(&policy);
+        let policy = match &previous {
+            Some(prev) if r.chance(50) => mutate(prev, &mut r),
+            _ => random_policy(&mut r),
+        };
+        previous = Some(policy.clone());
+        if h.apply(&policy).incremental {
+            incremental += 1;
+        }
         let (addrs, ports) = interesting(&policy);
         let mut pending_first: Vec<(IpAddr, u16, u32)> = vec![];
         for i in 0..per_policy {
@@ -409,7 +466,7 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
         }
     }
     eprintln!(
-        "differential: {ran} packets ({tc_runs} through TC too), {replies} recorded reply flows; verdict bases: {kinds:?}"
+        "differential: {ran} packets ({tc_runs} through TC too), {replies} recorded reply flows, {incremental} of {policies} policies applied incrementally; verdict bases: {kinds:?}"
     );
     assert!(
         mismatches.is_empty(),
@@ -418,6 +475,10 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
         mismatches.join("\n")
     );
     assert_eq!(ran, packets, "ran fewer packets than asked");
+    assert!(
+        policies < 10 || incremental > 0,
+        "no policy was applied incrementally: that path went untested"
+    );
     // The run must have exercised every kind of decision, or it proves less than it claims.
     for basis in [
         "NotIp",

@@ -6,7 +6,7 @@ use std::{
     net::{SocketAddr, UdpSocket},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -18,6 +18,8 @@ use vpcgate::{
 use vpcgate_lab::netns::{GW_IF, Pair, VPC_IF};
 
 const SWAPS: usize = 1000;
+/// Stream rounds (one datagram to each destination) that must cross the filter during the swaps.
+const MIN_ROUNDS: u64 = 20_000;
 /// Upper bound on datagrams per destination, whatever the speed of the machine.
 const MAX_PER_DEST: u64 = 2_000_000;
 /// Upper bound on the whole test's streaming time.
@@ -72,13 +74,65 @@ fn compiled(extra: &str) -> Compiled {
     Compiled::new(&c.policy.unwrap_or_else(|| panic!("{:?}", c.diagnostics)))
 }
 
+/// A2 and B2 name the same rules (edited in place): swaps between them are incremental.
+const A2: &str = r#"
+[[authorization]]
+name = "svc"
+vpc_id = "vpc-lab"
+address = "10.200.0.2"
+ports = ["9000"]
+protocol = "udp"
+[[authorization]]
+name = "svc6"
+vpc_id = "vpc-lab"
+address = "fd00:200::2"
+ports = ["9000"]
+protocol = "udp"
+[[authorization]]
+name = "wide"
+vpc_id = "vpc-lab"
+address = "10.200.0.0/24"
+ports = ["7000"]
+protocol = "udp"
+"#;
+
+const B2: &str = r#"
+[[authorization]]
+name = "svc"
+vpc_id = "vpc-lab"
+address = "10.200.0.0/30"
+ports = ["8999-9001"]
+protocol = "udp"
+[[authorization]]
+name = "svc6"
+vpc_id = "vpc-lab"
+address = "fd00:200::/126"
+ports = ["9000-9001"]
+protocol = "udp"
+[[authorization]]
+name = "wide"
+vpc_id = "vpc-lab"
+address = "10.200.0.0/24"
+ports = ["7001"]
+protocol = "udp"
+"#;
+
 #[test]
-fn a_thousand_swaps_under_traffic_never_drop_what_both_allow_nor_pass_what_both_deny() {
+fn a_thousand_generation_swaps_under_traffic_never_drop_what_both_allow_nor_pass_what_both_deny() {
+    swaps_under_traffic(A, B, false);
+}
+
+#[test]
+fn a_thousand_incremental_swaps_under_traffic_never_drop_what_both_allow_nor_pass_what_both_deny() {
+    swaps_under_traffic(A2, B2, true);
+}
+
+fn swaps_under_traffic(policy_a: &str, policy_b: &str, incremental: bool) {
     vpcgate_lab::require_root();
     let pair = Pair::new();
     pair.vpc
         .ip(&["addr", "add", "10.200.0.10/24", "dev", VPC_IF]);
-    let (a, b) = (compiled(A), compiled(B));
+    let (a, b) = (compiled(policy_a), compiled(policy_b));
     let mut dp = Datapath::load().unwrap_or_else(|e| panic!("{e}"));
     dp.apply(&a).unwrap_or_else(|e| panic!("{e}"));
     pair.gw.run(|| {
@@ -98,8 +152,9 @@ fn a_thousand_swaps_under_traffic_never_drop_what_both_allow_nor_pass_what_both_
     let sock6 = pair.gw.run(|| UdpSocket::bind("[::]:0").unwrap());
 
     let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
     let sender = {
-        let stop = stop.clone();
+        let (stop, rounds) = (stop.clone(), rounds.clone());
         std::thread::spawn(move || {
             let targets: Vec<SocketAddr> = ALLOWED
                 .iter()
@@ -122,24 +177,41 @@ fn a_thousand_swaps_under_traffic_never_drop_what_both_allow_nor_pass_what_both_
                     }
                 }
                 round += 1;
+                rounds.store(round, Ordering::Relaxed);
             }
             (sent_ok, sent_err)
         })
     };
     let start = Instant::now();
     let mut generations = vec![];
-    for i in 0..SWAPS {
+    // At least SWAPS swaps, and keep swapping until the stream has sent MIN_ROUNDS rounds across them
+    // (incremental swaps are fast), within MAX_STREAM.
+    let mut i = 0;
+    while (i < SWAPS || rounds.load(Ordering::Relaxed) < MIN_ROUNDS) && start.elapsed() < MAX_STREAM
+    {
         let report = dp
             .apply(if i % 2 == 0 { &b } else { &a })
             .unwrap_or_else(|e| panic!("swap {i}: {e}"));
         assert_eq!(report.stale_entries, 0);
+        assert_eq!(report.incremental, incremental, "swap {i}: {report:?}");
         generations.push(report.generation);
+        i += 1;
     }
+    let swaps = i;
+    assert!(swaps >= SWAPS);
     let swap_time = start.elapsed();
     stop.store(true, Ordering::Relaxed);
     let (sent_ok, sent_err) = sender.join().unwrap();
     generations.dedup();
-    assert_eq!(generations.len(), SWAPS, "generations did not alternate");
+    if incremental {
+        assert_eq!(
+            generations.len(),
+            1,
+            "an incremental swap changed the generation"
+        );
+    } else {
+        assert_eq!(generations.len(), swaps, "generations did not alternate");
+    }
 
     let observed = |d: &str| {
         let sa: SocketAddr = d.parse().unwrap();
@@ -177,7 +249,12 @@ fn a_thousand_swaps_under_traffic_never_drop_what_both_allow_nor_pass_what_both_
         assert!(o.dropped > 0);
     }
     eprintln!(
-        "swap: {SWAPS} policy swaps in {swap_time:?} while {total} packets crossed the filter ({} allowed, none dropped; {} denied, none passed)",
+        "swap ({}): {swaps} policy swaps in {swap_time:?} while {total} packets crossed the filter ({} allowed, none dropped; {} denied, none passed)",
+        if incremental {
+            "incremental"
+        } else {
+            "generation flips"
+        },
         ALLOWED.iter().map(|d| observed(d).passed).sum::<u64>(),
         DENIED.iter().map(|d| observed(d).dropped).sum::<u64>(),
     );

@@ -129,13 +129,14 @@ impl Harness {
     }
 
     /// Applies `policy` and forgets all flow state (kernel and reference).
-    pub fn apply(&mut self, policy: &Policy) {
+    pub fn apply(&mut self, policy: &Policy) -> vpcgate::datapath::ApplyReport {
         let c = Compiled::new(policy);
-        self.dp.apply(&c).unwrap_or_else(|e| panic!("apply: {e}"));
+        let report = self.dp.apply(&c).unwrap_or_else(|e| panic!("apply: {e}"));
         self.dp.clear_flow_state().expect("clear flow state");
         self.flows.clear();
         self.first_fragments.clear();
         self.compiled = Some(c);
+        report
     }
 
     /// Records a flow a peer initiated, whose outbound replies look like `reply` (kernel and reference).

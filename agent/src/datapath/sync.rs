@@ -22,7 +22,7 @@ use vpcgate_common::{
 
 use super::{Datapath, DatapathError};
 use crate::policy::{
-    compile::{AddrEntry, Compiled},
+    compile::{AddrEntry, Compiled, PortTable, RuleKind},
     model::{Mode, Proto},
 };
 
@@ -42,6 +42,23 @@ pub(crate) struct WrittenKeys {
 pub(crate) struct GenerationState {
     clean: [bool; 3],
     written: [Option<WrittenKeys>; 3],
+    /// The active policy as written (when this process wrote it): what an incremental apply diffs against.
+    active: Option<Active>,
+}
+
+/// The active generation's entries, with the kernel's port-table ids.
+pub(crate) struct Active {
+    generation: u8,
+    mode: Mode,
+    /// Rule identities in id order: an incremental apply needs every surviving rule to keep its id.
+    identities: Vec<(RuleKind, String)>,
+    addr: HashMap<IpNet, AddrValue>,
+    reserved: HashMap<IpNet, u32>,
+    /// (table content, protocol) -> kernel table id.
+    tables: HashMap<(PortTable, Proto), u32>,
+    next_table: u32,
+    /// What to restore if an incremental apply fails half-way.
+    compiled: Compiled,
 }
 
 impl GenerationState {
@@ -49,6 +66,7 @@ impl GenerationState {
         Self {
             clean: [true; 3],
             written: [None, None, None],
+            active: None,
         }
     }
 }
@@ -74,6 +92,14 @@ pub struct ApplyReport {
     pub stale_entries: u32,
     /// Why, when `stale_entries` is not 0.
     pub stale_reason: Option<String>,
+    /// Applied in place in the active generation (only what changed), rather than as a new generation.
+    pub incremental: bool,
+    /// Map entries written or deleted in the policy maps.
+    pub map_writes: u32,
+}
+
+fn entries_total(e: &EntryCounts) -> u32 {
+    e.addr_v4 + e.addr_v6 + e.reserved_v4 + e.reserved_v6 + e.ports
 }
 
 /// Drop counters summed over CPUs, by reason, enforced and audited.
@@ -229,6 +255,80 @@ fn purge<K: aya::Pod, V: aya::Pod>(
         removed += 1;
     }
     Ok(removed)
+}
+
+fn identities(c: &Compiled) -> Vec<(RuleKind, String)> {
+    c.rules.iter().map(|r| (r.kind, r.name.clone())).collect()
+}
+
+/// The state a full write of `c` under `generation` leaves (table ids are the compiled indices).
+fn active_after_full_write(c: &Compiled, generation: u8) -> Active {
+    let tables: HashMap<(PortTable, Proto), u32> = used_tables(c)
+        .into_iter()
+        .map(|(t, p)| ((c.port_tables[t].clone(), p), t as u32))
+        .collect();
+    Active {
+        generation,
+        mode: c.mode,
+        identities: identities(c),
+        addr: c
+            .addr_entries
+            .iter()
+            .map(|(n, e)| (*n, addr_value(e)))
+            .collect(),
+        reserved: reserved_values(c),
+        tables,
+        next_table: c.port_tables.len() as u32,
+        compiled: c.clone(),
+    }
+}
+
+/// Reserved prefix -> index of its first listing.
+fn reserved_values(c: &Compiled) -> HashMap<IpNet, u32> {
+    let mut out = HashMap::new();
+    for (i, r) in c.reserved.iter().enumerate() {
+        out.entry(r.cidr).or_insert(i as u32);
+    }
+    out
+}
+
+/// The keys an `Active` state holds (to remove its generation exactly later).
+fn keys_of(a: &Active, rules: u32) -> WrittenKeys {
+    let g = a.generation;
+    let mut k = WrittenKeys {
+        rules,
+        ..WrittenKeys::default()
+    };
+    for n in a.addr.keys() {
+        match n {
+            IpNet::V4(_) => k.v4.push(v4_key(g, n)),
+            IpNet::V6(_) => k.v6.push(v6_key(g, n)),
+        }
+    }
+    for n in a.reserved.keys() {
+        match n {
+            IpNet::V4(_) => k.reserved_v4.push(v4_key(g, n)),
+            IpNet::V6(_) => k.reserved_v6.push(v6_key(g, n)),
+        }
+    }
+    for ((t, p), id) in &a.tables {
+        k.ports.extend(
+            t.prefix_blocks()
+                .into_iter()
+                .map(|(base, len, _)| port_key(g, *id, *p, base, len)),
+        );
+    }
+    k
+}
+
+fn port_key(generation: u8, table: u32, proto: Proto, base: u16, len: u8) -> Key<PortData> {
+    let data = PortData {
+        generation,
+        table: table.to_be_bytes(),
+        proto: proto.number(),
+        port: base.to_be_bytes(),
+    };
+    Key::new(PORT_KEY_FIXED_BITS + u32::from(len), data)
 }
 
 impl Datapath {
@@ -452,15 +552,42 @@ impl Datapath {
             .map_err(map_err(names::ACTIVE))
     }
 
-    /// Applies `c` atomically: capacity checked, new generation written, `ACTIVE` flipped, old generation
-    /// removed. On any error before the flip the previous policy stays active and untouched.
+    /// Applies `c`: capacity checked, then either
     ///
-    /// Cost: one map write per entry of the new policy and one delete per entry of the old one, whatever
-    /// changed: every packet must see one whole generation, so a new generation is written in full.
+    /// - incrementally, in the active generation, when every rule that stays keeps its id (rules edited in
+    ///   place, added or removed at the end) and the mode is unchanged: only the entries that differ are
+    ///   written, in an order that keeps each packet's decision either the old policy's or the new one's
+    ///   for its destination (new prefixes longest first, then changed values, then removals shortest
+    ///   first; reserved blocks added first and removed last; port tables written before and deleted after
+    ///   the entries that name them). A failure half-way restores the old policy by a generation flip.
+    /// - or as a new generation: written in full under the inactive generation, `ACTIVE` flipped, the old
+    ///   generation deleted. A failure before the flip leaves the old policy active and untouched.
     pub fn apply(&mut self, c: &Compiled) -> Result<ApplyReport, DatapathError> {
         let entries = entry_counts(c);
         check_capacity(&entries)?;
         let previous = self.active_generation()?;
+        let incremental = match &self.generations.active {
+            Some(a) => {
+                let old = &a.identities;
+                let new = identities(c);
+                Some(a.generation) == previous
+                    && a.mode == c.mode
+                    && old.iter().zip(new.iter()).all(|(x, y)| x == y)
+            }
+            None => false,
+        };
+        if incremental {
+            return self.apply_incremental(c, entries);
+        }
+        self.apply_generation(c, entries, previous)
+    }
+
+    fn apply_generation(
+        &mut self,
+        c: &Compiled,
+        entries: EntryCounts,
+        previous: Option<u8>,
+    ) -> Result<ApplyReport, DatapathError> {
         let next = if previous == Some(GEN_A) {
             GEN_B
         } else {
@@ -479,6 +606,7 @@ impl Datapath {
             return Err(e);
         }
         self.set_active(next)?;
+        self.generations.active = Some(active_after_full_write(c, next));
         tracing::info!(generation = next, ?previous, "policy generation active");
         let (mut stale, mut stale_reason) = (0, None);
         if let Some(old) = previous {
@@ -495,10 +623,231 @@ impl Datapath {
         Ok(ApplyReport {
             generation: next,
             previous_generation: previous,
+            map_writes: entries_total(&entries),
             entries,
             stale_entries: stale,
             stale_reason,
+            incremental: false,
         })
+    }
+
+    fn apply_incremental(
+        &mut self,
+        c: &Compiled,
+        entries: EntryCounts,
+    ) -> Result<ApplyReport, DatapathError> {
+        let old = self.generations.active.take().expect("checked by apply");
+        match self.write_diff(&old, c) {
+            Ok((new, writes)) => {
+                let g = new.generation;
+                self.generations.written[usize::from(g)] =
+                    Some(keys_of(&new, c.rules.len() as u32));
+                self.generations.active = Some(new);
+                tracing::info!(generation = g, writes, "policy applied incrementally");
+                Ok(ApplyReport {
+                    generation: g,
+                    previous_generation: Some(g),
+                    entries,
+                    stale_entries: 0,
+                    stale_reason: None,
+                    incremental: true,
+                    map_writes: writes,
+                })
+            }
+            Err(e) => {
+                // The active generation now mixes both policies: restore the old one, whole, by a flip.
+                tracing::error!(error = %e, "incremental apply failed; restoring the previous policy");
+                self.generations.written[usize::from(old.generation)] = None;
+                self.generations.clean[usize::from(old.generation)] = false;
+                if let Err(restore) = self.apply_generation(
+                    &old.compiled,
+                    entry_counts(&old.compiled),
+                    Some(old.generation),
+                ) {
+                    tracing::error!(error = %restore, "restoring the previous policy failed too");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes the difference between `old` (active) and `c` into the active generation; returns the new
+    /// state and the number of map writes and deletes.
+    fn write_diff(&mut self, old: &Active, c: &Compiled) -> Result<(Active, u32), DatapathError> {
+        let g = old.generation;
+        let mut writes = 0u32;
+        // Port tables: reuse the kernel id of an identical table; write new ones before anything names them.
+        let mut tables: HashMap<(PortTable, Proto), u32> = HashMap::new();
+        let mut remap: HashMap<(u32, Proto), u32> = HashMap::new();
+        let mut next_table = old.next_table;
+        let mut fresh = vec![];
+        for (t, p) in used_tables(c) {
+            let key = (c.port_tables[t].clone(), p);
+            let id = match old.tables.get(&key) {
+                Some(&id) => id,
+                None => {
+                    let id = next_table;
+                    next_table += 1;
+                    fresh.push((key.clone(), id));
+                    id
+                }
+            };
+            tables.insert(key, id);
+            remap.insert((t as u32, p), id);
+        }
+        {
+            let mut ports = typed_map!(self, LpmTrie<_, PortData, u32>, names::PORTS);
+            for ((t, p), id) in &fresh {
+                for (base, len, rule) in t.prefix_blocks() {
+                    ports
+                        .insert(&port_key(g, *id, *p, base, len), rule, 0)
+                        .map_err(map_err(names::PORTS))?;
+                    writes += 1;
+                }
+            }
+        }
+        let kernel_value = |e: &AddrEntry| {
+            let mut v = addr_value(e);
+            for (i, p) in Proto::ALL.into_iter().enumerate() {
+                v.port_table[i] = remap.get(&(e.port_table[i], p)).copied().unwrap_or(0);
+            }
+            v
+        };
+        let addr: HashMap<IpNet, AddrValue> = c
+            .addr_entries
+            .iter()
+            .map(|(n, e)| (*n, kernel_value(e)))
+            .collect();
+        let reserved = reserved_values(c);
+        // Reserved blocks: added (or re-attributed) first.
+        for (n, &i) in &reserved {
+            if old.reserved.get(n) != Some(&i) {
+                self.put_reserved(g, n, i)?;
+                writes += 1;
+            }
+        }
+        // New prefixes, longest first; then changed values.
+        let mut added: Vec<&IpNet> = addr.keys().filter(|n| !old.addr.contains_key(*n)).collect();
+        added.sort_by_key(|n| std::cmp::Reverse(n.prefix_len()));
+        let changed: Vec<&IpNet> = addr
+            .keys()
+            .filter(|n| old.addr.get(*n).is_some_and(|v| *v != addr[*n]))
+            .collect();
+        for n in added.into_iter().chain(changed) {
+            self.put_addr(g, n, addr[n])?;
+            writes += 1;
+        }
+        // Prefixes the new policy does not have, shortest first; then reserved blocks it does not have.
+        let mut removed: Vec<&IpNet> = old.addr.keys().filter(|n| !addr.contains_key(*n)).collect();
+        removed.sort_by_key(|n| n.prefix_len());
+        for n in removed {
+            self.remove_addr(g, n)?;
+            writes += 1;
+        }
+        for n in old.reserved.keys().filter(|n| !reserved.contains_key(*n)) {
+            self.remove_reserved(g, n)?;
+            writes += 1;
+        }
+        // Port tables nothing names any more.
+        let kept: std::collections::HashSet<u32> = tables.values().copied().collect();
+        {
+            let mut ports = typed_map!(self, LpmTrie<_, PortData, u32>, names::PORTS);
+            for ((t, p), id) in old.tables.iter().filter(|(_, id)| !kept.contains(*id)) {
+                for (base, len, _) in t.prefix_blocks() {
+                    match ports.remove(&port_key(g, *id, *p, base, len)) {
+                        Ok(()) => {}
+                        Err(e) if is_not_found(&e) => {}
+                        Err(e) => return Err(map_err(names::PORTS)(e)),
+                    }
+                    writes += 1;
+                }
+            }
+        }
+        // Counters of rules removed from the end.
+        {
+            let mut stats =
+                typed_map!(self, PerCpuHashMap<_, RuleStatsKey, RuleStats>, names::RULE_STATS);
+            for rule in c.rules.len() as u32 + 1..=old.identities.len() as u32 {
+                match stats.remove(&RuleStatsKey {
+                    generation: u32::from(g),
+                    rule,
+                }) {
+                    Ok(()) => {}
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(map_err(names::RULE_STATS)(e)),
+                }
+            }
+        }
+        let new = Active {
+            generation: g,
+            mode: c.mode,
+            identities: identities(c),
+            addr,
+            reserved,
+            tables,
+            next_table,
+            compiled: c.clone(),
+        };
+        Ok((new, writes))
+    }
+
+    fn put_addr(&mut self, g: u8, n: &IpNet, v: AddrValue) -> Result<(), DatapathError> {
+        match n {
+            IpNet::V4(_) => typed_map!(self, LpmTrie<_, AddrV4, AddrValue>, names::ADDR_V4)
+                .insert(&v4_key(g, n), v, 0)
+                .map_err(map_err(names::ADDR_V4)),
+            IpNet::V6(_) => typed_map!(self, LpmTrie<_, AddrV6, AddrValue>, names::ADDR_V6)
+                .insert(&v6_key(g, n), v, 0)
+                .map_err(map_err(names::ADDR_V6)),
+        }
+    }
+
+    fn remove_addr(&mut self, g: u8, n: &IpNet) -> Result<(), DatapathError> {
+        let r = match n {
+            IpNet::V4(_) => typed_map!(self, LpmTrie<_, AddrV4, AddrValue>, names::ADDR_V4)
+                .remove(&v4_key(g, n)),
+            IpNet::V6(_) => typed_map!(self, LpmTrie<_, AddrV6, AddrValue>, names::ADDR_V6)
+                .remove(&v6_key(g, n)),
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(map_err(if n.addr().is_ipv4() {
+                names::ADDR_V4
+            } else {
+                names::ADDR_V6
+            })(e)),
+        }
+    }
+
+    fn put_reserved(&mut self, g: u8, n: &IpNet, index: u32) -> Result<(), DatapathError> {
+        match n {
+            IpNet::V4(_) => typed_map!(self, LpmTrie<_, AddrV4, u32>, names::RESERVED_V4)
+                .insert(&v4_key(g, n), index, 0)
+                .map_err(map_err(names::RESERVED_V4)),
+            IpNet::V6(_) => typed_map!(self, LpmTrie<_, AddrV6, u32>, names::RESERVED_V6)
+                .insert(&v6_key(g, n), index, 0)
+                .map_err(map_err(names::RESERVED_V6)),
+        }
+    }
+
+    fn remove_reserved(&mut self, g: u8, n: &IpNet) -> Result<(), DatapathError> {
+        let r =
+            match n {
+                IpNet::V4(_) => typed_map!(self, LpmTrie<_, AddrV4, u32>, names::RESERVED_V4)
+                    .remove(&v4_key(g, n)),
+                IpNet::V6(_) => typed_map!(self, LpmTrie<_, AddrV6, u32>, names::RESERVED_V6)
+                    .remove(&v6_key(g, n)),
+            };
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(map_err(if n.addr().is_ipv4() {
+                names::RESERVED_V4
+            } else {
+                names::RESERVED_V6
+            })(e)),
+        }
     }
 
     /// How many policy-map entries (addresses, reserved blocks, port blocks) `generation` holds, found by
