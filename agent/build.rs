@@ -14,8 +14,15 @@ use std::{
 const SETUP_HINT: &str = "run `cargo xtask setup` (as root, on Debian) to install the kernel-side toolchain, \
      or set VPCGATE_EBPF_OBJ to a prebuilt object";
 
+/// The toolchain is missing: say how to install it.
 fn fail(msg: &str) -> ! {
     println!("cargo::error=vpcgate: cannot build the kernel programs: {msg}; {SETUP_HINT}");
+    exit(1)
+}
+
+/// The toolchain is there but the kernel crate did not build: its errors are above.
+fn build_failed(msg: &str) -> ! {
+    println!("cargo::error=vpcgate: the kernel crate (ebpf/) failed to build: {msg}; its compiler errors are above");
     exit(1)
 }
 
@@ -138,9 +145,9 @@ fn main() {
     cmd.stdout(std::io::stderr());
     let status = cmd
         .status()
-        .unwrap_or_else(|e| fail(&format!("running {cmd:?}: {e}")));
+        .unwrap_or_else(|e| fail(&format!("cannot run rustup: {e}")));
     if !status.success() {
-        fail(&format!("{cmd:?} failed ({status})"));
+        build_failed(&format!("cargo build --target bpfel-unknown-none exited with {status}"));
     }
     let built = target_dir.join("bpfel-unknown-none/release/vpcgate");
     if let Err(e) = std::fs::copy(&built, &dest) {
