@@ -48,9 +48,9 @@ fn installed(package: &str) -> bool {
         .is_some_and(|s| s.contains("install ok installed"))
 }
 
-/// LLVM major version of a rustc (`rustc -vV`).
-fn rustc_llvm_major(rustc: &str) -> Option<u32> {
-    let v = output(cmd(rustc).arg("-vV"))?;
+/// LLVM major version of a rustc, from its `-vV` output (`c` runs that rustc).
+fn llvm_major(c: &mut std::process::Command) -> Option<u32> {
+    let v = output(c.arg("-vV"))?;
     let line = v.lines().find_map(|l| l.strip_prefix("LLVM version: "))?;
     line.split('.').next()?.trim().parse().ok()
 }
@@ -126,7 +126,7 @@ fn survey() -> Vec<Missing> {
         }
     }
     // The kernel-side compiler: Debian's rustc (needs its LLVM dev package for bpf-linker).
-    let llvm = rustc_llvm_major("/usr/bin/rustc");
+    let llvm = llvm_major(&mut cmd("/usr/bin/rustc"));
     if debian {
         if let Some(llvm) = llvm {
             for pkg in [format!("llvm-{llvm}-dev"), format!("libpolly-{llvm}-dev")] {
@@ -161,18 +161,10 @@ fn survey() -> Vec<Missing> {
     // bpf-linker, on the same LLVM major version as the rustc that emits the bitcode it links.
     let want_llvm = if debian {
         llvm
+    } else if nightly_has_rust_src() {
+        llvm_major(cmd("rustup").args(["run", "nightly", "rustc"]))
     } else {
-        rustc_llvm_major("rustc")
-            .filter(|_| nightly_has_rust_src())
-            .and_then(|_| {
-                output(cmd("rustup").args(["run", "nightly", "rustc", "-vV"]))
-                    .and_then(|v| {
-                        v.lines()
-                            .find_map(|l| l.strip_prefix("LLVM version: "))
-                            .map(str::to_owned)
-                    })
-                    .and_then(|v| v.split('.').next().and_then(|m| m.parse().ok()))
-            })
+        None
     };
     match (bpf_linker_path(), want_llvm) {
         (None, Some(llvm)) => missing.push(Missing {
