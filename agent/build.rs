@@ -22,7 +22,9 @@ fn fail(msg: &str) -> ! {
 
 /// The toolchain is there but the kernel crate did not build: its errors are above.
 fn build_failed(msg: &str) -> ! {
-    println!("cargo::error=vpcgate: the kernel crate (ebpf/) failed to build: {msg}; its compiler errors are above");
+    println!(
+        "cargo::error=vpcgate: the kernel crate (ebpf/) failed to build: {msg}; its compiler errors are above"
+    );
     exit(1)
 }
 
@@ -147,7 +149,9 @@ fn main() {
         .status()
         .unwrap_or_else(|e| fail(&format!("cannot run rustup: {e}")));
     if !status.success() {
-        build_failed(&format!("cargo build --target bpfel-unknown-none exited with {status}"));
+        build_failed(&format!(
+            "cargo build --target bpfel-unknown-none exited with {status}"
+        ));
     }
     let built = target_dir.join("bpfel-unknown-none/release/vpcgate");
     if let Err(e) = std::fs::copy(&built, &dest) {
