@@ -26,6 +26,10 @@ use crate::policy::{
     model::{Mode, Proto},
 };
 
+/// How long to wait before deleting entries a packet in flight may still be about to read. BPF programs
+/// run to completion in microseconds; this is orders of magnitude more.
+const GRACE: Duration = Duration::from_millis(2);
+
 /// The keys one generation wrote, so it can be removed with exactly as many deletes.
 #[derive(Default)]
 pub(crate) struct WrittenKeys {
@@ -612,7 +616,7 @@ impl Datapath {
         if let Some(old) = previous {
             // A packet that read the old generation just before the flip finishes its few lookups within
             // microseconds (BPF programs run to completion); give it that before deleting what it reads.
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(GRACE);
             self.generations.clean[usize::from(old)] = false;
             if let Err(e) = self.clear_generation(old) {
                 tracing::warn!(error = %e, generation = old, "old generation not fully removed; the next apply removes it");
@@ -748,8 +752,13 @@ impl Datapath {
             self.remove_reserved(g, n)?;
             writes += 1;
         }
-        // Port tables nothing names any more.
+        // Port tables nothing names any more. A packet looks up its address entry, then the port table
+        // that entry names: one that read an old entry just before it changed must still find that table,
+        // so wait out in-flight packets (as between a generation flip and deleting the old generation).
         let kept: std::collections::HashSet<u32> = tables.values().copied().collect();
+        if old.tables.values().any(|id| !kept.contains(id)) {
+            std::thread::sleep(GRACE);
+        }
         {
             let mut ports = typed_map!(self, LpmTrie<_, PortData, u32>, names::PORTS);
             for ((t, p), id) in old.tables.iter().filter(|(_, id)| !kept.contains(*id)) {
