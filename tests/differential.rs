@@ -157,6 +157,8 @@ fn random_policy(r: &mut Rng) -> Policy {
                 Mode::Enforce
             },
             forward_interfaces: vec![],
+            host_essentials: HostEssential::ALL.to_vec(),
+            flow_timeouts: FlowTimeouts::default(),
         },
         accessible,
         authorizations: auths,

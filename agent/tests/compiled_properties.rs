@@ -236,7 +236,7 @@ prop_compose! {
                 name: "gw".into(), kind: Kind::VpcIntegration, vpc_id: "vpc-1".into(), interface: "eth1".into(),
                 egress_ip: None, vswitch_cidr: vswitch, vswitch_pos: pos, egress_pos: pos, zone: None,
                 reserved: reserved.into_iter().map(|cidr| Reserved { cidr, source: ReservedSource::Explicit, pos }).collect(),
-                mode: if audit { Mode::Audit } else { Mode::Enforce }, forward_interfaces: vec![],
+                mode: if audit { Mode::Audit } else { Mode::Enforce }, forward_interfaces: vec![], host_essentials: HostEssential::ALL.to_vec(), flow_timeouts: FlowTimeouts::default(),
             },
             accessible: accessible.into_iter().map(|(cidr, ports, protocols)| Accessible { cidr, ports, protocols, pos }).collect(),
             authorizations: auths.into_iter().enumerate().map(|(i, (address, ports, protocol))| Authorization {
@@ -416,6 +416,8 @@ fn compiles_a_large_policy() {
             reserved: vec![],
             mode: Mode::Enforce,
             forward_interfaces: vec![],
+            host_essentials: HostEssential::ALL.to_vec(),
+            flow_timeouts: FlowTimeouts::default(),
         },
         accessible: vec![],
         authorizations: (0..n)

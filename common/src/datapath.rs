@@ -24,7 +24,11 @@ pub mod names {
     pub const RULE_STATS: &str = "RULE_STATS";
     pub const DROP_STATS: &str = "DROP_STATS";
     pub const FLOWS: &str = "FLOWS";
+    pub const HALF_OPEN: &str = "HALF_OPEN";
+    pub const DGRAM_FLOWS: &str = "DGRAM_FLOWS";
     pub const FRAGS: &str = "FRAGS";
+    pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
+    pub const FORWARD_IFS: &str = "FORWARD_IFS";
     pub const LAST_VERDICT: &str = "LAST_VERDICT";
     pub const DEST_OBS: &str = "DEST_OBS";
     pub const EVENTS: &str = "EVENTS";
@@ -41,8 +45,20 @@ pub mod limits {
     pub const PORT_ENTRIES: u32 = 65536;
     /// Rules per generation (authorizations + upstream nodes + accessible blocks).
     pub const RULES: u32 = 16384;
+    /// Established TCP flows peers initiated (replies pass); separate from half-open ones, so a SYN
+    /// flood cannot evict them.
     pub const FLOWS: u32 = 65536;
+    /// TCP flows a peer opened (SYN seen toward a listener), not yet acknowledged.
+    pub const HALF_OPEN: u32 = 16384;
+    /// UDP and ICMP echo flows peers initiated.
+    pub const DGRAM_FLOWS: u32 = 65536;
     pub const FRAGS: u32 = 8192;
+    /// The gateway's own addresses (flows are recorded only toward these).
+    pub const LOCAL_ADDRS: u32 = 1024;
+    /// Forward interfaces whose XDP enforces (a packet from one is not counted again at TC egress).
+    pub const FORWARD_IFS: u32 = 256;
+    /// How long a non-first fragment may follow its first fragment (the kernel's reassembly timeout).
+    pub const FRAG_TIMEOUT_NS: u64 = 30_000_000_000;
     /// Destinations (address, protocol, port) observed.
     pub const DESTINATIONS: u32 = 65536;
     /// Ring buffer for drop events, in bytes.
@@ -57,15 +73,38 @@ pub mod limits {
 pub const MODE_ENFORCE: u32 = 0;
 pub const MODE_AUDIT: u32 = 1;
 
-/// `GEN_CONFIG[gen].flags`: write every verdict to `LAST_VERDICT` (tests only: one shared cache line per packet).
+/// `GEN_CONFIG[0].flags`: write every verdict to `LAST_VERDICT` (tests only: one shared cache line per packet).
 pub const FLAG_RECORD_LAST: u32 = 1;
 
-/// Per-generation settings; indexed by generation (slot 0 unused).
+/// `GenConfig::host_essentials` bits (DESIGN.md rule 1).
+pub const ESSENTIAL_DHCP: u32 = 1;
+pub const ESSENTIAL_MLD: u32 = 2;
+
+/// `basis::HOST_ESSENTIAL` ids: which essential passed the packet.
+pub mod essential {
+    pub const DHCPV4: u32 = 1;
+    pub const DHCPV6: u32 = 2;
+    pub const MLD: u32 = 3;
+}
+
+/// Per-generation settings; indexed by generation (slot 0: global test flags only). Everything a packet's
+/// verdict reads besides the policy tries lives here, so a generation flip switches it atomically.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct GenConfig {
     pub mode: u32,
     pub flags: u32,
+    /// `ESSENTIAL_*` bits.
+    pub host_essentials: u32,
+    /// Idle timeouts of peer-initiated flows, in seconds: established TCP, TCP after FIN/RST (and
+    /// half-open), UDP and ICMP echo.
+    pub tcp_timeout_s: u32,
+    pub tcp_closing_timeout_s: u32,
+    pub udp_timeout_s: u32,
+    /// The ENI's on-link IPv6 prefix (neighbour discovery toward it passes); `onlink6_len` 0: none.
+    pub onlink6: [u8; 16],
+    pub onlink6_len: u32,
+    pub _pad: u32,
 }
 
 /// LPM key data of an IPv4 prefix in one generation (the key's prefix length, kept beside it by the
@@ -94,8 +133,9 @@ pub const GEN_BITS: u32 = 8;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct AddrValue {
-    /// Port table id per protocol (0 tcp, 1 udp); 0 is the empty table.
-    pub port_table: [u32; 2],
+    /// Port table id per protocol (0 tcp, 1 udp); 0 is the empty table. Ids are a hash of the table's
+    /// content, so an id never names two different tables (the agent refuses a colliding policy).
+    pub port_table: [u64; 2],
     /// The highest-precedence rule covering the address (ICMP echo requests, `port_not_authorized`).
     pub icmp_rule: u32,
     /// Per protocol, the rule a non-first fragment is attributed to when every port is allowed; 0 if not.
@@ -110,12 +150,12 @@ pub struct AddrValue {
 pub struct PortData {
     pub generation: u8,
     /// Big-endian table id (LPM compares bytes in order).
-    pub table: [u8; 4],
+    pub table: [u8; 8],
     pub proto: u8,
     pub port: [u8; 2],
 }
 
-pub const PORT_KEY_FIXED_BITS: u32 = GEN_BITS + 32 + 8;
+pub const PORT_KEY_FIXED_BITS: u32 = GEN_BITS + 64 + 8;
 
 /// Per-rule counters key: a rule id is only meaningful within its generation.
 #[repr(C)]
@@ -156,9 +196,14 @@ pub struct FlowKey {
 pub struct FlowValue {
     /// bpf_ktime_get_ns of the last inbound packet.
     pub last_seen_ns: u64,
+    /// 1 once a FIN or RST was seen (the flow then expires after `tcp_closing_timeout_s`).
+    pub closing: u32,
+    pub _pad: u32,
 }
 
-/// The first fragment of a datagram passed: its non-first fragments may follow.
+/// The first fragment of a datagram passed: its non-first fragments may follow. The identity is the
+/// kernel reassembly's: IPv4 (src, dst, id, protocol); IPv6 (src, dst, id), `proto` 0, since the headers
+/// after an IPv6 fragment header belong to the fragmentable part.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FragKey {
@@ -168,6 +213,26 @@ pub struct FragKey {
     pub id: u32,
     pub src: [u8; 16],
     pub dst: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragValue {
+    /// The rule the first fragment passed with (0 for other bases).
+    pub rule: u32,
+    pub _pad: u32,
+    /// bpf_ktime_get_ns of the first fragment; entries older than `limits::FRAG_TIMEOUT_NS` are ignored.
+    pub first_seen_ns: u64,
+}
+
+/// One of the gateway's own addresses (flows are recorded only toward these).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct LocalAddr {
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
 }
 
 /// A destination the gateway sent to: (address, protocol, port). ICMP uses port 0.
@@ -269,6 +334,10 @@ pub mod basis {
     pub const NO_RULE: u32 = 11;
     /// No policy applied yet: dropped (`no_policy`).
     pub const NO_POLICY: u32 = 12;
+    /// Rule 1: a host essential (`id`: `essential::*`).
+    pub const HOST_ESSENTIAL: u32 = 13;
+    /// Rule 2: source-routed.
+    pub const SOURCE_ROUTED: u32 = 14;
 }
 
 /// The last verdict (tests, with `FLAG_RECORD_LAST`).
@@ -292,8 +361,12 @@ pub const ACTION_DROP: u32 = 2;
 
 const _: () = assert!(core::mem::size_of::<AddrV4>() == 8);
 const _: () = assert!(core::mem::size_of::<AddrV6>() == 20);
-const _: () = assert!(core::mem::size_of::<AddrValue>() == 24);
-const _: () = assert!(core::mem::size_of::<PortData>() == 8);
+const _: () = assert!(core::mem::size_of::<AddrValue>() == 32);
+const _: () = assert!(core::mem::size_of::<PortData>() == 12);
+const _: () = assert!(core::mem::size_of::<GenConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 16);
+const _: () = assert!(core::mem::size_of::<FragValue>() == 16);
+const _: () = assert!(core::mem::size_of::<LocalAddr>() == 20);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 const _: () = assert!(core::mem::size_of::<LastVerdict>() == 32);
@@ -316,6 +389,8 @@ mod user {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for LocalAddr {}
     unsafe impl aya::Pod for LastVerdict {}
     unsafe impl aya::Pod for DestKey {}
     unsafe impl aya::Pod for DestObs {}

@@ -17,20 +17,24 @@ pub enum DropReason {
     FragmentUnverified = 5,
     /// The programs run but no policy generation is active (fail closed).
     NoPolicy = 6,
+    /// IPv4 LSRR/SSRR options or an IPv6 routing header with segments left: the real destination is not
+    /// the one checked.
+    SourceRouted = 7,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::NotAuthorized,
         DropReason::PortNotAuthorized,
         DropReason::ReservedRange,
         DropReason::Malformed,
         DropReason::FragmentUnverified,
         DropReason::NoPolicy,
+        DropReason::SourceRouted,
     ];
 
     /// Highest code in use (per-reason counter arrays have `MAX_CODE + 1` slots; slot 0 is unused).
-    pub const MAX_CODE: u32 = 6;
+    pub const MAX_CODE: u32 = 7;
 
     pub const fn code(self) -> u32 {
         self as u32
@@ -44,6 +48,7 @@ impl DropReason {
             4 => Some(DropReason::Malformed),
             5 => Some(DropReason::FragmentUnverified),
             6 => Some(DropReason::NoPolicy),
+            7 => Some(DropReason::SourceRouted),
             _ => None,
         }
     }
@@ -57,6 +62,7 @@ impl DropReason {
             DropReason::Malformed => "malformed",
             DropReason::FragmentUnverified => "fragment_unverified",
             DropReason::NoPolicy => "no_policy",
+            DropReason::SourceRouted => "source_routed",
         }
     }
 }
@@ -74,6 +80,7 @@ mod tests {
             (4, "malformed"),
             (5, "fragment_unverified"),
             (6, "no_policy"),
+            (7, "source_routed"),
         ];
         for (r, (code, name)) in DropReason::ALL.iter().zip(expected) {
             assert_eq!((r.code(), r.name()), (code, name));

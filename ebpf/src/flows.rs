@@ -3,7 +3,7 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use vpcgate_common::{
-    datapath::{FlowKey, FlowValue, FragKey},
+    datapath::{FlowKey, FlowValue, FragKey, FragValue},
     icmp::{ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST},
 };
 
@@ -93,7 +93,7 @@ pub fn record_inbound(pkt: &Packet) {
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     // A full LRU evicts the oldest flow; an error here only means a reply may be evaluated by policy.
-    let _ = FLOWS.insert(key, FlowValue { last_seen_ns: now }, 0);
+    let _ = FLOWS.insert(key, FlowValue { last_seen_ns: now, closing: 0, _pad: 0 }, 0);
 }
 
 #[inline(always)]
@@ -111,7 +111,7 @@ fn frag_key(pkt: &Packet) -> FragKey {
 /// The first fragment of a datagram passed: remember it (with its rule) for the non-first fragments.
 #[inline(always)]
 pub fn record_first_fragment(pkt: &Packet, rule: u32) {
-    let _ = FRAGS.insert(frag_key(pkt), rule, 0);
+    let _ = FRAGS.insert(frag_key(pkt), FragValue { rule, _pad: 0, first_seen_ns: 0 }, 0);
 }
 
 /// Whether the first fragment of this non-first fragment's datagram passed.

@@ -2,11 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use vpcgate_common::datapath::{
     AddrV4, AddrV6, AddrValue, DROP_STATS_LEN, DestKey, DestObs, EventBudget, FlowKey, FlowValue,
-    FragKey, GenConfig, LastVerdict, PortData, RuleStats, RuleStatsKey, limits,
+    FragKey, FragValue, GenConfig, LastVerdict, LocalAddr, PortData, RuleStats, RuleStatsKey, limits,
 };
 
 /// The active policy generation (`GEN_A` or `GEN_B`; anything else: no policy).
@@ -46,12 +46,32 @@ pub static RULE_STATS: PerCpuHashMap<RuleStatsKey, RuleStats> =
 #[map(name = "DROP_STATS")]
 pub static DROP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_STATS_LEN, 0);
 
+/// Established TCP flows peers initiated toward a gateway socket.
 #[map(name = "FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(limits::FLOWS, 0);
 
-/// Value: the rule (or 0) the first fragment passed with.
+/// TCP flows a peer opened toward a listener (SYN seen), until its ACK promotes them to `FLOWS`. A SYN
+/// flood churns this map only.
+#[map(name = "HALF_OPEN")]
+pub static HALF_OPEN: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(limits::HALF_OPEN, 0);
+
+/// UDP (toward a bound socket) and ICMP echo flows peers initiated.
+#[map(name = "DGRAM_FLOWS")]
+pub static DGRAM_FLOWS: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(limits::DGRAM_FLOWS, 0);
+
 #[map(name = "FRAGS")]
-pub static FRAGS: LruHashMap<FragKey, u32> = LruHashMap::with_max_entries(limits::FRAGS, 0);
+pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(limits::FRAGS, 0);
+
+/// The gateway's own addresses, written by the agent.
+#[map(name = "LOCAL_ADDRS")]
+pub static LOCAL_ADDRS: HashMap<LocalAddr, u32> =
+    HashMap::with_max_entries(limits::LOCAL_ADDRS, 0);
+
+/// Forward interfaces (ifindex) whose XDP enforces, written by the agent.
+#[map(name = "FORWARD_IFS")]
+pub static FORWARD_IFS: HashMap<u32, u32> = HashMap::with_max_entries(limits::FORWARD_IFS, 0);
 
 #[map(name = "DEST_OBS")]
 pub static DEST_OBS: LruPerCpuHashMap<DestKey, DestObs> =

@@ -135,7 +135,7 @@ fn reserved_index(generation: u8, pkt: &Packet) -> Option<u32> {
 }
 
 #[inline(always)]
-fn port_rule(generation: u8, table: u32, proto: u8, port: u16) -> Option<u32> {
+fn port_rule(generation: u8, table: u64, proto: u8, port: u16) -> Option<u32> {
     let data = PortData {
         generation,
         table: table.to_be_bytes(),

@@ -13,7 +13,7 @@ use aya::maps::{
 use ipnet::IpNet;
 use vpcgate_common::{
     datapath::{
-        AUDIT_OFFSET, AddrV4, AddrV6, AddrValue, FlowKey, FlowValue, FragKey, GEN_A, GEN_B,
+        AUDIT_OFFSET, AddrV4, AddrV6, AddrValue, FlowKey, FlowValue, FragKey, FragValue, GEN_A, GEN_B,
         GEN_BITS, GenConfig, LastVerdict, MODE_AUDIT, MODE_ENFORCE, PORT_KEY_FIXED_BITS, PortData,
         RuleStats, RuleStatsKey, limits, names,
     },
@@ -59,8 +59,8 @@ pub(crate) struct Active {
     addr: HashMap<IpNet, AddrValue>,
     reserved: HashMap<IpNet, u32>,
     /// (table content, protocol) -> kernel table id.
-    tables: HashMap<(PortTable, Proto), u32>,
-    next_table: u32,
+    tables: HashMap<(PortTable, Proto), u64>,
+    next_table: u64,
     /// What to restore if an incremental apply fails half-way.
     compiled: Compiled,
 }
@@ -181,6 +181,38 @@ fn check_capacity(n: &EntryCounts) -> Result<(), DatapathError> {
     Ok(())
 }
 
+/// The kernel's per-generation settings for a compiled policy.
+pub(crate) fn gen_config(c: &Compiled) -> GenConfig {
+    use crate::policy::model::HostEssential;
+    use vpcgate_common::datapath::{ESSENTIAL_DHCP, ESSENTIAL_MLD};
+    let host_essentials = c
+        .host_essentials
+        .iter()
+        .map(|e| match e {
+            HostEssential::Dhcp => ESSENTIAL_DHCP,
+            HostEssential::Mld => ESSENTIAL_MLD,
+        })
+        .fold(0, |a, b| a | b);
+    let (onlink6, onlink6_len) = match c.onlink6 {
+        Some(n) => (n.network().octets(), u32::from(n.prefix_len())),
+        None => ([0; 16], 0),
+    };
+    GenConfig {
+        mode: match c.mode {
+            Mode::Enforce => MODE_ENFORCE,
+            Mode::Audit => MODE_AUDIT,
+        },
+        flags: 0,
+        host_essentials,
+        tcp_timeout_s: c.flow_timeouts.tcp,
+        tcp_closing_timeout_s: c.flow_timeouts.tcp_closing,
+        udp_timeout_s: c.flow_timeouts.udp,
+        onlink6,
+        onlink6_len,
+        _pad: 0,
+    }
+}
+
 fn v4_key(generation: u8, net: &IpNet) -> Key<AddrV4> {
     let IpAddr::V4(a) = net.network() else {
         unreachable!("IPv4 prefix")
@@ -211,7 +243,7 @@ fn v6_key(generation: u8, net: &IpNet) -> Key<AddrV6> {
 
 fn addr_value(e: &AddrEntry) -> AddrValue {
     AddrValue {
-        port_table: e.port_table,
+        port_table: e.port_table.map(u64::from),
         icmp_rule: e.icmp_rule,
         all_ports_rule: e.all_ports_rule,
         _pad: 0,
@@ -267,9 +299,9 @@ fn identities(c: &Compiled) -> Vec<(RuleKind, String)> {
 
 /// The state a full write of `c` under `generation` leaves (table ids are the compiled indices).
 fn active_after_full_write(c: &Compiled, generation: u8) -> Active {
-    let tables: HashMap<(PortTable, Proto), u32> = used_tables(c)
+    let tables: HashMap<(PortTable, Proto), u64> = used_tables(c)
         .into_iter()
-        .map(|(t, p)| ((c.port_tables[t].clone(), p), t as u32))
+        .map(|(t, p)| ((c.port_tables[t].clone(), p), t as u64))
         .collect();
     Active {
         generation,
@@ -282,7 +314,7 @@ fn active_after_full_write(c: &Compiled, generation: u8) -> Active {
             .collect(),
         reserved: reserved_values(c),
         tables,
-        next_table: c.port_tables.len() as u32,
+        next_table: c.port_tables.len() as u64,
         compiled: c.clone(),
     }
 }
@@ -325,7 +357,7 @@ fn keys_of(a: &Active, rules: u32) -> WrittenKeys {
     k
 }
 
-fn port_key(generation: u8, table: u32, proto: Proto, base: u16, len: u8) -> Key<PortData> {
+fn port_key(generation: u8, table: u64, proto: Proto, base: u16, len: u8) -> Key<PortData> {
     let data = PortData {
         generation,
         table: table.to_be_bytes(),
@@ -408,7 +440,8 @@ impl Datapath {
                 Mode::Enforce => MODE_ENFORCE,
                 Mode::Audit => MODE_AUDIT,
             };
-            cfg.set(u32::from(generation), GenConfig { mode, flags: 0 }, 0)
+            let _ = mode;
+            cfg.set(u32::from(generation), gen_config(c), 0)
                 .map_err(map_err(names::GEN_CONFIG))?;
         }
         {
@@ -457,7 +490,7 @@ impl Datapath {
             for (base, len, rule) in c.port_tables[table].prefix_blocks() {
                 let data = PortData {
                     generation,
-                    table: (table as u32).to_be_bytes(),
+                    table: (table as u64).to_be_bytes(),
                     proto: proto.number(),
                     port: base.to_be_bytes(),
                 };
@@ -681,8 +714,8 @@ impl Datapath {
         let g = old.generation;
         let mut writes = 0u32;
         // Port tables: reuse the kernel id of an identical table; write new ones before anything names them.
-        let mut tables: HashMap<(PortTable, Proto), u32> = HashMap::new();
-        let mut remap: HashMap<(u32, Proto), u32> = HashMap::new();
+        let mut tables: HashMap<(PortTable, Proto), u64> = HashMap::new();
+        let mut remap: HashMap<(u32, Proto), u64> = HashMap::new();
         let mut next_table = old.next_table;
         let mut fresh = vec![];
         for (t, p) in used_tables(c) {
@@ -755,7 +788,7 @@ impl Datapath {
         // Port tables nothing names any more. A packet looks up its address entry, then the port table
         // that entry names: one that read an old entry just before it changed must still find that table,
         // so wait out in-flight packets (as between a generation flip and deleting the old generation).
-        let kept: std::collections::HashSet<u32> = tables.values().copied().collect();
+        let kept: std::collections::HashSet<u64> = tables.values().copied().collect();
         if old.tables.values().any(|id| !kept.contains(id)) {
             std::thread::sleep(GRACE);
         }
@@ -954,7 +987,14 @@ impl Datapath {
         } else {
             0
         };
-        cfg.set(0, GenConfig { mode: 0, flags }, 0)
+        cfg.set(
+            0,
+            GenConfig {
+                flags,
+                ..GenConfig::default()
+            },
+            0,
+        )
             .map_err(map_err(names::GEN_CONFIG))
     }
 
@@ -965,7 +1005,7 @@ impl Datapath {
         for k in keys {
             flows.remove(&k).map_err(map_err(names::FLOWS))?;
         }
-        let mut frags = typed_map!(self, aya::maps::HashMap<_, FragKey, u32>, names::FRAGS);
+        let mut frags = typed_map!(self, aya::maps::HashMap<_, FragKey, FragValue>, names::FRAGS);
         let keys: Vec<FragKey> = frags.keys().filter_map(Result::ok).collect();
         for k in keys {
             frags.remove(&k).map_err(map_err(names::FRAGS))?;
@@ -977,7 +1017,7 @@ impl Datapath {
     pub fn insert_flow(&mut self, key: &FlowKey) -> Result<(), DatapathError> {
         let mut flows = typed_map!(self, aya::maps::HashMap<_, FlowKey, FlowValue>, names::FLOWS);
         flows
-            .insert(key, FlowValue { last_seen_ns: 0 }, 0)
+            .insert(key, FlowValue::default(), 0)
             .map_err(map_err(names::FLOWS))
     }
 

@@ -19,7 +19,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use super::{
-    model::{Kind, Mode, Policy, Proto, Reserved},
+    model::{FlowTimeouts, HostEssential, Kind, Mode, Policy, Proto, Reserved},
     ports::PortSet,
     source::Pos,
 };
@@ -200,6 +200,12 @@ impl<T> Lpm<T> {
 #[derive(Clone, Debug)]
 pub struct Compiled {
     pub mode: Mode,
+    /// Host essentials that pass (rule 1).
+    pub host_essentials: Vec<HostEssential>,
+    pub flow_timeouts: FlowTimeouts,
+    /// The ENI's on-link IPv6 prefix (the vSwitch block when it is IPv6): neighbour discovery toward it
+    /// passes (rule 1).
+    pub onlink6: Option<ipnet::Ipv6Net>,
     pub rules: Vec<Rule>,
     pub reserved: Vec<Reserved>,
     /// Reserved blocks: value is the index into `reserved`.
@@ -389,8 +395,17 @@ impl Compiled {
                 IpNet::V6(_) => reserved_v6.insert(r.cidr, i),
             }
         }
+        let mut host_essentials = p.instance.host_essentials.clone();
+        host_essentials.sort();
+        host_essentials.dedup();
         Compiled {
             mode: p.instance.mode,
+            host_essentials,
+            flow_timeouts: p.instance.flow_timeouts,
+            onlink6: match p.instance.vswitch_cidr {
+                Some(IpNet::V6(n)) => Some(n),
+                _ => None,
+            },
             rules,
             reserved: p.instance.reserved.clone(),
             reserved_v4,

@@ -137,7 +137,7 @@ fn suggest(p: &Policy, c: &Compiled, pkt: &Packet, v: &Verdict) -> Option<String
                 ),
             })
         }
-        DropReason::Malformed | DropReason::NoPolicy => None,
+        DropReason::Malformed | DropReason::NoPolicy | DropReason::SourceRouted => None,
         DropReason::FragmentUnverified => Some(format!(
             "allow every {proto} port toward {}, e.g.\n{}",
             ip.dst,

@@ -100,6 +100,58 @@ pub struct Reserved {
     pub pos: Pos,
 }
 
+/// Traffic the host itself needs whatever the policy says (DESIGN.md verdict rule 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostEssential {
+    /// DHCPv4 client traffic (UDP 68 -> 67) and DHCPv6 client traffic (UDP 546 -> 547).
+    Dhcp,
+    /// MLDv2 listener reports (ICMPv6 143 to ff02::16, hop limit 1).
+    Mld,
+}
+
+impl HostEssential {
+    pub const ALL: [HostEssential; 2] = [HostEssential::Dhcp, HostEssential::Mld];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HostEssential::Dhcp => "dhcp",
+            HostEssential::Mld => "mld",
+        }
+    }
+
+    /// What it lets pass, for `explain` and `status`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            HostEssential::Dhcp => {
+                "DHCPv4 client traffic (UDP 68 -> 67) and DHCPv6 client traffic (UDP 546 -> 547)"
+            }
+            HostEssential::Mld => "MLDv2 listener reports (ICMPv6 143 to ff02::16, hop limit 1)",
+        }
+    }
+}
+
+/// Idle timeouts of flows peers initiated toward the gateway (`[instance] flow_timeouts`), in seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct FlowTimeouts {
+    /// Established TCP.
+    pub tcp: u32,
+    /// TCP after a FIN or RST, and half-open TCP (SYN seen, not yet acknowledged).
+    pub tcp_closing: u32,
+    /// UDP and ICMP echo.
+    pub udp: u32,
+}
+
+impl Default for FlowTimeouts {
+    fn default() -> Self {
+        Self {
+            tcp: 3600,
+            tcp_closing: 10,
+            udp: 60,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Instance {
     pub name: String,
@@ -115,6 +167,9 @@ pub struct Instance {
     pub reserved: Vec<Reserved>,
     pub mode: Mode,
     pub forward_interfaces: Vec<String>,
+    /// Default: every essential (`["dhcp", "mld"]`); `[]` turns them off.
+    pub host_essentials: Vec<HostEssential>,
+    pub flow_timeouts: FlowTimeouts,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -345,6 +345,8 @@ fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<Instance> {
             .into_iter()
             .map(|i| i.value)
             .collect(),
+        host_essentials: HostEssential::ALL.to_vec(),
+        flow_timeouts: FlowTimeouts::default(),
     })
 }
 
