@@ -1,106 +1,345 @@
-//! Flow state the verdict reads: flows peers initiated toward the gateway (rule 3), and datagrams whose
-//! first fragment passed.
+//! Flow state the verdict reads: flows peers initiated toward a gateway socket (rule 3), and datagrams
+//! whose first fragment passed (DESIGN.md "Fragments").
+//!
+//! Rule 3 is written so that a peer cannot open the gateway's egress toward itself by sending first:
+//! a flow is recorded at the ENI's ingress only toward one of the gateway's own addresses (`LOCAL_ADDRS`)
+//! and only when the kernel's socket lookup finds a socket that would receive the packet; a TCP flow is
+//! half-open (only the gateway's SYN-ACK or RST answers it) until the peer acknowledges, and only then
+//! established; a bare SYN from the gateway is never a reply; flows expire when idle. Half-open flows
+//! live in their own map, so a SYN flood churns that map and never evicts established flows.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{
+    bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple},
+    helpers::{bpf_ktime_get_ns, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
+    programs::XdpContext,
+    EbpfContext,
+};
 use vpcgate_common::{
-    datapath::{FlowKey, FlowValue, FragKey, FragValue},
+    datapath::{FlowKey, FlowValue, FragKey, FragValue, GenConfig, LocalAddr, limits},
     icmp::{ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST},
 };
 
 use crate::{
-    maps::{FLOWS, FRAGS},
+    maps::{DGRAM_FLOWS, FLOWS, FRAGS, HALF_OPEN, LOCAL_ADDRS},
     parse::{
-        IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, L3, L4, Packet, TCP_ACK, TCP_SYN,
+        Fragment, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, L3, L4, Packet, TCP_ACK,
+        TCP_FIN, TCP_RST, TCP_SYN,
     },
 };
+
+const NS_PER_S: u64 = 1_000_000_000;
+
+/// A flow's last-seen time is rewritten at most this often (one shared cache line per flow, not per
+/// packet).
+const REFRESH_NS: u64 = NS_PER_S;
 
 fn family(pkt: &Packet) -> u8 {
     if pkt.l3 == L3::Ipv4 { 4 } else { 6 }
 }
 
-/// The flow key of an outbound packet, from the gateway's side (local = source). None for packets that
-/// cannot be replies (no ports, or not an echo reply).
 #[inline(always)]
-pub fn outbound_key(pkt: &Packet) -> Option<FlowKey> {
-    let (proto, local_port, remote_port) = match pkt.l4 {
-        L4::Tcp { sport, dport, .. } => (IPPROTO_TCP, sport, dport),
-        L4::Udp { sport, dport } => (IPPROTO_UDP, sport, dport),
-        L4::Icmp {
-            kind: ICMP_ECHO_REPLY,
-            id,
-            ..
-        } => (IPPROTO_ICMP, id, id),
-        L4::Icmpv6 {
-            kind: ICMPV6_ECHO_REPLY,
-            id,
-            ..
-        } => (IPPROTO_ICMPV6, id, id),
-        _ => return None,
+fn now() -> u64 {
+    // SAFETY: a helper without preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Whether a flow last seen at `last` is still live at `now` under `timeout_s`.
+#[inline(always)]
+fn live(now: u64, last: u64, timeout_s: u32) -> bool {
+    now.saturating_sub(last) < u64::from(timeout_s) * NS_PER_S
+}
+
+#[inline(always)]
+fn key(pkt: &Packet, proto: u8, local_port: u16, remote_port: u16, outbound: bool) -> FlowKey {
+    let (local, remote) = if outbound {
+        (pkt.src, pkt.dst)
+    } else {
+        (pkt.dst, pkt.src)
     };
-    Some(FlowKey {
+    FlowKey {
         family: family(pkt),
         proto,
         local_port: local_port.to_be_bytes(),
         remote_port: remote_port.to_be_bytes(),
         _pad: [0; 2],
-        local: pkt.src,
-        remote: pkt.dst,
-    })
-}
-
-/// Rule 3: the packet replies in a flow a peer initiated toward the gateway.
-#[inline(always)]
-pub fn is_reply(pkt: &Packet) -> bool {
-    match outbound_key(pkt) {
-        // SAFETY: the value is only tested for presence.
-        Some(key) => unsafe { FLOWS.get(key) }.is_some(),
-        None => false,
+        local,
+        remote,
     }
 }
 
-/// Records an inbound packet that initiates a flow toward the gateway (ENI ingress): a TCP SYN, any UDP
-/// datagram, an ICMP echo request. The gateway's replies then pass by rule 3.
+/// Rule 3: the packet (leaving the gateway) replies in a live flow a peer initiated toward it.
 #[inline(always)]
-pub fn record_inbound(pkt: &Packet) {
-    let (proto, remote_port, local_port) = match pkt.l4 {
+pub fn is_reply(pkt: &Packet, cfg: &GenConfig) -> bool {
+    if pkt.fragment == Fragment::NonFirst {
+        return false;
+    }
+    let t = now();
+    match pkt.l4 {
         L4::Tcp {
             sport,
             dport,
             flags,
-        } if flags & (TCP_SYN | TCP_ACK) == TCP_SYN => (IPPROTO_TCP, sport, dport),
-        L4::Udp { sport, dport } => (IPPROTO_UDP, sport, dport),
+        } => {
+            // A bare SYN opens a connection: never a reply, whatever a peer sent before.
+            if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                return false;
+            }
+            let k = key(pkt, IPPROTO_TCP, sport, dport, true);
+            // SAFETY: the value is copied out at once.
+            if let Some(v) = unsafe { FLOWS.get(&k) } {
+                let timeout = if v.closing != 0 {
+                    cfg.tcp_closing_timeout_s
+                } else {
+                    cfg.tcp_timeout_s
+                };
+                return live(t, v.last_seen_ns, timeout);
+            }
+            // A half-open flow is answered only by the gateway's SYN-ACK or RST.
+            if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK || flags & TCP_RST != 0 {
+                // SAFETY: as above.
+                if let Some(v) = unsafe { HALF_OPEN.get(&k) } {
+                    return live(t, v.last_seen_ns, cfg.tcp_closing_timeout_s);
+                }
+            }
+            false
+        }
+        L4::Udp { sport, dport } => dgram_live(&key(pkt, IPPROTO_UDP, sport, dport, true), t, cfg),
+        L4::Icmp {
+            kind: ICMP_ECHO_REPLY,
+            id,
+            ..
+        } => dgram_live(&key(pkt, IPPROTO_ICMP, id, id, true), t, cfg),
+        L4::Icmpv6 {
+            kind: ICMPV6_ECHO_REPLY,
+            id,
+            ..
+        } => dgram_live(&key(pkt, IPPROTO_ICMPV6, id, id, true), t, cfg),
+        _ => false,
+    }
+}
+
+#[inline(always)]
+fn dgram_live(k: &FlowKey, now: u64, cfg: &GenConfig) -> bool {
+    // SAFETY: the value is copied out at once.
+    match unsafe { DGRAM_FLOWS.get(k) } {
+        Some(v) => live(now, v.last_seen_ns, cfg.udp_timeout_s),
+        None => false,
+    }
+}
+
+/// Whether the packet's destination is one of the gateway's own addresses.
+#[inline(always)]
+fn to_local(pkt: &Packet) -> bool {
+    let k = LocalAddr {
+        family: family(pkt),
+        _pad: [0; 3],
+        addr: pkt.dst,
+    };
+    // SAFETY: the value is only tested for presence.
+    unsafe { LOCAL_ADDRS.get(&k) }.is_some()
+}
+
+/// `struct bpf_sock_tuple` for IPv6 (the IPv4 form is its first 12 bytes with 4-byte addresses).
+#[repr(C)]
+struct Tuple6 {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: [u8; 2],
+    dport: [u8; 2],
+}
+
+#[repr(C)]
+struct Tuple4 {
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: [u8; 2],
+    dport: [u8; 2],
+}
+
+/// Whether the kernel has a socket that would receive this inbound packet (TCP: a listener or the
+/// connection's socket; UDP: a bound socket), in the receiving device's network namespace.
+/// A separate BPF function taking plain values (see `account::record_destination`).
+#[inline(never)]
+fn socket_exists(ctx: *mut core::ffi::c_void, v6: bool, tcp: bool, t: &mut Tuple6) -> bool {
+    let mut t4 = Tuple4 {
+        saddr: [t.saddr[0], t.saddr[1], t.saddr[2], t.saddr[3]],
+        daddr: [t.daddr[0], t.daddr[1], t.daddr[2], t.daddr[3]],
+        sport: t.sport,
+        dport: t.dport,
+    };
+    let (tuple, size) = if v6 {
+        (
+            t as *mut Tuple6 as *mut bpf_sock_tuple,
+            core::mem::size_of::<Tuple6>() as u32,
+        )
+    } else {
+        (
+            &mut t4 as *mut Tuple4 as *mut bpf_sock_tuple,
+            core::mem::size_of::<Tuple4>() as u32,
+        )
+    };
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    // SAFETY: `tuple` points at `size` bytes of stack memory; a socket found is released at once.
+    unsafe {
+        let sk = if tcp {
+            bpf_skc_lookup_tcp(ctx, tuple, size, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx, tuple, size, netns, 0)
+        };
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk as *mut core::ffi::c_void);
+    }
+    true
+}
+
+#[inline(always)]
+fn tuple(pkt: &Packet, sport: u16, dport: u16) -> Tuple6 {
+    Tuple6 {
+        saddr: pkt.src,
+        daddr: pkt.dst,
+        sport: sport.to_be_bytes(),
+        dport: dport.to_be_bytes(),
+    }
+}
+
+/// Refreshes a live flow's last-seen time (at most every `REFRESH_NS`), marking it closing on FIN/RST.
+#[inline(always)]
+fn refresh(v: *mut FlowValue, now: u64, closing: bool) {
+    // SAFETY: `v` points at a live map value; racing writers only store timestamps and a flag.
+    unsafe {
+        if now.saturating_sub((*v).last_seen_ns) >= REFRESH_NS {
+            (*v).last_seen_ns = now;
+        }
+        if closing && (*v).closing == 0 {
+            (*v).closing = 1;
+            (*v).last_seen_ns = now;
+        }
+    }
+}
+
+/// The ENI's ingress: records and refreshes flows peers initiate toward a gateway socket.
+#[inline(always)]
+pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
+    if pkt.fragment == Fragment::NonFirst || pkt.l3 == L3::NonIp {
+        return;
+    }
+    // Flows follow the active policy's timeouts; with no policy nothing is recorded (all drops anyway).
+    let Some(active) = crate::verdict::active() else {
+        return;
+    };
+    let cfg = active.cfg;
+    let t = now();
+    let v6 = pkt.l3 == L3::Ipv6;
+    match pkt.l4 {
+        L4::Tcp {
+            sport,
+            dport,
+            flags,
+        } => {
+            let k = key(pkt, IPPROTO_TCP, dport, sport, false);
+            let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            let closing = flags & (TCP_FIN | TCP_RST) != 0;
+            if let Some(v) = FLOWS.get_ptr_mut(&k) {
+                // SAFETY: a live map value.
+                let reused = syn && unsafe { (*v).closing } != 0;
+                if !reused {
+                    refresh(v, t, closing);
+                    return;
+                }
+                // The peer reuses the 4-tuple of a closed connection: a new connection starts half-open.
+                let _ = FLOWS.remove(&k);
+            }
+            if syn {
+                if to_local(pkt) && socket_exists(ctx.as_ptr(), v6, true, &mut tuple(pkt, sport, dport))
+                {
+                    let _ = HALF_OPEN.insert(
+                        &k,
+                        &FlowValue {
+                            last_seen_ns: t,
+                            closing: 0,
+                            _pad: 0,
+                        },
+                        0,
+                    );
+                }
+                return;
+            }
+            // SAFETY: the value is copied out at once.
+            let Some(h) = (unsafe { HALF_OPEN.get(&k) }) else {
+                return;
+            };
+            let half_open_live = live(t, h.last_seen_ns, cfg.tcp_closing_timeout_s);
+            let _ = HALF_OPEN.remove(&k);
+            // The peer acknowledged the gateway's SYN-ACK: established.
+            if half_open_live && flags & TCP_ACK != 0 && flags & TCP_RST == 0 {
+                let _ = FLOWS.insert(
+                    &k,
+                    &FlowValue {
+                        last_seen_ns: t,
+                        closing: u32::from(closing),
+                        _pad: 0,
+                    },
+                    0,
+                );
+            }
+        }
+        L4::Udp { sport, dport } => {
+            let k = key(pkt, IPPROTO_UDP, dport, sport, false);
+            if let Some(v) = DGRAM_FLOWS.get_ptr_mut(&k) {
+                refresh(v, t, false);
+                return;
+            }
+            if to_local(pkt) && socket_exists(ctx.as_ptr(), v6, false, &mut tuple(pkt, sport, dport)) {
+                insert_dgram(&k, t);
+            }
+        }
+        // The kernel answers echo requests to its own addresses itself.
         L4::Icmp {
             kind: ICMP_ECHO_REQUEST,
             id,
             ..
-        } => (IPPROTO_ICMP, id, id),
+        } => echo_request(pkt, &key(pkt, IPPROTO_ICMP, id, id, false), t),
         L4::Icmpv6 {
             kind: ICMPV6_ECHO_REQUEST,
             id,
             ..
-        } => (IPPROTO_ICMPV6, id, id),
-        _ => return,
-    };
-    let key = FlowKey {
-        family: family(pkt),
-        proto,
-        local_port: local_port.to_be_bytes(),
-        remote_port: remote_port.to_be_bytes(),
-        _pad: [0; 2],
-        local: pkt.dst,
-        remote: pkt.src,
-    };
-    // SAFETY: a helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // A full LRU evicts the oldest flow; an error here only means a reply may be evaluated by policy.
-    let _ = FLOWS.insert(key, FlowValue { last_seen_ns: now, closing: 0, _pad: 0 }, 0);
+        } => echo_request(pkt, &key(pkt, IPPROTO_ICMPV6, id, id, false), t),
+        _ => {}
+    }
 }
 
+#[inline(always)]
+fn echo_request(pkt: &Packet, k: &FlowKey, t: u64) {
+    if let Some(v) = DGRAM_FLOWS.get_ptr_mut(k) {
+        refresh(v, t, false);
+    } else if to_local(pkt) {
+        insert_dgram(k, t);
+    }
+}
+
+#[inline(always)]
+fn insert_dgram(k: &FlowKey, t: u64) {
+    let _ = DGRAM_FLOWS.insert(
+        k,
+        &FlowValue {
+            last_seen_ns: t,
+            closing: 0,
+            _pad: 0,
+        },
+        0,
+    );
+}
+
+/// A datagram's identity as the kernel's reassembly has it: IPv4 (src, dst, id, protocol); IPv6
+/// (src, dst, id): the headers after an IPv6 fragment header are part of the fragmentable payload, so a
+/// first fragment's upper-layer protocol is not its later fragments' next header.
 #[inline(always)]
 fn frag_key(pkt: &Packet) -> FragKey {
     FragKey {
         family: family(pkt),
-        proto: pkt.proto,
+        proto: if pkt.l3 == L3::Ipv4 { pkt.proto } else { 0 },
         _pad: [0; 2],
         id: pkt.frag_id,
         src: pkt.src,
@@ -111,12 +350,27 @@ fn frag_key(pkt: &Packet) -> FragKey {
 /// The first fragment of a datagram passed: remember it (with its rule) for the non-first fragments.
 #[inline(always)]
 pub fn record_first_fragment(pkt: &Packet, rule: u32) {
-    let _ = FRAGS.insert(frag_key(pkt), FragValue { rule, _pad: 0, first_seen_ns: 0 }, 0);
+    let v = FragValue {
+        rule,
+        _pad: 0,
+        first_seen_ns: now(),
+    };
+    let _ = FRAGS.insert(&frag_key(pkt), &v, 0);
 }
 
-/// Whether the first fragment of this non-first fragment's datagram passed.
+/// The first fragment of a datagram dropped: its later fragments must not follow an earlier one's entry.
+#[inline(always)]
+pub fn forget_first_fragment(pkt: &Packet) {
+    let _ = FRAGS.remove(&frag_key(pkt));
+}
+
+/// Whether the first fragment of this non-first fragment's datagram passed, within the reassembly
+/// timeout.
 #[inline(always)]
 pub fn first_fragment_passed(pkt: &Packet) -> bool {
-    // SAFETY: the value is only tested for presence.
-    unsafe { FRAGS.get(frag_key(pkt)) }.is_some()
+    // SAFETY: the value is copied out at once.
+    match unsafe { FRAGS.get(&frag_key(pkt)) } {
+        Some(v) => now().saturating_sub(v.first_seen_ns) < limits::FRAG_TIMEOUT_NS,
+        None => false,
+    }
 }

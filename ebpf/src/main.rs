@@ -22,6 +22,7 @@ use vpcgate_common::{
 };
 
 use crate::{
+    maps::{FORWARD_IFS, SCRATCH},
     parse::{Cursor, Fragment, Packet},
     verdict::Outcome,
 };
@@ -33,54 +34,55 @@ const TC_PULL_LEN: u32 = 256;
 /// Pass, letting any later TC program and the stack decide (TC_ACT_UNSPEC: "next" for tcx and clsact).
 const TC_PASS: i32 = TC_ACT_UNSPEC;
 
-/// Parses, decides, accounts: the enforcement path shared by TC egress and XDP forward.
+/// Parses, decides, accounts: the enforcement path shared by TC egress and XDP forward. `account`
+/// false: the packet was enforced and counted already (at a forward interface's XDP), decide only.
 #[inline(always)]
-fn enforce(hook: Hook, ifindex: u32, cursor: &Cursor, bytes: u64) -> Outcome {
-    let mut pkt = Packet::new();
-    let outcome = match parse::parse(cursor, &mut pkt) {
+fn enforce(
+    hook: Hook,
+    ifindex: u32,
+    parsed: Result<(), parse::Malformed>,
+    pkt: &Packet,
+    bytes: u64,
+    account: bool,
+) -> Outcome {
+    let outcome = match parsed {
         Ok(()) => {
-            stats::count(hook, &pkt);
-            let o = verdict::decide(&pkt);
-            if o.action == ACTION_PASS && pkt.fragment == Fragment::First {
-                flows::record_first_fragment(&pkt, o.id);
+            let o = verdict::decide(pkt);
+            if pkt.fragment == Fragment::First {
+                if o.action == ACTION_PASS {
+                    flows::record_first_fragment(pkt, o.id);
+                } else {
+                    flows::forget_first_fragment(pkt);
+                }
             }
-            account::observe(&pkt, &o);
-            if o.reason != 0 {
-                events::drop_event(hook, ifindex, Some(&pkt), &o);
+            if account {
+                stats::count(hook, pkt);
+                account::observe(pkt, &o);
+                if o.reason != 0 {
+                    events::drop_event(hook, ifindex, Some(pkt), &o);
+                }
             }
             o
         }
         Err(_) => {
-            stats::bump(hook, Stat::Malformed);
             let o = verdict::malformed();
-            events::drop_event(hook, ifindex, None, &o);
+            if account {
+                stats::bump(hook, Stat::Malformed);
+                events::drop_event(hook, ifindex, None, &o);
+            }
             o
         }
     };
-    account::account(&outcome, bytes);
+    if account {
+        account::account(&outcome, bytes);
+    } else {
+        account::record_last(&outcome);
+    }
     outcome
 }
 
-#[classifier]
-pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
-    // Headers of a locally built skb may sit in paged fragments; make what we parse linear first.
-    let want = core::cmp::min(ctx.len(), TC_PULL_LEN);
-    if ((ctx.data_end() - ctx.data()) as u32) < want && ctx.pull_data(want).is_err() {
-        stats::bump(Hook::TcEgress, Stat::Malformed);
-        let o = verdict::malformed();
-        account::account(&o, u64::from(ctx.len()));
-        // SAFETY: the context pointer is valid for the program's run.
-        events::drop_event(Hook::TcEgress, unsafe { (*ctx.skb.skb).ifindex }, None, &o);
-        return if o.action == ACTION_PASS {
-            TC_PASS
-        } else {
-            TC_ACT_SHOT
-        };
-    }
-    // SAFETY: the context pointer is valid for the program's run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let cursor = Cursor::new(ctx.data(), ctx.data_end());
-    let o = enforce(Hook::TcEgress, ifindex, &cursor, u64::from(ctx.len()));
+#[inline(always)]
+fn tc_action(o: &Outcome) -> i32 {
     if o.action == ACTION_PASS {
         TC_PASS
     } else {
@@ -88,12 +90,57 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
     }
 }
 
+/// This hook's scratch packet: the parser writes into a map value, whose contents the verifier does not
+/// track, so the states of the parser's many paths (VLAN tags, options, extension chains) collapse into
+/// one before the verdict and accounting are verified, instead of multiplying with them.
+#[inline(always)]
+fn scratch(hook: Hook) -> Option<&'static mut Packet> {
+    // SAFETY: this CPU's slot of a per-CPU array; programs do not nest on a CPU within one hook (TC
+    // egress and XDP run with bottom halves disabled, also on PREEMPT_RT where that is a per-CPU lock).
+    SCRATCH.get_ptr_mut(hook as u32).map(|p| unsafe {
+        *p = Packet::new();
+        &mut *p
+    })
+}
+
+#[classifier]
+pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let (ifindex, ingress_ifindex) =
+        unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
+    // Forwarded from a forward interface whose XDP enforced and counted it: decide again (fail closed
+    // if that program is gone), count once.
+    // SAFETY: the value is only tested for presence.
+    let account = ingress_ifindex == 0 || unsafe { FORWARD_IFS.get(&ingress_ifindex) }.is_none();
+    let len = ctx.len();
+    // Parse what is linear; only a packet whose headers are not all linear is pulled (a TCP segment's
+    // headers almost always are: no copy per segment).
+    let Some(pkt) = scratch(Hook::TcEgress) else {
+        return tc_action(&verdict::malformed());
+    };
+    let linear = (ctx.data_end() - ctx.data()) as u32;
+    let mut parsed = parse::parse(&Cursor::new(ctx.data(), ctx.data_end()), pkt);
+    if parsed.is_err() && linear < len {
+        // Parse again from the start over the pulled headers (a failed pull leaves the first result:
+        // malformed, dropped).
+        if ctx.pull_data(core::cmp::min(len, TC_PULL_LEN)).is_ok() {
+            *pkt = Packet::new();
+            parsed = parse::parse(&Cursor::new(ctx.data(), ctx.data_end()), pkt);
+        }
+    }
+    let o = enforce(Hook::TcEgress, ifindex, parsed, pkt, u64::from(len), account);
+    tc_action(&o)
+}
+
 #[xdp]
 pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let ifindex = ctx.ingress_ifindex() as u32;
-    let cursor = Cursor::new(ctx.data(), ctx.data_end());
-    let o = enforce(Hook::XdpForward, ifindex, &cursor, bytes);
+    let Some(pkt) = scratch(Hook::XdpForward) else {
+        return xdp_action::XDP_DROP;
+    };
+    let parsed = parse::parse(&Cursor::new(ctx.data(), ctx.data_end()), pkt);
+    let o = enforce(Hook::XdpForward, ifindex, parsed, pkt, bytes, true);
     if o.action == ACTION_PASS {
         xdp_action::XDP_PASS
     } else {
@@ -107,12 +154,14 @@ pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn vpcgate_xdp_ingress(ctx: XdpContext) -> u32 {
     let cursor = Cursor::new(ctx.data(), ctx.data_end());
-    let mut pkt = Packet::new();
-    match parse::parse(&cursor, &mut pkt) {
+    let Some(pkt) = scratch(Hook::Xdp) else {
+        return xdp_action::XDP_PASS;
+    };
+    match parse::parse(&cursor, pkt) {
         Ok(()) => {
-            stats::count(Hook::Xdp, &pkt);
-            flows::record_inbound(&pkt);
-            account::observe_reply(&cursor, &pkt);
+            stats::count(Hook::Xdp, pkt);
+            flows::record_inbound(&ctx, pkt);
+            account::observe_reply(&cursor, pkt);
         }
         Err(_) => stats::bump(Hook::Xdp, Stat::Malformed),
     }

@@ -4,6 +4,10 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
+use vpcgate_common::parse_stats::HOOK_COUNT;
+
+use crate::parse::Packet;
+
 use vpcgate_common::datapath::{
     AddrV4, AddrV6, AddrValue, DROP_STATS_LEN, DestKey, DestObs, EventBudget, FlowKey, FlowValue,
     FragKey, FragValue, GenConfig, LastVerdict, LocalAddr, PortData, RuleStats, RuleStatsKey, limits,
@@ -86,3 +90,7 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENTS_BYTES, 0);
 
 #[map(name = "EVENT_BUDGET")]
 pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per hook, this CPU's parsed packet (see `main::scratch`).
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(HOOK_COUNT, 0);

@@ -28,6 +28,7 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_DSTOPTS: u8 = 60;
 pub const IPPROTO_MH: u8 = 135;
 
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
@@ -117,6 +118,23 @@ pub struct IcmpHdr {
     pub check: [u8; 2],
     pub rest: [u8; 4],
 }
+
+/// The first four bytes of an IPv6 routing header (RFC 8200 4.4).
+#[repr(C)]
+pub struct Ipv6RoutingHdr {
+    pub next_hdr: u8,
+    pub len: u8,
+    pub routing_type: u8,
+    pub segments_left: u8,
+}
+
+/// IPv4 options that route the packet through listed hops (RFC 791): loose and strict source route.
+pub const IPOPT_LSRR: u8 = 0x83;
+pub const IPOPT_SSRR: u8 = 0x89;
+/// IPv4 options walked before giving up (malformed, like an over-long IPv6 extension chain): real
+/// packets carry one or two, padded with a few NOPs; 40 single-byte options would cost the verifier a
+/// path per byte.
+pub const IPV4_MAX_OPTIONS: usize = 8;
 
 /// Bounds-checked view of a packet: `[start, end)` are the packet pointers the program got.
 #[derive(Clone, Copy)]
@@ -224,6 +242,13 @@ pub struct Packet {
     pub l4: L4,
     /// Offset of the transport header (0 when there is none).
     pub l4_off: u16,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub hop_limit: u8,
+    /// IPv4 LSRR/SSRR option, or an IPv6 routing header with segments left (rule 2).
+    pub source_routed: bool,
+    /// ICMP errors: the quoted packet's source is this packet's destination and its destination this
+    /// packet's source (the error answers a packet this host received).
+    pub quote_matches: bool,
 }
 
 /// Parses a frame starting with its Ethernet header.
@@ -269,6 +294,9 @@ impl Packet {
             frag_id: 0,
             l4: L4::None,
             l4_off: 0,
+            hop_limit: 0,
+            source_routed: false,
+            quote_matches: false,
         }
     }
 }
@@ -300,8 +328,12 @@ fn parse_ipv4(c: &Cursor, off: usize, pkt: &mut Packet) -> Result<(), Malformed>
     }
     pkt.l3 = L3::Ipv4;
     pkt.proto = ip.proto;
+    pkt.hop_limit = ip.ttl;
     pkt.src[..4].copy_from_slice(&ip.src);
     pkt.dst[..4].copy_from_slice(&ip.dst);
+    if hdr_len > size_of::<Ipv4Hdr>() {
+        pkt.source_routed = ipv4_source_routed(c, off, hdr_len)?;
+    }
     let frag = be16(ip.frag_off);
     let more_fragments = frag & 0x2000 != 0;
     let frag_offset = frag & 0x1fff;
@@ -317,6 +349,42 @@ fn parse_ipv4(c: &Cursor, off: usize, pkt: &mut Packet) -> Result<(), Malformed>
     parse_l4(c, off + hdr_len, l3_len - hdr_len, ip.proto, pkt)
 }
 
+/// Walks the IPv4 options (present in full, checked by the caller): whether one is a source route.
+/// An option whose length is inconsistent is malformed (the kernel's ip_options_compile drops it too).
+#[inline(always)]
+fn ipv4_source_routed(c: &Cursor, off: usize, hdr_len: usize) -> Result<bool, Malformed> {
+    let mut o = size_of::<Ipv4Hdr>();
+    for _ in 0..IPV4_MAX_OPTIONS {
+        if o >= hdr_len {
+            return Ok(false);
+        }
+        // Two bytes at a time (type, length), inside the header: at its last byte, the pair that ends
+        // there. (A one-byte read's bounds check is compiled into a form the verifier rejects.)
+        let (kind, len) = if o + 2 <= hdr_len {
+            let b: &[u8; 2] = c.ptr_at(off + o)?;
+            (b[0], b[1] as usize)
+        } else {
+            let b: &[u8; 2] = c.ptr_at(off + o - 1)?;
+            (b[1], 0)
+        };
+        match kind {
+            // End of options list.
+            0 => return Ok(false),
+            // No operation.
+            1 => o += 1,
+            IPOPT_LSRR | IPOPT_SSRR => return Ok(true),
+            _ => {
+                if len < 2 || o + len > hdr_len {
+                    return Err(Malformed);
+                }
+                o += len;
+            }
+        }
+    }
+    // More options than walked: not verified.
+    if o >= hdr_len { Ok(false) } else { Err(Malformed) }
+}
+
 #[inline(always)]
 fn parse_ipv6(c: &Cursor, off: usize, pkt: &mut Packet) -> Result<(), Malformed> {
     let ip: &Ipv6Hdr = c.ptr_at(off)?;
@@ -324,6 +392,7 @@ fn parse_ipv6(c: &Cursor, off: usize, pkt: &mut Packet) -> Result<(), Malformed>
         return Err(Malformed);
     }
     pkt.l3 = L3::Ipv6;
+    pkt.hop_limit = ip.hop_limit;
     pkt.src = ip.src;
     pkt.dst = ip.dst;
     let payload_len = be16(ip.payload_len) as usize;
@@ -342,10 +411,14 @@ fn parse_ipv6(c: &Cursor, off: usize, pkt: &mut Packet) -> Result<(), Malformed>
                 if chain == IPV6_EXT_MAX_CHAIN {
                     return Err(Malformed);
                 }
-                let ext: &Ipv6ExtHdr = c.ptr_at(off)?;
+                let ext: &Ipv6RoutingHdr = c.ptr_at(off)?;
                 let len = (ext.len as usize + 1) * 8;
                 if off + len > l3_end || c.remaining(off) < len {
                     return Err(Malformed);
+                }
+                // A routing header with segments left sends the packet on to other addresses.
+                if next == IPPROTO_ROUTING && ext.segments_left != 0 {
+                    pkt.source_routed = true;
                 }
                 next = ext.next_hdr;
                 off += len;
@@ -432,6 +505,16 @@ fn parse_l4(
                 return Err(Malformed);
             }
             // ICMP inside IPv6 (or ICMPv6 inside IPv4) is no ICMP any stack would act on: an unknown protocol.
+            let v6 = match (pkt.l3, proto) {
+                (L3::Ipv4, IPPROTO_ICMP) => Some(false),
+                (L3::Ipv6, IPPROTO_ICMPV6) => Some(true),
+                _ => None,
+            };
+            if let Some(v6) = v6
+                && is_icmp_error(icmp.kind, v6)
+            {
+                pkt.quote_matches = quote_matches(c, off, l3_room, v6, pkt)?;
+            }
             pkt.l4 = match (pkt.l3, proto) {
                 (L3::Ipv4, IPPROTO_ICMP) => L4::Icmp {
                     kind: icmp.kind,
@@ -451,13 +534,74 @@ fn parse_l4(
     Ok(())
 }
 
-/// The packet an ICMP error quotes: the gateway's own outbound packet, as (IP protocol, destination,
-/// destination port). `icmp_off` is where the ICMP header starts; `v6` whether it is ICMPv6.
+/// ICMP error messages (DESIGN.md "ICMP"): they quote the packet they answer.
+#[inline(always)]
+pub fn is_icmp_error(kind: u8, v6: bool) -> bool {
+    use vpcgate_common::icmp::*;
+    if v6 {
+        matches!(
+            kind,
+            ICMPV6_DEST_UNREACH
+                | ICMPV6_PACKET_TOO_BIG
+                | ICMPV6_TIME_EXCEEDED
+                | ICMPV6_PARAMETER_PROBLEM
+        )
+    } else {
+        matches!(
+            kind,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+        )
+    }
+}
+
+#[inline(always)]
+fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    u128::from_ne_bytes(*a) == u128::from_ne_bytes(*b)
+}
+
+/// The quoted IP header of an ICMP error at `icmp_off` (fixed part present inside the datagram, right
+/// version, else malformed): whether it is the reverse of this packet's addresses.
+#[inline(always)]
+fn quote_matches(
+    c: &Cursor,
+    icmp_off: usize,
+    l3_room: usize,
+    v6: bool,
+    pkt: &Packet,
+) -> Result<bool, Malformed> {
+    let inner = icmp_off + size_of::<IcmpHdr>();
+    if v6 {
+        let ip: &Ipv6Hdr = c.ptr_at(inner)?;
+        if l3_room < size_of::<IcmpHdr>() + size_of::<Ipv6Hdr>() || ip.version_tc_flow[0] >> 4 != 6 {
+            return Err(Malformed);
+        }
+        let (src, dst) = (ip.src, ip.dst);
+        Ok(eq16(&src, &pkt.dst) && eq16(&dst, &pkt.src))
+    } else {
+        let ip: &Ipv4Hdr = c.ptr_at(inner)?;
+        if l3_room < size_of::<IcmpHdr>() + size_of::<Ipv4Hdr>()
+            || ip.version_ihl >> 4 != 4
+            || ip.version_ihl & 0x0f < 5
+        {
+            return Err(Malformed);
+        }
+        let (src, dst) = (u32::from_ne_bytes(ip.src), u32::from_ne_bytes(ip.dst));
+        let mut ps = [0u8; 4];
+        let mut pd = [0u8; 4];
+        ps.copy_from_slice(&pkt.src[..4]);
+        pd.copy_from_slice(&pkt.dst[..4]);
+        Ok(src == u32::from_ne_bytes(pd) && dst == u32::from_ne_bytes(ps))
+    }
+}
+
+/// What an ICMP error quotes (the packet it answers), for the observers: (IP protocol, destination,
+/// destination port). Ports are read by the quoted protocol's own layout: TCP and UDP only (an ICMP
+/// echo's identifier is not a port: 0); IPv6 extension headers in the quote are walked.
 #[inline(always)]
 pub fn quoted(c: &Cursor, icmp_off: usize, v6: bool) -> Result<(u8, [u8; 16], u16), Malformed> {
     let inner = icmp_off + size_of::<IcmpHdr>();
     let mut dst = [0u8; 16];
-    let (proto, l4) = if v6 {
+    let (mut proto, mut l4) = if v6 {
         let ip: &Ipv6Hdr = c.ptr_at(inner)?;
         dst = ip.dst;
         (ip.next_hdr, inner + size_of::<Ipv6Hdr>())
@@ -468,9 +612,38 @@ pub fn quoted(c: &Cursor, icmp_off: usize, v6: bool) -> Result<(u8, [u8; 16], u1
             return Err(Malformed);
         }
         dst[..4].copy_from_slice(&ip.dst);
+        // A quoted non-first fragment carries no ports.
+        if be16(ip.frag_off) & 0x1fff != 0 {
+            return Ok((ip.proto, dst, 0));
+        }
         (ip.proto, inner + hdr_len)
     };
-    // Both TCP and UDP start with the source and destination ports; RFC 792 quotes at least 8 bytes.
-    let ports: &UdpHdr = c.ptr_at(l4)?;
-    Ok((proto, dst, be16(ports.dport)))
+    if v6 {
+        for _ in 0..IPV6_EXT_MAX_CHAIN {
+            match proto {
+                IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MH => {
+                    let ext: &Ipv6ExtHdr = c.ptr_at(l4)?;
+                    proto = ext.next_hdr;
+                    l4 += (ext.len as usize + 1) * 8;
+                }
+                IPPROTO_FRAGMENT => {
+                    let frag: &Ipv6FragHdr = c.ptr_at(l4)?;
+                    proto = frag.next_hdr;
+                    l4 += size_of::<Ipv6FragHdr>();
+                    if be16(frag.frag_off) & 0xfff8 != 0 {
+                        return Ok((proto, dst, 0));
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+    match proto {
+        // Both TCP and UDP start with the source and destination ports; RFC 792 quotes at least 8 bytes.
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let ports: &UdpHdr = c.ptr_at(l4)?;
+            Ok((proto, dst, be16(ports.dport)))
+        }
+        _ => Ok((proto, dst, 0)),
+    }
 }

@@ -4,8 +4,8 @@
 use aya_ebpf::maps::{LpmTrie, lpm_trie::Key};
 use vpcgate_common::{
     datapath::{
-        ACTION_DROP, ACTION_PASS, AddrV4, AddrV6, AddrValue, GEN_A, GEN_B, GEN_BITS, MODE_AUDIT,
-        PORT_KEY_FIXED_BITS, PortData, basis,
+        ACTION_DROP, ACTION_PASS, AddrV4, AddrV6, AddrValue, ESSENTIAL_DHCP, ESSENTIAL_MLD, GEN_A,
+        GEN_B, GEN_BITS, GenConfig, MODE_AUDIT, PORT_KEY_FIXED_BITS, PortData, basis, essential,
     },
     icmp::*,
     verdict::DropReason,
@@ -31,9 +31,10 @@ pub struct Outcome {
     pub generation: u32,
 }
 
-struct Ctx {
-    generation: u32,
+pub struct Ctx {
+    pub generation: u32,
     audit: bool,
+    pub cfg: &'static GenConfig,
 }
 
 impl Ctx {
@@ -63,9 +64,9 @@ impl Ctx {
     }
 }
 
-/// The active generation and its mode; None when no policy is applied.
+/// The active generation and its settings; None when no policy is applied.
 #[inline(always)]
-fn active() -> Option<Ctx> {
+pub fn active() -> Option<Ctx> {
     let generation = *ACTIVE.get(0)?;
     if generation != GEN_A as u32 && generation != GEN_B as u32 {
         return None;
@@ -74,6 +75,7 @@ fn active() -> Option<Ctx> {
     Some(Ctx {
         generation,
         audit: cfg.mode == MODE_AUDIT,
+        cfg,
     })
 }
 
@@ -181,14 +183,28 @@ pub fn decide(pkt: &Packet) -> Outcome {
         };
     };
     let generation = ctx.generation as u8;
-    // 1. ICMPv6 neighbour discovery -> pass.
+    // 2. Source-routed: the real destination is not the one checked.
+    if pkt.source_routed {
+        return ctx.drop(DropReason::SourceRouted, basis::SOURCE_ROUTED, 0);
+    }
+    // 1. ICMPv6 neighbour discovery: link plumbing, only as RFC 4861 allows it; anything else of those
+    // types is malformed.
     if let L4::Icmpv6 { kind, .. } = pkt.l4
         && (ICMPV6_ND_FIRST..=ICMPV6_ND_LAST).contains(&kind)
     {
-        return ctx.pass(basis::NEIGHBOUR_DISCOVERY, 0);
+        return if nd_allowed(pkt, ctx.cfg) {
+            ctx.pass(basis::NEIGHBOUR_DISCOVERY, 0)
+        } else {
+            ctx.drop(DropReason::Malformed, basis::MALFORMED, 0)
+        };
     }
-    // 3. Reply in a flow that a peer initiated toward the gateway -> pass.
-    if flows::is_reply(pkt) {
+    // 1. Host essentials (DHCP, DHCPv6, MLD) -> pass.
+    let essential = host_essential(pkt, ctx.cfg.host_essentials);
+    if essential != 0 {
+        return ctx.pass(basis::HOST_ESSENTIAL, essential);
+    }
+    // 3. Reply in a flow that a peer initiated toward a gateway socket -> pass.
+    if flows::is_reply(pkt, ctx.cfg) {
         return ctx.pass(basis::REPLY, 0);
     }
     // 4. Destination in a reserved block -> drop reserved_range.
@@ -226,15 +242,26 @@ pub fn decide(pkt: &Packet) -> Outcome {
         );
     }
     match pkt.l4 {
-        // ICMP errors pass; echo requests pass toward addresses rule 5 or 6 covers.
+        // ICMP errors pass only as answers to a packet this host received; echo requests pass toward
+        // addresses rule 5 or 6 covers.
         L4::Icmp {
-            kind: ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED,
+            kind: ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM,
             ..
         }
         | L4::Icmpv6 {
-            kind: ICMPV6_DEST_UNREACH | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED,
+            kind:
+                ICMPV6_DEST_UNREACH
+                | ICMPV6_PACKET_TOO_BIG
+                | ICMPV6_TIME_EXCEEDED
+                | ICMPV6_PARAMETER_PROBLEM,
             ..
-        } => ctx.pass(basis::ICMP_ERROR, 0),
+        } => {
+            if pkt.quote_matches {
+                ctx.pass(basis::ICMP_ERROR, 0)
+            } else {
+                ctx.drop(DropReason::NotAuthorized, basis::ICMP_ERROR, 0)
+            }
+        }
         L4::Icmp {
             kind: ICMP_ECHO_REQUEST,
             ..
@@ -262,5 +289,78 @@ pub fn decide(pkt: &Packet) -> Outcome {
             }
         }
         _ => not_allowed(covering),
+    }
+}
+
+/// Big-endian halves of an IPv6 address.
+#[inline(always)]
+fn halves(a: &[u8; 16]) -> (u64, u64) {
+    let mut hi = [0u8; 8];
+    let mut lo = [0u8; 8];
+    hi.copy_from_slice(&a[..8]);
+    lo.copy_from_slice(&a[8..]);
+    (u64::from_be_bytes(hi), u64::from_be_bytes(lo))
+}
+
+/// Whether `addr` lies in the prefix `net`/`len` (len 1..=128; 0 means "no prefix").
+#[inline(always)]
+fn in_prefix6(addr: &[u8; 16], net: &[u8; 16], len: u32) -> bool {
+    if len == 0 || len > 128 {
+        return false;
+    }
+    let (ah, al) = halves(addr);
+    let (nh, nl) = halves(net);
+    if len <= 64 {
+        let mask = u64::MAX << (64 - len);
+        (ah ^ nh) & mask == 0
+    } else {
+        let mask = if len == 128 {
+            u64::MAX
+        } else {
+            u64::MAX << (128 - len)
+        };
+        ah == nh && (al ^ nl) & mask == 0
+    }
+}
+
+/// Rule 1: neighbour discovery as RFC 4861 sends it: unfragmented, hop limit 255, toward a link-scope
+/// address (fe80::/10, ff02::/16) or the ENI's on-link prefix.
+#[inline(always)]
+fn nd_allowed(pkt: &Packet, cfg: &GenConfig) -> bool {
+    let d = &pkt.dst;
+    pkt.fragment == Fragment::None
+        && pkt.hop_limit == 255
+        && ((d[0] == 0xfe && d[1] & 0xc0 == 0x80)
+            || (d[0] == 0xff && d[1] == 0x02)
+            || in_prefix6(d, &cfg.onlink6, cfg.onlink6_len))
+}
+
+/// ff02::16, all MLDv2-capable routers.
+const MLDV2_ROUTERS: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x16];
+
+/// Rule 1: which host essential the packet is (`essential::*`), 0 for none or when it is turned off.
+#[inline(always)]
+fn host_essential(pkt: &Packet, on: u32) -> u32 {
+    if on == 0 || pkt.fragment != Fragment::None {
+        return 0;
+    }
+    match pkt.l4 {
+        L4::Udp { sport: 68, dport: 67 } if on & ESSENTIAL_DHCP != 0 && pkt.l3 == L3::Ipv4 => {
+            essential::DHCPV4
+        }
+        L4::Udp {
+            sport: 546,
+            dport: 547,
+        } if on & ESSENTIAL_DHCP != 0 && pkt.l3 == L3::Ipv6 => essential::DHCPV6,
+        L4::Icmpv6 {
+            kind: ICMPV6_MLD2_REPORT,
+            ..
+        } if on & ESSENTIAL_MLD != 0
+            && pkt.hop_limit == 1
+            && halves(&pkt.dst) == halves(&MLDV2_ROUTERS) =>
+        {
+            essential::MLD
+        }
+        _ => 0,
     }
 }

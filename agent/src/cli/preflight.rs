@@ -69,7 +69,17 @@ fn checks() -> Vec<Check> {
             checks.push(Check {
                 check: "verifier",
                 ok: true,
-                detail: "tc egress, xdp ingress and xdp forward programs loaded".into(),
+                detail: format!(
+                    "tc egress, xdp ingress and xdp forward programs loaded (instructions verified: {}; limit 1000000)",
+                    dp.verified_instructions()
+                        .iter()
+                        .map(|(name, n)| format!(
+                            "{name} {}",
+                            n.map_or("unknown".to_owned(), |n| n.to_string())
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             });
             let tc = dp.tc_egress().ok().map(|p| run_frame(p));
             let xdp = dp.xdp_ingress().ok().map(|p| run_frame(p));

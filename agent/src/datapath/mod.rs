@@ -174,6 +174,26 @@ impl Datapath {
         }
     }
 
+    /// How many instructions the verifier processed for each program (kernel >= 5.16 reports it): the
+    /// headroom below the verifier's 1,000,000 limit.
+    pub fn verified_instructions(&self) -> Vec<(&'static str, Option<u32>)> {
+        [
+            programs::TC_EGRESS,
+            programs::XDP_INGRESS,
+            programs::XDP_FORWARD,
+        ]
+        .into_iter()
+        .map(|name| {
+            let n = self
+                .ebpf
+                .program(name)
+                .and_then(|p| p.info().ok())
+                .and_then(|i| i.verified_instruction_count());
+            (name, n)
+        })
+        .collect()
+    }
+
     /// Sums the per-CPU parse counters.
     pub fn parse_stats(&self) -> Result<ParseStats, DatapathError> {
         read_parse_stats(&self.ebpf)

@@ -49,7 +49,39 @@ pub struct IpPacket {
     pub dst: IpAddr,
     pub l4: L4,
     pub fragment: Fragment,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub hop_limit: u8,
+    /// TCP/UDP source port (0 when there is none).
+    pub sport: u16,
+    /// TCP flags (0 for other protocols).
+    pub tcp_flags: u8,
+    /// IPv4 LSRR/SSRR option, or an IPv6 routing header with segments left (rule 2).
+    pub source_routed: bool,
+    /// ICMP errors: the (source, destination) of the packet they quote.
+    pub quoted: Option<(IpAddr, IpAddr)>,
 }
+
+impl IpPacket {
+    /// A plain packet: hop limit 64, no source port, a TCP SYN when it is TCP, not source-routed.
+    pub fn new(src: IpAddr, dst: IpAddr, l4: L4, fragment: Fragment) -> Self {
+        Self {
+            src,
+            dst,
+            l4,
+            fragment,
+            hop_limit: 64,
+            sport: 0,
+            tcp_flags: if matches!(l4, L4::Tcp { .. }) { TCP_SYN } else { 0 },
+            source_routed: false,
+            quoted: None,
+        }
+    }
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// A frame, as the parser classified it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,8 +96,11 @@ pub enum Packet {
 /// What the kernel's flow state knows about a packet (inputs of the verdict, like the packet itself).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowFacts {
-    /// The packet is a reply in a flow a peer initiated toward the gateway.
+    /// A live (not expired) flow a peer initiated toward a gateway socket matches this packet's reversed
+    /// addresses and ports: established TCP, UDP or ICMP echo.
     pub reply: bool,
+    /// A live half-open TCP flow (the peer's SYN reached a listener, not yet acknowledged) matches.
+    pub half_open: bool,
     /// (Non-first fragments) the first fragment of the same datagram passed.
     pub first_fragment_passed: bool,
 }
@@ -85,15 +120,20 @@ pub enum Basis {
     NotIp,
     /// Rule 1: ICMPv6 neighbour discovery.
     NeighbourDiscovery,
+    /// Rule 1: a host essential.
+    HostEssential(HostEssentialKind),
     /// Rule 2.
     Malformed,
+    /// Rule 2: source-routed.
+    SourceRouted,
     /// Rule 3: reply in a flow a peer initiated.
     Reply,
     /// Rule 4: the reserved block (index into the policy's reserved list).
     Reserved(usize),
     /// Rules 5/6 (and ICMP echo, fragments allowed on all ports): the rule that allows it.
     Rule(RuleId),
-    /// ICMP error (unreachable, time exceeded, packet too big).
+    /// ICMP error (unreachable, time exceeded, packet too big, parameter problem): passes when it answers
+    /// a packet this host received, else drops `not_authorized`.
     IcmpError,
     /// A non-first fragment whose first fragment passed.
     FragmentOfPassedDatagram,
@@ -161,6 +201,108 @@ impl Verdict {
 
 const ICMPV6_ND: std::ops::RangeInclusive<u8> = ICMPV6_ND_FIRST..=ICMPV6_ND_LAST;
 
+/// Which host essential passed a packet (rule 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostEssentialKind {
+    Dhcpv4,
+    Dhcpv6,
+    Mld,
+}
+
+impl HostEssentialKind {
+    /// The kernel's `essential::*` id.
+    pub fn id(self) -> u32 {
+        match self {
+            HostEssentialKind::Dhcpv4 => 1,
+            HostEssentialKind::Dhcpv6 => 2,
+            HostEssentialKind::Mld => 3,
+        }
+    }
+}
+
+fn is_icmp_error(l4: L4) -> bool {
+    matches!(
+        l4,
+        L4::Icmp {
+            kind: ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM,
+            ..
+        } | L4::Icmpv6 {
+            kind: ICMPV6_DEST_UNREACH
+                | ICMPV6_PACKET_TOO_BIG
+                | ICMPV6_TIME_EXCEEDED
+                | ICMPV6_PARAMETER_PROBLEM,
+            ..
+        }
+    )
+}
+
+/// Rule 1: neighbour discovery as RFC 4861 sends it: unfragmented, hop limit 255, toward a link-scope
+/// address (fe80::/10, ff02::/16) or the ENI's on-link prefix.
+fn nd_allowed(c: &Compiled, ip: &IpPacket) -> bool {
+    let IpAddr::V6(d) = ip.dst else {
+        return false;
+    };
+    let link_scope = (d.segments()[0] & 0xffc0) == 0xfe80 || d.segments()[0] == 0xff02;
+    ip.fragment == Fragment::None
+        && ip.hop_limit == 255
+        && (link_scope || c.onlink6.is_some_and(|n| n.contains(&d)))
+}
+
+/// Rule 1: the host essential this packet is, when that essential is on.
+fn host_essential(c: &Compiled, ip: &IpPacket) -> Option<HostEssentialKind> {
+    use super::model::HostEssential;
+    if ip.fragment != Fragment::None {
+        return None;
+    }
+    let on = |e| c.host_essentials.contains(&e);
+    match (ip.l4, ip.dst) {
+        (L4::Udp { dport: 67 }, IpAddr::V4(_)) if ip.sport == 68 && on(HostEssential::Dhcp) => {
+            Some(HostEssentialKind::Dhcpv4)
+        }
+        (L4::Udp { dport: 547 }, IpAddr::V6(_)) if ip.sport == 546 && on(HostEssential::Dhcp) => {
+            Some(HostEssentialKind::Dhcpv6)
+        }
+        (L4::Icmpv6 { kind: ICMPV6_MLD2_REPORT, .. }, IpAddr::V6(d))
+            if ip.hop_limit == 1
+                && d == std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16)
+                && on(HostEssential::Mld) =>
+        {
+            Some(HostEssentialKind::Mld)
+        }
+        _ => None,
+    }
+}
+
+/// Rule 3: whether the packet replies in a live flow a peer initiated. A bare TCP SYN never does; a
+/// half-open flow is answered only by a SYN-ACK or RST; a non-first fragment has no ports to match.
+fn is_reply(ip: &IpPacket, facts: FlowFacts) -> bool {
+    if ip.fragment == Fragment::NonFirst {
+        return false;
+    }
+    match ip.l4 {
+        L4::Tcp { .. } => {
+            let f = ip.tcp_flags;
+            if f & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                return false;
+            }
+            facts.reply
+                || (facts.half_open
+                    && (f & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK || f & TCP_RST != 0))
+        }
+        L4::Udp { .. }
+        | L4::Icmp {
+            kind: ICMP_ECHO_REPLY,
+            ..
+        }
+        | L4::Icmpv6 {
+            kind: ICMPV6_ECHO_REPLY,
+            ..
+        } => facts.reply,
+        _ => false,
+    }
+}
+
 /// The verdict for one packet. `c` is the compiled policy; `facts` what flow state knows.
 pub fn verdict(c: &Compiled, pkt: &Packet, facts: FlowFacts) -> Verdict {
     let mode = c.mode;
@@ -171,14 +313,27 @@ pub fn verdict(c: &Compiled, pkt: &Packet, facts: FlowFacts) -> Verdict {
         Packet::Malformed => return Verdict::drop(DropReason::Malformed, Basis::Malformed, mode),
         Packet::Ip(ip) => ip,
     };
-    // 1. ICMPv6 neighbour discovery -> pass.
+    // 2. Source-routed: the real destination is not the one checked.
+    if ip.source_routed {
+        return Verdict::drop(DropReason::SourceRouted, Basis::SourceRouted, mode);
+    }
+    // 1. ICMPv6 neighbour discovery, only as RFC 4861 sends it; other packets of those types are
+    // malformed.
     if let L4::Icmpv6 { kind, .. } = ip.l4
         && ICMPV6_ND.contains(&kind)
     {
-        return Verdict::pass(Basis::NeighbourDiscovery);
+        return if nd_allowed(c, ip) {
+            Verdict::pass(Basis::NeighbourDiscovery)
+        } else {
+            Verdict::drop(DropReason::Malformed, Basis::Malformed, mode)
+        };
     }
-    // 3. Reply in a flow that a peer initiated toward the gateway -> pass.
-    if facts.reply {
+    // 1. Host essentials -> pass.
+    if let Some(e) = host_essential(c, ip) {
+        return Verdict::pass(Basis::HostEssential(e));
+    }
+    // 3. Reply in a live flow a peer initiated toward a gateway socket -> pass.
+    if is_reply(ip, facts) {
         return Verdict::pass(Basis::Reply);
     }
     // 4. Destination in a reserved block -> drop reserved_range.
@@ -218,15 +373,15 @@ pub fn verdict(c: &Compiled, pkt: &Packet, facts: FlowFacts) -> Verdict {
         );
     }
     match ip.l4 {
-        // ICMP errors pass; echo requests pass toward addresses rule 5 or 6 covers.
-        L4::Icmp {
-            kind: ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED,
-            ..
+        // ICMP errors pass only as answers to a packet this host received: the quoted packet came from
+        // this packet's destination to its source. Echo requests pass toward addresses rule 5 or 6 covers.
+        l4 if is_icmp_error(l4) => {
+            if ip.quoted == Some((ip.dst, ip.src)) {
+                Verdict::pass(Basis::IcmpError)
+            } else {
+                Verdict::drop(DropReason::NotAuthorized, Basis::IcmpError, mode)
+            }
         }
-        | L4::Icmpv6 {
-            kind: ICMPV6_DEST_UNREACH | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED,
-            ..
-        } => Verdict::pass(Basis::IcmpError),
         L4::Icmp {
             kind: ICMP_ECHO_REQUEST,
             ..
