@@ -112,19 +112,26 @@ fn check_migrate_to_lists_failing_backends() {
     );
 }
 
+/// The last line of `explain` with every host essential on.
+const ESSENTIALS: &str = "  host essentials (rule 1): dhcp (DHCPv4 client traffic (UDP 68 -> 67) and DHCPv6 client traffic (UDP 546 -> 547)), mld (MLDv2 listener reports (ICMPv6 143 to ff02::16, hop limit 1))\n";
+
 #[test]
 fn explain_verdicts_rules_and_suggestions() {
     let (code, out, _) = vpcgate(&["explain", "examples/policy.toml", "10.0.3.7:80"]);
     assert_eq!(code, 0);
     assert_eq!(
         out,
-        "10.0.3.7:80/tcp → pass\n  allowed by authorization orders-slb (examples/policy.toml:29, verdict rule 5)\n"
+        format!(
+            "10.0.3.7:80/tcp → pass\n  allowed by authorization orders-slb (examples/policy.toml:33, verdict rule 5)\n{ESSENTIALS}"
+        )
     );
     let (code, out, _) = vpcgate(&["explain", "examples/policy.toml", "10.9.0.4:80"]);
     assert_eq!(code, 1);
     assert_eq!(
         out,
-        "10.9.0.4:80/tcp → drop (not_authorized)\n  no authorization, upstream node or accessible block covers 10.9.0.4 (rule 7)\n  smallest change that allows it:\n    [[accessible]]\n    cidr = \"10.9.0.4/32\"\n    ports = [\"80\"]\n    protocols = [\"tcp\"]\n"
+        format!(
+            "10.9.0.4:80/tcp → drop (not_authorized)\n  no authorization, upstream node or accessible block covers 10.9.0.4 (rule 7)\n  smallest change that allows it:\n    [[accessible]]\n    cidr = \"10.9.0.4/32\"\n    ports = [\"80\"]\n    protocols = [\"tcp\"]\n{ESSENTIALS}"
+        )
     );
     let (code, out, _) = vpcgate(&[
         "explain",
@@ -148,7 +155,9 @@ fn explain_verdicts_rules_and_suggestions() {
     assert_eq!(code, 1);
     assert_eq!(
         out,
-        "172.20.1.1:80/tcp → drop (reserved_range)\n  172.20.1.1 is inside reserved block 172.20.0.0/16 (reserved for zone cn-hangzhou-b, examples/policy.toml:11) (rule 4)\n  no policy change can allow it:\n    the provider reserves 172.20.0.0/16 in zone cn-hangzhou-b for the gateway itself; the backend must move to another block\n"
+        format!(
+            "172.20.1.1:80/tcp → drop (reserved_range)\n  172.20.1.1 is inside reserved block 172.20.0.0/16 (reserved for zone cn-hangzhou-b, examples/policy.toml:11) (rule 4)\n  no policy change can allow it:\n    the provider reserves 172.20.0.0/16 in zone cn-hangzhou-b for the gateway itself; the backend must move to another block\n{ESSENTIALS}"
+        )
     );
     let (code, out, _) = vpcgate(&["explain", "examples/policy.toml", "[fd00:10::7]:8443"]);
     assert_eq!(
@@ -177,4 +186,100 @@ fn explain_usage_errors() {
         err.contains("examples/broken.toml is invalid (4 errors)"),
         "{err}"
     );
+}
+
+/// `vpcgate ARGS --output json`: checks the exit status and parses the output.
+fn json(args: &[&str], code: i32) -> serde_json::Value {
+    let args: Vec<&str> = args.iter().copied().chain(["--output", "json"]).collect();
+    let (status, out, err) = vpcgate(&args);
+    assert_eq!(status, code, "{args:?}: {out}{err}");
+    serde_json::from_str(&out).expect("json")
+}
+
+/// examples/policy.toml with its `host_essentials` and `flow_timeouts` lines replaced, written to a file
+/// of its own; returns the path (absolute, as diagnostics and explanations name it).
+fn example_with(name: &str, essentials: &str, timeouts: &str) -> String {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let text = std::fs::read_to_string(format!("{root}/examples/policy.toml")).unwrap();
+    let (a, b) = (
+        "host_essentials = [\"dhcp\", \"mld\"]",
+        "flow_timeouts = { tcp = \"1h\", tcp_closing = \"10s\", udp = \"60s\" }",
+    );
+    assert!(
+        text.contains(a) && text.contains(b),
+        "examples/policy.toml changed"
+    );
+    let path = std::env::temp_dir().join(format!("vpcgate-cli-{}-{name}.toml", std::process::id()));
+    std::fs::write(&path, text.replace(a, essentials).replace(b, timeouts)).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn check_says_when_host_essentials_are_off() {
+    let summary = "valid (0 warnings): instance gw-hz-1 (vpc-integration, enforce), 2 authorizations, 1 upstream (2 nodes), 3 accessible blocks, 4 reserved blocks";
+    let off = example_with("check-off", "host_essentials = []", "");
+    let (code, out, _) = vpcgate(&["check", &off]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.trim(),
+        format!(
+            "{off}: {summary}; host essentials: off (DHCP and MLD traffic is subject to the policy)"
+        )
+    );
+    let v = json(&["check", &off], 0);
+    assert_eq!(v["summary"]["host_essentials"], serde_json::json!([]));
+    let mld = example_with("check-mld", "host_essentials = [\"mld\"]", "");
+    let (code, out, _) = vpcgate(&["check", &mld]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.trim(),
+        format!("{mld}: {summary}; host essentials: mld (DHCP traffic is subject to the policy)")
+    );
+    let v = json(&["check", "examples/policy.toml"], 0);
+    assert_eq!(
+        v["summary"]["host_essentials"],
+        serde_json::json!(["dhcp", "mld"])
+    );
+    for f in [off, mld] {
+        std::fs::remove_file(f).unwrap();
+    }
+}
+
+#[test]
+fn explain_lists_host_essentials_and_flow_timeouts() {
+    let v = json(&["explain", "examples/policy.toml", "10.0.3.7:80"], 0);
+    assert_eq!(v["host_essentials"], serde_json::json!(["dhcp", "mld"]));
+    assert_eq!(
+        v["flow_timeouts"],
+        serde_json::json!({"tcp": 3600, "tcp_closing": 10, "udp": 60})
+    );
+    let off = example_with(
+        "explain-off",
+        "host_essentials = []",
+        "flow_timeouts = { tcp = \"2h\", udp = 30 }",
+    );
+    let (code, out, _) = vpcgate(&["explain", &off, "10.0.3.7:80"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.lines().last(),
+        Some("  host essentials (rule 1): off (DHCP and MLD traffic is subject to the policy)")
+    );
+    let v = json(&["explain", &off, "10.0.3.7:80"], 0);
+    assert_eq!(v["host_essentials"], serde_json::json!([]));
+    assert_eq!(
+        v["flow_timeouts"],
+        serde_json::json!({"tcp": 7200, "tcp_closing": 10, "udp": 30})
+    );
+    let dhcp = example_with("explain-dhcp", "host_essentials = [\"dhcp\"]", "");
+    let (code, out, _) = vpcgate(&["explain", &dhcp, "10.0.3.7:80"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.lines().last(),
+        Some(
+            "  host essentials (rule 1): dhcp (DHCPv4 client traffic (UDP 68 -> 67) and DHCPv6 client traffic (UDP 546 -> 547)); MLD traffic is subject to the policy"
+        )
+    );
+    for f in [off, dhcp] {
+        std::fs::remove_file(f).unwrap();
+    }
 }

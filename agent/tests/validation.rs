@@ -300,7 +300,7 @@ fn structure_errors_are_all_reported_with_positions() {
         [
             "1:1: error: [instance] has no `interface` | add `interface = \"eth1\"`",
             "1:1: error: [instance] of kind vpc-integration has no `vswitch_cidr` | add the vSwitch block the instance was created in, e.g. `vswitch_cidr = \"10.0.0.0/24\"`",
-            "6:1: error: unknown field `vswitch_cdr` in [instance] | did you mean `vswitch_cidr`? known fields: name, kind, vpc_id, interface, egress_ip, vswitch_cidr, zone, reserved_cidrs, mode, forward_interfaces",
+            "6:1: error: unknown field `vswitch_cdr` in [instance] | did you mean `vswitch_cidr`? known fields: name, kind, vpc_id, interface, egress_ip, vswitch_cidr, zone, reserved_cidrs, mode, forward_interfaces, host_essentials, flow_timeouts",
             "7:8: error: unknown zone `cn-hangzhou-q`: the built-in reserved-block table has no such zone | known zones nearby: cn-hangzhou-b, cn-hangzhou-d, cn-hangzhou-e, cn-hangzhou-f, cn-hangzhou-g, cn-hangzhou-h, cn-hangzhou-i, cn-hangzhou-j, cn-hangzhou-k",
             "8:8: error: `mode` in [instance] must be a string, not an integer",
         ]
@@ -310,7 +310,7 @@ fn structure_errors_are_all_reported_with_positions() {
             "[instance]\nname = \"x\"\nkind = \"vpc-integration\"\nvpc_id = \"v\"\ninterface = \"eth1\"\nvswitch_cidr = \"10.0.0.0/24\"\nkind2 = 1\n[[authorisation]]\n"
         ),
         [
-            "7:1: error: unknown field `kind2` in [instance] | did you mean `kind`? known fields: name, kind, vpc_id, interface, egress_ip, vswitch_cidr, zone, reserved_cidrs, mode, forward_interfaces",
+            "7:1: error: unknown field `kind2` in [instance] | did you mean `kind`? known fields: name, kind, vpc_id, interface, egress_ip, vswitch_cidr, zone, reserved_cidrs, mode, forward_interfaces, host_essentials, flow_timeouts",
             "8:3: error: unknown field `authorisation` in the policy file | did you mean `authorization`? known fields: instance, accessible, authorization, upstream",
         ]
     );
@@ -418,6 +418,259 @@ fn protocol_lists_and_upstream_protocols_are_checked() {
             "12:13: error: `protocols` is empty: nothing would be allowed | list [\"tcp\"], [\"udp\"] or both, or remove `protocols` to allow both",
             "23:12: error: upstream protocol `grpc` is not one of http, https | write one of: http, https",
             "24:11: error: node #1 of [[upstream]] #1 must be a table { address = ..., port = ..., weight = ... }",
+        ]
+    );
+}
+
+/// BASE with `lines` added to `[instance]` (from line 9 on).
+fn instance_with(lines: &str) -> String {
+    with(
+        "zone = \"cn-hangzhou-b\"",
+        &format!("zone = \"cn-hangzhou-b\"\n{lines}"),
+    )
+}
+
+/// The `[instance]` of a valid policy text.
+fn instance(text: &str) -> policy::model::Instance {
+    let c = check_text("p.toml", text);
+    assert!(c.diagnostics.is_empty(), "{:?}", c.diagnostics);
+    c.policy.expect("valid").instance
+}
+
+const DHCP: &str =
+    "`dhcp` (DHCPv4 client traffic (UDP 68 -> 67) and DHCPv6 client traffic (UDP 546 -> 547))";
+const KNOWN_ESSENTIALS: &str =
+    "known host essentials: dhcp, mld; `host_essentials = []` turns them off";
+
+#[test]
+fn host_essentials_default_to_all_and_can_be_turned_off() {
+    use policy::model::HostEssential::{Dhcp, Mld};
+    assert_eq!(instance(BASE).host_essentials, [Dhcp, Mld]);
+    assert_eq!(
+        instance(&instance_with("host_essentials = []")).host_essentials,
+        []
+    );
+    assert_eq!(
+        instance(&instance_with("host_essentials = [\"mld\"]")).host_essentials,
+        [Mld]
+    );
+    // Listed in one order whatever the file's.
+    assert_eq!(
+        instance(&instance_with("host_essentials = [\"mld\", \"dhcp\"]")).host_essentials,
+        [Dhcp, Mld]
+    );
+}
+
+#[test]
+fn host_essentials_are_known_names_listed_once() {
+    assert_eq!(
+        diags(&instance_with(
+            r#"host_essentials = ["dhcpv6", "mld", "mld", "arp", "DHCP", "dchp", 3]"#
+        )),
+        [
+            format!(
+                "9:20: error: unknown host essential `dhcpv6` | did you mean {DHCP}? {KNOWN_ESSENTIALS}"
+            ),
+            "9:37: warning: host essential `mld` is listed twice | remove the repeated entry"
+                .to_owned(),
+            format!("9:44: error: unknown host essential `arp` | {KNOWN_ESSENTIALS}"),
+            format!(
+                "9:51: error: unknown host essential `DHCP` | did you mean {DHCP}? {KNOWN_ESSENTIALS}"
+            ),
+            format!(
+                "9:59: error: unknown host essential `dchp` | did you mean {DHCP}? {KNOWN_ESSENTIALS}"
+            ),
+            "9:67: error: `host_essentials` in [instance] must hold strings, not an integer"
+                .to_owned(),
+        ]
+    );
+    assert_eq!(
+        diags(&instance_with("host_essentials = [\"mldv2\"]")),
+        [format!(
+            "9:20: error: unknown host essential `mldv2` | did you mean `mld` (MLDv2 listener reports (ICMPv6 143 to ff02::16, hop limit 1))? {KNOWN_ESSENTIALS}"
+        )]
+    );
+    assert_eq!(
+        diags(&instance_with("host_essentials = \"dhcp\"")),
+        ["9:19: error: `host_essentials` in [instance] must be an array, not a string"]
+    );
+    // A warning only: the policy is valid and holds each essential once.
+    let c = check_text(
+        "p.toml",
+        &instance_with("host_essentials = [\"dhcp\", \"dhcp\"]"),
+    );
+    assert_eq!(
+        c.policy.expect("valid").instance.host_essentials,
+        [policy::model::HostEssential::Dhcp]
+    );
+}
+
+#[test]
+fn flow_timeouts_take_durations_or_seconds_and_default_each_entry() {
+    use policy::model::FlowTimeouts;
+    assert_eq!(
+        instance(BASE).flow_timeouts,
+        FlowTimeouts {
+            tcp: 3600,
+            tcp_closing: 10,
+            udp: 60
+        }
+    );
+    assert_eq!(
+        instance(&instance_with(
+            r#"flow_timeouts = { tcp = "2h", tcp_closing = "30s", udp = 90 }"#
+        ))
+        .flow_timeouts,
+        FlowTimeouts {
+            tcp: 7200,
+            tcp_closing: 30,
+            udp: 90
+        }
+    );
+    assert_eq!(
+        instance(&instance_with(r#"flow_timeouts = { udp = "5m" }"#)).flow_timeouts,
+        FlowTimeouts {
+            tcp: 3600,
+            tcp_closing: 10,
+            udp: 300
+        }
+    );
+    // The bounds are inclusive, and a table header works like the inline table.
+    assert_eq!(
+        instance(&instance_with(
+            "[instance.flow_timeouts]\ntcp = \"24h\"\ntcp_closing = \"1s\"\nudp = 86400"
+        ))
+        .flow_timeouts,
+        FlowTimeouts {
+            tcp: 86400,
+            tcp_closing: 1,
+            udp: 86400
+        }
+    );
+    assert_eq!(
+        instance(&instance_with("flow_timeouts = {}")).flow_timeouts,
+        FlowTimeouts::default()
+    );
+}
+
+#[test]
+fn flow_timeouts_are_bounded_and_their_keys_known() {
+    let fix = |default: &str| {
+        format!(
+            "write a duration from 1s to 24h with unit s, m or h, e.g. \"{default}\" (the default), or a whole number of seconds"
+        )
+    };
+    assert_eq!(
+        diags(&instance_with(
+            r#"flow_timeouts = { tcp = "25h", tcp_closing = "1.5h", udp = 0, tpc = "1h" }"#
+        )),
+        [
+            format!(
+                "9:25: error: `tcp` in [instance] flow_timeouts: 25h is out of range 1s..=24h | {}",
+                fix("1h")
+            ),
+            format!(
+                "9:46: error: `tcp_closing` in [instance] flow_timeouts: `1.5h` is not a duration | {}",
+                fix("10s")
+            ),
+            format!(
+                "9:60: error: `udp` in [instance] flow_timeouts: 0s is out of range 1s..=24h | {}",
+                fix("60s")
+            ),
+            "9:63: error: unknown field `tpc` in [instance] flow_timeouts | did you mean `tcp`? known fields: tcp, tcp_closing, udp".to_owned(),
+        ]
+    );
+    assert_eq!(
+        diags(&instance_with(
+            r#"flow_timeouts = { tcp = "3600", tcp_closing = "0s", udp = 86401 }"#
+        )),
+        [
+            format!(
+                "9:25: error: `tcp` in [instance] flow_timeouts: `3600` is not a duration | {}",
+                fix("1h")
+            ),
+            format!(
+                "9:47: error: `tcp_closing` in [instance] flow_timeouts: 0s is out of range 1s..=24h | {}",
+                fix("10s")
+            ),
+            format!(
+                "9:59: error: `udp` in [instance] flow_timeouts: 86401s is out of range 1s..=24h | {}",
+                fix("60s")
+            ),
+        ]
+    );
+    assert_eq!(
+        diags(&instance_with(
+            r#"flow_timeouts = { tcp = -5, tcp_closing = "99999999999999999999h", udp = true }"#
+        )),
+        [
+            format!(
+                "9:25: error: `tcp` in [instance] flow_timeouts: -5s is out of range 1s..=24h | {}",
+                fix("1h")
+            ),
+            format!(
+                "9:43: error: `tcp_closing` in [instance] flow_timeouts: 99999999999999999999h is out of range 1s..=24h | {}",
+                fix("10s")
+            ),
+            format!(
+                "9:74: error: `udp` in [instance] flow_timeouts must be a duration such as \"60s\" or a number of seconds, not a boolean | {}",
+                fix("60s")
+            ),
+        ]
+    );
+    assert_eq!(
+        diags(&instance_with("flow_timeouts = \"1h\"")),
+        ["9:17: error: `flow_timeouts` in [instance] must be a table, not a string"]
+    );
+}
+
+#[test]
+fn flow_timeout_errors_keep_the_checks_across_fields() {
+    // The wrong timeout is reported, and so is the backend inside a reserved block.
+    assert_eq!(
+        diags(
+            &instance_with("flow_timeouts = { udp = \"1d\" }")
+                .replace("address = \"10.0.0.7\"", "address = \"172.20.0.7\"")
+        ),
+        [
+            "9:25: error: `udp` in [instance] flow_timeouts: `1d` is not a duration | write a duration from 1s to 24h with unit s, m or h, e.g. \"60s\" (the default), or a whole number of seconds",
+            "18:11: error: authorization `orders-slb`: backend 172.20.0.7 is inside reserved block 172.20.0.0/16 (reserved for zone cn-hangzhou-b) | the gateway can never reach a reserved block: move the backend to another block of the VPC",
+        ]
+    );
+}
+
+#[test]
+fn tcp_closing_longer_than_tcp_is_a_warning() {
+    let warning = |pos: &str, closing: &str, tcp: &str| {
+        format!(
+            "{pos}: warning: `tcp_closing` in [instance] flow_timeouts ({closing}) is longer than `tcp` ({tcp}): a closing connection would outlive an idle established one | make tcp_closing shorter than tcp (defaults: tcp 1h, tcp_closing 10s)"
+        )
+    };
+    assert_eq!(
+        diags(&instance_with(
+            r#"flow_timeouts = { tcp = "1m", tcp_closing = 120 }"#
+        )),
+        [warning("9:45", "2m", "60s")]
+    );
+    // Only `tcp` given: the default tcp_closing (10s) is longer; the warning points at `tcp`.
+    assert_eq!(
+        diags(&instance_with(r#"flow_timeouts = { tcp = "5s" }"#)),
+        [warning("9:25", "10s", "5s")]
+    );
+    // Equal is fine, and so is the default pair.
+    assert_eq!(
+        diags(&instance_with(
+            r#"flow_timeouts = { tcp = "10s", tcp_closing = "10s" }"#
+        )),
+        Vec::<String>::new()
+    );
+    // A wrong tcp is not compared (its default would stand in): the error alone.
+    assert_eq!(
+        diags(&instance_with(
+            r#"flow_timeouts = { tcp = "x", tcp_closing = "2h" }"#
+        )),
+        [
+            "9:25: error: `tcp` in [instance] flow_timeouts: `x` is not a duration | write a duration from 1s to 24h with unit s, m or h, e.g. \"1h\" (the default), or a whole number of seconds"
         ]
     );
 }

@@ -5,7 +5,12 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::{EXIT_ERROR, EXIT_FAILED, EXIT_OK, Output, print_json};
-use crate::policy::{self, Checked, Policy, diag::Diagnostic, diag::Severity};
+use crate::policy::{
+    self, Checked, Policy,
+    diag::{Diagnostic, Severity},
+    explain,
+    model::HostEssential,
+};
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Examples:\n  \
@@ -35,6 +40,8 @@ struct Summary {
     upstream_nodes: usize,
     accessible_blocks: usize,
     reserved_blocks: usize,
+    /// Empty when `host_essentials = []`: DHCP and MLD are then subject to the policy.
+    host_essentials: Vec<HostEssential>,
 }
 
 #[derive(Serialize)]
@@ -76,6 +83,7 @@ fn summary(p: &Policy) -> Summary {
         upstream_nodes: p.upstreams.iter().map(|u| u.nodes.len()).sum(),
         accessible_blocks: p.accessible_blocks().count(),
         reserved_blocks: p.instance.reserved.len(),
+        host_essentials: p.instance.host_essentials.clone(),
     }
 }
 
@@ -96,7 +104,7 @@ fn print_file(r: &FileReport) {
     }
     match &r.summary {
         Some(s) => println!(
-            "{}: valid ({} warning{}): instance {} ({}, {}), {} authorization{}, {} upstream{} ({} node{}), {} accessible block{}, {} reserved block{}",
+            "{}: valid ({} warning{}): instance {} ({}, {}), {} authorization{}, {} upstream{} ({} node{}), {} accessible block{}, {} reserved block{}{}",
             r.file,
             r.warnings,
             plural(r.warnings),
@@ -119,6 +127,9 @@ fn print_file(r: &FileReport) {
             plural(s.accessible_blocks),
             s.reserved_blocks,
             plural(s.reserved_blocks),
+            // Said only when some are off: an operator must notice that DHCP then needs a rule.
+            explain::host_essentials_off(&s.host_essentials)
+                .map_or(String::new(), |off| format!("; host essentials: {off}")),
         ),
         None => println!(
             "{}: invalid: {} error{}, {} warning{}",

@@ -12,6 +12,7 @@ use crate::policy::{
     self,
     compile::{Compiled, RuleKind},
     explain,
+    model::{FlowTimeouts, HostEssential},
     verdict::{Action, FlowFacts, Fragment, IpPacket, L4, Packet, verdict},
 };
 
@@ -66,6 +67,10 @@ struct Report {
     rule: Option<RuleRef>,
     detail: String,
     suggestion: Option<explain::Suggestion>,
+    /// What passes whatever the policy says (verdict rule 1).
+    host_essentials: Vec<HostEssential>,
+    /// Idle timeouts of peer-initiated flows (rule 3), in seconds.
+    flow_timeouts: FlowTimeouts,
 }
 
 /// Parses `DST[:PORT]`.
@@ -162,6 +167,8 @@ pub fn run(args: &Args) -> u8 {
         rule,
         detail: explain::detail(&compiled, path, &pkt, &v),
         suggestion: explain::suggestion(p, &compiled, &pkt, &v),
+        host_essentials: compiled.host_essentials.clone(),
+        flow_timeouts: compiled.flow_timeouts,
     };
     match args.output {
         Output::Json => {
@@ -196,6 +203,10 @@ pub fn run(args: &Args) -> u8 {
                     println!("    {line}");
                 }
             }
+            println!(
+                "  host essentials (rule 1): {}",
+                explain::host_essentials(&report.host_essentials)
+            );
         }
     }
     if v.action == Action::Pass {

@@ -8,7 +8,7 @@ use vpcgate_common::verdict::DropReason;
 
 use super::{
     compile::{Compiled, RuleKind},
-    model::{Kind, Policy, ReservedSource},
+    model::{HostEssential, Kind, Policy, ReservedSource},
     verdict::{Basis, L4, Packet, Verdict},
 };
 
@@ -65,6 +65,44 @@ pub fn detail(c: &Compiled, path: &str, pkt: &Packet, v: &Verdict) -> String {
             format!("no authorization, upstream node or accessible block covers {dst} (rule 7)")
         }
     }
+}
+
+/// What the host essentials turned off mean, e.g. `DHCP and MLD traffic is subject to the policy`; None
+/// when every essential is on.
+fn essentials_off(on: &[HostEssential]) -> Option<String> {
+    let off: Vec<String> = HostEssential::ALL
+        .into_iter()
+        .filter(|e| !on.contains(e))
+        .map(|e| e.name().to_ascii_uppercase())
+        .collect();
+    (!off.is_empty()).then(|| format!("{} traffic is subject to the policy", off.join(" and ")))
+}
+
+/// The host essentials in force (rule 1), each with what it lets pass, and what the ones turned off
+/// mean: `dhcp (DHCPv4 ...), mld (MLDv2 ...)`, `mld (MLDv2 ...); DHCP traffic is subject to the policy`,
+/// `off (DHCP and MLD traffic is subject to the policy)`.
+pub fn host_essentials(on: &[HostEssential]) -> String {
+    let listed: Vec<String> = on
+        .iter()
+        .map(|e| format!("{} ({})", e.name(), e.describe()))
+        .collect();
+    match essentials_off(on) {
+        None => listed.join(", "),
+        Some(off) if on.is_empty() => format!("off ({off})"),
+        Some(off) => format!("{}; {off}", listed.join(", ")),
+    }
+}
+
+/// For summaries that list host essentials only when some are off: `off (DHCP and MLD traffic is
+/// subject to the policy)`, `mld (DHCP traffic is subject to the policy)`.
+pub fn host_essentials_off(on: &[HostEssential]) -> Option<String> {
+    let off = essentials_off(on)?;
+    let names: Vec<&str> = on.iter().map(|e| e.name()).collect();
+    Some(if on.is_empty() {
+        format!("off ({off})")
+    } else {
+        format!("{} ({off})", names.join(", "))
+    })
 }
 
 /// What would allow a dropped packet.

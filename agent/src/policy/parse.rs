@@ -12,7 +12,7 @@ use super::{
     ports::PortSet,
     reserved,
     source::{Pos, Source},
-    walk::{At, Fields, integer_value},
+    walk::{At, Fields, edit_distance, integer_value, type_name},
 };
 
 pub const MAX_NODES: usize = 200;
@@ -20,6 +20,8 @@ pub const RETRIES: std::ops::RangeInclusive<i64> = 1..=100;
 pub const DEFAULT_RETRIES: u32 = 5;
 pub const WEIGHTS: std::ops::RangeInclusive<i64> = 1..=100;
 pub const DEFAULT_WEIGHT: u32 = 10;
+/// Each `[instance] flow_timeouts` entry, in seconds: 1 s to 24 h.
+pub const FLOW_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=24 * 3600;
 
 /// Parses a CIDR (or, with `allow_address`, a bare address as a host prefix); host bits are an error that
 /// names the canonical form.
@@ -227,6 +229,8 @@ fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<Instance> {
     let reserved_cidrs = f.strings(d, "reserved_cidrs");
     let mode = f.string(d, "mode");
     let forward = f.strings(d, "forward_interfaces");
+    let essentials = f.strings(d, "host_essentials");
+    let timeouts = f.table(d, "flow_timeouts");
     let span = f.span.clone();
     f.finish(d);
 
@@ -316,6 +320,15 @@ fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<Instance> {
     for i in forward.iter().flatten() {
         fwd_ok &= interface_name(d, i, "forward interface");
     }
+    // A mistake in these two is reported and replaced by the default, so the checks across fields still
+    // run (the errors keep the policy from being applied).
+    let host_essentials = match &essentials {
+        Some(list) => host_essentials(d, list),
+        None => HostEssential::ALL.to_vec(),
+    };
+    let flow_timeouts = timeouts.map_or_else(FlowTimeouts::default, |t| {
+        flow_timeouts(d, Fields::new(t.value, t.span, "[instance] flow_timeouts"))
+    });
     if !(name_ok && vpc_ok && iface_ok && zone_ok && reserved_ok && fwd_ok) {
         return None;
     }
@@ -345,9 +358,187 @@ fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<Instance> {
             .into_iter()
             .map(|i| i.value)
             .collect(),
-        host_essentials: HostEssential::ALL.to_vec(),
-        flow_timeouts: FlowTimeouts::default(),
+        host_essentials,
+        flow_timeouts,
     })
+}
+
+/// `host_essentials = ["dhcp", "mld"]`: the essentials named, each once, in [`HostEssential::ALL`]'s order
+/// (so `check`, `explain` and `status` list them alike).
+fn host_essentials(d: &mut Diags, list: &[At<String>]) -> Vec<HostEssential> {
+    let names: Vec<&str> = HostEssential::ALL.iter().map(|e| e.name()).collect();
+    let mut out = vec![];
+    for item in list {
+        match HostEssential::ALL
+            .into_iter()
+            .find(|e| e.name() == item.value)
+        {
+            Some(e) if out.contains(&e) => d.warning_fix(
+                &item.span,
+                format!("host essential `{}` is listed twice", item.value),
+                "remove the repeated entry",
+            ),
+            Some(e) => out.push(e),
+            None => {
+                let known = format!(
+                    "known host essentials: {}; `host_essentials = []` turns them off",
+                    names.join(", ")
+                );
+                // Short names: a prefix either way ("dhcpv6", "mldv2"), one edit away or the same
+                // letters swapped ("dchp"); not the distance used for field names, which would take
+                // any three letters for `mld`.
+                let typed = item.value.trim().to_ascii_lowercase();
+                let letters = |s: &str| {
+                    let mut l: Vec<char> = s.chars().collect();
+                    l.sort_unstable();
+                    l
+                };
+                let near = HostEssential::ALL.into_iter().find(|e| {
+                    !typed.is_empty()
+                        && (typed.starts_with(e.name())
+                            || e.name().starts_with(&typed)
+                            || edit_distance(&typed, e.name()) <= 1
+                            || letters(&typed) == letters(e.name()))
+                });
+                let fix = match near {
+                    Some(e) => format!("did you mean `{}` ({})? {known}", e.name(), e.describe()),
+                    None => known,
+                };
+                d.error_fix(
+                    &item.span,
+                    format!("unknown host essential `{}`", item.value),
+                    fix,
+                );
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `"90s"`, `"5m"`, `"1h"` in seconds (saturating), or None when `s` is not written so.
+pub fn duration_seconds(s: &str) -> Option<u64> {
+    let unit = match s.chars().last()? {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        _ => return None,
+    };
+    let digits = &s[..s.len() - 1];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // All digits: parsing fails only on overflow, which is out of range anyway.
+    Some(
+        digits
+            .parse::<u64>()
+            .unwrap_or(u64::MAX)
+            .saturating_mul(unit),
+    )
+}
+
+/// Seconds in the largest unit that divides them: 3600 → `1h`, 300 → `5m`, 90 → `90s`; one minute stays
+/// `60s`, as the UDP default is written in the docs.
+pub fn show_duration(secs: u64) -> String {
+    match secs {
+        0 => "0s".into(),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 && s > 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// One entry of `flow_timeouts`: None when absent, Err when wrong (reported).
+fn flow_timeout(
+    d: &mut Diags,
+    f: &mut Fields,
+    key: &'static str,
+    default: u32,
+) -> Result<Option<At<u32>>, ()> {
+    let Some(v) = f.value(key) else {
+        return Ok(None);
+    };
+    let what = format!("`{key}` in {}", f.what);
+    let fix = format!(
+        "write a duration from 1s to 24h with unit s, m or h, e.g. \"{}\" (the default), or a whole number of seconds",
+        show_duration(default.into())
+    );
+    let (secs, shown) = match v.value {
+        DeValue::String(s) => match duration_seconds(s.trim()) {
+            Some(n) => (n, s.trim().to_owned()),
+            None => {
+                d.error_fix(&v.span, format!("{what}: `{s}` is not a duration"), fix);
+                return Err(());
+            }
+        },
+        DeValue::Integer(_) => {
+            let n = integer_value(d, v.value, v.span.clone(), &what).ok_or(())?;
+            (u64::try_from(n.value).unwrap_or(0), format!("{}s", n.value))
+        }
+        other => {
+            d.error_fix(
+                &v.span,
+                format!(
+                    "{what} must be a duration such as \"60s\" or a number of seconds, not {}",
+                    type_name(other)
+                ),
+                fix,
+            );
+            return Err(());
+        }
+    };
+    match u32::try_from(secs) {
+        Ok(secs) if FLOW_TIMEOUT_SECONDS.contains(&secs.into()) => Ok(Some(At::new(secs, v.span))),
+        _ => {
+            d.error_fix(
+                &v.span,
+                format!("{what}: {shown} is out of range 1s..=24h"),
+                fix,
+            );
+            Err(())
+        }
+    }
+}
+
+/// `flow_timeouts = { tcp = "1h", tcp_closing = "10s", udp = "60s" }`; an entry left out, or wrong
+/// (reported), keeps its default.
+fn flow_timeouts(d: &mut Diags, mut f: Fields) -> FlowTimeouts {
+    let default = FlowTimeouts::default();
+    let tcp = flow_timeout(d, &mut f, "tcp", default.tcp);
+    let closing = flow_timeout(d, &mut f, "tcp_closing", default.tcp_closing);
+    let udp = flow_timeout(d, &mut f, "udp", default.udp);
+    let what = f.what.clone();
+    f.finish(d);
+    let value = |t: &Result<Option<At<u32>>, ()>, default| match t {
+        Ok(Some(t)) => t.value,
+        _ => default,
+    };
+    let out = FlowTimeouts {
+        tcp: value(&tcp, default.tcp),
+        tcp_closing: value(&closing, default.tcp_closing),
+        udp: value(&udp, default.udp),
+    };
+    // Compared only when both are what the operator meant, not a default standing in for an error.
+    if let (Ok(tcp), Ok(closing)) = (&tcp, &closing)
+        && out.tcp_closing > out.tcp
+        && let Some(at) = closing.as_ref().or(tcp.as_ref())
+    {
+        d.warning_fix(
+            &at.span,
+            format!(
+                "`tcp_closing` in {} ({}) is longer than `tcp` ({}): a closing connection would outlive an idle established one",
+                what,
+                show_duration(out.tcp_closing.into()),
+                show_duration(out.tcp.into())
+            ),
+            format!(
+                "make tcp_closing shorter than tcp (defaults: tcp {}, tcp_closing {})",
+                show_duration(default.tcp.into()),
+                show_duration(default.tcp_closing.into())
+            ),
+        );
+    }
+    out
 }
 
 fn vpc_id_ok(d: &mut Diags, v: &At<String>) -> bool {

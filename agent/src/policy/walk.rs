@@ -20,7 +20,7 @@ impl<T> At<T> {
     }
 }
 
-fn type_name(v: &DeValue<'_>) -> &'static str {
+pub fn type_name(v: &DeValue<'_>) -> &'static str {
     match v {
         DeValue::String(_) => "a string",
         DeValue::Integer(_) => "an integer",
@@ -122,6 +122,11 @@ impl<'a, 'i> Fields<'a, 'i> {
             self.missing(d, key, example);
         }
         v
+    }
+
+    /// A value of any type, for fields that accept several (the caller reports a wrong one).
+    pub fn value(&mut self, key: &'static str) -> Option<At<&'a DeValue<'i>>> {
+        self.raw(key).map(|(v, span)| At::new(v, span))
     }
 
     pub fn integer(&mut self, d: &mut Diags, key: &'static str) -> Option<At<i64>> {
@@ -228,7 +233,7 @@ fn closest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
         .map(|(_, k)| k)
 }
 
-fn edit_distance(a: &str, b: &str) -> usize {
+pub fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {
