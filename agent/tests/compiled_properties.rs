@@ -14,7 +14,10 @@ use vpcgate::policy::{
     model::*,
     ports::PortSet,
     source::Pos,
-    verdict::{Action, Basis, FlowFacts, Fragment, IpPacket, L4, Packet, Verdict, verdict},
+    verdict::{
+        Action, Basis, FlowFacts, Fragment, HostEssentialKind, IpPacket, L4, Packet, Verdict,
+        verdict,
+    },
 };
 use vpcgate_common::verdict::DropReason;
 
@@ -89,16 +92,52 @@ fn naive(p: &Policy, pkt: &Packet, facts: FlowFacts) -> Verdict {
         Packet::Malformed => return drop(DropReason::Malformed, Basis::Malformed),
         Packet::Ip(ip) => ip,
     };
-    if matches!(
-        ip.l4,
-        L4::Icmpv6 {
-            kind: 133..=137,
-            ..
-        }
-    ) {
-        return pass(Basis::NeighbourDiscovery);
+    if ip.source_routed {
+        return drop(DropReason::SourceRouted, Basis::SourceRouted);
     }
-    if facts.reply {
+    if let L4::Icmpv6 {
+        kind: 133..=137, ..
+    } = ip.l4
+    {
+        let link_scope = ["fe80::/10", "ff02::/16"]
+            .iter()
+            .any(|n| n.parse::<IpNet>().unwrap().contains(&ip.dst));
+        let on_link = matches!(p.instance.vswitch_cidr, Some(v @ IpNet::V6(_)) if v.contains(&ip.dst));
+        return if ip.fragment == Fragment::None && ip.hop_limit == 255 && (link_scope || on_link) {
+            pass(Basis::NeighbourDiscovery)
+        } else {
+            drop(DropReason::Malformed, Basis::Malformed)
+        };
+    }
+    let essentials = &p.instance.host_essentials;
+    if ip.fragment == Fragment::None {
+        let essential = match ip.l4 {
+            L4::Udp { dport: 67 } if ip.sport == 68 && ip.dst.is_ipv4() => {
+                essentials.contains(&HostEssential::Dhcp).then_some(HostEssentialKind::Dhcpv4)
+            }
+            L4::Udp { dport: 547 } if ip.sport == 546 && ip.dst.is_ipv6() => {
+                essentials.contains(&HostEssential::Dhcp).then_some(HostEssentialKind::Dhcpv6)
+            }
+            L4::Icmpv6 { kind: 143, .. }
+                if ip.hop_limit == 1 && ip.dst == "ff02::16".parse::<IpAddr>().unwrap() =>
+            {
+                essentials.contains(&HostEssential::Mld).then_some(HostEssentialKind::Mld)
+            }
+            _ => None,
+        };
+        if let Some(e) = essential {
+            return pass(Basis::HostEssential(e));
+        }
+    }
+    let bare_syn = ip.tcp_flags & 0x12 == 0x02;
+    let answers_half_open = ip.tcp_flags & 0x12 == 0x12 || ip.tcp_flags & 0x04 != 0;
+    let reply = ip.fragment != Fragment::NonFirst
+        && match ip.l4 {
+            L4::Tcp { .. } => !bare_syn && (facts.reply || facts.half_open && answers_half_open),
+            L4::Udp { .. } | L4::Icmp { kind: 0, .. } | L4::Icmpv6 { kind: 129, .. } => facts.reply,
+            _ => false,
+        };
+    if reply {
         return pass(Basis::Reply);
     }
     // Longest reserved block; the first listed among equal ones.
@@ -162,7 +201,13 @@ fn naive(p: &Policy, pkt: &Packet, facts: FlowFacts) -> Verdict {
         return drop(DropReason::FragmentUnverified, Basis::FragmentUnverified);
     }
     match ip.l4 {
-        L4::Icmp { kind: 3 | 11, .. } | L4::Icmpv6 { kind: 1..=3, .. } => pass(Basis::IcmpError),
+        L4::Icmp { kind: 3 | 11 | 12, .. } | L4::Icmpv6 { kind: 1..=4, .. } => {
+            if ip.quoted == Some((ip.dst, ip.src)) {
+                pass(Basis::IcmpError)
+            } else {
+                drop(DropReason::NotAuthorized, Basis::IcmpError)
+            }
+        }
         L4::Icmp { kind: 8, .. } | L4::Icmpv6 { kind: 128, .. } => match covering.first() {
             Some(r) => pass(Basis::Rule(r.id)),
             None => drop(DropReason::NotAuthorized, Basis::NoRule),
@@ -315,19 +360,33 @@ fn packet(addrs: Vec<IpAddr>, ports: Vec<u16>) -> impl Strategy<Value = (Packet,
     let l4 = prop_oneof![
         4 => port.clone().prop_map(|dport| L4::Tcp { dport }),
         4 => port.prop_map(|dport| L4::Udp { dport }),
-        1 => (prop_oneof![Just(8u8), Just(3), Just(11), Just(0), Just(13)], any::<u8>()).prop_map(|(kind, code)| L4::Icmp { kind, code }),
-        1 => (prop_oneof![Just(128u8), Just(1), Just(2), Just(3), Just(135), Just(129)], any::<u8>()).prop_map(|(kind, code)| L4::Icmpv6 { kind, code }),
+        1 => prop_oneof![Just(67u16), Just(547)].prop_map(|dport| L4::Udp { dport }),
+        1 => (prop_oneof![Just(8u8), Just(3), Just(11), Just(12), Just(0), Just(13)], any::<u8>()).prop_map(|(kind, code)| L4::Icmp { kind, code }),
+        1 => (prop_oneof![Just(128u8), Just(1), Just(2), Just(3), Just(4), Just(135), Just(136), Just(129), Just(143)], any::<u8>()).prop_map(|(kind, code)| L4::Icmpv6 { kind, code }),
         1 => prop_oneof![Just(6u8), Just(17), Just(47), Just(1)].prop_map(|proto| L4::Other { proto }),
     ];
+    let special_dst: Vec<IpAddr> = ["fe80::1", "ff02::1:ff00:7", "ff02::16", "255.255.255.255", "2001:db8::9"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let dst = prop_oneof![8 => dst, 1 => prop::sample::select(special_dst)];
+    let header = (
+        prop_oneof![Just(64u8), Just(255), Just(1)],
+        prop_oneof![3 => 30000u16..31000, 1 => prop_oneof![Just(68u16), Just(546)]],
+        prop_oneof![Just(0x02u8), Just(0x12), Just(0x10), Just(0x04), Just(0x11)],
+        prop::bool::weighted(0.05),
+        prop_oneof![Just(0u8), Just(1), Just(2)],
+    );
     (
         dst,
         l4,
         any::<bool>(),
-        prop::bool::weighted(0.05),
+        (prop::bool::weighted(0.05), prop::bool::weighted(0.05)),
         any::<bool>(),
         prop::bool::weighted(0.02),
+        header,
     )
-        .prop_map(|(dst, l4, nonfirst, reply, first_passed, special)| {
+        .prop_map(|(dst, l4, nonfirst, (reply, half_open), first_passed, special, (hop_limit, sport, tcp_flags, source_routed, quote))| {
             let src = if dst.is_ipv4() {
                 IpAddr::from([10, 0, 0, 5])
             } else {
@@ -341,17 +400,24 @@ fn packet(addrs: Vec<IpAddr>, ports: Vec<u16>) -> impl Strategy<Value = (Packet,
             let pkt = if special {
                 Packet::Malformed
             } else {
-                Packet::Ip(IpPacket {
-                    src,
-                    dst,
-                    l4,
-                    fragment,
-                })
+                let mut ip = IpPacket::new(src, dst, l4, fragment);
+                ip.hop_limit = hop_limit;
+                ip.sport = if matches!(l4, L4::Tcp { .. } | L4::Udp { .. }) { sport } else { 0 };
+                ip.tcp_flags = if matches!(l4, L4::Tcp { .. }) { tcp_flags } else { 0 };
+                ip.source_routed = source_routed;
+                // ICMP errors quote a packet: the reverse of this one's addresses, or a foreign one.
+                ip.quoted = match quote {
+                    0 => Some((dst, src)),
+                    1 => Some((dst, dst)),
+                    _ => None,
+                };
+                Packet::Ip(ip)
             };
             (
                 pkt,
                 FlowFacts {
                     reply,
+                    half_open,
                     first_fragment_passed: first_passed,
                 },
             )
@@ -437,12 +503,12 @@ fn compiles_a_large_policy() {
     let c = Compiled::new(&policy);
     assert_eq!(c.addr_entries.len(), n as usize);
     assert_eq!(c.rules.len(), n as usize);
-    let pkt = Packet::Ip(IpPacket {
-        src: IpAddr::from([10, 0, 0, 5]),
-        dst: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | 777)),
-        l4: L4::Tcp { dport: 80 },
-        fragment: Fragment::None,
-    });
+    let pkt = Packet::Ip(IpPacket::new(
+        IpAddr::from([10, 0, 0, 5]),
+        IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | 777)),
+        L4::Tcp { dport: 80 },
+        Fragment::None,
+    ));
     assert_eq!(
         verdict(&c, &pkt, FlowFacts::default()).basis,
         Basis::Rule(778)

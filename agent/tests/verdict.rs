@@ -5,7 +5,10 @@ use std::net::IpAddr;
 use vpcgate::policy::{
     check_text,
     compile::Compiled,
-    verdict::{Action, Basis, FlowFacts, Fragment, IpPacket, L4, Packet, Verdict, verdict},
+    verdict::{
+        Action, Basis, FlowFacts, Fragment, HostEssentialKind, IpPacket, L4, Packet, Verdict,
+        verdict,
+    },
 };
 use vpcgate_common::verdict::DropReason;
 
@@ -80,12 +83,7 @@ fn ip(dst: &str, l4: L4) -> Packet {
     } else {
         "fd00::5".parse().unwrap()
     };
-    Packet::Ip(IpPacket {
-        src,
-        dst,
-        l4,
-        fragment: Fragment::None,
-    })
+    Packet::Ip(IpPacket::new(src, dst, l4, Fragment::None))
 }
 
 fn frag(dst: &str, proto: u8) -> Packet {
@@ -126,17 +124,159 @@ fn drop(reason: DropReason, basis: Basis) -> Verdict {
     }
 }
 
+/// `p` with its IP fields changed by `edit`.
+fn with(p: Packet, edit: impl FnOnce(&mut IpPacket)) -> Packet {
+    let Packet::Ip(mut ip) = p else {
+        unreachable!()
+    };
+    edit(&mut ip);
+    Packet::Ip(ip)
+}
+
+fn nd(dst: &str, kind: u8, hop_limit: u8) -> Packet {
+    with(ip(dst, L4::Icmpv6 { kind, code: 0 }), |p| {
+        p.hop_limit = hop_limit
+    })
+}
+
 #[test]
 fn rule_1_non_ip_and_neighbour_discovery_pass() {
     let c = compiled("enforce");
     assert_eq!(v(&c, Packet::NonIp), pass(Basis::NotIp));
     for kind in 133..=137 {
-        // Even toward an address nothing allows (solicited-node multicast).
+        // Even toward an address nothing allows: link-local, solicited-node multicast.
+        for dst in ["ff02::1:ff00:7", "fe80::1", "ff02::2"] {
+            assert_eq!(
+                v(&c, nd(dst, kind, 255)),
+                pass(Basis::NeighbourDiscovery),
+                "{dst} {kind}"
+            );
+        }
+    }
+}
+
+#[test]
+fn rule_1_neighbour_discovery_only_as_rfc_4861_sends_it() {
+    let c = compiled("enforce");
+    let malformed = drop(DropReason::Malformed, Basis::Malformed);
+    for kind in 133..=137 {
+        // A router would forward a packet with a lower hop limit: it may come from off-link.
+        assert_eq!(v(&c, nd("fe80::1", kind, 64)), malformed, "{kind}");
+        assert_eq!(v(&c, nd("fe80::1", kind, 254)), malformed, "{kind}");
+        // A global destination outside the on-link prefix: data to an arbitrary host.
+        assert_eq!(v(&c, nd("2001:db8::9", kind, 255)), malformed, "{kind}");
+        assert_eq!(v(&c, nd("ff05::2", kind, 255)), malformed, "{kind}");
+        // Fragmented ND is invalid (RFC 6980).
         assert_eq!(
-            v(&c, ip("ff02::1:ff00:7", L4::Icmpv6 { kind, code: 0 })),
-            pass(Basis::NeighbourDiscovery)
+            v(
+                &c,
+                with(nd("fe80::1", kind, 255), |p| p.fragment = Fragment::First)
+            ),
+            malformed,
+            "{kind}"
         );
     }
+    // The on-link prefix is the vSwitch block when it is IPv6.
+    let v6 = Compiled::new(
+        &check_text(
+            "v.toml",
+            &POLICY
+                .replace("MODE", "enforce")
+                .replace("10.0.0.0/24", "fd00:7::/64"),
+        )
+        .policy
+        .unwrap(),
+    );
+    assert_eq!(
+        v(&v6, nd("fd00:7::9", 136, 255)),
+        pass(Basis::NeighbourDiscovery)
+    );
+    assert_eq!(v(&v6, nd("fd00:8::9", 136, 255)), malformed);
+    assert_eq!(v(&c, nd("fd00:7::9", 136, 255)), malformed);
+}
+
+#[test]
+fn rule_1_host_essentials_pass_while_on() {
+    let dhcp4 = with(udp("255.255.255.255", 67), |p| p.sport = 68);
+    let dhcp4_unicast = with(udp("10.9.9.1", 67), |p| p.sport = 68);
+    let dhcp6 = with(udp("ff02::1:2", 547), |p| p.sport = 546);
+    let mld = with(ip("ff02::16", L4::Icmpv6 { kind: 143, code: 0 }), |p| {
+        p.hop_limit = 1
+    });
+    let c = compiled("enforce");
+    assert_eq!(
+        v(&c, dhcp4),
+        pass(Basis::HostEssential(HostEssentialKind::Dhcpv4))
+    );
+    assert_eq!(
+        v(&c, dhcp4_unicast),
+        pass(Basis::HostEssential(HostEssentialKind::Dhcpv4))
+    );
+    assert_eq!(
+        v(&c, dhcp6),
+        pass(Basis::HostEssential(HostEssentialKind::Dhcpv6))
+    );
+    assert_eq!(v(&c, mld), pass(Basis::HostEssential(HostEssentialKind::Mld)));
+    // Only the client's ports, only MLD reports with hop limit 1 to ff02::16, only whole datagrams.
+    assert_ne!(v(&c, with(udp("10.9.9.1", 67), |p| p.sport = 67)).action, Action::Pass);
+    assert_ne!(v(&c, with(udp("10.9.9.1", 68), |p| p.sport = 68)).action, Action::Pass);
+    assert_ne!(v(&c, with(mld, |p| p.hop_limit = 2)).action, Action::Pass);
+    assert_ne!(
+        v(&c, with(mld, |p| p.dst = "ff02::1".parse().unwrap())).action,
+        Action::Pass
+    );
+    assert_ne!(
+        v(&c, with(dhcp4, |p| p.fragment = Fragment::First)).action,
+        Action::Pass
+    );
+    // DHCPv4 ports over IPv6 (and DHCPv6 ports over IPv4) are not DHCP.
+    assert_ne!(
+        v(&c, with(udp("2001:db8::1", 67), |p| p.sport = 68)).action,
+        Action::Pass
+    );
+    // `host_essentials = []` turns them off: the policy decides.
+    let off = Compiled::new(
+        &check_text(
+            "v.toml",
+            &POLICY
+                .replace("MODE", "enforce")
+                .replace("mode = ", "host_essentials = []\nmode = "),
+        )
+        .policy
+        .unwrap(),
+    );
+    assert_eq!(
+        v(&off, dhcp4),
+        drop(DropReason::NotAuthorized, Basis::NoRule)
+    );
+    assert_eq!(v(&off, dhcp6), drop(DropReason::NotAuthorized, Basis::NoRule));
+    assert_eq!(v(&off, mld), drop(DropReason::NotAuthorized, Basis::NoRule));
+}
+
+#[test]
+fn rule_2_source_routed_drops_before_anything_passes() {
+    let c = compiled("enforce");
+    let routed = |p: Packet| with(p, |p| p.source_routed = true);
+    let want = drop(DropReason::SourceRouted, Basis::SourceRouted);
+    // Even what the policy allows, neighbour discovery, host essentials and replies.
+    assert_eq!(v(&c, routed(tcp("10.1.3.7", 9001))), want);
+    assert_eq!(v(&c, routed(nd("fe80::1", 135, 255))), want);
+    assert_eq!(
+        v(&c, routed(with(udp("255.255.255.255", 67), |p| p.sport = 68))),
+        want
+    );
+    let facts = FlowFacts {
+        reply: true,
+        ..FlowFacts::default()
+    };
+    assert_eq!(
+        verdict(&c, &routed(with(tcp("10.9.9.9", 5000), |p| p.tcp_flags = 0x10)), facts),
+        want
+    );
+    assert_eq!(
+        v(&compiled("audit"), routed(tcp("10.1.3.7", 9001))).reason,
+        Some(DropReason::SourceRouted)
+    );
 }
 
 #[test]
@@ -153,15 +293,68 @@ fn rule_3_replies_of_inbound_flows_pass_before_anything_else() {
     let c = compiled("enforce");
     let facts = FlowFacts {
         reply: true,
-        first_fragment_passed: false,
+        ..FlowFacts::default()
     };
     for dst in ["203.0.113.9", "172.20.0.1", "2001:db8::9", "fd00:dead::1"] {
+        for flags in [0x10, 0x18, 0x11, 0x04, 0x12] {
+            assert_eq!(
+                verdict(&c, &with(tcp(dst, 40000), |p| p.tcp_flags = flags), facts),
+                pass(Basis::Reply),
+                "{dst} {flags:#x}"
+            );
+        }
+        assert_eq!(verdict(&c, &udp(dst, 40000), facts), pass(Basis::Reply));
+        let echo_reply = if dst.contains(':') {
+            L4::Icmpv6 { kind: 129, code: 0 }
+        } else {
+            L4::Icmp { kind: 0, code: 0 }
+        };
+        assert_eq!(verdict(&c, &ip(dst, echo_reply), facts), pass(Basis::Reply));
+    }
+}
+
+#[test]
+fn rule_3_a_peer_cannot_open_the_egress_by_sending_first() {
+    let c = compiled("enforce");
+    let flow = FlowFacts {
+        reply: true,
+        ..FlowFacts::default()
+    };
+    let half_open = FlowFacts {
+        half_open: true,
+        ..FlowFacts::default()
+    };
+    let denied = drop(DropReason::NotAuthorized, Basis::NoRule);
+    // A bare SYN from the gateway is never a reply, whatever the flow state says.
+    assert_eq!(verdict(&c, &tcp("10.9.9.9", 5000), flow), denied);
+    assert_eq!(verdict(&c, &tcp("10.9.9.9", 5000), half_open), denied);
+    // A half-open flow is answered by the gateway's SYN-ACK or RST only.
+    for flags in [0x12, 0x04, 0x14] {
         assert_eq!(
-            verdict(&c, &tcp(dst, 40000), facts),
+            verdict(&c, &with(tcp("10.9.9.9", 5000), |p| p.tcp_flags = flags), half_open),
             pass(Basis::Reply),
-            "{dst}"
+            "{flags:#x}"
         );
     }
+    for flags in [0x10, 0x18, 0x11] {
+        assert_eq!(
+            verdict(&c, &with(tcp("10.9.9.9", 5000), |p| p.tcp_flags = flags), half_open),
+            denied,
+            "{flags:#x}"
+        );
+    }
+    // Datagrams and echo replies need an established (live) flow; a non-first fragment has no ports.
+    assert_eq!(verdict(&c, &udp("10.9.9.9", 5000), half_open), denied);
+    assert_eq!(verdict(&c, &udp("10.9.9.9", 5000), FlowFacts::default()), denied);
+    assert_eq!(
+        verdict(&c, &frag("10.9.9.9", 17), flow).reason,
+        Some(DropReason::FragmentUnverified)
+    );
+    // ICMP errors and echo requests are never replies.
+    assert_eq!(
+        verdict(&c, &ip("10.9.9.9", L4::Icmp { kind: 8, code: 0 }), flow),
+        denied
+    );
 }
 
 #[test]
@@ -333,8 +526,8 @@ fn non_first_fragments_pass_only_toward_all_ports_or_after_their_first_fragment(
         drop(DropReason::FragmentUnverified, Basis::FragmentUnverified)
     );
     let first_passed = FlowFacts {
-        reply: false,
         first_fragment_passed: true,
+        ..FlowFacts::default()
     };
     assert_eq!(
         verdict(&c, &frag("10.1.3.7", 6), first_passed),
@@ -372,8 +565,22 @@ fn icmp_echo_toward_covered_addresses_and_errors_pass() {
         ("2001:db8::1", L4::Icmpv6 { kind: 1, code: 4 }),
         ("2001:db8::1", L4::Icmpv6 { kind: 2, code: 0 }),
         ("2001:db8::1", L4::Icmpv6 { kind: 3, code: 0 }),
+        ("10.9.9.9", L4::Icmp { kind: 12, code: 0 }),
+        ("2001:db8::1", L4::Icmpv6 { kind: 4, code: 1 }),
     ] {
-        assert_eq!(v(&c, ip(dst, l4)), pass(Basis::IcmpError), "{l4:?}");
+        // An error answering a packet this host received (it quotes that packet) passes, toward any
+        // address; one quoting anything else would carry data to an arbitrary host.
+        let answer = with(ip(dst, l4), |p| p.quoted = Some((p.dst, p.src)));
+        assert_eq!(v(&c, answer), pass(Basis::IcmpError), "{l4:?}");
+        let foreign = with(ip(dst, l4), |p| p.quoted = Some((p.dst, p.dst)));
+        assert_eq!(
+            v(&c, foreign),
+            drop(DropReason::NotAuthorized, Basis::IcmpError),
+            "{l4:?}"
+        );
+        let spoofed_source = with(ip(dst, l4), |p| p.quoted = Some((p.src, p.src)));
+        assert_eq!(v(&c, spoofed_source).action, Action::Drop, "{l4:?}");
+        assert_eq!(v(&c, ip(dst, l4)).action, Action::Drop, "{l4:?}");
     }
     // Other ICMP (timestamp) toward a covered address: not this protocol.
     assert_eq!(

@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
                 let dst = r.prefix.addr();
                 let src: IpAddr = if dst.is_ipv4() { [10, 0, 0, 1].into() } else { [0xfd00, 0, 0, 0, 0, 0, 0, 1].into() };
                 for l4 in [L4::Tcp { dport: 80 }, L4::Udp { dport: 65535 }, L4::Icmp { kind: 8, code: 0 }, L4::Other { proto: 47 }] {
-                    let pkt = Packet::Ip(IpPacket { src, dst, l4, fragment: Fragment::None });
+                    let pkt = Packet::Ip(IpPacket::new(src, dst, l4, Fragment::None));
                     let v = verdict(&c, &pkt, FlowFacts::default());
                     if let Some(id) = v.rule() {
                         assert!(c.rule(id).is_some(), "verdict names rule {id}, which does not exist");

@@ -132,16 +132,16 @@ pub fn run(args: &Args) -> u8 {
         _ => L4::Icmpv6 { kind: 128, code: 0 },
     };
     let src = args.src.or(p.instance.egress_ip);
-    let pkt = Packet::Ip(IpPacket {
-        src: src.unwrap_or(if dst.is_ipv4() {
+    let pkt = Packet::Ip(IpPacket::new(
+        src.unwrap_or(if dst.is_ipv4() {
             IpAddr::from([0, 0, 0, 0])
         } else {
             IpAddr::from([0u16; 8])
         }),
         dst,
         l4,
-        fragment: Fragment::None,
-    });
+        Fragment::None,
+    ));
     let v = verdict(&compiled, &pkt, FlowFacts::default());
     let path = &checked.source.path;
     let rule = v.rule().and_then(|id| compiled.rule(id)).map(|r| RuleRef {

@@ -37,8 +37,22 @@ pub fn detail(c: &Compiled, path: &str, pkt: &Packet, v: &Verdict) -> String {
     };
     match v.basis {
         Basis::NotIp => "not IPv4/IPv6: passes unevaluated (rule 1)".into(),
-        Basis::NeighbourDiscovery => "ICMPv6 neighbour discovery always passes (rule 1)".into(),
+        Basis::NeighbourDiscovery => {
+            "ICMPv6 neighbour discovery (hop limit 255, link-scope or on-link destination) passes (rule 1)"
+                .into()
+        }
+        Basis::HostEssential(e) => format!(
+            "host essential {} passes whatever the policy says (rule 1; `[instance] host_essentials`)",
+            match e {
+                crate::policy::verdict::HostEssentialKind::Dhcpv4 => "dhcp (DHCPv4 client traffic)",
+                crate::policy::verdict::HostEssentialKind::Dhcpv6 => "dhcp (DHCPv6 client traffic)",
+                crate::policy::verdict::HostEssentialKind::Mld => "mld (MLDv2 listener report)",
+            }
+        ),
         Basis::Malformed => "truncated or malformed header (rule 2)".into(),
+        Basis::SourceRouted => {
+            "source-routed (IPv4 LSRR/SSRR option or IPv6 routing header with segments left): its real destination is not the one checked (rule 2)".into()
+        }
         Basis::Reply => "reply in a flow a peer initiated toward the gateway (rule 3)".into(),
         Basis::Reserved(i) => {
             let r = &c.reserved[i];
@@ -48,8 +62,11 @@ pub fn detail(c: &Compiled, path: &str, pkt: &Packet, v: &Verdict) -> String {
             )
         }
         Basis::Rule(id) => format!("allowed by {}", rule_at(id)),
+        Basis::IcmpError if v.reason.is_none() => {
+            "an ICMP error answering a packet this host received (its quote is the reverse of its addresses) passes".into()
+        }
         Basis::IcmpError => {
-            "ICMP errors (unreachable, time exceeded, packet too big) always pass".into()
+            "an ICMP error that answers no packet this host received (its quote is not the reverse of its addresses) carries data to an arbitrary host".into()
         }
         Basis::FragmentOfPassedDatagram => {
             "non-first fragment of a datagram whose first fragment passed".into()
