@@ -102,7 +102,8 @@ fn naive(p: &Policy, pkt: &Packet, facts: FlowFacts) -> Verdict {
         let link_scope = ["fe80::/10", "ff02::/16"]
             .iter()
             .any(|n| n.parse::<IpNet>().unwrap().contains(&ip.dst));
-        let on_link = matches!(p.instance.vswitch_cidr, Some(v @ IpNet::V6(_)) if v.contains(&ip.dst));
+        let on_link =
+            matches!(p.instance.vswitch_cidr, Some(v @ IpNet::V6(_)) if v.contains(&ip.dst));
         return if ip.fragment == Fragment::None && ip.hop_limit == 255 && (link_scope || on_link) {
             pass(Basis::NeighbourDiscovery)
         } else {
@@ -112,16 +113,18 @@ fn naive(p: &Policy, pkt: &Packet, facts: FlowFacts) -> Verdict {
     let essentials = &p.instance.host_essentials;
     if ip.fragment == Fragment::None {
         let essential = match ip.l4 {
-            L4::Udp { dport: 67 } if ip.sport == 68 && ip.dst.is_ipv4() => {
-                essentials.contains(&HostEssential::Dhcp).then_some(HostEssentialKind::Dhcpv4)
-            }
-            L4::Udp { dport: 547 } if ip.sport == 546 && ip.dst.is_ipv6() => {
-                essentials.contains(&HostEssential::Dhcp).then_some(HostEssentialKind::Dhcpv6)
-            }
+            L4::Udp { dport: 67 } if ip.sport == 68 && ip.dst.is_ipv4() => essentials
+                .contains(&HostEssential::Dhcp)
+                .then_some(HostEssentialKind::Dhcpv4),
+            L4::Udp { dport: 547 } if ip.sport == 546 && ip.dst.is_ipv6() => essentials
+                .contains(&HostEssential::Dhcp)
+                .then_some(HostEssentialKind::Dhcpv6),
             L4::Icmpv6 { kind: 143, .. }
                 if ip.hop_limit == 1 && ip.dst == "ff02::16".parse::<IpAddr>().unwrap() =>
             {
-                essentials.contains(&HostEssential::Mld).then_some(HostEssentialKind::Mld)
+                essentials
+                    .contains(&HostEssential::Mld)
+                    .then_some(HostEssentialKind::Mld)
             }
             _ => None,
         };
@@ -201,7 +204,10 @@ fn naive(p: &Policy, pkt: &Packet, facts: FlowFacts) -> Verdict {
         return drop(DropReason::FragmentUnverified, Basis::FragmentUnverified);
     }
     match ip.l4 {
-        L4::Icmp { kind: 3 | 11 | 12, .. } | L4::Icmpv6 { kind: 1..=4, .. } => {
+        L4::Icmp {
+            kind: 3 | 11 | 12, ..
+        }
+        | L4::Icmpv6 { kind: 1..=4, .. } => {
             if ip.quoted == Some((ip.dst, ip.src)) {
                 pass(Basis::IcmpError)
             } else {
@@ -365,10 +371,16 @@ fn packet(addrs: Vec<IpAddr>, ports: Vec<u16>) -> impl Strategy<Value = (Packet,
         1 => (prop_oneof![Just(128u8), Just(1), Just(2), Just(3), Just(4), Just(135), Just(136), Just(129), Just(143)], any::<u8>()).prop_map(|(kind, code)| L4::Icmpv6 { kind, code }),
         1 => prop_oneof![Just(6u8), Just(17), Just(47), Just(1)].prop_map(|proto| L4::Other { proto }),
     ];
-    let special_dst: Vec<IpAddr> = ["fe80::1", "ff02::1:ff00:7", "ff02::16", "255.255.255.255", "2001:db8::9"]
-        .iter()
-        .map(|a| a.parse().unwrap())
-        .collect();
+    let special_dst: Vec<IpAddr> = [
+        "fe80::1",
+        "ff02::1:ff00:7",
+        "ff02::16",
+        "255.255.255.255",
+        "2001:db8::9",
+    ]
+    .iter()
+    .map(|a| a.parse().unwrap())
+    .collect();
     let dst = prop_oneof![8 => dst, 1 => prop::sample::select(special_dst)];
     let header = (
         prop_oneof![Just(64u8), Just(255), Just(1)],
@@ -386,42 +398,60 @@ fn packet(addrs: Vec<IpAddr>, ports: Vec<u16>) -> impl Strategy<Value = (Packet,
         prop::bool::weighted(0.02),
         header,
     )
-        .prop_map(|(dst, l4, nonfirst, (reply, half_open), first_passed, special, (hop_limit, sport, tcp_flags, source_routed, quote))| {
-            let src = if dst.is_ipv4() {
-                IpAddr::from([10, 0, 0, 5])
-            } else {
-                IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, 5])
-            };
-            let fragment = if nonfirst && matches!(l4, L4::Other { .. }) {
-                Fragment::NonFirst
-            } else {
-                Fragment::None
-            };
-            let pkt = if special {
-                Packet::Malformed
-            } else {
-                let mut ip = IpPacket::new(src, dst, l4, fragment);
-                ip.hop_limit = hop_limit;
-                ip.sport = if matches!(l4, L4::Tcp { .. } | L4::Udp { .. }) { sport } else { 0 };
-                ip.tcp_flags = if matches!(l4, L4::Tcp { .. }) { tcp_flags } else { 0 };
-                ip.source_routed = source_routed;
-                // ICMP errors quote a packet: the reverse of this one's addresses, or a foreign one.
-                ip.quoted = match quote {
-                    0 => Some((dst, src)),
-                    1 => Some((dst, dst)),
-                    _ => None,
+        .prop_map(
+            |(
+                dst,
+                l4,
+                nonfirst,
+                (reply, half_open),
+                first_passed,
+                special,
+                (hop_limit, sport, tcp_flags, source_routed, quote),
+            )| {
+                let src = if dst.is_ipv4() {
+                    IpAddr::from([10, 0, 0, 5])
+                } else {
+                    IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, 5])
                 };
-                Packet::Ip(ip)
-            };
-            (
-                pkt,
-                FlowFacts {
-                    reply,
-                    half_open,
-                    first_fragment_passed: first_passed,
-                },
-            )
-        })
+                let fragment = if nonfirst && matches!(l4, L4::Other { .. }) {
+                    Fragment::NonFirst
+                } else {
+                    Fragment::None
+                };
+                let pkt = if special {
+                    Packet::Malformed
+                } else {
+                    let mut ip = IpPacket::new(src, dst, l4, fragment);
+                    ip.hop_limit = hop_limit;
+                    ip.sport = if matches!(l4, L4::Tcp { .. } | L4::Udp { .. }) {
+                        sport
+                    } else {
+                        0
+                    };
+                    ip.tcp_flags = if matches!(l4, L4::Tcp { .. }) {
+                        tcp_flags
+                    } else {
+                        0
+                    };
+                    ip.source_routed = source_routed;
+                    // ICMP errors quote a packet: the reverse of this one's addresses, or a foreign one.
+                    ip.quoted = match quote {
+                        0 => Some((dst, src)),
+                        1 => Some((dst, dst)),
+                        _ => None,
+                    };
+                    Packet::Ip(ip)
+                };
+                (
+                    pkt,
+                    FlowFacts {
+                        reply,
+                        half_open,
+                        first_fragment_passed: first_passed,
+                    },
+                )
+            },
+        )
 }
 
 proptest! {

@@ -216,10 +216,19 @@ fn rule_1_host_essentials_pass_while_on() {
         v(&c, dhcp6),
         pass(Basis::HostEssential(HostEssentialKind::Dhcpv6))
     );
-    assert_eq!(v(&c, mld), pass(Basis::HostEssential(HostEssentialKind::Mld)));
+    assert_eq!(
+        v(&c, mld),
+        pass(Basis::HostEssential(HostEssentialKind::Mld))
+    );
     // Only the client's ports, only MLD reports with hop limit 1 to ff02::16, only whole datagrams.
-    assert_ne!(v(&c, with(udp("10.9.9.1", 67), |p| p.sport = 67)).action, Action::Pass);
-    assert_ne!(v(&c, with(udp("10.9.9.1", 68), |p| p.sport = 68)).action, Action::Pass);
+    assert_ne!(
+        v(&c, with(udp("10.9.9.1", 67), |p| p.sport = 67)).action,
+        Action::Pass
+    );
+    assert_ne!(
+        v(&c, with(udp("10.9.9.1", 68), |p| p.sport = 68)).action,
+        Action::Pass
+    );
     assert_ne!(v(&c, with(mld, |p| p.hop_limit = 2)).action, Action::Pass);
     assert_ne!(
         v(&c, with(mld, |p| p.dst = "ff02::1".parse().unwrap())).action,
@@ -249,7 +258,10 @@ fn rule_1_host_essentials_pass_while_on() {
         v(&off, dhcp4),
         drop(DropReason::NotAuthorized, Basis::NoRule)
     );
-    assert_eq!(v(&off, dhcp6), drop(DropReason::NotAuthorized, Basis::NoRule));
+    assert_eq!(
+        v(&off, dhcp6),
+        drop(DropReason::NotAuthorized, Basis::NoRule)
+    );
     assert_eq!(v(&off, mld), drop(DropReason::NotAuthorized, Basis::NoRule));
 }
 
@@ -262,7 +274,10 @@ fn rule_2_source_routed_drops_before_anything_passes() {
     assert_eq!(v(&c, routed(tcp("10.1.3.7", 9001))), want);
     assert_eq!(v(&c, routed(nd("fe80::1", 135, 255))), want);
     assert_eq!(
-        v(&c, routed(with(udp("255.255.255.255", 67), |p| p.sport = 68))),
+        v(
+            &c,
+            routed(with(udp("255.255.255.255", 67), |p| p.sport = 68))
+        ),
         want
     );
     let facts = FlowFacts {
@@ -270,7 +285,11 @@ fn rule_2_source_routed_drops_before_anything_passes() {
         ..FlowFacts::default()
     };
     assert_eq!(
-        verdict(&c, &routed(with(tcp("10.9.9.9", 5000), |p| p.tcp_flags = 0x10)), facts),
+        verdict(
+            &c,
+            &routed(with(tcp("10.9.9.9", 5000), |p| p.tcp_flags = 0x10)),
+            facts
+        ),
         want
     );
     assert_eq!(
@@ -331,21 +350,32 @@ fn rule_3_a_peer_cannot_open_the_egress_by_sending_first() {
     // A half-open flow is answered by the gateway's SYN-ACK or RST only.
     for flags in [0x12, 0x04, 0x14] {
         assert_eq!(
-            verdict(&c, &with(tcp("10.9.9.9", 5000), |p| p.tcp_flags = flags), half_open),
+            verdict(
+                &c,
+                &with(tcp("10.9.9.9", 5000), |p| p.tcp_flags = flags),
+                half_open
+            ),
             pass(Basis::Reply),
             "{flags:#x}"
         );
     }
     for flags in [0x10, 0x18, 0x11] {
         assert_eq!(
-            verdict(&c, &with(tcp("10.9.9.9", 5000), |p| p.tcp_flags = flags), half_open),
+            verdict(
+                &c,
+                &with(tcp("10.9.9.9", 5000), |p| p.tcp_flags = flags),
+                half_open
+            ),
             denied,
             "{flags:#x}"
         );
     }
     // Datagrams and echo replies need an established (live) flow; a non-first fragment has no ports.
     assert_eq!(verdict(&c, &udp("10.9.9.9", 5000), half_open), denied);
-    assert_eq!(verdict(&c, &udp("10.9.9.9", 5000), FlowFacts::default()), denied);
+    assert_eq!(
+        verdict(&c, &udp("10.9.9.9", 5000), FlowFacts::default()),
+        denied
+    );
     assert_eq!(
         verdict(&c, &frag("10.9.9.9", 17), flow).reason,
         Some(DropReason::FragmentUnverified)

@@ -9,8 +9,8 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::{EXIT_ERROR, EXIT_FAILED, EXIT_OK};
 use crate::{
-    datapath::{Datapath, XdpRole},
-    policy::{self, compile::Compiled},
+    datapath::{self, Datapath, XdpRole},
+    policy::{self, Policy, compile::Compiled},
 };
 
 #[derive(clap::Args, Debug)]
@@ -44,6 +44,16 @@ fn compile(path: &Path) -> Result<(policy::Policy, Compiled), u8> {
     Ok((p, c))
 }
 
+/// Tells the kernel the host's own addresses (flows are recorded only toward them: the interfaces' addresses
+/// now, and the egress IP).
+fn sync_local_addresses(dp: &mut Datapath, policy: &Policy) -> Result<usize, String> {
+    let mut addrs =
+        datapath::host_addresses().map_err(|e| format!("cannot list addresses: {e}"))?;
+    addrs.extend(policy.instance.egress_ip);
+    dp.set_local_addresses(&addrs).map_err(|e| e.to_string())?;
+    Ok(addrs.len())
+}
+
 pub fn run(args: &Args) -> u8 {
     let (policy, compiled) = match compile(&args.config) {
         Ok(x) => x,
@@ -64,20 +74,33 @@ pub fn run(args: &Args) -> u8 {
             return EXIT_ERROR;
         }
     }
+    if let Err(e) = sync_local_addresses(&mut dp, &policy) {
+        tracing::error!(error = %e, "cannot record the host's addresses");
+        return EXIT_ERROR;
+    }
     let iface = &policy.instance.interface;
     let attached = dp
         .attach_tc_egress(iface)
         .and_then(|tc| Ok((tc, dp.attach_xdp(iface, XdpRole::EniIngress)?)))
         .and_then(|(tc, xdp)| {
+            let mut forward = vec![];
             for f in &policy.instance.forward_interfaces {
                 let mode = dp.attach_xdp(f, XdpRole::Forward)?;
+                forward.push(datapath::ifindex(f)?);
                 tracing::info!(interface = %f, ?mode, "forward interface enforced");
             }
+            // Packets enforced (and counted) at a forward interface's XDP are counted once.
+            dp.set_forward_interfaces(&forward)?;
             Ok((tc, xdp))
         });
     match attached {
         Ok((tc, xdp)) => {
-            tracing::info!(interface = %iface, tc = ?tc, xdp = ?xdp, mode = ?policy.instance.mode, "enforcing")
+            let position = match dp.tc_chain_position(iface) {
+                Ok(Some((i, n))) => format!("tcx egress position {} of {n}", i + 1),
+                Ok(None) => "clsact egress priority 1".to_owned(),
+                Err(e) => format!("tcx chain position unknown: {e}"),
+            };
+            tracing::info!(interface = %iface, tc = ?tc, %position, xdp = ?xdp, mode = ?policy.instance.mode, "enforcing")
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot attach; detaching what was attached");
@@ -104,10 +127,15 @@ pub fn run(args: &Args) -> u8 {
         loop {
             tokio::select! {
                 _ = hup.recv() => match compile(&args.config) {
-                    Ok((p, c)) if p.instance.interface == policy.instance.interface => match dp.apply(&c) {
-                        Ok(r) => tracing::info!(generation = r.generation, entries = ?r.entries, "policy reloaded"),
-                        Err(e) => tracing::error!(error = %e, "reload failed; the previous policy stays active"),
-                    },
+                    Ok((p, c)) if p.instance.interface == policy.instance.interface => {
+                        match dp.apply(&c) {
+                            Ok(r) => tracing::info!(generation = r.generation, entries = ?r.entries, "policy reloaded"),
+                            Err(e) => tracing::error!(error = %e, "reload failed; the previous policy stays active"),
+                        }
+                        if let Err(e) = sync_local_addresses(&mut dp, &p) {
+                            tracing::error!(error = %e, "cannot refresh the host's addresses");
+                        }
+                    }
                     Ok(_) => tracing::error!("reload changes [instance].interface: restart the agent instead; the previous policy stays active"),
                     Err(_) => tracing::error!("reload failed; the previous policy stays active"),
                 },

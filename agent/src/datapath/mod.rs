@@ -1,6 +1,7 @@
 //! Loading the kernel programs, attaching them to interfaces, and reading their maps.
 
 mod error;
+mod flows;
 mod observe;
 mod stats;
 mod sync;
@@ -9,9 +10,13 @@ use std::ffi::CString;
 
 use aya::{
     Ebpf, EbpfLoader, VerifierLogLevel,
-    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        tc::{self, NlOptions, TcAttachOptions},
+    },
 };
 pub use error::DatapathError;
+pub use flows::{FlowMap, host_addresses, kernel_now_ns};
 pub use observe::{Destination, EventLoss};
 pub use stats::{ParseStats, read_parse_stats};
 pub use sync::{ApplyReport, DropCounts, EntryCounts, entry_counts};
@@ -135,8 +140,18 @@ impl Datapath {
                 });
             }
         }
+        // First in the chain (tcx) or at the highest priority (clsact): a program before ours could
+        // otherwise end the chain with a verdict and skip enforcement.
+        let options = if tcx {
+            TcAttachOptions::TcxOrder(LinkOrder::first())
+        } else {
+            TcAttachOptions::Netlink(NlOptions {
+                priority: 1,
+                ..NlOptions::default()
+            })
+        };
         self.tc_egress()?
-            .attach(interface, TcAttachType::Egress)
+            .attach_with_options(interface, TcAttachType::Egress, options)
             .map_err(|source| DatapathError::Attach {
                 program: programs::TC_EGRESS,
                 interface: interface.to_owned(),
@@ -147,6 +162,28 @@ impl Datapath {
         } else {
             TcAttachMode::Clsact
         })
+    }
+
+    /// Where the TC egress program sits in `interface`'s tcx egress chain: (position from 0, programs in
+    /// the chain); None when it is not attached there (or the kernel has no tcx).
+    pub fn tc_chain_position(
+        &mut self,
+        interface: &str,
+    ) -> Result<Option<(usize, usize)>, DatapathError> {
+        if !has_tcx() {
+            return Ok(None);
+        }
+        let ours = self
+            .tc_egress()?
+            .info()
+            .map_err(|e| DatapathError::load(programs::TC_EGRESS, e))?
+            .id();
+        let (_, chain) = SchedClassifier::query_tcx(interface, TcAttachType::Egress)
+            .map_err(|e| DatapathError::load(programs::TC_EGRESS, e))?;
+        Ok(chain
+            .iter()
+            .position(|p| p.id() == ours)
+            .map(|i| (i, chain.len())))
     }
 
     /// Attaches an XDP program (`XdpRole`) to `interface`: native (driver) mode where the driver supports

@@ -13,9 +13,9 @@ use aya::maps::{
 use ipnet::IpNet;
 use vpcgate_common::{
     datapath::{
-        AUDIT_OFFSET, AddrV4, AddrV6, AddrValue, FlowKey, FlowValue, FragKey, FragValue, GEN_A, GEN_B,
-        GEN_BITS, GenConfig, LastVerdict, MODE_AUDIT, MODE_ENFORCE, PORT_KEY_FIXED_BITS, PortData,
-        RuleStats, RuleStatsKey, limits, names,
+        AUDIT_OFFSET, AddrV4, AddrV6, AddrValue, GEN_A, GEN_B, GEN_BITS, GenConfig, LastVerdict,
+        MODE_AUDIT, MODE_ENFORCE, PORT_KEY_FIXED_BITS, PortData, RuleStats, RuleStatsKey, limits,
+        names,
     },
     verdict::DropReason,
 };
@@ -995,30 +995,7 @@ impl Datapath {
             },
             0,
         )
-            .map_err(map_err(names::GEN_CONFIG))
-    }
-
-    /// Forgets every recorded flow and first fragment (tests, and a policy reset).
-    pub fn clear_flow_state(&mut self) -> Result<(), DatapathError> {
-        let mut flows = typed_map!(self, aya::maps::HashMap<_, FlowKey, FlowValue>, names::FLOWS);
-        let keys: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            flows.remove(&k).map_err(map_err(names::FLOWS))?;
-        }
-        let mut frags = typed_map!(self, aya::maps::HashMap<_, FragKey, FragValue>, names::FRAGS);
-        let keys: Vec<FragKey> = frags.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            frags.remove(&k).map_err(map_err(names::FRAGS))?;
-        }
-        Ok(())
-    }
-
-    /// Records a peer-initiated flow (what the ENI ingress program does when its first packet arrives).
-    pub fn insert_flow(&mut self, key: &FlowKey) -> Result<(), DatapathError> {
-        let mut flows = typed_map!(self, aya::maps::HashMap<_, FlowKey, FlowValue>, names::FLOWS);
-        flows
-            .insert(key, FlowValue::default(), 0)
-            .map_err(map_err(names::FLOWS))
+        .map_err(map_err(names::GEN_CONFIG))
     }
 
     pub fn last_verdict(&self) -> Result<LastVerdict, DatapathError> {

@@ -71,7 +71,11 @@ impl IpPacket {
             fragment,
             hop_limit: 64,
             sport: 0,
-            tcp_flags: if matches!(l4, L4::Tcp { .. }) { TCP_SYN } else { 0 },
+            tcp_flags: if matches!(l4, L4::Tcp { .. }) {
+                TCP_SYN
+            } else {
+                0
+            },
             source_routed: false,
             quoted: None,
         }
@@ -263,10 +267,15 @@ fn host_essential(c: &Compiled, ip: &IpPacket) -> Option<HostEssentialKind> {
         (L4::Udp { dport: 547 }, IpAddr::V6(_)) if ip.sport == 546 && on(HostEssential::Dhcp) => {
             Some(HostEssentialKind::Dhcpv6)
         }
-        (L4::Icmpv6 { kind: ICMPV6_MLD2_REPORT, .. }, IpAddr::V6(d))
-            if ip.hop_limit == 1
-                && d == std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16)
-                && on(HostEssential::Mld) =>
+        (
+            L4::Icmpv6 {
+                kind: ICMPV6_MLD2_REPORT,
+                ..
+            },
+            IpAddr::V6(d),
+        ) if ip.hop_limit == 1
+            && d == std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16)
+            && on(HostEssential::Mld) =>
         {
             Some(HostEssentialKind::Mld)
         }

@@ -1,0 +1,208 @@
+//! The kernel's flow state (DESIGN.md verdict rule 3, fragments) and what the agent tells the kernel about
+//! the host: its own addresses (flows are recorded only toward them) and the forward interfaces whose XDP
+//! already enforced a packet (so TC egress counts it once).
+
+use std::net::IpAddr;
+
+use aya::maps::HashMap as BpfHashMap;
+use vpcgate_common::datapath::{FlowKey, FlowValue, FragKey, FragValue, LocalAddr, limits, names};
+
+use super::{Datapath, DatapathError};
+
+/// Which flow map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowMap {
+    /// Established TCP flows a peer initiated.
+    Established,
+    /// TCP flows whose SYN reached a listener, not yet acknowledged.
+    HalfOpen,
+    /// UDP and ICMP echo flows.
+    Datagram,
+}
+
+impl FlowMap {
+    pub const ALL: [FlowMap; 3] = [FlowMap::Established, FlowMap::HalfOpen, FlowMap::Datagram];
+
+    fn name(self) -> &'static str {
+        match self {
+            FlowMap::Established => names::FLOWS,
+            FlowMap::HalfOpen => names::HALF_OPEN,
+            FlowMap::Datagram => names::DGRAM_FLOWS,
+        }
+    }
+}
+
+/// The kernel's clock for flow and fragment timestamps (`bpf_ktime_get_ns`: CLOCK_MONOTONIC).
+pub fn kernel_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn local_addr(a: IpAddr) -> LocalAddr {
+    let mut addr = [0u8; 16];
+    let family = match a {
+        IpAddr::V4(v4) => {
+            addr[..4].copy_from_slice(&v4.octets());
+            4
+        }
+        IpAddr::V6(v6) => {
+            addr = v6.octets();
+            6
+        }
+    };
+    LocalAddr {
+        family,
+        _pad: [0; 3],
+        addr,
+    }
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+impl Datapath {
+    fn hash_map<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<BpfHashMap<&mut aya::maps::MapData, K, V>, DatapathError> {
+        let m = self
+            .ebpf_mut()
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        BpfHashMap::try_from(m).map_err(map_err(name))
+    }
+
+    /// Removes every entry of a hash map.
+    fn clear_map<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<(), DatapathError> {
+        let mut m = self.hash_map::<K, V>(name)?;
+        let keys: Vec<K> = m.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            m.remove(&k).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// Forgets every recorded flow and first fragment (tests, and a policy reset).
+    pub fn clear_flow_state(&mut self) -> Result<(), DatapathError> {
+        for m in FlowMap::ALL {
+            self.clear_map::<FlowKey, FlowValue>(m.name())?;
+        }
+        self.clear_map::<FragKey, FragValue>(names::FRAGS)
+    }
+
+    /// Records a flow as the ENI's ingress program would (tests: flows of every age and kind).
+    pub fn insert_flow(
+        &mut self,
+        map: FlowMap,
+        key: &FlowKey,
+        value: FlowValue,
+    ) -> Result<(), DatapathError> {
+        let name = map.name();
+        self.hash_map::<FlowKey, FlowValue>(name)?
+            .insert(key, value, 0)
+            .map_err(map_err(name))
+    }
+
+    /// Every entry of a flow map.
+    pub fn flows(&mut self, map: FlowMap) -> Result<Vec<(FlowKey, FlowValue)>, DatapathError> {
+        let m = self.hash_map::<FlowKey, FlowValue>(map.name())?;
+        m.iter().map(|r| r.map_err(map_err(map.name()))).collect()
+    }
+
+    /// Replaces the gateway's own addresses: peer-initiated flows are recorded only toward these.
+    pub fn set_local_addresses(&mut self, addrs: &[IpAddr]) -> Result<(), DatapathError> {
+        let mut want: Vec<LocalAddr> = addrs.iter().map(|&a| local_addr(a)).collect();
+        want.sort_by_key(|l| (l.family, l.addr));
+        want.dedup();
+        if want.len() > limits::LOCAL_ADDRS as usize {
+            return Err(DatapathError::MapFull {
+                map: names::LOCAL_ADDRS,
+                capacity: limits::LOCAL_ADDRS,
+                needed: want.len() as u32,
+            });
+        }
+        let mut m = self.hash_map::<LocalAddr, u32>(names::LOCAL_ADDRS)?;
+        // Add the new ones first, then remove the rest: an address in both sets never disappears.
+        for a in &want {
+            m.insert(a, 1, 0).map_err(map_err(names::LOCAL_ADDRS))?;
+        }
+        let stale: Vec<LocalAddr> = m
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.contains(k))
+            .collect();
+        for k in stale {
+            m.remove(&k).map_err(map_err(names::LOCAL_ADDRS))?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the forward interfaces (ifindex) whose XDP enforces: TC egress does not count a packet
+    /// again that arrived on one of them.
+    pub fn set_forward_interfaces(&mut self, ifindexes: &[u32]) -> Result<(), DatapathError> {
+        if ifindexes.len() > limits::FORWARD_IFS as usize {
+            return Err(DatapathError::MapFull {
+                map: names::FORWARD_IFS,
+                capacity: limits::FORWARD_IFS,
+                needed: ifindexes.len() as u32,
+            });
+        }
+        let mut m = self.hash_map::<u32, u32>(names::FORWARD_IFS)?;
+        for i in ifindexes {
+            m.insert(i, 1, 0).map_err(map_err(names::FORWARD_IFS))?;
+        }
+        let stale: Vec<u32> = m
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !ifindexes.contains(k))
+            .collect();
+        for k in stale {
+            m.remove(&k).map_err(map_err(names::FORWARD_IFS))?;
+        }
+        Ok(())
+    }
+}
+
+/// Every address configured on this network namespace's interfaces (the gateway's own addresses).
+pub fn host_addresses() -> std::io::Result<Vec<IpAddr>> {
+    let mut out = vec![];
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `ifap` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr whose family says its real type.
+            match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+                libc::AF_INET => {
+                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    out.push(IpAddr::from(
+                        u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                    ));
+                }
+                libc::AF_INET6 => {
+                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                }
+                _ => {}
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: the list came from getifaddrs.
+    unsafe { libc::freeifaddrs(ifap) };
+    Ok(out)
+}
