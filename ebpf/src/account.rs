@@ -126,7 +126,8 @@ pub fn record_last(o: &Outcome) {
 
 /// What came back: for a packet arriving on the ENI (XDP ingress), credit the destination the gateway
 /// sent to. Only destinations already observed are updated (no entries for unsolicited traffic).
-#[inline(always)]
+/// A separate BPF function (verified once per caller state instead of inlined into every path).
+#[inline(never)]
 pub fn observe_reply(c: &Cursor, pkt: &Packet) {
     let family = if pkt.l3 == L3::Ipv4 { 4 } else { 6 };
     match pkt.l4 {

@@ -131,10 +131,10 @@ pub struct Ipv6RoutingHdr {
 /// IPv4 options that route the packet through listed hops (RFC 791): loose and strict source route.
 pub const IPOPT_LSRR: u8 = 0x83;
 pub const IPOPT_SSRR: u8 = 0x89;
-/// IPv4 options walked before giving up (malformed, like an over-long IPv6 extension chain): real
-/// packets carry one or two, padded with a few NOPs; 40 single-byte options would cost the verifier a
-/// path per byte.
-pub const IPV4_MAX_OPTIONS: usize = 8;
+/// Steps of the IPv4 options walk before giving up (malformed, like an over-long IPv6 extension chain).
+/// A step reads two bytes: one option, or two NOPs. Real packets carry one or two options padded with a
+/// few NOPs; a step per byte of the 40 would cost the verifier a path each.
+pub const IPV4_OPTION_STEPS: usize = 12;
 
 /// Bounds-checked view of a packet: `[start, end)` are the packet pointers the program got.
 #[derive(Clone, Copy)]
@@ -354,7 +354,7 @@ fn parse_ipv4(c: &Cursor, off: usize, pkt: &mut Packet) -> Result<(), Malformed>
 #[inline(always)]
 fn ipv4_source_routed(c: &Cursor, off: usize, hdr_len: usize) -> Result<bool, Malformed> {
     let mut o = size_of::<Ipv4Hdr>();
-    for _ in 0..IPV4_MAX_OPTIONS {
+    for _ in 0..IPV4_OPTION_STEPS {
         if o >= hdr_len {
             return Ok(false);
         }
@@ -370,7 +370,8 @@ fn ipv4_source_routed(c: &Cursor, off: usize, hdr_len: usize) -> Result<bool, Ma
         match kind {
             // End of options list.
             0 => return Ok(false),
-            // No operation.
+            // No operation (two at once when the next byte is one too).
+            1 if len == 1 => o += 2,
             1 => o += 1,
             IPOPT_LSRR | IPOPT_SSRR => return Ok(true),
             _ => {
@@ -594,6 +595,10 @@ fn quote_matches(
     }
 }
 
+/// Extension headers walked in a quoted IPv6 packet (an error quotes the gateway's own packet: a
+/// fragment header at most, in practice).
+const QUOTE_EXT_MAX_CHAIN: usize = 2;
+
 /// What an ICMP error quotes (the packet it answers), for the observers: (IP protocol, destination,
 /// destination port). Ports are read by the quoted protocol's own layout: TCP and UDP only (an ICMP
 /// echo's identifier is not a port: 0); IPv6 extension headers in the quote are walked.
@@ -619,7 +624,7 @@ pub fn quoted(c: &Cursor, icmp_off: usize, v6: bool) -> Result<(u8, [u8; 16], u1
         (ip.proto, inner + hdr_len)
     };
     if v6 {
-        for _ in 0..IPV6_EXT_MAX_CHAIN {
+        for _ in 0..QUOTE_EXT_MAX_CHAIN {
             match proto {
                 IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MH => {
                     let ext: &Ipv6ExtHdr = c.ptr_at(l4)?;
