@@ -1,12 +1,17 @@
 //! Differential test: the kernel programs (TC egress and XDP forward, through BPF_PROG_TEST_RUN) and the
 //! reference verdict decide the same action, reason and attribution for random packets under random
-//! policies: valid and truncated frames, VLAN tags, IPv4 options, IPv6 extension chains, fragments (first
-//! and non-first, of datagrams whose first fragment passed or not), ICMP/ICMPv6 incl. neighbour discovery,
-//! replies of recorded flows; IPv4+IPv6 policies with overlapping prefixes, port ranges, reserved blocks,
-//! audit mode.
+//! policies applied in sequence (new generations and incremental applies, protocol flips of shared port
+//! tables, host essentials on and off): valid and truncated frames, VLAN tags, IPv4 options incl. source
+//! routes, IPv6 extension chains (longer than the walk limit, routing headers with segments left, headers
+//! after the fragment header), zero length fields, fragments (first and non-first, of datagrams whose
+//! first fragment passed, dropped or never came), ICMP/ICMPv6 incl. neighbour discovery with every hop
+//! limit and scope, MLD, ICMP errors quoting this host's packets or foreign ones, DHCP/DHCPv6; replies of
+//! flows peers opened through the ENI's XDP ingress (toward the gateway's sockets or forged toward
+//! nothing), of live, expired, closing and half-open flows.
 //!
-//! `VPCGATE_DIFF_PACKETS` (default 200000) and `VPCGATE_DIFF_POLICIES` (default 50) size the run;
-//! `VPCGATE_DIFF_SEED` replays one. `cargo xtask test --diff-packets 10000000` is the long run.
+//! Each run draws a fresh seed (printed); `VPCGATE_DIFF_SEED` replays one. `VPCGATE_DIFF_PACKETS`
+//! (default 200000) and `VPCGATE_DIFF_POLICIES` (default 200) size the run.
+//! `cargo xtask test --diff-packets 10000000` is the long run.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -38,12 +43,33 @@ impl Rng {
     }
 }
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+fn env(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    let v = v.trim();
+    Some(
+        match v.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => v.parse(),
+        }
+        .unwrap_or_else(|e| panic!("{name}={v}: {e}")),
+    )
 }
+
+/// A fresh seed from the kernel's entropy.
+fn fresh_seed() -> u64 {
+    let mut b = [0u8; 8];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").expect("/dev/urandom"),
+        &mut b,
+    )
+    .expect("read /dev/urandom");
+    u64::from_le_bytes(b) | 1
+}
+
+/// The gateway's addresses and sockets in the test's own network namespace.
+const GW_V4: u32 = 5;
+const GW_TCP_PORT: u16 = 7000;
+const GW_UDP_PORT: u16 = 7001;
 
 const V4_BASE: u32 = 0x0a00_0000; // 10.0.0.0
 const V6_BASE: u128 = 0xfd00u128 << 112; // fd00::
@@ -157,8 +183,19 @@ fn random_policy(r: &mut Rng) -> Policy {
                 Mode::Enforce
             },
             forward_interfaces: vec![],
-            host_essentials: HostEssential::ALL.to_vec(),
-            flow_timeouts: FlowTimeouts::default(),
+            host_essentials: if r.chance(80) {
+                HostEssential::ALL.to_vec()
+            } else if r.chance(50) {
+                vec![]
+            } else {
+                vec![r.pick(&HostEssential::ALL)]
+            },
+            // Short enough that an expired flow can be written on a machine booted minutes ago.
+            flow_timeouts: FlowTimeouts {
+                tcp: 30,
+                tcp_closing: 5,
+                udp: 10,
+            },
         },
         accessible,
         authorizations: auths,
@@ -186,6 +223,21 @@ fn mutate(prev: &Policy, r: &mut Rng) -> Policy {
         if r.chance(40) {
             a.ports = random_ports(r);
         }
+        // TCP and UDP tables with equal contents share a compiled table: flipping a protocol moves it.
+        if r.chance(20) {
+            a.protocol = match a.protocol {
+                Proto::Tcp => Proto::Udp,
+                Proto::Udp => Proto::Tcp,
+            };
+        }
+    }
+    // Settings outside the tries change now and then (a new generation).
+    if r.chance(5) {
+        p.instance.host_essentials = if p.instance.host_essentials.is_empty() {
+            HostEssential::ALL.to_vec()
+        } else {
+            vec![]
+        };
     }
     for n in p.upstreams.iter_mut().flat_map(|u| u.nodes.iter_mut()) {
         if r.chance(30) {
@@ -270,8 +322,107 @@ fn octets6(a: IpAddr) -> [u8; 16] {
     }
 }
 
-/// A random frame toward `dst` (`frag_id` for fragments).
-fn random_frame(r: &mut Rng, dst: IpAddr, port: u16, frag_id: u32) -> Frame {
+/// Destinations the policy space does not hold but rules 1 and 3 care about.
+fn special_dst(r: &mut Rng, v6: bool) -> IpAddr {
+    if v6 {
+        r.pick(&[
+            "fe80::1",
+            "ff02::1:ff00:7",
+            "ff02::16",
+            "ff02::1:2",
+            "ff02::2",
+            "ff05::2",
+            "2001:db8::9",
+        ])
+        .parse()
+        .unwrap()
+    } else {
+        r.pick(&["255.255.255.255", "10.0.0.1", "224.0.0.22"])
+            .parse()
+            .unwrap()
+    }
+}
+
+/// What the random frame's L4 is.
+struct L4Choice {
+    sport: u16,
+    layer: Layer,
+}
+
+fn random_l4(r: &mut Rng, v6: bool, port: u16, frag: u8, src: IpAddr, dst: IpAddr) -> Vec<Layer> {
+    let sport = if r.chance(10) {
+        r.pick(&[68, 546, 67, GW_TCP_PORT, GW_UDP_PORT])
+    } else {
+        30000 + r.below(1000) as u16
+    };
+    let dport = if r.chance(8) {
+        r.pick(&[67, 547, 68])
+    } else {
+        port
+    };
+    let c = match r.below(14) {
+        0..=4 => L4Choice {
+            sport,
+            layer: Layer::Tcp {
+                sport,
+                dport,
+                flags: r.pick(&[0x02, 0x10, 0x18, 0x12, 0x04, 0x11, 0x14]),
+                options: r.pick(&[0, 0, 3]),
+            },
+        },
+        5..=7 => L4Choice {
+            sport,
+            layer: Layer::Udp { sport, dport },
+        },
+        8..=10 => L4Choice {
+            sport,
+            layer: Layer::Icmp {
+                kind: if v6 {
+                    r.pick(&[128, 129, 1, 2, 3, 4, 133, 134, 135, 136, 137, 143, 143])
+                } else {
+                    r.pick(&[8, 0, 3, 11, 12, 5, 13])
+                },
+                code: r.below(5) as u8,
+            },
+        },
+        // A non-first fragment's payload is opaque whatever its protocol; a whole datagram of protocol 6
+        // or 17 would be a TCP/UDP header, so those only follow fragment headers.
+        _ if frag == 2 => L4Choice {
+            sport,
+            layer: Layer::Proto {
+                proto: r.pick(&[6, 17, 1, 47]),
+                len: 16,
+            },
+        },
+        _ => L4Choice {
+            sport,
+            layer: Layer::Proto {
+                proto: r.pick(&[47, 50, 132]),
+                len: 16,
+            },
+        },
+    };
+    let _ = c.sport;
+    let mut out = vec![c.layer];
+    // ICMP errors quote a packet: mostly one this host received (the reverse of these addresses),
+    // sometimes a foreign one, sometimes nothing (malformed).
+    if let Layer::Icmp { kind, .. } = c.layer
+        && vpcgate_lab::packet::is_icmp_error(kind, v6)
+        && !r.chance(10)
+    {
+        out.push(match r.below(3) {
+            0 | 1 => Layer::Quote { src: dst, dst: src },
+            _ => Layer::Quote {
+                src: dst,
+                dst: if v6 { self::v6(77) } else { v4(77) },
+            },
+        });
+    }
+    out
+}
+
+/// A random frame from `src` toward `dst` (`frag_id` for fragments).
+fn random_frame(r: &mut Rng, src: IpAddr, dst: IpAddr, port: u16, frag_id: u32) -> Frame {
     let mut layers = vec![];
     for _ in 0..r.pick(&[0, 0, 0, 0, 1, 2]) {
         layers.push(Layer::Vlan {
@@ -286,13 +437,21 @@ fn random_frame(r: &mut Rng, dst: IpAddr, port: u16, frag_id: u32) -> Frame {
     let v6 = dst.is_ipv6();
     // Fragment position: mostly whole datagrams.
     let frag = r.pick(&[0u8, 0, 0, 0, 0, 0, 1, 2]); // 1 first, 2 non-first
+    let mut routing = false;
+    let mut ipv4_options = 0;
     if v6 {
         layers.push(Layer::Ipv6 {
-            src: octets6(v6_src()),
+            src: octets6(src),
             dst: octets6(dst),
         });
-        for _ in 0..r.pick(&[0, 0, 0, 1, 2, 3]) {
-            layers.push(Layer::Ext(match r.below(4) {
+        // Mostly short chains; now and then longer than the parser walks.
+        let chain = if r.chance(3) {
+            7 + r.below(2)
+        } else {
+            r.pick(&[0, 0, 0, 1, 2, 3])
+        };
+        for _ in 0..chain {
+            let ext = match r.below(4) {
                 0 => Ext::HopByHop {
                     len8: r.below(2) as u8,
                 },
@@ -305,7 +464,9 @@ fn random_frame(r: &mut Rng, dst: IpAddr, port: u16, frag_id: u32) -> Frame {
                 _ => Ext::Ah {
                     len4: 1 + r.below(3) as u8,
                 },
-            }));
+            };
+            routing |= matches!(ext, Ext::Routing { .. });
+            layers.push(Layer::Ext(ext));
         }
         if frag != 0 {
             let offset = if frag == 1 {
@@ -318,6 +479,15 @@ fn random_frame(r: &mut Rng, dst: IpAddr, port: u16, frag_id: u32) -> Frame {
                 more: frag == 1 || r.chance(50),
                 id: frag_id,
             }));
+            // Headers after the fragment header belong to the fragmentable part (RFC 8200).
+            if r.chance(30) {
+                layers.push(Layer::Ext(if r.chance(70) {
+                    Ext::DstOpts { len8: 0 }
+                } else {
+                    routing = true;
+                    Ext::Routing { len8: 0 }
+                }));
+            }
         }
     } else {
         let (frag_offset, more_fragments) = match frag {
@@ -325,44 +495,31 @@ fn random_frame(r: &mut Rng, dst: IpAddr, port: u16, frag_id: u32) -> Frame {
             2 => (1 + r.below(100) as u16, r.chance(50)),
             _ => (0, false),
         };
+        ipv4_options = r.pick(&[0, 0, 0, 1, 2, 3, 10]);
         layers.push(Layer::Ipv4 {
-            src: [10, 0, 0, 5],
+            src: octets4(src),
             dst: octets4(dst),
-            options: r.pick(&[0, 0, 0, 1, 3]),
+            options: ipv4_options,
             frag_offset,
             more_fragments,
             id: frag_id as u16,
         });
     }
-    let sport = 30000 + r.below(1000) as u16;
-    layers.push(match r.below(12) {
-        0..=4 => Layer::Tcp {
-            sport,
-            dport: port,
-            flags: r.pick(&[0x02, 0x10, 0x18, 0x12, 0x04]),
-            options: r.pick(&[0, 0, 3]),
-        },
-        5..=7 => Layer::Udp { sport, dport: port },
-        8 | 9 => Layer::Icmp {
-            kind: if v6 {
-                r.pick(&[128, 129, 1, 2, 3, 4, 133, 134, 135, 136, 137, 143])
-            } else {
-                r.pick(&[8, 0, 3, 11, 5, 13, 12])
-            },
-            code: r.below(5) as u8,
-        },
-        // A non-first fragment's payload is opaque whatever its protocol; a whole datagram of protocol 6 or
-        // 17 would be a TCP/UDP header, so those only follow fragment headers.
-        _ if frag == 2 => Layer::Proto {
-            proto: r.pick(&[6, 17, 1, 47]),
-            len: 16,
-        },
-        _ => Layer::Proto {
-            proto: r.pick(&[47, 50, 132]),
-            len: 16,
-        },
-    });
-    let frame = build("random", &layers, r.below(40) as usize);
+    layers.extend(random_l4(r, v6, port, frag, src, dst));
+    let mut frame = build("random", &layers, r.below(40) as usize);
+    if ipv4_options >= 2 && r.chance(40) {
+        // Loose and strict source routes, record route, timestamp.
+        frame = frame.with_ipv4_option(r.pick(&[0x83, 0x89, 0x07, 0x44]));
+    }
+    if routing && r.chance(50) {
+        frame = frame.with_segments_left(r.below(3) as u8);
+    }
+    if v6 && r.chance(15) {
+        frame = frame.with_hop_limit(r.pick(&[255, 64, 1, 254]));
+    }
+    if r.chance(4) {
+        frame = frame.with_zero_length();
+    }
     if r.chance(8) {
         let len = 14 + r.below((frame.bytes.len() - 14) as u64) as usize;
         return frame.truncated(len);
@@ -370,50 +527,170 @@ fn random_frame(r: &mut Rng, dst: IpAddr, port: u16, frag_id: u32) -> Frame {
     frame
 }
 
+fn gw(v6: bool) -> IpAddr {
+    if v6 { v6_src() } else { v4(GW_V4) }
+}
+
 fn v6_src() -> IpAddr {
     v6(5)
+}
+
+/// A random address in the policy space (or outside it).
+fn random_dst(r: &mut Rng, addrs: &[IpAddr]) -> IpAddr {
+    if r.chance(75) {
+        r.pick(addrs)
+    } else if r.chance(10) {
+        let six = r.chance(60);
+        special_dst(r, six)
+    } else if r.chance(50) {
+        v4(r.below(1100) as u32)
+    } else {
+        v6(u128::from(r.below(1100)))
+    }
+}
+
+/// A packet a peer sends toward the gateway (or toward an address that is not the gateway's):
+/// TCP with any flags, UDP, or an echo request.
+fn inbound_frame(
+    r: &mut Rng,
+    peer: IpAddr,
+    local: IpAddr,
+    peer_port: u16,
+    local_port: u16,
+) -> Frame {
+    let ip = if peer.is_ipv6() {
+        Layer::Ipv6 {
+            src: octets6(peer),
+            dst: octets6(local),
+        }
+    } else {
+        Layer::Ipv4 {
+            src: octets4(peer),
+            dst: octets4(local),
+            options: 0,
+            frag_offset: 0,
+            more_fragments: false,
+            id: 1,
+        }
+    };
+    let l4 = match r.below(6) {
+        0..=2 => Layer::Tcp {
+            sport: peer_port,
+            dport: local_port,
+            flags: r.pick(&[0x02, 0x02, 0x10, 0x18, 0x11, 0x04, 0x12]),
+            options: 0,
+        },
+        3 | 4 => Layer::Udp {
+            sport: peer_port,
+            dport: local_port,
+        },
+        _ => Layer::Icmp {
+            kind: if peer.is_ipv6() { 128 } else { 8 },
+            code: 0,
+        },
+    };
+    build("inbound", &[ip, l4], r.below(20) as usize)
+}
+
+/// The gateway's packet toward a peer that sent something: a reply, or an attempt to use what the peer
+/// sent as a reply (a bare SYN from the port the peer wrote to).
+fn reply_frame(r: &mut Rng, local: IpAddr, peer: IpAddr, peer_port: u16, local_port: u16) -> Frame {
+    let ip = if peer.is_ipv6() {
+        Layer::Ipv6 {
+            src: octets6(local),
+            dst: octets6(peer),
+        }
+    } else {
+        Layer::Ipv4 {
+            src: octets4(local),
+            dst: octets4(peer),
+            options: 0,
+            frag_offset: 0,
+            more_fragments: false,
+            id: 1,
+        }
+    };
+    let l4 = match r.below(6) {
+        0..=2 => Layer::Tcp {
+            sport: local_port,
+            dport: peer_port,
+            flags: r.pick(&[0x02, 0x12, 0x10, 0x18, 0x11, 0x04, 0x14]),
+            options: 0,
+        },
+        3 | 4 => Layer::Udp {
+            sport: local_port,
+            dport: peer_port,
+        },
+        _ => Layer::Icmp {
+            kind: if peer.is_ipv6() { 129 } else { 0 },
+            code: 0,
+        },
+    };
+    build("reply", &[ip, l4], r.below(20) as usize)
 }
 
 #[test]
 fn kernel_and_reference_agree_on_random_packets_and_policies() {
     vpcgate_lab::require_root();
-    let packets = env("VPCGATE_DIFF_PACKETS", 200_000);
-    let policies = env("VPCGATE_DIFF_POLICIES", 50).max(1);
-    let seed = env("VPCGATE_DIFF_SEED", 0x5eed_1234_abcd_0001);
+    let packets = env("VPCGATE_DIFF_PACKETS").unwrap_or(200_000);
+    let policies = env("VPCGATE_DIFF_POLICIES").unwrap_or(200).max(1);
+    let seed = env("VPCGATE_DIFF_SEED").unwrap_or_else(fresh_seed);
     eprintln!(
-        "differential: {packets} packets over {policies} policies, seed {seed:#x} (VPCGATE_DIFF_SEED)"
+        "differential: {packets} packets over {policies} policies, seed {seed:#x} (replay with VPCGATE_DIFF_SEED={seed:#x})"
     );
     let mut r = Rng(seed);
     let mut h = Harness::new();
+    h.isolate_with_sockets(&[gw(false), gw(true)], GW_TCP_PORT, GW_UDP_PORT);
     let per_policy = packets.div_ceil(policies);
     let (mut ran, mut mismatches, mut replies, mut tc_runs) = (0u64, vec![], 0u64, 0u64);
-    // Policies applied in place (same rule identities and mode as the one before): the final state of an
-    // incremental apply must decide exactly like the reference too.
-    let mut incremental = 0u64;
+    let (mut inbound, mut peer_replies) = (0u64, 0u64);
+    // Policies applied in place (same rule identities and settings as the one before): the final state
+    // of an incremental apply must decide exactly like the reference too.
+    let (mut incremental, mut generations) = (0u64, 0u64);
     let mut previous: Option<Policy> = None;
     let mut kinds = std::collections::BTreeMap::<String, u64>::new();
     for policy_no in 0..policies {
         let policy = match &previous {
-            Some(prev) if r.chance(50) => mutate(prev, &mut r),
+            Some(prev) if r.chance(60) => mutate(prev, &mut r),
             _ => random_policy(&mut r),
         };
         previous = Some(policy.clone());
         if h.apply(&policy).incremental {
             incremental += 1;
+        } else {
+            generations += 1;
         }
         let (addrs, ports) = interesting(&policy);
         let mut pending_first: Vec<(IpAddr, u16, u32)> = vec![];
+        // Peers that sent the gateway something: (local address, peer, peer port, local port).
+        let mut peers: Vec<(IpAddr, IpAddr, u16, u16)> = vec![];
         for i in 0..per_policy {
             if ran >= packets {
                 break;
             }
-            let dst = if r.chance(75) {
-                r.pick(&addrs)
-            } else if r.chance(50) {
-                v4(r.below(1100) as u32)
-            } else {
-                v6(u128::from(r.below(1100)))
-            };
+            if r.chance(8) {
+                let six = r.chance(50);
+                let peer = if six {
+                    v6(u128::from(r.below(1100)))
+                } else {
+                    v4(r.below(1100) as u32)
+                };
+                // Mostly toward the gateway; sometimes toward an address that is not its own.
+                let local = if r.chance(85) {
+                    gw(six)
+                } else if six {
+                    v6(6)
+                } else {
+                    v4(6)
+                };
+                let other = 30000 + r.below(5) as u16;
+                let local_port = r.pick(&[GW_TCP_PORT, GW_UDP_PORT, other]);
+                let peer_port = 40000 + r.below(20) as u16;
+                h.inbound(&inbound_frame(&mut r, peer, local, peer_port, local_port));
+                inbound += 1;
+                peers.push((local, peer, peer_port, local_port));
+            }
+            let dst = random_dst(&mut r, &addrs);
             let port = if r.chance(70) {
                 r.pick(&ports)
             } else {
@@ -421,13 +698,17 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
             };
             // Fragment ids cycle in a small range so non-first fragments meet their first fragments.
             let frag_id = (policy_no as u32) << 8 | (r.below(32) as u32);
-            let frame = if !pending_first.is_empty() && r.chance(20) {
+            let frame = if !peers.is_empty() && r.chance(15) {
+                let (local, peer, peer_port, local_port) = r.pick(&peers);
+                peer_replies += 1;
+                reply_frame(&mut r, local, peer, peer_port, local_port)
+            } else if !pending_first.is_empty() && r.chance(20) {
                 let (d, p, id) = pending_first.swap_remove(0);
-                random_frame(&mut r, d, p, id)
+                random_frame(&mut r, gw(d.is_ipv6()), d, p, id)
             } else {
-                random_frame(&mut r, dst, port, frag_id)
+                random_frame(&mut r, gw(dst.is_ipv6()), dst, port, frag_id)
             };
-            if r.chance(4) && h.add_reply_flow(&frame) {
+            if r.chance(4) && h.add_reply_flow(&frame, r.chance(20), r.chance(70), r.chance(20)) {
                 replies += 1;
             }
             if frame.describe().frag_id.is_some() {
@@ -468,24 +749,26 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
         }
     }
     eprintln!(
-        "differential: {ran} packets ({tc_runs} through TC too), {replies} recorded reply flows, {incremental} of {policies} policies applied incrementally; verdict bases: {kinds:?}"
+        "differential: {ran} packets ({tc_runs} through TC too), {replies} flows recorded directly, {inbound} inbound packets through XDP ingress, {peer_replies} packets toward those peers; {incremental} incremental and {generations} generation applies; verdict bases: {kinds:?}"
     );
     assert!(
         mismatches.is_empty(),
-        "{} mismatches (seed {seed:#x}):\n{}",
+        "{} mismatches (seed {seed:#x}, replay with VPCGATE_DIFF_SEED={seed:#x}):\n{}",
         mismatches.len(),
         mismatches.join("\n")
     );
     assert_eq!(ran, packets, "ran fewer packets than asked");
     assert!(
-        policies < 10 || incremental > 0,
-        "no policy was applied incrementally: that path went untested"
+        policies < 10 || incremental > 0 && generations > 1,
+        "applies were not mixed ({incremental} incremental, {generations} generations): a path went untested"
     );
     // The run must have exercised every kind of decision, or it proves less than it claims.
     for basis in [
         "NotIp",
         "NeighbourDiscovery",
+        "HostEssential",
         "Malformed",
+        "SourceRouted",
         "Reply",
         "Reserved",
         "Rule",

@@ -1,18 +1,21 @@
 //! Runs crafted frames through the kernel programs (BPF_PROG_TEST_RUN) and through the reference verdict
 //! with the same flow state, and compares action, reason and attribution.
 
-use std::collections::HashSet;
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
 
 use aya::programs::{TestRun, TestRunOptions, TestRunResult};
 use vpcgate::{
-    datapath::Datapath,
+    datapath::{Datapath, FlowMap, kernel_now_ns},
     policy::{
         Policy,
         compile::Compiled,
         verdict::{Action, Basis, FlowFacts, Fragment, L4, Packet, Verdict, verdict},
     },
 };
-use vpcgate_common::datapath::{ACTION_DROP, ACTION_PASS, FlowKey, LastVerdict, basis};
+use vpcgate_common::datapath::{ACTION_DROP, ACTION_PASS, FlowKey, FlowValue, LastVerdict, basis};
 
 use crate::packet::{Described, Frame};
 
@@ -28,15 +31,42 @@ pub const TC_SHOT: u32 = 2;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 
-/// A datagram whose first fragment passed: (IPv4?, protocol, identification, source, destination).
-type DatagramId = (bool, u8, u32, std::net::IpAddr, std::net::IpAddr);
+/// A datagram whose first fragment passed, as the kernel's reassembly identifies it: (IPv4?, protocol
+/// (IPv4 only; 0 for IPv6), identification, source, destination).
+type DatagramId = (bool, u8, u32, IpAddr, IpAddr);
+
+/// A recorded flow in the model of the kernel's flow maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FlowState {
+    live: bool,
+    closing: bool,
+}
+
+/// The harness's model of the kernel's flow state (DESIGN.md rule 3), keyed as the gateway's outbound
+/// packets see flows (local = the gateway).
+#[derive(Default)]
+struct FlowModel {
+    established: HashMap<FlowKey, FlowState>,
+    half_open: HashMap<FlowKey, FlowState>,
+    dgram: HashMap<FlowKey, FlowState>,
+}
+
+/// What the gateway side of the model owns: its addresses and the ports its sockets listen on.
+#[derive(Default)]
+pub struct LocalHost {
+    pub addrs: HashSet<IpAddr>,
+    pub tcp_ports: HashSet<u16>,
+    pub udp_ports: HashSet<u16>,
+    /// The sockets themselves (kept open).
+    _sockets: Vec<Box<dyn std::any::Any>>,
+}
 
 pub struct Harness {
     pub dp: Datapath,
     pub compiled: Option<Compiled>,
-    /// Flows recorded as peer-initiated (outbound keys, from the gateway's side).
-    flows: HashSet<FlowKey>,
+    flows: FlowModel,
     first_fragments: HashSet<DatagramId>,
+    pub local: LocalHost,
 }
 
 /// The kernel's verdict in the reference's terms.
@@ -49,7 +79,9 @@ pub fn reference_view(v: &Verdict) -> (u32, u32, u32, u32, u32) {
     let (b, id) = match v.basis {
         Basis::NotIp => (basis::NOT_IP, 0),
         Basis::NeighbourDiscovery => (basis::NEIGHBOUR_DISCOVERY, 0),
+        Basis::HostEssential(e) => (basis::HOST_ESSENTIAL, e.id()),
         Basis::Malformed => (basis::MALFORMED, 0),
+        Basis::SourceRouted => (basis::SOURCE_ROUTED, 0),
         Basis::Reply => (basis::REPLY, 0),
         Basis::Reserved(i) => (basis::RESERVED, i as u32),
         Basis::Rule(id) => (basis::RULE, id),
@@ -72,6 +104,54 @@ pub fn reference_view(v: &Verdict) -> (u32, u32, u32, u32, u32) {
     )
 }
 
+fn ip_bytes(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            b
+        }
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// The flow an inbound packet (peer -> gateway) opens or belongs to, keyed from the gateway's side, and
+/// which kind of packet it is.
+fn inbound_flow_key(d: &Described) -> Option<(FlowKey, Inbound)> {
+    let Packet::Ip(ip) = d.packet else {
+        return None;
+    };
+    if ip.fragment == Fragment::NonFirst {
+        return None;
+    }
+    let (proto, local_port, remote_port, kind) = match (ip.l4, d.src_port, d.echo_id) {
+        (L4::Tcp { dport }, Some(sport), _) => (6, dport, sport, Inbound::Tcp(ip.tcp_flags)),
+        (L4::Udp { dport }, Some(sport), _) => (17, dport, sport, Inbound::Udp),
+        (L4::Icmp { kind: 8, .. }, _, Some(id)) => (1, id, id, Inbound::Echo),
+        (L4::Icmpv6 { kind: 128, .. }, _, Some(id)) => (58, id, id, Inbound::Echo),
+        _ => return None,
+    };
+    Some((
+        FlowKey {
+            family: if ip.dst.is_ipv4() { 4 } else { 6 },
+            proto,
+            local_port: local_port.to_be_bytes(),
+            remote_port: remote_port.to_be_bytes(),
+            _pad: [0; 2],
+            local: ip_bytes(ip.dst),
+            remote: ip_bytes(ip.src),
+        },
+        kind,
+    ))
+}
+
+#[derive(Clone, Copy)]
+enum Inbound {
+    Tcp(u8),
+    Udp,
+    Echo,
+}
+
 fn outbound_flow_key(d: &Described) -> Option<FlowKey> {
     let Packet::Ip(ip) = d.packet else {
         return None;
@@ -83,14 +163,7 @@ fn outbound_flow_key(d: &Described) -> Option<FlowKey> {
         (L4::Icmpv6 { kind: 129, .. }, _, Some(id)) => (58, id, id),
         _ => return None,
     };
-    let bytes = |a: std::net::IpAddr| match a {
-        std::net::IpAddr::V4(a) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&a.octets());
-            b
-        }
-        std::net::IpAddr::V6(a) => a.octets(),
-    };
+    let bytes = ip_bytes;
     Some(FlowKey {
         family: if ip.dst.is_ipv4() { 4 } else { 6 },
         proto,
@@ -123,9 +196,38 @@ impl Harness {
         Self {
             dp,
             compiled: None,
-            flows: HashSet::new(),
+            flows: FlowModel::default(),
             first_fragments: HashSet::new(),
+            local: LocalHost::default(),
         }
+    }
+
+    /// Moves this thread into a network namespace of its own (BPF_PROG_TEST_RUN's socket lookups then
+    /// see only the sockets opened here), and makes `addrs` the gateway's addresses with a TCP listener
+    /// on `tcp_port` and a UDP socket on `udp_port` (wildcard, both families). The namespace has no
+    /// interfaces up and sends nothing: the sockets only answer the kernel's lookups.
+    pub fn isolate_with_sockets(&mut self, addrs: &[IpAddr], tcp_port: u16, udp_port: u16) {
+        // SAFETY: unshare affects only this thread's network namespace.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        // Dual-stack sockets (IPV6_V6ONLY off, Linux's default): the kernel's IPv4 lookups find them too.
+        self.local._sockets.push(Box::new(
+            std::net::TcpListener::bind(("::", tcp_port)).expect("tcp listener"),
+        ));
+        self.local._sockets.push(Box::new(
+            std::net::UdpSocket::bind(("::", udp_port)).expect("udp socket"),
+        ));
+        self.local.addrs = addrs.iter().copied().collect();
+        self.local.tcp_ports = HashSet::from([tcp_port]);
+        self.local.udp_ports = HashSet::from([udp_port]);
+        self.dp
+            .set_local_addresses(addrs)
+            .expect("set local addresses");
     }
 
     /// Applies `policy` and forgets all flow state (kernel and reference).
@@ -133,31 +235,145 @@ impl Harness {
         let c = Compiled::new(policy);
         let report = self.dp.apply(&c).unwrap_or_else(|e| panic!("apply: {e}"));
         self.dp.clear_flow_state().expect("clear flow state");
-        self.flows.clear();
+        self.flows = FlowModel::default();
         self.first_fragments.clear();
         self.compiled = Some(c);
         report
     }
 
-    /// Records a flow a peer initiated, whose outbound replies look like `reply` (kernel and reference).
-    pub fn add_reply_flow(&mut self, reply: &Frame) -> bool {
-        let Some(key) = outbound_flow_key(&reply.describe()) else {
+    /// Records a flow a peer initiated, whose outbound replies look like `reply` (kernel and model):
+    /// established TCP (or half-open with `half_open`), UDP or ICMP echo; `live` false: idle for longer
+    /// than any timeout (expired).
+    pub fn add_reply_flow(
+        &mut self,
+        reply: &Frame,
+        half_open: bool,
+        live: bool,
+        closing: bool,
+    ) -> bool {
+        let d = reply.describe();
+        let Some(key) = outbound_flow_key(&d) else {
             return false;
         };
-        self.dp.insert_flow(&key).expect("insert flow");
-        self.flows.insert(key);
+        let c = self.compiled.as_ref().expect("a policy is applied");
+        let t = c.flow_timeouts;
+        let idle = u64::from(t.tcp.max(t.tcp_closing).max(t.udp)) + 10;
+        let now = kernel_now_ns();
+        let idle_ns = idle * 1_000_000_000;
+        assert!(
+            now > idle_ns,
+            "the kernel clock ({now} ns since boot) is younger than a flow timeout ({idle} s): an expired flow cannot be written; use shorter flow_timeouts in the test policy"
+        );
+        let last_seen_ns = if live { now } else { now - idle_ns };
+        let (map, model) = match key.proto {
+            6 if half_open => (FlowMap::HalfOpen, &mut self.flows.half_open),
+            6 => (FlowMap::Established, &mut self.flows.established),
+            _ => (FlowMap::Datagram, &mut self.flows.dgram),
+        };
+        let closing = closing && map == FlowMap::Established;
+        self.dp
+            .insert_flow(
+                map,
+                &key,
+                FlowValue {
+                    last_seen_ns,
+                    closing: u32::from(closing),
+                    _pad: 0,
+                },
+            )
+            .expect("insert flow");
+        model.insert(key, FlowState { live, closing });
         true
+    }
+
+    /// Runs an inbound frame (peer -> gateway) through the ENI's XDP ingress and updates the model of
+    /// the flow state the way DESIGN.md rule 3 says the kernel must: flows only toward the gateway's
+    /// addresses and sockets, TCP half-open until acknowledged, expired entries never revived.
+    pub fn inbound(&mut self, frame: &Frame) {
+        let rv = run_prog(self.dp.xdp_ingress().expect("xdp ingress"), &frame.bytes);
+        assert_eq!(
+            rv, XDP_PASS,
+            "{}: the ENI's XDP ingress must never drop",
+            frame.name
+        );
+        let d = frame.describe();
+        let Some((key, kind)) = inbound_flow_key(&d) else {
+            return;
+        };
+        let Packet::Ip(ip) = d.packet else {
+            return;
+        };
+        let local = self.local.addrs.contains(&ip.dst);
+        let port = u16::from_be_bytes(key.local_port);
+        let f = &mut self.flows;
+        let live = FlowState {
+            live: true,
+            closing: false,
+        };
+        match kind {
+            Inbound::Tcp(flags) => {
+                let syn = flags & 0x12 == 0x02;
+                let closing = flags & 0x05 != 0;
+                if let Some(e) = f.established.get_mut(&key) {
+                    if e.live && !(syn && e.closing) {
+                        e.closing |= closing;
+                        return;
+                    }
+                    f.established.remove(&key);
+                }
+                if syn {
+                    if local && self.local.tcp_ports.contains(&port) {
+                        f.half_open.insert(key, live);
+                    }
+                    return;
+                }
+                if let Some(h) = f.half_open.remove(&key)
+                    && h.live
+                    && flags & 0x10 != 0
+                    && flags & 0x04 == 0
+                {
+                    f.established.insert(
+                        key,
+                        FlowState {
+                            live: true,
+                            closing: flags & 0x01 != 0,
+                        },
+                    );
+                }
+            }
+            Inbound::Udp | Inbound::Echo => {
+                if let Some(e) = f.dgram.get(&key) {
+                    if e.live {
+                        return;
+                    }
+                    f.dgram.remove(&key);
+                }
+                let socket = matches!(kind, Inbound::Echo) || self.local.udp_ports.contains(&port);
+                if local && socket {
+                    f.dgram.insert(key, live);
+                }
+            }
+        }
     }
 
     /// The reference verdict for `frame` under the current state.
     pub fn reference(&self, frame: &Frame) -> Verdict {
         let d = frame.describe();
         let c = self.compiled.as_ref().expect("a policy is applied");
-        let reply = outbound_flow_key(&d).is_some_and(|k| self.flows.contains(&k));
+        let (reply, half_open) = match outbound_flow_key(&d) {
+            Some(k) => {
+                let live = |m: &HashMap<FlowKey, FlowState>| m.get(&k).is_some_and(|s| s.live);
+                (
+                    live(&self.flows.established) || live(&self.flows.dgram),
+                    live(&self.flows.half_open),
+                )
+            }
+            None => (false, false),
+        };
         let first_fragment_passed = match (d.packet, d.frag_id) {
             (Packet::Ip(ip), Some(id)) if ip.fragment == Fragment::NonFirst => self
                 .first_fragments
-                .contains(&(ip.dst.is_ipv4(), d.proto, id, ip.src, ip.dst)),
+                .contains(&datagram_id(&d, ip.src, ip.dst, id)),
             _ => false,
         };
         verdict(
@@ -165,6 +381,7 @@ impl Harness {
             &d.packet,
             FlowFacts {
                 reply,
+                half_open,
                 first_fragment_passed,
             },
         )
@@ -179,14 +396,18 @@ impl Harness {
             Enforcer::XdpForward => run_prog(self.dp.xdp_forward().expect("xdp"), &frame.bytes),
         };
         let got = self.dp.last_verdict().expect("read LAST_VERDICT");
-        // The kernel remembers first fragments that passed; so does the reference side.
+        // The kernel remembers first fragments that passed and forgets those that dropped; so does the
+        // reference side.
         let d = frame.describe();
         if let (Packet::Ip(ip), Some(id)) = (d.packet, d.frag_id)
             && ip.fragment == Fragment::First
-            && want.action == Action::Pass
         {
-            self.first_fragments
-                .insert((ip.dst.is_ipv4(), d.proto, id, ip.src, ip.dst));
+            let dgram = datagram_id(&d, ip.src, ip.dst, id);
+            if want.action == Action::Pass {
+                self.first_fragments.insert(dgram);
+            } else {
+                self.first_fragments.remove(&dgram);
+            }
         }
         let want_rv = match (enforcer, want.action) {
             (Enforcer::TcEgress, Action::Pass) => TC_PASS,
@@ -206,6 +427,12 @@ impl Harness {
             )
         })
     }
+}
+
+/// A datagram's identity as the kernel's reassembly has it (IPv6: no protocol).
+fn datagram_id(d: &Described, src: IpAddr, dst: IpAddr, id: u32) -> DatagramId {
+    let v4 = dst.is_ipv4();
+    (v4, if v4 { d.proto } else { 0 }, id, src, dst)
 }
 
 impl Default for Harness {

@@ -76,6 +76,50 @@ pub enum Layer {
         proto: u8,
         len: usize,
     },
+    /// After an ICMP error: the packet it quotes (an IP header of the outer family, UDP from `src` to
+    /// `dst`, and the UDP header).
+    Quote {
+        src: IpAddr,
+        dst: IpAddr,
+    },
+}
+
+/// ICMP (IPv4) and ICMPv6 error types: they quote the packet they answer (DESIGN.md "ICMP").
+pub fn is_icmp_error(kind: u8, v6: bool) -> bool {
+    if v6 {
+        (1..=4).contains(&kind)
+    } else {
+        matches!(kind, 3 | 11 | 12)
+    }
+}
+
+/// Steps of the kernel's IPv4 options walk (`ebpf/src/parse.rs`): an option or two NOPs per step.
+pub const IPV4_OPTION_STEPS: usize = 12;
+
+/// What the kernel's walk makes of IPv4 options (the bytes after the fixed header): whether one is a
+/// source route (LSRR 0x83, SSRR 0x89), or None when it cannot verify them (inconsistent length, more
+/// steps than it walks).
+pub fn ipv4_options(opts: &[u8]) -> Option<bool> {
+    let mut o = 0;
+    for _ in 0..IPV4_OPTION_STEPS {
+        let Some(&kind) = opts.get(o) else {
+            return Some(false);
+        };
+        match kind {
+            0 => return Some(false),
+            1 if opts.get(o + 1) == Some(&1) => o += 2,
+            1 => o += 1,
+            0x83 | 0x89 => return Some(true),
+            _ => {
+                let len = *opts.get(o + 1)? as usize;
+                if len < 2 || o + len > opts.len() {
+                    return None;
+                }
+                o += len;
+            }
+        }
+    }
+    (o >= opts.len()).then_some(false)
 }
 
 /// A serialised frame and what the parser must make of it.
@@ -92,6 +136,12 @@ pub struct Frame {
     pub malformed: bool,
     /// What the frame was built from.
     pub layers: Vec<Layer>,
+    /// IPv4 TTL or IPv6 hop limit written.
+    pub hop_limit: u8,
+    /// An IPv4 source-route option or an IPv6 routing header with segments left.
+    pub source_routed: bool,
+    /// Malformed for a reason other than its IPv4 options (which edits may change).
+    malformed_besides_options: bool,
 }
 
 fn ethertype_of(layer: Option<&Layer>) -> u16 {
@@ -122,6 +172,7 @@ fn proto_of(layer: Option<&Layer>, v6: bool) -> u8 {
             }
         }
         Some(Layer::Proto { proto, .. }) => *proto,
+        Some(Layer::Quote { .. }) => 59,
         _ => 59, // IPv6 "no next header"
     }
 }
@@ -138,6 +189,10 @@ pub fn build(name: &str, layers: &[Layer], payload: usize) -> Frame {
     let mut l3_len_fixup: Option<(usize, usize)> = None;
     let mut parsing = true; // the parser still reads headers (false after a non-first fragment)
     let mut vlan = false;
+    let mut malformed = false;
+    let mut hop_limit = 64;
+    let mut ip_start = 0;
+    let mut chain = 0;
     for (i, layer) in layers.iter().enumerate() {
         let next = layers.get(i + 1);
         offsets.push(b.len());
@@ -167,6 +222,7 @@ pub fn build(name: &str, layers: &[Layer], payload: usize) -> Frame {
                 b.extend([0x40 | ihl, 0, 0, 0]);
                 b.extend(id.to_be_bytes());
                 b.extend(frag.to_be_bytes());
+                ip_start = start;
                 b.extend([64, proto_of(next, false), 0, 0]);
                 b.extend(src);
                 b.extend(dst);
@@ -187,7 +243,16 @@ pub fn build(name: &str, layers: &[Layer], payload: usize) -> Frame {
                 v6 = true;
                 stats.push(Stat::Ipv6);
                 let start = b.len();
-                b.extend([0x60, 0, 0, 0, 0, 0, proto_of(next, true), 64]);
+                ip_start = start;
+                // Hop limits as senders use them: 255 for neighbour discovery, 1 for MLD reports.
+                hop_limit = match layers.last() {
+                    Some(Layer::Icmp {
+                        kind: 133..=137, ..
+                    }) => 255,
+                    Some(Layer::Icmp { kind: 143, .. }) => 1,
+                    _ => 64,
+                };
+                b.extend([0x60, 0, 0, 0, 0, 0, proto_of(next, true), hop_limit]);
                 b.extend(src);
                 b.extend(dst);
                 l3_len_fixup = Some((start + 4, start + 40));
@@ -195,6 +260,13 @@ pub fn build(name: &str, layers: &[Layer], payload: usize) -> Frame {
             }
             Layer::Ext(ext) => {
                 let nh = proto_of(next, true);
+                // The parser walks at most IPV6_EXT_MAX_CHAIN (6) extension headers.
+                if parsing {
+                    chain += 1;
+                    if chain > 6 {
+                        malformed = true;
+                    }
+                }
                 match ext {
                     Ext::HopByHop { len8 }
                     | Ext::Routing { len8 }
@@ -255,7 +327,28 @@ pub fn build(name: &str, layers: &[Layer], payload: usize) -> Frame {
                 if parsing {
                     stats.push(if v6 { Stat::Icmpv6 } else { Stat::Icmp });
                     required = b.len();
+                    // An error must quote an IP header: without one the parser cannot verify it.
+                    if is_icmp_error(kind, v6) && !matches!(next, Some(Layer::Quote { .. })) {
+                        malformed = true;
+                    }
                 }
+            }
+            Layer::Quote { src, dst } => {
+                let octets = |a: IpAddr| match a {
+                    IpAddr::V4(a) => a.octets().to_vec(),
+                    IpAddr::V6(a) => a.octets().to_vec(),
+                };
+                if v6 {
+                    b.extend([0x60, 0, 0, 0, 0, 8, 17, 64]);
+                } else {
+                    b.extend([0x45, 0, 0, 28, 0, 1, 0, 0, 64, 17, 0, 0]);
+                }
+                b.extend(octets(src));
+                b.extend(octets(dst));
+                if parsing {
+                    required = b.len();
+                }
+                b.extend([0x9c, 0x40, 0x00, 0x35, 0, 8, 0, 0]);
             }
             Layer::Proto { len, .. } => {
                 b.extend(vec![0xabu8; len]);
@@ -288,21 +381,110 @@ pub fn build(name: &str, layers: &[Layer], payload: usize) -> Frame {
         let len = (b.len() - start) as u16;
         b[start + 4..start + 6].copy_from_slice(&len.to_be_bytes());
     }
-    Frame {
+    let mut frame = Frame {
         name: name.to_owned(),
         bytes: b,
         offsets,
         required,
         stats,
-        malformed: false,
+        malformed,
         layers: layers.to_vec(),
+        hop_limit,
+        source_routed: false,
+        malformed_besides_options: malformed,
+    };
+    if let Some(i) = layers.iter().position(|l| matches!(l, Layer::Ipv4 { .. })) {
+        debug_assert_eq!(frame.offsets[i], ip_start);
+        frame.recheck_ipv4_options();
     }
+    frame.finish();
+    frame
 }
 
 impl Frame {
+    /// Offset of the IP header, if any.
+    fn ip_offset(&self) -> Option<(usize, bool)> {
+        self.layers.iter().enumerate().find_map(|(i, l)| match l {
+            Layer::Ipv4 { .. } => Some((self.offsets[i], false)),
+            Layer::Ipv6 { .. } => Some((self.offsets[i], true)),
+            _ => None,
+        })
+    }
+
+    /// Applies what the IPv4 options say (source route, or unverifiable: malformed).
+    fn recheck_ipv4_options(&mut self) {
+        let Some((at, false)) = self.ip_offset() else {
+            return;
+        };
+        let ihl = usize::from(self.bytes[at] & 0x0f) * 4;
+        let walk = ipv4_options(&self.bytes[at + 20..at + ihl]);
+        self.source_routed = walk == Some(true);
+        self.malformed = self.malformed_besides_options || walk.is_none();
+    }
+
+    /// Malformed frames count nothing but `Malformed`.
+    fn finish(&mut self) {
+        if self.malformed {
+            self.stats.clear();
+        }
+    }
+
+    /// Writes an option (`kind`, 7 bytes: an LSRR/SSRR/record-route with one address) at the start of
+    /// the IPv4 options (the frame needs at least 2 option words).
+    pub fn with_ipv4_option(mut self, kind: u8) -> Frame {
+        let (at, v6) = self.ip_offset().expect("an IP frame");
+        assert!(!v6, "IPv4 options in an IPv6 frame");
+        assert!(
+            usize::from(self.bytes[at] & 0x0f) >= 7,
+            "needs 2 option words"
+        );
+        self.bytes[at + 20..at + 27].copy_from_slice(&[kind, 7, 4, 10, 9, 9, 9]);
+        self.name = format!("{} with ipv4 option {kind:#x}", self.name);
+        self.recheck_ipv4_options();
+        self.finish();
+        self
+    }
+
+    /// Sets `segments_left` of the first IPv6 routing header (> 0: source-routed).
+    pub fn with_segments_left(mut self, n: u8) -> Frame {
+        let i = self
+            .layers
+            .iter()
+            .position(|l| matches!(l, Layer::Ext(Ext::Routing { .. })))
+            .expect("a routing header");
+        let at = self.offsets[i];
+        self.bytes[at + 3] = n;
+        // A routing header after a non-first fragment's fragment header is payload.
+        let after_nonfirst = self.layers[..i]
+            .iter()
+            .any(|l| matches!(l, Layer::Ext(Ext::Fragment { offset, .. }) if *offset != 0));
+        self.source_routed = n != 0 && !after_nonfirst;
+        self.name = format!("{} with {n} segments left", self.name);
+        self
+    }
+
+    /// Sets the IPv4 TTL or IPv6 hop limit.
+    pub fn with_hop_limit(mut self, h: u8) -> Frame {
+        let (at, v6) = self.ip_offset().expect("an IP frame");
+        self.bytes[at + if v6 { 7 } else { 8 }] = h;
+        self.hop_limit = h;
+        self.name = format!("{} with hop limit {h}", self.name);
+        self
+    }
+
+    /// Zeroes the IPv4 total length / IPv6 payload length (what the kernel writes for BIG TCP GSO
+    /// packets): the datagram then extends to the end of the frame.
+    pub fn with_zero_length(mut self) -> Frame {
+        let (at, v6) = self.ip_offset().expect("an IP frame");
+        let field = at + if v6 { 4 } else { 2 };
+        self.bytes[field..field + 2].copy_from_slice(&[0, 0]);
+        self.name = format!("{} with length 0", self.name);
+        self
+    }
+
     /// This frame cut to `len` bytes: malformed when the parser needs more than that.
     pub fn truncated(&self, len: usize) -> Frame {
-        let malformed = len < self.required;
+        let malformed = len < self.required || self.malformed;
         Frame {
             name: format!("{} truncated to {len}", self.name),
             bytes: self.bytes[..len].to_vec(),
@@ -315,6 +497,9 @@ impl Frame {
                 self.stats.clone()
             },
             malformed,
+            hop_limit: self.hop_limit,
+            source_routed: self.source_routed,
+            malformed_besides_options: self.malformed_besides_options || malformed,
         }
     }
 
@@ -325,6 +510,7 @@ impl Frame {
         f.name = format!("{}: {why}", self.name);
         f.stats = vec![];
         f.malformed = true;
+        f.malformed_besides_options = true;
         f
     }
 
@@ -478,26 +664,31 @@ impl Frame {
                     Some(i) => proto_of(self.layers.get(i + 1), v6),
                     None => 59,
                 };
+            let mut ip = IpPacket::new(src, dst, L4::Other { proto }, fragment);
+            ip.hop_limit = self.hop_limit;
+            ip.source_routed = self.source_routed;
             return Described {
-                packet: Packet::Ip(IpPacket {
-                    src,
-                    dst,
-                    l4: L4::Other { proto },
-                    fragment,
-                }),
+                packet: Packet::Ip(ip),
                 src_port: None,
                 echo_id: None,
                 proto,
                 frag_id,
             };
         }
+        let mut tcp_flags = 0;
         let l4 = match l4 {
             None => {
                 proto = 59;
                 L4::Other { proto: 59 }
             }
-            Some(Layer::Tcp { sport, dport, .. }) => {
+            Some(Layer::Tcp {
+                sport,
+                dport,
+                flags,
+                ..
+            }) => {
                 src_port = Some(sport);
+                tcp_flags = flags;
                 L4::Tcp { dport }
             }
             Some(Layer::Udp { sport, dport }) => {
@@ -516,13 +707,17 @@ impl Frame {
             Some(Layer::Proto { proto, .. }) => L4::Other { proto },
             Some(other) => unreachable!("{other:?} after an IP header"),
         };
+        let mut ip = IpPacket::new(src, dst, l4, fragment);
+        ip.hop_limit = self.hop_limit;
+        ip.source_routed = self.source_routed;
+        ip.sport = src_port.unwrap_or(0);
+        ip.tcp_flags = tcp_flags;
+        ip.quoted = rest.next().and_then(|l| match *l {
+            Layer::Quote { src, dst } => Some((src, dst)),
+            _ => None,
+        });
         Described {
-            packet: Packet::Ip(IpPacket {
-                src,
-                dst,
-                l4,
-                fragment,
-            }),
+            packet: Packet::Ip(ip),
             src_port,
             echo_id,
             proto,
