@@ -8,7 +8,7 @@ use vpcgate::{datapath::ParseStats, policy::check_text};
 use vpcgate_common::parse_stats::{ALL_HOOKS, ALL_STATS, Hook, Stat};
 use vpcgate_lab::{
     harness::{Enforcer, Harness, XDP_PASS},
-    packet::{Ext, Frame, Layer, V4_DST, V4_SRC, build, ipv4, ipv6, tcp, udp},
+    packet::{Ext, Frame, Layer, V4_DST, V4_SRC, V6_DST, V6_SRC, build, ipv4, ipv6, tcp, udp},
 };
 
 /// BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.
@@ -184,9 +184,42 @@ fn well_formed() -> Vec<Frame> {
         ),
         build(
             "ipv4 icmp unreachable",
+            &[
+                ipv4(),
+                Layer::Icmp { kind: 3, code: 13 },
+                Layer::Quote {
+                    src: V4_DST.into(),
+                    dst: V4_SRC.into(),
+                },
+            ],
+            0,
+        ),
+        // An error must quote an IP header: without one (or cut inside it) it cannot be verified.
+        build(
+            "ipv4 icmp unreachable quoting nothing",
             &[ipv4(), Layer::Icmp { kind: 3, code: 13 }],
             28,
         ),
+        build(
+            "ipv6 icmpv6 packet too big",
+            &[
+                ipv6(),
+                Layer::Icmp { kind: 2, code: 0 },
+                Layer::Quote {
+                    src: V6_DST.into(),
+                    dst: V6_SRC.into(),
+                },
+            ],
+            0,
+        ),
+        build("ipv4 loose source route", &[v4_opts(2), udp(53)], 0).with_ipv4_option(0x83),
+        build("ipv4 record route", &[v4_opts(2), udp(53)], 0).with_ipv4_option(0x07),
+        build(
+            "ipv6 routing header with segments left",
+            &[ipv6(), Layer::Ext(Ext::Routing { len8: 2 }), tcp(443)],
+            0,
+        )
+        .with_segments_left(1),
         build("ipv4 gre", &[ipv4(), Layer::Proto { proto: 47, len: 4 }], 0),
         build(
             "ipv4 sctp",
