@@ -219,8 +219,9 @@ fn refresh(v: *mut FlowValue, now: u64, closing: bool) {
     }
 }
 
-/// The ENI's ingress: records and refreshes flows peers initiate toward a gateway socket.
-#[inline(always)]
+/// The ENI's ingress: records and refreshes flows peers initiate toward a gateway socket. A separate
+/// BPF function (verified once per caller state, not inlined into every parser path).
+#[inline(never)]
 pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
     if pkt.fragment == Fragment::NonFirst || pkt.l3 == L3::NonIp {
         return;
@@ -242,13 +243,19 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
             let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             let closing = flags & (TCP_FIN | TCP_RST) != 0;
             if let Some(v) = FLOWS.get_ptr_mut(&k) {
-                // SAFETY: a live map value.
-                let reused = syn && unsafe { (*v).closing } != 0;
-                if !reused {
+                // SAFETY: a map value, read at once.
+                let (was_closing, last) = unsafe { ((*v).closing != 0, (*v).last_seen_ns) };
+                let timeout = if was_closing {
+                    cfg.tcp_closing_timeout_s
+                } else {
+                    cfg.tcp_timeout_s
+                };
+                // An expired flow is never revived by a peer's packet; a SYN on the 4-tuple of a closed
+                // connection starts a new one: both go through the checks below again.
+                if live(t, last, timeout) && !(syn && was_closing) {
                     refresh(v, t, closing);
                     return;
                 }
-                // The peer reuses the 4-tuple of a closed connection: a new connection starts half-open.
                 let _ = FLOWS.remove(&k);
             }
             if syn {
@@ -287,8 +294,7 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
         }
         L4::Udp { sport, dport } => {
             let k = key(pkt, IPPROTO_UDP, dport, sport, false);
-            if let Some(v) = DGRAM_FLOWS.get_ptr_mut(&k) {
-                refresh(v, t, false);
+            if refresh_dgram(&k, t, cfg) {
                 return;
             }
             if to_local(pkt) && socket_exists(ctx.as_ptr(), v6, false, &mut tuple(pkt, sport, dport)) {
@@ -300,21 +306,35 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
             kind: ICMP_ECHO_REQUEST,
             id,
             ..
-        } => echo_request(pkt, &key(pkt, IPPROTO_ICMP, id, id, false), t),
+        } => echo_request(pkt, &key(pkt, IPPROTO_ICMP, id, id, false), t, cfg),
         L4::Icmpv6 {
             kind: ICMPV6_ECHO_REQUEST,
             id,
             ..
-        } => echo_request(pkt, &key(pkt, IPPROTO_ICMPV6, id, id, false), t),
+        } => echo_request(pkt, &key(pkt, IPPROTO_ICMPV6, id, id, false), t, cfg),
         _ => {}
     }
 }
 
+/// Refreshes a live datagram flow; an expired one is removed (never revived by the peer). Whether the
+/// flow was live.
 #[inline(always)]
-fn echo_request(pkt: &Packet, k: &FlowKey, t: u64) {
-    if let Some(v) = DGRAM_FLOWS.get_ptr_mut(k) {
+fn refresh_dgram(k: &FlowKey, t: u64, cfg: &GenConfig) -> bool {
+    let Some(v) = DGRAM_FLOWS.get_ptr_mut(k) else {
+        return false;
+    };
+    // SAFETY: a map value, read at once.
+    if live(t, unsafe { (*v).last_seen_ns }, cfg.udp_timeout_s) {
         refresh(v, t, false);
-    } else if to_local(pkt) {
+        return true;
+    }
+    let _ = DGRAM_FLOWS.remove(k);
+    false
+}
+
+#[inline(always)]
+fn echo_request(pkt: &Packet, k: &FlowKey, t: u64, cfg: &GenConfig) {
+    if !refresh_dgram(k, t, cfg) && to_local(pkt) {
         insert_dgram(k, t);
     }
 }
