@@ -62,7 +62,8 @@ pub(crate) fn apply_to(
         }
         Err(stopped) => match plan.flip {
             None => Err(restore_in_place(maps, recorded, &plan, c, stopped)),
-            Some(flip) if stopped.at < flip => {
+            // `at == flip`: the flip itself failed (ACTIVE unchanged).
+            Some(flip) if stopped.at <= flip => {
                 Err(discard_generation(maps, recorded, &plan, stopped))
             }
             Some(_) => {

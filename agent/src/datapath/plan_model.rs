@@ -739,7 +739,7 @@ fn check_failure_at(
     let result = apply_to(&mut s, &mut r, c, Some(at));
     check_trace(sim, &s.trace[t0..], old, c, &ctx);
     check_record(&s, &r, &ctx);
-    let before_flip = p.flip.is_none_or(|f| at < f);
+    let before_flip = p.flip.is_none_or(|f| at <= f);
     if before_flip {
         match result {
             Err(DatapathError::ApplyFailed { at: got, .. }) => assert_eq!(got, at, "{ctx}"),
@@ -764,6 +764,7 @@ fn check_failure_at(
         let report = result.unwrap_or_else(|e| panic!("{ctx}: {e}"));
         assert!(report.stale_entries > 0, "{ctx}: {report:?}");
         assert!(report.stale_reason.is_some(), "{ctx}: {report:?}");
+        assert_eq!(s.active, u32::from(p.generation), "{ctx}: not flipped");
         let diff = s.slot(p.generation).differences(&desired(c), 8);
         assert!(diff.is_empty(), "{ctx}: {diff:?}");
     }
