@@ -106,10 +106,25 @@ fn proto(r: &mut Rng) -> Proto {
     if r.chance(50) { Proto::Tcp } else { Proto::Udp }
 }
 
-fn reserved(r: &mut Rng) -> Reserved {
-    let n = random_net(r);
+/// A reserved block; often nested in one of `existing` (so that the order of adds and removes matters).
+fn reserved(r: &mut Rng, existing: &[Reserved]) -> Reserved {
+    let n = match existing.get(r.below(2 * existing.len() as u64 + 1) as usize) {
+        Some(e) => {
+            let host =
+                u128::from(r.below(1 << (e.cidr.max_prefix_len() - e.cidr.prefix_len()).min(10)));
+            match e.cidr {
+                IpNet::V4(n) => IpNet::from(IpAddr::V4(Ipv4Addr::from(
+                    u32::from(n.network()) | host as u32,
+                ))),
+                IpNet::V6(n) => {
+                    IpNet::from(IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) | host)))
+                }
+            }
+        }
+        None => random_net(r),
+    };
     // Narrow blocks, so they carve holes instead of covering everything.
-    let len = n.max_prefix_len() - r.below(6) as u8;
+    let len = n.max_prefix_len() - r.below(9) as u8;
     Reserved {
         cidr: IpNet::new(n.addr(), len).unwrap().trunc(),
         source: ReservedSource::Explicit,
@@ -164,7 +179,10 @@ fn random_policy(r: &mut Rng) -> Policy {
             vswitch_pos: pos,
             egress_pos: pos,
             zone: None,
-            reserved: (0..r.below(3)).map(|_| reserved(r)).collect(),
+            reserved: (0..r.below(4)).fold(vec![], |mut v, _| {
+                v.push(reserved(r, &v));
+                v
+            }),
             mode: if r.chance(20) {
                 Mode::Audit
             } else {
@@ -216,8 +234,16 @@ fn mutate(prev: &Policy, r: &mut Rng) -> Policy {
             n.port = 1 + r.below(300) as u16;
         }
     }
-    match r.below(6) {
-        0 => p.instance.reserved.push(reserved(r)),
+    match r.below(8) {
+        0 => {
+            let b = reserved(r, &p.instance.reserved);
+            p.instance.reserved.push(b);
+        }
+        4 => p.instance.reserved.clear(),
+        5 => {
+            let b = reserved(r, &p.instance.reserved);
+            p.instance.reserved.insert(0, b);
+        }
         1 => {
             p.instance.reserved.pop();
         }
