@@ -894,3 +894,89 @@ fn every_state_of_every_plan_decides_like_the_old_or_the_new_policy_and_ends_exa
         );
     }
 }
+
+/// Applies each policy of `sequence` in turn with every check of the random run, and a failure injected
+/// at every operation of every plan.
+fn check_sequence(sequence: &[Policy], ctx: &str) {
+    let (mut sim, mut rec) = (Sim::default(), Recorded::fresh());
+    let mut active: Option<Compiled> = None;
+    for (i, p) in sequence.iter().enumerate() {
+        let ctx = format!("{ctx}, apply {i}");
+        let c = Compiled::new(p);
+        let mut preview = rec.clone();
+        preview.active = Maps::active(&sim).unwrap();
+        let plan = plan(&preview, &c).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        check_structure(&plan, &ctx);
+        for at in 0..plan.ops.len() {
+            check_failure_at(at, &plan, &sim, &preview, active.as_ref(), &c, &ctx);
+        }
+        let (start, t0) = (sim.clone(), sim.trace.len());
+        apply_to(&mut sim, &mut rec, &c, None).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        check_trace(&start, &sim.trace[t0..], active.as_ref(), &c, &ctx);
+        check_final(&sim, &rec, &c, &ctx);
+        active = Some(c);
+    }
+}
+
+fn with_reserved(p: &Policy, blocks: &[&str]) -> Policy {
+    let mut p = p.clone();
+    p.instance.reserved = blocks
+        .iter()
+        .map(|b| Reserved {
+            cidr: b.parse().unwrap(),
+            source: ReservedSource::Explicit,
+            pos: Pos::default(),
+        })
+        .collect();
+    p
+}
+
+/// Reserved blocks listed first shift every other block's index: a longer new block must be in place
+/// before the shorter block around it is re-attributed, and removed after it.
+#[test]
+fn nested_reserved_blocks_are_added_longest_first_and_removed_shortest_first() {
+    let mut base = random_policy(&mut Rng(7));
+    base.instance.vswitch_cidr = Some("10.0.0.0/22".parse().unwrap());
+    let outer = with_reserved(&base, &["10.0.1.0/24"]);
+    let both = with_reserved(&base, &["10.0.1.16/28", "10.0.1.0/24"]);
+    let none = with_reserved(&base, &[]);
+    check_sequence(&[outer, both.clone(), none, both], "nested reserved blocks");
+}
+
+/// Nested address prefixes: new ones are written longest first, removed ones deleted shortest first; a
+/// table shared by TCP and UDP survives when only one protocol stops using it.
+#[test]
+fn nested_prefixes_and_tables_shared_by_both_protocols() {
+    let mut r = Rng(11);
+    let mut base = random_policy(&mut r);
+    base.instance.vswitch_cidr = None;
+    base.instance.reserved.clear();
+    base.upstreams[0].nodes.clear();
+    let net = |s: &str| s.parse::<IpNet>().unwrap();
+    let auth = |name: &str, address: &str, proto: Proto| Authorization {
+        address: net(address),
+        ports: PortSet::from_ranges(vec![(80, 90)]),
+        protocol: proto,
+        ..authorization(&mut Rng(3), name.into())
+    };
+    let block = |cidr: &str, protocols: Vec<Proto>| Accessible {
+        cidr: net(cidr),
+        ports: PortSet::from_ranges(vec![(80, 90)]),
+        protocols,
+        pos: Pos::default(),
+    };
+    let mut a = base.clone();
+    a.authorizations = vec![
+        auth("x", "10.0.1.0/24", Proto::Tcp),
+        auth("y", "10.0.1.16/28", Proto::Udp),
+    ];
+    a.accessible = vec![block("10.0.0.0/22", vec![Proto::Tcp, Proto::Udp])];
+    let mut b = a.clone();
+    b.authorizations = vec![
+        auth("x", "10.0.1.64/26", Proto::Udp),
+        auth("y", "10.0.1.64/28", Proto::Tcp),
+    ];
+    let mut c = b.clone();
+    c.accessible = vec![block("10.0.0.0/22", vec![Proto::Udp])];
+    check_sequence(&[a.clone(), b, c, a], "nested prefixes");
+}
