@@ -65,49 +65,38 @@ trait AddrKey: aya::Pod {
     fn net(key: &Key<Self>) -> IpNet;
 }
 
-impl AddrKey for AddrV4 {
-    fn key(generation: u8, net: &IpNet) -> Key<Self> {
-        let IpAddr::V4(a) = net.network() else {
-            unreachable!("IPv4 prefix in an IPv4 map")
-        };
-        let data = AddrV4 {
-            generation,
-            addr: a.octets(),
-            _pad: [0; 3],
-        };
-        Key::new(GEN_BITS + u32::from(net.prefix_len()), data)
-    }
-    fn generation(&self) -> u8 {
-        self.generation
-    }
-    fn net(key: &Key<Self>) -> IpNet {
-        let len = (key.prefix_len() - GEN_BITS) as u8;
-        IpNet::new(Ipv4Addr::from(key.data().addr).into(), len)
-            .expect("prefix length of an IPv4 key")
-    }
+/// `AddrKey` for one family's key data (`AddrV4` + `Ipv4Addr`, `AddrV6` + `Ipv6Addr`).
+macro_rules! addr_key {
+    ($data:ident, $variant:ident, $addr:ident) => {
+        impl AddrKey for $data {
+            fn key(generation: u8, net: &IpNet) -> Key<Self> {
+                let IpAddr::$variant(a) = net.network() else {
+                    unreachable!(
+                        "{} prefix in an {} map",
+                        stringify!($variant),
+                        stringify!($data)
+                    )
+                };
+                let data = $data {
+                    generation,
+                    addr: a.octets(),
+                    _pad: [0; 3],
+                };
+                Key::new(GEN_BITS + u32::from(net.prefix_len()), data)
+            }
+            fn generation(&self) -> u8 {
+                self.generation
+            }
+            fn net(key: &Key<Self>) -> IpNet {
+                let len = (key.prefix_len() - GEN_BITS) as u8;
+                IpNet::new($addr::from(key.data().addr).into(), len)
+                    .expect("the kernel returns the prefix lengths it was given")
+            }
+        }
+    };
 }
-
-impl AddrKey for AddrV6 {
-    fn key(generation: u8, net: &IpNet) -> Key<Self> {
-        let IpAddr::V6(a) = net.network() else {
-            unreachable!("IPv6 prefix in an IPv6 map")
-        };
-        let data = AddrV6 {
-            generation,
-            addr: a.octets(),
-            _pad: [0; 3],
-        };
-        Key::new(GEN_BITS + u32::from(net.prefix_len()), data)
-    }
-    fn generation(&self) -> u8 {
-        self.generation
-    }
-    fn net(key: &Key<Self>) -> IpNet {
-        let len = (key.prefix_len() - GEN_BITS) as u8;
-        IpNet::new(Ipv6Addr::from(key.data().addr).into(), len)
-            .expect("prefix length of an IPv6 key")
-    }
-}
+addr_key!(AddrV4, V4, Ipv4Addr);
+addr_key!(AddrV6, V6, Ipv6Addr);
 
 fn port_key(generation: u8, k: &PortKey) -> Key<PortData> {
     let data = PortData {
