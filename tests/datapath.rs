@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 use vpcgate::{
-    datapath::DatapathError,
+    datapath::{DatapathError, state::desired},
     policy::{Policy, check_text, compile::Compiled, model::*, ports::PortSet, source::Pos},
 };
 use vpcgate_common::{
@@ -245,4 +245,161 @@ fn drop_events_carry_the_packet_and_a_flood_is_rate_limited() {
         "flood of {flood} drops: {emitted} events (burst {}), {suppressed} suppressed",
         limits::EVENTS_BURST
     );
+}
+
+const EXACT: &str = r#"
+[instance]
+name = "exact"
+kind = "vpc-integration"
+vpc_id = "vpc-1"
+interface = "eth1"
+vswitch_cidr = "10.0.0.0/24"
+reserved_cidrs = ["10.1.9.0/24"]
+[[accessible]]
+cidr = "10.1.0.0/16"
+ports = ["80", "443"]
+protocols = ["tcp", "udp"]
+[[accessible]]
+cidr = "fd00:1::/64"
+[[authorization]]
+name = "web"
+vpc_id = "vpc-1"
+address = "10.1.3.7"
+ports = ["80"]
+protocol = "tcp"
+[[authorization]]
+name = "dns"
+vpc_id = "vpc-1"
+address = "fd00:1::53"
+ports = ["53"]
+protocol = "udp"
+"#;
+
+/// `EXACT` with `edit` applied to its text.
+fn exact(edit: impl Fn(&str) -> String) -> Compiled {
+    let text = edit(EXACT);
+    let c = check_text("exact.toml", &text);
+    Compiled::new(&c.policy.unwrap_or_else(|| panic!("{:#?}", c.diagnostics)))
+}
+
+/// A sequence of in-place and generation applies: TCP/UDP flips (so tables shared by both protocols
+/// change hands), port edits, reserved blocks added and removed, a rule added and removed at the end, a rename.
+fn exact_sequence() -> Vec<Compiled> {
+    vec![
+        exact(|t| t.to_owned()),
+        exact(|t| t.replace(r#"protocol = "tcp""#, r#"protocol = "udp""#)),
+        exact(|t| t.replace(r#"ports = ["80", "443"]"#, r#"ports = ["80", "8000-8100"]"#)),
+        exact(|t| {
+            t.replace(
+                r#"["10.1.9.0/24"]"#,
+                r#"["10.1.9.0/24", "10.1.9.128/25", "fd00:1::1:0/112"]"#,
+            )
+        }),
+        exact(|t| t.replace(r#"protocols = ["tcp", "udp"]"#, r#"protocols = ["udp"]"#)),
+        exact(|t| t.replace(r#"name = "dns""#, r#"name = "resolver""#)),
+        exact(|t| format!("{t}[[accessible]]\ncidr = \"10.2.0.0/16\"\nports = [\"22\"]\n")),
+        exact(|t| t.to_owned()),
+    ]
+}
+
+fn other(g: u8) -> u8 {
+    if g == GEN_A { GEN_B } else { GEN_A }
+}
+
+/// The active generation holds exactly `desired(c)`, the other nothing.
+fn assert_exact(dp: &mut vpcgate::datapath::Datapath, c: &Compiled, what: &str) {
+    let g = dp.active_generation().unwrap().expect("a policy is active");
+    let diff = dp.read_generation(g).unwrap().differences(&desired(c), 8);
+    assert!(diff.is_empty(), "{what}: generation {g}: {diff:#?}");
+    let rest = dp.read_generation(other(g)).unwrap();
+    assert!(
+        rest.is_empty(),
+        "{what}: the inactive generation holds {rest:?}"
+    );
+}
+
+#[test]
+fn after_any_sequence_of_applies_the_kernel_holds_exactly_what_a_fresh_apply_writes() {
+    vpcgate_lab::require_root();
+    let mut h = Harness::new();
+    let sequence = exact_sequence();
+    let mut incremental = 0;
+    for (i, c) in sequence.iter().enumerate() {
+        let report = h.dp.apply(c).unwrap_or_else(|e| panic!("apply {i}: {e}"));
+        incremental += usize::from(report.incremental);
+        assert_exact(&mut h.dp, c, &format!("after apply {i}"));
+    }
+    assert!(incremental >= 4, "{incremental} in-place applies");
+    let last = sequence.last().unwrap();
+    let mut fresh = Harness::new();
+    fresh.dp.apply(last).unwrap_or_else(|e| panic!("{e}"));
+    let (g, fg) = (
+        h.dp.active_generation().unwrap().unwrap(),
+        fresh.dp.active_generation().unwrap().unwrap(),
+    );
+    assert_eq!(
+        h.dp.read_generation(g).unwrap(),
+        fresh.dp.read_generation(fg).unwrap(),
+        "a fresh apply of the last policy writes other entries"
+    );
+    h.dp.barrier().unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Fails `from` -> `to` at every operation of its plan in turn: before the flip (or anywhere in place)
+/// the previous policy stays, read back entry for entry; after the flip the new one is whole and the old
+/// generation's leftovers are reported, then removed by the next apply.
+fn fail_at_every_operation(h: &mut Harness, from: &Compiled, to: &Compiled) -> (usize, usize) {
+    let (mut kept, mut stale) = (0, 0);
+    for at in 0.. {
+        assert!(at < 10_000, "the plan never completed");
+        h.dp.apply(from).unwrap_or_else(|e| panic!("{e}"));
+        let before = h.dp.active_generation().unwrap();
+        h.dp.fail_next_apply_at(at);
+        match h.dp.apply(to) {
+            Err(e @ DatapathError::ApplyFailed { .. }) => {
+                assert!(e.to_string().contains("injected failure"), "{e}");
+                assert_eq!(h.dp.active_generation().unwrap(), before, "{e}");
+                assert_exact(&mut h.dp, from, &format!("failure at {at}: {e}"));
+                kept += 1;
+            }
+            Err(e) => panic!("failure at {at}: {e}"),
+            Ok(r) if r.stale_entries > 0 => {
+                assert!(!r.incremental, "{r:?}");
+                let g = h.dp.active_generation().unwrap().unwrap();
+                let diff =
+                    h.dp.read_generation(g)
+                        .unwrap()
+                        .differences(&desired(to), 8);
+                assert!(diff.is_empty(), "failure at {at}: {diff:?}");
+                stale += 1;
+            }
+            Ok(_) => {
+                assert_exact(&mut h.dp, to, "no failure");
+                return (kept, stale);
+            }
+        }
+    }
+    unreachable!()
+}
+
+#[test]
+fn a_failed_apply_keeps_or_restores_the_previous_policy_exactly() {
+    vpcgate_lab::require_root();
+    let mut h = Harness::new();
+    let s = exact_sequence();
+    // In place: TCP -> UDP of "web".
+    let (kept, stale) = fail_at_every_operation(&mut h, &s[0], &s[1]);
+    assert!(
+        kept > 3 && stale == 0,
+        "in place: {kept} restored, {stale} stale"
+    );
+    // A new generation: "dns" renamed.
+    let (kept, stale) = fail_at_every_operation(&mut h, &s[4], &s[5]);
+    assert!(
+        kept > 3 && stale > 3,
+        "generation: {kept} kept, {stale} stale"
+    );
+    // The leftovers of the last stale run are gone after one more apply.
+    h.dp.apply(&s[6]).unwrap_or_else(|e| panic!("{e}"));
+    assert_exact(&mut h.dp, &s[6], "after the failures");
 }

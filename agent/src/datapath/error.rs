@@ -50,6 +50,40 @@ pub enum DatapathError {
         needed: u32,
     },
 
+    #[error(transparent)]
+    TableCollision(#[from] super::plan::TableCollision),
+
+    #[error("policy barrier: cannot {what}: {source}")]
+    Barrier {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("injected failure at operation {op} of the plan (test hook)")]
+    Injected { op: usize },
+
+    #[error("applying the policy failed at operation {at} ({op}): {source}; {outcome}")]
+    ApplyFailed {
+        at: usize,
+        op: String,
+        #[source]
+        source: Box<DatapathError>,
+        outcome: String,
+    },
+
+    #[error(
+        "applying the policy failed at operation {at} ({op}): {apply}; restoring the previous policy \
+         failed too: {restore}. The datapath is in an unknown state (possibly a mix of both policies): \
+         the next apply rewrites it as a new generation"
+    )]
+    RestoreFailed {
+        at: usize,
+        op: String,
+        apply: Box<DatapathError>,
+        restore: String,
+    },
+
     #[error("map {map}: {}", chain(source))]
     Map {
         map: &'static str,

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use aya::maps::HashMap as BpfHashMap;
 use vpcgate_common::datapath::{FlowKey, FlowValue, FragKey, FragValue, LocalAddr, limits, names};
 
-use super::{Datapath, DatapathError};
+use super::{Datapath, DatapathError, maps::map_err};
 
 /// Which flow map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,10 +60,6 @@ fn local_addr(a: IpAddr) -> LocalAddr {
         _pad: [0; 3],
         addr,
     }
-}
-
-fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
-    move |source| DatapathError::Map { map, source }
 }
 
 impl Datapath {

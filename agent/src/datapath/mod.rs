@@ -1,13 +1,25 @@
 //! Loading the kernel programs, attaching them to interfaces, and reading their maps.
 
+mod apply;
+mod barrier;
+mod capacity;
+mod counters;
 mod error;
+mod execute;
 mod flows;
+mod maps;
 mod observe;
+pub mod plan;
+#[cfg(test)]
+mod plan_model;
+#[cfg(test)]
+mod sim;
+pub mod state;
 mod stats;
-mod sync;
 
 use std::ffi::CString;
 
+pub use apply::ApplyReport;
 use aya::{
     Ebpf, EbpfLoader, VerifierLogLevel,
     programs::{
@@ -15,11 +27,13 @@ use aya::{
         tc::{self, NlOptions, TcAttachOptions},
     },
 };
+pub use capacity::{EntryCounts, entry_counts};
+pub use counters::DropCounts;
 pub use error::DatapathError;
 pub use flows::{FlowMap, host_addresses, kernel_now_ns};
 pub use observe::{Destination, EventLoss};
+pub use state::GenState;
 pub use stats::{ParseStats, read_parse_stats};
-pub use sync::{ApplyReport, DropCounts, EntryCounts, entry_counts};
 use vpcgate_common::programs;
 
 /// The kernel object built from `ebpf/` by `build.rs`.
@@ -69,7 +83,11 @@ pub enum TcAttachMode {
 pub struct Datapath {
     ebpf: Ebpf,
     /// What `apply` knows of the policy maps, so it touches only the entries it must.
-    generations: sync::GenerationState,
+    recorded: state::Recorded,
+    /// Waits out packets in flight between the phases of an apply.
+    barrier: barrier::Barrier,
+    /// Test hook: the next apply fails at this operation of its plan.
+    fail_at: Option<usize>,
 }
 
 impl Datapath {
@@ -93,10 +111,12 @@ impl Datapath {
             let prog: &mut Xdp = program_mut(&mut ebpf, name)?;
             prog.load().map_err(|e| DatapathError::load(name, e))?;
         }
-        // Maps created by this load are empty: both generation slots are clean.
+        // Maps created by this load are empty: both generation slots are known to be.
         Ok(Self {
             ebpf,
-            generations: sync::GenerationState::fresh(),
+            recorded: state::Recorded::fresh(),
+            barrier: barrier::Barrier::new()?,
+            fail_at: None,
         })
     }
 

@@ -1,0 +1,72 @@
+//! Entry counts of a compiled policy against the capacity of each kernel map, checked before any write.
+
+use ipnet::IpNet;
+use vpcgate_common::datapath::{limits, names};
+
+use super::{DatapathError, state::used_tables};
+use crate::policy::compile::Compiled;
+
+/// How many entries a compiled policy needs in each map.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EntryCounts {
+    pub addr_v4: u32,
+    pub addr_v6: u32,
+    pub reserved_v4: u32,
+    pub reserved_v6: u32,
+    pub ports: u32,
+    pub rules: u32,
+}
+
+pub fn entry_counts(c: &Compiled) -> EntryCounts {
+    let addr = |v4: bool| {
+        c.addr_entries
+            .iter()
+            .filter(|(n, _)| n.addr().is_ipv4() == v4)
+            .count() as u32
+    };
+    EntryCounts {
+        addr_v4: addr(true),
+        addr_v6: addr(false),
+        reserved_v4: distinct_reserved(c, true),
+        reserved_v6: distinct_reserved(c, false),
+        ports: used_tables(c)
+            .iter()
+            .map(|&(t, _)| c.port_tables[t].prefix_blocks().len() as u32)
+            .sum(),
+        rules: c.rules.len() as u32,
+    }
+}
+
+fn distinct_reserved(c: &Compiled, v4: bool) -> u32 {
+    let mut nets: Vec<IpNet> = c
+        .reserved
+        .iter()
+        .map(|r| r.cidr)
+        .filter(|n| n.addr().is_ipv4() == v4)
+        .collect();
+    nets.sort();
+    nets.dedup();
+    nets.len() as u32
+}
+
+/// `MapFull` naming the first map the policy does not fit in.
+pub(crate) fn check_capacity(n: &EntryCounts) -> Result<(), DatapathError> {
+    let checks = [
+        (names::ADDR_V4, limits::ADDR_ENTRIES, n.addr_v4),
+        (names::ADDR_V6, limits::ADDR_ENTRIES, n.addr_v6),
+        (names::RESERVED_V4, limits::RESERVED_ENTRIES, n.reserved_v4),
+        (names::RESERVED_V6, limits::RESERVED_ENTRIES, n.reserved_v6),
+        (names::PORTS, limits::PORT_ENTRIES, n.ports),
+        (names::RULE_STATS, limits::RULES, n.rules),
+    ];
+    for (map, capacity, needed) in checks {
+        if needed > capacity {
+            return Err(DatapathError::MapFull {
+                map,
+                capacity,
+                needed,
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! Reading counters of a loaded object (not policy entries: those go through `plan` and `execute`; flow
+//! state is in `flows`). One small method per map.
+
+use std::collections::HashMap;
+
+use aya::maps::{Array, PerCpuArray, PerCpuHashMap};
+use vpcgate_common::{
+    datapath::{
+        AUDIT_OFFSET, FLAG_RECORD_LAST, GenConfig, LastVerdict, RuleStats, RuleStatsKey, names,
+    },
+    verdict::DropReason,
+};
+
+use super::{
+    Datapath, DatapathError,
+    maps::{map_err, typed_map},
+};
+
+/// Drop counters summed over CPUs, by reason, enforced and audited.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DropCounts {
+    pub dropped: HashMap<DropReason, u64>,
+    pub audited: HashMap<DropReason, u64>,
+}
+
+impl Datapath {
+    fn read_map(&self, name: &'static str) -> Result<&aya::maps::Map, DatapathError> {
+        self.ebpf().map(name).ok_or(DatapathError::MissingMap(name))
+    }
+
+    /// Per-rule counters of the active generation, summed over CPUs: rule id -> (packets, bytes).
+    pub fn rule_stats(&self) -> Result<HashMap<u32, RuleStats>, DatapathError> {
+        let generation = self.active_generation()?.map_or(0, u32::from);
+        let stats = PerCpuHashMap::<_, RuleStatsKey, RuleStats>::try_from(
+            self.read_map(names::RULE_STATS)?,
+        )
+        .map_err(map_err(names::RULE_STATS))?;
+        let mut out = HashMap::new();
+        for item in stats.iter() {
+            let (k, per_cpu) = item.map_err(map_err(names::RULE_STATS))?;
+            if k.generation != generation {
+                continue;
+            }
+            let sum = per_cpu.iter().fold(RuleStats::default(), |a, s| RuleStats {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+            });
+            out.insert(k.rule, sum);
+        }
+        Ok(out)
+    }
+
+    /// Drop counters by reason, summed over CPUs.
+    pub fn drop_counts(&self) -> Result<DropCounts, DatapathError> {
+        let a = PerCpuArray::<_, u64>::try_from(self.read_map(names::DROP_STATS)?)
+            .map_err(map_err(names::DROP_STATS))?;
+        let sum = |i: u32| -> Result<u64, DatapathError> {
+            Ok(a.get(&i, 0)
+                .map_err(map_err(names::DROP_STATS))?
+                .iter()
+                .sum())
+        };
+        let mut out = DropCounts::default();
+        for r in DropReason::ALL {
+            out.dropped.insert(r, sum(r.code())?);
+            out.audited.insert(r, sum(r.code() + AUDIT_OFFSET)?);
+        }
+        Ok(out)
+    }
+
+    /// Test hook: record every verdict in `LAST_VERDICT` (one shared cache line written per packet: never
+    /// in production). `GEN_CONFIG[0]` holds global flags only, no policy.
+    pub fn set_record_last(&mut self, on: bool) -> Result<(), DatapathError> {
+        let flags = if on { FLAG_RECORD_LAST } else { 0 };
+        typed_map!(self.ebpf_mut(), Array<_, GenConfig>, names::GEN_CONFIG)
+            .set(
+                0,
+                GenConfig {
+                    flags,
+                    ..GenConfig::default()
+                },
+                0,
+            )
+            .map_err(map_err(names::GEN_CONFIG))
+    }
+
+    pub fn last_verdict(&self) -> Result<LastVerdict, DatapathError> {
+        let a = Array::<_, LastVerdict>::try_from(self.read_map(names::LAST_VERDICT)?)
+            .map_err(map_err(names::LAST_VERDICT))?;
+        a.get(&0, 0).map_err(map_err(names::LAST_VERDICT))
+    }
+}
