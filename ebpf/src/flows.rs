@@ -92,7 +92,10 @@ pub fn is_reply(pkt: &Packet, cfg: &GenConfig) -> bool {
                 } else {
                     cfg.tcp_timeout_s
                 };
-                return live(t, v.last_seen_ns, timeout);
+                // An expired flow is no flow: a half-open one of the same 4-tuple may still answer.
+                if live(t, v.last_seen_ns, timeout) {
+                    return true;
+                }
             }
             // A half-open flow is answered only by the gateway's SYN-ACK or RST.
             if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK || flags & TCP_RST != 0 {
