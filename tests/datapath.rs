@@ -403,3 +403,71 @@ fn a_failed_apply_keeps_or_restores_the_previous_policy_exactly() {
     h.dp.apply(&s[6]).unwrap_or_else(|e| panic!("{e}"));
     assert_exact(&mut h.dp, &s[6], "after the failures");
 }
+
+#[test]
+fn icmp_errors_credit_the_quoted_destination_read_by_its_own_protocol() {
+    vpcgate_lab::require_root();
+    let mut h = Harness::new();
+    let policy = check_text(
+        "quote.toml",
+        &format!(
+            "{SMALL}\n[[authorization]]\nname = \"dns\"\nvpc_id = \"vpc-1\"\naddress = \"10.0.3.7\"\nports = [\"53\"]\nprotocol = \"udp\"\n"
+        ),
+    )
+    .policy
+    .expect("valid");
+    h.apply(&policy);
+    let backend: IpAddr = "10.0.3.7".parse().unwrap();
+    let gateway: IpAddr = "10.0.0.5".parse().unwrap();
+    // The gateway sends a UDP datagram to dns:53 and an echo request to the same host.
+    for frame in [
+        build("to dns:53", &[ipv4(), vpcgate_lab::packet::udp(53)], 8),
+        build("ping", &[ipv4(), Layer::Icmp { kind: 8, code: 0 }], 8),
+    ] {
+        assert_eq!(h.check(Enforcer::TcEgress, &frame), None);
+    }
+    let error = |name: &str, quoted_proto: u8| {
+        let mut f = build(
+            name,
+            &[
+                Layer::Ipv4 {
+                    src: [10, 0, 3, 7],
+                    dst: [10, 0, 0, 5],
+                    options: 0,
+                    frag_offset: 0,
+                    more_fragments: false,
+                    id: 1,
+                },
+                Layer::Icmp { kind: 3, code: 3 },
+                Layer::Quote {
+                    src: gateway,
+                    dst: backend,
+                },
+            ],
+            0,
+        );
+        // The quoted header's protocol (the quote is the datagram's IP header + 8 bytes).
+        let q = f.offsets[2];
+        f.bytes[q + 9] = quoted_proto;
+        f
+    };
+    // Port unreachable quoting the UDP datagram: credited to (10.0.3.7, udp, 53).
+    h.inbound(&error("port unreachable", 17));
+    // The same bytes quoting an echo request: the 8 bytes after its header are type, code, checksum and
+    // identifier, not ports: credited to (10.0.3.7, icmp, 0), never to a port named by those bytes.
+    h.inbound(&error("unreachable quoting a ping", 1));
+    let udp =
+        h.dp.destination(backend, 17, 53)
+            .unwrap()
+            .expect("udp 53 observed");
+    assert_eq!(
+        (udp.icmp_errors, udp.icmp_type, udp.icmp_code),
+        (1, Some(3), Some(3))
+    );
+    let icmp =
+        h.dp.destination(backend, 1, 0)
+            .unwrap()
+            .expect("icmp observed");
+    assert_eq!(icmp.icmp_errors, 1);
+    assert_eq!(h.dp.destination(backend, 1, 53).unwrap(), None);
+}
