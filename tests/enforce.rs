@@ -8,7 +8,7 @@ use std::{
 };
 
 use vpcgate::{
-    datapath::{Datapath, XdpRole},
+    datapath::{Datapath, XdpRole, host_addresses},
     policy::{check_text, compile::Compiled},
 };
 use vpcgate_common::verdict::DropReason;
@@ -86,6 +86,11 @@ impl Lab {
         let mut dp = Datapath::load().unwrap_or_else(|e| panic!("{e}"));
         dp.apply(&compiled).unwrap_or_else(|e| panic!("{e}"));
         pair.gw.run(|| {
+            // Flows peers initiate are recorded only toward the gateway's own addresses (rule 3), as
+            // `vpcgate run` tells the kernel.
+            let own = host_addresses().unwrap_or_else(|e| panic!("gateway addresses: {e}"));
+            dp.set_local_addresses(&own)
+                .unwrap_or_else(|e| panic!("{e}"));
             dp.attach_tc_egress(GW_IF).unwrap_or_else(|e| panic!("{e}"));
             dp.attach_xdp(GW_IF, XdpRole::EniIngress)
                 .unwrap_or_else(|e| panic!("{e}"));

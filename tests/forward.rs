@@ -4,11 +4,11 @@
 use std::{net::UdpSocket, time::Duration};
 
 use vpcgate::{
-    datapath::{Datapath, XdpAttachMode, XdpRole},
+    datapath::{Datapath, XdpAttachMode, XdpRole, ifindex},
     policy::{check_text, compile::Compiled},
 };
 use vpcgate_common::verdict::DropReason;
-use vpcgate_lab::netns::{Netns, Pair};
+use vpcgate_lab::netns::{GW_IF, Netns, Pair};
 
 const POLICY: &str = r#"
 [instance]
@@ -57,10 +57,16 @@ fn forward_interface_ingress_is_enforced() {
     let policy = checked
         .policy
         .unwrap_or_else(|| panic!("{:?}", checked.diagnostics));
+    let compiled = Compiled::new(&policy);
     let mut dp = Datapath::load().unwrap_or_else(|e| panic!("{e}"));
-    dp.apply(&Compiled::new(&policy))
-        .unwrap_or_else(|e| panic!("{e}"));
+    dp.apply(&compiled).unwrap_or_else(|e| panic!("{e}"));
+    // As `vpcgate run` sets it up: XDP on the forward interface, TC egress on the ENI, which decides again
+    // what arrived on the forward interface but does not count it a second time.
     let mode = pair.gw.run(|| {
+        let pod_if = ifindex("gw-pod").unwrap_or_else(|e| panic!("{e}"));
+        dp.set_forward_interfaces(&[pod_if])
+            .unwrap_or_else(|e| panic!("{e}"));
+        dp.attach_tc_egress(GW_IF).unwrap_or_else(|e| panic!("{e}"));
         dp.attach_xdp("gw-pod", XdpRole::Forward)
             .unwrap_or_else(|e| panic!("{e}"))
     });
@@ -102,6 +108,17 @@ fn forward_interface_ingress_is_enforced() {
     assert_eq!(
         dp.drop_counts().unwrap().dropped[&DropReason::PortNotAuthorized],
         2
+    );
+    let echo = compiled
+        .rules
+        .iter()
+        .find(|r| r.name == "echo")
+        .expect("rule echo")
+        .id;
+    assert_eq!(
+        dp.rule_stats().unwrap()[&echo].packets,
+        3,
+        "forwarded datagrams counted once (at the forward interface, not again at the ENI's TC egress)"
     );
     let d = dp
         .destination("10.200.0.2".parse().unwrap(), 17, 9001)
