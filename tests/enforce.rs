@@ -8,7 +8,7 @@ use std::{
 };
 
 use vpcgate::{
-    datapath::{Datapath, XdpRole, host_addresses},
+    datapath::{Datapath, XdpRole, host_addresses, onlink_prefixes},
     policy::{check_text, compile::Compiled},
 };
 use vpcgate_common::verdict::DropReason;
@@ -90,6 +90,10 @@ impl Lab {
             // `vpcgate run` tells the kernel.
             let own = host_addresses().unwrap_or_else(|e| panic!("gateway addresses: {e}"));
             dp.set_local_addresses(&own)
+                .unwrap_or_else(|e| panic!("{e}"));
+            // ... and the ENI's on-link IPv6 prefixes (neighbour discovery toward them passes).
+            let onlink = onlink_prefixes(GW_IF).unwrap_or_else(|e| panic!("on-link prefixes: {e}"));
+            dp.set_onlink_prefixes(&onlink)
                 .unwrap_or_else(|e| panic!("{e}"));
             dp.attach_tc_egress(GW_IF).unwrap_or_else(|e| panic!("{e}"));
             dp.attach_xdp(GW_IF, XdpRole::EniIngress)

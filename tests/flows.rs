@@ -15,7 +15,7 @@ use std::{
 use aya::programs::TcAttachType;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use vpcgate::{
-    datapath::{Datapath, FlowMap, XdpRole, has_tcx, host_addresses, ifindex},
+    datapath::{Datapath, FlowMap, XdpRole, has_tcx, host_addresses, ifindex, onlink_prefixes},
     policy::{check_text, compile::Compiled},
 };
 use vpcgate_common::{
@@ -94,6 +94,10 @@ impl Lab {
         pair.gw.run(|| {
             let own = host_addresses().unwrap_or_else(|e| panic!("gateway addresses: {e}"));
             dp.set_local_addresses(&own)
+                .unwrap_or_else(|e| panic!("{e}"));
+            // ... and the ENI's on-link IPv6 prefixes (neighbour discovery toward them passes).
+            let onlink = onlink_prefixes(GW_IF).unwrap_or_else(|e| panic!("on-link prefixes: {e}"));
+            dp.set_onlink_prefixes(&onlink)
                 .unwrap_or_else(|e| panic!("{e}"));
             dp.attach_tc_egress(GW_IF).unwrap_or_else(|e| panic!("{e}"));
             dp.attach_xdp(GW_IF, XdpRole::EniIngress)

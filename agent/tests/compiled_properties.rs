@@ -104,7 +104,10 @@ fn naive(p: &Policy, pkt: &Packet, facts: FlowFacts) -> Verdict {
             .any(|n| n.parse::<IpNet>().unwrap().contains(&ip.dst));
         let on_link =
             matches!(p.instance.vswitch_cidr, Some(v @ IpNet::V6(_)) if v.contains(&ip.dst));
-        return if ip.fragment == Fragment::None && ip.hop_limit == 255 && (link_scope || on_link) {
+        return if ip.fragment == Fragment::None
+            && ip.hop_limit == 255
+            && (link_scope || on_link || facts.on_link)
+        {
             pass(Basis::NeighbourDiscovery)
         } else {
             drop(DropReason::Malformed, Basis::Malformed)
@@ -393,7 +396,11 @@ fn packet(addrs: Vec<IpAddr>, ports: Vec<u16>) -> impl Strategy<Value = (Packet,
         dst,
         l4,
         any::<bool>(),
-        (prop::bool::weighted(0.05), prop::bool::weighted(0.05)),
+        (
+            prop::bool::weighted(0.05),
+            prop::bool::weighted(0.05),
+            prop::bool::weighted(0.2),
+        ),
         any::<bool>(),
         prop::bool::weighted(0.02),
         header,

@@ -193,6 +193,17 @@ fn rule_1_neighbour_discovery_only_as_rfc_4861_sends_it() {
     );
     assert_eq!(v(&v6, nd("fd00:8::9", 136, 255)), malformed);
     assert_eq!(v(&c, nd("fd00:7::9", 136, 255)), malformed);
+    // ... and the ENI's own on-link prefixes, which the agent tells the kernel (a VPC host that spoke first
+    // is answered at its global address).
+    let on_link = FlowFacts {
+        on_link: true,
+        ..FlowFacts::default()
+    };
+    assert_eq!(
+        verdict(&c, &nd("fd00:7::9", 136, 255), on_link),
+        pass(Basis::NeighbourDiscovery)
+    );
+    assert_eq!(verdict(&c, &nd("fd00:7::9", 136, 64), on_link), malformed);
 }
 
 #[test]

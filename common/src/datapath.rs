@@ -28,6 +28,7 @@ pub mod names {
     pub const DGRAM_FLOWS: &str = "DGRAM_FLOWS";
     pub const FRAGS: &str = "FRAGS";
     pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
+    pub const ONLINK6: &str = "ONLINK6";
     pub const FORWARD_IFS: &str = "FORWARD_IFS";
     pub const LAST_VERDICT: &str = "LAST_VERDICT";
     pub const DEST_OBS: &str = "DEST_OBS";
@@ -55,6 +56,8 @@ pub mod limits {
     pub const FRAGS: u32 = 8192;
     /// The gateway's own addresses (flows are recorded only toward these).
     pub const LOCAL_ADDRS: u32 = 1024;
+    /// The ENI's on-link IPv6 prefixes (from its addresses): neighbour discovery toward them passes.
+    pub const ONLINK6: u32 = 64;
     /// Forward interfaces whose XDP enforces (a packet from one is not counted again at TC egress).
     pub const FORWARD_IFS: u32 = 256;
     /// How long a non-first fragment may follow its first fragment (the kernel's reassembly timeout).
@@ -225,6 +228,13 @@ pub struct FragValue {
     pub first_seen_ns: u64,
 }
 
+/// LPM key data of one of the ENI's on-link IPv6 prefixes (prefix length: the address bits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Prefix6 {
+    pub addr: [u8; 16],
+}
+
 /// One of the gateway's own addresses (flows are recorded only toward these).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
@@ -391,6 +401,7 @@ mod user {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for LocalAddr {}
+    unsafe impl aya::Pod for Prefix6 {}
     unsafe impl aya::Pod for LastVerdict {}
     unsafe impl aya::Pod for DestKey {}
     unsafe impl aya::Pod for DestObs {}

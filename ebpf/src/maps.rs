@@ -10,7 +10,7 @@ use crate::parse::Packet;
 
 use vpcgate_common::datapath::{
     AddrV4, AddrV6, AddrValue, DROP_STATS_LEN, DestKey, DestObs, EventBudget, FlowKey, FlowValue,
-    FragKey, FragValue, GenConfig, LastVerdict, LocalAddr, PortData, RuleStats, RuleStatsKey, limits,
+    FragKey, FragValue, GenConfig, LastVerdict, LocalAddr, Prefix6, PortData, RuleStats, RuleStatsKey, limits,
 };
 
 /// The active policy generation (`GEN_A` or `GEN_B`; anything else: no policy).
@@ -72,6 +72,10 @@ pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(
 #[map(name = "LOCAL_ADDRS")]
 pub static LOCAL_ADDRS: HashMap<LocalAddr, u32> =
     HashMap::with_max_entries(limits::LOCAL_ADDRS, 0);
+
+/// The ENI's on-link IPv6 prefixes, written by the agent from the interface's addresses.
+#[map(name = "ONLINK6")]
+pub static ONLINK6: LpmTrie<Prefix6, u32> = LpmTrie::with_max_entries(limits::ONLINK6, 0);
 
 /// Forward interfaces (ifindex) whose XDP enforces, written by the agent.
 #[map(name = "FORWARD_IFS")]

@@ -5,7 +5,8 @@ use aya_ebpf::maps::{LpmTrie, lpm_trie::Key};
 use vpcgate_common::{
     datapath::{
         ACTION_DROP, ACTION_PASS, AddrV4, AddrV6, AddrValue, ESSENTIAL_DHCP, ESSENTIAL_MLD, GEN_A,
-        GEN_B, GEN_BITS, GenConfig, MODE_AUDIT, PORT_KEY_FIXED_BITS, PortData, basis, essential,
+        GEN_B, GEN_BITS, GenConfig, MODE_AUDIT, PORT_KEY_FIXED_BITS, PortData, Prefix6, basis,
+        essential,
     },
     icmp::*,
     verdict::DropReason,
@@ -13,7 +14,7 @@ use vpcgate_common::{
 
 use crate::{
     flows,
-    maps::{ACTIVE, ADDR_V4, ADDR_V6, GEN_CONFIG, PORTS, RESERVED_V4, RESERVED_V6},
+    maps::{ACTIVE, ADDR_V4, ADDR_V6, GEN_CONFIG, ONLINK6, PORTS, RESERVED_V4, RESERVED_V6},
     parse::{Fragment, IPPROTO_TCP, IPPROTO_UDP, L3, L4, Packet},
 };
 
@@ -324,15 +325,17 @@ fn in_prefix6(addr: &[u8; 16], net: &[u8; 16], len: u32) -> bool {
 }
 
 /// Rule 1: neighbour discovery as RFC 4861 sends it: unfragmented, hop limit 255, toward a link-scope
-/// address (fe80::/10, ff02::/16) or the ENI's on-link prefix.
+/// address (fe80::/10, ff02::/16) or an on-link prefix (the vSwitch block, or the ENI's own prefixes).
 #[inline(always)]
 fn nd_allowed(pkt: &Packet, cfg: &GenConfig) -> bool {
     let d = &pkt.dst;
-    pkt.fragment == Fragment::None
-        && pkt.hop_limit == 255
-        && ((d[0] == 0xfe && d[1] & 0xc0 == 0x80)
-            || (d[0] == 0xff && d[1] == 0x02)
-            || in_prefix6(d, &cfg.onlink6, cfg.onlink6_len))
+    if pkt.fragment != Fragment::None || pkt.hop_limit != 255 {
+        return false;
+    }
+    (d[0] == 0xfe && d[1] & 0xc0 == 0x80)
+        || (d[0] == 0xff && d[1] == 0x02)
+        || in_prefix6(d, &cfg.onlink6, cfg.onlink6_len)
+        || ONLINK6.get(Key::new(128, Prefix6 { addr: *d })).is_some()
 }
 
 /// ff02::16, all MLDv2-capable routers.

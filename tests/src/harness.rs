@@ -55,6 +55,8 @@ struct FlowModel {
 #[derive(Default)]
 pub struct LocalHost {
     pub addrs: HashSet<IpAddr>,
+    /// The ENI's on-link IPv6 prefixes.
+    pub onlink: Vec<ipnet::Ipv6Net>,
     pub tcp_ports: HashSet<u16>,
     pub udp_ports: HashSet<u16>,
     /// The sockets themselves (kept open).
@@ -230,6 +232,14 @@ impl Harness {
             .expect("set local addresses");
     }
 
+    /// Makes `prefixes` the ENI's on-link IPv6 prefixes (kernel and reference).
+    pub fn set_onlink_prefixes(&mut self, prefixes: &[ipnet::Ipv6Net]) {
+        self.dp
+            .set_onlink_prefixes(prefixes)
+            .expect("set on-link prefixes");
+        self.local.onlink = prefixes.to_vec();
+    }
+
     /// Applies `policy` and forgets all flow state (kernel and reference).
     pub fn apply(&mut self, policy: &Policy) -> vpcgate::datapath::ApplyReport {
         let c = Compiled::new(policy);
@@ -376,12 +386,20 @@ impl Harness {
                 .contains(&datagram_id(&d, ip.src, ip.dst, id)),
             _ => false,
         };
+        let on_link = match d.packet {
+            Packet::Ip(ip) => match ip.dst {
+                IpAddr::V6(a) => self.local.onlink.iter().any(|n| n.contains(&a)),
+                IpAddr::V4(_) => false,
+            },
+            _ => false,
+        };
         verdict(
             c,
             &d.packet,
             FlowFacts {
                 reply,
                 half_open,
+                on_link,
                 first_fragment_passed,
             },
         )

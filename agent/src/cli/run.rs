@@ -45,7 +45,7 @@ fn compile(path: &Path) -> Result<(policy::Policy, Compiled), u8> {
 }
 
 /// Tells the kernel the host's own addresses (flows are recorded only toward them: the interfaces' addresses
-/// now, and the egress IP).
+/// now, and the egress IP) and the ENI's on-link IPv6 prefixes.
 fn sync_local_addresses(dp: &mut Datapath, policy: &Policy) -> Result<usize, String> {
     let mut addrs =
         datapath::host_addresses().map_err(|e| format!("cannot list addresses: {e}"))?;

@@ -5,7 +5,11 @@
 use std::net::IpAddr;
 
 use aya::maps::HashMap as BpfHashMap;
-use vpcgate_common::datapath::{FlowKey, FlowValue, FragKey, FragValue, LocalAddr, limits, names};
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use ipnet::Ipv6Net;
+use vpcgate_common::datapath::{
+    FlowKey, FlowValue, FragKey, FragValue, LocalAddr, Prefix6, limits, names,
+};
 
 use super::{Datapath, DatapathError, maps::map_err};
 
@@ -142,6 +146,51 @@ impl Datapath {
         Ok(())
     }
 
+    /// Replaces the ENI's on-link IPv6 prefixes: neighbour discovery toward them passes (rule 1).
+    pub fn set_onlink_prefixes(&mut self, prefixes: &[Ipv6Net]) -> Result<(), DatapathError> {
+        let mut want: Vec<Ipv6Net> = prefixes.iter().map(Ipv6Net::trunc).collect();
+        want.sort();
+        want.dedup();
+        if want.len() > limits::ONLINK6 as usize {
+            return Err(DatapathError::MapFull {
+                map: names::ONLINK6,
+                capacity: limits::ONLINK6,
+                needed: want.len() as u32,
+            });
+        }
+        let key = |n: &Ipv6Net| {
+            LpmKey::new(
+                u32::from(n.prefix_len()),
+                Prefix6 {
+                    addr: n.network().octets(),
+                },
+            )
+        };
+        let m = self
+            .ebpf_mut()
+            .map_mut(names::ONLINK6)
+            .ok_or(DatapathError::MissingMap(names::ONLINK6))?;
+        let mut m: LpmTrie<_, Prefix6, u32> =
+            LpmTrie::try_from(m).map_err(map_err(names::ONLINK6))?;
+        for n in &want {
+            m.insert(&key(n), 1, 0).map_err(map_err(names::ONLINK6))?;
+        }
+        let stale: Vec<LpmKey<Prefix6>> = m
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                !want.iter().any(|n| {
+                    u32::from(n.prefix_len()) == k.prefix_len()
+                        && n.network().octets() == k.data().addr
+                })
+            })
+            .collect();
+        for k in stale {
+            m.remove(&k).map_err(map_err(names::ONLINK6))?;
+        }
+        Ok(())
+    }
+
     /// Replaces the forward interfaces (ifindex) whose XDP enforces: TC egress does not count a packet
     /// again that arrived on one of them.
     pub fn set_forward_interfaces(&mut self, ifindexes: &[u32]) -> Result<(), DatapathError> {
@@ -170,6 +219,25 @@ impl Datapath {
 
 /// Every address configured on this network namespace's interfaces (the gateway's own addresses).
 pub fn host_addresses() -> std::io::Result<Vec<IpAddr>> {
+    Ok(interface_addresses()?.into_iter().map(|a| a.1).collect())
+}
+
+/// The on-link IPv6 prefixes of `interface`'s global addresses (link-local ones are covered by fe80::/10).
+pub fn onlink_prefixes(interface: &str) -> std::io::Result<Vec<Ipv6Net>> {
+    Ok(interface_addresses()?
+        .into_iter()
+        .filter(|(name, addr, _)| name == interface && addr.is_ipv6())
+        .filter_map(|(_, addr, len)| match addr {
+            IpAddr::V6(a) if (a.segments()[0] & 0xffc0) != 0xfe80 => {
+                Ipv6Net::new(a, len).ok().map(|n| n.trunc())
+            }
+            _ => None,
+        })
+        .collect())
+}
+
+/// (interface, address, prefix length) of every address in this network namespace.
+fn interface_addresses() -> std::io::Result<Vec<(String, IpAddr, u8)>> {
     let mut out = vec![];
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `ifap` with a list we free below.
@@ -181,17 +249,37 @@ pub fn host_addresses() -> std::io::Result<Vec<IpAddr>> {
         // SAFETY: `cur` is a node of the list getifaddrs returned.
         let ifa = unsafe { &*cur };
         if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points at a sockaddr whose family says its real type.
+            // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+                .to_string_lossy()
+                .into_owned();
+            // SAFETY: ifa_addr (and ifa_netmask, when set) point at sockaddrs whose family says their
+            // real type.
             match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
                 libc::AF_INET => {
                     let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                    out.push(IpAddr::from(
-                        u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
-                    ));
+                    let len = if ifa.ifa_netmask.is_null() {
+                        32
+                    } else {
+                        let m = unsafe { &*(ifa.ifa_netmask as *const libc::sockaddr_in) };
+                        u32::from_be(m.sin_addr.s_addr).count_ones() as u8
+                    };
+                    let addr = IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes());
+                    out.push((name, addr, len));
                 }
                 libc::AF_INET6 => {
                     let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                    out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    let len = if ifa.ifa_netmask.is_null() {
+                        128
+                    } else {
+                        let m = unsafe { &*(ifa.ifa_netmask as *const libc::sockaddr_in6) };
+                        m.sin6_addr
+                            .s6_addr
+                            .iter()
+                            .map(|b| b.count_ones())
+                            .sum::<u32>() as u8
+                    };
+                    out.push((name, IpAddr::from(sin6.sin6_addr.s6_addr), len));
                 }
                 _ => {}
             }

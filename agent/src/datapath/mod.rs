@@ -30,7 +30,7 @@ use aya::{
 pub use capacity::{EntryCounts, entry_counts};
 pub use counters::DropCounts;
 pub use error::DatapathError;
-pub use flows::{FlowMap, host_addresses, kernel_now_ns};
+pub use flows::{FlowMap, host_addresses, kernel_now_ns, onlink_prefixes};
 pub use observe::{Destination, EventLoss};
 pub use state::GenState;
 pub use stats::{ParseStats, read_parse_stats};

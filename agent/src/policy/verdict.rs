@@ -105,6 +105,9 @@ pub struct FlowFacts {
     pub reply: bool,
     /// A live half-open TCP flow (the peer's SYN reached a listener, not yet acknowledged) matches.
     pub half_open: bool,
+    /// The destination lies in one of the ENI's on-link IPv6 prefixes (host state the agent writes from
+    /// the interface's addresses; neighbour discovery toward it passes).
+    pub on_link: bool,
     /// (Non-first fragments) the first fragment of the same datagram passed.
     pub first_fragment_passed: bool,
 }
@@ -242,15 +245,15 @@ fn is_icmp_error(l4: L4) -> bool {
 }
 
 /// Rule 1: neighbour discovery as RFC 4861 sends it: unfragmented, hop limit 255, toward a link-scope
-/// address (fe80::/10, ff02::/16) or the ENI's on-link prefix.
-fn nd_allowed(c: &Compiled, ip: &IpPacket) -> bool {
+/// address (fe80::/10, ff02::/16) or an on-link prefix (the vSwitch block, or the ENI's own prefixes).
+fn nd_allowed(c: &Compiled, ip: &IpPacket, on_link: bool) -> bool {
     let IpAddr::V6(d) = ip.dst else {
         return false;
     };
     let link_scope = (d.segments()[0] & 0xffc0) == 0xfe80 || d.segments()[0] == 0xff02;
     ip.fragment == Fragment::None
         && ip.hop_limit == 255
-        && (link_scope || c.onlink6.is_some_and(|n| n.contains(&d)))
+        && (link_scope || on_link || c.onlink6.is_some_and(|n| n.contains(&d)))
 }
 
 /// Rule 1: the host essential this packet is, when that essential is on.
@@ -331,7 +334,7 @@ pub fn verdict(c: &Compiled, pkt: &Packet, facts: FlowFacts) -> Verdict {
     if let L4::Icmpv6 { kind, .. } = ip.l4
         && ICMPV6_ND.contains(&kind)
     {
-        return if nd_allowed(c, ip) {
+        return if nd_allowed(c, ip, facts.on_link) {
             Verdict::pass(Basis::NeighbourDiscovery)
         } else {
             Verdict::drop(DropReason::Malformed, Basis::Malformed, mode)
