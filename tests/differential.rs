@@ -641,8 +641,12 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
     let mut r = Rng(seed);
     let mut h = Harness::new();
     h.isolate_with_sockets(&[gw(false), gw(true)], GW_TCP_PORT, GW_UDP_PORT);
-    // The ENI's on-link prefix covers part of the policy space: ND toward it passes, beyond it not.
-    h.set_onlink_prefixes(&["fd00::/120".parse().unwrap()]);
+    // The ENI's on-link prefixes cover part of the policy space: ND (and DHCPv4 renewals) toward them
+    // pass, beyond them not.
+    h.set_onlink_prefixes(&[
+        "fd00::/120".parse().unwrap(),
+        "10.0.0.0/26".parse().unwrap(),
+    ]);
     let per_policy = packets.div_ceil(policies);
     let (mut ran, mut mismatches, mut replies, mut tc_runs) = (0u64, vec![], 0u64, 0u64);
     let (mut inbound, mut peer_replies) = (0u64, 0u64);

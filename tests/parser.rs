@@ -452,6 +452,26 @@ fn inconsistent_headers_fail_closed() {
         }),
         build("ipv6 chain of 7 extension headers", &seven_ext, 0)
             .corrupted("longer than IPV6_EXT_MAX_CHAIN", |_, _| {}),
+        // Receivers reassemble by the first fragment header; the parser would read ports by the second.
+        build(
+            "ipv6 two fragment headers",
+            &[
+                ipv6(),
+                Layer::Ext(Ext::Fragment {
+                    offset: 0,
+                    more: true,
+                    id: 7,
+                }),
+                Layer::Ext(Ext::Fragment {
+                    offset: 0,
+                    more: false,
+                    id: 8,
+                }),
+                udp(53),
+            ],
+            0,
+        )
+        .corrupted("a second fragment header", |_, _| {}),
         v4_tcp.edited(
             "ipv4 tot_len 0 (BIG TCP GSO): extent is the frame's",
             &[Stat::Ipv4, Stat::Tcp],

@@ -106,7 +106,7 @@ fn naive(p: &Policy, pkt: &Packet, facts: FlowFacts) -> Verdict {
             matches!(p.instance.vswitch_cidr, Some(v @ IpNet::V6(_)) if v.contains(&ip.dst));
         return if ip.fragment == Fragment::None
             && ip.hop_limit == 255
-            && (link_scope || on_link || facts.on_link)
+            && (link_scope || on_link || facts.on_link && ip.dst.is_ipv6())
         {
             pass(Basis::NeighbourDiscovery)
         } else {
@@ -114,14 +114,25 @@ fn naive(p: &Policy, pkt: &Packet, facts: FlowFacts) -> Verdict {
         };
     }
     let essentials = &p.instance.host_essentials;
-    if ip.fragment == Fragment::None {
+    if ip.fragment == Fragment::None && facts.local_origin {
         let essential = match ip.l4 {
-            L4::Udp { dport: 67 } if ip.sport == 68 && ip.dst.is_ipv4() => essentials
-                .contains(&HostEssential::Dhcp)
-                .then_some(HostEssentialKind::Dhcpv4),
-            L4::Udp { dport: 547 } if ip.sport == 546 && ip.dst.is_ipv6() => essentials
-                .contains(&HostEssential::Dhcp)
-                .then_some(HostEssentialKind::Dhcpv6),
+            L4::Udp { dport: 67 }
+                if ip.sport == 68
+                    && ip.dst.is_ipv4()
+                    && (ip.dst == "255.255.255.255".parse::<IpAddr>().unwrap()
+                        || facts.on_link) =>
+            {
+                essentials
+                    .contains(&HostEssential::Dhcp)
+                    .then_some(HostEssentialKind::Dhcpv4)
+            }
+            L4::Udp { dport: 547 }
+                if ip.sport == 546 && ip.dst == "ff02::1:2".parse::<IpAddr>().unwrap() =>
+            {
+                essentials
+                    .contains(&HostEssential::Dhcp)
+                    .then_some(HostEssentialKind::Dhcpv6)
+            }
             L4::Icmpv6 { kind: 143, .. }
                 if ip.hop_limit == 1 && ip.dst == "ff02::16".parse::<IpAddr>().unwrap() =>
             {
@@ -137,7 +148,8 @@ fn naive(p: &Policy, pkt: &Packet, facts: FlowFacts) -> Verdict {
     }
     let bare_syn = ip.tcp_flags & 0x12 == 0x02;
     let answers_half_open = ip.tcp_flags & 0x12 == 0x12 || ip.tcp_flags & 0x04 != 0;
-    let reply = ip.fragment != Fragment::NonFirst
+    let reply = facts.local_origin
+        && ip.fragment != Fragment::NonFirst
         && match ip.l4 {
             L4::Tcp { .. } => !bare_syn && (facts.reply || facts.half_open && answers_half_open),
             L4::Udp { .. } | L4::Icmp { kind: 0, .. } | L4::Icmpv6 { kind: 129, .. } => facts.reply,
@@ -211,7 +223,10 @@ fn naive(p: &Policy, pkt: &Packet, facts: FlowFacts) -> Verdict {
             kind: 3 | 11 | 12, ..
         }
         | L4::Icmpv6 { kind: 1..=4, .. } => {
-            if ip.quoted == Some((ip.dst, ip.src)) {
+            if facts.local_origin
+                && ip.fragment == Fragment::None
+                && ip.quoted == Some((ip.dst, ip.src))
+            {
                 pass(Basis::IcmpError)
             } else {
                 drop(DropReason::NotAuthorized, Basis::IcmpError)
@@ -400,6 +415,7 @@ fn packet(addrs: Vec<IpAddr>, ports: Vec<u16>) -> impl Strategy<Value = (Packet,
             prop::bool::weighted(0.05),
             prop::bool::weighted(0.05),
             prop::bool::weighted(0.2),
+            prop::bool::weighted(0.8),
         ),
         any::<bool>(),
         prop::bool::weighted(0.02),
@@ -410,7 +426,7 @@ fn packet(addrs: Vec<IpAddr>, ports: Vec<u16>) -> impl Strategy<Value = (Packet,
                 dst,
                 l4,
                 nonfirst,
-                (reply, half_open),
+                (reply, half_open, on_link, local_origin),
                 first_passed,
                 special,
                 (hop_limit, sport, tcp_flags, source_routed, quote),
@@ -454,6 +470,8 @@ fn packet(addrs: Vec<IpAddr>, ports: Vec<u16>) -> impl Strategy<Value = (Packet,
                     FlowFacts {
                         reply,
                         half_open,
+                        on_link,
+                        local_origin,
                         first_fragment_passed: first_passed,
                     },
                 )

@@ -102,8 +102,16 @@ fn udp(dst: &str, dport: u16) -> Packet {
     ip(dst, L4::Udp { dport })
 }
 
+/// The gateway's own packet (TC egress, not forwarded), with no flow state.
+fn local() -> FlowFacts {
+    FlowFacts {
+        local_origin: true,
+        ..FlowFacts::default()
+    }
+}
+
 fn v(c: &Compiled, p: Packet) -> Verdict {
-    verdict(c, &p, FlowFacts::default())
+    verdict(c, &p, local())
 }
 
 fn pass(basis: Basis) -> Verdict {
@@ -197,7 +205,7 @@ fn rule_1_neighbour_discovery_only_as_rfc_4861_sends_it() {
     // is answered at its global address).
     let on_link = FlowFacts {
         on_link: true,
-        ..FlowFacts::default()
+        ..local()
     };
     assert_eq!(
         verdict(&c, &nd("fd00:7::9", 136, 255), on_link),
@@ -209,7 +217,11 @@ fn rule_1_neighbour_discovery_only_as_rfc_4861_sends_it() {
 #[test]
 fn rule_1_host_essentials_pass_while_on() {
     let dhcp4 = with(udp("255.255.255.255", 67), |p| p.sport = 68);
-    let dhcp4_unicast = with(udp("10.9.9.1", 67), |p| p.sport = 68);
+    let dhcp4_unicast = with(udp("10.0.0.1", 67), |p| p.sport = 68);
+    let on_link = FlowFacts {
+        on_link: true,
+        ..local()
+    };
     let dhcp6 = with(udp("ff02::1:2", 547), |p| p.sport = 546);
     let mld = with(ip("ff02::16", L4::Icmpv6 { kind: 143, code: 0 }), |p| {
         p.hop_limit = 1
@@ -219,9 +231,19 @@ fn rule_1_host_essentials_pass_while_on() {
         v(&c, dhcp4),
         pass(Basis::HostEssential(HostEssentialKind::Dhcpv4))
     );
+    // A renewal goes to the server on the link; to an address off the link it is no DHCP.
+    assert_eq!(
+        verdict(&c, &dhcp4_unicast, on_link),
+        pass(Basis::HostEssential(HostEssentialKind::Dhcpv4))
+    );
     assert_eq!(
         v(&c, dhcp4_unicast),
-        pass(Basis::HostEssential(HostEssentialKind::Dhcpv4))
+        drop(DropReason::NotAuthorized, Basis::NoRule)
+    );
+    // DHCPv6 clients send to ff02::1:2 only.
+    assert_ne!(
+        v(&c, with(udp("fd00:1::9", 547), |p| p.sport = 546)).action,
+        Action::Pass
     );
     assert_eq!(
         v(&c, dhcp6),
@@ -277,6 +299,55 @@ fn rule_1_host_essentials_pass_while_on() {
 }
 
 #[test]
+fn forwarded_packets_are_never_host_essentials_replies_or_icmp_errors() {
+    let c = compiled("enforce");
+    // A pod behind a forward interface chooses its addresses and ports: none of these may pass because
+    // of what only the host itself sends.
+    let forwarded = FlowFacts {
+        reply: true,
+        half_open: true,
+        on_link: true,
+        local_origin: false,
+        first_fragment_passed: false,
+    };
+    let dhcp4 = with(udp("255.255.255.255", 67), |p| p.sport = 68);
+    assert_eq!(
+        verdict(&c, &dhcp4, forwarded),
+        drop(DropReason::NotAuthorized, Basis::NoRule)
+    );
+    let mld = with(ip("ff02::16", L4::Icmpv6 { kind: 143, code: 0 }), |p| {
+        p.hop_limit = 1
+    });
+    assert_eq!(verdict(&c, &mld, forwarded).action, Action::Drop);
+    assert_eq!(
+        verdict(
+            &c,
+            &with(tcp("10.9.9.9", 5000), |p| p.tcp_flags = 0x10),
+            forwarded
+        ),
+        drop(DropReason::NotAuthorized, Basis::NoRule)
+    );
+    let error = with(ip("10.9.9.9", L4::Icmp { kind: 3, code: 3 }), |p| {
+        p.quoted = Some((p.dst, p.src))
+    });
+    assert_eq!(
+        verdict(&c, &error, forwarded),
+        drop(DropReason::NotAuthorized, Basis::IcmpError)
+    );
+    // The host's own error passes, but never fragmented (the stack never fragments its errors).
+    assert_eq!(v(&c, error), pass(Basis::IcmpError));
+    assert_eq!(
+        v(&c, with(error, |p| p.fragment = Fragment::First)),
+        drop(DropReason::NotAuthorized, Basis::IcmpError)
+    );
+    // Neighbour discovery is link plumbing either way.
+    assert_eq!(
+        verdict(&c, &nd("fe80::1", 135, 255), forwarded),
+        pass(Basis::NeighbourDiscovery)
+    );
+}
+
+#[test]
 fn rule_2_source_routed_drops_before_anything_passes() {
     let c = compiled("enforce");
     let routed = |p: Packet| with(p, |p| p.source_routed = true);
@@ -293,7 +364,7 @@ fn rule_2_source_routed_drops_before_anything_passes() {
     );
     let facts = FlowFacts {
         reply: true,
-        ..FlowFacts::default()
+        ..local()
     };
     assert_eq!(
         verdict(
@@ -323,7 +394,7 @@ fn rule_3_replies_of_inbound_flows_pass_before_anything_else() {
     let c = compiled("enforce");
     let facts = FlowFacts {
         reply: true,
-        ..FlowFacts::default()
+        ..local()
     };
     for dst in ["203.0.113.9", "172.20.0.1", "2001:db8::9", "fd00:dead::1"] {
         for flags in [0x10, 0x18, 0x11, 0x04, 0x12] {
@@ -348,11 +419,11 @@ fn rule_3_a_peer_cannot_open_the_egress_by_sending_first() {
     let c = compiled("enforce");
     let flow = FlowFacts {
         reply: true,
-        ..FlowFacts::default()
+        ..local()
     };
     let half_open = FlowFacts {
         half_open: true,
-        ..FlowFacts::default()
+        ..local()
     };
     let denied = drop(DropReason::NotAuthorized, Basis::NoRule);
     // A bare SYN from the gateway is never a reply, whatever the flow state says.
@@ -383,10 +454,7 @@ fn rule_3_a_peer_cannot_open_the_egress_by_sending_first() {
     }
     // Datagrams and echo replies need an established (live) flow; a non-first fragment has no ports.
     assert_eq!(verdict(&c, &udp("10.9.9.9", 5000), half_open), denied);
-    assert_eq!(
-        verdict(&c, &udp("10.9.9.9", 5000), FlowFacts::default()),
-        denied
-    );
+    assert_eq!(verdict(&c, &udp("10.9.9.9", 5000), local()), denied);
     assert_eq!(
         verdict(&c, &frag("10.9.9.9", 17), flow).reason,
         Some(DropReason::FragmentUnverified)
@@ -568,7 +636,7 @@ fn non_first_fragments_pass_only_toward_all_ports_or_after_their_first_fragment(
     );
     let first_passed = FlowFacts {
         first_fragment_passed: true,
-        ..FlowFacts::default()
+        ..local()
     };
     assert_eq!(
         verdict(&c, &frag("10.1.3.7", 6), first_passed),

@@ -34,8 +34,9 @@ const TC_PULL_LEN: u32 = 256;
 /// Pass, letting any later TC program and the stack decide (TC_ACT_UNSPEC: "next" for tcx and clsact).
 const TC_PASS: i32 = TC_ACT_UNSPEC;
 
-/// Parses, decides, accounts: the enforcement path shared by TC egress and XDP forward. `account`
-/// false: the packet was enforced and counted already (at a forward interface's XDP), decide only.
+/// Parses, decides, accounts: the enforcement path shared by TC egress and XDP forward. `local`: the
+/// packet was generated on this host. `account` false: the packet was enforced and counted already (at a
+/// forward interface's XDP); its passes are not counted again, a drop here is (XDP passed it).
 #[inline(always)]
 fn enforce(
     hook: Hook,
@@ -43,18 +44,22 @@ fn enforce(
     parsed: Result<(), parse::Malformed>,
     pkt: &Packet,
     bytes: u64,
+    local: bool,
     account: bool,
 ) -> Outcome {
     let outcome = match parsed {
         Ok(()) => {
-            let o = verdict::decide(pkt);
+            let o = verdict::decide(pkt, local);
+            // Remember a first fragment only when it passed outright: an audited would-be drop must not
+            // vouch for its datagram's later fragments once the mode is enforce.
             if pkt.fragment == Fragment::First {
-                if o.action == ACTION_PASS {
+                if o.action == ACTION_PASS && o.reason == 0 {
                     flows::record_first_fragment(pkt, o.id);
                 } else {
                     flows::forget_first_fragment(pkt);
                 }
             }
+            let account = account || o.reason != 0;
             if account {
                 stats::count(hook, pkt);
                 account::observe(pkt, &o);
@@ -66,14 +71,14 @@ fn enforce(
         }
         Err(_) => {
             let o = verdict::malformed();
-            if account {
+            if account || o.reason != 0 {
                 stats::bump(hook, Stat::Malformed);
                 events::drop_event(hook, ifindex, None, &o);
             }
             o
         }
     };
-    if account {
+    if account || outcome.reason != 0 {
         account::account(&outcome, bytes);
     } else {
         account::record_last(&outcome);
@@ -128,7 +133,8 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
             parsed = parse::parse(&Cursor::new(ctx.data(), ctx.data_end()), pkt);
         }
     }
-    let o = enforce(Hook::TcEgress, ifindex, parsed, pkt, u64::from(len), account);
+    let local = ingress_ifindex == 0;
+    let o = enforce(Hook::TcEgress, ifindex, parsed, pkt, u64::from(len), local, account);
     tc_action(&o)
 }
 
@@ -140,7 +146,7 @@ pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_DROP;
     };
     let parsed = parse::parse(&Cursor::new(ctx.data(), ctx.data_end()), pkt);
-    let o = enforce(Hook::XdpForward, ifindex, parsed, pkt, bytes, true);
+    let o = enforce(Hook::XdpForward, ifindex, parsed, pkt, bytes, false, true);
     if o.action == ACTION_PASS {
         xdp_action::XDP_PASS
     } else {

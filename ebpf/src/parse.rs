@@ -406,6 +406,7 @@ fn parse_ipv6(c: &Cursor, off: usize, pkt: &mut Packet) -> Result<(), Malformed>
         off + payload_len
     };
     let mut chain = 0;
+    let mut frag_seen = false;
     loop {
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MH => {
@@ -442,9 +443,12 @@ fn parse_ipv6(c: &Cursor, off: usize, pkt: &mut Packet) -> Result<(), Malformed>
                     return Err(Malformed);
                 }
                 let frag: &Ipv6FragHdr = c.ptr_at(off)?;
-                if off + size_of::<Ipv6FragHdr>() > l3_end {
+                // A second fragment header: receivers reassemble by the first, we would check the
+                // second.
+                if off + size_of::<Ipv6FragHdr>() > l3_end || frag_seen {
                     return Err(Malformed);
                 }
+                frag_seen = true;
                 let fo = be16(frag.frag_off);
                 pkt.frag_id = u32::from_be_bytes(frag.id);
                 next = frag.next_hdr;

@@ -160,7 +160,11 @@ fn proto_index(proto: u8) -> Option<usize> {
 
 /// The verdict for a parsed packet leaving through the ENI (TC egress) or entering a forward interface.
 #[inline(always)]
-pub fn decide(pkt: &Packet) -> Outcome {
+///
+/// `local`: the packet was generated on this host (TC egress, not forwarded). Only such packets can be
+/// host essentials, replies of flows peers opened toward the host's sockets, or ICMP errors the host's
+/// stack sends: a forwarded packet's addresses and ports are whatever its sender chose.
+pub fn decide(pkt: &Packet, local: bool) -> Outcome {
     // 1. Not IPv4/IPv6 -> pass.
     if pkt.l3 == L3::NonIp {
         return Outcome {
@@ -200,12 +204,16 @@ pub fn decide(pkt: &Packet) -> Outcome {
         };
     }
     // 1. Host essentials (DHCP, DHCPv6, MLD) -> pass.
-    let essential = host_essential(pkt, ctx.cfg.host_essentials);
+    let essential = if local {
+        host_essential(pkt, ctx.cfg.host_essentials)
+    } else {
+        0
+    };
     if essential != 0 {
         return ctx.pass(basis::HOST_ESSENTIAL, essential);
     }
     // 3. Reply in a flow that a peer initiated toward a gateway socket -> pass.
-    if flows::is_reply(pkt, ctx.cfg) {
+    if local && flows::is_reply(pkt, ctx.cfg) {
         return ctx.pass(basis::REPLY, 0);
     }
     // 4. Destination in a reserved block -> drop reserved_range.
@@ -257,7 +265,7 @@ pub fn decide(pkt: &Packet) -> Outcome {
                 | ICMPV6_PARAMETER_PROBLEM,
             ..
         } => {
-            if pkt.quote_matches {
+            if local && pkt.quote_matches && pkt.fragment == Fragment::None {
                 ctx.pass(basis::ICMP_ERROR, 0)
             } else {
                 ctx.drop(DropReason::NotAuthorized, basis::ICMP_ERROR, 0)
@@ -340,6 +348,21 @@ fn nd_allowed(pkt: &Packet, cfg: &GenConfig) -> bool {
 
 /// ff02::16, all MLDv2-capable routers.
 const MLDV2_ROUTERS: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x16];
+/// ff02::1:2, all DHCP relay agents and servers.
+const DHCPV6_SERVERS: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 2];
+
+/// Whether an IPv4 destination lies in one of the ENI's on-link prefixes (kept as IPv4-mapped keys).
+#[inline(always)]
+fn on_link4(d: &[u8; 16]) -> bool {
+    let mut mapped = [0u8; 16];
+    mapped[10] = 0xff;
+    mapped[11] = 0xff;
+    mapped[12] = d[0];
+    mapped[13] = d[1];
+    mapped[14] = d[2];
+    mapped[15] = d[3];
+    ONLINK6.get(Key::new(128, Prefix6 { addr: mapped })).is_some()
+}
 
 /// Rule 1: which host essential the packet is (`essential::*`), 0 for none or when it is turned off.
 #[inline(always)]
@@ -347,14 +370,26 @@ fn host_essential(pkt: &Packet, on: u32) -> u32 {
     if on == 0 || pkt.fragment != Fragment::None {
         return 0;
     }
+    let d = &pkt.dst;
     match pkt.l4 {
-        L4::Udp { sport: 68, dport: 67 } if on & ESSENTIAL_DHCP != 0 && pkt.l3 == L3::Ipv4 => {
+        // DHCPv4 goes to the broadcast address or, renewing, to the server on the link.
+        L4::Udp { sport: 68, dport: 67 }
+            if on & ESSENTIAL_DHCP != 0
+                && pkt.l3 == L3::Ipv4
+                && ((d[0] & d[1] & d[2] & d[3]) == 0xff || on_link4(d)) =>
+        {
             essential::DHCPV4
         }
+        // DHCPv6 clients send to ff02::1:2 (RFC 8415).
         L4::Udp {
             sport: 546,
             dport: 547,
-        } if on & ESSENTIAL_DHCP != 0 && pkt.l3 == L3::Ipv6 => essential::DHCPV6,
+        } if on & ESSENTIAL_DHCP != 0
+            && pkt.l3 == L3::Ipv6
+            && halves(d) == halves(&DHCPV6_SERVERS) =>
+        {
+            essential::DHCPV6
+        }
         L4::Icmpv6 {
             kind: ICMPV6_MLD2_REPORT,
             ..

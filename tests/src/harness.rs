@@ -55,8 +55,8 @@ struct FlowModel {
 #[derive(Default)]
 pub struct LocalHost {
     pub addrs: HashSet<IpAddr>,
-    /// The ENI's on-link IPv6 prefixes.
-    pub onlink: Vec<ipnet::Ipv6Net>,
+    /// The ENI's on-link prefixes.
+    pub onlink: Vec<ipnet::IpNet>,
     pub tcp_ports: HashSet<u16>,
     pub udp_ports: HashSet<u16>,
     /// The sockets themselves (kept open).
@@ -232,8 +232,8 @@ impl Harness {
             .expect("set local addresses");
     }
 
-    /// Makes `prefixes` the ENI's on-link IPv6 prefixes (kernel and reference).
-    pub fn set_onlink_prefixes(&mut self, prefixes: &[ipnet::Ipv6Net]) {
+    /// Makes `prefixes` the ENI's on-link prefixes (kernel and reference).
+    pub fn set_onlink_prefixes(&mut self, prefixes: &[ipnet::IpNet]) {
         self.dp
             .set_onlink_prefixes(prefixes)
             .expect("set on-link prefixes");
@@ -366,8 +366,15 @@ impl Harness {
         }
     }
 
-    /// The reference verdict for `frame` under the current state.
+    /// The reference verdict for `frame` under the current state, as the gateway's own packet (TC
+    /// egress).
     pub fn reference(&self, frame: &Frame) -> Verdict {
+        self.reference_at(Enforcer::TcEgress, frame)
+    }
+
+    /// The reference verdict for `frame` where `enforcer` sees it: TC egress sees the gateway's own
+    /// packets (BPF_PROG_TEST_RUN gives them no ingress interface), XDP forward forwarded ones.
+    pub fn reference_at(&self, enforcer: Enforcer, frame: &Frame) -> Verdict {
         let d = frame.describe();
         let c = self.compiled.as_ref().expect("a policy is applied");
         let (reply, half_open) = match outbound_flow_key(&d) {
@@ -387,10 +394,7 @@ impl Harness {
             _ => false,
         };
         let on_link = match d.packet {
-            Packet::Ip(ip) => match ip.dst {
-                IpAddr::V6(a) => self.local.onlink.iter().any(|n| n.contains(&a)),
-                IpAddr::V4(_) => false,
-            },
+            Packet::Ip(ip) => self.local.onlink.iter().any(|n| n.contains(&ip.dst)),
             _ => false,
         };
         verdict(
@@ -400,6 +404,7 @@ impl Harness {
                 reply,
                 half_open,
                 on_link,
+                local_origin: enforcer == Enforcer::TcEgress,
                 first_fragment_passed,
             },
         )
@@ -407,7 +412,7 @@ impl Harness {
 
     /// Runs `frame` through `enforcer` and the reference; returns a description of any disagreement.
     pub fn check(&mut self, enforcer: Enforcer, frame: &Frame) -> Option<String> {
-        let want = self.reference(frame);
+        let want = self.reference_at(enforcer, frame);
         let before = self.dp.last_verdict().expect("read LAST_VERDICT").seq;
         let rv = match enforcer {
             Enforcer::TcEgress => run_prog(self.dp.tc_egress().expect("tc"), &frame.bytes),
@@ -421,7 +426,8 @@ impl Harness {
             && ip.fragment == Fragment::First
         {
             let dgram = datagram_id(&d, ip.src, ip.dst, id);
-            if want.action == Action::Pass {
+            // Only a first fragment that passed outright vouches (not an audited would-be drop).
+            if want.action == Action::Pass && want.reason.is_none() {
                 self.first_fragments.insert(dgram);
             } else {
                 self.first_fragments.remove(&dgram);

@@ -142,7 +142,15 @@ pub fn run(args: &Args) -> u8 {
         l4,
         Fragment::None,
     ));
-    let v = verdict(&compiled, &pkt, FlowFacts::default());
+    // The gateway's own packet (locally generated), with no flow state.
+    let v = verdict(
+        &compiled,
+        &pkt,
+        FlowFacts {
+            local_origin: true,
+            ..FlowFacts::default()
+        },
+    );
     let path = &checked.source.path;
     let rule = v.rule().and_then(|id| compiled.rule(id)).map(|r| RuleRef {
         id: r.id,

@@ -44,8 +44,8 @@ fn compile(path: &Path) -> Result<(policy::Policy, Compiled), u8> {
     Ok((p, c))
 }
 
-/// Tells the kernel the host's own addresses (flows are recorded only toward them: the interfaces' addresses
-/// now, and the egress IP) and the ENI's on-link IPv6 prefixes.
+/// Tells the kernel the host's own addresses (flows are recorded only toward them: the interfaces'
+/// addresses now, loopback excluded) and the ENI's on-link prefixes.
 fn sync_local_addresses(dp: &mut Datapath, policy: &Policy) -> Result<usize, String> {
     let mut addrs =
         datapath::host_addresses().map_err(|e| format!("cannot list addresses: {e}"))?;

@@ -33,6 +33,11 @@ pub enum DatapathError {
     #[error("interface {0} not found (in this network namespace)")]
     InterfaceNotFound(String),
 
+    #[error(
+        "interface {0} is not an Ethernet interface: {1}; vpcgate parses frames from their Ethernet header and enforces only on Ethernet interfaces"
+    )]
+    NotEthernet(String, String),
+
     #[error("cannot attach {program} to {interface}: {source}")]
     Attach {
         program: &'static str,

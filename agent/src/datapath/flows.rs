@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use aya::maps::HashMap as BpfHashMap;
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use ipnet::Ipv6Net;
+use ipnet::{IpNet, Ipv6Net};
 use vpcgate_common::datapath::{
     FlowKey, FlowValue, FragKey, FragValue, LocalAddr, Prefix6, limits, names,
 };
@@ -146,9 +146,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// Replaces the ENI's on-link IPv6 prefixes: neighbour discovery toward them passes (rule 1).
-    pub fn set_onlink_prefixes(&mut self, prefixes: &[Ipv6Net]) -> Result<(), DatapathError> {
-        let mut want: Vec<Ipv6Net> = prefixes.iter().map(Ipv6Net::trunc).collect();
+    /// Replaces the ENI's on-link prefixes (rule 1): neighbour discovery toward the IPv6 ones passes, and
+    /// DHCPv4 renewals toward the IPv4 ones (kept as IPv4-mapped IPv6 prefixes in one trie).
+    pub fn set_onlink_prefixes(&mut self, prefixes: &[IpNet]) -> Result<(), DatapathError> {
+        let mut want: Vec<Ipv6Net> = prefixes.iter().map(mapped_prefix).collect();
         want.sort();
         want.dedup();
         if want.len() > limits::ONLINK6 as usize {
@@ -217,21 +218,34 @@ impl Datapath {
     }
 }
 
-/// Every address configured on this network namespace's interfaces (the gateway's own addresses).
+/// Every address configured on this network namespace's interfaces (the gateway's own addresses), but
+/// loopback ones: nothing on the ENI is addressed to those.
 pub fn host_addresses() -> std::io::Result<Vec<IpAddr>> {
-    Ok(interface_addresses()?.into_iter().map(|a| a.1).collect())
-}
-
-/// The on-link IPv6 prefixes of `interface`'s global addresses (link-local ones are covered by fe80::/10).
-pub fn onlink_prefixes(interface: &str) -> std::io::Result<Vec<Ipv6Net>> {
     Ok(interface_addresses()?
         .into_iter()
-        .filter(|(name, addr, _)| name == interface && addr.is_ipv6())
+        .map(|a| a.1)
+        .filter(|a| !a.is_loopback())
+        .collect())
+}
+
+/// An IPv4 prefix as the IPv4-mapped IPv6 prefix the kernel's `ONLINK6` trie keeps; IPv6 as is.
+fn mapped_prefix(n: &IpNet) -> Ipv6Net {
+    match n {
+        IpNet::V4(v4) => Ipv6Net::new(v4.network().to_ipv6_mapped(), 96 + v4.prefix_len())
+            .expect("a mapped prefix is at most 128 bits")
+            .trunc(),
+        IpNet::V6(v6) => v6.trunc(),
+    }
+}
+
+/// The on-link prefixes of `interface`'s addresses (IPv6 link-local ones are covered by fe80::/10).
+pub fn onlink_prefixes(interface: &str) -> std::io::Result<Vec<IpNet>> {
+    Ok(interface_addresses()?
+        .into_iter()
+        .filter(|(name, _, _)| name == interface)
         .filter_map(|(_, addr, len)| match addr {
-            IpAddr::V6(a) if (a.segments()[0] & 0xffc0) != 0xfe80 => {
-                Ipv6Net::new(a, len).ok().map(|n| n.trunc())
-            }
-            _ => None,
+            IpAddr::V6(a) if (a.segments()[0] & 0xffc0) == 0xfe80 => None,
+            a => IpNet::new(a, len).ok().map(|n| n.trunc()),
         })
         .collect())
 }

@@ -147,6 +147,7 @@ impl Datapath {
     /// where the kernel has tcx, else a filter on a clsact qdisc (added when missing).
     pub fn attach_tc_egress(&mut self, interface: &str) -> Result<TcAttachMode, DatapathError> {
         ifindex(interface)?;
+        require_ethernet(interface)?;
         let tcx = has_tcx();
         if !tcx {
             // EEXIST just means the qdisc is there already.
@@ -214,6 +215,7 @@ impl Datapath {
         role: XdpRole,
     ) -> Result<XdpAttachMode, DatapathError> {
         ifindex(interface)?;
+        require_ethernet(interface)?;
         let name = role.program();
         let prog: &mut Xdp = program_mut(&mut self.ebpf, name)?;
         match prog.attach(interface, XdpMode::Driver) {
@@ -271,6 +273,41 @@ where
 pub fn has_tcx() -> bool {
     use aya::util::KernelVersion;
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// The programs parse frames from their Ethernet header: on an interface without one (tun, wireguard,
+/// ipip: ARPHRD other than ETHER) the IP header would be read as an Ethernet header and most packets would
+/// look like non-IP frames, which pass. Refuse those interfaces.
+fn require_ethernet(interface: &str) -> Result<(), DatapathError> {
+    let fail = |why: String| DatapathError::NotEthernet(interface.to_owned(), why);
+    // SIOCGIFHWADDR on a socket of this thread's network namespace (sysfs may show another one).
+    // SAFETY: plain syscalls on a socket we own and a zeroed ifreq we fill within its bounds.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(fail(format!("socket: {}", std::io::Error::last_os_error())));
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (d, s) in req
+            .ifr_name
+            .iter_mut()
+            .zip(interface.bytes().take(libc::IFNAMSIZ - 1))
+        {
+            *d = s as libc::c_char;
+        }
+        let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc < 0 {
+            return Err(fail(format!("SIOCGIFHWADDR: {err}")));
+        }
+        match req.ifr_ifru.ifru_hwaddr.sa_family {
+            libc::ARPHRD_ETHER => Ok(()),
+            other => Err(fail(format!(
+                "its link type is {other} (ARPHRD_ETHER is 1)"
+            ))),
+        }
+    }
 }
 
 /// The interface's index in the caller's network namespace.

@@ -105,9 +105,13 @@ pub struct FlowFacts {
     pub reply: bool,
     /// A live half-open TCP flow (the peer's SYN reached a listener, not yet acknowledged) matches.
     pub half_open: bool,
-    /// The destination lies in one of the ENI's on-link IPv6 prefixes (host state the agent writes from
-    /// the interface's addresses; neighbour discovery toward it passes).
+    /// The destination lies in one of the ENI's on-link prefixes (host state the agent writes from the
+    /// interface's addresses): neighbour discovery (IPv6) and DHCPv4 renewals toward it pass.
     pub on_link: bool,
+    /// The packet was generated on this host (TC egress, not forwarded from another interface). Only
+    /// such packets can be host essentials, replies (rule 3) or ICMP errors that pass: a forwarded
+    /// packet's addresses and ports are whatever its sender chose.
+    pub local_origin: bool,
     /// (Non-first fragments) the first fragment of the same datagram passed.
     pub first_fragment_passed: bool,
 }
@@ -256,18 +260,28 @@ fn nd_allowed(c: &Compiled, ip: &IpPacket, on_link: bool) -> bool {
         && (link_scope || on_link || c.onlink6.is_some_and(|n| n.contains(&d)))
 }
 
-/// Rule 1: the host essential this packet is, when that essential is on.
-fn host_essential(c: &Compiled, ip: &IpPacket) -> Option<HostEssentialKind> {
+/// Rule 1: the host essential this packet is, when that essential is on: the host's own (locally
+/// generated) DHCPv4 client traffic to the broadcast address or an on-link server, DHCPv6 client traffic
+/// to ff02::1:2, MLDv2 reports to ff02::16 with hop limit 1; whole datagrams only.
+fn host_essential(c: &Compiled, ip: &IpPacket, facts: FlowFacts) -> Option<HostEssentialKind> {
     use super::model::HostEssential;
-    if ip.fragment != Fragment::None {
+    if ip.fragment != Fragment::None || !facts.local_origin {
         return None;
     }
     let on = |e| c.host_essentials.contains(&e);
     match (ip.l4, ip.dst) {
-        (L4::Udp { dport: 67 }, IpAddr::V4(_)) if ip.sport == 68 && on(HostEssential::Dhcp) => {
+        (L4::Udp { dport: 67 }, IpAddr::V4(d))
+            if ip.sport == 68
+                && (d == std::net::Ipv4Addr::BROADCAST || facts.on_link)
+                && on(HostEssential::Dhcp) =>
+        {
             Some(HostEssentialKind::Dhcpv4)
         }
-        (L4::Udp { dport: 547 }, IpAddr::V6(_)) if ip.sport == 546 && on(HostEssential::Dhcp) => {
+        (L4::Udp { dport: 547 }, IpAddr::V6(d))
+            if ip.sport == 546
+                && d == std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 1, 2)
+                && on(HostEssential::Dhcp) =>
+        {
             Some(HostEssentialKind::Dhcpv6)
         }
         (
@@ -286,10 +300,11 @@ fn host_essential(c: &Compiled, ip: &IpPacket) -> Option<HostEssentialKind> {
     }
 }
 
-/// Rule 3: whether the packet replies in a live flow a peer initiated. A bare TCP SYN never does; a
-/// half-open flow is answered only by a SYN-ACK or RST; a non-first fragment has no ports to match.
+/// Rule 3: whether the packet (generated on this host) replies in a live flow a peer initiated. A bare
+/// TCP SYN never does; a half-open flow is answered only by a SYN-ACK or RST; a non-first fragment has no
+/// ports to match.
 fn is_reply(ip: &IpPacket, facts: FlowFacts) -> bool {
-    if ip.fragment == Fragment::NonFirst {
+    if ip.fragment == Fragment::NonFirst || !facts.local_origin {
         return false;
     }
     match ip.l4 {
@@ -341,7 +356,7 @@ pub fn verdict(c: &Compiled, pkt: &Packet, facts: FlowFacts) -> Verdict {
         };
     }
     // 1. Host essentials -> pass.
-    if let Some(e) = host_essential(c, ip) {
+    if let Some(e) = host_essential(c, ip, facts) {
         return Verdict::pass(Basis::HostEssential(e));
     }
     // 3. Reply in a live flow a peer initiated toward a gateway socket -> pass.
@@ -385,10 +400,13 @@ pub fn verdict(c: &Compiled, pkt: &Packet, facts: FlowFacts) -> Verdict {
         );
     }
     match ip.l4 {
-        // ICMP errors pass only as answers to a packet this host received: the quoted packet came from
-        // this packet's destination to its source. Echo requests pass toward addresses rule 5 or 6 covers.
+        // ICMP errors pass only as answers to a packet this host received: sent by this host's stack,
+        // unfragmented, quoting a packet that came from this packet's destination to its source. Echo requests pass toward addresses rule 5 or 6 covers.
         l4 if is_icmp_error(l4) => {
-            if ip.quoted == Some((ip.dst, ip.src)) {
+            if facts.local_origin
+                && ip.fragment == Fragment::None
+                && ip.quoted == Some((ip.dst, ip.src))
+            {
                 Verdict::pass(Basis::IcmpError)
             } else {
                 Verdict::drop(DropReason::NotAuthorized, Basis::IcmpError, mode)
