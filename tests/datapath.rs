@@ -471,3 +471,55 @@ fn icmp_errors_credit_the_quoted_destination_read_by_its_own_protocol() {
     assert_eq!(icmp.icmp_errors, 1);
     assert_eq!(h.dp.destination(backend, 1, 53).unwrap(), None);
 }
+
+#[test]
+fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
+    use vpcgate_common::parse_stats::Hook;
+    vpcgate_lab::require_root();
+    let mut h = Harness::new();
+    h.apply(&small());
+    let pass = build("to web:80", &[ipv4(), tcp(80)], 0);
+    let run = |h: &mut Harness, e: Enforcer| match e {
+        Enforcer::TcEgress => h.dp.tc_egress().unwrap().test_run(opts(&pass.bytes)).unwrap(),
+        Enforcer::XdpForward => h.dp.xdp_forward().unwrap().test_run(opts(&pass.bytes)).unwrap(),
+    }
+    .return_value;
+    use aya::programs::{TestRun, TestRunOptions};
+    fn opts(b: &[u8]) -> TestRunOptions<'_> {
+        TestRunOptions {
+            data_in: Some(b),
+            ..TestRunOptions::new()
+        }
+    }
+    // Free: the allowed packet passes (and each run gives its slot back, or the second would fail).
+    for _ in 0..2 {
+        assert_eq!(
+            run(&mut h, Enforcer::TcEgress),
+            vpcgate_lab::harness::TC_PASS
+        );
+        assert_eq!(
+            run(&mut h, Enforcer::XdpForward),
+            vpcgate_lab::harness::XDP_PASS
+        );
+    }
+    // Taken (as by a run another task interleaved on this CPU): the same packet drops.
+    h.dp.set_scratch_busy(Hook::TcEgress, true).unwrap();
+    h.dp.set_scratch_busy(Hook::XdpForward, true).unwrap();
+    assert_eq!(
+        run(&mut h, Enforcer::TcEgress),
+        vpcgate_lab::harness::TC_SHOT
+    );
+    assert_eq!(
+        run(&mut h, Enforcer::XdpForward),
+        vpcgate_lab::harness::XDP_DROP
+    );
+    // The observing program passes whatever happens.
+    h.dp.set_scratch_busy(Hook::Xdp, true).unwrap();
+    let rv =
+        h.dp.xdp_ingress()
+            .unwrap()
+            .test_run(opts(&pass.bytes))
+            .unwrap()
+            .return_value;
+    assert_eq!(rv, vpcgate_lab::harness::XDP_PASS);
+}

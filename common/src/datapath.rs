@@ -26,6 +26,7 @@ pub mod names {
     pub const FLOWS: &str = "FLOWS";
     pub const HALF_OPEN: &str = "HALF_OPEN";
     pub const DGRAM_FLOWS: &str = "DGRAM_FLOWS";
+    pub const ECHO_FLOWS: &str = "ECHO_FLOWS";
     pub const FRAGS: &str = "FRAGS";
     pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
     pub const ONLINK6: &str = "ONLINK6";
@@ -51,8 +52,11 @@ pub mod limits {
     pub const FLOWS: u32 = 65536;
     /// TCP flows a peer opened (SYN seen toward a listener), not yet acknowledged.
     pub const HALF_OPEN: u32 = 16384;
-    /// UDP and ICMP echo flows peers initiated.
+    /// UDP flows peers initiated toward a bound socket.
     pub const DGRAM_FLOWS: u32 = 65536;
+    /// ICMP echo flows (the kernel answers pings itself, no socket to check): their own map, so a ping
+    /// flood cannot evict UDP flows.
+    pub const ECHO_FLOWS: u32 = 4096;
     pub const FRAGS: u32 = 8192;
     /// The gateway's own addresses (flows are recorded only toward these).
     pub const LOCAL_ADDRS: u32 = 1024;

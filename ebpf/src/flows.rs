@@ -10,6 +10,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple},
+    maps::LruHashMap,
     helpers::{bpf_ktime_get_ns, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::XdpContext,
     EbpfContext,
@@ -20,7 +21,7 @@ use vpcgate_common::{
 };
 
 use crate::{
-    maps::{DGRAM_FLOWS, FLOWS, FRAGS, HALF_OPEN, LOCAL_ADDRS},
+    maps::{DGRAM_FLOWS, ECHO_FLOWS, FLOWS, FRAGS, HALF_OPEN, LOCAL_ADDRS},
     parse::{
         Fragment, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, L3, L4, Packet, TCP_ACK,
         TCP_FIN, TCP_RST, TCP_SYN,
@@ -106,25 +107,29 @@ pub fn is_reply(pkt: &Packet, cfg: &GenConfig) -> bool {
             }
             false
         }
-        L4::Udp { sport, dport } => dgram_live(&key(pkt, IPPROTO_UDP, sport, dport, true), t, cfg),
+        L4::Udp { sport, dport } => {
+            dgram_live(&DGRAM_FLOWS, &key(pkt, IPPROTO_UDP, sport, dport, true), t, cfg)
+        }
         L4::Icmp {
             kind: ICMP_ECHO_REPLY,
             id,
             ..
-        } => dgram_live(&key(pkt, IPPROTO_ICMP, id, id, true), t, cfg),
+        } => dgram_live(&ECHO_FLOWS, &key(pkt, IPPROTO_ICMP, id, id, true), t, cfg),
         L4::Icmpv6 {
             kind: ICMPV6_ECHO_REPLY,
             id,
             ..
-        } => dgram_live(&key(pkt, IPPROTO_ICMPV6, id, id, true), t, cfg),
+        } => dgram_live(&ECHO_FLOWS, &key(pkt, IPPROTO_ICMPV6, id, id, true), t, cfg),
         _ => false,
     }
 }
 
+type FlowMap = LruHashMap<FlowKey, FlowValue>;
+
 #[inline(always)]
-fn dgram_live(k: &FlowKey, now: u64, cfg: &GenConfig) -> bool {
+fn dgram_live(map: &'static FlowMap, k: &FlowKey, now: u64, cfg: &GenConfig) -> bool {
     // SAFETY: the value is copied out at once.
-    match unsafe { DGRAM_FLOWS.get(k) } {
+    match unsafe { map.get(k) } {
         Some(v) => live(now, v.last_seen_ns, cfg.udp_timeout_s),
         None => false,
     }
@@ -297,11 +302,11 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
         }
         L4::Udp { sport, dport } => {
             let k = key(pkt, IPPROTO_UDP, dport, sport, false);
-            if refresh_dgram(&k, t, cfg) {
+            if refresh_dgram(&DGRAM_FLOWS, &k, t, cfg) {
                 return;
             }
             if to_local(pkt) && socket_exists(ctx.as_ptr(), v6, false, &mut tuple(pkt, sport, dport)) {
-                insert_dgram(&k, t);
+                insert_dgram(&DGRAM_FLOWS, &k, t);
             }
         }
         // The kernel answers echo requests to its own addresses itself.
@@ -322,8 +327,8 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
 /// Refreshes a live datagram flow; an expired one is removed (never revived by the peer). Whether the
 /// flow was live.
 #[inline(always)]
-fn refresh_dgram(k: &FlowKey, t: u64, cfg: &GenConfig) -> bool {
-    let Some(v) = DGRAM_FLOWS.get_ptr_mut(k) else {
+fn refresh_dgram(map: &'static FlowMap, k: &FlowKey, t: u64, cfg: &GenConfig) -> bool {
+    let Some(v) = map.get_ptr_mut(k) else {
         return false;
     };
     // SAFETY: a map value, read at once.
@@ -331,20 +336,20 @@ fn refresh_dgram(k: &FlowKey, t: u64, cfg: &GenConfig) -> bool {
         refresh(v, t, false);
         return true;
     }
-    let _ = DGRAM_FLOWS.remove(k);
+    let _ = map.remove(k);
     false
 }
 
 #[inline(always)]
 fn echo_request(pkt: &Packet, k: &FlowKey, t: u64, cfg: &GenConfig) {
-    if !refresh_dgram(k, t, cfg) && to_local(pkt) {
-        insert_dgram(k, t);
+    if !refresh_dgram(&ECHO_FLOWS, k, t, cfg) && to_local(pkt) {
+        insert_dgram(&ECHO_FLOWS, k, t);
     }
 }
 
 #[inline(always)]
-fn insert_dgram(k: &FlowKey, t: u64) {
-    let _ = DGRAM_FLOWS.insert(
+fn insert_dgram(map: &'static FlowMap, k: &FlowKey, t: u64) {
+    let _ = map.insert(
         k,
         &FlowValue {
             last_seen_ns: t,

@@ -22,7 +22,7 @@ use vpcgate_common::{
 };
 
 use crate::{
-    maps::{FORWARD_IFS, SCRATCH},
+    maps::{FORWARD_IFS, SCRATCH, SCRATCH_BUSY},
     parse::{Cursor, Fragment, Packet},
     verdict::Outcome,
 };
@@ -98,14 +98,39 @@ fn tc_action(o: &Outcome) -> i32 {
 /// This hook's scratch packet: the parser writes into a map value, whose contents the verifier does not
 /// track, so the states of the parser's many paths (VLAN tags, options, extension chains) collapse into
 /// one before the verdict and accounting are verified, instead of multiplying with them.
+///
+/// Taken for the program's run and given back by `release`: TC egress and XDP run with bottom halves
+/// disabled, so two runs of one hook do not interleave on a CPU; where they could (PREEMPT_RT without its
+/// per-CPU bottom-half lock), the second finds the slot taken and gets None: the caller fails closed.
 #[inline(always)]
 fn scratch(hook: Hook) -> Option<&'static mut Packet> {
-    // SAFETY: this CPU's slot of a per-CPU array; programs do not nest on a CPU within one hook (TC
-    // egress and XDP run with bottom halves disabled, also on PREEMPT_RT where that is a per-CPU lock).
-    SCRATCH.get_ptr_mut(hook as u32).map(|p| unsafe {
-        *p = Packet::new();
-        &mut *p
-    })
+    let busy = SCRATCH_BUSY.get_ptr_mut(hook as u32)?;
+    // SAFETY: this CPU's slots of per-CPU arrays, held by this run until `release`.
+    unsafe {
+        if *busy != 0 {
+            return None;
+        }
+        *busy = 1;
+        match SCRATCH.get_ptr_mut(hook as u32) {
+            Some(p) => {
+                *p = Packet::new();
+                Some(&mut *p)
+            }
+            None => {
+                *busy = 0;
+                None
+            }
+        }
+    }
+}
+
+/// Gives the hook's scratch packet back (see `scratch`).
+#[inline(always)]
+fn release(hook: Hook) {
+    if let Some(busy) = SCRATCH_BUSY.get_ptr_mut(hook as u32) {
+        // SAFETY: this CPU's slot, taken by this run.
+        unsafe { *busy = 0 };
+    }
 }
 
 #[classifier]
@@ -135,6 +160,7 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
     }
     let local = ingress_ifindex == 0;
     let o = enforce(Hook::TcEgress, ifindex, parsed, pkt, u64::from(len), local, account);
+    release(Hook::TcEgress);
     tc_action(&o)
 }
 
@@ -147,6 +173,7 @@ pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
     };
     let parsed = parse::parse(&Cursor::new(ctx.data(), ctx.data_end()), pkt);
     let o = enforce(Hook::XdpForward, ifindex, parsed, pkt, bytes, false, true);
+    release(Hook::XdpForward);
     if o.action == ACTION_PASS {
         xdp_action::XDP_PASS
     } else {
@@ -171,6 +198,7 @@ pub fn vpcgate_xdp_ingress(ctx: XdpContext) -> u32 {
         }
         Err(_) => stats::bump(Hook::Xdp, Stat::Malformed),
     }
+    release(Hook::Xdp);
     xdp_action::XDP_PASS
 }
 

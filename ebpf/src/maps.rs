@@ -60,7 +60,12 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(
 pub static HALF_OPEN: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(limits::HALF_OPEN, 0);
 
-/// UDP (toward a bound socket) and ICMP echo flows peers initiated.
+/// ICMP echo flows peers initiated (a ping flood churns only this map).
+#[map(name = "ECHO_FLOWS")]
+pub static ECHO_FLOWS: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(limits::ECHO_FLOWS, 0);
+
+/// UDP flows peers initiated toward a bound socket.
 #[map(name = "DGRAM_FLOWS")]
 pub static DGRAM_FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(limits::DGRAM_FLOWS, 0);
@@ -98,3 +103,7 @@ pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entrie
 /// Per hook, this CPU's parsed packet (see `main::scratch`).
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(HOOK_COUNT, 0);
+
+/// Per hook, whether this CPU's scratch packet is taken by a running program.
+#[map(name = "SCRATCH_BUSY")]
+pub static SCRATCH_BUSY: PerCpuArray<u32> = PerCpuArray::with_max_entries(HOOK_COUNT, 0);

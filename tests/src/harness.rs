@@ -278,7 +278,8 @@ impl Harness {
         let (map, model) = match key.proto {
             6 if half_open => (FlowMap::HalfOpen, &mut self.flows.half_open),
             6 => (FlowMap::Established, &mut self.flows.established),
-            _ => (FlowMap::Datagram, &mut self.flows.dgram),
+            17 => (FlowMap::Datagram, &mut self.flows.dgram),
+            _ => (FlowMap::Echo, &mut self.flows.dgram),
         };
         let closing = closing && map == FlowMap::Established;
         self.dp

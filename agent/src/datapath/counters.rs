@@ -84,6 +84,36 @@ impl Datapath {
             .map_err(map_err(names::GEN_CONFIG))
     }
 
+    /// Test hook: marks this hook's per-CPU scratch packet taken (or free) on every CPU, as if a program
+    /// run held it: a run that finds it taken must fail closed.
+    #[doc(hidden)]
+    pub fn set_scratch_busy(
+        &mut self,
+        hook: vpcgate_common::parse_stats::Hook,
+        busy: bool,
+    ) -> Result<(), DatapathError> {
+        let name = "SCRATCH_BUSY";
+        let mut a = typed_map!(self.ebpf_mut(), PerCpuArray<_, u32>, name);
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Map {
+            map: name,
+            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error: e,
+            }),
+        })?;
+        let values =
+            aya::maps::PerCpuValues::try_from(vec![u32::from(busy); cpus]).map_err(|e| {
+                DatapathError::Map {
+                    map: name,
+                    source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                        call: "per-cpu values",
+                        io_error: e,
+                    }),
+                }
+            })?;
+        a.set(hook as u32, values, 0).map_err(map_err(name))
+    }
+
     pub fn last_verdict(&self) -> Result<LastVerdict, DatapathError> {
         let a = Array::<_, LastVerdict>::try_from(self.read_map(names::LAST_VERDICT)?)
             .map_err(map_err(names::LAST_VERDICT))?;

@@ -20,18 +20,26 @@ pub enum FlowMap {
     Established,
     /// TCP flows whose SYN reached a listener, not yet acknowledged.
     HalfOpen,
-    /// UDP and ICMP echo flows.
+    /// UDP flows.
     Datagram,
+    /// ICMP echo flows.
+    Echo,
 }
 
 impl FlowMap {
-    pub const ALL: [FlowMap; 3] = [FlowMap::Established, FlowMap::HalfOpen, FlowMap::Datagram];
+    pub const ALL: [FlowMap; 4] = [
+        FlowMap::Established,
+        FlowMap::HalfOpen,
+        FlowMap::Datagram,
+        FlowMap::Echo,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             FlowMap::Established => names::FLOWS,
             FlowMap::HalfOpen => names::HALF_OPEN,
             FlowMap::Datagram => names::DGRAM_FLOWS,
+            FlowMap::Echo => names::ECHO_FLOWS,
         }
     }
 }
