@@ -589,7 +589,13 @@ fn inbound_frame(
             code: 0,
         },
     };
-    build("inbound", &[ip, l4], r.below(20) as usize)
+    let frame = build("inbound", &[ip, l4], r.below(20) as usize);
+    // The builder's TCP sequence number is 1: an ACK of the gateway's SYN-ACK acknowledges 2.
+    if matches!(l4, Layer::Tcp { .. }) {
+        let ack = r.pick(&[2, 2, 2, 0, 3, 0x8000_0002]);
+        return frame.with_tcp_ack(ack);
+    }
+    frame
 }
 
 /// The gateway's packet toward a peer that sent something: a reply, or an attempt to use what the peer
@@ -674,24 +680,30 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
             if ran >= packets {
                 break;
             }
-            if r.chance(8) {
-                let six = r.chance(50);
-                let peer = if six {
-                    v6(u128::from(r.below(1100)))
+            if r.chance(10) {
+                // Half the time a peer that already spoke speaks again (handshakes complete, flows
+                // refresh, expire or close); otherwise a new one.
+                let (local, peer, peer_port, local_port) = if !peers.is_empty() && r.chance(50) {
+                    r.pick(&peers)
                 } else {
-                    v4(r.below(1100) as u32)
+                    let six = r.chance(50);
+                    let peer = if six {
+                        v6(u128::from(r.below(1100)))
+                    } else {
+                        v4(r.below(1100) as u32)
+                    };
+                    // Mostly toward the gateway; sometimes toward an address that is not its own.
+                    let local = if r.chance(85) {
+                        gw(six)
+                    } else if six {
+                        v6(6)
+                    } else {
+                        v4(6)
+                    };
+                    let other = 30000 + r.below(5) as u16;
+                    let local_port = r.pick(&[GW_TCP_PORT, GW_UDP_PORT, other]);
+                    (local, peer, 40000 + r.below(20) as u16, local_port)
                 };
-                // Mostly toward the gateway; sometimes toward an address that is not its own.
-                let local = if r.chance(85) {
-                    gw(six)
-                } else if six {
-                    v6(6)
-                } else {
-                    v4(6)
-                };
-                let other = 30000 + r.below(5) as u16;
-                let local_port = r.pick(&[GW_TCP_PORT, GW_UDP_PORT, other]);
-                let peer_port = 40000 + r.below(20) as u16;
                 h.inbound(&inbound_frame(&mut r, peer, local, peer_port, local_port));
                 inbound += 1;
                 peers.push((local, peer, peer_port, local_port));
@@ -764,6 +776,12 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
         mismatches.join("\n")
     );
     assert_eq!(ran, packets, "ran fewer packets than asked");
+    let fe = h.flow_events;
+    eprintln!("differential: flow state: {fe:?}");
+    assert!(
+        policies < 10 || fe.established > 0 && fe.wrong_acks > 0 && fe.refused > 0,
+        "the flow state machine went unexercised: {fe:?}"
+    );
     assert!(
         policies < 10 || incremental > 0 && generations > 1,
         "applies were not mixed ({incremental} incremental, {generations} generations): a path went untested"

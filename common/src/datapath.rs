@@ -203,10 +203,17 @@ pub struct FlowKey {
 pub struct FlowValue {
     /// bpf_ktime_get_ns of the last inbound packet.
     pub last_seen_ns: u64,
-    /// 1 once a FIN or RST was seen (the flow then expires after `tcp_closing_timeout_s`).
-    pub closing: u32,
-    pub _pad: u32,
+    /// `FLOW_*` bits.
+    pub state: u32,
+    /// Half-open TCP: the acknowledgment number that completes the handshake (the gateway's SYN-ACK
+    /// sequence number + 1), valid with `FLOW_SYNACK_SENT`.
+    pub expect_ack: u32,
 }
+
+/// `FlowValue::state`: a FIN or RST was seen (the flow then expires after `tcp_closing_timeout_s`).
+pub const FLOW_CLOSING: u32 = 1;
+/// `FlowValue::state` of a half-open flow: the gateway's SYN-ACK passed; only an ACK of it establishes.
+pub const FLOW_SYNACK_SENT: u32 = 2;
 
 /// The first fragment of a datagram passed: its non-first fragments may follow. The identity is the
 /// kernel reassembly's: IPv4 (src, dst, id, protocol); IPv6 (src, dst, id), `proto` 0, since the headers

@@ -4,8 +4,8 @@
 //! Rule 3 is written so that a peer cannot open the gateway's egress toward itself by sending first:
 //! a flow is recorded at the ENI's ingress only toward one of the gateway's own addresses (`LOCAL_ADDRS`)
 //! and only when the kernel's socket lookup finds a socket that would receive the packet; a TCP flow is
-//! half-open (only the gateway's SYN-ACK or RST answers it) until the peer acknowledges, and only then
-//! established; a bare SYN from the gateway is never a reply; flows expire when idle. Half-open flows
+//! half-open (only the gateway's SYN-ACK or RST answers it) until the peer acknowledges that SYN-ACK (ack
+//! = its sequence number + 1), and only then established; a bare SYN from the gateway is never a reply; flows expire when idle. Half-open flows
 //! live in their own map, so a SYN flood churns that map and never evicts established flows.
 
 use aya_ebpf::{
@@ -16,7 +16,10 @@ use aya_ebpf::{
     EbpfContext,
 };
 use vpcgate_common::{
-    datapath::{FlowKey, FlowValue, FragKey, FragValue, GenConfig, LocalAddr, limits},
+    datapath::{
+        FLOW_CLOSING, FLOW_SYNACK_SENT, FlowKey, FlowValue, FragKey, FragValue, GenConfig, LocalAddr,
+        limits,
+    },
     icmp::{ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST},
 };
 
@@ -80,6 +83,8 @@ pub fn is_reply(pkt: &Packet, cfg: &GenConfig) -> bool {
             sport,
             dport,
             flags,
+            seq,
+            ..
         } => {
             // A bare SYN opens a connection: never a reply, whatever a peer sent before.
             if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
@@ -88,7 +93,7 @@ pub fn is_reply(pkt: &Packet, cfg: &GenConfig) -> bool {
             let k = key(pkt, IPPROTO_TCP, sport, dport, true);
             // SAFETY: the value is copied out at once.
             if let Some(v) = unsafe { FLOWS.get(&k) } {
-                let timeout = if v.closing != 0 {
+                let timeout = if v.state & FLOW_CLOSING != 0 {
                     cfg.tcp_closing_timeout_s
                 } else {
                     cfg.tcp_timeout_s
@@ -98,12 +103,24 @@ pub fn is_reply(pkt: &Packet, cfg: &GenConfig) -> bool {
                     return true;
                 }
             }
-            // A half-open flow is answered only by the gateway's SYN-ACK or RST.
-            if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK || flags & TCP_RST != 0 {
-                // SAFETY: as above.
-                if let Some(v) = unsafe { HALF_OPEN.get(&k) } {
-                    return live(t, v.last_seen_ns, cfg.tcp_closing_timeout_s);
+            // A half-open flow is answered only by the gateway's SYN-ACK or RST. The SYN-ACK's sequence
+            // number is remembered: only the peer's ACK of it establishes the flow (a blind spoofer's
+            // SYN + ACK pair does not).
+            let syn_ack = flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+            if (syn_ack || flags & TCP_RST != 0)
+                && let Some(v) = HALF_OPEN.get_ptr_mut(&k)
+            {
+                // SAFETY: a map value; a racing writer stores the same kind of fields.
+                unsafe {
+                    if !live(t, (*v).last_seen_ns, cfg.tcp_closing_timeout_s) {
+                        return false;
+                    }
+                    if syn_ack {
+                        (*v).expect_ack = seq.wrapping_add(1);
+                        (*v).state |= FLOW_SYNACK_SENT;
+                    }
                 }
+                return true;
             }
             false
         }
@@ -220,8 +237,8 @@ fn refresh(v: *mut FlowValue, now: u64, closing: bool) {
         if now.saturating_sub((*v).last_seen_ns) >= REFRESH_NS {
             (*v).last_seen_ns = now;
         }
-        if closing && (*v).closing == 0 {
-            (*v).closing = 1;
+        if closing && (*v).state & FLOW_CLOSING == 0 {
+            (*v).state |= FLOW_CLOSING;
             (*v).last_seen_ns = now;
         }
     }
@@ -246,13 +263,16 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
             sport,
             dport,
             flags,
+            ack,
+            ..
         } => {
             let k = key(pkt, IPPROTO_TCP, dport, sport, false);
             let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             let closing = flags & (TCP_FIN | TCP_RST) != 0;
             if let Some(v) = FLOWS.get_ptr_mut(&k) {
                 // SAFETY: a map value, read at once.
-                let (was_closing, last) = unsafe { ((*v).closing != 0, (*v).last_seen_ns) };
+                let (was_closing, last) =
+                    unsafe { ((*v).state & FLOW_CLOSING != 0, (*v).last_seen_ns) };
                 let timeout = if was_closing {
                     cfg.tcp_closing_timeout_s
                 } else {
@@ -273,8 +293,8 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
                         &k,
                         &FlowValue {
                             last_seen_ns: t,
-                            closing: 0,
-                            _pad: 0,
+                            state: 0,
+                            expect_ack: 0,
                         },
                         0,
                     );
@@ -285,19 +305,24 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
             let Some(h) = (unsafe { HALF_OPEN.get(&k) }) else {
                 return;
             };
-            let half_open_live = live(t, h.last_seen_ns, cfg.tcp_closing_timeout_s);
-            let _ = HALF_OPEN.remove(&k);
-            // The peer acknowledged the gateway's SYN-ACK: established.
-            if half_open_live && flags & TCP_ACK != 0 && flags & TCP_RST == 0 {
+            let h = *h;
+            if !live(t, h.last_seen_ns, cfg.tcp_closing_timeout_s) || flags & TCP_RST != 0 {
+                let _ = HALF_OPEN.remove(&k);
+                return;
+            }
+            // The peer acknowledged the gateway's SYN-ACK: established. Any other packet (a guessed or
+            // junk ACK) changes nothing.
+            if flags & TCP_ACK != 0 && h.state & FLOW_SYNACK_SENT != 0 && ack == h.expect_ack {
                 let _ = FLOWS.insert(
                     &k,
                     &FlowValue {
                         last_seen_ns: t,
-                        closing: u32::from(closing),
-                        _pad: 0,
+                        state: if closing { FLOW_CLOSING } else { 0 },
+                        expect_ack: 0,
                     },
                     0,
                 );
+                let _ = HALF_OPEN.remove(&k);
             }
         }
         L4::Udp { sport, dport } => {
@@ -353,8 +378,8 @@ fn insert_dgram(map: &'static FlowMap, k: &FlowKey, t: u64) {
         k,
         &FlowValue {
             last_seen_ns: t,
-            closing: 0,
-            _pad: 0,
+            state: 0,
+            expect_ack: 0,
         },
         0,
     );

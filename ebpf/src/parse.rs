@@ -208,6 +208,8 @@ pub enum L4 {
         sport: u16,
         dport: u16,
         flags: u8,
+        seq: u32,
+        ack: u32,
     },
     Udp {
         sport: u16,
@@ -492,6 +494,8 @@ fn parse_l4(
                 sport: be16(tcp.sport),
                 dport: be16(tcp.dport),
                 flags: tcp.flags,
+                seq: u32::from_be_bytes(tcp.seq),
+                ack: u32::from_be_bytes(tcp.ack),
             };
         }
         IPPROTO_UDP => {

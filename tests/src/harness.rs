@@ -15,7 +15,9 @@ use vpcgate::{
         verdict::{Action, Basis, FlowFacts, Fragment, L4, Packet, Verdict, verdict},
     },
 };
-use vpcgate_common::datapath::{ACTION_DROP, ACTION_PASS, FlowKey, FlowValue, LastVerdict, basis};
+use vpcgate_common::datapath::{
+    ACTION_DROP, ACTION_PASS, FLOW_CLOSING, FlowKey, FlowValue, LastVerdict, basis,
+};
 
 use crate::packet::{Described, Frame};
 
@@ -40,6 +42,8 @@ type DatagramId = (bool, u8, u32, IpAddr, IpAddr);
 struct FlowState {
     live: bool,
     closing: bool,
+    /// Half-open: the acknowledgment that establishes it (the gateway's SYN-ACK passed).
+    expect_ack: Option<u32>,
 }
 
 /// The harness's model of the kernel's flow state (DESIGN.md rule 3), keyed as the gateway's outbound
@@ -49,6 +53,17 @@ struct FlowModel {
     established: HashMap<FlowKey, FlowState>,
     half_open: HashMap<FlowKey, FlowState>,
     dgram: HashMap<FlowKey, FlowState>,
+}
+
+/// How often the modelled flow state changed kind (so a test can tell it exercised each).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlowEvents {
+    /// Half-open flows the peer's ACK of the gateway's SYN-ACK established.
+    pub established: u64,
+    /// ACKs toward a half-open flow that did not acknowledge the SYN-ACK (ignored).
+    pub wrong_acks: u64,
+    /// Inbound packets toward the gateway that recorded nothing (no socket, not the gateway's address).
+    pub refused: u64,
 }
 
 /// What the gateway side of the model owns: its addresses and the ports its sockets listen on.
@@ -69,6 +84,7 @@ pub struct Harness {
     flows: FlowModel,
     first_fragments: HashSet<DatagramId>,
     pub local: LocalHost,
+    pub flow_events: FlowEvents,
 }
 
 /// The kernel's verdict in the reference's terms.
@@ -201,6 +217,7 @@ impl Harness {
             flows: FlowModel::default(),
             first_fragments: HashSet::new(),
             local: LocalHost::default(),
+            flow_events: FlowEvents::default(),
         }
     }
 
@@ -288,12 +305,19 @@ impl Harness {
                 &key,
                 FlowValue {
                     last_seen_ns,
-                    closing: u32::from(closing),
-                    _pad: 0,
+                    state: if closing { FLOW_CLOSING } else { 0 },
+                    expect_ack: 0,
                 },
             )
             .expect("insert flow");
-        model.insert(key, FlowState { live, closing });
+        model.insert(
+            key,
+            FlowState {
+                live,
+                closing,
+                expect_ack: None,
+            },
+        );
         true
     }
 
@@ -320,7 +344,9 @@ impl Harness {
         let live = FlowState {
             live: true,
             closing: false,
+            expect_ack: None,
         };
+        let ack = frame.tcp_seq_ack().map_or(0, |(_, ack)| ack);
         match kind {
             Inbound::Tcp(flags) => {
                 let syn = flags & 0x12 == 0x02;
@@ -335,21 +361,30 @@ impl Harness {
                 if syn {
                     if local && self.local.tcp_ports.contains(&port) {
                         f.half_open.insert(key, live);
+                    } else {
+                        self.flow_events.refused += 1;
                     }
                     return;
                 }
-                if let Some(h) = f.half_open.remove(&key)
-                    && h.live
-                    && flags & 0x10 != 0
-                    && flags & 0x04 == 0
-                {
-                    f.established.insert(
-                        key,
-                        FlowState {
-                            live: true,
-                            closing: flags & 0x01 != 0,
-                        },
-                    );
+                // A half-open flow: a RST (or its expiry) ends it; only the ACK of the gateway's SYN-ACK
+                // establishes it; anything else changes nothing.
+                if let Some(h) = f.half_open.get(&key).copied() {
+                    if !h.live || flags & 0x04 != 0 {
+                        f.half_open.remove(&key);
+                    } else if flags & 0x10 != 0 && h.expect_ack == Some(ack) {
+                        self.flow_events.established += 1;
+                        f.half_open.remove(&key);
+                        f.established.insert(
+                            key,
+                            FlowState {
+                                live: true,
+                                closing: flags & 0x01 != 0,
+                                expect_ack: None,
+                            },
+                        );
+                    } else if flags & 0x10 != 0 {
+                        self.flow_events.wrong_acks += 1;
+                    }
                 }
             }
             Inbound::Udp | Inbound::Echo => {
@@ -440,6 +475,20 @@ impl Harness {
             (Enforcer::XdpForward, Action::Pass) => XDP_PASS,
             (Enforcer::XdpForward, Action::Drop) => XDP_DROP,
         };
+        // The gateway's SYN-ACK answering a half-open flow (and no live established one): the kernel
+        // remembers what acknowledges it.
+        if enforcer == Enforcer::TcEgress
+            && want.basis == Basis::Reply
+            && let Some(k) = outbound_flow_key(&d)
+            && let Packet::Ip(ip) = d.packet
+            && ip.tcp_flags & 0x12 == 0x12
+            && !self.flows.established.get(&k).is_some_and(|s| s.live)
+            && let Some(h) = self.flows.half_open.get_mut(&k)
+            && h.live
+        {
+            let seq = frame.tcp_seq_ack().map_or(0, |(seq, _)| seq);
+            h.expect_ack = Some(seq.wrapping_add(1));
+        }
         if got.seq != before + 1 {
             return Some(format!("{}: {enforcer:?} recorded no verdict", frame.name));
         }

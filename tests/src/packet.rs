@@ -463,6 +463,32 @@ impl Frame {
         self
     }
 
+    /// The TCP header's (sequence, acknowledgment) numbers, when the frame holds a whole TCP header.
+    pub fn tcp_seq_ack(&self) -> Option<(u32, u32)> {
+        let i = self
+            .layers
+            .iter()
+            .position(|l| matches!(l, Layer::Tcp { .. }))?;
+        let at = self.offsets[i];
+        let b = self.bytes.get(at + 4..at + 12)?;
+        Some((
+            u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+            u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+        ))
+    }
+
+    /// Sets the TCP acknowledgment number.
+    pub fn with_tcp_ack(mut self, ack: u32) -> Frame {
+        let i = self
+            .layers
+            .iter()
+            .position(|l| matches!(l, Layer::Tcp { .. }))
+            .expect("a TCP frame");
+        let at = self.offsets[i];
+        self.bytes[at + 8..at + 12].copy_from_slice(&ack.to_be_bytes());
+        self
+    }
+
     /// Sets the IPv4 TTL or IPv6 hop limit.
     pub fn with_hop_limit(mut self, h: u8) -> Frame {
         let (at, v6) = self.ip_offset().expect("an IP frame");
