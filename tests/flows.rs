@@ -454,12 +454,25 @@ fn syn_frame(
     ports: (u16, u16),
     seq: u32,
 ) -> Vec<u8> {
+    tcp_frame(macs, src, dst, ports, (seq, 0), 0x02)
+}
+
+/// A checksummed IPv4 TCP segment with `flags` and (sequence, acknowledgment) numbers.
+fn tcp_frame(
+    macs: ([u8; 6], [u8; 6]),
+    src: [u8; 4],
+    dst: [u8; 4],
+    ports: (u16, u16),
+    (seq, ack): (u32, u32),
+    flags: u8,
+) -> Vec<u8> {
     let (src_mac, dst_mac) = macs;
     let mut tcp = vec![];
     tcp.extend(ports.0.to_be_bytes());
     tcp.extend(ports.1.to_be_bytes());
     tcp.extend(seq.to_be_bytes());
-    tcp.extend([0, 0, 0, 0, 5 << 4, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    tcp.extend(ack.to_be_bytes());
+    tcp.extend([5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
     let mut pseudo = vec![];
     pseudo.extend(src);
     pseudo.extend(dst);
@@ -495,7 +508,7 @@ impl Rng {
 }
 
 #[test]
-fn a_syn_flood_does_not_evict_an_established_inbound_connection() {
+fn a_syn_and_blind_ack_flood_neither_evicts_nor_fakes_established_connections() {
     let mut lab = Lab::new("");
     let server = sock(GW_V4, FLOOD_PORT);
     let listener = lab
@@ -541,18 +554,31 @@ fn a_syn_flood_does_not_evict_an_established_inbound_connection() {
                         h => h,
                     };
                     let sport = 1024 + ((r >> 8) % 64000) as u16;
-                    syn_frame(
-                        macs,
-                        [10, 200, 0, host],
-                        [10, 200, 0, 1],
-                        (sport, FLOOD_PORT),
-                        (r >> 32) as u32,
-                    )
+                    // A SYN, then a blind ACK from the same spoofed source: it cannot know the
+                    // gateway's SYN-ACK sequence number, so the flow must stay half-open.
+                    [
+                        syn_frame(
+                            macs,
+                            [10, 200, 0, host],
+                            [10, 200, 0, 1],
+                            (sport, FLOOD_PORT),
+                            (r >> 32) as u32,
+                        ),
+                        tcp_frame(
+                            macs,
+                            [10, 200, 0, host],
+                            [10, 200, 0, 1],
+                            (sport, FLOOD_PORT),
+                            ((r >> 32) as u32 + 1, rng.next() as u32),
+                            0x10,
+                        ),
+                    ]
                 })
+                .flatten()
                 .collect();
             let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
             refused += send_raw(VPC_IF, &refs);
-            sent += frames.len();
+            sent += frames.len() / 2;
         }
         (sent, refused, start.elapsed())
     });
@@ -572,9 +598,16 @@ fn a_syn_flood_does_not_evict_an_established_inbound_connection() {
         "only {seen} SYNs reached the gateway: too few to overflow the half-open map"
     );
 
+    let established = lab.flows(FlowMap::Established);
     assert!(
-        has_flow(&lab.flows(FlowMap::Established), 6, server, peer),
+        has_flow(&established, 6, server, peer),
         "the flood evicted the established connection from {peer}"
+    );
+    assert_eq!(
+        established.len(),
+        1,
+        "blind ACKs established spoofed flows: {} established",
+        established.len()
     );
     conn.write_all(b"after the flood").unwrap();
     assert_eq!(
