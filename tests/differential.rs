@@ -549,6 +549,47 @@ fn random_dst(r: &mut Rng, addrs: &[IpAddr]) -> IpAddr {
     }
 }
 
+/// A TCP segment with one of `flags`, a UDP datagram or an ICMP echo message (`echo`: IPv4 and IPv6
+/// type) from `src` to `dst`.
+fn exchange_frame(
+    r: &mut Rng,
+    name: &str,
+    (src, sport): (IpAddr, u16),
+    (dst, dport): (IpAddr, u16),
+    flags: &[u8],
+    echo: (u8, u8),
+) -> Frame {
+    let ip = if dst.is_ipv6() {
+        Layer::Ipv6 {
+            src: octets6(src),
+            dst: octets6(dst),
+        }
+    } else {
+        Layer::Ipv4 {
+            src: octets4(src),
+            dst: octets4(dst),
+            options: 0,
+            frag_offset: 0,
+            more_fragments: false,
+            id: 1,
+        }
+    };
+    let l4 = match r.below(6) {
+        0..=2 => Layer::Tcp {
+            sport,
+            dport,
+            flags: r.pick(flags),
+            options: 0,
+        },
+        3 | 4 => Layer::Udp { sport, dport },
+        _ => Layer::Icmp {
+            kind: if dst.is_ipv6() { echo.1 } else { echo.0 },
+            code: 0,
+        },
+    };
+    build(name, &[ip, l4], r.below(20) as usize)
+}
+
 /// A packet a peer sends toward the gateway (or toward an address that is not the gateway's):
 /// TCP with any flags, UDP, or an echo request.
 fn inbound_frame(
@@ -558,40 +599,16 @@ fn inbound_frame(
     peer_port: u16,
     local_port: u16,
 ) -> Frame {
-    let ip = if peer.is_ipv6() {
-        Layer::Ipv6 {
-            src: octets6(peer),
-            dst: octets6(local),
-        }
-    } else {
-        Layer::Ipv4 {
-            src: octets4(peer),
-            dst: octets4(local),
-            options: 0,
-            frag_offset: 0,
-            more_fragments: false,
-            id: 1,
-        }
-    };
-    let l4 = match r.below(6) {
-        0..=2 => Layer::Tcp {
-            sport: peer_port,
-            dport: local_port,
-            flags: r.pick(&[0x02, 0x02, 0x10, 0x18, 0x11, 0x04, 0x12]),
-            options: 0,
-        },
-        3 | 4 => Layer::Udp {
-            sport: peer_port,
-            dport: local_port,
-        },
-        _ => Layer::Icmp {
-            kind: if peer.is_ipv6() { 128 } else { 8 },
-            code: 0,
-        },
-    };
-    let frame = build("inbound", &[ip, l4], r.below(20) as usize);
+    let frame = exchange_frame(
+        r,
+        "inbound",
+        (peer, peer_port),
+        (local, local_port),
+        &[0x02, 0x02, 0x10, 0x18, 0x11, 0x04, 0x12],
+        (8, 128),
+    );
     // The builder's TCP sequence number is 1: an ACK of the gateway's SYN-ACK acknowledges 2.
-    if matches!(l4, Layer::Tcp { .. }) {
+    if frame.layers.iter().any(|l| matches!(l, Layer::Tcp { .. })) {
         let ack = r.pick(&[2, 2, 2, 0, 3, 0x8000_0002]);
         return frame.with_tcp_ack(ack);
     }
@@ -601,38 +618,14 @@ fn inbound_frame(
 /// The gateway's packet toward a peer that sent something: a reply, or an attempt to use what the peer
 /// sent as a reply (a bare SYN from the port the peer wrote to).
 fn reply_frame(r: &mut Rng, local: IpAddr, peer: IpAddr, peer_port: u16, local_port: u16) -> Frame {
-    let ip = if peer.is_ipv6() {
-        Layer::Ipv6 {
-            src: octets6(local),
-            dst: octets6(peer),
-        }
-    } else {
-        Layer::Ipv4 {
-            src: octets4(local),
-            dst: octets4(peer),
-            options: 0,
-            frag_offset: 0,
-            more_fragments: false,
-            id: 1,
-        }
-    };
-    let l4 = match r.below(6) {
-        0..=2 => Layer::Tcp {
-            sport: local_port,
-            dport: peer_port,
-            flags: r.pick(&[0x02, 0x12, 0x10, 0x18, 0x11, 0x04, 0x14]),
-            options: 0,
-        },
-        3 | 4 => Layer::Udp {
-            sport: local_port,
-            dport: peer_port,
-        },
-        _ => Layer::Icmp {
-            kind: if peer.is_ipv6() { 129 } else { 0 },
-            code: 0,
-        },
-    };
-    build("reply", &[ip, l4], r.below(20) as usize)
+    exchange_frame(
+        r,
+        "reply",
+        (local, local_port),
+        (peer, peer_port),
+        &[0x02, 0x12, 0x10, 0x18, 0x11, 0x04, 0x14],
+        (0, 129),
+    )
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::{
 };
 
 use vpcgate::{
-    datapath::{Datapath, XdpRole, host_addresses, onlink_prefixes},
+    datapath::Datapath,
     policy::{check_text, compile::Compiled},
 };
 use vpcgate_common::verdict::DropReason;
@@ -85,20 +85,7 @@ impl Lab {
         let compiled = Compiled::new(&policy);
         let mut dp = Datapath::load().unwrap_or_else(|e| panic!("{e}"));
         dp.apply(&compiled).unwrap_or_else(|e| panic!("{e}"));
-        pair.gw.run(|| {
-            // Flows peers initiate are recorded only toward the gateway's own addresses (rule 3), as
-            // `vpcgate run` tells the kernel.
-            let own = host_addresses().unwrap_or_else(|e| panic!("gateway addresses: {e}"));
-            dp.set_local_addresses(&own)
-                .unwrap_or_else(|e| panic!("{e}"));
-            // ... and the ENI's on-link IPv6 prefixes (neighbour discovery toward them passes).
-            let onlink = onlink_prefixes(GW_IF).unwrap_or_else(|e| panic!("on-link prefixes: {e}"));
-            dp.set_onlink_prefixes(&onlink)
-                .unwrap_or_else(|e| panic!("{e}"));
-            dp.attach_tc_egress(GW_IF).unwrap_or_else(|e| panic!("{e}"));
-            dp.attach_xdp(GW_IF, XdpRole::EniIngress)
-                .unwrap_or_else(|e| panic!("{e}"));
-        });
+        vpcgate_lab::netns::enforce_on_gateway(&mut dp, &pair);
         Self { pair, dp, compiled }
     }
 

@@ -15,7 +15,7 @@ use std::{
 use aya::programs::TcAttachType;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use vpcgate::{
-    datapath::{Datapath, FlowMap, XdpRole, has_tcx, host_addresses, ifindex, onlink_prefixes},
+    datapath::{Datapath, FlowMap, has_tcx, ifindex},
     policy::{check_text, compile::Compiled},
 };
 use vpcgate_common::{
@@ -91,18 +91,7 @@ impl Lab {
         ]);
         let mut dp = Datapath::load().unwrap_or_else(|e| panic!("{e}"));
         dp.apply(&compile(extra)).unwrap_or_else(|e| panic!("{e}"));
-        pair.gw.run(|| {
-            let own = host_addresses().unwrap_or_else(|e| panic!("gateway addresses: {e}"));
-            dp.set_local_addresses(&own)
-                .unwrap_or_else(|e| panic!("{e}"));
-            // ... and the ENI's on-link IPv6 prefixes (neighbour discovery toward them passes).
-            let onlink = onlink_prefixes(GW_IF).unwrap_or_else(|e| panic!("on-link prefixes: {e}"));
-            dp.set_onlink_prefixes(&onlink)
-                .unwrap_or_else(|e| panic!("{e}"));
-            dp.attach_tc_egress(GW_IF).unwrap_or_else(|e| panic!("{e}"));
-            dp.attach_xdp(GW_IF, XdpRole::EniIngress)
-                .unwrap_or_else(|e| panic!("{e}"));
-        });
+        vpcgate_lab::netns::enforce_on_gateway(&mut dp, &pair);
         Self { pair, dp }
     }
 
@@ -547,7 +536,7 @@ fn a_syn_and_blind_ack_flood_neither_evicts_nor_fakes_established_connections() 
         let (mut sent, mut refused) = (0, 0);
         while sent < FLOOD && Instant::now() < deadline {
             let frames: Vec<Vec<u8>> = (0..FLOOD.min(sent + 256) - sent)
-                .map(|_| {
+                .flat_map(|_| {
                     let r = rng.next();
                     let host = match (r % 251) as u8 + 3 {
                         10 | 20 => 30,
@@ -574,7 +563,6 @@ fn a_syn_and_blind_ack_flood_neither_evicts_nor_fakes_established_connections() 
                         ),
                     ]
                 })
-                .flatten()
                 .collect();
             let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
             refused += send_raw(VPC_IF, &refs);

@@ -189,3 +189,21 @@ pub fn send_raw(interface: &str, frames: &[&[u8]]) -> usize {
     }
     dropped
 }
+
+/// What `vpcgate run` does on the gateway, in the gateway namespace: tells the kernel the host's own
+/// addresses (flows peers initiate are recorded only toward them) and the ENI's on-link prefixes, then
+/// attaches TC egress and XDP ingress to the ENI.
+pub fn enforce_on_gateway(dp: &mut vpcgate::datapath::Datapath, pair: &Pair) {
+    use vpcgate::datapath::{XdpRole, host_addresses, onlink_prefixes};
+    pair.gw.run(|| {
+        let own = host_addresses().unwrap_or_else(|e| panic!("gateway addresses: {e}"));
+        dp.set_local_addresses(&own)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let onlink = onlink_prefixes(GW_IF).unwrap_or_else(|e| panic!("on-link prefixes: {e}"));
+        dp.set_onlink_prefixes(&onlink)
+            .unwrap_or_else(|e| panic!("{e}"));
+        dp.attach_tc_egress(GW_IF).unwrap_or_else(|e| panic!("{e}"));
+        dp.attach_xdp(GW_IF, XdpRole::EniIngress)
+            .unwrap_or_else(|e| panic!("{e}"));
+    });
+}
