@@ -9,16 +9,16 @@
 //! live in their own map, so a SYN flood churns that map and never evicts established flows.
 
 use aya_ebpf::{
-    bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple},
-    maps::LruHashMap,
-    helpers::{bpf_ktime_get_ns, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
-    programs::XdpContext,
     EbpfContext,
+    bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple},
+    helpers::{bpf_ktime_get_ns, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
+    maps::LruHashMap,
+    programs::XdpContext,
 };
 use vpcgate_common::{
     datapath::{
-        FLOW_CLOSING, FLOW_SYNACK_SENT, FlowKey, FlowValue, FragKey, FragValue, GenConfig, LocalAddr,
-        limits,
+        FLOW_CLOSING, FLOW_SYNACK_SENT, FlowKey, FlowValue, FragKey, FragValue, GenConfig,
+        LocalAddr, limits,
     },
     icmp::{ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST},
 };
@@ -124,9 +124,12 @@ pub fn is_reply(pkt: &Packet, cfg: &GenConfig) -> bool {
             }
             false
         }
-        L4::Udp { sport, dport } => {
-            dgram_live(&DGRAM_FLOWS, &key(pkt, IPPROTO_UDP, sport, dport, true), t, cfg)
-        }
+        L4::Udp { sport, dport } => dgram_live(
+            &DGRAM_FLOWS,
+            &key(pkt, IPPROTO_UDP, sport, dport, true),
+            t,
+            cfg,
+        ),
         L4::Icmp {
             kind: ICMP_ECHO_REPLY,
             id,
@@ -287,7 +290,8 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
                 let _ = FLOWS.remove(&k);
             }
             if syn {
-                if to_local(pkt) && socket_exists(ctx.as_ptr(), v6, true, &mut tuple(pkt, sport, dport))
+                if to_local(pkt)
+                    && socket_exists(ctx.as_ptr(), v6, true, &mut tuple(pkt, sport, dport))
                 {
                     let _ = HALF_OPEN.insert(
                         &k,
@@ -330,7 +334,9 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
             if refresh_dgram(&DGRAM_FLOWS, &k, t, cfg) {
                 return;
             }
-            if to_local(pkt) && socket_exists(ctx.as_ptr(), v6, false, &mut tuple(pkt, sport, dport)) {
+            if to_local(pkt)
+                && socket_exists(ctx.as_ptr(), v6, false, &mut tuple(pkt, sport, dport))
+            {
                 insert_dgram(&DGRAM_FLOWS, &k, t);
             }
         }

@@ -159,7 +159,15 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
         }
     }
     let local = ingress_ifindex == 0;
-    let o = enforce(Hook::TcEgress, ifindex, parsed, pkt, u64::from(len), local, account);
+    let o = enforce(
+        Hook::TcEgress,
+        ifindex,
+        parsed,
+        pkt,
+        u64::from(len),
+        local,
+        account,
+    );
     release(Hook::TcEgress);
     tc_action(&o)
 }

@@ -2,7 +2,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
+    },
 };
 use vpcgate_common::parse_stats::HOOK_COUNT;
 
@@ -10,7 +12,8 @@ use crate::parse::Packet;
 
 use vpcgate_common::datapath::{
     AddrV4, AddrV6, AddrValue, DROP_STATS_LEN, DestKey, DestObs, EventBudget, FlowKey, FlowValue,
-    FragKey, FragValue, GenConfig, LastVerdict, LocalAddr, Prefix6, PortData, RuleStats, RuleStatsKey, limits,
+    FragKey, FragValue, GenConfig, LastVerdict, LocalAddr, PortData, Prefix6, RuleStats,
+    RuleStatsKey, limits,
 };
 
 /// The active policy generation (`GEN_A` or `GEN_B`; anything else: no policy).
@@ -75,8 +78,7 @@ pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(
 
 /// The gateway's own addresses, written by the agent.
 #[map(name = "LOCAL_ADDRS")]
-pub static LOCAL_ADDRS: HashMap<LocalAddr, u32> =
-    HashMap::with_max_entries(limits::LOCAL_ADDRS, 0);
+pub static LOCAL_ADDRS: HashMap<LocalAddr, u32> = HashMap::with_max_entries(limits::LOCAL_ADDRS, 0);
 
 /// The ENI's on-link IPv6 prefixes, written by the agent from the interface's addresses.
 #[map(name = "ONLINK6")]

@@ -385,7 +385,11 @@ fn ipv4_source_routed(c: &Cursor, off: usize, hdr_len: usize) -> Result<bool, Ma
         }
     }
     // More options than walked: not verified.
-    if o >= hdr_len { Ok(false) } else { Err(Malformed) }
+    if o >= hdr_len {
+        Ok(false)
+    } else {
+        Err(Malformed)
+    }
 }
 
 #[inline(always)]
@@ -581,7 +585,8 @@ fn quote_matches(
     let inner = icmp_off + size_of::<IcmpHdr>();
     if v6 {
         let ip: &Ipv6Hdr = c.ptr_at(inner)?;
-        if l3_room < size_of::<IcmpHdr>() + size_of::<Ipv6Hdr>() || ip.version_tc_flow[0] >> 4 != 6 {
+        if l3_room < size_of::<IcmpHdr>() + size_of::<Ipv6Hdr>() || ip.version_tc_flow[0] >> 4 != 6
+        {
             return Err(Malformed);
         }
         let (src, dst) = (ip.src, ip.dst);

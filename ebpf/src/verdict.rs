@@ -361,7 +361,9 @@ fn on_link4(d: &[u8; 16]) -> bool {
     mapped[13] = d[1];
     mapped[14] = d[2];
     mapped[15] = d[3];
-    ONLINK6.get(Key::new(128, Prefix6 { addr: mapped })).is_some()
+    ONLINK6
+        .get(Key::new(128, Prefix6 { addr: mapped }))
+        .is_some()
 }
 
 /// Rule 1: which host essential the packet is (`essential::*`), 0 for none or when it is turned off.
@@ -373,10 +375,12 @@ fn host_essential(pkt: &Packet, on: u32) -> u32 {
     let d = &pkt.dst;
     match pkt.l4 {
         // DHCPv4 goes to the broadcast address or, renewing, to the server on the link.
-        L4::Udp { sport: 68, dport: 67 }
-            if on & ESSENTIAL_DHCP != 0
-                && pkt.l3 == L3::Ipv4
-                && ((d[0] & d[1] & d[2] & d[3]) == 0xff || on_link4(d)) =>
+        L4::Udp {
+            sport: 68,
+            dport: 67,
+        } if on & ESSENTIAL_DHCP != 0
+            && pkt.l3 == L3::Ipv4
+            && ((d[0] & d[1] & d[2] & d[3]) == 0xff || on_link4(d)) =>
         {
             essential::DHCPV4
         }
