@@ -92,7 +92,7 @@ pub fn is_reply(pkt: &Packet, cfg: &GenConfig) -> bool {
             }
             let k = key(pkt, IPPROTO_TCP, sport, dport, true);
             // SAFETY: the value is copied out at once.
-            if let Some(v) = unsafe { FLOWS.get(&k) } {
+            if let Some(v) = unsafe { FLOWS.get(k) } {
                 let timeout = if v.state & FLOW_CLOSING != 0 {
                     cfg.tcp_closing_timeout_s
                 } else {
@@ -108,7 +108,7 @@ pub fn is_reply(pkt: &Packet, cfg: &GenConfig) -> bool {
             // SYN + ACK pair does not).
             let syn_ack = flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
             if (syn_ack || flags & TCP_RST != 0)
-                && let Some(v) = HALF_OPEN.get_ptr_mut(&k)
+                && let Some(v) = HALF_OPEN.get_ptr_mut(k)
             {
                 // SAFETY: a map value; a racing writer stores the same kind of fields.
                 unsafe {
@@ -164,7 +164,7 @@ fn to_local(pkt: &Packet) -> bool {
         addr: pkt.dst,
     };
     // SAFETY: the value is only tested for presence.
-    unsafe { LOCAL_ADDRS.get(&k) }.is_some()
+    unsafe { LOCAL_ADDRS.get(k) }.is_some()
 }
 
 /// `struct bpf_sock_tuple` for IPv6 (the IPv4 form is its first 12 bytes with 4-byte addresses).
@@ -272,7 +272,7 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
             let k = key(pkt, IPPROTO_TCP, dport, sport, false);
             let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             let closing = flags & (TCP_FIN | TCP_RST) != 0;
-            if let Some(v) = FLOWS.get_ptr_mut(&k) {
+            if let Some(v) = FLOWS.get_ptr_mut(k) {
                 // SAFETY: a map value, read at once.
                 let (was_closing, last) =
                     unsafe { ((*v).state & FLOW_CLOSING != 0, (*v).last_seen_ns) };
@@ -287,15 +287,15 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
                     refresh(v, t, closing);
                     return;
                 }
-                let _ = FLOWS.remove(&k);
+                let _ = FLOWS.remove(k);
             }
             if syn {
                 if to_local(pkt)
                     && socket_exists(ctx.as_ptr(), v6, true, &mut tuple(pkt, sport, dport))
                 {
                     let _ = HALF_OPEN.insert(
-                        &k,
-                        &FlowValue {
+                        k,
+                        FlowValue {
                             last_seen_ns: t,
                             state: 0,
                             expect_ack: 0,
@@ -306,27 +306,27 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
                 return;
             }
             // SAFETY: the value is copied out at once.
-            let Some(h) = (unsafe { HALF_OPEN.get(&k) }) else {
+            let Some(h) = (unsafe { HALF_OPEN.get(k) }) else {
                 return;
             };
             let h = *h;
             if !live(t, h.last_seen_ns, cfg.tcp_closing_timeout_s) || flags & TCP_RST != 0 {
-                let _ = HALF_OPEN.remove(&k);
+                let _ = HALF_OPEN.remove(k);
                 return;
             }
             // The peer acknowledged the gateway's SYN-ACK: established. Any other packet (a guessed or
             // junk ACK) changes nothing.
             if flags & TCP_ACK != 0 && h.state & FLOW_SYNACK_SENT != 0 && ack == h.expect_ack {
                 let _ = FLOWS.insert(
-                    &k,
-                    &FlowValue {
+                    k,
+                    FlowValue {
                         last_seen_ns: t,
                         state: if closing { FLOW_CLOSING } else { 0 },
                         expect_ack: 0,
                     },
                     0,
                 );
-                let _ = HALF_OPEN.remove(&k);
+                let _ = HALF_OPEN.remove(k);
             }
         }
         L4::Udp { sport, dport } => {
@@ -382,7 +382,7 @@ fn echo_request(pkt: &Packet, k: &FlowKey, t: u64, cfg: &GenConfig) {
 fn insert_dgram(map: &'static FlowMap, k: &FlowKey, t: u64) {
     let _ = map.insert(
         k,
-        &FlowValue {
+        FlowValue {
             last_seen_ns: t,
             state: 0,
             expect_ack: 0,
@@ -414,13 +414,13 @@ pub fn record_first_fragment(pkt: &Packet, rule: u32) {
         _pad: 0,
         first_seen_ns: now(),
     };
-    let _ = FRAGS.insert(&frag_key(pkt), &v, 0);
+    let _ = FRAGS.insert(frag_key(pkt), v, 0);
 }
 
 /// The first fragment of a datagram dropped: its later fragments must not follow an earlier one's entry.
 #[inline(always)]
 pub fn forget_first_fragment(pkt: &Packet) {
-    let _ = FRAGS.remove(&frag_key(pkt));
+    let _ = FRAGS.remove(frag_key(pkt));
 }
 
 /// Whether the first fragment of this non-first fragment's datagram passed, within the reassembly
@@ -428,7 +428,7 @@ pub fn forget_first_fragment(pkt: &Packet) {
 #[inline(always)]
 pub fn first_fragment_passed(pkt: &Packet) -> bool {
     // SAFETY: the value is copied out at once.
-    match unsafe { FRAGS.get(&frag_key(pkt)) } {
+    match unsafe { FRAGS.get(frag_key(pkt)) } {
         Some(v) => now().saturating_sub(v.first_seen_ns) < limits::FRAG_TIMEOUT_NS,
         None => false,
     }

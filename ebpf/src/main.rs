@@ -141,7 +141,7 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
     // Forwarded from a forward interface whose XDP enforced and counted it: decide again (fail closed
     // if that program is gone), count once.
     // SAFETY: the value is only tested for presence.
-    let account = ingress_ifindex == 0 || unsafe { FORWARD_IFS.get(&ingress_ifindex) }.is_none();
+    let account = ingress_ifindex == 0 || unsafe { FORWARD_IFS.get(ingress_ifindex) }.is_none();
     let len = ctx.len();
     // Parse what is linear; only a packet whose headers are not all linear is pulled (a TCP segment's
     // headers almost always are: no copy per segment).
