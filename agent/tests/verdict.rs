@@ -217,7 +217,7 @@ fn rule_1_neighbour_discovery_only_as_rfc_4861_sends_it() {
 #[test]
 fn rule_1_host_essentials_pass_while_on() {
     let dhcp4 = with(udp("255.255.255.255", 67), |p| p.sport = 68);
-    let dhcp4_unicast = with(udp("10.0.0.1", 67), |p| p.sport = 68);
+    let dhcp4_unicast = with(udp("10.9.9.1", 67), |p| p.sport = 68);
     let on_link = FlowFacts {
         on_link: true,
         ..local()
