@@ -9,7 +9,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::{EXIT_ERROR, EXIT_FAILED, EXIT_OK};
 use crate::{
-    datapath::{self, Datapath, XdpRole},
+    datapath::{self, Datapath, DatapathError, XdpRole},
     policy::{self, Policy, compile::Compiled},
 };
 
@@ -129,11 +129,17 @@ pub fn run(args: &Args) -> u8 {
                 _ = hup.recv() => match compile(&args.config) {
                     Ok((p, c)) if p.instance.interface == policy.instance.interface => {
                         match dp.apply(&c) {
-                            Ok(r) => tracing::info!(generation = r.generation, entries = ?r.entries, "policy reloaded"),
+                            Ok(r) => {
+                                tracing::info!(generation = r.generation, entries = ?r.entries, "policy reloaded");
+                                if let Err(e) = sync_local_addresses(&mut dp, &p) {
+                                    tracing::error!(error = %e, "cannot refresh the host's addresses");
+                                }
+                                if p.instance.forward_interfaces != policy.instance.forward_interfaces {
+                                    tracing::warn!(now = ?policy.instance.forward_interfaces, file = ?p.instance.forward_interfaces, "forward_interfaces changed: restart the agent to attach to the new set; enforcement stays on the old one");
+                                }
+                            }
+                            Err(e @ DatapathError::RestoreFailed { .. }) => tracing::error!(error = %e, "reload failed and the previous policy could not be restored: the datapath is in an unknown state; restart the agent"),
                             Err(e) => tracing::error!(error = %e, "reload failed; the previous policy stays active"),
-                        }
-                        if let Err(e) = sync_local_addresses(&mut dp, &p) {
-                            tracing::error!(error = %e, "cannot refresh the host's addresses");
                         }
                     }
                     Ok(_) => tracing::error!("reload changes [instance].interface: restart the agent instead; the previous policy stays active"),

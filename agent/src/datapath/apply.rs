@@ -6,8 +6,8 @@ use super::{
     capacity::{EntryCounts, check_capacity, entry_counts},
     execute::{Maps, Stopped, execute},
     maps::{KernelMaps, read_active},
-    plan::{Op, Plan, PlanKind, plan, plan_in_place},
-    state::{GenState, Recorded, Slot},
+    plan::{Op, Plan, PlanKind, generation_plan, plan, plan_in_place},
+    state::{Applied, GenState, Recorded, Slot},
 };
 use crate::policy::compile::{Compiled, RuleId};
 
@@ -160,17 +160,69 @@ fn restore_in_place(
                 "the previous policy was restored and verified entry by entry".to_owned(),
             )
         }
-        Err(restore) => {
-            recorded.applied = None;
+        Err(in_place) => {
+            // A second way back: the previous policy written whole into the other (empty) slot and
+            // flipped to; the mixed slot is then emptied by iterating the maps.
             *recorded.slot_mut(g) = Slot::Unknown;
-            DatapathError::RestoreFailed {
-                at: stopped.at,
-                op: format!("{:?}", plan.ops[stopped.at]),
-                apply: stopped.error,
-                restore,
+            match restore_as_generation(maps, recorded, g, &previous) {
+                Ok(next) => {
+                    tracing::warn!(error = %stopped.error, restore = %in_place, generation = next, "in-place apply failed and so did undoing it in place; previous policy restored as a new generation and verified");
+                    failed(
+                        plan,
+                        stopped,
+                        format!(
+                            "undoing it in place failed ({in_place}); the previous policy was restored as generation {next} and verified entry by entry"
+                        ),
+                    )
+                }
+                Err(generation) => {
+                    recorded.applied = None;
+                    DatapathError::RestoreFailed {
+                        at: stopped.at,
+                        op: format!("{:?}", plan.ops[stopped.at]),
+                        apply: stopped.error,
+                        restore: format!("{in_place}; then as a new generation: {generation}"),
+                    }
+                }
             }
         }
     }
+}
+
+/// Writes `previous` whole into the slot other than `g`, flips to it and verifies it by reading it back;
+/// the generation it now is.
+fn restore_as_generation(
+    maps: &mut impl Maps,
+    recorded: &mut Recorded,
+    g: u8,
+    previous: &Applied,
+) -> Result<u8, String> {
+    let next = super::state::other(Some(g));
+    let applied = Applied {
+        generation: next,
+        ..previous.clone()
+    };
+    let plan = generation_plan(recorded, next, previous.target.clone(), applied.clone());
+    let flip = plan.flip.expect("a generation plan flips");
+    if let Err(s) = execute(maps, recorded, &plan.ops, None)
+        && s.at <= flip
+    {
+        return Err(format!("step {} ({:?}): {}", s.at, plan.ops[s.at], s.error));
+    }
+    // Past the flip, a failure only leaves the mixed slot to be emptied by the next apply.
+    let read = maps.read_generation(next).map_err(|e| e.to_string())?;
+    let diff = read.differences(&previous.target, 5);
+    if !diff.is_empty() {
+        return Err(format!(
+            "generation {next} read back differs from the previous policy: {}",
+            diff.join("; ")
+        ));
+    }
+    if maps.active().map_err(|e| e.to_string())? != Some(next) {
+        return Err(format!("generation {next} is not active"));
+    }
+    recorded.applied = Some(applied);
+    Ok(next)
 }
 
 fn restore(

@@ -192,23 +192,24 @@ pub fn plan(recorded: &Recorded, c: &Compiled) -> Result<Plan, TableCollision> {
         identities: identities(c),
         target: target.clone(),
     };
+    // In place only when the other slot is known to be empty: the active slot then holds at most the
+    // old and the new policy's entries at once, which the maps (twice a generation's capacity) always
+    // have room for, and nothing is left to clean up after the new policy is whole. A table id that
+    // collides with a different table of the current policy also takes the generation path (the
+    // generation byte keeps the two apart there).
     if let Some(a) = &recorded.applied
         && recorded.active == Some(a.generation)
         && let Slot::Known(current) = recorded.slot(a.generation)
+        && *recorded.slot(other(Some(a.generation))) == Slot::Known(GenState::default())
         && current.config == gen_config(c)
         && a.identities.iter().zip(identities(c)).all(|(x, y)| *x == y)
+        && check_table_ids(c, Some(current)).is_ok()
     {
-        check_table_ids(c, Some(current))?;
         let g = a.generation;
         let old_rules = a.identities.len() as RuleId;
         let new_rules = c.rules.len() as RuleId;
         let removed = (new_rules < old_rules).then(|| new_rules + 1..=old_rules);
-        let mut ops = plan_in_place(g, current, &target, removed);
-        // Leftovers of an old generation whose removal failed: no packet reads that slot.
-        let old = other(Some(g));
-        if *recorded.slot(old) != Slot::Known(GenState::default()) {
-            ops.extend(remove_all(old, recorded.slot(old)));
-        }
+        let ops = plan_in_place(g, current, &target, removed);
         return Ok(Plan {
             kind: PlanKind::Incremental,
             generation: g,
@@ -219,23 +220,40 @@ pub fn plan(recorded: &Recorded, c: &Compiled) -> Result<Plan, TableCollision> {
         });
     }
     check_table_ids(c, None)?;
+    let next = other(recorded.active);
+    let applied = applied(next);
+    Ok(generation_plan(recorded, next, target, applied))
+}
+
+/// Writes `target` into slot `next` (purged first), flips ACTIVE to it, waits, and empties the other slot.
+/// When `next` may hold leftovers a packet could still be reading (a previous apply stopped between its
+/// flip and its barrier), a barrier comes first.
+pub(crate) fn generation_plan(
+    recorded: &Recorded,
+    next: u8,
+    target: GenState,
+    applied: Applied,
+) -> Plan {
     let previous = recorded.active;
-    let next = other(previous);
     let old = other(Some(next));
-    let mut ops = vec![Op::Purge(next)];
+    let mut ops = vec![];
+    if *recorded.slot(next) != Slot::Known(GenState::default()) {
+        ops.push(Op::Barrier);
+    }
+    ops.push(Op::Purge(next));
     ops.extend(write_all(next, &target));
     let flip = ops.len();
     ops.push(Op::SetActive(next));
     ops.push(Op::Barrier);
     ops.extend(remove_all(old, recorded.slot(old)));
-    Ok(Plan {
+    Plan {
         kind: PlanKind::Generation,
         generation: next,
         previous,
         ops,
         flip: Some(flip),
-        applied: applied(next),
-    })
+        applied,
+    }
 }
 
 /// Every entry of `s`, written into an empty, inactive slot (any order: no packet reads it).

@@ -689,7 +689,9 @@ fn check_structure(p: &Plan, ctx: &str) {
     let g = p.generation;
     match p.kind {
         PlanKind::Generation => {
-            assert_eq!(p.ops.first(), Some(&Op::Purge(g)), "{ctx}: {:#?}", p.ops);
+            // A slot that may hold leftovers a packet could still read is purged only after a barrier.
+            let first = usize::from(p.ops.first() == Some(&Op::Barrier));
+            assert_eq!(p.ops.get(first), Some(&Op::Purge(g)), "{ctx}: {:#?}", p.ops);
             let flip = p.flip.expect("a generation plan flips");
             assert_eq!(p.ops[flip], Op::SetActive(g), "{ctx}");
             assert_eq!(
@@ -715,7 +717,10 @@ fn check_structure(p: &Plan, ctx: &str) {
         }
         PlanKind::Incremental => {
             let phase = |op: &Op| match op {
-                _ if op_generation(op) != Some(g) => 7,
+                // In place only with the other slot empty: nothing touches it.
+                _ if op_generation(op) != Some(g) => {
+                    panic!("{ctx}: {op:?} touches the inactive slot in an in-place plan")
+                }
                 Op::SetConfig { .. } | Op::PutReserved { .. } => 1,
                 Op::PutPort { .. } => 2,
                 Op::PutAddr { .. } => 3,
@@ -736,7 +741,7 @@ fn check_structure(p: &Plan, ctx: &str) {
                     "{ctx}: operation {i} {op:?} (phase {ph}) after phase {last}"
                 );
                 assert!(
-                    ph == last || ph == 7 || last == 0 || barrier,
+                    ph == last || last == 0 || barrier,
                     "{ctx}: no barrier between phase {last} and phase {ph} (operation {i}): {:#?}",
                     p.ops
                 );
@@ -979,4 +984,67 @@ fn nested_prefixes_and_tables_shared_by_both_protocols() {
     let mut c = b.clone();
     c.accessible = vec![block("10.0.0.0/22", vec![Proto::Udp])];
     check_sequence(&[a.clone(), b, c, a], "nested prefixes");
+}
+
+/// An in-place apply fails, and so does undoing it in place: the previous policy comes back as a new
+/// generation, verified; when that fails too the error is `RestoreFailed`, and the next apply still ends
+/// exactly like a fresh one.
+#[test]
+fn a_failed_undo_in_place_falls_back_to_a_new_generation_then_to_restore_failed() {
+    // A pair of policies the second of which applies in place with a few phases.
+    let (ca, cb, sim, rec, p) = (1..200u64)
+        .find_map(|seed| {
+            let mut r = Rng(seed);
+            let a = random_policy(&mut r);
+            let b = mutate(&a, &mut r);
+            let (ca, cb) = (Compiled::new(&a), Compiled::new(&b));
+            let mut sim = Sim::default();
+            let mut rec = Recorded::fresh();
+            apply_to(&mut sim, &mut rec, &ca, None).expect("first apply");
+            let p = plan(&rec, &cb).expect("plan");
+            let phases = p.ops.iter().filter(|o| **o == Op::Barrier).count();
+            (p.kind == PlanKind::Incremental && phases >= 2).then_some((ca, cb, sim, rec, p))
+        })
+        .expect("an in-place pair");
+    let (mut fell_back, mut gave_up) = (0, 0);
+    for at in 0..p.ops.len() {
+        for k in 0..2 {
+            for twice in [false, true] {
+                let ctx = format!("failure at {at}, undo failing at its op {k}, twice {twice}");
+                let (mut s, mut rc) = (sim.clone(), rec.clone());
+                // Operations run before the injected failure: `at`; the undo's k-th fails next.
+                s.fail_ops = BTreeSet::from([s.ops_run + at + k]);
+                if twice {
+                    // ... and the first operation that follows it (the fallback's, or the undo's next).
+                    s.fail_ops.insert(s.ops_run + at + k + 1);
+                }
+                let result = apply_to(&mut s, &mut rc, &cb, Some(at));
+                match result {
+                    Err(DatapathError::ApplyFailed { outcome, .. }) => {
+                        if outcome.contains("as generation") {
+                            fell_back += 1;
+                        }
+                        let g = rc.applied.as_ref().expect("restored").generation;
+                        assert_eq!(s.active, u32::from(g), "{ctx}: ACTIVE");
+                        let diff = s.slot(g).differences(&desired(&ca), 8);
+                        assert!(diff.is_empty(), "{ctx}: not the previous policy: {diff:?}");
+                    }
+                    Err(DatapathError::RestoreFailed { .. }) => {
+                        gave_up += 1;
+                        assert!(
+                            rc.applied.is_none(),
+                            "{ctx}: a failed restore still records a policy"
+                        );
+                    }
+                    other => panic!("{ctx}: {other:?}"),
+                }
+                s.fail_ops.clear();
+                apply_to(&mut s, &mut rc, &cb, None)
+                    .unwrap_or_else(|e| panic!("{ctx}: apply after the failures: {e}"));
+                check_final(&s, &rc, &cb, &format!("{ctx}, then applied again"));
+            }
+        }
+    }
+    assert!(fell_back > 0, "the generation fallback never ran");
+    assert!(gave_up > 0, "RestoreFailed never happened");
 }

@@ -26,6 +26,9 @@ pub(crate) struct Sim {
     pub counters: BTreeSet<(u8, u32)>,
     /// Every operation run, in order (barriers included).
     pub trace: Vec<Op>,
+    /// Operations run so far, and the counts at which one fails (as a map syscall would).
+    pub ops_run: usize,
+    pub fail_ops: BTreeSet<usize>,
 }
 
 /// The longest prefix of `map` containing `dst`.
@@ -84,6 +87,11 @@ impl Sim {
 
 impl Maps for Sim {
     fn run(&mut self, op: &Op) -> Result<(), DatapathError> {
+        let n = self.ops_run;
+        self.ops_run += 1;
+        if self.fail_ops.contains(&n) {
+            return Err(DatapathError::Injected { op: n });
+        }
         self.trace.push(op.clone());
         match op {
             Op::SetConfig { generation, config } => self.slot_mut(*generation).config = *config,

@@ -166,9 +166,17 @@ pub fn other(generation: Option<u8>) -> u8 {
     }
 }
 
-/// Rule identities of a compiled policy, in id order.
+/// Rule identities of a compiled policy, in id order: kind and name; an upstream node also by its
+/// address and port (every node of an upstream shares the name, and its counters must not pass to
+/// another node).
 pub fn identities(c: &Compiled) -> Vec<(RuleKind, String)> {
-    c.rules.iter().map(|r| (r.kind, r.name.clone())).collect()
+    c.rules
+        .iter()
+        .map(|r| match r.kind {
+            RuleKind::UpstreamNode => (r.kind, r.describe()),
+            _ => (r.kind, r.name.clone()),
+        })
+        .collect()
 }
 
 /// The kernel's per-generation settings for a compiled policy.
