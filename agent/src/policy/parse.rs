@@ -25,10 +25,49 @@ pub const FLOW_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=24 * 3600;
 
 /// Parses a CIDR (or, with `allow_address`, a bare address as a host prefix); host bits are an error that
 /// names the canonical form.
+/// IPv4-mapped IPv6 (::ffff:0:0/96): the IPv4 form, when `net` lies inside that block.
+fn ipv4_form(net: &IpNet) -> Option<IpNet> {
+    match net {
+        IpNet::V6(n) if n.prefix_len() >= 96 => n
+            .addr()
+            .to_ipv4_mapped()
+            .and_then(|a| IpNet::new(IpAddr::V4(a), n.prefix_len() - 96).ok()),
+        _ => None,
+    }
+}
+
+/// An IPv4-mapped IPv6 address or block is an error: the kernel sends those packets as IPv4, so neither
+/// an authorization nor a reserved block would ever match them. The fix is the IPv4 form.
+fn mapped(d: &mut Diags, v: &At<String>, what: &str, net: &IpNet) -> bool {
+    let Some(v4) = ipv4_form(net) else {
+        return false;
+    };
+    let v4 = if v4.prefix_len() == 32 {
+        v4.addr().to_string()
+    } else {
+        v4.to_string()
+    };
+    d.error_fix(
+        &v.span,
+        format!(
+            "{what} `{}` is an IPv4-mapped IPv6 address: the kernel sends such packets as IPv4, so it would never match",
+            v.value.trim()
+        ),
+        format!("write the IPv4 form {v4}"),
+    );
+    true
+}
+
 pub fn cidr(d: &mut Diags, v: &At<String>, what: &str, allow_address: bool) -> Option<IpNet> {
     let s = v.value.trim();
     if allow_address && let Ok(addr) = s.parse::<IpAddr>() {
-        return Some(IpNet::from(addr));
+        let net = IpNet::from(addr);
+        return (!mapped(d, v, what, &net)).then_some(net);
+    }
+    if let Ok(net) = s.parse::<IpNet>()
+        && mapped(d, v, what, &net.trunc())
+    {
+        return None;
     }
     match s.parse::<IpNet>() {
         Ok(net) if net != net.trunc() => {
@@ -57,7 +96,8 @@ pub fn cidr(d: &mut Diags, v: &At<String>, what: &str, allow_address: bool) -> O
 }
 
 fn address(d: &mut Diags, v: &At<String>, what: &str) -> Option<IpAddr> {
-    match v.value.trim().parse() {
+    match v.value.trim().parse::<IpAddr>() {
+        Ok(a) if mapped(d, v, what, &IpNet::from(a)) => None,
         Ok(a) => Some(a),
         Err(_) => {
             d.error_fix(

@@ -46,6 +46,51 @@ pub fn is_internal(net: &IpNet) -> bool {
         .any(|b| b.parse::<IpNet>().is_ok_and(|b| b.contains(net)))
 }
 
+/// Special-purpose ranges (RFC 6890 registries) that are never a VPC backend, with what they are.
+pub const SPECIAL_PURPOSE: [(&str, &str); 16] = [
+    ("0.0.0.0/8", "\"this network\" (0.0.0.0/8)"),
+    ("127.0.0.0/8", "loopback (127.0.0.0/8)"),
+    (
+        "169.254.0.0/16",
+        "link-local (169.254.0.0/16, incl. the cloud metadata service 169.254.169.254)",
+    ),
+    ("192.0.0.0/24", "IETF protocol assignments (192.0.0.0/24)"),
+    ("192.0.2.0/24", "documentation (TEST-NET-1, 192.0.2.0/24)"),
+    ("198.18.0.0/15", "benchmarking (198.18.0.0/15)"),
+    (
+        "198.51.100.0/24",
+        "documentation (TEST-NET-2, 198.51.100.0/24)",
+    ),
+    (
+        "203.0.113.0/24",
+        "documentation (TEST-NET-3, 203.0.113.0/24)",
+    ),
+    ("224.0.0.0/4", "multicast (224.0.0.0/4)"),
+    (
+        "240.0.0.0/4",
+        "reserved and broadcast (240.0.0.0/4, incl. 255.255.255.255)",
+    ),
+    ("::/127", "the unspecified and loopback addresses (::, ::1)"),
+    ("::ffff:0:0/96", "IPv4-mapped (::ffff:0:0/96)"),
+    ("100::/64", "discard-only (100::/64)"),
+    ("2001:db8::/32", "documentation (2001:db8::/32)"),
+    ("fe80::/10", "link-local (fe80::/10)"),
+    ("ff00::/8", "multicast (ff00::/8)"),
+];
+
+/// The special-purpose range `net` lies inside (or, with `overlapping`, overlaps), described.
+pub fn special_purpose(net: &IpNet, overlapping: bool) -> Option<&'static str> {
+    SPECIAL_PURPOSE.iter().find_map(|(block, what)| {
+        let b: IpNet = block.parse().expect("a valid block");
+        let hit = if overlapping {
+            overlaps(net, &b)
+        } else {
+            b.contains(net)
+        };
+        hit.then_some(*what)
+    })
+}
+
 /// A backend to check: an authorization's address or an upstream node.
 struct Backend<'a> {
     /// `authorization `orders-slb`` / `node 10.0.3.8:8080 of upstream `orders_pool``
@@ -128,7 +173,29 @@ pub fn check_backends(
                 );
             }
         }
-        if !is_internal(&b.net) {
+        if let Some(range) = special_purpose(&b.net, false) {
+            d.push_at(
+                Severity::Error,
+                b.pos,
+                format!(
+                    "{}: backend {} is a special-purpose address: {range}",
+                    b.what,
+                    show(&b.net)
+                ),
+                Some("a VPC backend has an internal unicast address: use the backend's private address in the VPC".into()),
+            );
+        } else if let Some(range) = special_purpose(&b.net, true) {
+            d.push_at(
+                Severity::Warning,
+                b.pos,
+                format!(
+                    "{}: block {} covers a special-purpose range: {range}",
+                    b.what,
+                    show(&b.net)
+                ),
+                Some("narrow the block to the backends' addresses".into()),
+            );
+        } else if !is_internal(&b.net) {
             d.push_at(
                 Severity::Warning,
                 b.pos,
@@ -188,6 +255,29 @@ pub fn validate(d: &mut Diags, p: &Policy, accessible_known: bool) {
         }
     }
     for a in &p.accessible {
+        // What the block opens beyond the VPC.
+        if a.cidr.prefix_len() == 0 {
+            d.push_at(
+                Severity::Warning,
+                a.pos,
+                format!(
+                    "accessible block {} opens the whole {} address space, special-purpose ranges and the internet included",
+                    a.cidr,
+                    if a.cidr.addr().is_ipv4() { "IPv4" } else { "IPv6" }
+                ),
+                Some("list the VPC's blocks instead".into()),
+            );
+        } else if let Some(range) = special_purpose(&a.cidr, true) {
+            d.push_at(
+                Severity::Warning,
+                a.pos,
+                format!(
+                    "accessible block {} covers a special-purpose range: {range}",
+                    a.cidr
+                ),
+                Some("narrow it to the VPC's blocks".into()),
+            );
+        }
         if i.kind == Kind::Dedicated {
             d.push_at(
                 Severity::Error,
