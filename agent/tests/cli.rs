@@ -159,6 +159,19 @@ fn explain_verdicts_rules_and_suggestions() {
             "172.20.1.1:80/tcp → drop (reserved_range)\n  172.20.1.1 is inside reserved block 172.20.0.0/16 (reserved for zone cn-hangzhou-b, examples/policy.toml:11) (rule 4)\n  no policy change can allow it:\n    the provider reserves 172.20.0.0/16 in zone cn-hangzhou-b for the gateway itself; the backend must move to another block\n{ESSENTIALS}"
         )
     );
+    // An IPv4-mapped IPv6 destination is what the kernel sends: IPv4.
+    let (code, out, _) = vpcgate(&["explain", "examples/policy.toml", "[::ffff:172.20.1.1]:80"]);
+    assert_eq!(
+        (code, out.lines().next().unwrap()),
+        (1, "172.20.1.1:80/tcp → drop (reserved_range)")
+    );
+    // A special-purpose destination: no rule may allow it, so no change is suggested.
+    let (code, out, _) = vpcgate(&["explain", "examples/policy.toml", "169.254.169.254:80"]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("  no policy change can allow it:\n    169.254.169.254 is a special-purpose address (link-local (169.254.0.0/16, incl. the cloud metadata service 169.254.169.254)), never a VPC backend: `vpcgate check` refuses a rule that allows it\n"),
+        "{out}"
+    );
     let (code, out, _) = vpcgate(&["explain", "examples/policy.toml", "[fd00:10::7]:8443"]);
     assert_eq!(
         (code, out.lines().next().unwrap()),

@@ -100,7 +100,8 @@ fn destination(s: &str, proto: ProtoArg) -> Result<(IpAddr, Option<u16>), String
 
 pub fn run(args: &Args) -> u8 {
     let (dst, port) = match destination(&args.destination, args.proto) {
-        Ok(d) => d,
+        // The kernel sends an IPv4-mapped IPv6 destination as IPv4: evaluate it as that.
+        Ok((dst, port)) => (dst.to_canonical(), port),
         Err(e) => {
             eprintln!("vpcgate: {e}");
             return EXIT_ERROR;

@@ -134,6 +134,17 @@ pub enum Suggestion {
 
 /// The smallest policy change that would allow a dropped packet.
 pub fn suggestion(p: &Policy, c: &Compiled, pkt: &Packet, v: &Verdict) -> Option<Suggestion> {
+    // A special-purpose destination is no VPC backend: `check` refuses any rule that would allow it.
+    if let Packet::Ip(ip) = pkt
+        && v.reason.is_some()
+        && !matches!(v.basis, Basis::Reserved(_))
+        && let Some(range) = super::validate::special_purpose(&IpNet::from(ip.dst), false)
+    {
+        return Some(Suggestion::Impossible(format!(
+            "{} is a special-purpose address ({range}), never a VPC backend: `vpcgate check` refuses a rule that allows it",
+            ip.dst
+        )));
+    }
     suggest(p, c, pkt, v).map(|text| {
         if matches!(v.basis, Basis::Reserved(i) if matches!(c.reserved[i].source, ReservedSource::Zone(_))) {
             Suggestion::Impossible(text)
