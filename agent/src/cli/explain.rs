@@ -119,9 +119,10 @@ pub fn run(args: &Args) -> u8 {
             eprintln!("{d}");
         }
         eprintln!(
-            "vpcgate: {} is invalid ({} errors): fix it first (`vpcgate check`)",
+            "vpcgate: {} is invalid ({} error{}): fix it first (`vpcgate check`)",
             checked.source.path,
-            checked.errors()
+            checked.errors(),
+            if checked.errors() == 1 { "" } else { "s" }
         );
         return EXIT_ERROR;
     };

@@ -64,6 +64,7 @@ fn checks() -> Vec<Check> {
             "/sys/kernel/btf/vmlinux missing: the kernel lacks CONFIG_DEBUG_INFO_BTF".into()
         },
     });
+    checks.push(bpffs());
     match Datapath::load() {
         Ok(mut dp) => {
             checks.push(Check {
@@ -105,6 +106,27 @@ fn checks() -> Vec<Check> {
         }),
     }
     checks
+}
+
+/// Whether bpffs (where the daemon pins programs, links and maps) is mounted at /sys/fs/bpf.
+fn bpffs() -> Check {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let path = c"/sys/fs/bpf";
+    // SAFETY: statfs fills the zeroed struct for a NUL-terminated path.
+    let mounted = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(path.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    };
+    Check {
+        check: "bpffs",
+        ok: mounted,
+        detail: if mounted {
+            "mounted at /sys/fs/bpf".into()
+        } else {
+            "not mounted at /sys/fs/bpf (pinned state lives there): `mount -t bpf bpf /sys/fs/bpf`"
+                .into()
+        },
+    }
 }
 
 fn run_frame<
