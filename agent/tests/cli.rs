@@ -96,9 +96,10 @@ fn check_migrate_to_lists_failing_backends() {
     ]);
     assert_eq!(code, 1, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-    // Each of the 6 backends is in another VPC and outside gw-hz-1's accessible blocks (12), and
-    // 192.168.10.0/28 is inside cn-hangzhou-b's reserved 192.168.0.0/20 (1).
-    assert_eq!(v["migration"]["failing"], 13, "{out}");
+    // Each of the 6 backends is in another VPC and outside gw-hz-1's accessible blocks (12 errors), and
+    // 192.168.10.0/28 is inside cn-hangzhou-b's reserved 192.168.0.0/20 (1): 6 backends fail.
+    assert_eq!(v["migration"]["failing"], 6, "{out}");
+    assert_eq!(v["migration"]["errors"], 13, "{out}");
     let last = v["migration"]["diagnostics"]
         .as_array()
         .unwrap()

@@ -60,6 +60,8 @@ struct MigrateReport {
     to: String,
     /// Backends (authorizations, upstream nodes) that would fail on the new instance.
     failing: usize,
+    /// Errors about them (a backend can fail for several reasons).
+    errors: usize,
     diagnostics: Vec<Diagnostic>,
 }
 
@@ -171,14 +173,21 @@ pub fn run(args: &Args) -> u8 {
         };
         if let (Some(from_p), Some(to_p)) = (&checked.policy, &to.policy) {
             let diagnostics = policy::migrate(&checked, from_p, &to, to_p);
-            let failing = diagnostics
+            // Each backend's errors are positioned at the backend: count backends, not errors.
+            let errors: Vec<(usize, usize)> = diagnostics
                 .iter()
                 .filter(|d| d.severity == Severity::Error && d.file == checked.source.path)
-                .count();
+                .map(|d| (d.line, d.column))
+                .collect();
+            let failing = errors
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len();
             ok &= failing == 0;
             report.migration = Some(MigrateReport {
                 to: to.source.path.clone(),
                 failing,
+                errors: errors.len(),
                 diagnostics,
             });
         } else {
