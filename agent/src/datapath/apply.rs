@@ -210,19 +210,25 @@ fn restore_as_generation(
         return Err(format!("step {} ({:?}): {}", s.at, plan.ops[s.at], s.error));
     }
     // Past the flip, a failure only leaves the mixed slot to be emptied by the next apply.
-    let read = maps.read_generation(next).map_err(|e| e.to_string())?;
-    let diff = read.differences(&previous.target, 5);
+    verify_active(maps, next, &previous.target)?;
+    recorded.applied = Some(applied);
+    Ok(next)
+}
+
+/// Reads generation `g` back: it must hold exactly `target` and be the active one.
+fn verify_active(maps: &mut impl Maps, g: u8, target: &GenState) -> Result<(), String> {
+    let read = maps.read_generation(g).map_err(|e| e.to_string())?;
+    let diff = read.differences(target, 5);
     if !diff.is_empty() {
         return Err(format!(
-            "generation {next} read back differs from the previous policy: {}",
+            "generation {g} read back differs from the previous policy: {}",
             diff.join("; ")
         ));
     }
-    if maps.active().map_err(|e| e.to_string())? != Some(next) {
-        return Err(format!("generation {next} is not active"));
+    if maps.active().map_err(|e| e.to_string())? != Some(g) {
+        return Err(format!("generation {g} is not active"));
     }
-    recorded.applied = Some(applied);
-    Ok(next)
+    Ok(())
 }
 
 fn restore(
@@ -241,18 +247,7 @@ fn restore(
     let ops = plan_in_place(g, &partial, target, added);
     execute(maps, recorded, &ops, None)
         .map_err(|s| format!("step {} ({:?}): {}", s.at, ops[s.at], s.error))?;
-    let read = maps.read_generation(g).map_err(|e| e.to_string())?;
-    let diff = read.differences(target, 5);
-    if !diff.is_empty() {
-        return Err(format!(
-            "generation {g} read back differs from the previous policy: {}",
-            diff.join("; ")
-        ));
-    }
-    if maps.active().map_err(|e| e.to_string())? != Some(g) {
-        return Err(format!("generation {g} is no longer active"));
-    }
-    Ok(())
+    verify_active(maps, g, target)
 }
 
 impl Datapath {
