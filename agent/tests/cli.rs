@@ -297,3 +297,65 @@ fn explain_lists_host_essentials_and_flow_timeouts() {
         std::fs::remove_file(f).unwrap();
     }
 }
+
+#[test]
+fn every_exit_2_path_prints_a_json_error_with_output_json() {
+    let error = |args: &[&str], code_name: &str, message_part: &str| {
+        let (code, out, err) = vpcgate(args);
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e}): {out:?}"));
+        assert_eq!(v["error"]["code"], code_name, "{args:?}: {v}");
+        let message = v["error"]["message"].as_str().expect("a message");
+        assert!(message.contains(message_part), "{args:?}: {message}");
+        // The same words on stderr for a human.
+        assert!(err.contains(message), "{args:?}: {err}");
+    };
+    error(
+        &["check", "no/such.toml", "--output", "json"],
+        "unreadable_file",
+        "cannot read no/such.toml",
+    );
+    error(
+        &[
+            "check",
+            "examples/policy.toml",
+            "--migrate-to",
+            "no/other.toml",
+            "--output",
+            "json",
+        ],
+        "unreadable_file",
+        "cannot read no/other.toml",
+    );
+    error(
+        &["explain", "no/such.toml", "10.0.3.7:80", "--output", "json"],
+        "unreadable_file",
+        "cannot read no/such.toml",
+    );
+    error(
+        &[
+            "explain",
+            "examples/broken.toml",
+            "10.0.3.7:80",
+            "--output",
+            "json",
+        ],
+        "invalid_policy",
+        "examples/broken.toml is invalid (4 errors)",
+    );
+    error(
+        &[
+            "explain",
+            "examples/policy.toml",
+            "10.0.3.7",
+            "--output",
+            "json",
+        ],
+        "bad_destination",
+        "give a port: 10.0.3.7:80",
+    );
+    // Text output keeps stdout empty on those paths.
+    let (code, out, _) = vpcgate(&["check", "no/such.toml"]);
+    assert_eq!((code, out.as_str()), (2, ""));
+}

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::{EXIT_ERROR, EXIT_FAILED, EXIT_OK, Output, print_json};
+use super::{EXIT_FAILED, EXIT_OK, Output, print_json};
 use crate::policy::{
     self, Checked, Policy,
     diag::{Diagnostic, Severity},
@@ -148,15 +148,18 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-fn load(path: &Path) -> Result<Checked, u8> {
+fn load(path: &Path, output: Output) -> Result<Checked, u8> {
     policy::load(path).map_err(|e| {
-        eprintln!("vpcgate: cannot read {}: {e}", path.display());
-        EXIT_ERROR
+        super::fail(
+            output,
+            "unreadable_file",
+            format!("cannot read {}: {e}", path.display()),
+        )
     })
 }
 
 pub fn run(args: &Args) -> u8 {
-    let checked = match load(&args.file) {
+    let checked = match load(&args.file, args.output) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -167,7 +170,7 @@ pub fn run(args: &Args) -> u8 {
     };
     let mut ok = checked.policy.is_some();
     if let Some(other) = &args.migrate_to {
-        let to = match load(other) {
+        let to = match load(other, args.output) {
             Ok(c) => c,
             Err(code) => return code,
         };

@@ -7,7 +7,7 @@ use std::{
 
 use serde::Serialize;
 
-use super::{EXIT_ERROR, EXIT_FAILED, EXIT_OK, Output, print_json};
+use super::{EXIT_FAILED, EXIT_OK, Output, print_json};
 use crate::policy::{
     self,
     compile::{Compiled, RuleKind},
@@ -102,29 +102,32 @@ pub fn run(args: &Args) -> u8 {
     let (dst, port) = match destination(&args.destination, args.proto) {
         // The kernel sends an IPv4-mapped IPv6 destination as IPv4: evaluate it as that.
         Ok((dst, port)) => (dst.to_canonical(), port),
-        Err(e) => {
-            eprintln!("vpcgate: {e}");
-            return EXIT_ERROR;
-        }
+        Err(e) => return super::fail(args.output, "bad_destination", e),
     };
     let checked = match policy::load(&args.file) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("vpcgate: cannot read {}: {e}", args.file.display());
-            return EXIT_ERROR;
+            return super::fail(
+                args.output,
+                "unreadable_file",
+                format!("cannot read {}: {e}", args.file.display()),
+            );
         }
     };
     let Some(p) = &checked.policy else {
         for d in &checked.diagnostics {
             eprintln!("{d}");
         }
-        eprintln!(
-            "vpcgate: {} is invalid ({} error{}): fix it first (`vpcgate check`)",
-            checked.source.path,
-            checked.errors(),
-            if checked.errors() == 1 { "" } else { "s" }
+        return super::fail(
+            args.output,
+            "invalid_policy",
+            format!(
+                "{} is invalid ({} error{}): fix it first (`vpcgate check`)",
+                checked.source.path,
+                checked.errors(),
+                if checked.errors() == 1 { "" } else { "s" }
+            ),
         );
-        return EXIT_ERROR;
     };
     let compiled = Compiled::new(p);
     let l4 = match (args.proto, port) {
