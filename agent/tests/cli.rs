@@ -359,3 +359,38 @@ fn every_exit_2_path_prints_a_json_error_with_output_json() {
     let (code, out, _) = vpcgate(&["check", "no/such.toml"]);
     assert_eq!((code, out.as_str()), (2, ""));
 }
+
+#[test]
+fn control_characters_from_the_policy_are_escaped_in_text_output() {
+    // A hostile value tries to clear the line and forge a "valid" verdict on a line of its own.
+    let dir = std::env::temp_dir().join(format!("vpcgate-ctl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ctl.toml");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/policy.toml"
+    ))
+    .unwrap()
+    .replacen(
+        "zone = \"cn-hangzhou-b\"",
+        "zone = \"x\\u001b[2K\\rx.toml:1:1: valid\\nfake\"",
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let (code, out, _) = vpcgate(&["check", path.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        !out.chars().any(|c| c.is_control() && c != '\n'),
+        "raw control characters in: {out:?}"
+    );
+    assert!(
+        out.lines()
+            .all(|l| !l.starts_with("x.toml:1:1: valid") && l != "fake"),
+        "a forged line: {out}"
+    );
+    assert!(
+        out.contains("\\u{1b}[2K\\rx.toml:1:1: valid\\nfake"),
+        "{out}"
+    );
+}

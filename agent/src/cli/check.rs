@@ -107,7 +107,7 @@ fn print_file(r: &FileReport) {
     match &r.summary {
         Some(s) => println!(
             "{}: valid ({} warning{}): instance {} ({}, {}), {} authorization{}, {} upstream{} ({} node{}), {} accessible block{}, {} reserved block{}{}",
-            r.file,
+            policy::diag::escape_controls(&r.file),
             r.warnings,
             plural(r.warnings),
             s.instance,
@@ -135,7 +135,7 @@ fn print_file(r: &FileReport) {
         ),
         None => println!(
             "{}: invalid: {} error{}, {} warning{}",
-            r.file,
+            policy::diag::escape_controls(&r.file),
             r.errors,
             plural(r.errors),
             r.warnings,

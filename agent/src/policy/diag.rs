@@ -25,6 +25,26 @@ pub struct Diagnostic {
     pub fix: Option<String>,
 }
 
+/// `s` with every control character (ESC, CR, LF, ...) written as an escape (`\u{1b}`, `\r`, `\n`):
+/// text output echoes values from the policy file and the command line, which must not be able to move
+/// the cursor or forge a line such as `x.toml:1:1: valid`.
+pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let sev = match self.severity {
@@ -34,10 +54,13 @@ impl fmt::Display for Diagnostic {
         write!(
             f,
             "{}:{}:{}: {sev}: {}",
-            self.file, self.line, self.column, self.message
+            escape_controls(&self.file),
+            self.line,
+            self.column,
+            escape_controls(&self.message)
         )?;
         if let Some(fix) = &self.fix {
-            write!(f, "\n    fix: {fix}")?;
+            write!(f, "\n    fix: {}", escape_controls(fix))?;
         }
         Ok(())
     }
