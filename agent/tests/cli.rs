@@ -355,6 +355,17 @@ fn every_exit_2_path_prints_a_json_error_with_output_json() {
         "bad_destination",
         "give a port: 10.0.3.7:80",
     );
+    error(
+        &[
+            "explain",
+            "examples/policy.toml",
+            "010.000.003.007:80",
+            "--output",
+            "json",
+        ],
+        "bad_destination",
+        "`010.000.003.007:80` has octets with leading zeros (some tools read those as octal): write 10.0.3.7:80",
+    );
     // Text output keeps stdout empty on those paths.
     let (code, out, _) = vpcgate(&["check", "no/such.toml"]);
     assert_eq!((code, out.as_str()), (2, ""));

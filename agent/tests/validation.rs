@@ -779,3 +779,29 @@ fn accessible_blocks_that_open_everything_or_special_ranges_are_warned() {
         "11:8: warning: accessible block 169.254.0.0/16 covers a special-purpose range: link-local (169.254.0.0/16, incl. the cloud metadata service 169.254.169.254) | narrow it to the VPC's blocks"
     );
 }
+
+#[test]
+fn octets_with_leading_zeros_are_rejected_with_the_plain_form() {
+    assert_eq!(
+        diags(&with("cidr = \"10.1.0.0/16\"", "cidr = \"010.001.0.0/16\"")),
+        [
+            "11:8: error: accessible block `010.001.0.0/16` has octets with leading zeros (some tools read those as octal) | write 10.1.0.0/16"
+        ]
+    );
+    let got = diags(&with("address = \"10.0.0.7\"", "address = \"10.0.0.07\""));
+    assert_eq!(
+        got[0],
+        "17:11: error: address `10.0.0.07` has octets with leading zeros (some tools read those as octal) | write 10.0.0.7"
+    );
+    // Node addresses (plain addresses, not blocks) follow the same rule.
+    let got = diags(&with(
+        "{ address = \"10.1.3.8\"",
+        "{ address = \"10.1.3.08\"",
+    ));
+    assert!(
+        got.iter()
+            .any(|d| d.contains("`10.1.3.08` has octets with leading zeros")
+                && d.ends_with("| write 10.1.3.8")),
+        "{got:?}"
+    );
+}

@@ -80,6 +80,18 @@ fn destination(s: &str, proto: ProtoArg) -> Result<(IpAddr, Option<u16>), String
     } else if let Ok(ip) = s.trim_matches(['[', ']']).parse::<IpAddr>() {
         (ip, None)
     } else {
+        // Same rule as in policy files: octets with leading zeros are refused, with the plain form.
+        let (host, port) = s.rsplit_once(':').unwrap_or((s, ""));
+        if let Some(fixed) = crate::policy::parse::without_leading_zeros(host) {
+            let port = if port.is_empty() {
+                String::new()
+            } else {
+                format!(":{port}")
+            };
+            return Err(format!(
+                "`{s}` has octets with leading zeros (some tools read those as octal): write {fixed}{port}"
+            ));
+        }
         return Err(format!("`{s}` is not IP, IP:PORT or [IPv6]:PORT"));
     };
     match (proto, port) {

@@ -58,8 +58,44 @@ fn mapped(d: &mut Diags, v: &At<String>, what: &str, net: &IpNet) -> bool {
     true
 }
 
+/// The dotted-quad part of `s` with leading zeros dropped, when some octet has them (`010.001.0.0/16`:
+/// some tools read such octets as octal, so the block would not mean the same everywhere).
+pub fn without_leading_zeros(s: &str) -> Option<String> {
+    let (addr, rest) = match s.split_once('/') {
+        Some((a, len)) => (a, format!("/{len}")),
+        None => (s, String::new()),
+    };
+    let octets: Vec<&str> = addr.split('.').collect();
+    if octets.len() != 4
+        || !octets
+            .iter()
+            .all(|o| !o.is_empty() && o.bytes().all(|b| b.is_ascii_digit()))
+        || !octets.iter().any(|o| o.len() > 1 && o.starts_with('0'))
+    {
+        return None;
+    }
+    let fixed: Vec<String> = octets
+        .iter()
+        .map(|o| {
+            o.trim_start_matches('0')
+                .parse::<u32>()
+                .unwrap_or(0)
+                .to_string()
+        })
+        .collect();
+    Some(format!("{}{rest}", fixed.join(".")))
+}
+
 pub fn cidr(d: &mut Diags, v: &At<String>, what: &str, allow_address: bool) -> Option<IpNet> {
     let s = v.value.trim();
+    if let Some(fixed) = without_leading_zeros(s) {
+        d.error_fix(
+            &v.span,
+            format!("{what} `{s}` has octets with leading zeros (some tools read those as octal)"),
+            format!("write {fixed}"),
+        );
+        return None;
+    }
     if allow_address && let Ok(addr) = s.parse::<IpAddr>() {
         let net = IpNet::from(addr);
         return (!mapped(d, v, what, &net)).then_some(net);
@@ -96,6 +132,17 @@ pub fn cidr(d: &mut Diags, v: &At<String>, what: &str, allow_address: bool) -> O
 }
 
 fn address(d: &mut Diags, v: &At<String>, what: &str) -> Option<IpAddr> {
+    if let Some(fixed) = without_leading_zeros(v.value.trim()) {
+        d.error_fix(
+            &v.span,
+            format!(
+                "{what} `{}` has octets with leading zeros (some tools read those as octal)",
+                v.value.trim()
+            ),
+            format!("write {fixed}"),
+        );
+        return None;
+    }
     match v.value.trim().parse::<IpAddr>() {
         Ok(a) if mapped(d, v, what, &IpNet::from(a)) => None,
         Ok(a) => Some(a),
