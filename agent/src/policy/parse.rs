@@ -74,15 +74,19 @@ pub fn without_leading_zeros(s: &str) -> Option<String> {
     {
         return None;
     }
-    let fixed: Vec<String> = octets
+    // Octets that are no byte (`010.999.0.0`) are simply invalid: no plain form to suggest.
+    let values: Vec<u8> = octets
         .iter()
         .map(|o| {
-            o.trim_start_matches('0')
-                .parse::<u32>()
-                .unwrap_or(0)
-                .to_string()
+            let digits = o.trim_start_matches('0');
+            if digits.is_empty() {
+                Some(0)
+            } else {
+                digits.parse::<u8>().ok()
+            }
         })
-        .collect();
+        .collect::<Option<_>>()?;
+    let fixed: Vec<String> = values.iter().map(u8::to_string).collect();
     Some(format!("{}{rest}", fixed.join(".")))
 }
 
