@@ -11,7 +11,10 @@ use vpcgate_common::datapath::{
     FlowKey, FlowValue, FragKey, FragValue, LocalAddr, Prefix6, limits, names,
 };
 
-use super::{Datapath, DatapathError, maps::map_err};
+use super::{
+    Datapath, DatapathError,
+    maps::{map_err, typed_map},
+};
 
 /// Which flow map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,11 +82,7 @@ impl Datapath {
         &mut self,
         name: &'static str,
     ) -> Result<BpfHashMap<&mut aya::maps::MapData, K, V>, DatapathError> {
-        let m = self
-            .ebpf_mut()
-            .map_mut(name)
-            .ok_or(DatapathError::MissingMap(name))?;
-        BpfHashMap::try_from(m).map_err(map_err(name))
+        Ok(typed_map!(self.ebpf_mut(), BpfHashMap<_, K, V>, name))
     }
 
     /// Removes every entry of a hash map.
@@ -131,27 +130,7 @@ impl Datapath {
         let mut want: Vec<LocalAddr> = addrs.iter().map(|&a| local_addr(a)).collect();
         want.sort_by_key(|l| (l.family, l.addr));
         want.dedup();
-        if want.len() > limits::LOCAL_ADDRS as usize {
-            return Err(DatapathError::MapFull {
-                map: names::LOCAL_ADDRS,
-                capacity: limits::LOCAL_ADDRS,
-                needed: want.len() as u32,
-            });
-        }
-        let mut m = self.hash_map::<LocalAddr, u32>(names::LOCAL_ADDRS)?;
-        // Add the new ones first, then remove the rest: an address in both sets never disappears.
-        for a in &want {
-            m.insert(a, 1, 0).map_err(map_err(names::LOCAL_ADDRS))?;
-        }
-        let stale: Vec<LocalAddr> = m
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !want.contains(k))
-            .collect();
-        for k in stale {
-            m.remove(&k).map_err(map_err(names::LOCAL_ADDRS))?;
-        }
-        Ok(())
+        self.replace_set(names::LOCAL_ADDRS, limits::LOCAL_ADDRS, &want)
     }
 
     /// Replaces the ENI's on-link prefixes (rule 1): neighbour discovery toward the IPv6 ones passes, and
@@ -203,24 +182,39 @@ impl Datapath {
     /// Replaces the forward interfaces (ifindex) whose XDP enforces: TC egress does not count a packet
     /// again that arrived on one of them.
     pub fn set_forward_interfaces(&mut self, ifindexes: &[u32]) -> Result<(), DatapathError> {
-        if ifindexes.len() > limits::FORWARD_IFS as usize {
+        let mut want = ifindexes.to_vec();
+        want.sort_unstable();
+        want.dedup();
+        self.replace_set(names::FORWARD_IFS, limits::FORWARD_IFS, &want)
+    }
+
+    /// Makes the keys of hash map `name` (values 1) exactly `want`, refused with the numbers when more
+    /// than `capacity`. New keys are added first, then the rest removed: a key in both sets never
+    /// disappears.
+    fn replace_set<K: aya::Pod + PartialEq>(
+        &mut self,
+        name: &'static str,
+        capacity: u32,
+        want: &[K],
+    ) -> Result<(), DatapathError> {
+        if want.len() > capacity as usize {
             return Err(DatapathError::MapFull {
-                map: names::FORWARD_IFS,
-                capacity: limits::FORWARD_IFS,
-                needed: ifindexes.len() as u32,
+                map: name,
+                capacity,
+                needed: want.len() as u32,
             });
         }
-        let mut m = self.hash_map::<u32, u32>(names::FORWARD_IFS)?;
-        for i in ifindexes {
-            m.insert(i, 1, 0).map_err(map_err(names::FORWARD_IFS))?;
+        let mut m = self.hash_map::<K, u32>(name)?;
+        for k in want {
+            m.insert(k, 1, 0).map_err(map_err(name))?;
         }
-        let stale: Vec<u32> = m
+        let stale: Vec<K> = m
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !ifindexes.contains(k))
+            .filter(|k| !want.contains(k))
             .collect();
         for k in stale {
-            m.remove(&k).map_err(map_err(names::FORWARD_IFS))?;
+            m.remove(&k).map_err(map_err(name))?;
         }
         Ok(())
     }
