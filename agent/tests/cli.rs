@@ -59,8 +59,9 @@ fn check_exit_statuses_and_text() {
             "examples/broken.toml:7:16: error: vswitch_cidr 192.168.1.0/24 overlaps reserved block 192.168.0.0/20 (reserved for zone cn-hangzhou-b)",
             "examples/broken.toml:11:8: error: accessible block 10.1.0.1/16 has host bits set",
             "examples/broken.toml:12:17: error: `ports` in [[accessible]] #1: port range 9000-8000 is reversed: write 8000-9000",
+            "examples/broken.toml:17:11: error: instance cannot connect to the backend 10.9.0.4: outside accessible CIDR blocks 192.168.1.0/24, 10.1.0.0/16",
             "examples/broken.toml:19:1: error: unknown field `protcol` in [[authorization]] #1",
-            "examples/broken.toml: invalid: 4 errors, 0 warnings",
+            "examples/broken.toml: invalid: 5 errors, 0 warnings",
         ]
     );
     let (code, _, err) = vpcgate(&["check", "examples/nonexistent.toml"]);
@@ -77,7 +78,7 @@ fn check_json_is_machine_readable() {
     assert_eq!(code, 1);
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(v["valid"], false);
-    assert_eq!(v["errors"], 4);
+    assert_eq!(v["errors"], 5);
     assert_eq!(v["diagnostics"][1]["line"], 11);
     assert_eq!(v["diagnostics"][1]["column"], 8);
     assert_eq!(v["diagnostics"][1]["severity"], "error");
@@ -197,7 +198,7 @@ fn explain_usage_errors() {
     let (code, _, err) = vpcgate(&["explain", "examples/broken.toml", "10.0.3.7:80"]);
     assert_eq!(code, 2);
     assert!(
-        err.contains("examples/broken.toml is invalid (4 errors)"),
+        err.contains("examples/broken.toml is invalid (5 errors)"),
         "{err}"
     );
 }
@@ -342,7 +343,7 @@ fn every_exit_2_path_prints_a_json_error_with_output_json() {
             "json",
         ],
         "invalid_policy",
-        "examples/broken.toml is invalid (4 errors)",
+        "examples/broken.toml is invalid (5 errors)",
     );
     error(
         &[

@@ -74,7 +74,11 @@ fn cidr_with_host_bits_names_the_canonical_form() {
     );
     assert_eq!(
         diags(&with("cidr = \"10.1.0.0/16\"", "cidr = \"fd00:1::1/64\"")),
-        ["11:8: error: accessible block fd00:1::1/64 has host bits set | write fd00:1::/64"]
+        [
+            "11:8: error: accessible block fd00:1::1/64 has host bits set | write fd00:1::/64",
+            // Checked as the block it must be: the upstream node in 10.1.0.0/16 is no longer covered.
+            "23:23: error: instance cannot connect to the backend 10.1.3.8: outside accessible CIDR blocks 10.0.0.0/24, fd00:1::/64 | add an accessible block that contains it: [[accessible]] cidr = \"10.1.3.0/24\"",
+        ]
     );
     assert_eq!(
         diags(&with("cidr = \"10.1.0.0/16\"", "cidr = \"10.1.0.0/33\"")),
@@ -112,6 +116,7 @@ fn names_are_unique_and_well_formed() {
         diags(&with("name = \"orders_pool\"", "name = \"orders-slb\"")),
         [
             "21:8: error: upstream name `orders-slb` must be 1 to 50 characters of A-Z, a-z, 0-9 and _ | rename it, e.g. `orders_slb`",
+            "21:8: error: name `orders-slb` is already used at line 15 | authorization and upstream names must be unique: rename one",
         ]
     );
     let dup = BASE
@@ -635,6 +640,7 @@ fn flow_timeout_errors_keep_the_checks_across_fields() {
         [
             "9:25: error: `udp` in [instance] flow_timeouts: `1d` is not a duration | write a duration from 1s to 24h with unit s, m or h, e.g. \"60s\" (the default), or a whole number of seconds",
             "18:11: error: authorization `orders-slb`: backend 172.20.0.7 is inside reserved block 172.20.0.0/16 (reserved for zone cn-hangzhou-b) | the gateway can never reach a reserved block: move the backend to another block of the VPC",
+            "18:11: error: instance cannot connect to the backend 172.20.0.7: outside accessible CIDR blocks 10.0.0.0/24, 10.1.0.0/16 | add an accessible block that contains it: [[accessible]] cidr = \"172.20.0.0/24\"",
         ]
     );
 }
@@ -804,4 +810,164 @@ fn octets_with_leading_zeros_are_rejected_with_the_plain_form() {
                 && d.ends_with("| write 10.1.3.8")),
         "{got:?}"
     );
+}
+
+/// Only the errors' positions: what a fix may remove, and must not add.
+fn error_positions(text: &str) -> Vec<(usize, usize)> {
+    check_text("p.toml", text)
+        .diagnostics
+        .iter()
+        .filter(|d| d.severity == policy::diag::Severity::Error)
+        .map(|d| (d.line, d.column))
+        .collect()
+}
+
+#[test]
+fn errors_elsewhere_do_not_hide_the_accessible_blocks_check() {
+    let outside = "17:11: error: instance cannot connect to the backend 10.9.0.4: outside accessible CIDR blocks 10.0.0.0/24, 10.1.0.0/16 | add an accessible block that contains it: [[accessible]] cidr = \"10.9.0.0/24\"";
+    let far = with("address = \"10.0.0.7\"", "address = \"10.9.0.4\"");
+    // An unknown field in another table.
+    let text = far.replacen(
+        "zone = \"cn-hangzhou-b\"",
+        "zone = \"cn-hangzhou-b\"\nmod = \"audit\"",
+        1,
+    );
+    let d = diags(&text);
+    assert!(
+        d[0].starts_with("9:1: error: unknown field `mod` in [instance]"),
+        "{d:?}"
+    );
+    assert_eq!(d[1], outside.replacen("17:", "18:", 1));
+    assert_eq!(d.len(), 2, "{d:?}");
+    // Another entry's own errors: reported, and the entry itself still checked on what could be read.
+    let text = format!(
+        "{far}\n[[authorization]]\nname = \"bad name\"\nvpc_id = \"vpc-bp1example\"\ninstance_type = \"vm\"\naddress = \"172.20.0.9\"\nports = [\"90-80\"]\n"
+    );
+    assert_eq!(
+        diags(&text),
+        [
+            outside,
+            "26:8: error: authorization name `bad name` must be 1 to 64 characters of A-Z, a-z, 0-9, -, _ and . | rename it, e.g. `bad-name`",
+            "28:17: error: instance_type `vm` is not one of ecs, clb, nlb, ip | write one of: ecs, clb, nlb, ip",
+            "29:11: error: authorization `bad name`: backend 172.20.0.9 is inside reserved block 172.20.0.0/16 (reserved for zone cn-hangzhou-b) | the gateway can never reach a reserved block: move the backend to another block of the VPC",
+            "29:11: error: instance cannot connect to the backend 172.20.0.9: outside accessible CIDR blocks 10.0.0.0/24, 10.1.0.0/16 | add an accessible block that contains it: [[accessible]] cidr = \"172.20.0.0/24\"",
+            "30:10: error: `ports` in [[authorization]] #2: port range 90-80 is reversed: write 80-90",
+        ]
+    );
+    // An accessible block with its own port error still counts as accessible.
+    let text = far
+        .replace(
+            "ports = [\"80\", \"443\", \"8000-8100\"]",
+            "ports = [\"0\"]\nprotocols = [\"sctp\"]",
+        )
+        .replace("address = \"10.9.0.4\"", "address = \"10.1.0.4\"");
+    assert_eq!(
+        error_positions(&text),
+        [(12, 10), (13, 14)],
+        "{:?}",
+        diags(&text)
+    );
+}
+
+#[test]
+fn a_value_with_one_exact_fix_is_checked_as_that_fix() {
+    // Host bits: the accessible block is checked as 10.1.0.0/16, which covers the node in 10.1.3.0/24.
+    assert_eq!(
+        diags(&with("cidr = \"10.1.0.0/16\"", "cidr = \"10.1.0.1/16\"")),
+        ["11:8: error: accessible block 10.1.0.1/16 has host bits set | write 10.1.0.0/16"]
+    );
+    // Octets with leading zeros: the address is checked as its plain form.
+    assert_eq!(
+        diags(&with("address = \"10.0.0.7\"", "address = \"010.009.0.4\"")),
+        [
+            "17:11: error: address `010.009.0.4` has octets with leading zeros (some tools read those as octal) | write 10.9.0.4",
+            "17:11: error: instance cannot connect to the backend 10.9.0.4: outside accessible CIDR blocks 10.0.0.0/24, 10.1.0.0/16 | add an accessible block that contains it: [[accessible]] cidr = \"10.9.0.0/24\"",
+        ]
+    );
+    // ... and a plain form with host bits gets both errors at once.
+    assert_eq!(
+        diags(&with("cidr = \"10.1.0.0/16\"", "cidr = \"010.1.0.1/16\"")),
+        [
+            "11:8: error: accessible block `010.1.0.1/16` has octets with leading zeros (some tools read those as octal) | write 10.1.0.1/16",
+            "11:8: error: accessible block 10.1.0.1/16 has host bits set | write 10.1.0.0/16",
+        ]
+    );
+    // A vSwitch block with host bits is checked against the reserved blocks as its truncated form.
+    assert_eq!(
+        diags(&with(
+            "vswitch_cidr = \"10.0.0.0/24\"",
+            "vswitch_cidr = \"172.20.0.1/24\""
+        )),
+        [
+            "6:13: warning: egress_ip 10.0.0.5 is outside vswitch_cidr 172.20.0.0/24 | a VPC integration instance's egress IP is an address of its vSwitch: check both",
+            "7:16: error: vswitch_cidr 172.20.0.1/24 has host bits set | write 172.20.0.0/24",
+            "7:16: error: vswitch_cidr 172.20.0.0/24 overlaps reserved block 172.20.0.0/16 (reserved for zone cn-hangzhou-b) | the instance's vSwitch must not overlap the blocks the gateway reserves: use a vSwitch in another block",
+            "17:11: error: instance cannot connect to the backend 10.0.0.7: outside accessible CIDR blocks 172.20.0.0/24, 10.1.0.0/16 | add an accessible block that contains it: [[accessible]] cidr = \"10.0.0.0/24\"",
+        ]
+    );
+}
+
+#[test]
+fn the_accessible_blocks_check_is_skipped_only_when_a_block_cannot_be_read() {
+    let far = with("address = \"10.0.0.7\"", "address = \"10.9.0.4\"");
+    for (from, to, error) in [
+        (
+            "cidr = \"10.1.0.0/16\"",
+            "cidr = \"10.1.0.0/33\"",
+            "11:8: error: accessible block `10.1.0.0/33` is not a valid CIDR block | write a block such as 10.0.0.0/24 or fd00::/64",
+        ),
+        (
+            "cidr = \"10.1.0.0/16\"",
+            "cidr = 10",
+            "11:8: error: `cidr` in [[accessible]] #1 must be a string, not an integer",
+        ),
+        (
+            "vswitch_cidr = \"10.0.0.0/24\"",
+            "vswitch_cidr = \"10.0.0/24\"",
+            "7:16: error: vswitch_cidr `10.0.0/24` is not a valid CIDR block | write a block such as 10.0.0.0/24 or fd00::/64",
+        ),
+    ] {
+        assert!(far.contains(from));
+        // The backend may well be inside the block meant: nothing to say about it until it can be read.
+        assert_eq!(diags(&far.replacen(from, to, 1)), [error], "{to}");
+    }
+}
+
+#[test]
+fn fixing_broken_toml_one_error_at_a_time_reveals_nothing_new() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/broken.toml");
+    let broken = std::fs::read_to_string(root).unwrap();
+    // Each error's position, and the edit that fixes it (same line count, so positions stay put).
+    let fixes = [
+        (
+            (7, 16),
+            "vswitch_cidr = \"192.168.1.0/24\"",
+            "vswitch_cidr = \"10.0.0.0/24\"",
+        ),
+        ((11, 8), "cidr = \"10.1.0.1/16\"", "cidr = \"10.1.0.0/16\""),
+        ((12, 17), "\"9000-8000\"", "\"8000-9000\""),
+        ((17, 11), "address = \"10.9.0.4\"", "address = \"10.1.0.4\""),
+        ((19, 1), "protcol = \"tcp\"", "protocol = \"tcp\""),
+    ];
+    let all: Vec<(usize, usize)> = fixes.iter().map(|f| f.0).collect();
+    assert_eq!(error_positions(&broken), all, "{:?}", diags(&broken));
+    // Every subset of the fixes, applied in any combination: exactly the unfixed errors remain.
+    for mask in 0u32..1 << fixes.len() {
+        let mut text = broken.clone();
+        let mut left = vec![];
+        for (i, (pos, from, to)) in fixes.iter().enumerate() {
+            if mask & 1 << i != 0 {
+                assert!(text.contains(from), "{from}");
+                text = text.replacen(from, to, 1);
+            } else {
+                left.push(*pos);
+            }
+        }
+        assert_eq!(
+            error_positions(&text),
+            left,
+            "fixes {mask:05b}: {:?}",
+            diags(&text)
+        );
+    }
 }

@@ -47,12 +47,14 @@ impl Checked {
 pub fn check_text(path: &str, text: &str) -> Checked {
     let source = Source::new(path, text);
     let mut d = Diags::new(&source);
-    let mut policy = parse::parse(&mut d, &source);
-    // Field errors may have left entries out: still check what parsed, but "outside the accessible
-    // blocks" only when every block parsed. Any error at all and no policy comes back.
-    let complete = !d.has_errors();
+    // Field errors may have left entries out: still check what was read, and "outside the accessible
+    // blocks" whenever every block was read. Any error at all and no policy comes back.
+    let parse::Read {
+        mut policy,
+        accessible_known,
+    } = parse::parse(&mut d, &source);
     if let Some(p) = &policy {
-        validate::validate(&mut d, p, complete);
+        validate::validate(&mut d, p, accessible_known);
     }
     if d.has_errors() {
         policy = None;

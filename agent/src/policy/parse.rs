@@ -23,8 +23,6 @@ pub const DEFAULT_WEIGHT: u32 = 10;
 /// Each `[instance] flow_timeouts` entry, in seconds: 1 s to 24 h.
 pub const FLOW_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=24 * 3600;
 
-/// Parses a CIDR (or, with `allow_address`, a bare address as a host prefix); host bits are an error that
-/// names the canonical form.
 /// IPv4-mapped IPv6 (::ffff:0:0/96): the IPv4 form, when `net` lies inside that block.
 fn ipv4_form(net: &IpNet) -> Option<IpNet> {
     match net {
@@ -37,12 +35,10 @@ fn ipv4_form(net: &IpNet) -> Option<IpNet> {
 }
 
 /// An IPv4-mapped IPv6 address or block is an error: the kernel sends those packets as IPv4, so neither
-/// an authorization nor a reserved block would ever match them. The fix is the IPv4 form.
-fn mapped(d: &mut Diags, v: &At<String>, what: &str, net: &IpNet) -> bool {
-    let Some(v4) = ipv4_form(net) else {
-        return false;
-    };
-    let v4 = if v4.prefix_len() == 32 {
+/// an authorization nor a reserved block would ever match them. The fix is the IPv4 form, returned.
+fn mapped(d: &mut Diags, v: &At<String>, shown: &str, what: &str, net: &IpNet) -> Option<IpNet> {
+    let v4 = ipv4_form(net)?;
+    let written = if v4.prefix_len() == 32 {
         v4.addr().to_string()
     } else {
         v4.to_string()
@@ -50,12 +46,11 @@ fn mapped(d: &mut Diags, v: &At<String>, what: &str, net: &IpNet) -> bool {
     d.error_fix(
         &v.span,
         format!(
-            "{what} `{}` is an IPv4-mapped IPv6 address: the kernel sends such packets as IPv4, so it would never match",
-            v.value.trim()
+            "{what} `{shown}` is an IPv4-mapped IPv6 address: the kernel sends such packets as IPv4, so it would never match"
         ),
-        format!("write the IPv4 form {v4}"),
+        format!("write the IPv4 form {written}"),
     );
-    true
+    Some(v4)
 }
 
 /// The dotted-quad part of `s` with leading zeros dropped, when some octet has them (`010.001.0.0/16`:
@@ -90,35 +85,49 @@ pub fn without_leading_zeros(s: &str) -> Option<String> {
     Some(format!("{}{rest}", fixed.join(".")))
 }
 
-pub fn cidr(d: &mut Diags, v: &At<String>, what: &str, allow_address: bool) -> Option<IpNet> {
+/// Octets with leading zeros are an error whose fix is the plain form: the text to read on.
+fn plain_octets(d: &mut Diags, v: &At<String>, what: &str) -> String {
     let s = v.value.trim();
-    if let Some(fixed) = without_leading_zeros(s) {
-        d.error_fix(
-            &v.span,
-            format!("{what} `{s}` has octets with leading zeros (some tools read those as octal)"),
-            format!("write {fixed}"),
-        );
-        return None;
-    }
-    if allow_address && let Ok(addr) = s.parse::<IpAddr>() {
-        let net = IpNet::from(addr);
-        return (!mapped(d, v, what, &net)).then_some(net);
-    }
-    if let Ok(net) = s.parse::<IpNet>()
-        && mapped(d, v, what, &net.trunc())
-    {
-        return None;
-    }
-    match s.parse::<IpNet>() {
-        Ok(net) if net != net.trunc() => {
+    match without_leading_zeros(s) {
+        Some(fixed) => {
             d.error_fix(
                 &v.span,
-                format!("{what} {s} has host bits set"),
-                format!("write {}", net.trunc()),
+                format!(
+                    "{what} `{s}` has octets with leading zeros (some tools read those as octal)"
+                ),
+                format!("write {fixed}"),
             );
-            None
+            fixed
         }
-        Ok(net) => Some(net),
+        None => s.to_owned(),
+    }
+}
+
+/// Parses a CIDR (or, with `allow_address`, a bare address as a host prefix), reporting every problem.
+/// Returns the block meant: as written or, after an error whose fix is one exact value (host bits set,
+/// octets with leading zeros, IPv4-mapped IPv6), that value, so the checks across fields still see the
+/// block (the error keeps the policy from being applied). None when there is nothing to read.
+pub fn cidr(d: &mut Diags, v: &At<String>, what: &str, allow_address: bool) -> Option<IpNet> {
+    let s = plain_octets(d, v, what);
+    let s = s.as_str();
+    if allow_address && let Ok(addr) = s.parse::<IpAddr>() {
+        let net = IpNet::from(addr);
+        return Some(mapped(d, v, s, what, &net).unwrap_or(net));
+    }
+    match s.parse::<IpNet>() {
+        Ok(net) => {
+            if let Some(v4) = mapped(d, v, s, what, &net.trunc()) {
+                return Some(v4);
+            }
+            if net != net.trunc() {
+                d.error_fix(
+                    &v.span,
+                    format!("{what} {s} has host bits set"),
+                    format!("write {}", net.trunc()),
+                );
+            }
+            Some(net.trunc())
+        }
         Err(_) => {
             let example = if allow_address {
                 "an address such as 10.0.3.7 or a block such as 10.0.3.0/24"
@@ -135,25 +144,15 @@ pub fn cidr(d: &mut Diags, v: &At<String>, what: &str, allow_address: bool) -> O
     }
 }
 
+/// An address, reported like [`cidr`] and returned as meant.
 fn address(d: &mut Diags, v: &At<String>, what: &str) -> Option<IpAddr> {
-    if let Some(fixed) = without_leading_zeros(v.value.trim()) {
-        d.error_fix(
-            &v.span,
-            format!(
-                "{what} `{}` has octets with leading zeros (some tools read those as octal)",
-                v.value.trim()
-            ),
-            format!("write {fixed}"),
-        );
-        return None;
-    }
-    match v.value.trim().parse::<IpAddr>() {
-        Ok(a) if mapped(d, v, what, &IpNet::from(a)) => None,
-        Ok(a) => Some(a),
+    let s = plain_octets(d, v, what);
+    match s.parse::<IpAddr>() {
+        Ok(a) => Some(mapped(d, v, &s, what, &IpNet::from(a)).map_or(a, |v4| v4.addr())),
         Err(_) => {
             d.error_fix(
                 &v.span,
-                format!("{what} `{}` is not an IP address", v.value),
+                format!("{what} `{s}` is not an IP address"),
                 "write an address such as 10.0.3.8 or fd00::8",
             );
             None
@@ -277,16 +276,19 @@ fn ports(d: &mut Diags, f: &mut Fields, key: &'static str) -> Option<Option<Port
     ok.then(|| Some(PortSet::from_ranges(ranges)))
 }
 
-/// Reads the `[[name]]` array of tables, calling `each` with the fields of every entry.
+/// Reads the `[[name]]` array of tables, calling `each` with the fields of every entry. False when some
+/// entry could not be read as a table at all.
 fn tables<'a, 'i>(
     d: &mut Diags,
     root: &mut Fields<'a, 'i>,
     key: &'static str,
     mut each: impl FnMut(&mut Diags, Fields<'a, 'i>, usize),
-) {
+) -> bool {
+    let present = root.has(key);
     let Some(arr) = root.array(d, key) else {
-        return;
+        return !present;
     };
+    let mut all = true;
     for (i, item) in arr.value.iter().enumerate() {
         match item.get_ref() {
             DeValue::Table(t) => each(
@@ -294,22 +296,44 @@ fn tables<'a, 'i>(
                 Fields::new(t, item.span(), format!("[[{key}]] #{}", i + 1)),
                 i,
             ),
-            _ => d.error(
-                &item.span(),
-                format!("`{key}` must be written as [[{key}]] tables"),
-            ),
+            _ => {
+                all = false;
+                d.error(
+                    &item.span(),
+                    format!("`{key}` must be written as [[{key}]] tables"),
+                );
+            }
         }
     }
+    all
 }
 
 struct Parsed {
-    instance: Option<Instance>,
+    instance: Option<(Instance, bool)>,
     accessible: Vec<Accessible>,
+    /// Every `[[accessible]]` block could be read.
+    accessible_read: bool,
     authorizations: Vec<Authorization>,
     upstreams: Vec<Upstream>,
 }
 
-fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<Instance> {
+/// What [`parse`] read.
+pub struct Read {
+    /// The policy, when the `[instance]` could be read: every entry that could be read, including those
+    /// with errors (see `parse`).
+    pub policy: Option<Policy>,
+    /// Whether every block that decides "inside the accessible blocks" (the vSwitch block and each
+    /// `[[accessible]]` block) could be read: when not, that check cannot be decided and is skipped.
+    pub accessible_known: bool,
+}
+
+/// The `[instance]`, and whether its vSwitch block is known (false when `vswitch_cidr` could not be read,
+/// or a vpc-integration instance has none): "inside the accessible blocks" depends on it.
+///
+/// A field that failed is reported and, where the checks across fields do not depend on it, replaced
+/// by its value as written or its default, so those checks still run (the errors keep the policy from
+/// being applied). Without a usable `name`, `kind` or `vpc_id` there is no instance to check against.
+fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<(Instance, bool)> {
     let name = f.required_string(d, "name", "\"gw-1\"");
     let kind = f.required_string(d, "kind", "\"vpc-integration\"");
     let vpc_id = f.required_string(d, "vpc_id", "\"vpc-...\"");
@@ -325,7 +349,7 @@ fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<Instance> {
     let span = f.span.clone();
     f.finish(d);
 
-    let name_ok = name.as_ref().is_some_and(|n| {
+    if let Some(n) = &name {
         check_name(
             d,
             n,
@@ -333,8 +357,8 @@ fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<Instance> {
             32,
             |c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-',
             "a-z, 0-9 and -",
-        )
-    });
+        );
+    }
     let kind_v = kind.as_ref().and_then(|k| {
         one_of(
             d,
@@ -346,17 +370,22 @@ fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<Instance> {
             ],
         )
     });
-    let vpc_ok = vpc_id.as_ref().is_some_and(|v| vpc_id_ok(d, v));
-    let iface_ok = interface
-        .as_ref()
-        .is_some_and(|i| interface_name(d, i, "interface"));
-    let egress = egress_ip.as_ref().map(|e| address(d, e, "egress_ip"));
+    if let Some(v) = &vpc_id {
+        vpc_id_ok(d, v);
+    }
+    if let Some(i) = &interface {
+        interface_name(d, i, "interface");
+    }
+    let egress = egress_ip.as_ref().and_then(|e| address(d, e, "egress_ip"));
     let vswitch_v = vswitch.as_ref().map(|v| cidr(d, v, "vswitch_cidr", false));
     if kind_v == Some(Kind::VpcIntegration) && vswitch.is_none() {
         d.error_fix(&span, "[instance] of kind vpc-integration has no `vswitch_cidr`", "add the vSwitch block the instance was created in, e.g. `vswitch_cidr = \"10.0.0.0/24\"`");
     }
+    let vswitch_known = match vswitch_v {
+        Some(v) => v.is_some(),
+        None => kind_v != Some(Kind::VpcIntegration),
+    };
     let mut reserved = vec![];
-    let mut zone_ok = true;
     if let Some(z) = &zone {
         match reserved::zone_blocks(&z.value) {
             Some(blocks) => reserved.extend(blocks.iter().map(|&cidr| Reserved {
@@ -365,7 +394,6 @@ fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<Instance> {
                 pos: d.source.pos(&z.span),
             })),
             None => {
-                zone_ok = false;
                 let near: Vec<&str> = reserved::zones()
                     .filter(|k| {
                         k.starts_with(z.value.rsplit_once('-').map_or(z.value.as_str(), |p| p.0))
@@ -387,29 +415,25 @@ fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<Instance> {
             }
         }
     }
-    let mut reserved_ok = true;
     for r in reserved_cidrs.iter().flatten() {
-        match cidr(d, r, "reserved block", false) {
-            Some(c) => reserved.push(Reserved {
+        if let Some(c) = cidr(d, r, "reserved block", false) {
+            reserved.push(Reserved {
                 cidr: c,
                 source: ReservedSource::Explicit,
                 pos: d.source.pos(&r.span),
-            }),
-            None => reserved_ok = false,
+            });
         }
     }
-    let mode_v = match &mode {
-        Some(m) => one_of(
+    let mode_v = mode.as_ref().and_then(|m| {
+        one_of(
             d,
             m,
             "mode",
             &[("enforce", Mode::Enforce), ("audit", Mode::Audit)],
-        ),
-        None => Some(Mode::Enforce),
-    };
-    let mut fwd_ok = true;
+        )
+    });
     for i in forward.iter().flatten() {
-        fwd_ok &= interface_name(d, i, "forward interface");
+        interface_name(d, i, "forward interface");
     }
     // A mistake in these two is reported and replaced by the default, so the checks across fields still
     // run (the errors keep the policy from being applied).
@@ -420,30 +444,24 @@ fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<Instance> {
     let flow_timeouts = timeouts.map_or_else(FlowTimeouts::default, |t| {
         flow_timeouts(d, Fields::new(t.value, t.span, "[instance] flow_timeouts"))
     });
-    if !(name_ok && vpc_ok && iface_ok && zone_ok && reserved_ok && fwd_ok) {
-        return None;
-    }
-    Some(Instance {
+    let instance = Instance {
         name: name?.value,
         kind: kind_v?,
         vpc_id: vpc_id?.value,
-        interface: interface?.value,
-        egress_ip: egress.flatten(),
+        interface: interface.map(|i| i.value).unwrap_or_default(),
+        egress_ip: egress,
         egress_pos: egress_ip
             .as_ref()
             .map(|e| d.source.pos(&e.span))
             .unwrap_or_default(),
-        vswitch_cidr: match vswitch_v {
-            Some(None) => return None,
-            v => v.flatten(),
-        },
+        vswitch_cidr: vswitch_v.flatten(),
         vswitch_pos: vswitch
             .as_ref()
             .map(|v| d.source.pos(&v.span))
             .unwrap_or_default(),
         zone: zone.map(|z| z.value),
         reserved,
-        mode: mode_v?,
+        mode: mode_v.unwrap_or(Mode::Enforce),
         forward_interfaces: forward
             .unwrap_or_default()
             .into_iter()
@@ -451,7 +469,8 @@ fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<Instance> {
             .collect(),
         host_essentials,
         flow_timeouts,
-    })
+    };
+    Some((instance, vswitch_known))
 }
 
 /// `host_essentials = ["dhcp", "mld"]`: the essentials named, each once, in [`HostEssential::ALL`]'s order
@@ -632,12 +651,16 @@ fn flow_timeouts(d: &mut Diags, mut f: Fields) -> FlowTimeouts {
     out
 }
 
+/// Whether `s` is written like a VPC id.
+pub fn is_vpc_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 fn vpc_id_ok(d: &mut Diags, v: &At<String>) -> bool {
-    let ok = !v.value.is_empty()
-        && v.value.len() <= 64
-        && v.value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    let ok = is_vpc_id(&v.value);
     if !ok {
         d.error_fix(
             &v.span,
@@ -648,9 +671,11 @@ fn vpc_id_ok(d: &mut Diags, v: &At<String>) -> bool {
     ok
 }
 
+/// An `[[accessible]]` entry: None when its block could not be read. A mistake in `ports` or
+/// `protocols` is reported and the entry kept with all ports and protocols: the checks across fields
+/// look only at the block, and the errors keep the policy from being applied.
 fn parse_accessible(d: &mut Diags, mut f: Fields) -> Option<Accessible> {
     let c = f.required_string(d, "cidr", "\"10.1.0.0/16\"");
-    let has_ports = f.has("ports");
     let ports = ports(d, &mut f, "ports");
     let protocols = f.strings(d, "protocols");
     let protocols_span = f.span_of("protocols").unwrap_or_default();
@@ -688,12 +713,8 @@ fn parse_accessible(d: &mut Diags, mut f: Fields) -> Option<Accessible> {
     };
     Some(Accessible {
         cidr: cidr_v?,
-        ports: match ports {
-            Some(p) => p?,
-            None if !has_ports => PortSet::all(),
-            None => return None,
-        },
-        protocols: protos?,
+        ports: ports.flatten().unwrap_or_else(PortSet::all),
+        protocols: protos.unwrap_or_else(|| Proto::ALL.to_vec()),
         pos: d.source.pos(&c?.span),
     })
 }
@@ -709,7 +730,13 @@ fn rule_name_ok(d: &mut Diags, v: &At<String>) -> bool {
     )
 }
 
-fn parse_authorization(d: &mut Diags, mut f: Fields) -> Option<(Authorization, At<String>)> {
+/// An `[[authorization]]` entry, and its name for the uniqueness check. None when its name, VPC or
+/// address is missing or unreadable; any other mistake is reported and stood in for by the value as
+/// written or the default, so the address is still checked against the instance.
+fn parse_authorization(
+    d: &mut Diags,
+    mut f: Fields,
+) -> (Option<Authorization>, Option<At<String>>) {
     let name = f.required_string(d, "name", "\"orders-slb\"");
     let vpc_id = f.required_string(d, "vpc_id", "\"vpc-...\"");
     let instance_id = f.string(d, "instance_id");
@@ -721,10 +748,14 @@ fn parse_authorization(d: &mut Diags, mut f: Fields) -> Option<(Authorization, A
     let span = f.span.clone();
     let what = f.what.clone();
     f.finish(d);
-    let name_ok = name.as_ref().is_some_and(|n| rule_name_ok(d, n));
-    let vpc_ok = vpc_id.as_ref().is_some_and(|v| vpc_id_ok(d, v));
-    let itype = match &instance_type {
-        Some(t) => one_of(
+    if let Some(n) = &name {
+        rule_name_ok(d, n);
+    }
+    if let Some(v) = &vpc_id {
+        vpc_id_ok(d, v);
+    }
+    let itype = instance_type.as_ref().and_then(|t| {
+        one_of(
             d,
             t,
             "instance_type",
@@ -734,51 +765,42 @@ fn parse_authorization(d: &mut Diags, mut f: Fields) -> Option<(Authorization, A
                 ("nlb", InstanceType::Nlb),
                 ("ip", InstanceType::Ip),
             ],
-        ),
-        None => Some(InstanceType::Ip),
-    };
+        )
+    });
     let address_v = addr.as_ref().and_then(|a| cidr(d, a, "address", true));
-    let ports_v = match present_ports {
-        Some(p) => p,
-        None if !has_ports => {
-            d.error_fix(
-                &span,
-                format!("{what} has no `ports`: an authorization names the service's ports"),
-                "add e.g. `ports = [\"80\"]`",
-            );
-            None
-        }
-        None => None, // wrong type, already reported
-    };
-    let proto = match &protocol {
-        Some(p) => one_of(
+    if !has_ports {
+        d.error_fix(
+            &span,
+            format!("{what} has no `ports`: an authorization names the service's ports"),
+            "add e.g. `ports = [\"80\"]`",
+        );
+    }
+    let proto = protocol.as_ref().and_then(|p| {
+        one_of(
             d,
             p,
             "protocol",
             &[("tcp", Proto::Tcp), ("udp", Proto::Udp)],
-        ),
-        None => Some(Proto::Tcp),
-    };
-    if !(name_ok && vpc_ok) {
-        return None;
-    }
-    let name = name?;
-    Some((
-        Authorization {
-            name: name.value.clone(),
+        )
+    });
+    let authorization = (|| {
+        Some(Authorization {
+            name: name.as_ref()?.value.clone(),
             vpc_id: vpc_id?.value,
             instance_id: instance_id.map(|i| i.value),
-            instance_type: itype?,
+            instance_type: itype.unwrap_or(InstanceType::Ip),
             address: address_v?,
-            ports: ports_v?,
-            protocol: proto?,
+            ports: present_ports.flatten().unwrap_or_else(PortSet::all),
+            protocol: proto.unwrap_or(Proto::Tcp),
             pos: d.source.pos(&addr?.span),
-        },
-        name,
-    ))
+        })
+    })();
+    (authorization, name)
 }
 
-fn parse_upstream(d: &mut Diags, mut f: Fields) -> Option<(Upstream, At<String>)> {
+/// An `[[upstream]]` entry, and its name for the uniqueness check. None without a name or VPC; the
+/// nodes that could be read are kept (and checked), other mistakes stood in for by the default.
+fn parse_upstream(d: &mut Diags, mut f: Fields) -> (Option<Upstream>, Option<At<String>>) {
     let name = f.required_string(d, "name", "\"orders_pool\"");
     let description = f.string(d, "description");
     let vpc_id = f.required_string(d, "vpc_id", "\"vpc-...\"");
@@ -789,7 +811,7 @@ fn parse_upstream(d: &mut Diags, mut f: Fields) -> Option<(Upstream, At<String>)
     let span = f.span.clone();
     let what = f.what.clone();
     f.finish(d);
-    let name_ok = name.as_ref().is_some_and(|n| {
+    if let Some(n) = &name {
         check_name(
             d,
             n,
@@ -797,11 +819,13 @@ fn parse_upstream(d: &mut Diags, mut f: Fields) -> Option<(Upstream, At<String>)
             50,
             |c| c.is_ascii_alphanumeric() || c == '_',
             "A-Z, a-z, 0-9 and _",
-        )
-    });
-    let vpc_ok = vpc_id.as_ref().is_some_and(|v| vpc_id_ok(d, v));
-    let proto = match &protocol {
-        Some(p) => one_of(
+        );
+    }
+    if let Some(v) = &vpc_id {
+        vpc_id_ok(d, v);
+    }
+    let proto = protocol.as_ref().and_then(|p| {
+        one_of(
             d,
             p,
             "upstream protocol",
@@ -809,23 +833,21 @@ fn parse_upstream(d: &mut Diags, mut f: Fields) -> Option<(Upstream, At<String>)
                 ("http", UpstreamProtocol::Http),
                 ("https", UpstreamProtocol::Https),
             ],
-        ),
-        None => Some(UpstreamProtocol::Http),
-    };
+        )
+    });
     let retries_v = match retries {
-        Some(r) if RETRIES.contains(&r.value) => Some(r.value as u32),
+        Some(r) if RETRIES.contains(&r.value) => r.value as u32,
         Some(r) => {
             d.error_fix(
                 &r.span,
                 format!("retries {} is out of range 1..=100", r.value),
                 "write a number from 1 to 100 (default 5)",
             );
-            None
+            DEFAULT_RETRIES
         }
-        None => Some(DEFAULT_RETRIES),
+        None => DEFAULT_RETRIES,
     };
     let mut node_list = vec![];
-    let mut nodes_ok = true;
     match &nodes {
         None => {
             d.error_fix(
@@ -833,59 +855,52 @@ fn parse_upstream(d: &mut Diags, mut f: Fields) -> Option<(Upstream, At<String>)
                 format!("{what} has no `nodes`"),
                 "add e.g. `nodes = [ { address = \"10.0.3.8\", port = 8080, weight = 10 } ]`",
             );
-            nodes_ok = false;
-        }
-        Some(arr) if arr.value.is_empty() || arr.value.len() > MAX_NODES => {
-            d.error_fix(
-                &arr.span,
-                format!(
-                    "{what} has {} nodes: an upstream has 1 to {MAX_NODES}",
-                    arr.value.len()
-                ),
-                if arr.value.is_empty() {
-                    "add at least one node".to_owned()
-                } else {
-                    format!("split it into upstreams of at most {MAX_NODES} nodes")
-                },
-            );
-            nodes_ok = false;
         }
         Some(arr) => {
+            if arr.value.is_empty() || arr.value.len() > MAX_NODES {
+                d.error_fix(
+                    &arr.span,
+                    format!(
+                        "{what} has {} nodes: an upstream has 1 to {MAX_NODES}",
+                        arr.value.len()
+                    ),
+                    if arr.value.is_empty() {
+                        "add at least one node".to_owned()
+                    } else {
+                        format!("split it into upstreams of at most {MAX_NODES} nodes")
+                    },
+                );
+            }
             for (i, item) in arr.value.iter().enumerate() {
                 let DeValue::Table(t) = item.get_ref() else {
                     d.error(&item.span(), format!("node #{} of {what} must be a table {{ address = ..., port = ..., weight = ... }}", i + 1));
-                    nodes_ok = false;
                     continue;
                 };
-                match parse_node(
+                node_list.extend(parse_node(
                     d,
                     Fields::new(t, item.span(), format!("node #{} of {what}", i + 1)),
-                ) {
-                    Some(n) => node_list.push(n),
-                    None => nodes_ok = false,
-                }
+                ));
             }
         }
     }
-    if !(name_ok && vpc_ok && nodes_ok) {
-        return None;
-    }
-    let name = name?;
-    Some((
-        Upstream {
-            name: name.value.clone(),
+    let upstream = (|| {
+        let n = name.as_ref()?;
+        Some(Upstream {
+            name: n.value.clone(),
             description: description.map(|x| x.value),
             vpc_id: vpc_id?.value,
-            protocol: proto?,
+            protocol: proto.unwrap_or(UpstreamProtocol::Http),
             host_header: host_header.map(|h| h.value),
-            retries: retries_v?,
+            retries: retries_v,
             nodes: node_list,
-            pos: d.source.pos(&name.span),
-        },
-        name,
-    ))
+            pos: d.source.pos(&n.span),
+        })
+    })();
+    (upstream, name)
 }
 
+/// A node: None when its address or port is missing or unreadable (the port names it in messages); a
+/// wrong weight is reported and stood in for by the default.
 fn parse_node(d: &mut Diags, mut f: Fields) -> Option<Node> {
     let addr = f.required_string(d, "address", "\"10.0.3.8\"");
     let port = f.integer(d, "port");
@@ -913,21 +928,21 @@ fn parse_node(d: &mut Diags, mut f: Fields) -> Option<Node> {
         }
     };
     let weight_v = match weight {
-        Some(w) if WEIGHTS.contains(&w.value) => Some(w.value as u32),
+        Some(w) if WEIGHTS.contains(&w.value) => w.value as u32,
         Some(w) => {
             d.error_fix(
                 &w.span,
                 format!("weight {} of {what} is out of range 1..=100", w.value),
                 "write a weight from 1 to 100 (default 10)",
             );
-            None
+            DEFAULT_WEIGHT
         }
-        None => Some(DEFAULT_WEIGHT),
+        None => DEFAULT_WEIGHT,
     };
     Some(Node {
         address: address_v?,
         port: port_v?,
-        weight: weight_v?,
+        weight: weight_v,
         pos: d.source.pos(&addr?.span),
     })
 }
@@ -944,6 +959,7 @@ fn parse_doc(d: &mut Diags, doc: &DeTable, span: Range<usize>) -> Parsed {
     let mut p = Parsed {
         instance,
         accessible: vec![],
+        accessible_read: true,
         authorizations: vec![],
         upstreams: vec![],
     };
@@ -960,43 +976,66 @@ fn parse_doc(d: &mut Diags, doc: &DeTable, span: Range<usize>) -> Parsed {
             names.insert(n.value.clone(), pos);
         }
     };
-    tables(d, &mut root, "accessible", |d, f, _| {
-        p.accessible.extend(parse_accessible(d, f))
-    });
+    let mut unread = 0;
+    let tables_read = tables(
+        d,
+        &mut root,
+        "accessible",
+        |d, f, _| match parse_accessible(d, f) {
+            Some(a) => p.accessible.push(a),
+            None => unread += 1,
+        },
+    );
+    p.accessible_read = tables_read && unread == 0;
     tables(d, &mut root, "authorization", |d, f, _| {
-        if let Some((a, n)) = parse_authorization(d, f) {
-            unique(d, &n);
-            p.authorizations.push(a);
+        let (a, n) = parse_authorization(d, f);
+        if let Some(n) = &n {
+            unique(d, n);
         }
+        p.authorizations.extend(a);
     });
     tables(d, &mut root, "upstream", |d, f, _| {
-        if let Some((u, n)) = parse_upstream(d, f) {
-            unique(d, &n);
-            p.upstreams.push(u);
+        let (u, n) = parse_upstream(d, f);
+        if let Some(n) = &n {
+            unique(d, n);
         }
+        p.upstreams.extend(u);
     });
     root.finish(d);
     p
 }
 
 /// Parses `source` into a policy, reporting every field-level problem into `d`. When some entries had
-/// errors the policy holds the others (so cross-field validation can still report on them) and `d` has
-/// errors: such a policy must never be applied. None when there is no usable `[instance]`.
-pub fn parse(d: &mut Diags, source: &Source) -> Option<Policy> {
+/// errors the policy holds what could be read of them (so cross-field validation can still report on
+/// them) and `d` has errors: such a policy must never be applied. No policy when there is no usable
+/// `[instance]`.
+pub fn parse(d: &mut Diags, source: &Source) -> Read {
     let doc = match DeTable::parse(&source.text) {
         Ok(doc) => doc,
         Err(e) => {
             let span = e.span().unwrap_or(0..0);
             d.error(&span, format!("not valid TOML: {}", e.message()));
-            return None;
+            return Read {
+                policy: None,
+                accessible_known: false,
+            };
         }
     };
     let span = doc.span();
     let parsed = parse_doc(d, doc.get_ref(), span);
-    Some(Policy {
-        instance: parsed.instance?,
-        accessible: parsed.accessible,
-        authorizations: parsed.authorizations,
-        upstreams: parsed.upstreams,
-    })
+    let Some((instance, vswitch_known)) = parsed.instance else {
+        return Read {
+            policy: None,
+            accessible_known: false,
+        };
+    };
+    Read {
+        policy: Some(Policy {
+            instance,
+            accessible: parsed.accessible,
+            authorizations: parsed.authorizations,
+            upstreams: parsed.upstreams,
+        }),
+        accessible_known: vswitch_known && parsed.accessible_read,
+    }
 }

@@ -208,7 +208,8 @@ pub fn check_backends(
             );
         }
         if instance.kind == Kind::VpcIntegration {
-            if b.vpc_id != instance.vpc_id {
+            // An instance VPC id that is no VPC id is already an error: comparing with it says nothing.
+            if b.vpc_id != instance.vpc_id && super::parse::is_vpc_id(&instance.vpc_id) {
                 d.push_at(
                     Severity::Error,
                     b.pos,
