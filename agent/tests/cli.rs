@@ -58,7 +58,7 @@ fn check_exit_statuses_and_text() {
         [
             "examples/broken.toml:7:16: error: vswitch_cidr 192.168.1.0/24 overlaps reserved block 192.168.0.0/20 (reserved for zone cn-hangzhou-b)",
             "examples/broken.toml:11:8: error: accessible block 10.1.0.1/16 has host bits set",
-            "examples/broken.toml:12:17: error: `ports` in [[accessible]] #1: port range 9000-8000 is reversed: write 8000-9000",
+            "examples/broken.toml:12:17: error: `ports` in [[accessible]] #1: port range 9000-8000 is reversed",
             "examples/broken.toml:17:11: error: instance cannot connect to the backend 10.9.0.4: outside accessible CIDR blocks 192.168.1.0/24, 10.1.0.0/16",
             "examples/broken.toml:19:1: error: unknown field `protcol` in [[authorization]] #1",
             "examples/broken.toml: invalid: 5 errors, 0 warnings",

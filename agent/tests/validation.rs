@@ -96,10 +96,10 @@ fn ports_must_be_in_range_and_ordered() {
             r#"ports = ["0", "70000", "90-80", "http", 22]"#
         )),
         [
-            "12:10: error: `ports` in [[accessible]] #1: port 0 is out of range 1..=65535",
-            "12:15: error: `ports` in [[accessible]] #1: port 70000 is out of range 1..=65535",
-            "12:24: error: `ports` in [[accessible]] #1: port range 90-80 is reversed: write 80-90",
-            "12:33: error: `ports` in [[accessible]] #1: `http` is not a port number",
+            "12:10: error: `ports` in [[accessible]] #1: port 0 is out of range 1..=65535 | ports are 1..=65535: write a port from 1 to 65535",
+            "12:15: error: `ports` in [[accessible]] #1: port 70000 is out of range 1..=65535 | ports are 1..=65535: write a port from 1 to 65535",
+            "12:24: error: `ports` in [[accessible]] #1: port range 90-80 is reversed | write 80-90",
+            "12:33: error: `ports` in [[accessible]] #1: `http` is not a port number | write a port such as \"80\" or a range such as \"8000-8100\"",
         ]
     );
     assert_eq!(
@@ -184,7 +184,9 @@ fn upstream_nodes_retries_and_weights_are_bounded() {
     );
     assert_eq!(
         diags(&with("port = 8080,", "port = 0,")),
-        ["23:42: error: port 0 of node #1 of [[upstream]] #1 is out of range 1..=65535"]
+        [
+            "23:42: error: port 0 of node #1 of [[upstream]] #1 is out of range 1..=65535 | ports are 1..=65535: write a port from 1 to 65535"
+        ]
     );
 }
 
@@ -851,7 +853,7 @@ fn errors_elsewhere_do_not_hide_the_accessible_blocks_check() {
             "28:17: error: instance_type `vm` is not one of ecs, clb, nlb, ip | write one of: ecs, clb, nlb, ip",
             "29:11: error: authorization `bad name`: backend 172.20.0.9 is inside reserved block 172.20.0.0/16 (reserved for zone cn-hangzhou-b) | the gateway can never reach a reserved block: move the backend to another block of the VPC",
             "29:11: error: instance cannot connect to the backend 172.20.0.9: outside accessible CIDR blocks 10.0.0.0/24, 10.1.0.0/16 | add an accessible block that contains it: [[accessible]] cidr = \"172.20.0.0/24\"",
-            "30:10: error: `ports` in [[authorization]] #2: port range 90-80 is reversed: write 80-90",
+            "30:10: error: `ports` in [[authorization]] #2: port range 90-80 is reversed | write 80-90",
         ]
     );
     // An accessible block with its own port error still counts as accessible.

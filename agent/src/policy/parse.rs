@@ -9,7 +9,7 @@ use toml::de::{DeTable, DeValue};
 use super::{
     diag::Diags,
     model::*,
-    ports::PortSet,
+    ports::{self, PortError, PortSet},
     reserved,
     source::{Pos, Source},
     walk::{At, Fields, edit_distance, integer_value, type_name},
@@ -255,12 +255,22 @@ fn ports(d: &mut Diags, f: &mut Fields, key: &'static str) -> Option<Option<Port
                     continue;
                 }
             },
-            _ => Err("ports are written as \"80\" or \"8000-8100\"".to_owned()),
+            other => Err(PortError {
+                message: format!(
+                    "a port is written as \"80\" or \"8000-8100\", not {}",
+                    type_name(other)
+                ),
+                fix: ports::SYNTAX_FIX.into(),
+            }),
         };
         match parsed {
             Ok(r) => ranges.push(r),
             Err(e) => {
-                d.error(&item.span(), format!("`{key}` in {}: {e}", f.what));
+                d.error_fix(
+                    &item.span(),
+                    format!("`{key}` in {}: {}", f.what, e.message),
+                    e.fix,
+                );
                 ok = false;
             }
         }
@@ -912,9 +922,10 @@ fn parse_node(d: &mut Diags, mut f: Fields) -> Option<Node> {
     let port_v = match port {
         Some(p) if (1..=65535).contains(&p.value) => Some(p.value as u16),
         Some(p) => {
-            d.error(
+            d.error_fix(
                 &p.span,
                 format!("port {} of {what} is out of range 1..=65535", p.value),
+                ports::RANGE_FIX,
             );
             None
         }

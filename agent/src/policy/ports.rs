@@ -51,23 +51,54 @@ impl PortSet {
     }
 
     /// Parses one `ports` item: `"80"` or `"8000-8100"`.
-    pub fn parse_item(s: &str) -> Result<(u16, u16), String> {
-        let port = |p: &str| -> Result<u16, String> {
+    pub fn parse_item(s: &str) -> Result<(u16, u16), PortError> {
+        let port = |p: &str| -> Result<u16, PortError> {
             match p.trim().parse::<u32>() {
                 Ok(n) if (1..=65535).contains(&n) => Ok(n as u16),
-                Ok(n) => Err(format!("port {n} is out of range 1..=65535")),
-                Err(_) => Err(format!("`{}` is not a port number", p.trim())),
+                Ok(n) => Err(PortError {
+                    message: format!("port {n} is out of range 1..=65535"),
+                    fix: RANGE_FIX.into(),
+                }),
+                Err(_) => Err(PortError {
+                    message: format!("`{}` is not a port number", p.trim()),
+                    fix: SYNTAX_FIX.into(),
+                }),
             }
         };
         match s.split_once('-') {
             Some((lo, hi)) => {
                 let (lo, hi) = (port(lo)?, port(hi)?);
                 if lo > hi {
-                    return Err(format!("port range {lo}-{hi} is reversed: write {hi}-{lo}"));
+                    return Err(PortError {
+                        message: format!("port range {lo}-{hi} is reversed"),
+                        fix: format!("write {hi}-{lo}"),
+                    });
                 }
                 Ok((lo, hi))
             }
             None => port(s).map(|p| (p, p)),
+        }
+    }
+}
+
+/// The fix for a port outside 1..=65535.
+pub const RANGE_FIX: &str = "ports are 1..=65535: write a port from 1 to 65535";
+/// The fix for an item that is no port.
+pub const SYNTAX_FIX: &str = "write a port such as \"80\" or a range such as \"8000-8100\"";
+
+/// A `ports` item that is no port or range: what is wrong, and how to fix it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortError {
+    pub message: String,
+    pub fix: String,
+}
+
+impl PortError {
+    #[cfg(test)]
+    fn new(message: &str, fix: &str) -> Self {
+        Self {
+            message: message.into(),
+            fix: fix.into(),
         }
     }
 }
@@ -116,23 +147,32 @@ mod tests {
     }
 
     #[test]
-    fn parses_items_with_precise_errors() {
+    fn parses_items_with_precise_errors_and_fixes() {
         assert_eq!(PortSet::parse_item("8000-8100"), Ok((8000, 8100)));
         assert_eq!(
             PortSet::parse_item("0"),
-            Err("port 0 is out of range 1..=65535".into())
+            Err(PortError::new(
+                "port 0 is out of range 1..=65535",
+                RANGE_FIX
+            ))
         );
         assert_eq!(
             PortSet::parse_item("70000"),
-            Err("port 70000 is out of range 1..=65535".into())
+            Err(PortError::new(
+                "port 70000 is out of range 1..=65535",
+                RANGE_FIX
+            ))
         );
         assert_eq!(
             PortSet::parse_item("90-80"),
-            Err("port range 90-80 is reversed: write 80-90".into())
+            Err(PortError::new(
+                "port range 90-80 is reversed",
+                "write 80-90"
+            ))
         );
         assert_eq!(
             PortSet::parse_item("http"),
-            Err("`http` is not a port number".into())
+            Err(PortError::new("`http` is not a port number", SYNTAX_FIX))
         );
     }
 }
