@@ -406,3 +406,39 @@ fn control_characters_from_the_policy_are_escaped_in_text_output() {
         "{out}"
     );
 }
+
+#[test]
+fn check_help_lists_the_known_zones_by_region() {
+    let (code, out, _) = vpcgate(&["check", "--help"]);
+    assert_eq!(code, 0);
+    for needle in [
+        "Zones for `zone = \"...\"`",
+        "  China (Hangzhou): cn-hangzhou-{b,d,e,f,g,h,i,j,k}\n",
+        "  Japan (Tokyo): ap-northeast-1{a,b,c}\n",
+        "  South Korea (Seoul): ap-northeast-2a\n",
+        "Exit status: 0 valid",
+    ] {
+        assert!(
+            out.contains(needle),
+            "check --help lacks {needle:?}:\n{out}"
+        );
+    }
+    // The unknown-zone error points there.
+    let dir = std::env::temp_dir().join(format!("vpcgate-zone-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("zone.toml");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/policy.toml"
+    ))
+    .unwrap()
+    .replacen("zone = \"cn-hangzhou-b\"", "zone = \"ap-northeast-1d\"", 1);
+    std::fs::write(&path, text).unwrap();
+    let (code, out, _) = vpcgate(&["check", path.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("    fix: did you mean ap-northeast-1a, ap-northeast-1b, ap-northeast-1c? every known zone: `vpcgate check --help`"),
+        "{out}"
+    );
+}

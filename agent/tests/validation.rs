@@ -308,7 +308,7 @@ fn structure_errors_are_all_reported_with_positions() {
             "1:1: error: [instance] has no `interface` | add `interface = \"eth1\"`",
             "1:1: error: [instance] of kind vpc-integration has no `vswitch_cidr` | add the vSwitch block the instance was created in, e.g. `vswitch_cidr = \"10.0.0.0/24\"`",
             "6:1: error: unknown field `vswitch_cdr` in [instance] | did you mean `vswitch_cidr`? known fields: name, kind, vpc_id, interface, egress_ip, vswitch_cidr, zone, reserved_cidrs, mode, forward_interfaces, host_essentials, flow_timeouts",
-            "7:8: error: unknown zone `cn-hangzhou-q`: the built-in reserved-block table has no such zone | known zones nearby: cn-hangzhou-b, cn-hangzhou-d, cn-hangzhou-e, cn-hangzhou-f, cn-hangzhou-g, cn-hangzhou-h, cn-hangzhou-i, cn-hangzhou-j, cn-hangzhou-k",
+            "7:8: error: unknown zone `cn-hangzhou-q`: the built-in reserved-block table has no such zone | did you mean cn-hangzhou-b, cn-hangzhou-d, cn-hangzhou-e, cn-hangzhou-f, cn-hangzhou-g, cn-hangzhou-h, cn-hangzhou-i, cn-hangzhou-j, cn-hangzhou-k? every known zone: `vpcgate check --help`; or list the zone's blocks in reserved_cidrs",
             "8:8: error: `mode` in [instance] must be a string, not an integer",
         ]
     );
@@ -972,4 +972,23 @@ fn fixing_broken_toml_one_error_at_a_time_reveals_nothing_new() {
             diags(&text)
         );
     }
+}
+
+#[test]
+fn unknown_zones_name_the_closest_and_where_the_list_is() {
+    assert_eq!(
+        diags(&with("zone = \"cn-hangzhou-b\"", "zone = \"cn-hangzou-b\"")),
+        [
+            "8:8: error: unknown zone `cn-hangzou-b`: the built-in reserved-block table has no such zone | did you mean cn-hangzhou-b? every known zone: `vpcgate check --help`; or list the zone's blocks in reserved_cidrs"
+        ]
+    );
+    assert_eq!(
+        diags(&with(
+            "zone = \"cn-hangzhou-b\"",
+            "zone = \"mars-north-1a\""
+        )),
+        [
+            "8:8: error: unknown zone `mars-north-1a`: the built-in reserved-block table has no such zone | every known zone: `vpcgate check --help`; or list the zone's blocks in reserved_cidrs"
+        ]
+    );
 }

@@ -12,13 +12,22 @@ use crate::policy::{
     model::HostEssential,
 };
 
+/// `check --help`'s closing text: examples, the zones `zone = "..."` takes, exit statuses.
+fn after_help() -> String {
+    format!(
+        "Examples:\n  \
+         vpcgate check examples/policy.toml\n  \
+         vpcgate check examples/policy.toml --output json\n  \
+         vpcgate check old.toml --migrate-to new.toml   would old.toml's backends work on new.toml's instance?\n\n\
+         Zones for `zone = \"...\"` (the provider's reserved-block table; another zone: list its blocks in \
+         reserved_cidrs):\n{}\n\
+         Exit status: 0 valid, 1 invalid (or a backend would fail after migration), 2 unreadable file or usage.",
+        policy::reserved::zones_by_region()
+    )
+}
+
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Examples:\n  \
-    vpcgate check examples/policy.toml\n  \
-    vpcgate check examples/policy.toml --output json\n  \
-    vpcgate check old.toml --migrate-to new.toml   would old.toml's backends work on new.toml's instance?\n\n\
-    Zones for `zone = \"...\"` are those of the provider's reserved-block table, e.g. cn-hangzhou-b.\n\
-    Exit status: 0 valid, 1 invalid (or a backend would fail after migration), 2 unreadable file or usage.")]
+#[command(after_help = after_help())]
 pub struct Args {
     /// The policy file (TOML).
     pub file: PathBuf,

@@ -404,15 +404,12 @@ fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<(Instance, bool)> {
                 pos: d.source.pos(&z.span),
             })),
             None => {
-                let near: Vec<&str> = reserved::zones()
-                    .filter(|k| {
-                        k.starts_with(z.value.rsplit_once('-').map_or(z.value.as_str(), |p| p.0))
-                    })
-                    .collect();
+                let near = reserved::closest_zones(&z.value);
+                let list = "every known zone: `vpcgate check --help`; or list the zone's blocks in reserved_cidrs";
                 let fix = if near.is_empty() {
-                    "use a zone of the provider's table (see `vpcgate check --help`), or list its blocks in reserved_cidrs".to_owned()
+                    list.to_owned()
                 } else {
-                    format!("known zones nearby: {}", near.join(", "))
+                    format!("did you mean {}? {list}", near.join(", "))
                 };
                 d.error_fix(
                     &z.span,

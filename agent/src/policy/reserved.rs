@@ -43,6 +43,53 @@ pub fn zones() -> impl Iterator<Item = &'static str> {
     TABLE.keys().copied()
 }
 
+/// The known zones closest to `zone` (fewest edits, ties all listed), for "did you mean"; none when
+/// even the closest is far off.
+pub fn closest_zones(zone: &str) -> Vec<&'static str> {
+    let scored: Vec<(usize, &str)> = zones()
+        .map(|z| (super::walk::edit_distance(zone, z), z))
+        .collect();
+    let Some(best) = scored.iter().map(|s| s.0).min() else {
+        return vec![];
+    };
+    if best > 3.max(zone.chars().count() / 3) {
+        return vec![];
+    }
+    scored
+        .into_iter()
+        .filter(|s| s.0 == best)
+        .map(|s| s.1)
+        .collect()
+}
+
+/// Every known zone, one region a line, zones of a region written compactly:
+/// `  China (Hangzhou): cn-hangzhou-{b,d,e,f,g,h,i,j,k}`.
+pub fn zones_by_region() -> String {
+    let mut regions: BTreeMap<&str, BTreeMap<&str, Vec<&str>>> = BTreeMap::new();
+    for (zone, (region, _)) in TABLE.iter() {
+        // A zone is its region id and a last letter: cn-hangzhou-b, ap-northeast-1a.
+        let (id, letter) = zone.split_at(zone.len() - 1);
+        regions
+            .entry(region)
+            .or_default()
+            .entry(id)
+            .or_default()
+            .push(letter);
+    }
+    let mut out = String::new();
+    for (region, ids) in regions {
+        let parts: Vec<String> = ids
+            .into_iter()
+            .map(|(id, letters)| match letters.as_slice() {
+                [one] => format!("{id}{one}"),
+                _ => format!("{id}{{{}}}", letters.join(",")),
+            })
+            .collect();
+        out.push_str(&format!("  {region}: {}\n", parts.join(" ")));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,6 +107,24 @@ mod tests {
         );
         assert_eq!(zone_region("cn-hangzhou-b"), Some("China (Hangzhou)"));
         assert!(zone_blocks("mars-north-1a").is_none());
+        assert_eq!(closest_zones("cn-hangzou-b"), ["cn-hangzhou-b"]);
+        assert_eq!(closest_zones("us-east-1"), ["us-east-1a", "us-east-1b"]);
+        assert_eq!(closest_zones("mars-north-1a"), Vec::<&str>::new());
+        let help = zones_by_region();
+        assert!(
+            help.contains("  China (Hangzhou): cn-hangzhou-{b,d,e,f,g,h,i,j,k}\n"),
+            "{help}"
+        );
+        // Every zone can be read back from the listing.
+        let listed: usize = help
+            .lines()
+            .flat_map(|l| l.split_once(": ").unwrap().1.split(' '))
+            .map(|part| match part.split_once('{') {
+                Some((_, letters)) => letters.trim_end_matches('}').split(',').count(),
+                None => 1,
+            })
+            .sum();
+        assert_eq!(listed, zones().count());
         for z in zones() {
             for b in zone_blocks(z).unwrap() {
                 assert_eq!(*b, b.trunc(), "{z}: {b} has host bits set");
