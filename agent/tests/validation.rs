@@ -975,6 +975,33 @@ fn fixing_broken_toml_one_error_at_a_time_reveals_nothing_new() {
 }
 
 #[test]
+fn duplicate_keys_name_the_key_and_its_first_definition() {
+    assert_eq!(
+        diags(&with(
+            "interface = \"eth1\"",
+            "interface = \"eth1\"\nname = \"gw-2\""
+        )),
+        [
+            "6:1: error: not valid TOML: duplicate key `name`: already defined at line 2, column 1 | a key (and a [table]) is defined once per table: remove or merge one of the `name`"
+        ]
+    );
+    // In an inline table: the first `port` of the same table, not one in a table inside it.
+    assert_eq!(
+        diags(&with("weight = 10 }", "weight = 10, port = 9090 }")),
+        [
+            "23:61: error: not valid TOML: duplicate key `port`: already defined at line 23, column 35 | a key (and a [table]) is defined once per table: remove or merge one of the `port`"
+        ]
+    );
+    // A [table] defined twice.
+    assert_eq!(
+        diags(&format!("{BASE}\n[instance]\n")),
+        [
+            "25:2: error: not valid TOML: duplicate key `instance`: already defined at line 1, column 2 | a key (and a [table]) is defined once per table: remove or merge one of the `instance`"
+        ]
+    );
+}
+
+#[test]
 fn unknown_zones_name_the_closest_and_where_the_list_is() {
     assert_eq!(
         diags(&with("zone = \"cn-hangzhou-b\"", "zone = \"cn-hangzou-b\"")),

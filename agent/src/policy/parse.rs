@@ -1021,8 +1021,7 @@ pub fn parse(d: &mut Diags, source: &Source) -> Read {
     let doc = match DeTable::parse(&source.text) {
         Ok(doc) => doc,
         Err(e) => {
-            let span = e.span().unwrap_or(0..0);
-            d.error(&span, format!("not valid TOML: {}", e.message()));
+            toml_error(d, source, &e);
             return Read {
                 policy: None,
                 accessible_known: false,
@@ -1046,4 +1045,86 @@ pub fn parse(d: &mut Diags, source: &Source) -> Read {
         }),
         accessible_known: vswitch_known && parsed.accessible_read,
     }
+}
+
+/// A TOML syntax error, with its position. The parser says only "duplicate key": name the key and,
+/// when it can be found, where it was first defined.
+fn toml_error(d: &mut Diags, source: &Source, e: &toml::de::Error) {
+    let span = e.span().unwrap_or(0..0);
+    let written = source.text.get(span.clone()).unwrap_or_default().trim();
+    if e.message() != "duplicate key" || written.is_empty() {
+        d.error(&span, format!("not valid TOML: {}", e.message()));
+        return;
+    }
+    let name = written.trim_matches(['"', '\'']);
+    let (doc, _) = DeTable::parse_recoverable(&source.text);
+    let first = first_key_before(&source.text, doc.get_ref(), name, span.start)
+        .or_else(|| first_header_before(&source.text, span.clone()))
+        .map(|at| source.line_col(at))
+        .map_or(String::new(), |(line, column)| {
+            format!(": already defined at line {line}, column {column}")
+        });
+    d.error_fix(
+        &span,
+        format!("not valid TOML: duplicate key `{written}`{first}"),
+        format!("a key (and a [table]) is defined once per table: remove or merge one of the `{written}`"),
+    );
+}
+
+/// Where the last key named `name` before `before` is, in the tables that can hold the duplicate (not
+/// in an inline table that ends before it): in TOML a table's own keys are written together, so that
+/// is the first definition of the duplicate.
+fn first_key_before(text: &str, table: &DeTable, name: &str, before: usize) -> Option<usize> {
+    fn value(
+        text: &str,
+        v: &DeValue,
+        span: Range<usize>,
+        name: &str,
+        before: usize,
+    ) -> Option<usize> {
+        match v {
+            DeValue::Table(t) => {
+                let inline = text.as_bytes().get(span.start) == Some(&b'{');
+                if inline && !span.contains(&before) {
+                    return None;
+                }
+                first_key_before(text, t, name, before)
+            }
+            DeValue::Array(a) => a
+                .iter()
+                .filter_map(|item| value(text, item.get_ref(), item.span(), name, before))
+                .max(),
+            _ => None,
+        }
+    }
+    table
+        .iter()
+        .flat_map(|(k, v)| {
+            let own =
+                (k.get_ref().as_ref() == name && k.span().start < before).then_some(k.span().start);
+            own.into_iter()
+                .chain(value(text, v.get_ref(), v.span(), name, before))
+        })
+        .max()
+}
+
+/// A `[table]` defined twice: the parser keeps only the second header, so look for the first in the text
+/// (a line that starts with the same header).
+fn first_header_before(text: &str, key: Range<usize>) -> Option<usize> {
+    let line_start = text.get(..key.start)?.rfind('\n').map_or(0, |i| i + 1);
+    let header = text.get(line_start..key.end)?.trim_start();
+    if !header.starts_with('[') {
+        return None;
+    }
+    let mut offset = 0;
+    for line in text.get(..line_start)?.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if let Some(rest) = trimmed.strip_prefix(header)
+            && rest.trim_start().starts_with(']')
+        {
+            return Some(offset + line.len() - trimmed.len() + 1);
+        }
+        offset += line.len();
+    }
+    None
 }
