@@ -408,6 +408,57 @@ fn control_characters_from_the_policy_are_escaped_in_text_output() {
 }
 
 #[test]
+fn a_file_that_is_not_utf8_is_an_invalid_policy_with_a_position() {
+    let dir = std::env::temp_dir().join(format!("vpcgate-utf8-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("latin1.toml");
+    let text = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/policy.toml"
+    ))
+    .unwrap();
+    // `name = "gw-hz-1"` on line 5, followed by a Latin-1 comment.
+    let line = b"name = \"gw-hz-1\"";
+    let at = text.windows(line.len()).position(|w| w == line).unwrap() + line.len();
+    let mut bytes = text.clone();
+    bytes.splice(at..at, *b" # caf\xe9");
+    std::fs::write(&path, &bytes).unwrap();
+    let path = path.to_str().unwrap().to_owned();
+    let (code, out, _) = vpcgate(&["check", &path]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        out,
+        format!(
+            "{path}:5:23: error: byte 0xe9 is not UTF-8: a policy file is UTF-8 text\n    fix: save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or remove the byte\n{path}: invalid: 1 error, 0 warnings\n"
+        )
+    );
+    let v = json(&["check", &path], 1);
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["errors"], 1);
+    assert_eq!(
+        (
+            &v["diagnostics"][0]["line"],
+            &v["diagnostics"][0]["column"],
+            &v["diagnostics"][0]["severity"]
+        ),
+        (
+            &serde_json::json!(5),
+            &serde_json::json!(23),
+            &serde_json::json!("error")
+        )
+    );
+    // explain refuses it like any invalid policy.
+    let v = json(&["explain", &path, "10.0.3.7:80"], 2);
+    assert_eq!(v["error"]["code"], "invalid_policy");
+    // A file that cannot be read at all stays a runtime error (exit 2), with the JSON error object.
+    let unreadable = dir.join("a-directory.toml");
+    std::fs::create_dir_all(&unreadable).unwrap();
+    let v = json(&["check", unreadable.to_str().unwrap()], 2);
+    assert_eq!(v["error"]["code"], "unreadable_file");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn check_help_lists_the_known_zones_by_region() {
     let (code, out, _) = vpcgate(&["check", "--help"]);
     assert_eq!(code, 0);

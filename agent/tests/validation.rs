@@ -1002,6 +1002,40 @@ fn duplicate_keys_name_the_key_and_its_first_definition() {
 }
 
 #[test]
+fn bytes_that_are_not_utf8_are_a_policy_error_at_the_first_of_them() {
+    let mut bytes = with(
+        "zone = \"cn-hangzhou-b\"",
+        "zone = \"cn-hangzhou-b\" # caf\u{e9}",
+    )
+    .into_bytes();
+    // Latin-1 é (0xe9) instead of UTF-8's 0xc3 0xa9, twice.
+    let at = bytes.windows(2).position(|w| w == [0xc3, 0xa9]).unwrap();
+    bytes.splice(at..at + 2, [0xe9, b' ', 0xe9]);
+    let c = policy::check_bytes("p.toml", &bytes);
+    assert!(c.policy.is_none());
+    let shown: Vec<String> = c.diagnostics.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        shown,
+        [
+            "p.toml:8:29: error: byte 0xe9 is not UTF-8 (1 more invalid byte follows): a policy file is UTF-8 text\n    fix: save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or remove the byte"
+        ]
+    );
+    // The rest of the file is still checked.
+    let at = bytes.windows(8).position(|w| w == b"10.0.0.7").unwrap();
+    bytes.splice(at..at + 8, *b"10.0.0.7/24");
+    let c = policy::check_bytes("p.toml", &bytes);
+    assert_eq!(
+        c.diagnostics
+            .iter()
+            .map(|d| (d.line, d.column))
+            .collect::<Vec<_>>(),
+        [(8, 29), (17, 11)],
+        "{:?}",
+        c.diagnostics
+    );
+}
+
+#[test]
 fn unknown_zones_name_the_closest_and_where_the_list_is() {
     assert_eq!(
         diags(&with("zone = \"cn-hangzhou-b\"", "zone = \"cn-hangzou-b\"")),

@@ -68,10 +68,57 @@ pub fn check_text(path: &str, text: &str) -> Checked {
     }
 }
 
-/// Reads and checks a policy file.
+/// Reads and checks a policy file. Bytes that are not UTF-8 are a policy error at the first of them (the
+/// rest of the file is still checked, each such sequence read as U+FFFD); only a file that cannot be
+/// read at all is an I/O error.
 pub fn load(path: &Path) -> std::io::Result<Checked> {
-    let text = std::fs::read_to_string(path)?;
-    Ok(check_text(&path.display().to_string(), &text))
+    let bytes = std::fs::read(path)?;
+    Ok(check_bytes(&path.display().to_string(), &bytes))
+}
+
+/// [`check_text`] for a file's bytes.
+pub fn check_bytes(path: &str, bytes: &[u8]) -> Checked {
+    let e = match std::str::from_utf8(bytes) {
+        Ok(text) => return check_text(path, text),
+        Err(e) => e,
+    };
+    let text = String::from_utf8_lossy(bytes);
+    let mut checked = check_text(path, &text);
+    let at = e.valid_up_to();
+    // The text before the first invalid byte is the same in `text`: so is the position.
+    let (line, column) = checked.source.line_col(at);
+    let more = match invalid_bytes(bytes) {
+        0 | 1 => String::new(),
+        2 => " (1 more invalid byte follows)".to_owned(),
+        n => format!(" ({} more invalid bytes follow)", n - 1),
+    };
+    checked.diagnostics.push(Diagnostic {
+        severity: Severity::Error,
+        file: path.to_owned(),
+        line,
+        column,
+        message: format!(
+            "byte 0x{:02x} is not UTF-8{more}: a policy file is UTF-8 text",
+            bytes[at]
+        ),
+        fix: Some(
+            "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or remove the byte".into(),
+        ),
+    });
+    checked.diagnostics.sort_by_key(|d| (d.line, d.column));
+    checked.policy = None;
+    checked
+}
+
+/// How many bytes of `bytes` are in sequences that are not UTF-8.
+fn invalid_bytes(mut bytes: &[u8]) -> usize {
+    let mut n = 0;
+    while let Err(e) = std::str::from_utf8(bytes) {
+        let bad = e.error_len().unwrap_or(bytes.len() - e.valid_up_to());
+        n += bad;
+        bytes = &bytes[e.valid_up_to() + bad..];
+    }
+    n
 }
 
 /// The provider's "change the instance of an API group" check: `from`'s authorizations and upstreams
