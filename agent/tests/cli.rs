@@ -493,3 +493,44 @@ fn check_help_lists_the_known_zones_by_region() {
         "{out}"
     );
 }
+
+#[test]
+fn explain_escapes_control_characters_it_echoes() {
+    // Rule and upstream names are checked to plain characters, so the file's path is what can carry
+    // control characters into explain's own lines (the detail names the rule's file:line).
+    let dir = std::env::temp_dir().join(format!("vpcgate-ctl-explain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("x\u{1b}[2K\rok\nfake.toml");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/policy.toml"),
+        &path,
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    let (code, out, _) = vpcgate(&["explain", p, "10.0.3.7:80"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        !out.chars().any(|c| c.is_control() && c != '\n'),
+        "raw control characters in: {out:?}"
+    );
+    assert!(
+        out.contains("x\\u{1b}[2K\\rok\\nfake.toml:33, verdict rule 5)"),
+        "{out}"
+    );
+    assert_eq!(out.lines().count(), 3, "{out}");
+    // A drop whose detail and suggestion name the file.
+    let (code, out, _) = vpcgate(&["explain", p, "10.1.2.3:53", "--proto", "udp"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+    assert!(out.contains("\\nfake.toml:20, verdict rule 6)"), "{out}");
+    // stderr of usage and runtime errors echoes arguments: escaped too (JSON is escaped by encoding).
+    let (code, _, err) = vpcgate(&["explain", p, "10.0.3.7\u{1b}[2K:80"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("`10.0.3.7\\u{1b}[2K:80` is not IP"), "{err:?}");
+    let missing = dir.join("no\rsuch.toml");
+    let (code, _, err) = vpcgate(&["check", missing.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no\\rsuch.toml"), "{err:?}");
+    assert!(!err.contains('\r'), "{err:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

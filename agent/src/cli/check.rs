@@ -219,7 +219,7 @@ pub fn run(args: &Args) -> u8 {
                 print_file(to);
             }
             if let Some(m) = &report.migration {
-                println!("\nmigration to {}:", m.to);
+                println!("\nmigration to {}:", policy::diag::escape_controls(&m.to));
                 for d in &m.diagnostics {
                     println!("{d}");
                 }

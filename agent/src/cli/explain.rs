@@ -11,6 +11,7 @@ use super::{EXIT_FAILED, EXIT_OK, Output, print_json};
 use crate::policy::{
     self,
     compile::{Compiled, RuleKind},
+    diag::escape_controls,
     explain,
     model::{FlowTimeouts, HostEssential},
     verdict::{Action, FlowFacts, Fragment, IpPacket, L4, Packet, verdict},
@@ -216,7 +217,9 @@ pub fn run(args: &Args) -> u8 {
                 (Action::Drop, None, _) => "drop".to_owned(),
             };
             println!("{target} → {verdict}");
-            println!("  {}", report.detail);
+            // The detail and the suggestion echo the file's path (rule names are checked to a plain
+            // charset, but the path is whatever the command line said).
+            println!("  {}", escape_controls(&report.detail));
             let (heading, text) = match &report.suggestion {
                 Some(explain::Suggestion::Change(t)) => ("smallest change that allows it:", t),
                 Some(explain::Suggestion::Impossible(t)) => ("no policy change can allow it:", t),
@@ -225,7 +228,7 @@ pub fn run(args: &Args) -> u8 {
             if !text.is_empty() {
                 println!("  {heading}");
                 for line in text.lines() {
-                    println!("    {line}");
+                    println!("    {}", escape_controls(line));
                 }
             }
             println!(

@@ -73,8 +73,12 @@ pub(crate) fn print_json(value: &impl serde::Serialize) -> Result<(), u8> {
 /// A usage or runtime error (exit status 2): the message on stderr, and with `--output json` also
 /// `{"error": {"code": CODE, "message": MESSAGE}}` on stdout, so a script always gets JSON.
 /// Codes: `unreadable_file`, `invalid_policy`, `bad_destination`.
+/// The stderr line escapes control characters: messages echo paths and arguments.
 pub(crate) fn fail(output: Output, code: &str, message: String) -> u8 {
-    eprintln!("vpcgate: {message}");
+    eprintln!(
+        "vpcgate: {}",
+        crate::policy::diag::escape_controls(&message)
+    );
     if output == Output::Json {
         let body = serde_json::json!({ "error": { "code": code, "message": message } });
         println!("{body}");
