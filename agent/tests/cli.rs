@@ -46,9 +46,17 @@ fn vpcgate(args: &[&str]) -> (i32, String, String) {
 fn check_exit_statuses_and_text() {
     let (code, out, _) = vpcgate(&["check", "examples/policy.toml"]);
     assert_eq!(code, 0, "{out}");
+    // The summary, then the entries the policy needs in each kernel map against capacity.
     assert_eq!(
-        out.trim(),
-        "examples/policy.toml: valid (0 warnings): instance gw-hz-1 (vpc-integration, enforce), 2 authorizations, 1 upstream (2 nodes), 3 accessible blocks, 4 reserved blocks"
+        out.trim_end(),
+        "examples/policy.toml: valid (0 warnings): instance gw-hz-1 (vpc-integration, enforce), 2 authorizations, 1 upstream (2 nodes), 3 accessible blocks, 4 reserved blocks\n  \
+         kernel map   entries  capacity  holds\n  \
+         ADDR_V4            5     16384  IPv4 address prefixes\n  \
+         ADDR_V6            2     16384  IPv6 address prefixes\n  \
+         RESERVED_V4        4      1024  IPv4 reserved blocks\n  \
+         RESERVED_V6        0      1024  IPv6 reserved blocks\n  \
+         PORTS            120     65536  port blocks of the port tables\n  \
+         RULE_STATS         7     16384  rules (per-rule counters)"
     );
     let (code, out, _) = vpcgate(&["check", "examples/broken.toml"]);
     assert_eq!(code, 1, "{out}");
@@ -82,6 +90,33 @@ fn check_json_is_machine_readable() {
     assert_eq!(v["diagnostics"][1]["column"], 8);
     assert_eq!(v["diagnostics"][1]["severity"], "error");
     assert_eq!(v["diagnostics"][1]["fix"], "write 10.1.0.0/16");
+    // An invalid policy has no capacity report; a valid one lists every map the policy fills.
+    assert!(v.get("capacity").is_none(), "{v}");
+    let v = json(&["check", "examples/dedicated.toml"], 0);
+    let maps: Vec<(&str, u64, u64)> = v["capacity"]
+        .as_array()
+        .expect("capacity")
+        .iter()
+        .map(|m| {
+            assert!(m["holds"].as_str().is_some_and(|h| !h.is_empty()), "{m}");
+            (
+                m["map"].as_str().unwrap(),
+                m["entries"].as_u64().unwrap(),
+                m["capacity"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        maps,
+        [
+            ("ADDR_V4", 5, 16384),
+            ("ADDR_V6", 1, 16384),
+            ("RESERVED_V4", 1, 1024),
+            ("RESERVED_V6", 0, 1024),
+            ("PORTS", 7, 65536),
+            ("RULE_STATS", 6, 16384)
+        ]
+    );
 }
 
 #[test]
@@ -235,7 +270,7 @@ fn check_says_when_host_essentials_are_off() {
     let (code, out, _) = vpcgate(&["check", &off]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(
-        out.trim(),
+        out.lines().next().unwrap_or_default(),
         format!(
             "{off}: {summary}; host essentials: off (DHCP and MLD traffic is subject to the policy)"
         )
@@ -246,7 +281,7 @@ fn check_says_when_host_essentials_are_off() {
     let (code, out, _) = vpcgate(&["check", &mld]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(
-        out.trim(),
+        out.lines().next().unwrap_or_default(),
         format!("{mld}: {summary}; host essentials: mld (DHCP traffic is subject to the policy)")
     );
     let v = json(&["check", "examples/policy.toml"], 0);

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::{EXIT_FAILED, EXIT_OK, Output, print_json};
 use crate::policy::{
     self,
-    compile::{Compiled, RuleKind},
+    compile::RuleKind,
     explain,
     model::{FlowTimeouts, HostEssential},
     verdict::{Action, FlowFacts, Fragment, IpPacket, L4, Packet, verdict},
@@ -126,7 +126,7 @@ pub fn run(args: &Args) -> u8 {
             );
         }
     };
-    let Some(p) = &checked.policy else {
+    let (Some(p), Some(compiled)) = (&checked.policy, &checked.compiled) else {
         for d in &checked.diagnostics {
             eprintln!("{d}");
         }
@@ -141,7 +141,6 @@ pub fn run(args: &Args) -> u8 {
             ),
         );
     };
-    let compiled = Compiled::new(p);
     let l4 = match (args.proto, port) {
         (ProtoArg::Tcp, Some(dport)) => L4::Tcp { dport },
         (ProtoArg::Udp, Some(dport)) => L4::Udp { dport },
@@ -161,7 +160,7 @@ pub fn run(args: &Args) -> u8 {
     ));
     // The gateway's own packet (locally generated), with no flow state.
     let v = verdict(
-        &compiled,
+        compiled,
         &pkt,
         FlowFacts {
             local_origin: true,
@@ -190,8 +189,8 @@ pub fn run(args: &Args) -> u8 {
         reason: v.reason.map(|r| r.name()),
         audit: v.audit,
         rule,
-        detail: explain::detail(&compiled, path, &pkt, &v),
-        suggestion: explain::suggestion(p, &compiled, &pkt, &v),
+        detail: explain::detail(compiled, path, &pkt, &v),
+        suggestion: explain::suggestion(p, compiled, &pkt, &v),
         host_essentials: compiled.host_essentials.clone(),
         flow_timeouts: compiled.flow_timeouts,
     };

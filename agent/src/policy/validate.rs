@@ -32,6 +32,106 @@ pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
+fn span(net: &IpNet) -> (bool, u128, u128) {
+    match net.trunc() {
+        IpNet::V4(n) => (
+            false,
+            u128::from(u32::from(n.network())),
+            u128::from(u32::from(n.broadcast())),
+        ),
+        IpNet::V6(n) => (true, u128::from(n.network()), u128::from(n.broadcast())),
+    }
+}
+
+/// Reserved blocks indexed for overlap queries: O(prefix length + log n + hits) per query instead of a
+/// scan, so checking every backend and block against 200,000 reserved blocks stays O(n log n).
+pub struct ReservedIndex<'a> {
+    reserved: &'a [Reserved],
+    /// (IPv6, first address, index), sorted.
+    starts: Vec<(bool, u128, usize)>,
+    by_block: std::collections::HashMap<IpNet, Vec<usize>>,
+}
+
+impl<'a> ReservedIndex<'a> {
+    pub fn new(reserved: &'a [Reserved]) -> Self {
+        let mut starts: Vec<(bool, u128, usize)> = reserved
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let (v6, first, _) = span(&r.cidr);
+                (v6, first, i)
+            })
+            .collect();
+        starts.sort_unstable();
+        let mut by_block: std::collections::HashMap<IpNet, Vec<usize>> = Default::default();
+        for (i, r) in reserved.iter().enumerate() {
+            by_block.entry(r.cidr.trunc()).or_default().push(i);
+        }
+        Self {
+            reserved,
+            starts,
+            by_block,
+        }
+    }
+
+    /// The reserved blocks overlapping `net`, in listing order: those containing it (found by its
+    /// shorter prefixes) and those inside it (found by their first address).
+    pub fn overlapping(&self, net: &IpNet) -> Vec<&'a Reserved> {
+        let (v6, first, last) = span(net);
+        let lo = self
+            .starts
+            .partition_point(|&(f, a, _)| (f, a) < (v6, first));
+        let hi = self
+            .starts
+            .partition_point(|&(f, a, _)| (f, a) <= (v6, last));
+        let mut hits: Vec<usize> = self.starts[lo..hi].iter().map(|s| s.2).collect();
+        for len in 0..net.prefix_len() {
+            if let Some(is) = IpNet::new(net.addr(), len)
+                .ok()
+                .and_then(|n| self.by_block.get(&n.trunc()))
+            {
+                hits.extend(is);
+            }
+        }
+        hits.sort_unstable();
+        hits.dedup();
+        hits.into_iter().map(|i| &self.reserved[i]).collect()
+    }
+}
+
+/// At most this many overlapping reserved blocks are named one by one for one value; the rest are
+/// counted in one more diagnostic.
+const NAMED_OVERLAPS: usize = 3;
+
+/// Reports `what` (at `pos`) overlapping each of `hits`, via `one`, the first few by name and the rest
+/// counted.
+fn report_overlaps(
+    d: &mut Diags,
+    severity: Severity,
+    pos: Pos,
+    what: &str,
+    hits: &[&Reserved],
+    one: impl Fn(&Reserved) -> (String, String),
+) {
+    for r in hits.iter().take(NAMED_OVERLAPS) {
+        let (message, fix) = one(r);
+        d.push_at(severity, pos, message, Some(fix));
+    }
+    if hits.len() > NAMED_OVERLAPS {
+        let (_, fix) = one(hits[NAMED_OVERLAPS]);
+        d.push_at(
+            severity,
+            pos,
+            format!(
+                "{what} overlaps {} more reserved blocks (the first: {})",
+                hits.len() - NAMED_OVERLAPS,
+                hits[NAMED_OVERLAPS].cidr
+            ),
+            Some(fix),
+        );
+    }
+}
+
 /// Internal (VPC) addresses: RFC 1918, the shared/CGNAT block providers use internally, IPv6 ULA.
 pub fn is_internal(net: &IpNet) -> bool {
     const INTERNAL: [&str; 5] = [
@@ -162,17 +262,21 @@ pub fn check_backends(
     accessible: &[IpNet],
     accessible_known: bool,
 ) {
+    let reserved = ReservedIndex::new(&instance.reserved);
     for b in backends(policy) {
-        for r in &instance.reserved {
-            if overlaps(&b.net, &r.cidr) {
-                d.push_at(
-                    Severity::Error,
-                    b.pos,
-                    format!("{}: backend {} is inside reserved block {} ({})", b.what, show(&b.net), r.cidr, r.source),
-                    Some("the gateway can never reach a reserved block: move the backend to another block of the VPC".into()),
-                );
-            }
-        }
+        report_overlaps(
+            d,
+            Severity::Error,
+            b.pos,
+            &format!("{}: backend {}", b.what, show(&b.net)),
+            &reserved.overlapping(&b.net),
+            |r| {
+                (
+            format!("{}: backend {} is inside reserved block {} ({})", b.what, show(&b.net), r.cidr, r.source),
+            "the gateway can never reach a reserved block: move the backend to another block of the VPC".into(),
+        )
+            },
+        );
         if let Some(range) = special_purpose(&b.net, false) {
             d.push_at(
                 Severity::Error,
@@ -232,17 +336,21 @@ pub fn check_backends(
 /// Every cross-field check of one policy (`accessible_known` as for [`check_backends`]).
 pub fn validate(d: &mut Diags, p: &Policy, accessible_known: bool) {
     let i = &p.instance;
+    let reserved = ReservedIndex::new(&i.reserved);
     if let Some(vswitch) = &i.vswitch_cidr {
-        for r in &i.reserved {
-            if overlaps(vswitch, &r.cidr) {
-                d.push_at(
-                    Severity::Error,
-                    i.vswitch_pos,
-                    format!("vswitch_cidr {vswitch} overlaps reserved block {} ({})", r.cidr, r.source),
-                    Some("the instance's vSwitch must not overlap the blocks the gateway reserves: use a vSwitch in another block".into()),
-                );
-            }
-        }
+        report_overlaps(
+            d,
+            Severity::Error,
+            i.vswitch_pos,
+            &format!("vswitch_cidr {vswitch}"),
+            &reserved.overlapping(vswitch),
+            |r| {
+                (
+            format!("vswitch_cidr {vswitch} overlaps reserved block {} ({})", r.cidr, r.source),
+            "the instance's vSwitch must not overlap the blocks the gateway reserves: use a vSwitch in another block".into(),
+        )
+            },
+        );
         if let (Some(egress), Kind::VpcIntegration) = (i.egress_ip, i.kind)
             && !vswitch.contains(&egress)
         {
@@ -286,17 +394,72 @@ pub fn validate(d: &mut Diags, p: &Policy, accessible_known: bool) {
                 Some("remove it and authorize the backends with [[authorization]], or set kind = \"vpc-integration\"".into()),
             );
         }
-        for r in &i.reserved {
-            if overlaps(&a.cidr, &r.cidr) {
-                d.push_at(
-                    Severity::Warning,
-                    a.pos,
-                    format!("accessible block {} overlaps reserved block {} ({}): that part stays unreachable", a.cidr, r.cidr, r.source),
-                    Some("narrow the accessible block so it leaves the reserved block out".into()),
-                );
-            }
-        }
+        report_overlaps(
+            d,
+            Severity::Warning,
+            a.pos,
+            &format!("accessible block {}", a.cidr),
+            &reserved.overlapping(&a.cidr),
+            |r| {
+                (
+                    format!(
+                        "accessible block {} overlaps reserved block {} ({}): that part stays unreachable",
+                        a.cidr, r.cidr, r.source
+                    ),
+                    "narrow the accessible block so it leaves the reserved block out".into(),
+                )
+            },
+        );
     }
     let accessible: Vec<IpNet> = p.accessible_blocks().collect();
     check_backends(d, p, i, &accessible, accessible_known);
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn net() -> impl Strategy<Value = IpNet> {
+        prop_oneof![
+            (0u32..256, 20u8..=32).prop_map(|(h, len)| IpNet::new(
+                IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | (h << 4))),
+                len
+            )
+            .unwrap()
+            .trunc()),
+            (0u128..256, 116u8..=128).prop_map(|(h, len)| IpNet::new(
+                IpAddr::from(std::net::Ipv6Addr::from((0xfd00u128 << 112) | (h << 4))),
+                len
+            )
+            .unwrap()
+            .trunc()),
+        ]
+    }
+
+    proptest! {
+        /// The index finds exactly the blocks a scan finds, in listing order.
+        #[test]
+        fn reserved_index_finds_what_a_scan_finds(
+            blocks in prop::collection::vec(net(), 0..40),
+            queries in prop::collection::vec(net(), 1..20),
+        ) {
+            let reserved: Vec<Reserved> = blocks
+                .into_iter()
+                .map(|cidr| Reserved { cidr, source: ReservedSource::Explicit, pos: Pos::default() })
+                .collect();
+            let index = ReservedIndex::new(&reserved);
+            for q in &queries {
+                let scan: Vec<*const Reserved> = reserved
+                    .iter()
+                    .filter(|r| overlaps(q, &r.cidr))
+                    .map(|r| r as *const _)
+                    .collect();
+                let found: Vec<*const Reserved> =
+                    index.overlapping(q).into_iter().map(|r| r as *const _).collect();
+                prop_assert_eq!(found, scan, "query {}", q);
+            }
+        }
+    }
 }
