@@ -572,8 +572,8 @@ struct Builder<'a> {
     /// (final table, protocol) pairs already counted.
     counted: std::collections::HashSet<(u32, usize)>,
     port_entries: u64,
-    /// Per rule: kernel port entries attributed to it so far.
-    blame: HashMap<RuleId, u64>,
+    /// Per prefix compiled so far: the kernel port entries its own rules take in its tables.
+    own_entries: Vec<u64>,
     forest: &'a [(IpNet, Option<usize>)],
     /// Per prefix: how many longer prefixes lie under it.
     under: Vec<usize>,
@@ -611,11 +611,7 @@ impl Builder<'_> {
             }
         };
         if id != 0 && self.counted.insert((id, proto)) {
-            let table = &self.port_tables[id as usize];
             self.port_entries += u64::from(self.blocks[id as usize]);
-            for &(lo, hi, rule) in &table.intervals {
-                *self.blame.entry(rule).or_default() += u64::from(PortTable::range_blocks(lo, hi));
-            }
             if self.port_entries > u64::from(self.limits.port_entries) {
                 return Err(self.overflow(
                     Some(names::PORTS),
@@ -631,40 +627,29 @@ impl Builder<'_> {
     /// prefixes whose rules own the most entries, and how many longer prefixes under them repeat their
     /// ports.
     fn overflow(&self, map: Option<&'static str>, capacity: u64, needed: u64) -> CapacityError {
-        // Per prefix: (entries owed to its rules, its first rule, how many rules).
-        let mut by_prefix: HashMap<IpNet, (u64, RuleId, usize)> = HashMap::new();
-        for (&id, &entries) in &self.blame {
-            let e = by_prefix
-                .entry(self.rules[id as usize - 1].prefix)
-                .or_insert((0, id, 0));
-            e.0 += entries;
-            e.1 = e.1.min(id);
-        }
-        for r in self.rules {
-            if let Some(e) = by_prefix.get_mut(&r.prefix) {
-                e.2 += 1;
-            }
-        }
-        let under: HashMap<IpNet, usize> = self
-            .forest
-            .iter()
-            .zip(&self.under)
-            .map(|((n, _), &u)| (*n, u))
+        // The prefixes compiled so far, by the entries their rules cost: their own, times the longer
+        // prefixes under them that repeat them.
+        let cost = |i: usize| self.own_entries[i] * (1 + self.under[i] as u64);
+        let mut top: Vec<usize> = (0..self.own_entries.len())
+            .filter(|&i| self.own_entries[i] > 0)
             .collect();
-        let mut top: Vec<(IpNet, (u64, RuleId, usize))> = by_prefix.into_iter().collect();
-        top.sort_by_key(|&(n, (entries, first, _))| {
-            (std::cmp::Reverse(entries * (1 + under[&n] as u64)), first)
-        });
-        let multiplies = top.first().is_some_and(|(n, _)| under[n] > 0);
+        top.sort_by_key(|&i| (std::cmp::Reverse(cost(i)), i));
+        let multiplies = top.first().is_some_and(|&i| self.under[i] > 0);
         if multiplies {
-            top.retain(|(n, _)| under[n] > 0);
+            top.retain(|&i| self.under[i] > 0);
         }
         top.truncate(3);
-        let first_rule = |id: RuleId| &self.rules[id as usize - 1];
+        // Each named prefix's first rule (file order) and how many rules it has.
+        let at = |i: usize| {
+            let mut rules = self.rules.iter().filter(|r| r.prefix == self.forest[i].0);
+            let first = rules.next().expect("a prefix of the forest has a rule");
+            (first, 1 + rules.count())
+        };
         let named: Vec<String> = top
             .iter()
-            .map(|&(net, (entries, first, count))| {
-                let r = first_rule(first);
+            .map(|&i| {
+                let (r, count) = at(i);
+                let net = self.forest[i].0;
                 let rules = if count == 1 {
                     format!("{} (line {})", r.describe(), r.pos.line)
                 } else {
@@ -676,9 +661,11 @@ impl Builder<'_> {
                     )
                 };
                 format!(
-                    "{net}: {rules}, {entries} entries so far, repeated by each of the {} longer \
-                     prefixes under {net}",
-                    under[&net]
+                    "{net}: {rules} whose ports take {} entries, repeated for each of the {} longer \
+                     prefixes under {net} (about {} entries)",
+                    self.own_entries[i],
+                    self.under[i],
+                    cost(i)
                 )
             })
             .collect();
@@ -714,9 +701,7 @@ impl Builder<'_> {
             at_least: true,
             pos: top
                 .first()
-                .map_or(Pos { line: 1, column: 1 }, |&(_, (_, id, _))| {
-                    first_rule(id).pos
-                }),
+                .map_or(Pos { line: 1, column: 1 }, |&i| at(i).0.pos),
             message: if multiplies {
                 format!("{what}; most entries come from {}", named.join("; "))
             } else {
@@ -726,12 +711,10 @@ impl Builder<'_> {
                      about {:.0} for all {} prefixes (first: {})",
                     per * self.forest.len() as f64,
                     self.forest.len(),
-                    top.first()
-                        .map_or_else(String::new, |&(_, (_, id, _))| format!(
-                            "{}, line {}",
-                            first_rule(id).describe(),
-                            first_rule(id).pos.line
-                        ))
+                    top.first().map_or_else(String::new, |&i| {
+                        let r = at(i).0;
+                        format!("{}, line {}", r.describe(), r.pos.line)
+                    })
                 )
             },
             fix: fix.into(),
@@ -836,7 +819,7 @@ impl Compiled {
             blocks: vec![0],
             counted: Default::default(),
             port_entries: 0,
-            blame: HashMap::new(),
+            own_entries: Vec::with_capacity(forest.len()),
             forest: &forest,
             under: {
                 let mut under = vec![0usize; forest.len()];
@@ -896,6 +879,16 @@ impl Compiled {
                     }
                 };
             }
+            // What this prefix's own rules cost in its tables (for naming them if the policy does not fit).
+            let own_entries: u64 = node
+                .table
+                .iter()
+                .filter(|&&t| up.is_none_or(|u| !u.table.contains(&t)))
+                .flat_map(|&t| &b.port_tables[t as usize].intervals)
+                .filter(|&&(_, _, id)| rules[id as usize - 1].prefix == prefix)
+                .map(|&(lo, hi, _)| u64::from(PortTable::range_blocks(lo, hi)))
+                .sum();
+            b.own_entries.push(own_entries);
             let all_ports_rule = [0, 1].map(|pi| {
                 let t = node.table[pi];
                 *all_ports
