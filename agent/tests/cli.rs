@@ -100,6 +100,23 @@ fn check_migrate_to_lists_failing_backends() {
     // 192.168.10.0/28 is inside cn-hangzhou-b's reserved 192.168.0.0/20 (1): 6 backends fail.
     assert_eq!(v["migration"]["failing"], 6, "{out}");
     assert_eq!(v["migration"]["errors"], 13, "{out}");
+    // No suggested accessible block overlaps one of gw-hz-1's reserved blocks: 192.168.10.0/28 lies
+    // inside cn-hangzhou-b's 192.168.0.0/20, so none can help it.
+    let outside = v["migration"]["diagnostics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| {
+            d["message"]
+                .as_str()
+                .unwrap()
+                .contains("backend 192.168.10.0/28: outside")
+        })
+        .expect("192.168.10.0/28 is outside the accessible blocks");
+    assert_eq!(
+        outside["fix"],
+        "no accessible block can make 192.168.10.0/28 reachable while it overlaps a reserved block: move the backend to another block of the VPC"
+    );
     let last = v["migration"]["diagnostics"]
         .as_array()
         .unwrap()

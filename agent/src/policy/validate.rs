@@ -136,18 +136,84 @@ fn show(net: &IpNet) -> String {
     }
 }
 
-/// A block to suggest for an address outside the accessible blocks: its /24 (IPv4) or /64 (IPv6).
-fn suggest_block(net: &IpNet) -> IpNet {
-    let len = match net.addr() {
+/// Reserved blocks as merged address intervals per family, so that whether a block overlaps any of them
+/// costs a binary search, however many there are.
+struct ReservedSpans {
+    v4: Vec<(u128, u128)>,
+    v6: Vec<(u128, u128)>,
+}
+
+fn span(net: &IpNet) -> (u128, u128) {
+    match net {
+        IpNet::V4(n) => (
+            u32::from(n.network()).into(),
+            u32::from(n.broadcast()).into(),
+        ),
+        IpNet::V6(n) => (n.network().into(), n.broadcast().into()),
+    }
+}
+
+impl ReservedSpans {
+    fn new(reserved: &[Reserved]) -> Self {
+        let merged = |v4: bool| {
+            let mut spans: Vec<(u128, u128)> = reserved
+                .iter()
+                .filter(|r| r.cidr.addr().is_ipv4() == v4)
+                .map(|r| span(&r.cidr))
+                .collect();
+            spans.sort_unstable();
+            let mut out: Vec<(u128, u128)> = vec![];
+            for (lo, hi) in spans {
+                match out.last_mut() {
+                    Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
+                    _ => out.push((lo, hi)),
+                }
+            }
+            out
+        };
+        Self {
+            v4: merged(true),
+            v6: merged(false),
+        }
+    }
+
+    /// Whether `net` overlaps a reserved block.
+    fn overlaps(&self, net: &IpNet) -> bool {
+        let spans = if net.addr().is_ipv4() {
+            &self.v4
+        } else {
+            &self.v6
+        };
+        let (lo, hi) = span(net);
+        let i = spans.partition_point(|&(_, end)| end < lo);
+        spans.get(i).is_some_and(|&(start, _)| start <= hi)
+    }
+}
+
+/// A block to suggest for an address outside the accessible blocks: its /24 (IPv4) or /64 (IPv6), narrowed
+/// (down to the backend itself) until it leaves every reserved block out; None when the backend itself
+/// overlaps one, which no accessible block can help.
+fn suggest_block(net: &IpNet, reserved: &ReservedSpans) -> Option<IpNet> {
+    let widest = match net.addr() {
         IpAddr::V4(_) => 24,
         IpAddr::V6(_) => 64,
-    };
-    if net.prefix_len() <= len {
-        *net
-    } else {
-        IpNet::new(net.addr(), len)
-            .map(|n| n.trunc())
-            .unwrap_or(*net)
+    }
+    .min(net.prefix_len());
+    (widest..=net.prefix_len())
+        .map(|len| IpNet::new(net.addr(), len).map_or(*net, |n| n.trunc()))
+        .find(|block| !reserved.overlaps(block))
+}
+
+/// The fix for a backend outside the accessible blocks.
+fn outside_fix(net: &IpNet, reserved: &ReservedSpans) -> String {
+    match suggest_block(net, reserved) {
+        Some(block) => {
+            format!("add an accessible block that contains it: [[accessible]] cidr = \"{block}\"")
+        }
+        None => format!(
+            "no accessible block can make {} reachable while it overlaps a reserved block: move the backend to another block of the VPC",
+            show(net)
+        ),
     }
 }
 
@@ -162,6 +228,7 @@ pub fn check_backends(
     accessible: &[IpNet],
     accessible_known: bool,
 ) {
+    let mut reserved_spans: Option<ReservedSpans> = None;
     for b in backends(policy) {
         for r in &instance.reserved {
             if overlaps(&b.net, &r.cidr) {
@@ -222,7 +289,7 @@ pub fn check_backends(
                     Severity::Error,
                     b.pos,
                     format!("instance cannot connect to the backend {}: outside accessible CIDR blocks {}", show(&b.net), blocks.join(", ")),
-                    Some(format!("add an accessible block that contains it: [[accessible]] cidr = \"{}\"", suggest_block(&b.net))),
+                    Some(outside_fix(&b.net, reserved_spans.get_or_insert_with(|| ReservedSpans::new(&instance.reserved)))),
                 );
             }
         }
