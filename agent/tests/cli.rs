@@ -187,7 +187,7 @@ fn explain_verdicts_rules_and_suggestions() {
     let (code, out, _) = vpcgate(&["explain", "examples/policy.toml", "169.254.169.254:80"]);
     assert_eq!(code, 1);
     assert!(
-        out.contains("  no policy change can allow it:\n    169.254.169.254 is a special-purpose address (link-local (169.254.0.0/16, incl. the cloud metadata service 169.254.169.254)), never a VPC backend: `vpcgate check` refuses a rule that allows it\n"),
+        out.contains("  no policy change can allow it:\n    169.254.169.254 is a special-purpose address (link-local (169.254.0.0/16, incl. the cloud metadata service 169.254.169.254)), never a VPC backend: `vpcgate check` refuses a backend there\n"),
         "{out}"
     );
     let (code, out, _) = vpcgate(&["explain", "examples/policy.toml", "[fd00:10::7]:8443"]);

@@ -304,7 +304,7 @@ pub fn suggestion(p: &Policy, c: &Compiled, pkt: &Packet, v: &Verdict) -> Option
     // A special-purpose destination is no VPC backend: `check` refuses a backend there.
     if let Some(range) = super::validate::special_purpose(&IpNet::from(dst), false) {
         return Some(Suggestion::impossible(format!(
-            "{dst} is a special-purpose address ({range}), never a VPC backend: `vpcgate check` refuses a rule that allows it"
+            "{dst} is a special-purpose address ({range}), never a VPC backend: `vpcgate check` refuses a backend there"
         )));
     }
     let unreserve: Vec<Edit> = holding
