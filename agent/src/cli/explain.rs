@@ -11,9 +11,9 @@ use super::{EXIT_FAILED, EXIT_OK, Output, print_json};
 use crate::policy::{
     self,
     compile::RuleKind,
-    explain,
-    model::{FlowTimeouts, HostEssential},
-    verdict::{Action, FlowFacts, Fragment, IpPacket, L4, Packet, verdict},
+    explain::{self, SuggestionKind},
+    model::{FlowTimeouts, HostEssential, ReservedSource},
+    verdict::{Action, Basis, FlowFacts, Fragment, IpPacket, L4, Packet, verdict},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -55,6 +55,18 @@ struct RuleRef {
     verdict_rule: u8,
 }
 
+/// The reserved block a `reserved_range` drop falls in (rule 4).
+#[derive(Serialize)]
+struct ReservedRef {
+    cidr: String,
+    /// `zone` (the provider's table for `zone`) or `explicit` (`reserved_cidrs`).
+    source: &'static str,
+    zone: Option<String>,
+    file: String,
+    /// The line of `zone` or of the `reserved_cidrs` entry.
+    line: usize,
+}
+
 #[derive(Serialize)]
 struct Report {
     source: Option<IpAddr>,
@@ -65,6 +77,7 @@ struct Report {
     reason: Option<&'static str>,
     audit: bool,
     rule: Option<RuleRef>,
+    reserved_block: Option<ReservedRef>,
     detail: String,
     suggestion: Option<explain::Suggestion>,
     /// What passes whatever the policy says (verdict rule 1).
@@ -176,6 +189,22 @@ pub fn run(args: &Args) -> u8 {
         line: r.pos.line,
         verdict_rule: r.kind.verdict_rule(),
     });
+    let reserved_block = match v.basis {
+        Basis::Reserved(i) => compiled.reserved.get(i).map(|r| ReservedRef {
+            cidr: r.cidr.to_string(),
+            source: match r.source {
+                ReservedSource::Zone(_) => "zone",
+                ReservedSource::Explicit => "explicit",
+            },
+            zone: match &r.source {
+                ReservedSource::Zone(z) => Some(z.clone()),
+                ReservedSource::Explicit => None,
+            },
+            file: path.clone(),
+            line: r.pos.line,
+        }),
+        _ => None,
+    };
     let report = Report {
         source: src,
         destination: dst,
@@ -189,6 +218,7 @@ pub fn run(args: &Args) -> u8 {
         reason: v.reason.map(|r| r.name()),
         audit: v.audit,
         rule,
+        reserved_block,
         detail: explain::detail(compiled, path, &pkt, &v),
         suggestion: explain::suggestion(p, compiled, &pkt, &v),
         host_essentials: compiled.host_essentials.clone(),
@@ -216,14 +246,15 @@ pub fn run(args: &Args) -> u8 {
             };
             println!("{target} → {verdict}");
             println!("  {}", report.detail);
-            let (heading, text) = match &report.suggestion {
-                Some(explain::Suggestion::Change(t)) => ("smallest change that allows it:", t),
-                Some(explain::Suggestion::Impossible(t)) => ("no policy change can allow it:", t),
-                None => ("", &String::new()),
-            };
-            if !text.is_empty() {
-                println!("  {heading}");
-                for line in text.lines() {
+            if let Some(s) = &report.suggestion {
+                println!(
+                    "  {}",
+                    match s.kind {
+                        SuggestionKind::Change => "smallest change that allows it:",
+                        SuggestionKind::Impossible => "no policy change can allow it:",
+                    }
+                );
+                for line in s.text.lines() {
                     println!("    {line}");
                 }
             }

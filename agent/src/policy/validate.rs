@@ -74,6 +74,27 @@ impl<'a> ReservedIndex<'a> {
         }
     }
 
+    /// Whether `net` overlaps some reserved block (without listing them).
+    pub fn overlaps_any(&self, net: &IpNet) -> bool {
+        !self.inside(net).is_empty()
+            || (0..net.prefix_len()).any(|len| {
+                IpNet::new(net.addr(), len).is_ok_and(|n| self.by_block.contains_key(&n.trunc()))
+            })
+    }
+
+    /// The range of `starts` whose blocks begin inside `net` (so lie inside it, or contain it with the
+    /// same first address).
+    fn inside(&self, net: &IpNet) -> std::ops::Range<usize> {
+        let (v6, first, last) = span(net);
+        let lo = self
+            .starts
+            .partition_point(|&(f, a, _)| (f, a) < (v6, first));
+        let hi = self
+            .starts
+            .partition_point(|&(f, a, _)| (f, a) <= (v6, last));
+        lo..hi
+    }
+
     /// The reserved blocks overlapping `net`, in listing order: those containing it (found by its
     /// shorter prefixes) and those inside it (found by their first address).
     pub fn overlapping(&self, net: &IpNet) -> Vec<&'a Reserved> {
@@ -236,18 +257,30 @@ fn show(net: &IpNet) -> String {
     }
 }
 
-/// A block to suggest for an address outside the accessible blocks: its /24 (IPv4) or /64 (IPv6).
-fn suggest_block(net: &IpNet) -> IpNet {
-    let len = match net.addr() {
+/// A block to suggest for an address outside the accessible blocks: its /24 (IPv4) or /64 (IPv6), narrowed
+/// (down to the backend itself) until it leaves every reserved block out; None when the backend itself
+/// overlaps one, which no accessible block can help.
+fn suggest_block(net: &IpNet, reserved: &ReservedIndex) -> Option<IpNet> {
+    let widest = match net.addr() {
         IpAddr::V4(_) => 24,
         IpAddr::V6(_) => 64,
-    };
-    if net.prefix_len() <= len {
-        *net
-    } else {
-        IpNet::new(net.addr(), len)
-            .map(|n| n.trunc())
-            .unwrap_or(*net)
+    }
+    .min(net.prefix_len());
+    (widest..=net.prefix_len())
+        .map(|len| IpNet::new(net.addr(), len).map_or(*net, |n| n.trunc()))
+        .find(|block| !reserved.overlaps_any(block))
+}
+
+/// The fix for a backend outside the accessible blocks.
+fn outside_fix(net: &IpNet, reserved: &ReservedIndex) -> String {
+    match suggest_block(net, reserved) {
+        Some(block) => {
+            format!("add an accessible block that contains it: [[accessible]] cidr = \"{block}\"")
+        }
+        None => format!(
+            "no accessible block can make {} reachable while it overlaps a reserved block: move the backend to another block of the VPC",
+            show(net)
+        ),
     }
 }
 
@@ -326,7 +359,7 @@ pub fn check_backends(
                     Severity::Error,
                     b.pos,
                     format!("instance cannot connect to the backend {}: outside accessible CIDR blocks {}", show(&b.net), blocks.join(", ")),
-                    Some(format!("add an accessible block that contains it: [[accessible]] cidr = \"{}\"", suggest_block(&b.net))),
+                    Some(outside_fix(&b.net, &reserved)),
                 );
             }
         }
@@ -458,6 +491,7 @@ mod tests {
                     .collect();
                 let found: Vec<*const Reserved> =
                     index.overlapping(q).into_iter().map(|r| r as *const _).collect();
+                prop_assert_eq!(index.overlaps_any(q), !scan.is_empty(), "query {}", q);
                 prop_assert_eq!(found, scan, "query {}", q);
             }
         }
