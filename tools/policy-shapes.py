@@ -4,8 +4,10 @@
   wide-host.toml      dedicated: 2,000 authorizations on 10.0.0.0/8, each with its own port range,
                       plus 10,000 host authorizations inside it (the overlap multiplies port entries)
   many-auth.toml      dedicated: 100,000 host authorizations (more rules than the kernel maps hold)
-  many-reserved.toml  vpc-integration: 200,000 reserved blocks (more than the kernel maps hold)
-  largest-fit.toml    dedicated: 16,000 host authorizations with 4 port ranges each, which fits
+  many-reserved.toml  vpc-integration: 200,000 reserved blocks (more than the kernel maps hold) and
+                      1,000 authorizations
+  largest-fit.toml    dedicated: 16,000 host authorizations with 3 ports each (48,000 port entries of
+                      65,536), which fits
 
 Usage: tools/policy-shapes.py DIR
 """
@@ -24,10 +26,6 @@ egress_ip = "100.104.12.7"
 def auth(name, address, ports, vpc="vpc-backend"):
     ports = ", ".join(f'"{p}"' for p in ports)
     return f'\n[[authorization]]\nname = "{name}"\nvpc_id = "{vpc}"\naddress = "{address}"\nports = [{ports}]\n'
-
-
-def host(i):
-    return f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255 or 1}" if i < 1 << 24 else None
 
 
 def wide_host(out):
@@ -58,14 +56,14 @@ reserved_cidrs = [
   {blocks}
 ]
 """)
-    for i in range(50):
-        out.write(auth(f"a-{i}", f"10.0.{i}.7", ["80"], vpc="vpc-gw"))
+    for i in range(1000):
+        out.write(auth(f"a-{i}", f"10.0.{i % 16}.{7 + i // 16}", ["80"], vpc="vpc-gw"))
 
 
 def largest_fit(out):
     out.write(HEAD_DEDICATED)
     for i in range(16000):
-        out.write(auth(f"h-{i}", f"10.{i >> 14}.{(i >> 6) & 255}.{4 * (i & 63) + 1}", ["80", "443", "8000-8100", "9000"]))
+        out.write(auth(f"h-{i}", f"10.{i >> 14}.{(i >> 6) & 255}.{4 * (i & 63) + 1}", ["80", "443", "8443"]))
 
 
 def main():

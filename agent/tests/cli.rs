@@ -46,9 +46,17 @@ fn vpcgate(args: &[&str]) -> (i32, String, String) {
 fn check_exit_statuses_and_text() {
     let (code, out, _) = vpcgate(&["check", "examples/policy.toml"]);
     assert_eq!(code, 0, "{out}");
+    // The summary, then the entries the policy needs in each kernel map against capacity.
     assert_eq!(
-        out.trim(),
-        "examples/policy.toml: valid (0 warnings): instance gw-hz-1 (vpc-integration, enforce), 2 authorizations, 1 upstream (2 nodes), 3 accessible blocks, 4 reserved blocks"
+        out.trim_end(),
+        "examples/policy.toml: valid (0 warnings): instance gw-hz-1 (vpc-integration, enforce), 2 authorizations, 1 upstream (2 nodes), 3 accessible blocks, 4 reserved blocks\n  \
+         kernel map   entries  capacity  holds\n  \
+         ADDR_V4            5     16384  IPv4 address prefixes\n  \
+         ADDR_V6            2     16384  IPv6 address prefixes\n  \
+         RESERVED_V4        4      1024  IPv4 reserved blocks\n  \
+         RESERVED_V6        0      1024  IPv6 reserved blocks\n  \
+         PORTS            120     65536  port blocks of the port tables\n  \
+         RULE_STATS         7     16384  rules (per-rule counters)"
     );
     let (code, out, _) = vpcgate(&["check", "examples/broken.toml"]);
     assert_eq!(code, 1, "{out}");
@@ -83,6 +91,33 @@ fn check_json_is_machine_readable() {
     assert_eq!(v["diagnostics"][1]["column"], 8);
     assert_eq!(v["diagnostics"][1]["severity"], "error");
     assert_eq!(v["diagnostics"][1]["fix"], "write 10.1.0.0/16");
+    // An invalid policy has no capacity report; a valid one lists every map the policy fills.
+    assert!(v.get("capacity").is_none(), "{v}");
+    let v = json(&["check", "examples/dedicated.toml"], 0);
+    let maps: Vec<(&str, u64, u64)> = v["capacity"]
+        .as_array()
+        .expect("capacity")
+        .iter()
+        .map(|m| {
+            assert!(m["holds"].as_str().is_some_and(|h| !h.is_empty()), "{m}");
+            (
+                m["map"].as_str().unwrap(),
+                m["entries"].as_u64().unwrap(),
+                m["capacity"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        maps,
+        [
+            ("ADDR_V4", 5, 16384),
+            ("ADDR_V6", 1, 16384),
+            ("RESERVED_V4", 1, 1024),
+            ("RESERVED_V6", 0, 1024),
+            ("PORTS", 7, 65536),
+            ("RULE_STATS", 6, 16384)
+        ]
+    );
 }
 
 #[test]
@@ -101,6 +136,23 @@ fn check_migrate_to_lists_failing_backends() {
     // 192.168.10.0/28 is inside cn-hangzhou-b's reserved 192.168.0.0/20 (1): 6 backends fail.
     assert_eq!(v["migration"]["failing"], 6, "{out}");
     assert_eq!(v["migration"]["errors"], 13, "{out}");
+    // No suggested accessible block overlaps one of gw-hz-1's reserved blocks: 192.168.10.0/28 lies
+    // inside cn-hangzhou-b's 192.168.0.0/20, so none can help it.
+    let outside = v["migration"]["diagnostics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| {
+            d["message"]
+                .as_str()
+                .unwrap()
+                .contains("backend 192.168.10.0/28: outside")
+        })
+        .expect("192.168.10.0/28 is outside the accessible blocks");
+    assert_eq!(
+        outside["fix"],
+        "no accessible block can make 192.168.10.0/28 reachable while it overlaps a reserved block: move the backend to another block of the VPC"
+    );
     let last = v["migration"]["diagnostics"]
         .as_array()
         .unwrap()
@@ -171,7 +223,7 @@ fn explain_verdicts_rules_and_suggestions() {
     let (code, out, _) = vpcgate(&["explain", "examples/policy.toml", "169.254.169.254:80"]);
     assert_eq!(code, 1);
     assert!(
-        out.contains("  no policy change can allow it:\n    169.254.169.254 is a special-purpose address (link-local (169.254.0.0/16, incl. the cloud metadata service 169.254.169.254)), never a VPC backend: `vpcgate check` refuses a rule that allows it\n"),
+        out.contains("  no policy change can allow it:\n    169.254.169.254 is a special-purpose address (link-local (169.254.0.0/16, incl. the cloud metadata service 169.254.169.254)), never a VPC backend: `vpcgate check` refuses a backend there\n"),
         "{out}"
     );
     let (code, out, _) = vpcgate(&["explain", "examples/policy.toml", "[fd00:10::7]:8443"]);
@@ -236,7 +288,7 @@ fn check_says_when_host_essentials_are_off() {
     let (code, out, _) = vpcgate(&["check", &off]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(
-        out.trim(),
+        out.lines().next().unwrap_or_default(),
         format!(
             "{off}: {summary}; host essentials: off (DHCP and MLD traffic is subject to the policy)"
         )
@@ -247,7 +299,7 @@ fn check_says_when_host_essentials_are_off() {
     let (code, out, _) = vpcgate(&["check", &mld]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(
-        out.trim(),
+        out.lines().next().unwrap_or_default(),
         format!("{mld}: {summary}; host essentials: mld (DHCP traffic is subject to the policy)")
     );
     let v = json(&["check", "examples/policy.toml"], 0);
@@ -533,4 +585,93 @@ fn explain_escapes_control_characters_it_echoes() {
     assert!(err.contains("no\\rsuch.toml"), "{err:?}");
     assert!(!err.contains('\r'), "{err:?}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn explain_names_the_reserved_block_of_a_reserved_range_drop() {
+    use serde_json::json;
+    let v = json(&["explain", "examples/policy.toml", "172.20.1.1:80"], 1);
+    assert_eq!(v["reason"], "reserved_range");
+    assert_eq!(v["rule"], serde_json::Value::Null);
+    assert_eq!(
+        v["reserved_block"],
+        json!({"cidr": "172.20.0.0/16", "source": "zone", "zone": "cn-hangzhou-b", "file": "examples/policy.toml", "line": 11})
+    );
+    assert_eq!(v["suggestion"]["kind"], "impossible");
+    assert_eq!(v["suggestion"]["edits"], json!([]));
+    let v = json(&["explain", "examples/policy.toml", "10.2.0.9:80"], 1);
+    assert_eq!(
+        v["reserved_block"],
+        json!({"cidr": "10.2.0.0/16", "source": "explicit", "zone": null, "file": "examples/policy.toml", "line": 12})
+    );
+    // Other verdicts name no reserved block.
+    let v = json(&["explain", "examples/policy.toml", "10.9.0.4:80"], 1);
+    assert_eq!(v["reserved_block"], serde_json::Value::Null);
+    let v = json(&["explain", "examples/policy.toml", "10.0.3.7:80"], 0);
+    assert_eq!(v["reserved_block"], serde_json::Value::Null);
+}
+
+#[test]
+fn explain_suggestions_are_edits_a_program_can_apply() {
+    use serde_json::json;
+    let suggestion = |args: &[&str]| json(args, 1)["suggestion"].clone();
+    // An explicit reserved block: removing it is not enough, the rules must then allow the packet too.
+    let s = suggestion(&["explain", "examples/policy.toml", "10.2.0.9:80"]);
+    assert_eq!(s["kind"], "change");
+    assert_eq!(
+        s["edits"],
+        json!([
+            {"op": "remove_reserved", "cidr": "10.2.0.0/16", "line": 12},
+            {"op": "add_accessible", "cidr": "10.2.0.9/32", "ports": ["80"], "protocols": ["tcp"], "to_fill": []},
+        ])
+    );
+    assert_eq!(
+        s["text"],
+        "if the gateway may reach 10.2.0.9: remove the reserved block holding it, and allow it\nremove \"10.2.0.0/16\" from reserved_cidrs (line 12)\n[[accessible]]\ncidr = \"10.2.0.9/32\"\nports = [\"80\"]\nprotocols = [\"tcp\"]"
+    );
+    // Ping passes toward any address a rule covers: one port of one protocol, which the operator names.
+    let s = suggestion(&[
+        "explain",
+        "examples/policy.toml",
+        "10.9.0.4",
+        "--proto",
+        "icmp",
+    ]);
+    assert_eq!(
+        s["edits"],
+        json!([{"op": "add_accessible", "cidr": "10.9.0.4/32", "ports": ["<port>"], "protocols": ["tcp"], "to_fill": ["ports"]}])
+    );
+    // A port of a protocol the covering block lacks.
+    let s = suggestion(&[
+        "explain",
+        "examples/policy.toml",
+        "10.1.2.3:80",
+        "--proto",
+        "udp",
+    ]);
+    assert_eq!(
+        s["edits"],
+        json!([{"op": "add_protocol", "rule": {"kind": "accessible", "name": "10.1.0.0/16", "line": 20}, "protocol": "udp"}])
+    );
+    let s = suggestion(&["explain", "examples/dedicated.toml", "172.16.4.20:22"]);
+    assert_eq!(
+        s["edits"],
+        json!([{"op": "add_port", "rule": {"kind": "authorization", "name": "billing-ecs", "line": 16}, "port": "22"}])
+    );
+    // Dedicated: the backend's VPC is the operator's to fill in, unless a rule covering it says.
+    let s = suggestion(&["explain", "examples/dedicated.toml", "10.9.9.9:80"]);
+    assert_eq!(
+        s["edits"],
+        json!([{"op": "add_authorization", "name": "allow-10-9-9-9-80", "vpc_id": "<VPC id of 10.9.9.9>", "address": "10.9.9.9", "ports": ["80"], "protocol": "tcp", "to_fill": ["vpc_id"]}])
+    );
+    let s = suggestion(&["explain", "examples/dedicated.toml", "172.16.4.21:8125"]);
+    assert_eq!(
+        s["edits"],
+        json!([{"op": "add_authorization", "name": "allow-172-16-4-21-8125", "vpc_id": "vpc-uf6billing", "address": "172.16.4.21", "ports": ["8125"], "protocol": "tcp", "to_fill": []}])
+    );
+    let (_, out, _) = vpcgate(&["explain", "examples/dedicated.toml", "10.9.9.9:80"]);
+    assert!(
+        out.contains("\n    vpc_id = \"<VPC id of 10.9.9.9>\"   # fill in\n"),
+        "{out}"
+    );
 }

@@ -10,7 +10,7 @@ use std::{
 use ipnet::IpNet;
 use proptest::prelude::*;
 use vpcgate::policy::{
-    compile::Compiled,
+    compile::{Compiled, Limits},
     model::*,
     ports::PortSet,
     source::Pos,
@@ -264,8 +264,22 @@ fn v6_net() -> impl Strategy<Value = IpNet> {
     })
 }
 
+/// A few nested prefixes, so that several rules often share one prefix and chains of them nest.
+fn nested_net() -> impl Strategy<Value = IpNet> {
+    prop::sample::select(vec![
+        "10.0.0.0/22",
+        "10.0.0.0/24",
+        "10.0.0.0/26",
+        "10.0.0.0/30",
+        "10.0.0.1/32",
+        "fd00::/118",
+        "fd00::/124",
+    ])
+    .prop_map(|n| n.parse().unwrap())
+}
+
 fn net() -> impl Strategy<Value = IpNet> {
-    prop_oneof![v4_net(), v6_net()]
+    prop_oneof![2 => v4_net(), 2 => v6_net(), 1 => nested_net()]
 }
 
 fn ports() -> impl Strategy<Value = PortSet> {
@@ -292,7 +306,7 @@ fn protocols() -> impl Strategy<Value = Vec<Proto>> {
 
 prop_compose! {
     fn policy()(
-        auths in prop::collection::vec((net(), ports(), proto()), 0..6),
+        auths in prop::collection::vec((net(), ports(), proto()), 0..8),
         nodes in prop::collection::vec((net(), 1u16..200), 0..4),
         vswitch in prop::option::of(net()),
         accessible in prop::collection::vec((net(), ports(), protocols()), 0..4),
@@ -515,6 +529,12 @@ proptest! {
         for r in &c.rules {
             prop_assert!(c.addr_entry(r.prefix.addr()).is_some());
         }
+        // The entries the compile counted as it went are those of its result, and the kernel limits
+        // change nothing for a policy that fits them.
+        prop_assert_eq!(&c.counts, &vpcgate::datapath::capacity::entry_counts(&c));
+        let limited = Compiled::with_limits(&p, Limits::KERNEL).expect("a small policy fits");
+        prop_assert_eq!(&limited.addr_entries, &c.addr_entries);
+        prop_assert_eq!(&limited.port_tables, &c.port_tables);
     }
 }
 

@@ -275,6 +275,44 @@ fn integration_backends_must_be_in_the_vpc_and_accessible_blocks() {
 }
 
 #[test]
+fn suggested_accessible_blocks_leave_reserved_blocks_out() {
+    // The /24 would overlap a reserved block: the suggestion narrows until it does not.
+    let text = with(
+        "zone = \"cn-hangzhou-b\"",
+        "reserved_cidrs = [\"10.9.0.128/25\", \"10.9.0.32/27\"]",
+    )
+    .replace("address = \"10.0.0.7\"", "address = \"10.9.0.4\"");
+    assert_eq!(
+        diags(&text),
+        [
+            "17:11: error: instance cannot connect to the backend 10.9.0.4: outside accessible CIDR blocks 10.0.0.0/24, 10.1.0.0/16 | add an accessible block that contains it: [[accessible]] cidr = \"10.9.0.0/27\""
+        ]
+    );
+    // Down to the backend itself.
+    let text = text.replace("10.9.0.32/27", "10.9.0.8/29");
+    assert!(
+        diags(&text)[0].ends_with("[[accessible]] cidr = \"10.9.0.0/29\""),
+        "{:?}",
+        diags(&text)
+    );
+    let text = text.replace("10.9.0.8/29", "10.9.0.5/32");
+    assert!(
+        diags(&text)[0].ends_with("[[accessible]] cidr = \"10.9.0.4/32\""),
+        "{:?}",
+        diags(&text)
+    );
+    // A backend that overlaps a reserved block cannot be helped by any accessible block.
+    let inside = with("address = \"10.0.0.7\"", "address = \"192.168.1.7\"");
+    assert_eq!(
+        diags(&inside),
+        [
+            "17:11: error: authorization `orders-slb`: backend 192.168.1.7 is inside reserved block 192.168.0.0/20 (reserved for zone cn-hangzhou-b) | the gateway can never reach a reserved block: move the backend to another block of the VPC",
+            "17:11: error: instance cannot connect to the backend 192.168.1.7: outside accessible CIDR blocks 10.0.0.0/24, 10.1.0.0/16 | no accessible block can make 192.168.1.7 reachable while it overlaps a reserved block: move the backend to another block of the VPC",
+        ]
+    );
+}
+
+#[test]
 fn dedicated_instances_take_several_vpcs_but_no_accessible_blocks() {
     let text = BASE
         .replace("kind = \"vpc-integration\"", "kind = \"dedicated\"")

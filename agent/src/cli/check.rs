@@ -53,6 +53,15 @@ struct Summary {
     host_essentials: Vec<HostEssential>,
 }
 
+/// One kernel map: how many entries the policy needs of its capacity.
+#[derive(Serialize)]
+struct MapUse {
+    map: &'static str,
+    holds: &'static str,
+    entries: u32,
+    capacity: u32,
+}
+
 #[derive(Serialize)]
 struct FileReport {
     file: String,
@@ -62,6 +71,9 @@ struct FileReport {
     diagnostics: Vec<Diagnostic>,
     #[serde(skip_serializing_if = "Option::is_none")]
     summary: Option<Summary>,
+    /// Entries per kernel map against capacity (per generation), when the policy is valid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    capacity: Option<Vec<MapUse>>,
 }
 
 #[derive(Serialize)]
@@ -106,6 +118,18 @@ fn file_report(c: &Checked) -> FileReport {
         warnings: c.warnings(),
         diagnostics: c.diagnostics.clone(),
         summary: c.policy.as_ref().map(summary),
+        capacity: c.compiled.as_ref().map(|c| {
+            c.counts
+                .report()
+                .into_iter()
+                .map(|(map, holds, entries, capacity)| MapUse {
+                    map,
+                    holds,
+                    entries,
+                    capacity,
+                })
+                .collect()
+        }),
     }
 }
 
@@ -113,8 +137,8 @@ fn print_file(r: &FileReport) {
     for d in &r.diagnostics {
         println!("{d}");
     }
-    match &r.summary {
-        Some(s) => println!(
+    if let Some(s) = &r.summary {
+        println!(
             "{}: valid ({} warning{}): instance {} ({}, {}), {} authorization{}, {} upstream{} ({} node{}), {} accessible block{}, {} reserved block{}{}",
             policy::diag::escape_controls(&r.file),
             r.warnings,
@@ -141,15 +165,29 @@ fn print_file(r: &FileReport) {
             // Said only when some are off: an operator must notice that DHCP then needs a rule.
             explain::host_essentials_off(&s.host_essentials)
                 .map_or(String::new(), |off| format!("; host essentials: {off}")),
-        ),
-        None => println!(
+        );
+    }
+    if let Some(maps) = &r.capacity {
+        println!(
+            "  {:<12} {:>7} {:>9}  holds",
+            "kernel map", "entries", "capacity"
+        );
+        for m in maps {
+            println!(
+                "  {:<12} {:>7} {:>9}  {}",
+                m.map, m.entries, m.capacity, m.holds
+            );
+        }
+    }
+    if r.summary.is_none() {
+        println!(
             "{}: invalid: {} error{}, {} warning{}",
             policy::diag::escape_controls(&r.file),
             r.errors,
             plural(r.errors),
             r.warnings,
             plural(r.warnings)
-        ),
+        );
     }
 }
 

@@ -10,11 +10,11 @@ use serde::Serialize;
 use super::{EXIT_FAILED, EXIT_OK, Output, print_json};
 use crate::policy::{
     self,
-    compile::{Compiled, RuleKind},
+    compile::RuleKind,
     diag::escape_controls,
-    explain,
-    model::{FlowTimeouts, HostEssential},
-    verdict::{Action, FlowFacts, Fragment, IpPacket, L4, Packet, verdict},
+    explain::{self, SuggestionKind},
+    model::{FlowTimeouts, HostEssential, ReservedSource},
+    verdict::{Action, Basis, FlowFacts, Fragment, IpPacket, L4, Packet, verdict},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -56,6 +56,18 @@ struct RuleRef {
     verdict_rule: u8,
 }
 
+/// The reserved block a `reserved_range` drop falls in (rule 4).
+#[derive(Serialize)]
+struct ReservedRef {
+    cidr: String,
+    /// `zone` (the provider's table for `zone`) or `explicit` (`reserved_cidrs`).
+    source: &'static str,
+    zone: Option<String>,
+    file: String,
+    /// The line of `zone` or of the `reserved_cidrs` entry.
+    line: usize,
+}
+
 #[derive(Serialize)]
 struct Report {
     source: Option<IpAddr>,
@@ -66,6 +78,7 @@ struct Report {
     reason: Option<&'static str>,
     audit: bool,
     rule: Option<RuleRef>,
+    reserved_block: Option<ReservedRef>,
     detail: String,
     suggestion: Option<explain::Suggestion>,
     /// What passes whatever the policy says (verdict rule 1).
@@ -127,7 +140,7 @@ pub fn run(args: &Args) -> u8 {
             );
         }
     };
-    let Some(p) = &checked.policy else {
+    let (Some(p), Some(compiled)) = (&checked.policy, &checked.compiled) else {
         for d in &checked.diagnostics {
             eprintln!("{d}");
         }
@@ -142,7 +155,6 @@ pub fn run(args: &Args) -> u8 {
             ),
         );
     };
-    let compiled = Compiled::new(p);
     let l4 = match (args.proto, port) {
         (ProtoArg::Tcp, Some(dport)) => L4::Tcp { dport },
         (ProtoArg::Udp, Some(dport)) => L4::Udp { dport },
@@ -162,7 +174,7 @@ pub fn run(args: &Args) -> u8 {
     ));
     // The gateway's own packet (locally generated), with no flow state.
     let v = verdict(
-        &compiled,
+        compiled,
         &pkt,
         FlowFacts {
             local_origin: true,
@@ -178,6 +190,22 @@ pub fn run(args: &Args) -> u8 {
         line: r.pos.line,
         verdict_rule: r.kind.verdict_rule(),
     });
+    let reserved_block = match v.basis {
+        Basis::Reserved(i) => compiled.reserved.get(i).map(|r| ReservedRef {
+            cidr: r.cidr.to_string(),
+            source: match r.source {
+                ReservedSource::Zone(_) => "zone",
+                ReservedSource::Explicit => "explicit",
+            },
+            zone: match &r.source {
+                ReservedSource::Zone(z) => Some(z.clone()),
+                ReservedSource::Explicit => None,
+            },
+            file: path.clone(),
+            line: r.pos.line,
+        }),
+        _ => None,
+    };
     let report = Report {
         source: src,
         destination: dst,
@@ -191,8 +219,9 @@ pub fn run(args: &Args) -> u8 {
         reason: v.reason.map(|r| r.name()),
         audit: v.audit,
         rule,
-        detail: explain::detail(&compiled, path, &pkt, &v),
-        suggestion: explain::suggestion(p, &compiled, &pkt, &v),
+        reserved_block,
+        detail: explain::detail(compiled, path, &pkt, &v),
+        suggestion: explain::suggestion(p, compiled, &pkt, &v),
         host_essentials: compiled.host_essentials.clone(),
         flow_timeouts: compiled.flow_timeouts,
     };
@@ -220,14 +249,15 @@ pub fn run(args: &Args) -> u8 {
             // The detail and the suggestion echo the file's path (rule names are checked to a plain
             // charset, but the path is whatever the command line said).
             println!("  {}", escape_controls(&report.detail));
-            let (heading, text) = match &report.suggestion {
-                Some(explain::Suggestion::Change(t)) => ("smallest change that allows it:", t),
-                Some(explain::Suggestion::Impossible(t)) => ("no policy change can allow it:", t),
-                None => ("", &String::new()),
-            };
-            if !text.is_empty() {
-                println!("  {heading}");
-                for line in text.lines() {
+            if let Some(s) = &report.suggestion {
+                println!(
+                    "  {}",
+                    match s.kind {
+                        SuggestionKind::Change => "smallest change that allows it:",
+                        SuggestionKind::Impossible => "no policy change can allow it:",
+                    }
+                );
+                for line in s.text.lines() {
                     println!("    {}", escape_controls(line));
                 }
             }

@@ -36,12 +36,13 @@ fn compile(path: &Path) -> Result<(policy::Policy, Compiled), u8> {
         eprintln!("{d}");
     }
     let errors = checked.errors();
-    let p = checked.policy.ok_or_else(|| {
-        tracing::error!(file = %path.display(), errors, "invalid policy: nothing applied");
-        EXIT_FAILED
-    })?;
-    let c = Compiled::new(&p);
-    Ok((p, c))
+    match (checked.policy, checked.compiled) {
+        (Some(p), Some(c)) => Ok((p, c)),
+        _ => {
+            tracing::error!(file = %path.display(), errors, "invalid policy: nothing applied");
+            Err(EXIT_FAILED)
+        }
+    }
 }
 
 /// Tells the kernel the host's own addresses (flows are recorded only toward them: the interfaces'

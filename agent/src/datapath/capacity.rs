@@ -5,18 +5,10 @@ use vpcgate_common::datapath::{limits, names};
 
 use super::{DatapathError, state::used_tables};
 use crate::policy::compile::Compiled;
+pub use crate::policy::compile::EntryCounts;
 
-/// How many entries a compiled policy needs in each map.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct EntryCounts {
-    pub addr_v4: u32,
-    pub addr_v6: u32,
-    pub reserved_v4: u32,
-    pub reserved_v6: u32,
-    pub ports: u32,
-    pub rules: u32,
-}
-
+/// How many entries a compiled policy needs in each map, recounted from the compiled entries (the compile
+/// counts as it goes, to stop early; the two must agree).
 pub fn entry_counts(c: &Compiled) -> EntryCounts {
     let addr = |v4: bool| {
         c.addr_entries

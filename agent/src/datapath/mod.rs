@@ -2,7 +2,7 @@
 
 mod apply;
 mod barrier;
-mod capacity;
+pub mod capacity;
 mod counters;
 mod error;
 mod execute;

@@ -18,6 +18,8 @@ use std::{
 use ipnet::IpNet;
 use serde::Serialize;
 
+use vpcgate_common::datapath::{limits, names};
+
 use super::{
     model::{FlowTimeouts, HostEssential, Kind, Mode, Policy, Proto, Reserved},
     ports::PortSet,
@@ -103,6 +105,45 @@ impl PortTable {
         next > 65535
     }
 
+    /// Kernel port entries this table needs (its prefix blocks).
+    pub fn block_count(&self) -> u32 {
+        self.intervals
+            .iter()
+            .map(|&(lo, hi, _)| Self::range_blocks(lo, hi))
+            .sum()
+    }
+
+    /// How many aligned blocks `lo..=hi` takes.
+    pub fn range_blocks(lo: u16, hi: u16) -> u32 {
+        let (mut lo, hi) = (u32::from(lo), u32::from(hi));
+        let mut n = 0;
+        while lo <= hi {
+            lo += block_size(lo, hi);
+            n += 1;
+        }
+        n
+    }
+
+    /// When every port is allowed: the highest-precedence rule in the table (verdict rule 5 before 6,
+    /// then the longer prefix, then file order), which a non-first fragment is attributed to; else 0.
+    fn all_ports_rule(&self, rules: &[Rule]) -> RuleId {
+        if !self.covers_all() {
+            return 0;
+        }
+        self.intervals
+            .iter()
+            .map(|&(_, _, id)| {
+                let r = &rules[id as usize - 1];
+                (
+                    r.kind.verdict_rule(),
+                    std::cmp::Reverse(r.prefix.prefix_len()),
+                    id,
+                )
+            })
+            .min()
+            .map_or(0, |k| k.2)
+    }
+
     /// The intervals as (port, prefix length over 16 bits, rule) blocks, for a port LPM trie: a range
     /// needs at most 30 blocks, whatever its width.
     pub fn prefix_blocks(&self) -> Vec<(u16, u8, RuleId)> {
@@ -110,21 +151,26 @@ impl PortTable {
         for &(lo, hi, rule) in &self.intervals {
             let (mut lo, hi) = (u32::from(lo), u32::from(hi));
             while lo <= hi {
-                // Largest aligned block starting at lo that fits in [lo, hi].
-                let mut size = if lo == 0 {
-                    1 << 16
-                } else {
-                    1u32 << lo.trailing_zeros()
-                };
-                while lo + size - 1 > hi {
-                    size >>= 1;
-                }
+                let size = block_size(lo, hi);
                 out.push((lo as u16, (16 - size.trailing_zeros()) as u8, rule));
                 lo += size;
             }
         }
         out
     }
+}
+
+/// The largest aligned block starting at `lo` that fits in `lo..=hi`.
+fn block_size(lo: u32, hi: u32) -> u32 {
+    let mut size = if lo == 0 {
+        1 << 16
+    } else {
+        1u32 << lo.trailing_zeros()
+    };
+    while lo + size - 1 > hi {
+        size >>= 1;
+    }
+    size
 }
 
 /// What an address prefix allows (the value of the address LPM trie).
@@ -217,15 +263,8 @@ pub struct Compiled {
     pub addr_entries: Vec<(IpNet, AddrEntry)>,
     /// Deduplicated port tables; index 0 is the empty table.
     pub port_tables: Vec<PortTable>,
-}
-
-/// Precedence key: lower sorts first.
-fn precedence(r: &Rule, order: usize) -> (u8, std::cmp::Reverse<u8>, usize) {
-    (
-        r.kind.verdict_rule(),
-        std::cmp::Reverse(r.prefix.prefix_len()),
-        order,
-    )
+    /// Entries per kernel map.
+    pub counts: EntryCounts,
 }
 
 /// The rules of a policy in file order, with ids.
@@ -291,101 +330,434 @@ pub fn rules(p: &Policy) -> Vec<Rule> {
     out
 }
 
-fn port_table(covering: &[&Rule], proto: Proto) -> PortTable {
-    // Paint each rule's ports, in precedence order, onto the ports no earlier rule took.
-    let mut taken: Vec<(u16, u16, RuleId)> = vec![];
-    for r in covering.iter().filter(|r| r.protocols.contains(&proto)) {
+/// Port intervals resolved to one rule each: sorted, disjoint, inclusive.
+type Intervals = Vec<(u16, u16, RuleId)>;
+
+/// The ports of `rules` (one protocol, all at one prefix and of one verdict rule), the first rule in
+/// the list winning where they overlap: a sweep over the range ends, O(k log k) for k ranges.
+fn paint(rules: &[&Rule], proto: Proto) -> Intervals {
+    let rules: Vec<&Rule> = rules
+        .iter()
+        .copied()
+        .filter(|r| r.protocols.contains(&proto))
+        .collect();
+    if let [r] = rules.as_slice() {
+        return r
+            .ports
+            .ranges()
+            .iter()
+            .map(|&(lo, hi)| (lo, hi, r.id))
+            .collect();
+    }
+    // (port, starts, rank): ends sort before starts at the same port.
+    let mut events: Vec<(u32, bool, usize)> = vec![];
+    for (rank, r) in rules.iter().enumerate() {
         for &(lo, hi) in r.ports.ranges() {
-            let mut gaps = vec![(u32::from(lo), u32::from(hi))];
-            for &(tlo, thi, _) in &taken {
-                gaps = gaps
-                    .into_iter()
-                    .flat_map(|(glo, ghi)| {
-                        let (tlo, thi) = (u32::from(tlo), u32::from(thi));
-                        let mut parts = vec![];
-                        if glo < tlo {
-                            parts.push((glo, ghi.min(tlo - 1)));
-                        }
-                        if ghi > thi {
-                            parts.push((glo.max(thi + 1), ghi));
-                        }
-                        if thi < glo || tlo > ghi {
-                            vec![(glo, ghi)]
-                        } else {
-                            parts
-                        }
-                    })
-                    .collect();
+            events.push((u32::from(lo), true, rank));
+            events.push((u32::from(hi) + 1, false, rank));
+        }
+    }
+    events.sort_unstable();
+    let mut active = std::collections::BTreeMap::<usize, u32>::new();
+    let mut out: Intervals = vec![];
+    let mut i = 0;
+    while i < events.len() {
+        let at = events[i].0;
+        while i < events.len() && events[i].0 == at {
+            let (_, start, rank) = events[i];
+            if start {
+                *active.entry(rank).or_default() += 1;
+            } else if let Some(n) = active.get_mut(&rank) {
+                *n -= 1;
+                if *n == 0 {
+                    active.remove(&rank);
+                }
             }
-            taken.extend(gaps.into_iter().map(|(a, b)| (a as u16, b as u16, r.id)));
+            i += 1;
+        }
+        if let (Some((&rank, _)), Some(&(next, _, _))) = (active.first_key_value(), events.get(i)) {
+            push_merged(&mut out, (at as u16, (next - 1) as u16, rules[rank].id));
         }
     }
-    taken.sort_unstable();
-    // Merge neighbours that the same rule wins.
-    let mut intervals: Vec<(u16, u16, RuleId)> = vec![];
-    for (lo, hi, r) in taken {
-        match intervals.last_mut() {
-            Some(last) if last.2 == r && u32::from(last.1) + 1 == u32::from(lo) => last.1 = hi,
-            _ => intervals.push((lo, hi, r)),
+    out
+}
+
+/// Appends an interval, merging it into the last one when the same rule wins both and they touch.
+fn push_merged(out: &mut Intervals, (lo, hi, rule): (u16, u16, RuleId)) {
+    match out.last_mut() {
+        Some(last) if last.2 == rule && u32::from(last.1) + 1 == u32::from(lo) => last.1 = hi,
+        _ => out.push((lo, hi, rule)),
+    }
+}
+
+/// `top` over `bottom`: `top`'s intervals, and `bottom`'s where `top` has none. Linear.
+fn overlay(top: &[(u16, u16, RuleId)], bottom: &[(u16, u16, RuleId)]) -> Intervals {
+    if top.is_empty() {
+        return bottom.to_vec();
+    }
+    // The parts of `bottom` that `top` leaves uncovered.
+    let mut rest: Intervals = vec![];
+    let mut k = 0;
+    for &(blo, bhi, r) in bottom {
+        let (mut lo, hi) = (u32::from(blo), u32::from(bhi));
+        while k < top.len() && u32::from(top[k].1) < lo {
+            k += 1;
+        }
+        let mut m = k;
+        while lo <= hi {
+            match top.get(m) {
+                Some(&(tlo, thi, _)) if u32::from(tlo) <= hi => {
+                    if u32::from(tlo) > lo {
+                        rest.push((lo as u16, tlo - 1, r));
+                    }
+                    lo = u32::from(thi) + 1;
+                    m += 1;
+                }
+                _ => {
+                    rest.push((lo as u16, hi as u16, r));
+                    break;
+                }
+            }
         }
     }
-    PortTable { intervals }
+    let mut out = Intervals::with_capacity(top.len() + rest.len());
+    let (mut a, mut b) = (top.iter().peekable(), rest.iter().peekable());
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x.0 <= y.0 => a.next(),
+            (Some(_), None) => a.next(),
+            (_, Some(_)) => b.next(),
+            (None, None) => break,
+        };
+        push_merged(&mut out, *next.expect("peeked"));
+    }
+    out
+}
+
+/// What a compile may produce: the kernel maps' capacities, and a bound on the work (port intervals
+/// built, duplicates included) so that no policy can make a compile run long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub rules: u32,
+    pub addr_entries: u32,
+    pub reserved_entries: u32,
+    pub port_entries: u32,
+    pub work: u64,
+}
+
+impl Limits {
+    /// The kernel maps of `vpcgate_common::datapath::limits`, and about a second of work at most.
+    pub const KERNEL: Limits = Limits {
+        rules: limits::RULES,
+        addr_entries: limits::ADDR_ENTRIES,
+        reserved_entries: limits::RESERVED_ENTRIES,
+        port_entries: limits::PORT_ENTRIES,
+        work: 8_000_000,
+    };
+    /// No limit: for tests and tools that must build an oversized policy on purpose.
+    pub const NONE: Limits = Limits {
+        rules: u32::MAX,
+        addr_entries: u32::MAX,
+        reserved_entries: u32::MAX,
+        port_entries: u32::MAX,
+        work: u64::MAX,
+    };
+}
+
+/// How many entries a compiled policy needs in each kernel map (per generation slot).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct EntryCounts {
+    pub addr_v4: u32,
+    pub addr_v6: u32,
+    pub reserved_v4: u32,
+    pub reserved_v6: u32,
+    pub ports: u32,
+    pub rules: u32,
+}
+
+impl EntryCounts {
+    /// (kernel map, what it holds, entries, capacity) for each map a policy fills.
+    pub fn report(&self) -> [(&'static str, &'static str, u32, u32); 6] {
+        [
+            (
+                names::ADDR_V4,
+                "IPv4 address prefixes",
+                self.addr_v4,
+                limits::ADDR_ENTRIES,
+            ),
+            (
+                names::ADDR_V6,
+                "IPv6 address prefixes",
+                self.addr_v6,
+                limits::ADDR_ENTRIES,
+            ),
+            (
+                names::RESERVED_V4,
+                "IPv4 reserved blocks",
+                self.reserved_v4,
+                limits::RESERVED_ENTRIES,
+            ),
+            (
+                names::RESERVED_V6,
+                "IPv6 reserved blocks",
+                self.reserved_v6,
+                limits::RESERVED_ENTRIES,
+            ),
+            (
+                names::PORTS,
+                "port blocks of the port tables",
+                self.ports,
+                limits::PORT_ENTRIES,
+            ),
+            (
+                names::RULE_STATS,
+                "rules (per-rule counters)",
+                self.rules,
+                limits::RULES,
+            ),
+        ]
+    }
+}
+
+/// A policy that the kernel maps cannot hold (or that would take too long to find out): which map,
+/// where in the file, and what to change. Nothing of it is applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapacityError {
+    /// The kernel map (`names::*`), or None when the work bound stopped the compile.
+    pub map: Option<&'static str>,
+    pub capacity: u64,
+    /// Entries needed; with `at_least`, the compile stopped there.
+    pub needed: u64,
+    pub at_least: bool,
+    pub pos: Pos,
+    pub message: String,
+    pub fix: String,
+}
+
+/// The address prefixes of the rules as a forest (each prefix under the longest other one containing it),
+/// parents before children: (prefix, parent index).
+fn prefix_forest(rules: &[Rule]) -> Vec<(IpNet, Option<usize>)> {
+    let mut prefixes: Vec<IpNet> = rules.iter().map(|r| r.prefix).collect();
+    let key = |n: &IpNet| (n.addr().is_ipv6(), bits(n.network()).0, n.prefix_len());
+    prefixes.sort_by_key(key);
+    prefixes.dedup();
+    let mut out: Vec<(IpNet, Option<usize>)> = Vec::with_capacity(prefixes.len());
+    let mut stack: Vec<usize> = vec![];
+    for (i, p) in prefixes.into_iter().enumerate() {
+        while let Some(&top) = stack.last() {
+            let q: &IpNet = &out[top].0;
+            if q.contains(&p) && q.addr().is_ipv4() == p.addr().is_ipv4() {
+                break;
+            }
+            stack.pop();
+        }
+        out.push((p, stack.last().copied()));
+        stack.push(i);
+    }
+    out
+}
+
+/// The compile's state while it walks the forest: port tables built so far, the work done, entries
+/// counted against the limits, and who they are owed to.
+struct Builder<'a> {
+    rules: &'a [Rule],
+    limits: Limits,
+    work: u64,
+    /// Intermediate tables (one verdict rule's share); index 0 is the empty table.
+    partial: Vec<Intervals>,
+    port_tables: Vec<PortTable>,
+    table_ids: HashMap<PortTable, u32>,
+    /// Kernel port entries of each final table, computed once.
+    blocks: Vec<u32>,
+    /// (final table, protocol) pairs already counted.
+    counted: std::collections::HashSet<(u32, usize)>,
+    port_entries: u64,
+    /// Per prefix compiled so far: the kernel port entries its own rules take in its tables.
+    own_entries: Vec<u64>,
+    forest: &'a [(IpNet, Option<usize>)],
+    /// Per prefix: how many longer prefixes lie under it.
+    under: Vec<usize>,
+    /// Prefixes compiled so far.
+    done: usize,
+}
+
+impl Builder<'_> {
+    fn spend(&mut self, intervals: usize) -> Result<(), CapacityError> {
+        self.work += intervals as u64;
+        if self.work > self.limits.work {
+            return Err(self.overflow(None, self.limits.work, self.work));
+        }
+        Ok(())
+    }
+
+    fn store(&mut self, t: Intervals) -> Result<u32, CapacityError> {
+        self.spend(t.len())?;
+        self.partial.push(t);
+        Ok((self.partial.len() - 1) as u32)
+    }
+
+    /// The final table `t` for protocol `proto`, deduplicated, counted against the port capacity.
+    fn intern(&mut self, t: Intervals, proto: usize) -> Result<u32, CapacityError> {
+        self.spend(t.len())?;
+        let table = PortTable { intervals: t };
+        let id = match self.table_ids.get(&table) {
+            Some(&id) => id,
+            None => {
+                let id = self.port_tables.len() as u32;
+                self.blocks.push(table.block_count());
+                self.table_ids.insert(table.clone(), id);
+                self.port_tables.push(table);
+                id
+            }
+        };
+        if id != 0 && self.counted.insert((id, proto)) {
+            self.port_entries += u64::from(self.blocks[id as usize]);
+            if self.port_entries > u64::from(self.limits.port_entries) {
+                return Err(self.overflow(
+                    Some(names::PORTS),
+                    u64::from(self.limits.port_entries),
+                    self.port_entries,
+                ));
+            }
+        }
+        Ok(id)
+    }
+
+    /// The error for a compile stopped at `needed` (> `capacity`) entries of `map` (or work), naming the
+    /// prefixes whose rules own the most entries, and how many longer prefixes under them repeat their
+    /// ports.
+    fn overflow(&self, map: Option<&'static str>, capacity: u64, needed: u64) -> CapacityError {
+        // The prefixes compiled so far, by the entries their rules cost: their own, times the longer
+        // prefixes under them that repeat them.
+        let cost = |i: usize| self.own_entries[i] * (1 + self.under[i] as u64);
+        let mut top: Vec<usize> = (0..self.own_entries.len())
+            .filter(|&i| self.own_entries[i] > 0)
+            .collect();
+        top.sort_by_key(|&i| (std::cmp::Reverse(cost(i)), i));
+        let multiplies = top.first().is_some_and(|&i| self.under[i] > 0);
+        if multiplies {
+            top.retain(|&i| self.under[i] > 0);
+        }
+        top.truncate(3);
+        // Each named prefix's first rule (file order) and how many rules it has.
+        let at = |i: usize| {
+            let mut rules = self.rules.iter().filter(|r| r.prefix == self.forest[i].0);
+            let first = rules.next().expect("a prefix of the forest has a rule");
+            (first, 1 + rules.count())
+        };
+        let named: Vec<String> = top
+            .iter()
+            .map(|&i| {
+                let (r, count) = at(i);
+                let net = self.forest[i].0;
+                let rules = if count == 1 {
+                    format!("{} (line {})", r.describe(), r.pos.line)
+                } else {
+                    format!(
+                        "{count} rules ({}, line {}, and {} more)",
+                        r.describe(),
+                        r.pos.line,
+                        count - 1
+                    )
+                };
+                format!(
+                    "{net}: {rules} whose ports take {} entries, repeated for each of the {} longer \
+                     prefixes under {net} (about {} entries)",
+                    self.own_entries[i],
+                    self.under[i],
+                    cost(i)
+                )
+            })
+            .collect();
+        let what = match map {
+            Some(m) => format!(
+                "the policy needs more than {capacity} entries in kernel map {m} (port tables): the \
+                 compile stopped at {needed}, {} of {} address prefixes in",
+                self.done,
+                self.forest.len()
+            ),
+            None => format!(
+                "the policy's port tables take more than {capacity} intervals to build (far more than \
+                 the kernel's {} port entries hold): the compile stopped, {} of {} address prefixes in",
+                self.limits.port_entries,
+                self.done,
+                self.forest.len()
+            ),
+        };
+        let fix = if multiplies {
+            "each address prefix carries the ports of every rule covering it, so the port ranges of \
+             a wide block are repeated for each longer prefix under it: give the wide rules fewer port \
+             ranges (one range instead of many), fold the longer prefixes' ports into the wide rules, \
+             or move those rules out from under the wide block"
+        } else {
+            "each rule's port ranges take up to 30 entries (ranges aligned to powers of two take \
+             fewest; single ports take 1): use fewer or wider port ranges, or merge neighbouring \
+             addresses into one block"
+        };
+        CapacityError {
+            map,
+            capacity,
+            needed,
+            at_least: true,
+            pos: top
+                .first()
+                .map_or(Pos { line: 1, column: 1 }, |&i| at(i).0.pos),
+            message: if multiplies {
+                format!("{what}; most entries come from {}", named.join("; "))
+            } else {
+                let per = self.port_entries as f64 / self.done.max(1) as f64;
+                format!(
+                    "{what}; each prefix has its own port table, {per:.1} entries on average so far, \
+                     about {:.0} for all {} prefixes (first: {})",
+                    per * self.forest.len() as f64,
+                    self.forest.len(),
+                    top.first().map_or_else(String::new, |&i| {
+                        let r = at(i).0;
+                        format!("{}, line {}", r.describe(), r.pos.line)
+                    })
+                )
+            },
+            fix: fix.into(),
+        }
+    }
+}
+
+/// A policy with more `what` than `map` holds; `pos` is where the first one beyond capacity is.
+fn too_many(what: &str, map: &'static str, limit: u32, needed: usize, pos: Pos) -> CapacityError {
+    CapacityError {
+        map: Some(map),
+        capacity: u64::from(limit),
+        needed: needed as u64,
+        at_least: false,
+        pos,
+        message: format!(
+            "the policy has {needed} {what}, but kernel map {map} holds {limit} (this is entry {})",
+            u64::from(limit) + 1
+        ),
+        fix: format!("at most {limit} {what} fit: merge neighbouring ones into wider blocks"),
+    }
 }
 
 impl Compiled {
+    /// The policy compiled without capacity limits (tests and tools; the datapath still refuses what
+    /// does not fit).
     pub fn new(p: &Policy) -> Self {
-        let rules = rules(p);
-        // Rules by exact prefix: the rules covering a prefix are found by walking its shorter prefixes
-        // (at most 33 or 129 lookups), not by scanning every rule.
-        let mut by_prefix: HashMap<IpNet, Vec<usize>> = HashMap::new();
-        for (i, r) in rules.iter().enumerate() {
-            by_prefix.entry(r.prefix).or_default().push(i);
-        }
+        Self::with_limits(p, Limits::NONE).expect("no limits")
+    }
 
-        let mut port_tables = vec![PortTable::default()];
-        let mut table_ids: HashMap<PortTable, u32> = HashMap::from([(PortTable::default(), 0)]);
-        let mut intern = |t: PortTable| -> u32 {
-            *table_ids.entry(t.clone()).or_insert_with(|| {
-                port_tables.push(t);
-                (port_tables.len() - 1) as u32
-            })
-        };
-        let mut prefixes: Vec<IpNet> = rules.iter().map(|r| r.prefix).collect();
-        prefixes.sort();
-        prefixes.dedup();
-        let (mut addr_v4, mut addr_v6) = (Lpm::default(), Lpm::default());
-        let mut addr_entries = vec![];
-        for prefix in prefixes {
-            let mut covering: Vec<(usize, &Rule)> = (0..=prefix.prefix_len())
-                .filter_map(|len| IpNet::new(prefix.addr(), len).ok().map(|n| n.trunc()))
-                .filter_map(|n| by_prefix.get(&n))
-                .flatten()
-                .map(|&i| (i, &rules[i]))
-                .collect();
-            covering.sort_by_key(|(i, r)| precedence(r, *i));
-            let covering: Vec<&Rule> = covering.into_iter().map(|(_, r)| r).collect();
-            let tables = Proto::ALL.map(|proto| port_table(&covering, proto));
-            let all_ports_rule = tables.clone().map(|t| {
-                if t.covers_all() {
-                    // The highest-precedence rule that contributes to the table.
-                    covering
-                        .iter()
-                        .find(|r| t.intervals.iter().any(|i| i.2 == r.id))
-                        .map_or(0, |r| r.id)
-                } else {
-                    0
-                }
-            });
-            let entry = AddrEntry {
-                port_table: tables.map(&mut intern),
-                icmp_rule: covering.first().map_or(0, |r| r.id),
-                all_ports_rule,
-            };
-            match prefix {
-                IpNet::V4(_) => addr_v4.insert(prefix, entry.clone()),
-                IpNet::V6(_) => addr_v6.insert(prefix, entry.clone()),
-            }
-            addr_entries.push((prefix, entry));
+    /// The policy compiled as `run` applies it: refused, early and with the rules to change, when it
+    /// would not fit the kernel maps. Time and memory are bounded by the output (and `limits.work`).
+    pub fn with_limits(p: &Policy, limits: Limits) -> Result<Self, CapacityError> {
+        let rules = rules(p);
+        if rules.len() > limits.rules as usize {
+            let first_over = &rules[limits.rules as usize];
+            return Err(too_many(
+                "rules (authorizations, upstream nodes, vSwitch and accessible blocks)",
+                names::RULE_STATS,
+                limits.rules,
+                rules.len(),
+                first_over.pos,
+            ));
         }
         let (mut reserved_v4, mut reserved_v6) = (Lpm::default(), Lpm::default());
         // The same block listed twice (by the zone and explicitly) is attributed to its first listing.
@@ -395,10 +767,177 @@ impl Compiled {
                 IpNet::V6(_) => reserved_v6.insert(r.cidr, i),
             }
         }
+        for (lpm, map) in [
+            (&reserved_v4, names::RESERVED_V4),
+            (&reserved_v6, names::RESERVED_V6),
+        ] {
+            if lpm.len() > limits.reserved_entries as usize {
+                // The listing that holds the first block beyond capacity (in file order).
+                let mut seen = std::collections::HashSet::new();
+                let over = p
+                    .instance
+                    .reserved
+                    .iter()
+                    .filter(|r| (map == names::RESERVED_V4) == r.cidr.addr().is_ipv4())
+                    .filter(|r| seen.insert(r.cidr))
+                    .nth(limits.reserved_entries as usize)
+                    .map_or(Pos { line: 1, column: 1 }, |r| r.pos);
+                let what = if map == names::RESERVED_V4 {
+                    "distinct IPv4 reserved blocks"
+                } else {
+                    "distinct IPv6 reserved blocks"
+                };
+                return Err(too_many(
+                    what,
+                    map,
+                    limits.reserved_entries,
+                    lpm.len(),
+                    over,
+                ));
+            }
+        }
+
+        let forest = prefix_forest(&rules);
+        let mut own: Vec<[Vec<&Rule>; 2]> = vec![[vec![], vec![]]; forest.len()];
+        {
+            let index: HashMap<IpNet, usize> = forest
+                .iter()
+                .enumerate()
+                .map(|(i, (n, _))| (*n, i))
+                .collect();
+            for r in &rules {
+                own[index[&r.prefix]][usize::from(r.kind.verdict_rule() == 6)].push(r);
+            }
+        }
+        let mut b = Builder {
+            rules: &rules,
+            limits,
+            work: 0,
+            partial: vec![vec![]],
+            port_tables: vec![PortTable::default()],
+            table_ids: HashMap::from([(PortTable::default(), 0)]),
+            blocks: vec![0],
+            counted: Default::default(),
+            port_entries: 0,
+            own_entries: Vec::with_capacity(forest.len()),
+            forest: &forest,
+            under: {
+                let mut under = vec![0usize; forest.len()];
+                for (i, &(_, parent)) in forest.iter().enumerate().rev() {
+                    if let Some(j) = parent {
+                        under[j] += under[i] + 1;
+                    }
+                }
+                under
+            },
+            done: 0,
+        };
+        // Per prefix: [verdict rule 5, verdict rule 6][protocol] partial tables, final tables, and the
+        // highest-precedence rule of each verdict rule covering it (for ICMP).
+        struct Node {
+            partial: [[u32; 2]; 2],
+            table: [u32; 2],
+            best: [RuleId; 2],
+        }
+        let mut nodes: Vec<Node> = Vec::with_capacity(forest.len());
+        let (mut addr_v4, mut addr_v6) = (Lpm::default(), Lpm::default());
+        let mut addr_entries = Vec::with_capacity(forest.len());
+        let mut all_ports: HashMap<(u32, usize), RuleId> = HashMap::new();
+        for (i, &(prefix, parent)) in forest.iter().enumerate() {
+            b.done = i;
+            let up = parent.map(|j| &nodes[j]);
+            let mut node = Node {
+                partial: [[0; 2]; 2],
+                table: [0; 2],
+                best: [0; 2],
+            };
+            for (class, mine) in own[i].iter().enumerate() {
+                let inherited = up.map_or(0, |u| u.best[class]);
+                node.best[class] = mine.first().map_or(inherited, |r| r.id);
+            }
+            for proto in Proto::ALL {
+                let pi = proto_index(proto);
+                let mut changed = false;
+                for (class, rules) in own[i].iter().enumerate() {
+                    let below = up.map_or(0, |u| u.partial[class][pi]);
+                    let mine = paint(rules, proto);
+                    node.partial[class][pi] = if mine.is_empty() {
+                        below
+                    } else {
+                        changed = true;
+                        let t = overlay(&mine, &b.partial[below as usize]);
+                        b.store(t)?
+                    };
+                }
+                node.table[pi] = match up {
+                    // Nothing of this protocol at this prefix: the same table as the prefix above.
+                    Some(u) if !changed => u.table[pi],
+                    _ => {
+                        let [five, six] = node.partial.map(|c| c[pi] as usize);
+                        let t = overlay(&b.partial[five], &b.partial[six]);
+                        b.intern(t, pi)?
+                    }
+                };
+            }
+            // What this prefix's own rules cost in its tables (for naming them if the policy does not fit).
+            let own_entries: u64 = node
+                .table
+                .iter()
+                .filter(|&&t| up.is_none_or(|u| !u.table.contains(&t)))
+                .flat_map(|&t| &b.port_tables[t as usize].intervals)
+                .filter(|&&(_, _, id)| rules[id as usize - 1].prefix == prefix)
+                .map(|&(lo, hi, _)| u64::from(PortTable::range_blocks(lo, hi)))
+                .sum();
+            b.own_entries.push(own_entries);
+            let all_ports_rule = [0, 1].map(|pi| {
+                let t = node.table[pi];
+                *all_ports
+                    .entry((t, pi))
+                    .or_insert_with(|| b.port_tables[t as usize].all_ports_rule(&rules))
+            });
+            let entry = AddrEntry {
+                port_table: node.table,
+                icmp_rule: if node.best[0] != 0 {
+                    node.best[0]
+                } else {
+                    node.best[1]
+                },
+                all_ports_rule,
+            };
+            match prefix {
+                IpNet::V4(_) => addr_v4.insert(prefix, entry.clone()),
+                IpNet::V6(_) => addr_v6.insert(prefix, entry.clone()),
+            }
+            addr_entries.push((prefix, entry));
+            nodes.push(node);
+        }
+        for (lpm, map) in [
+            (addr_v4.len(), names::ADDR_V4),
+            (addr_v6.len(), names::ADDR_V6),
+        ] {
+            if lpm > limits.addr_entries as usize {
+                return Err(too_many(
+                    "distinct address prefixes",
+                    map,
+                    limits.addr_entries,
+                    lpm,
+                    Pos { line: 1, column: 1 },
+                ));
+            }
+        }
+        let counts = EntryCounts {
+            addr_v4: addr_v4.len() as u32,
+            addr_v6: addr_v6.len() as u32,
+            reserved_v4: reserved_v4.len() as u32,
+            reserved_v6: reserved_v6.len() as u32,
+            ports: b.port_entries as u32,
+            rules: rules.len() as u32,
+        };
+        let port_tables = b.port_tables;
         let mut host_essentials = p.instance.host_essentials.clone();
         host_essentials.sort();
         host_essentials.dedup();
-        Compiled {
+        Ok(Compiled {
             mode: p.instance.mode,
             host_essentials,
             flow_timeouts: p.instance.flow_timeouts,
@@ -414,7 +953,8 @@ impl Compiled {
             addr_v6,
             addr_entries,
             port_tables,
-        }
+            counts,
+        })
     }
 
     pub fn rule(&self, id: RuleId) -> Option<&Rule> {

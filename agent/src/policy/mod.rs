@@ -19,11 +19,13 @@ use ipnet::IpNet;
 pub use model::Policy;
 use source::Source;
 
-/// A policy file checked: every diagnostic, and the policy when there is no error.
+/// A policy file checked: every diagnostic, and when there is no error the policy and its compiled form
+/// (which fits the kernel maps: `valid` means `run` applies it).
 #[derive(Clone, Debug)]
 pub struct Checked {
     pub source: Source,
     pub policy: Option<Policy>,
+    pub compiled: Option<compile::Compiled>,
     pub diagnostics: Vec<Diagnostic>,
 }
 
@@ -56,6 +58,14 @@ pub fn check_text(path: &str, text: &str) -> Checked {
     if let Some(p) = &policy {
         validate::validate(&mut d, p, accessible_known);
     }
+    // The compile `run` does, with the kernel maps' capacities: a policy that does not fit is invalid.
+    let mut compiled = None;
+    if let Some(p) = policy.as_ref().filter(|_| !d.has_errors()) {
+        match compile::Compiled::with_limits(p, compile::Limits::KERNEL) {
+            Ok(c) => compiled = Some(c),
+            Err(e) => d.push_at(Severity::Error, e.pos, e.message, Some(e.fix)),
+        }
+    }
     if d.has_errors() {
         policy = None;
     }
@@ -64,6 +74,7 @@ pub fn check_text(path: &str, text: &str) -> Checked {
     Checked {
         source,
         policy,
+        compiled,
         diagnostics,
     }
 }
@@ -107,6 +118,7 @@ pub fn check_bytes(path: &str, bytes: &[u8]) -> Checked {
     });
     checked.diagnostics.sort_by_key(|d| (d.line, d.column));
     checked.policy = None;
+    checked.compiled = None;
     checked
 }
 

@@ -32,6 +32,127 @@ pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
+fn span(net: &IpNet) -> (bool, u128, u128) {
+    match net.trunc() {
+        IpNet::V4(n) => (
+            false,
+            u128::from(u32::from(n.network())),
+            u128::from(u32::from(n.broadcast())),
+        ),
+        IpNet::V6(n) => (true, u128::from(n.network()), u128::from(n.broadcast())),
+    }
+}
+
+/// Reserved blocks indexed for overlap queries: O(prefix length + log n + hits) per query instead of a
+/// scan, so checking every backend and block against 200,000 reserved blocks stays O(n log n).
+pub struct ReservedIndex<'a> {
+    reserved: &'a [Reserved],
+    /// (IPv6, first address, index), sorted.
+    starts: Vec<(bool, u128, usize)>,
+    by_block: std::collections::HashMap<IpNet, Vec<usize>>,
+}
+
+impl<'a> ReservedIndex<'a> {
+    pub fn new(reserved: &'a [Reserved]) -> Self {
+        let mut starts: Vec<(bool, u128, usize)> = reserved
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let (v6, first, _) = span(&r.cidr);
+                (v6, first, i)
+            })
+            .collect();
+        starts.sort_unstable();
+        let mut by_block: std::collections::HashMap<IpNet, Vec<usize>> = Default::default();
+        for (i, r) in reserved.iter().enumerate() {
+            by_block.entry(r.cidr.trunc()).or_default().push(i);
+        }
+        Self {
+            reserved,
+            starts,
+            by_block,
+        }
+    }
+
+    /// Whether `net` overlaps some reserved block (without listing them).
+    pub fn overlaps_any(&self, net: &IpNet) -> bool {
+        !self.inside(net).is_empty()
+            || (0..net.prefix_len()).any(|len| {
+                IpNet::new(net.addr(), len).is_ok_and(|n| self.by_block.contains_key(&n.trunc()))
+            })
+    }
+
+    /// The range of `starts` whose blocks begin inside `net` (so lie inside it, or contain it with the
+    /// same first address).
+    fn inside(&self, net: &IpNet) -> std::ops::Range<usize> {
+        let (v6, first, last) = span(net);
+        let lo = self
+            .starts
+            .partition_point(|&(f, a, _)| (f, a) < (v6, first));
+        let hi = self
+            .starts
+            .partition_point(|&(f, a, _)| (f, a) <= (v6, last));
+        lo..hi
+    }
+
+    /// The reserved blocks overlapping `net`, in listing order: those containing it (found by its
+    /// shorter prefixes) and those inside it (found by their first address).
+    pub fn overlapping(&self, net: &IpNet) -> Vec<&'a Reserved> {
+        let (v6, first, last) = span(net);
+        let lo = self
+            .starts
+            .partition_point(|&(f, a, _)| (f, a) < (v6, first));
+        let hi = self
+            .starts
+            .partition_point(|&(f, a, _)| (f, a) <= (v6, last));
+        let mut hits: Vec<usize> = self.starts[lo..hi].iter().map(|s| s.2).collect();
+        for len in 0..net.prefix_len() {
+            if let Some(is) = IpNet::new(net.addr(), len)
+                .ok()
+                .and_then(|n| self.by_block.get(&n.trunc()))
+            {
+                hits.extend(is);
+            }
+        }
+        hits.sort_unstable();
+        hits.dedup();
+        hits.into_iter().map(|i| &self.reserved[i]).collect()
+    }
+}
+
+/// At most this many overlapping reserved blocks are named one by one for one value; the rest are
+/// counted in one more diagnostic.
+const NAMED_OVERLAPS: usize = 3;
+
+/// Reports `what` (at `pos`) overlapping each of `hits`, via `one`, the first few by name and the rest
+/// counted.
+fn report_overlaps(
+    d: &mut Diags,
+    severity: Severity,
+    pos: Pos,
+    what: &str,
+    hits: &[&Reserved],
+    one: impl Fn(&Reserved) -> (String, String),
+) {
+    for r in hits.iter().take(NAMED_OVERLAPS) {
+        let (message, fix) = one(r);
+        d.push_at(severity, pos, message, Some(fix));
+    }
+    if hits.len() > NAMED_OVERLAPS {
+        let (_, fix) = one(hits[NAMED_OVERLAPS]);
+        d.push_at(
+            severity,
+            pos,
+            format!(
+                "{what} overlaps {} more reserved blocks (the first: {})",
+                hits.len() - NAMED_OVERLAPS,
+                hits[NAMED_OVERLAPS].cidr
+            ),
+            Some(fix),
+        );
+    }
+}
+
 /// Internal (VPC) addresses: RFC 1918, the shared/CGNAT block providers use internally, IPv6 ULA.
 pub fn is_internal(net: &IpNet) -> bool {
     const INTERNAL: [&str; 5] = [
@@ -136,18 +257,30 @@ fn show(net: &IpNet) -> String {
     }
 }
 
-/// A block to suggest for an address outside the accessible blocks: its /24 (IPv4) or /64 (IPv6).
-fn suggest_block(net: &IpNet) -> IpNet {
-    let len = match net.addr() {
+/// A block to suggest for an address outside the accessible blocks: its /24 (IPv4) or /64 (IPv6), narrowed
+/// (down to the backend itself) until it leaves every reserved block out; None when the backend itself
+/// overlaps one, which no accessible block can help.
+fn suggest_block(net: &IpNet, reserved: &ReservedIndex) -> Option<IpNet> {
+    let widest = match net.addr() {
         IpAddr::V4(_) => 24,
         IpAddr::V6(_) => 64,
-    };
-    if net.prefix_len() <= len {
-        *net
-    } else {
-        IpNet::new(net.addr(), len)
-            .map(|n| n.trunc())
-            .unwrap_or(*net)
+    }
+    .min(net.prefix_len());
+    (widest..=net.prefix_len())
+        .map(|len| IpNet::new(net.addr(), len).map_or(*net, |n| n.trunc()))
+        .find(|block| !reserved.overlaps_any(block))
+}
+
+/// The fix for a backend outside the accessible blocks.
+fn outside_fix(net: &IpNet, reserved: &ReservedIndex) -> String {
+    match suggest_block(net, reserved) {
+        Some(block) => {
+            format!("add an accessible block that contains it: [[accessible]] cidr = \"{block}\"")
+        }
+        None => format!(
+            "no accessible block can make {} reachable while it overlaps a reserved block: move the backend to another block of the VPC",
+            show(net)
+        ),
     }
 }
 
@@ -162,17 +295,21 @@ pub fn check_backends(
     accessible: &[IpNet],
     accessible_known: bool,
 ) {
+    let reserved = ReservedIndex::new(&instance.reserved);
     for b in backends(policy) {
-        for r in &instance.reserved {
-            if overlaps(&b.net, &r.cidr) {
-                d.push_at(
-                    Severity::Error,
-                    b.pos,
-                    format!("{}: backend {} is inside reserved block {} ({})", b.what, show(&b.net), r.cidr, r.source),
-                    Some("the gateway can never reach a reserved block: move the backend to another block of the VPC".into()),
-                );
-            }
-        }
+        report_overlaps(
+            d,
+            Severity::Error,
+            b.pos,
+            &format!("{}: backend {}", b.what, show(&b.net)),
+            &reserved.overlapping(&b.net),
+            |r| {
+                (
+            format!("{}: backend {} is inside reserved block {} ({})", b.what, show(&b.net), r.cidr, r.source),
+            "the gateway can never reach a reserved block: move the backend to another block of the VPC".into(),
+        )
+            },
+        );
         if let Some(range) = special_purpose(&b.net, false) {
             d.push_at(
                 Severity::Error,
@@ -223,7 +360,7 @@ pub fn check_backends(
                     Severity::Error,
                     b.pos,
                     format!("instance cannot connect to the backend {}: outside accessible CIDR blocks {}", show(&b.net), blocks.join(", ")),
-                    Some(format!("add an accessible block that contains it: [[accessible]] cidr = \"{}\"", suggest_block(&b.net))),
+                    Some(outside_fix(&b.net, &reserved)),
                 );
             }
         }
@@ -233,17 +370,21 @@ pub fn check_backends(
 /// Every cross-field check of one policy (`accessible_known` as for [`check_backends`]).
 pub fn validate(d: &mut Diags, p: &Policy, accessible_known: bool) {
     let i = &p.instance;
+    let reserved = ReservedIndex::new(&i.reserved);
     if let Some(vswitch) = &i.vswitch_cidr {
-        for r in &i.reserved {
-            if overlaps(vswitch, &r.cidr) {
-                d.push_at(
-                    Severity::Error,
-                    i.vswitch_pos,
-                    format!("vswitch_cidr {vswitch} overlaps reserved block {} ({})", r.cidr, r.source),
-                    Some("the instance's vSwitch must not overlap the blocks the gateway reserves: use a vSwitch in another block".into()),
-                );
-            }
-        }
+        report_overlaps(
+            d,
+            Severity::Error,
+            i.vswitch_pos,
+            &format!("vswitch_cidr {vswitch}"),
+            &reserved.overlapping(vswitch),
+            |r| {
+                (
+            format!("vswitch_cidr {vswitch} overlaps reserved block {} ({})", r.cidr, r.source),
+            "the instance's vSwitch must not overlap the blocks the gateway reserves: use a vSwitch in another block".into(),
+        )
+            },
+        );
         if let (Some(egress), Kind::VpcIntegration) = (i.egress_ip, i.kind)
             && !vswitch.contains(&egress)
         {
@@ -287,17 +428,73 @@ pub fn validate(d: &mut Diags, p: &Policy, accessible_known: bool) {
                 Some("remove it and authorize the backends with [[authorization]], or set kind = \"vpc-integration\"".into()),
             );
         }
-        for r in &i.reserved {
-            if overlaps(&a.cidr, &r.cidr) {
-                d.push_at(
-                    Severity::Warning,
-                    a.pos,
-                    format!("accessible block {} overlaps reserved block {} ({}): that part stays unreachable", a.cidr, r.cidr, r.source),
-                    Some("narrow the accessible block so it leaves the reserved block out".into()),
-                );
-            }
-        }
+        report_overlaps(
+            d,
+            Severity::Warning,
+            a.pos,
+            &format!("accessible block {}", a.cidr),
+            &reserved.overlapping(&a.cidr),
+            |r| {
+                (
+                    format!(
+                        "accessible block {} overlaps reserved block {} ({}): that part stays unreachable",
+                        a.cidr, r.cidr, r.source
+                    ),
+                    "narrow the accessible block so it leaves the reserved block out".into(),
+                )
+            },
+        );
     }
     let accessible: Vec<IpNet> = p.accessible_blocks().collect();
     check_backends(d, p, i, &accessible, accessible_known);
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn net() -> impl Strategy<Value = IpNet> {
+        prop_oneof![
+            (0u32..256, 20u8..=32).prop_map(|(h, len)| IpNet::new(
+                IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | (h << 4))),
+                len
+            )
+            .unwrap()
+            .trunc()),
+            (0u128..256, 116u8..=128).prop_map(|(h, len)| IpNet::new(
+                IpAddr::from(std::net::Ipv6Addr::from((0xfd00u128 << 112) | (h << 4))),
+                len
+            )
+            .unwrap()
+            .trunc()),
+        ]
+    }
+
+    proptest! {
+        /// The index finds exactly the blocks a scan finds, in listing order.
+        #[test]
+        fn reserved_index_finds_what_a_scan_finds(
+            blocks in prop::collection::vec(net(), 0..40),
+            queries in prop::collection::vec(net(), 1..20),
+        ) {
+            let reserved: Vec<Reserved> = blocks
+                .into_iter()
+                .map(|cidr| Reserved { cidr, source: ReservedSource::Explicit, pos: Pos::default() })
+                .collect();
+            let index = ReservedIndex::new(&reserved);
+            for q in &queries {
+                let scan: Vec<*const Reserved> = reserved
+                    .iter()
+                    .filter(|r| overlaps(q, &r.cidr))
+                    .map(|r| r as *const _)
+                    .collect();
+                let found: Vec<*const Reserved> =
+                    index.overlapping(q).into_iter().map(|r| r as *const _).collect();
+                prop_assert_eq!(index.overlaps_any(q), !scan.is_empty(), "query {}", q);
+                prop_assert_eq!(found, scan, "query {}", q);
+            }
+        }
+    }
 }
