@@ -680,7 +680,7 @@ fn flow_timeout_errors_keep_the_checks_across_fields() {
         [
             "9:25: error: `udp` in [instance] flow_timeouts: `1d` is not a duration | write a duration from 1s to 24h with unit s, m or h, e.g. \"60s\" (the default), or a whole number of seconds",
             "18:11: error: authorization `orders-slb`: backend 172.20.0.7 is inside reserved block 172.20.0.0/16 (reserved for zone cn-hangzhou-b) | the gateway can never reach a reserved block: move the backend to another block of the VPC",
-            "18:11: error: instance cannot connect to the backend 172.20.0.7: outside accessible CIDR blocks 10.0.0.0/24, 10.1.0.0/16 | add an accessible block that contains it: [[accessible]] cidr = \"172.20.0.0/24\"",
+            "18:11: error: instance cannot connect to the backend 172.20.0.7: outside accessible CIDR blocks 10.0.0.0/24, 10.1.0.0/16 | no accessible block can make 172.20.0.7 reachable while it overlaps a reserved block: move the backend to another block of the VPC",
         ]
     );
 }
@@ -890,7 +890,7 @@ fn errors_elsewhere_do_not_hide_the_accessible_blocks_check() {
             "26:8: error: authorization name `bad name` must be 1 to 64 characters of A-Z, a-z, 0-9, -, _ and . | rename it, e.g. `bad-name`",
             "28:17: error: instance_type `vm` is not one of ecs, clb, nlb, ip | write one of: ecs, clb, nlb, ip",
             "29:11: error: authorization `bad name`: backend 172.20.0.9 is inside reserved block 172.20.0.0/16 (reserved for zone cn-hangzhou-b) | the gateway can never reach a reserved block: move the backend to another block of the VPC",
-            "29:11: error: instance cannot connect to the backend 172.20.0.9: outside accessible CIDR blocks 10.0.0.0/24, 10.1.0.0/16 | add an accessible block that contains it: [[accessible]] cidr = \"172.20.0.0/24\"",
+            "29:11: error: instance cannot connect to the backend 172.20.0.9: outside accessible CIDR blocks 10.0.0.0/24, 10.1.0.0/16 | no accessible block can make 172.20.0.9 reachable while it overlaps a reserved block: move the backend to another block of the VPC",
             "30:10: error: `ports` in [[authorization]] #2: port range 90-80 is reversed | write 80-90",
         ]
     );
