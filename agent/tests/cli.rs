@@ -675,3 +675,32 @@ fn explain_suggestions_are_edits_a_program_can_apply() {
         "{out}"
     );
 }
+
+#[test]
+fn a_report_piped_into_a_reader_that_goes_away_ends_quietly() {
+    use std::os::{
+        fd::{FromRawFd, OwnedFd},
+        unix::process::ExitStatusExt,
+    };
+    // A pipe whose reader is gone before vpcgate starts: its first write raises SIGPIPE, which ends the
+    // process as it would `cat` (no panic, no stack trace).
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both descriptors were just created by pipe() and are owned here.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vpcgate"))
+        .args(["check", "examples/policy.toml"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {err}",
+        out.status
+    );
+}

@@ -88,6 +88,14 @@ pub(crate) fn fail(output: Output, code: &str, message: String) -> u8 {
 
 /// Runs the parsed command line; returns the process exit status.
 pub fn run(cli: Cli) -> u8 {
+    if !matches!(cli.command, Command::Run(_)) {
+        // A report piped into `head` ends quietly when the reader goes away, as other Unix tools do
+        // (Rust ignores SIGPIPE, and `println!` then panics with a stack trace). `run` keeps it ignored.
+        // SAFETY: restoring a signal's default disposition, before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match cli.command {
         Command::Check(args) => check::run(&args),
         Command::Explain(args) => explain::run(&args),
