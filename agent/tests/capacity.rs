@@ -1,11 +1,7 @@
 //! `valid` means `run` applies it: `check` compiles the policy with the kernel maps' capacities, refuses
 //! what does not fit (early, naming the rules that multiply entries) and reports the entries per map.
 
-use vpcgate::policy::{
-    check_text,
-    compile::{Compiled, Limits},
-    diag::Severity,
-};
+use vpcgate::policy::{check_text, compile::Compiled, diag::Severity};
 use vpcgate_common::datapath::{limits, names};
 
 const DEDICATED: &str =
@@ -191,28 +187,52 @@ fn many_small_tables_that_do_not_fit_say_so_without_blaming_a_wide_rule() {
     );
 }
 
+/// The steps a compile may take: a few per port range of the rules, per prefix, and per interval of the
+/// tables the kernel holds (the compile's cost is bounded by its input and output).
+pub fn work_bound(c: &Compiled) -> u64 {
+    let own: u64 = c
+        .rules
+        .iter()
+        .map(|r| (r.ports.ranges().len() * r.protocols.len()) as u64)
+        .sum();
+    let intervals: u64 = c.port_tables.iter().map(|t| t.intervals.len() as u64).sum();
+    8 * (own + 2 * c.addr_entries.len() as u64 + intervals)
+}
+
 #[test]
-fn the_work_bound_stops_a_compile_whose_intermediate_tables_explode() {
-    let text = wide_and_hosts(50, 4, 50);
-    let p = check_text("p.toml", &text).policy.expect("fits the kernel");
-    let unbounded = Compiled::new(&p);
-    let bounded = Compiled::with_limits(
-        &p,
-        Limits {
-            work: 1000,
-            ..Limits::KERNEL
-        },
-    )
-    .expect_err("1,000 intervals of work are not enough");
-    assert_eq!(bounded.map, None);
-    assert!(
-        bounded
-            .message
-            .contains("more than 1000 intervals to build"),
-        "{}",
-        bounded.message
+fn tables_hidden_under_authorizations_cost_nothing_and_fit() {
+    // A wide accessible block with 4,096 single ports, hidden on every port by all-ports
+    // authorizations on the same block (verdict rule 5 wins), and 2,000 accessible /32s under it: every
+    // prefix's table is the wide block's, and the kernel holds a handful of entries. Building the
+    // hidden tables would take 2 x 2,000 x 4,096 steps; the compile must not.
+    let ports: Vec<String> = (0..4096).map(|i| format!("\"{}\"", 1 + 2 * i)).collect();
+    let mut text = format!(
+        "[instance]\nname = \"gw\"\nkind = \"vpc-integration\"\nvpc_id = \"vpc-gw\"\ninterface = \"eth1\"\n\
+         vswitch_cidr = \"192.168.0.0/24\"\n\n[[accessible]]\ncidr = \"10.0.0.0/8\"\nports = [{}]\n",
+        ports.join(", ")
     );
-    assert!(unbounded.counts.ports > 0);
+    for proto in ["tcp", "udp"] {
+        text += &format!(
+            "\n[[authorization]]\nname = \"all-{proto}\"\nvpc_id = \"vpc-gw\"\naddress = \"10.0.0.0/8\"\nprotocol = \"{proto}\"\nports = [\"1-65535\"]\n"
+        );
+    }
+    for h in 0..2000 {
+        text += &format!("\n[[accessible]]\ncidr = \"{}/32\"\n", host(h));
+    }
+    let checked = check_text("p.toml", &text);
+    let c = checked
+        .compiled
+        .unwrap_or_else(|| panic!("{:?}", checked.diagnostics.first()));
+    // The wide block's table per protocol (1-65535 is 16 aligned blocks), shared by every /32 under it,
+    // and the vSwitch block's.
+    assert_eq!(c.counts.ports, 2 * 16 + 2 * 16, "{:?}", c.counts);
+    assert!(
+        c.work <= work_bound(&c),
+        "work {} > {}",
+        c.work,
+        work_bound(&c)
+    );
+    assert!(c.work < 2 * 2000 * 4096 / 10, "work {}", c.work);
 }
 
 #[test]

@@ -533,6 +533,10 @@ proptest! {
         // change nothing for a policy that fits them.
         prop_assert_eq!(&c.counts, &vpcgate::datapath::capacity::entry_counts(&c));
         let limited = Compiled::with_limits(&p, Limits::KERNEL).expect("a small policy fits");
+        // The compile's cost is bounded by its input and output (see `Compiled::work`).
+        let own: u64 = c.rules.iter().map(|r| (r.ports.ranges().len() * r.protocols.len()) as u64).sum();
+        let intervals: u64 = c.port_tables.iter().map(|t| t.intervals.len() as u64).sum();
+        prop_assert!(c.work <= 8 * (own + 2 * c.addr_entries.len() as u64 + intervals), "work {}", c.work);
         prop_assert_eq!(&limited.addr_entries, &c.addr_entries);
         prop_assert_eq!(&limited.port_tables, &c.port_tables);
     }
@@ -588,4 +592,150 @@ fn compiles_a_large_policy() {
         verdict(&c, &pkt, FlowFacts::default()).basis,
         Basis::Rule(778)
     );
+}
+
+// ---------- adversarial shapes (families with equal bits, /0s, ports at the edges) ----------
+
+/// IPv4 and IPv6 prefixes whose address bits are equal as integers (0.0.0.x vs ::x), /0s of both
+/// families, and deep chains.
+fn mixed_net() -> impl Strategy<Value = IpNet> {
+    prop_oneof![
+        (0u32..16, 0u8..=32).prop_map(|(h, len)| IpNet::new(IpAddr::V4(Ipv4Addr::from(h)), len)
+            .unwrap()
+            .trunc()),
+        (0u128..16, prop_oneof![0u8..=8, 96u8..=128]).prop_map(|(h, len)| IpNet::new(
+            IpAddr::V6(Ipv6Addr::from(h)),
+            len
+        )
+        .unwrap()
+        .trunc()),
+        (0u32..16, 28u8..=32).prop_map(|(h, len)| IpNet::new(
+            IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | h)),
+            len
+        )
+        .unwrap()
+        .trunc()),
+    ]
+}
+
+fn edge_ports() -> impl Strategy<Value = PortSet> {
+    let edge = prop_oneof![
+        Just(1u16),
+        Just(2),
+        Just(65534),
+        Just(65535),
+        Just(32767),
+        Just(32768),
+        1u16..=65535
+    ];
+    prop_oneof![
+        1 => Just(PortSet::all()),
+        4 => prop::collection::vec((edge.clone(), edge), 1..5)
+            .prop_map(|r| PortSet::from_ranges(r.into_iter().map(|(a, b)| (a.min(b), a.max(b))).collect())),
+    ]
+}
+
+prop_compose! {
+    fn mixed_policy()(
+        auths in prop::collection::vec((mixed_net(), edge_ports(), proto()), 0..10),
+        nodes in prop::collection::vec((mixed_net(), prop_oneof![Just(1u16), Just(65535), 1u16..=65535]), 0..4),
+        vswitch in prop::option::of(mixed_net()),
+        accessible in prop::collection::vec((mixed_net(), edge_ports(), protocols()), 0..6),
+    ) -> Policy {
+        let pos = Pos::default();
+        Policy {
+            instance: Instance {
+                name: "gw".into(), kind: Kind::VpcIntegration, vpc_id: "vpc-1".into(), interface: "eth1".into(),
+                egress_ip: None, vswitch_cidr: vswitch, vswitch_pos: pos, egress_pos: pos, zone: None,
+                reserved: vec![],
+                mode: Mode::Enforce, forward_interfaces: vec![], host_essentials: vec![], flow_timeouts: FlowTimeouts::default(),
+            },
+            accessible: accessible.into_iter().map(|(cidr, ports, protocols)| Accessible { cidr, ports, protocols, pos }).collect(),
+            authorizations: auths.into_iter().enumerate().map(|(i, (address, ports, protocol))| Authorization {
+                name: format!("a{i}"), vpc_id: "vpc-1".into(), instance_id: None, instance_type: InstanceType::Ip,
+                address, ports, protocol, pos,
+            }).collect(),
+            upstreams: vec![Upstream {
+                name: "u".into(), description: None, vpc_id: "vpc-1".into(), protocol: UpstreamProtocol::Http,
+                host_header: None, retries: 5,
+                nodes: nodes.into_iter().map(|(n, port)| Node { address: n.addr(), port, weight: 1, pos }).collect(),
+                pos,
+            }],
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 60, ..ProptestConfig::default() })]
+
+    /// (Each case checks thousands of packets: 60 cases take about ten seconds in a debug build.)
+    /// Every address that matters (each prefix's first/last address and the one past it, in both
+    /// families), every port that matters (range ends and their neighbours, 1, 65535), every protocol,
+    /// plus non-first fragments and echo requests.
+    #[test]
+    fn compiled_equals_naive_on_mixed_families_and_edge_ports(p in mixed_policy()) {
+        let c = Compiled::new(&p);
+        prop_assert_eq!(&c.counts, &vpcgate::datapath::capacity::entry_counts(&c));
+        let (mut addrs, mut ports) = interesting(&p);
+        addrs.extend(["0.0.0.0", "0.0.0.1", "255.255.255.255", "::", "::1", "::ffff:ffff", "ffff::1", "10.0.0.0", "::a00:0"]
+            .iter().map(|a| a.parse::<IpAddr>().unwrap()));
+        ports.extend([2, 65534, 32767, 32768]);
+        ports.retain(|&p| p != 0);
+        ports.sort(); ports.dedup();
+        let facts = FlowFacts { local_origin: true, ..FlowFacts::default() };
+        for &dst in &addrs {
+            let src = if dst.is_ipv4() { IpAddr::from([10, 9, 9, 9]) } else { IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, 5]) };
+            let mut l4s: Vec<L4> = vec![L4::Other { proto: 6 }, L4::Other { proto: 17 }];
+            l4s.push(if dst.is_ipv4() { L4::Icmp { kind: 8, code: 0 } } else { L4::Icmpv6 { kind: 128, code: 0 } });
+            for &port in &ports {
+                l4s.push(L4::Tcp { dport: port });
+                l4s.push(L4::Udp { dport: port });
+            }
+            for l4 in l4s {
+                let frag = if matches!(l4, L4::Other { .. }) { Fragment::NonFirst } else { Fragment::None };
+                let mut ip = IpPacket::new(src, dst, l4, frag);
+                ip.tcp_flags = 0x02;
+                ip.sport = 40000;
+                let pkt = Packet::Ip(ip);
+                prop_assert_eq!(verdict(&c, &pkt, facts), naive(&p, &pkt, facts), "packet {:?}", pkt);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    /// The early refusal agrees with the full compile's counts (what apply's check_capacity computes):
+    /// refused for a kernel map exactly when the unbounded compile needs more than it holds; never a
+    /// panic in the error path.
+    #[test]
+    fn early_refusal_agrees_with_full_counts(
+        p in prop_oneof![mixed_policy(), policy()],
+        port_entries in 0u32..120,
+        addr_entries in 0u32..12,
+        rules in 0u32..16,
+        reserved_entries in 0u32..3,
+    ) {
+        let full = Compiled::new(&p);
+        let counts = vpcgate::datapath::capacity::entry_counts(&full);
+        let limits = Limits { rules, addr_entries, reserved_entries, port_entries };
+        let fits = counts.rules <= rules
+            && counts.addr_v4.max(counts.addr_v6) <= addr_entries
+            && counts.reserved_v4.max(counts.reserved_v6) <= reserved_entries
+            && counts.ports <= port_entries;
+        match Compiled::with_limits(&p, limits) {
+            Ok(c) => {
+                prop_assert!(fits, "accepted though {:?} exceeds {:?}", counts, limits);
+                prop_assert_eq!(&c.counts, &counts);
+            }
+            Err(e) => {
+                prop_assert!(!fits, "refused though {:?} fits {:?}: {}", counts, limits, e.message);
+                if e.map == vpcgate_common::datapath::names::PORTS {
+                    prop_assert!(counts.ports > port_entries);
+                    prop_assert!(e.needed > u64::from(port_entries));
+                }
+            }
+        }
+    }
 }

@@ -265,6 +265,10 @@ pub struct Compiled {
     pub port_tables: Vec<PortTable>,
     /// Entries per kernel map.
     pub counts: EntryCounts,
+    /// Steps the compile took building port tables: binary searches, intervals painted, copied and
+    /// interned. Bounded by the rules' own port ranges, the prefixes, and the port entries the
+    /// kernel holds (each prefix that builds a table builds a new one); tests check that bound.
+    pub work: u64,
 }
 
 /// The rules of a policy in file order, with ids.
@@ -390,69 +394,94 @@ fn push_merged(out: &mut Intervals, (lo, hi, rule): (u16, u16, RuleId)) {
     }
 }
 
-/// `top` over `bottom`: `top`'s intervals, and `bottom`'s where `top` has none. Linear.
-fn overlay(top: &[(u16, u16, RuleId)], bottom: &[(u16, u16, RuleId)]) -> Intervals {
-    if top.is_empty() {
-        return bottom.to_vec();
-    }
-    // The parts of `bottom` that `top` leaves uncovered.
-    let mut rest: Intervals = vec![];
-    let mut k = 0;
-    for &(blo, bhi, r) in bottom {
-        let (mut lo, hi) = (u32::from(blo), u32::from(bhi));
-        while k < top.len() && u32::from(top[k].1) < lo {
-            k += 1;
-        }
-        let mut m = k;
-        while lo <= hi {
-            match top.get(m) {
-                Some(&(tlo, thi, _)) if u32::from(tlo) <= hi => {
-                    if u32::from(tlo) > lo {
-                        rest.push((lo as u16, tlo - 1, r));
+/// Free port ranges (inclusive, sorted, disjoint) as u32, so that `hi + 1` never overflows.
+type Gaps = Vec<(u32, u32)>;
+
+/// Lays `layer` under what `out` already holds: appends the parts of `layer` inside `gaps` to `out`,
+/// and returns what stays free, with the steps taken. Each gap costs one binary search, each part one
+/// step: the cost is that of the gaps and the output, never of the parts of `layer` that lie under
+/// something already taken.
+fn fill(gaps: &[(u32, u32)], layer: &[(u16, u16, RuleId)], out: &mut Intervals) -> (Gaps, u64) {
+    let mut rest = Gaps::new();
+    let mut steps = 0;
+    for &(glo, ghi) in gaps {
+        let mut i = layer.partition_point(|&(_, hi, _)| u32::from(hi) < glo);
+        let mut lo = glo;
+        steps += 1;
+        while lo <= ghi {
+            match layer.get(i) {
+                Some(&(l, h, rule)) if u32::from(l) <= ghi => {
+                    let (l, h) = (u32::from(l).max(lo), u32::from(h).min(ghi));
+                    if l > lo {
+                        rest.push((lo, l - 1));
                     }
-                    lo = u32::from(thi) + 1;
-                    m += 1;
+                    out.push((l as u16, h as u16, rule));
+                    lo = h + 1;
+                    i += 1;
+                    steps += 1;
                 }
                 _ => {
-                    rest.push((lo as u16, hi as u16, r));
+                    rest.push((lo, ghi));
                     break;
                 }
             }
         }
     }
-    let mut out = Intervals::with_capacity(top.len() + rest.len());
-    let (mut a, mut b) = (top.iter().peekable(), rest.iter().peekable());
-    loop {
-        let next = match (a.peek(), b.peek()) {
-            (Some(x), Some(y)) if x.0 <= y.0 => a.next(),
-            (Some(_), None) => a.next(),
-            (_, Some(_)) => b.next(),
-            (None, None) => break,
-        };
-        push_merged(&mut out, *next.expect("peeked"));
-    }
-    out
+    (rest, steps)
 }
 
-/// What a compile may produce: the kernel maps' capacities, and a bound on the work (port intervals
-/// built, duplicates included) so that no policy can make a compile run long.
+/// Whether `runs` (sorted, disjoint, merged) cover all of `lo..=hi`.
+fn covers(runs: &[(u32, u32)], lo: u16, hi: u16) -> bool {
+    let i = runs.partition_point(|&(_, h)| h < u32::from(lo));
+    runs.get(i)
+        .is_some_and(|&(l, h)| l <= u32::from(lo) && h >= u32::from(hi))
+}
+
+/// A final table split by verdict rule, for building the tables of the prefixes under it.
+#[derive(Default)]
+struct Split {
+    /// Intervals won by authorizations and upstream nodes (verdict rule 5).
+    five: Intervals,
+    /// Intervals won by accessible blocks (verdict rule 6).
+    six: Intervals,
+    /// The ports `five` covers, merged into runs.
+    five_runs: Gaps,
+}
+
+impl Split {
+    fn new(t: &PortTable, rules: &[Rule]) -> Self {
+        let mut s = Split::default();
+        for &iv in &t.intervals {
+            if rules[iv.2 as usize - 1].kind.verdict_rule() == 5 {
+                s.five.push(iv);
+                match s.five_runs.last_mut() {
+                    Some(last) if last.1 + 1 == u32::from(iv.0) => last.1 = u32::from(iv.1),
+                    _ => s.five_runs.push((u32::from(iv.0), u32::from(iv.1))),
+                }
+            } else {
+                s.six.push(iv);
+            }
+        }
+        s
+    }
+}
+
+/// The kernel maps' capacities a compile must respect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     pub rules: u32,
     pub addr_entries: u32,
     pub reserved_entries: u32,
     pub port_entries: u32,
-    pub work: u64,
 }
 
 impl Limits {
-    /// The kernel maps of `vpcgate_common::datapath::limits`, and about a second of work at most.
+    /// The kernel maps of `vpcgate_common::datapath::limits`.
     pub const KERNEL: Limits = Limits {
         rules: limits::RULES,
         addr_entries: limits::ADDR_ENTRIES,
         reserved_entries: limits::RESERVED_ENTRIES,
         port_entries: limits::PORT_ENTRIES,
-        work: 8_000_000,
     };
     /// No limit: for tests and tools that must build an oversized policy on purpose.
     pub const NONE: Limits = Limits {
@@ -460,7 +489,6 @@ impl Limits {
         addr_entries: u32::MAX,
         reserved_entries: u32::MAX,
         port_entries: u32::MAX,
-        work: u64::MAX,
     };
 }
 
@@ -523,8 +551,8 @@ impl EntryCounts {
 /// where in the file, and what to change. Nothing of it is applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CapacityError {
-    /// The kernel map (`names::*`), or None when the work bound stopped the compile.
-    pub map: Option<&'static str>,
+    /// The kernel map (`names::*`).
+    pub map: &'static str,
     pub capacity: u64,
     /// Entries needed; with `at_least`, the compile stopped there.
     pub needed: u64,
@@ -562,10 +590,11 @@ fn prefix_forest(rules: &[Rule]) -> Vec<(IpNet, Option<usize>)> {
 struct Builder<'a> {
     rules: &'a [Rule],
     limits: Limits,
+    /// Steps taken building port tables (see [`Compiled::work`]).
     work: u64,
-    /// Intermediate tables (one verdict rule's share); index 0 is the empty table.
-    partial: Vec<Intervals>,
     port_tables: Vec<PortTable>,
+    /// Each final table split by verdict rule, computed once.
+    splits: Vec<Split>,
     table_ids: HashMap<PortTable, u32>,
     /// Kernel port entries of each final table, computed once.
     blocks: Vec<u32>,
@@ -582,29 +611,16 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn spend(&mut self, intervals: usize) -> Result<(), CapacityError> {
-        self.work += intervals as u64;
-        if self.work > self.limits.work {
-            return Err(self.overflow(None, self.limits.work, self.work));
-        }
-        Ok(())
-    }
-
-    fn store(&mut self, t: Intervals) -> Result<u32, CapacityError> {
-        self.spend(t.len())?;
-        self.partial.push(t);
-        Ok((self.partial.len() - 1) as u32)
-    }
-
     /// The final table `t` for protocol `proto`, deduplicated, counted against the port capacity.
     fn intern(&mut self, t: Intervals, proto: usize) -> Result<u32, CapacityError> {
-        self.spend(t.len())?;
+        self.work += t.len() as u64;
         let table = PortTable { intervals: t };
         let id = match self.table_ids.get(&table) {
             Some(&id) => id,
             None => {
                 let id = self.port_tables.len() as u32;
                 self.blocks.push(table.block_count());
+                self.splits.push(Split::new(&table, self.rules));
                 self.table_ids.insert(table.clone(), id);
                 self.port_tables.push(table);
                 id
@@ -613,20 +629,15 @@ impl Builder<'_> {
         if id != 0 && self.counted.insert((id, proto)) {
             self.port_entries += u64::from(self.blocks[id as usize]);
             if self.port_entries > u64::from(self.limits.port_entries) {
-                return Err(self.overflow(
-                    Some(names::PORTS),
-                    u64::from(self.limits.port_entries),
-                    self.port_entries,
-                ));
+                return Err(self.overflow(u64::from(self.limits.port_entries), self.port_entries));
             }
         }
         Ok(id)
     }
 
-    /// The error for a compile stopped at `needed` (> `capacity`) entries of `map` (or work), naming the
-    /// prefixes whose rules own the most entries, and how many longer prefixes under them repeat their
-    /// ports.
-    fn overflow(&self, map: Option<&'static str>, capacity: u64, needed: u64) -> CapacityError {
+    /// The error for a compile stopped at `needed` (> `capacity`) port entries, naming the prefixes
+    /// whose rules own the most entries, and how many longer prefixes under them repeat their ports.
+    fn overflow(&self, capacity: u64, needed: u64) -> CapacityError {
         // The prefixes compiled so far, by the entries their rules cost: their own, times the longer
         // prefixes under them that repeat them.
         let cost = |i: usize| self.own_entries[i] * (1 + self.under[i] as u64);
@@ -669,21 +680,13 @@ impl Builder<'_> {
                 )
             })
             .collect();
-        let what = match map {
-            Some(m) => format!(
-                "the policy needs more than {capacity} entries in kernel map {m} (port tables): the \
-                 compile stopped at {needed}, {} of {} address prefixes in",
-                self.done,
-                self.forest.len()
-            ),
-            None => format!(
-                "the policy's port tables take more than {capacity} intervals to build (far more than \
-                 the kernel's {} port entries hold): the compile stopped, {} of {} address prefixes in",
-                self.limits.port_entries,
-                self.done,
-                self.forest.len()
-            ),
-        };
+        let what = format!(
+            "the policy needs more than {capacity} entries in kernel map {} (port tables): the \
+             compile stopped at {needed}, {} of {} address prefixes in",
+            names::PORTS,
+            self.done,
+            self.forest.len()
+        );
         let fix = if multiplies {
             "each address prefix carries the ports of every rule covering it, so the port ranges of \
              a wide block are repeated for each longer prefix under it: give the wide rules fewer port \
@@ -695,7 +698,7 @@ impl Builder<'_> {
              addresses into one block"
         };
         CapacityError {
-            map,
+            map: names::PORTS,
             capacity,
             needed,
             at_least: true,
@@ -725,7 +728,7 @@ impl Builder<'_> {
 /// A policy with more `what` than `map` holds; `pos` is where the first one beyond capacity is.
 fn too_many(what: &str, map: &'static str, limit: u32, needed: usize, pos: Pos) -> CapacityError {
     CapacityError {
-        map: Some(map),
+        map,
         capacity: u64::from(limit),
         needed: needed as u64,
         at_least: false,
@@ -746,7 +749,7 @@ impl Compiled {
     }
 
     /// The policy compiled as `run` applies it: refused, early and with the rules to change, when it
-    /// would not fit the kernel maps. Time and memory are bounded by the output (and `limits.work`).
+    /// would not fit the kernel maps. Time and memory are bounded by the input and the output.
     pub fn with_limits(p: &Policy, limits: Limits) -> Result<Self, CapacityError> {
         let rules = rules(p);
         if rules.len() > limits.rules as usize {
@@ -813,8 +816,8 @@ impl Compiled {
             rules: &rules,
             limits,
             work: 0,
-            partial: vec![vec![]],
             port_tables: vec![PortTable::default()],
+            splits: vec![Split::default()],
             table_ids: HashMap::from([(PortTable::default(), 0)]),
             blocks: vec![0],
             counted: Default::default(),
@@ -832,10 +835,9 @@ impl Compiled {
             },
             done: 0,
         };
-        // Per prefix: [verdict rule 5, verdict rule 6][protocol] partial tables, final tables, and the
-        // highest-precedence rule of each verdict rule covering it (for ICMP).
+        // Per prefix: its final table per protocol, and the highest-precedence rule of each verdict
+        // rule covering it (for ICMP).
         struct Node {
-            partial: [[u32; 2]; 2],
             table: [u32; 2],
             best: [RuleId; 2],
         }
@@ -847,7 +849,6 @@ impl Compiled {
             b.done = i;
             let up = parent.map(|j| &nodes[j]);
             let mut node = Node {
-                partial: [[0; 2]; 2],
                 table: [0; 2],
                 best: [0; 2],
             };
@@ -857,27 +858,39 @@ impl Compiled {
             }
             for proto in Proto::ALL {
                 let pi = proto_index(proto);
-                let mut changed = false;
-                for (class, rules) in own[i].iter().enumerate() {
-                    let below = up.map_or(0, |u| u.partial[class][pi]);
-                    let mine = paint(rules, proto);
-                    node.partial[class][pi] = if mine.is_empty() {
-                        below
-                    } else {
-                        changed = true;
-                        let t = overlay(&mine, &b.partial[below as usize]);
-                        b.store(t)?
-                    };
+                let [five, six] = [&own[i][0], &own[i][1]].map(|r| paint(r, proto));
+                b.work += (five.len() + six.len()) as u64;
+                let above = up.map_or(0, |u| u.table[pi]) as usize;
+                let split = &b.splits[above];
+                // This prefix's rules win no port here (none of this protocol, or accessible blocks
+                // entirely under authorizations above): the same table as the prefix above. Otherwise
+                // the table is new (it holds a rule of this prefix), so building it costs what the
+                // kernel will hold. Precedence: this prefix's authorizations, those above, this
+                // prefix's accessible blocks, those above.
+                if five.is_empty()
+                    && six
+                        .iter()
+                        .all(|&(lo, hi, _)| covers(&split.five_runs, lo, hi))
+                {
+                    node.table[pi] = above as u32;
+                    continue;
                 }
-                node.table[pi] = match up {
-                    // Nothing of this protocol at this prefix: the same table as the prefix above.
-                    Some(u) if !changed => u.table[pi],
-                    _ => {
-                        let [five, six] = node.partial.map(|c| c[pi] as usize);
-                        let t = overlay(&b.partial[five], &b.partial[six]);
-                        b.intern(t, pi)?
+                let mut table = Intervals::new();
+                let mut gaps: Gaps = vec![(0, 65535)];
+                for layer in [&five, &split.five, &six, &split.six] {
+                    if gaps.is_empty() {
+                        break;
                     }
-                };
+                    let (rest, steps) = fill(&gaps, layer, &mut table);
+                    b.work += steps;
+                    gaps = rest;
+                }
+                table.sort_unstable();
+                let mut merged = Intervals::with_capacity(table.len());
+                for iv in table {
+                    push_merged(&mut merged, iv);
+                }
+                node.table[pi] = b.intern(merged, pi)?;
             }
             // What this prefix's own rules cost in its tables (for naming them if the policy does not fit).
             let own_entries: u64 = node
@@ -933,7 +946,7 @@ impl Compiled {
             ports: b.port_entries as u32,
             rules: rules.len() as u32,
         };
-        let port_tables = b.port_tables;
+        let (port_tables, work) = (b.port_tables, b.work);
         let mut host_essentials = p.instance.host_essentials.clone();
         host_essentials.sort();
         host_essentials.dedup();
@@ -954,6 +967,7 @@ impl Compiled {
             addr_entries,
             port_tables,
             counts,
+            work,
         })
     }
 
