@@ -277,8 +277,54 @@ fn a_block_overlapping_many_reserved_blocks_names_three_and_counts_the_rest() {
         about[2]
     );
     assert!(
-        about[3].contains("overlaps 497 more reserved blocks (the first: 10.1.0.12/30)"),
+        about[3].contains("overlaps 497 more reserved blocks (the next: 10.1.0.12/30)"),
         "{}",
         about[3]
+    );
+}
+
+#[test]
+fn a_reserved_block_listed_many_times_counts_once() {
+    // 100,000 explicit copies of one block: the kernel holds it once, and each value under it gets one
+    // diagnostic about it, not one per copy.
+    let copies = vec!["\"10.0.0.0/8\""; 100_000].join(",");
+    let mut text = format!(
+        "[instance]\nname = \"gw\"\nkind = \"vpc-integration\"\nvpc_id = \"vpc-gw\"\ninterface = \"eth1\"\n\
+         vswitch_cidr = \"192.168.0.0/24\"\nreserved_cidrs = [{copies}]\n"
+    );
+    for h in 0..50 {
+        text += &format!("\n[[accessible]]\ncidr = \"{}/32\"\n", host(h));
+    }
+    let c = check_text("p.toml", &text);
+    let compiled = c.compiled.expect("valid, with warnings");
+    assert_eq!(compiled.counts.reserved_v4, 1);
+    let overlapping: Vec<_> = c
+        .diagnostics
+        .iter()
+        .filter(|d| d.message.contains("overlaps"))
+        .collect();
+    assert_eq!(
+        overlapping.len(),
+        50,
+        "{:#?}",
+        &overlapping[..3.min(overlapping.len())]
+    );
+}
+
+#[test]
+fn outside_the_accessible_blocks_lists_the_first_five_and_counts_the_rest() {
+    let mut text = "[instance]\nname = \"gw\"\nkind = \"vpc-integration\"\nvpc_id = \"vpc-gw\"\n\
+                    interface = \"eth1\"\nvswitch_cidr = \"192.168.0.0/24\"\n"
+        .to_owned();
+    for h in 0..20 {
+        text += &format!("\n[[accessible]]\ncidr = \"{}/32\"\n", host(h));
+    }
+    text += "\n[[authorization]]\nname = \"far\"\nvpc_id = \"vpc-gw\"\naddress = \"10.9.0.4\"\nports = [\"80\"]\n";
+    let e = errors(&text);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(
+        e[0].message,
+        "instance cannot connect to the backend 10.9.0.4: outside accessible CIDR blocks 192.168.0.0/24, \
+         10.0.0.1/32, 10.0.0.2/32, 10.0.0.3/32, 10.0.0.4/32, and 16 more"
     );
 }

@@ -62,7 +62,17 @@ pub fn check_text(path: &str, text: &str) -> Checked {
     let mut compiled = None;
     if let Some(p) = policy.as_ref().filter(|_| !d.has_errors()) {
         match compile::Compiled::with_limits(p, compile::Limits::KERNEL) {
-            Ok(c) => compiled = Some(c),
+            // Port tables are named in the kernel by a 64-bit hash of their content: two that collide
+            // would be refused by `run`, so `check` refuses them too.
+            Ok(c) => match crate::datapath::plan::check_table_ids(&c, None) {
+                Ok(()) => compiled = Some(c),
+                Err(e) => d.push_at(
+                    Severity::Error,
+                    source::Pos { line: 1, column: 1 },
+                    e.to_string(),
+                    Some("edit a port range of either table, or move one of their rules in the file (tables carry rule numbers): a 64-bit collision should practically never happen".into()),
+                ),
+            },
             Err(e) => d.push_at(Severity::Error, e.pos, e.message, Some(e.fix)),
         }
     }

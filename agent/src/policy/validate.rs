@@ -10,22 +10,42 @@ use super::{
     source::Pos,
 };
 
+/// The union of some blocks as merged address ranges per family: whether a block lies inside the union
+/// is one binary search, however many blocks there are.
+pub struct Union {
+    /// (IPv6, first, last), sorted, disjoint, neighbours merged.
+    runs: Vec<(bool, u128, u128)>,
+}
+
+impl Union {
+    pub fn new(blocks: &[IpNet]) -> Self {
+        let mut spans: Vec<(bool, u128, u128)> = blocks.iter().map(span).collect();
+        spans.sort_unstable();
+        let mut runs: Vec<(bool, u128, u128)> = vec![];
+        for (v6, first, last) in spans {
+            match runs.last_mut() {
+                Some(r) if r.0 == v6 && r.2.checked_add(1).is_none_or(|next| first <= next) => {
+                    r.2 = r.2.max(last)
+                }
+                _ => runs.push((v6, first, last)),
+            }
+        }
+        Self { runs }
+    }
+
+    /// Whether `net` lies entirely inside the union.
+    pub fn covers(&self, net: &IpNet) -> bool {
+        let (v6, first, last) = span(net);
+        let i = self.runs.partition_point(|&(f, _, l)| (f, l) < (v6, first));
+        self.runs
+            .get(i)
+            .is_some_and(|&(f, lo, hi)| f == v6 && lo <= first && last <= hi)
+    }
+}
+
 /// Whether `net` lies entirely inside the union of `blocks`.
 pub fn covered_by(net: &IpNet, blocks: &[IpNet]) -> bool {
-    if blocks.iter().any(|b| b.contains(net)) {
-        return true;
-    }
-    // Split and try the halves, as long as some block is strictly inside `net`.
-    if !blocks
-        .iter()
-        .any(|b| net.contains(b) && b.prefix_len() > net.prefix_len())
-    {
-        return false;
-    }
-    match net.subnets(net.prefix_len() + 1) {
-        Ok(halves) => halves.into_iter().all(|h| covered_by(&h, blocks)),
-        Err(_) => false,
-    }
+    Union::new(blocks).covers(net)
 }
 
 pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
@@ -43,30 +63,39 @@ fn span(net: &IpNet) -> (bool, u128, u128) {
     }
 }
 
-/// Reserved blocks indexed for overlap queries: O(prefix length + log n + hits) per query instead of a
-/// scan, so checking every backend and block against 200,000 reserved blocks stays O(n log n).
+/// Reserved blocks indexed for overlap queries: O(prefix length + log n) per query (plus the blocks it
+/// names) instead of a scan, so checking every backend and block against 200,000 reserved blocks stays
+/// O(n log n). A block listed more than once (by the zone and explicitly) counts once, as in the kernel,
+/// attributed to its first listing.
 pub struct ReservedIndex<'a> {
     reserved: &'a [Reserved],
-    /// (IPv6, first address, index), sorted.
-    starts: Vec<(bool, u128, usize)>,
-    by_block: std::collections::HashMap<IpNet, Vec<usize>>,
+    /// Distinct blocks: (IPv6, first address, prefix length, first listing), sorted.
+    starts: Vec<(bool, u128, u8, usize)>,
+    /// Distinct block -> its first listing.
+    by_block: std::collections::HashMap<IpNet, usize>,
+}
+
+/// The reserved blocks overlapping a value: the first few, and how many in all.
+pub struct Overlaps<'a> {
+    /// Those containing it (widest first), then those inside it (by address), at most the limit asked.
+    pub named: Vec<&'a Reserved>,
+    pub total: usize,
 }
 
 impl<'a> ReservedIndex<'a> {
     pub fn new(reserved: &'a [Reserved]) -> Self {
-        let mut starts: Vec<(bool, u128, usize)> = reserved
+        let mut by_block: std::collections::HashMap<IpNet, usize> = Default::default();
+        for (i, r) in reserved.iter().enumerate() {
+            by_block.entry(r.cidr.trunc()).or_insert(i);
+        }
+        let mut starts: Vec<(bool, u128, u8, usize)> = by_block
             .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let (v6, first, _) = span(&r.cidr);
-                (v6, first, i)
+            .map(|(n, &i)| {
+                let (v6, first, _) = span(n);
+                (v6, first, n.prefix_len(), i)
             })
             .collect();
         starts.sort_unstable();
-        let mut by_block: std::collections::HashMap<IpNet, Vec<usize>> = Default::default();
-        for (i, r) in reserved.iter().enumerate() {
-            by_block.entry(r.cidr.trunc()).or_default().push(i);
-        }
         Self {
             reserved,
             starts,
@@ -74,79 +103,78 @@ impl<'a> ReservedIndex<'a> {
         }
     }
 
-    /// Whether `net` overlaps some reserved block (without listing them).
-    pub fn overlaps_any(&self, net: &IpNet) -> bool {
-        !self.inside(net).is_empty()
-            || (0..net.prefix_len()).any(|len| {
-                IpNet::new(net.addr(), len).is_ok_and(|n| self.by_block.contains_key(&n.trunc()))
-            })
+    /// Distinct blocks strictly containing `net` (found by its shorter prefixes), widest first.
+    fn containing(&self, net: &IpNet) -> Vec<usize> {
+        (0..net.prefix_len())
+            .filter_map(|len| IpNet::new(net.addr(), len).ok())
+            .filter_map(|n| self.by_block.get(&n.trunc()).copied())
+            .collect()
     }
 
-    /// The range of `starts` whose blocks begin inside `net` (so lie inside it, or contain it with the
-    /// same first address).
+    /// The range of `starts` holding the distinct blocks inside `net` (itself included).
     fn inside(&self, net: &IpNet) -> std::ops::Range<usize> {
         let (v6, first, last) = span(net);
+        let len = net.prefix_len();
         let lo = self
             .starts
-            .partition_point(|&(f, a, _)| (f, a) < (v6, first));
+            .partition_point(|&(f, a, l, _)| (f, a, l) < (v6, first, len));
         let hi = self
             .starts
-            .partition_point(|&(f, a, _)| (f, a) <= (v6, last));
-        lo..hi
+            .partition_point(|&(f, a, _, _)| (f, a) <= (v6, last));
+        lo..hi.max(lo)
     }
 
-    /// The reserved blocks overlapping `net`, in listing order: those containing it (found by its
-    /// shorter prefixes) and those inside it (found by their first address).
-    pub fn overlapping(&self, net: &IpNet) -> Vec<&'a Reserved> {
-        let (v6, first, last) = span(net);
-        let lo = self
-            .starts
-            .partition_point(|&(f, a, _)| (f, a) < (v6, first));
-        let hi = self
-            .starts
-            .partition_point(|&(f, a, _)| (f, a) <= (v6, last));
-        let mut hits: Vec<usize> = self.starts[lo..hi].iter().map(|s| s.2).collect();
-        for len in 0..net.prefix_len() {
-            if let Some(is) = IpNet::new(net.addr(), len)
-                .ok()
-                .and_then(|n| self.by_block.get(&n.trunc()))
-            {
-                hits.extend(is);
-            }
-        }
-        hits.sort_unstable();
-        hits.dedup();
-        hits.into_iter().map(|i| &self.reserved[i]).collect()
+    /// Whether `net` overlaps some reserved block.
+    pub fn overlaps_any(&self, net: &IpNet) -> bool {
+        !self.inside(net).is_empty() || !self.containing(net).is_empty()
+    }
+
+    /// The reserved blocks overlapping `net`: at most `limit` named, and the total.
+    pub fn overlapping(&self, net: &IpNet, limit: usize) -> Overlaps<'a> {
+        let containing = self.containing(net);
+        let inside = self.inside(net);
+        let total = containing.len() + inside.len();
+        let named = containing
+            .into_iter()
+            .chain(self.starts[inside].iter().map(|s| s.3))
+            .take(limit)
+            .map(|i| &self.reserved[i])
+            .collect();
+        Overlaps { named, total }
     }
 }
+
+/// At most this many accessible blocks are listed in a message.
+const NAMED_BLOCKS: usize = 5;
 
 /// At most this many overlapping reserved blocks are named one by one for one value; the rest are
 /// counted in one more diagnostic.
 const NAMED_OVERLAPS: usize = 3;
 
-/// Reports `what` (at `pos`) overlapping each of `hits`, via `one`, the first few by name and the rest
-/// counted.
+/// Reports `what` (at `pos`) overlapping the reserved blocks `index` finds for `net`, via `one`: the
+/// first few by name, the rest counted.
 fn report_overlaps(
     d: &mut Diags,
     severity: Severity,
     pos: Pos,
-    what: &str,
-    hits: &[&Reserved],
+    (what, net): (&str, &IpNet),
+    index: &ReservedIndex,
     one: impl Fn(&Reserved) -> (String, String),
 ) {
-    for r in hits.iter().take(NAMED_OVERLAPS) {
+    let hits = index.overlapping(net, NAMED_OVERLAPS + 1);
+    for r in hits.named.iter().take(NAMED_OVERLAPS) {
         let (message, fix) = one(r);
         d.push_at(severity, pos, message, Some(fix));
     }
-    if hits.len() > NAMED_OVERLAPS {
-        let (_, fix) = one(hits[NAMED_OVERLAPS]);
+    if let Some(next) = hits.named.get(NAMED_OVERLAPS) {
+        let (_, fix) = one(next);
         d.push_at(
             severity,
             pos,
             format!(
-                "{what} overlaps {} more reserved blocks (the first: {})",
-                hits.len() - NAMED_OVERLAPS,
-                hits[NAMED_OVERLAPS].cidr
+                "{what} overlaps {} more reserved blocks (the next: {})",
+                hits.total - NAMED_OVERLAPS,
+                next.cidr
             ),
             Some(fix),
         );
@@ -296,13 +324,26 @@ pub fn check_backends(
     accessible_known: bool,
 ) {
     let reserved = ReservedIndex::new(&instance.reserved);
+    let reachable = Union::new(accessible);
+    // The blocks, as the provider's message lists them: the first few and how many more.
+    let listed = {
+        let mut shown: Vec<String> = accessible
+            .iter()
+            .take(NAMED_BLOCKS)
+            .map(ToString::to_string)
+            .collect();
+        if accessible.len() > NAMED_BLOCKS {
+            shown.push(format!("and {} more", accessible.len() - NAMED_BLOCKS));
+        }
+        shown.join(", ")
+    };
     for b in backends(policy) {
         report_overlaps(
             d,
             Severity::Error,
             b.pos,
-            &format!("{}: backend {}", b.what, show(&b.net)),
-            &reserved.overlapping(&b.net),
+            (&format!("{}: backend {}", b.what, show(&b.net)), &b.net),
+            &reserved,
             |r| {
                 (
             format!("{}: backend {} is inside reserved block {} ({})", b.what, show(&b.net), r.cidr, r.source),
@@ -354,12 +395,11 @@ pub fn check_backends(
                     Some(format!("a VPC integration instance reaches only its own VPC: set vpc_id = \"{}\", or use a dedicated instance", instance.vpc_id)),
                 );
             }
-            if accessible_known && !covered_by(&b.net, accessible) {
-                let blocks: Vec<String> = accessible.iter().map(ToString::to_string).collect();
+            if accessible_known && !reachable.covers(&b.net) {
                 d.push_at(
                     Severity::Error,
                     b.pos,
-                    format!("instance cannot connect to the backend {}: outside accessible CIDR blocks {}", show(&b.net), blocks.join(", ")),
+                    format!("instance cannot connect to the backend {}: outside accessible CIDR blocks {}", show(&b.net), listed),
                     Some(outside_fix(&b.net, &reserved)),
                 );
             }
@@ -376,8 +416,8 @@ pub fn validate(d: &mut Diags, p: &Policy, accessible_known: bool) {
             d,
             Severity::Error,
             i.vswitch_pos,
-            &format!("vswitch_cidr {vswitch}"),
-            &reserved.overlapping(vswitch),
+            (&format!("vswitch_cidr {vswitch}"), vswitch),
+            &reserved,
             |r| {
                 (
             format!("vswitch_cidr {vswitch} overlaps reserved block {} ({})", r.cidr, r.source),
@@ -432,8 +472,8 @@ pub fn validate(d: &mut Diags, p: &Policy, accessible_known: bool) {
             d,
             Severity::Warning,
             a.pos,
-            &format!("accessible block {}", a.cidr),
-            &reserved.overlapping(&a.cidr),
+            (&format!("accessible block {}", a.cidr), &a.cidr),
+            &reserved,
             |r| {
                 (
                     format!(
@@ -473,11 +513,13 @@ mod tests {
     }
 
     proptest! {
-        /// The index finds exactly the blocks a scan finds, in listing order.
+        /// The index finds exactly the distinct blocks a scan finds (each at its first listing),
+        /// containing ones widest first then the rest by address, and a limit keeps a prefix of them.
         #[test]
         fn reserved_index_finds_what_a_scan_finds(
             blocks in prop::collection::vec(net(), 0..40),
             queries in prop::collection::vec(net(), 1..20),
+            limit in 0usize..6,
         ) {
             let reserved: Vec<Reserved> = blocks
                 .into_iter()
@@ -485,15 +527,46 @@ mod tests {
                 .collect();
             let index = ReservedIndex::new(&reserved);
             for q in &queries {
-                let scan: Vec<*const Reserved> = reserved
-                    .iter()
-                    .filter(|r| overlaps(q, &r.cidr))
-                    .map(|r| r as *const _)
-                    .collect();
-                let found: Vec<*const Reserved> =
-                    index.overlapping(q).into_iter().map(|r| r as *const _).collect();
-                prop_assert_eq!(index.overlaps_any(q), !scan.is_empty(), "query {}", q);
-                prop_assert_eq!(found, scan, "query {}", q);
+                let mut scan: Vec<(bool, u128, u8, usize)> = vec![];
+                for (i, r) in reserved.iter().enumerate() {
+                    if overlaps(q, &r.cidr) && !scan.iter().any(|s| reserved[s.3].cidr == r.cidr) {
+                        let (_, first, _) = span(&r.cidr);
+                        // Containing ones first (widest first), then the rest by address.
+                        let inside = r.cidr.prefix_len() >= q.prefix_len();
+                        scan.push((inside, if inside { first } else { 0 }, r.cidr.prefix_len(), i));
+                    }
+                }
+                scan.sort_unstable();
+                let want: Vec<*const Reserved> = scan.iter().map(|s| &reserved[s.3] as *const _).collect();
+                let all = index.overlapping(q, usize::MAX);
+                prop_assert_eq!(all.total, want.len(), "query {}", q);
+                let found: Vec<*const Reserved> = all.named.into_iter().map(|r| r as *const _).collect();
+                prop_assert_eq!(&found, &want, "query {}", q);
+                let some = index.overlapping(q, limit);
+                prop_assert_eq!(some.total, want.len());
+                let found: Vec<*const Reserved> = some.named.into_iter().map(|r| r as *const _).collect();
+                prop_assert_eq!(&found[..], &want[..limit.min(want.len())]);
+                prop_assert_eq!(index.overlaps_any(q), !want.is_empty(), "query {}", q);
+            }
+        }
+
+        /// The union of blocks covers exactly what splitting into single addresses would say.
+        #[test]
+        fn union_covers_what_its_blocks_cover(
+            blocks in prop::collection::vec(net(), 0..30),
+            queries in prop::collection::vec(net(), 1..20),
+        ) {
+            let union = Union::new(&blocks);
+            for q in &queries {
+                // A query is covered when each of its addresses is in some block: check every address
+                // of a query of at most 4096 of them.
+                let (_, first, last) = span(q);
+                prop_assume!(last - first < 4096);
+                let every = (first..=last).all(|a| blocks.iter().any(|b| {
+                    let (v6, lo, hi) = span(b);
+                    v6 == q.addr().is_ipv6() && lo <= a && a <= hi
+                }));
+                prop_assert_eq!(union.covers(q), every, "query {}", q);
             }
         }
     }
