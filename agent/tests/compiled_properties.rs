@@ -313,26 +313,80 @@ prop_compose! {
         reserved in prop::collection::vec(net().prop_filter("narrow", |n| n.prefix_len() + 6 >= n.max_prefix_len()), 0..3),
         audit in any::<bool>(),
     ) -> Policy {
-        let pos = Pos::default();
-        Policy {
-            instance: Instance {
-                name: "gw".into(), kind: Kind::VpcIntegration, vpc_id: "vpc-1".into(), interface: "eth1".into(),
-                egress_ip: None, vswitch_cidr: vswitch, vswitch_pos: pos, egress_pos: pos, zone: None,
-                reserved: reserved.into_iter().map(|cidr| Reserved { cidr, source: ReservedSource::Explicit, pos }).collect(),
-                mode: if audit { Mode::Audit } else { Mode::Enforce }, forward_interfaces: vec![], host_essentials: HostEssential::ALL.to_vec(), flow_timeouts: FlowTimeouts::default(),
-            },
-            accessible: accessible.into_iter().map(|(cidr, ports, protocols)| Accessible { cidr, ports, protocols, pos }).collect(),
-            authorizations: auths.into_iter().enumerate().map(|(i, (address, ports, protocol))| Authorization {
-                name: format!("a{i}"), vpc_id: "vpc-1".into(), instance_id: None, instance_type: InstanceType::Ip,
-                address, ports, protocol, pos,
-            }).collect(),
-            upstreams: vec![Upstream {
-                name: "u".into(), description: None, vpc_id: "vpc-1".into(), protocol: UpstreamProtocol::Http,
-                host_header: None, retries: 5,
-                nodes: nodes.into_iter().map(|(n, port)| Node { address: n.addr(), port, weight: 1, pos }).collect(),
+        let reserved = reserved.into_iter().map(|cidr| Reserved { cidr, source: ReservedSource::Explicit, pos: Pos::default() }).collect();
+        let mode = if audit { Mode::Audit } else { Mode::Enforce };
+        build(auths, nodes, vswitch, accessible, (reserved, mode, HostEssential::ALL.to_vec()))
+    }
+}
+
+/// A vpc-integration policy of these rules (every position the default), with (reserved blocks, mode,
+/// host essentials).
+fn build(
+    auths: Vec<(IpNet, PortSet, Proto)>,
+    nodes: Vec<(IpNet, u16)>,
+    vswitch: Option<IpNet>,
+    accessible: Vec<(IpNet, PortSet, Vec<Proto>)>,
+    (reserved, mode, host_essentials): (Vec<Reserved>, Mode, Vec<HostEssential>),
+) -> Policy {
+    let pos = Pos::default();
+    Policy {
+        instance: Instance {
+            name: "gw".into(),
+            kind: Kind::VpcIntegration,
+            vpc_id: "vpc-1".into(),
+            interface: "eth1".into(),
+            egress_ip: None,
+            vswitch_cidr: vswitch,
+            vswitch_pos: pos,
+            egress_pos: pos,
+            zone: None,
+            reserved,
+            mode,
+            forward_interfaces: vec![],
+            host_essentials,
+            flow_timeouts: FlowTimeouts::default(),
+        },
+        accessible: accessible
+            .into_iter()
+            .map(|(cidr, ports, protocols)| Accessible {
+                cidr,
+                ports,
+                protocols,
                 pos,
-            }],
-        }
+            })
+            .collect(),
+        authorizations: auths
+            .into_iter()
+            .enumerate()
+            .map(|(i, (address, ports, protocol))| Authorization {
+                name: format!("a{i}"),
+                vpc_id: "vpc-1".into(),
+                instance_id: None,
+                instance_type: InstanceType::Ip,
+                address,
+                ports,
+                protocol,
+                pos,
+            })
+            .collect(),
+        upstreams: vec![Upstream {
+            name: "u".into(),
+            description: None,
+            vpc_id: "vpc-1".into(),
+            protocol: UpstreamProtocol::Http,
+            host_header: None,
+            retries: 5,
+            nodes: nodes
+                .into_iter()
+                .map(|(n, port)| Node {
+                    address: n.addr(),
+                    port,
+                    weight: 1,
+                    pos,
+                })
+                .collect(),
+            pos,
+        }],
     }
 }
 
@@ -642,26 +696,7 @@ prop_compose! {
         vswitch in prop::option::of(mixed_net()),
         accessible in prop::collection::vec((mixed_net(), edge_ports(), protocols()), 0..6),
     ) -> Policy {
-        let pos = Pos::default();
-        Policy {
-            instance: Instance {
-                name: "gw".into(), kind: Kind::VpcIntegration, vpc_id: "vpc-1".into(), interface: "eth1".into(),
-                egress_ip: None, vswitch_cidr: vswitch, vswitch_pos: pos, egress_pos: pos, zone: None,
-                reserved: vec![],
-                mode: Mode::Enforce, forward_interfaces: vec![], host_essentials: vec![], flow_timeouts: FlowTimeouts::default(),
-            },
-            accessible: accessible.into_iter().map(|(cidr, ports, protocols)| Accessible { cidr, ports, protocols, pos }).collect(),
-            authorizations: auths.into_iter().enumerate().map(|(i, (address, ports, protocol))| Authorization {
-                name: format!("a{i}"), vpc_id: "vpc-1".into(), instance_id: None, instance_type: InstanceType::Ip,
-                address, ports, protocol, pos,
-            }).collect(),
-            upstreams: vec![Upstream {
-                name: "u".into(), description: None, vpc_id: "vpc-1".into(), protocol: UpstreamProtocol::Http,
-                host_header: None, retries: 5,
-                nodes: nodes.into_iter().map(|(n, port)| Node { address: n.addr(), port, weight: 1, pos }).collect(),
-                pos,
-            }],
-        }
+        build(auths, nodes, vswitch, accessible, (vec![], Mode::Enforce, vec![]))
     }
 }
 

@@ -22,7 +22,7 @@ use proptest::{
 use vpcgate::policy::{
     self,
     compile::{Compiled, RuleKind},
-    explain::{Edit, PORT_PLACEHOLDER, SuggestionKind, suggestion},
+    explain::{Edit, EditTarget, PORT_PLACEHOLDER, SuggestionKind, suggestion},
     model::ReservedSource,
     reserved::zone_blocks,
     validate::{covered_by, overlaps, special_purpose},
@@ -227,6 +227,16 @@ impl Spec {
             _ => value,
         };
         let mut out = self.clone();
+        // The accessible block an edit names, checked to be the one at that line.
+        let accessible_at = |rule: &EditTarget| {
+            let i = r
+                .accessible_lines
+                .iter()
+                .position(|&l| l == rule.line)
+                .unwrap();
+            assert_eq!(self.accessible[i].cidr, rule.name);
+            i
+        };
         let mut removed = vec![];
         for e in edits {
             match e {
@@ -270,12 +280,7 @@ impl Spec {
                         out.auths[i].ports.push(port.clone());
                     }
                     RuleKind::Accessible => {
-                        let i = r
-                            .accessible_lines
-                            .iter()
-                            .position(|&l| l == rule.line)
-                            .unwrap();
-                        assert_eq!(out.accessible[i].cidr, rule.name);
+                        let i = accessible_at(rule);
                         out.accessible[i]
                             .ports
                             .as_mut()
@@ -286,12 +291,7 @@ impl Spec {
                 },
                 Edit::AddProtocol { rule, protocol } => {
                     assert_eq!(rule.kind, RuleKind::Accessible);
-                    let i = r
-                        .accessible_lines
-                        .iter()
-                        .position(|&l| l == rule.line)
-                        .unwrap();
-                    assert_eq!(out.accessible[i].cidr, rule.name);
+                    let i = accessible_at(rule);
                     out.accessible[i]
                         .protocols
                         .as_mut()
