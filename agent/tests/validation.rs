@@ -1091,3 +1091,91 @@ fn unknown_zones_name_the_closest_and_where_the_list_is() {
         ]
     );
 }
+
+#[test]
+fn a_long_invalid_value_is_not_repeated_into_megabytes_of_diagnostics() {
+    // An upstream name of 100,000 characters (invalid), in another VPC, with 200 public nodes: every node's
+    // messages quote the upstream's name and VPC id.
+    let name = "x".repeat(100_000);
+    let vpc = format!("vpc-{}", "y".repeat(100_000));
+    let nodes: Vec<String> = (0..200)
+        .map(|i| {
+            format!(
+                "{{ address = \"8.8.{}.{}\", port = 80 }}",
+                i / 250,
+                1 + i % 250
+            )
+        })
+        .collect();
+    let text = format!(
+        "[instance]\nname = \"{}\"\nkind = \"dedicated\"\nvpc_id = \"vpc-a\"\ninterface = \"eth1\"\n\n\
+         [[upstream]]\nname = \"{name}\"\nvpc_id = \"{vpc}\"\nprotocol = \"http\"\nnodes = [{}]\n",
+        "z".repeat(100_000),
+        nodes.join(", ")
+    );
+    let c = check_text("p.toml", &text);
+    assert!(c.policy.is_none());
+    let bytes: usize = c
+        .diagnostics
+        .iter()
+        .map(|d| d.message.len() + d.fix.as_ref().map_or(0, String::len))
+        .sum();
+    // Each invalid value is reported once in full (bounded to 2,048 characters); elsewhere it is quoted
+    // shortened. Well under the file's own size, not 200 times it.
+    assert!(
+        bytes < text.len(),
+        "{bytes} bytes of diagnostics for a {} byte file",
+        text.len()
+    );
+    let name_errors = c
+        .diagnostics
+        .iter()
+        .filter(|d| d.message.starts_with("upstream name `xxx"))
+        .count();
+    assert_eq!(name_errors, 1);
+    assert!(
+        c.diagnostics
+            .iter()
+            .all(|d| d.message.chars().count() <= 2048 + 40),
+        "a message was not bounded"
+    );
+}
+
+#[test]
+fn an_unknown_long_zone_or_field_gets_no_near_match_and_no_quadratic_search() {
+    // The distance to a known name is at least the difference in length: nothing is scored.
+    let text = format!(
+        "[instance]\nname = \"gw\"\nkind = \"dedicated\"\nvpc_id = \"vpc-a\"\ninterface = \"eth1\"\nzone = \"{}\"\n{} = 1\n",
+        "a".repeat(1_000_000),
+        "b".repeat(200_000)
+    );
+    let c = check_text("p.toml", &text);
+    let zone = c
+        .diagnostics
+        .iter()
+        .find(|d| d.message.starts_with("unknown zone"))
+        .expect("zone error");
+    assert!(
+        !zone
+            .fix
+            .as_deref()
+            .unwrap_or_default()
+            .contains("did you mean"),
+        "{:?}",
+        zone.fix
+    );
+    let field = c
+        .diagnostics
+        .iter()
+        .find(|d| d.message.starts_with("unknown field"))
+        .expect("field error");
+    assert!(
+        !field
+            .fix
+            .as_deref()
+            .unwrap_or_default()
+            .contains("did you mean"),
+        "{:?}",
+        field.fix
+    );
+}

@@ -66,6 +66,20 @@ impl fmt::Display for Diagnostic {
     }
 }
 
+/// At most this many characters of a message or fix: one echoing a value of a megabyte would otherwise
+/// be a megabyte (and values are echoed in several messages).
+pub const MAX_MESSAGE: usize = 2048;
+
+fn bounded(s: String) -> String {
+    match s.char_indices().nth(MAX_MESSAGE) {
+        None => s,
+        Some((cut, _)) => {
+            let rest = s[cut..].chars().count();
+            format!("{}… ({rest} more characters)", &s[..cut])
+        }
+    }
+}
+
 /// Collects diagnostics against one source.
 pub struct Diags<'s> {
     pub source: &'s Source,
@@ -97,8 +111,8 @@ impl<'s> Diags<'s> {
             file: self.source.path.clone(),
             line: pos.line,
             column: pos.column,
-            message,
-            fix,
+            message: bounded(message),
+            fix: fix.map(bounded),
         });
     }
 

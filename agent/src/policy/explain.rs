@@ -515,9 +515,13 @@ fn unique_name(p: &Policy, dst: IpAddr, port: &str, proto: Proto) -> String {
         port
     };
     let base = format!("allow-{}-{port}", dst.to_string().replace([':', '.'], "-"));
-    let taken = |n: &str| {
-        p.authorizations.iter().any(|a| a.name == n) || p.upstreams.iter().any(|u| u.name == n)
-    };
+    let names: std::collections::HashSet<&str> = p
+        .authorizations
+        .iter()
+        .map(|a| a.name.as_str())
+        .chain(p.upstreams.iter().map(|u| u.name.as_str()))
+        .collect();
+    let taken = |n: &str| names.contains(n);
     std::iter::once(base.clone())
         .chain(std::iter::once(format!("{base}-{proto}")))
         .chain((2..).map(|i| format!("{base}-{i}")))

@@ -344,9 +344,9 @@ pub struct Read {
 /// by its value as written or its default, so those checks still run (the errors keep the policy from
 /// being applied). Without a usable `name`, `kind` or `vpc_id` there is no instance to check against.
 fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<(Instance, bool)> {
-    let name = f.required_string(d, "name", "\"gw-1\"");
+    let mut name = f.required_string(d, "name", "\"gw-1\"");
     let kind = f.required_string(d, "kind", "\"vpc-integration\"");
-    let vpc_id = f.required_string(d, "vpc_id", "\"vpc-...\"");
+    let mut vpc_id = f.required_string(d, "vpc_id", "\"vpc-...\"");
     let interface = f.required_string(d, "interface", "\"eth1\"");
     let egress_ip = f.string(d, "egress_ip");
     let vswitch = f.string(d, "vswitch_cidr");
@@ -359,8 +359,8 @@ fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<(Instance, bool)> {
     let span = f.span.clone();
     f.finish(d);
 
-    if let Some(n) = &name {
-        check_name(
+    if let Some(n) = &mut name {
+        let ok = check_name(
             d,
             n,
             "instance name",
@@ -368,6 +368,7 @@ fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<(Instance, bool)> {
             |c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-',
             "a-z, 0-9 and -",
         );
+        shorten_unless(ok, n);
     }
     let kind_v = kind.as_ref().and_then(|k| {
         one_of(
@@ -380,8 +381,9 @@ fn parse_instance(d: &mut Diags, mut f: Fields) -> Option<(Instance, bool)> {
             ],
         )
     });
-    if let Some(v) = &vpc_id {
-        vpc_id_ok(d, v);
+    if let Some(v) = &mut vpc_id {
+        let ok = vpc_id_ok(d, v);
+        shorten_unless(ok, v);
     }
     if let Some(i) = &interface {
         interface_name(d, i, "interface");
@@ -666,6 +668,17 @@ pub fn is_vpc_id(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// An invalid name or id, already reported in full, stays in the model so that other checks still run;
+/// but other messages quote it (for every node of an upstream, every backend of an instance), so it is
+/// kept short there: a long invalid value must not multiply into megabytes of diagnostics.
+fn shorten_unless(ok: bool, v: &mut At<String>) {
+    const KEEP: usize = 64;
+    if !ok && v.value.chars().count() > KEEP {
+        let head: String = v.value.chars().take(KEEP).collect();
+        v.value = format!("{head}…");
+    }
+}
+
 fn vpc_id_ok(d: &mut Diags, v: &At<String>) -> bool {
     let ok = is_vpc_id(&v.value);
     if !ok {
@@ -744,8 +757,8 @@ fn parse_authorization(
     d: &mut Diags,
     mut f: Fields,
 ) -> (Option<Authorization>, Option<At<String>>) {
-    let name = f.required_string(d, "name", "\"orders-slb\"");
-    let vpc_id = f.required_string(d, "vpc_id", "\"vpc-...\"");
+    let mut name = f.required_string(d, "name", "\"orders-slb\"");
+    let mut vpc_id = f.required_string(d, "vpc_id", "\"vpc-...\"");
     let instance_id = f.string(d, "instance_id");
     let instance_type = f.string(d, "instance_type");
     let addr = f.required_string(d, "address", "\"10.0.3.7\"");
@@ -755,11 +768,13 @@ fn parse_authorization(
     let span = f.span.clone();
     let what = f.what.clone();
     f.finish(d);
-    if let Some(n) = &name {
-        rule_name_ok(d, n);
+    if let Some(n) = &mut name {
+        let ok = rule_name_ok(d, n);
+        shorten_unless(ok, n);
     }
-    if let Some(v) = &vpc_id {
-        vpc_id_ok(d, v);
+    if let Some(v) = &mut vpc_id {
+        let ok = vpc_id_ok(d, v);
+        shorten_unless(ok, v);
     }
     let itype = instance_type.as_ref().and_then(|t| {
         one_of(
@@ -808,9 +823,9 @@ fn parse_authorization(
 /// An `[[upstream]]` entry, and its name for the uniqueness check. None without a name or VPC; the
 /// nodes that could be read are kept (and checked), other mistakes stood in for by the default.
 fn parse_upstream(d: &mut Diags, mut f: Fields) -> (Option<Upstream>, Option<At<String>>) {
-    let name = f.required_string(d, "name", "\"orders_pool\"");
+    let mut name = f.required_string(d, "name", "\"orders_pool\"");
     let description = f.string(d, "description");
-    let vpc_id = f.required_string(d, "vpc_id", "\"vpc-...\"");
+    let mut vpc_id = f.required_string(d, "vpc_id", "\"vpc-...\"");
     let protocol = f.string(d, "protocol");
     let host_header = f.string(d, "host_header");
     let retries = f.integer(d, "retries");
@@ -818,8 +833,8 @@ fn parse_upstream(d: &mut Diags, mut f: Fields) -> (Option<Upstream>, Option<At<
     let span = f.span.clone();
     let what = f.what.clone();
     f.finish(d);
-    if let Some(n) = &name {
-        check_name(
+    if let Some(n) = &mut name {
+        let ok = check_name(
             d,
             n,
             "upstream name",
@@ -827,9 +842,11 @@ fn parse_upstream(d: &mut Diags, mut f: Fields) -> (Option<Upstream>, Option<At<
             |c| c.is_ascii_alphanumeric() || c == '_',
             "A-Z, a-z, 0-9 and _",
         );
+        shorten_unless(ok, n);
     }
-    if let Some(v) = &vpc_id {
-        vpc_id_ok(d, v);
+    if let Some(v) = &mut vpc_id {
+        let ok = vpc_id_ok(d, v);
+        shorten_unless(ok, v);
     }
     let proto = protocol.as_ref().and_then(|p| {
         one_of(

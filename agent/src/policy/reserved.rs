@@ -46,13 +46,18 @@ pub fn zones() -> impl Iterator<Item = &'static str> {
 /// The known zones closest to `zone` (fewest edits, ties all listed), for "did you mean"; none when
 /// even the closest is far off.
 pub fn closest_zones(zone: &str) -> Vec<&'static str> {
+    let len = zone.chars().count();
+    let within = 3.max(len / 3);
+    // The distance is at least the difference in length: a zone that cannot be within reach is not
+    // scored (a 1 MB value would otherwise cost 86 full distance computations).
     let scored: Vec<(usize, &str)> = zones()
+        .filter(|z| z.chars().count().abs_diff(len) <= within)
         .map(|z| (super::walk::edit_distance(zone, z), z))
         .collect();
     let Some(best) = scored.iter().map(|s| s.0).min() else {
         return vec![];
     };
-    if best > 3.max(zone.chars().count() / 3) {
+    if best > within {
         return vec![];
     }
     scored

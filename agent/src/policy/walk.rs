@@ -225,24 +225,29 @@ pub fn integer_value(
 
 /// The known name closest to `key` (edit distance <= 3), for "did you mean".
 fn closest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
+    let len = key.chars().count();
     known
         .iter()
+        // The distance is at least the difference in length: skip what cannot be within 3.
+        .filter(|k| k.chars().count().abs_diff(len) <= 3)
         .map(|k| (edit_distance(key, k), *k))
         .filter(|(dist, _)| *dist <= 3)
         .min()
         .map(|(_, k)| k)
 }
 
+/// Levenshtein distance; O(|a| x |b|) time, two rows of memory.
 pub fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur: Vec<usize> = vec![0; b.len() + 1];
     for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
+        cur[0] = i + 1;
         for (j, cb) in b.iter().enumerate() {
             let cost = usize::from(ca != *cb);
-            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
         }
-        prev = cur;
+        std::mem::swap(&mut prev, &mut cur);
     }
     prev[b.len()]
 }
