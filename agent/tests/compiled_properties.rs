@@ -774,3 +774,66 @@ proptest! {
         }
     }
 }
+
+/// One chain of nested prefixes per family (with sibling /25s and /0s), many rules on each.
+fn chain_net() -> impl Strategy<Value = IpNet> {
+    prop::sample::select(vec![
+        "0.0.0.0/0",
+        "10.0.0.0/8",
+        "10.0.0.0/16",
+        "10.0.0.0/24",
+        "10.0.0.0/25",
+        "10.0.0.128/25",
+        "10.0.0.1/32",
+        "10.0.0.129/32",
+        "::/0",
+        "::/96",
+        "::a00:0/120",
+        "::a00:1/128",
+    ])
+    .prop_map(|n| n.parse().unwrap())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    /// Every port boundary at addresses in and between the chain's prefixes, both protocols, and the
+    /// rule an echo request is attributed to: the winner is the first covering rule in precedence order.
+    #[test]
+    fn nested_chains_resolve_every_port_to_the_first_covering_rule(
+        auths in prop::collection::vec((chain_net(), edge_ports(), proto()), 0..10),
+        accessible in prop::collection::vec((chain_net(), edge_ports(), protocols()), 0..10),
+    ) {
+        let p = build(auths, vec![], None, accessible, (vec![], Mode::Enforce, vec![]));
+        let c = Compiled::new(&p);
+        let mut ports: Vec<u16> = vec![1, 2, 65534, 65535];
+        for r in &c.rules {
+            for &(lo, hi) in r.ports.ranges() {
+                ports.extend([lo, hi, lo.saturating_sub(1).max(1), hi.saturating_add(1)]);
+            }
+        }
+        let addrs: Vec<IpAddr> = [
+            "10.0.0.1", "10.0.0.0", "10.0.0.129", "10.0.0.200", "10.0.1.0", "10.1.0.0", "11.0.0.0", "::a00:1",
+            "::a00:0", "::a00:2", "::1:0", "::1:0:0", "::", "0.0.0.0",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        for &dst in &addrs {
+            let mut covering: Vec<_> = c.rules.iter().filter(|r| r.prefix.contains(&dst)).collect();
+            covering.sort_by_key(|r| (r.kind.verdict_rule(), Reverse(r.prefix.prefix_len()), r.id));
+            let entry = c.addr_entry(dst);
+            prop_assert_eq!(entry.map_or(0, |e| e.icmp_rule), covering.first().map_or(0, |r| r.id));
+            for proto in Proto::ALL {
+                for &port in &ports {
+                    let want = covering
+                        .iter()
+                        .find(|r| r.protocols.contains(&proto) && r.ports.contains(port))
+                        .map(|r| r.id);
+                    let got = entry.and_then(|e| c.port_rule(e, proto, port));
+                    prop_assert_eq!(got, want, "dst {} {:?} port {}", dst, proto, port);
+                }
+            }
+        }
+    }
+}
