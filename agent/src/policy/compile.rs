@@ -547,8 +547,8 @@ impl EntryCounts {
     }
 }
 
-/// A policy that the kernel maps cannot hold (or that would take too long to find out): which map,
-/// where in the file, and what to change. Nothing of it is applied.
+/// A policy that the kernel maps cannot hold: which map, where in the file, and what to change.
+/// Nothing of it is applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CapacityError {
     /// The kernel map (`names::*`).
