@@ -155,9 +155,9 @@ impl Cursor {
     /// The one bounds check: a `T` at `offset` lies entirely inside the packet.
     #[inline(always)]
     pub fn ptr_at<T>(&self, offset: usize) -> Result<&T, Malformed> {
-        // Opaque to the compiler, so this check stays in the program even where it can prove it: older
-        // verifiers (Debian's 6.1) lose an offset's bounds on paths they cannot tell are impossible and then
-        // refuse the pointer arithmetic below unless the check is there to bound it again.
+        // Opaque to the compiler, so this check stays in the program even where it can prove it:
+        // older verifiers (Debian's 6.1) lose an offset's bounds on paths they cannot tell are
+        // impossible, and refuse the pointer arithmetic below unless this check bounds it again.
         // SAFETY: reads a local.
         let offset = unsafe { core::ptr::read_volatile(&offset) };
         if offset > MAX_PARSE_OFFSET {
