@@ -139,10 +139,10 @@ fn main() {
     .arg("--target-dir")
     .arg(&target_dir)
     // BTF gives the verifier log source lines and lets the loader describe maps.
+    // -disable-block-placement: LLVM otherwise lays a loop's latch out just before its header and
+    // enters the loop by a jump to the header, so the back-edge is a plain fall-through, which
+    // older kernels refuse ("back-edge from insn N to N+1" on Debian's 6.1; 6.18 accepts it).
     .env(
-        // -disable-block-placement: LLVM otherwise lays a loop's latch out just before its header and
-        // enters the loop by a jump to the header, so the back-edge is a plain fall-through, which
-        // older kernels refuse ("back-edge from insn N to N+1" on Debian's 6.1; 6.18 accepts it).
         "CARGO_ENCODED_RUSTFLAGS",
         "-Cdebuginfo=2\x1f-Clink-arg=--btf\x1f-Clink-arg=--llvm-args=-disable-block-placement",
     );
