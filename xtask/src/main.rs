@@ -64,7 +64,8 @@ enum Task {
         release: bool,
     },
     /// Formatting, clippy (userspace and kernel crates), unit tests, BPF_PROG_TEST_RUN tests and the
-    /// privileged network-namespace tests. Needs root; never skips the privileged tier.
+    /// privileged network-namespace tests, then the same privileged tests on each kernel of the VM matrix
+    /// (unless --no-vm). Needs root; never skips the privileged tier.
     Test {
         /// Do not run `setup` first.
         #[arg(long)]

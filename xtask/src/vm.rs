@@ -546,9 +546,10 @@ fn init_script(
          # tests exec programs directly, so they get /bin/ip (iproute2) and /bin/ping (iputils).\n\
          export PATH=/bin\n\
          setup_failed=''\n\
-         m() { mount -t \"$1\" \"$1\" \"$2\" || setup_failed=\"$setup_failed mount-$1\"; }\n\
+         m() { mount -t \"$1\" \"$1\" \"$2\" || { echo \"@BOOT@ mount $1 on $2 failed\"; setup_failed=\"$setup_failed mount-$1\"; }; }\n\
          m proc /proc\nm sysfs /sys\nm devtmpfs /dev\nm bpf /sys/fs/bpf\nm tracefs /sys/kernel/tracing\nm tmpfs /run\n",
-    );
+    )
+    .replace("@BOOT@", BOOT);
     s += &format!("echo \"{BOOT} $(uname -r)\"\n");
     for m in modules {
         let path = format!("/lib/modules/{}/{}", kernel.release, strip_compression(m));
@@ -597,7 +598,7 @@ fn strip_compression(module: &str) -> &str {
         .unwrap_or(module)
 }
 
-/// Writes the kernel's initramfs; returns its size.
+/// Writes the kernel's initramfs; returns its size and the modules it loads.
 fn write_initramfs(
     path: &Path,
     kernel: &Kernel,
@@ -617,7 +618,6 @@ fn write_initramfs(
     for d in ["dev", "proc", "sys", "run", "tmp", "root", "tests"] {
         a.dir(d)?;
     }
-    a.dir("sys/fs/bpf")?; // mount points are made by sysfs itself; harmless as initramfs dirs
     a.char_dev("dev/console", 5, 1)?;
     a.char_dev("dev/null", 1, 3)?;
 
@@ -1038,13 +1038,21 @@ pub fn run(opts: &Options) -> Result<()> {
             k.image.display(),
             k.modules.display()
         );
-        runs.push(run_kernel(
-            k,
-            &tests,
-            &bins,
-            opts,
-            &vm_dir.join(&k.release),
-        )?);
+        // One kernel that cannot be prepared (a module missing, say) does not hide the others' results.
+        let run =
+            run_kernel(k, &tests, &bins, opts, &vm_dir.join(&k.release)).unwrap_or_else(|e| {
+                eprintln!("[{}] error: {e:#}", k.release);
+                KernelRun {
+                    release: k.release.clone(),
+                    boot_secs: None,
+                    total_secs: 0.0,
+                    tests: vec![],
+                    passed: None,
+                    problems: vec![format!("not run: {e:#}")],
+                    not_applicable: vec![],
+                }
+            });
+        runs.push(run);
     }
     if !report(&runs, &tests) {
         bail!("the VM matrix failed (per kernel and test above)");
@@ -1094,6 +1102,10 @@ mod tests {
         );
         assert!(old.find("insmod").unwrap() < old.find("t preflight").unwrap());
         assert!(old.contains("VPCGATE_DIFF_PACKETS=7"));
+        assert!(
+            old.contains("echo \"VPCGATE-VM-BOOT mount $1 on $2 failed\""),
+            "{old}"
+        );
         let new = init_script(&kernel("6.6.0"), &tests, &[], 7);
         assert!(!new.contains("--skip"), "{new}");
     }
@@ -1123,6 +1135,21 @@ mod tests {
             c.verifier().as_deref(),
             Some("the verifier rejected vpcgate_tc_egress: back-edge from insn 1014 to 1015")
         );
+    }
+
+    #[test]
+    fn setup_installs_the_default_matrix() {
+        for k in DEFAULT_KERNELS.iter().chain(&[
+            "qemu-system-x86",
+            "busybox-static",
+            "iproute2",
+            "iputils-ping",
+        ]) {
+            assert!(
+                crate::setup::PACKAGES.iter().any(|(p, _)| p == k),
+                "setup does not install {k}"
+            );
+        }
     }
 
     #[test]
