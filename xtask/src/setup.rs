@@ -12,7 +12,7 @@ use anyhow::{Result, bail};
 use crate::run::{cmd, output, step};
 
 /// Debian packages, and why each is needed.
-const PACKAGES: &[(&str, &str)] = &[
+pub const PACKAGES: &[(&str, &str)] = &[
     (
         "rustc-web",
         "Debian's rustc, whose sysroot has a core for bpfel-unknown-none",
@@ -27,6 +27,22 @@ const PACKAGES: &[(&str, &str)] = &[
     ("zlib1g-dev", "bpf-linker's build"),
     ("iproute2", "network namespaces and veth pairs for the lab"),
     ("iputils-ping", "ICMP traffic in the lab"),
+    (
+        "qemu-system-x86",
+        "the VM matrix: other kernels booted under QEMU (TCG)",
+    ),
+    (
+        "busybox-static",
+        "the VM matrix: the initramfs's shell and tools",
+    ),
+    (
+        "linux-image-cloud-amd64",
+        "the VM matrix: Debian's 6.1 LTS cloud kernel (clsact instead of tcx, modules for veth/tc)",
+    ),
+    (
+        "linux-image-rt-amd64",
+        "the VM matrix: Debian's 6.1 LTS PREEMPT_RT kernel (BPF programs can be preempted)",
+    ),
 ];
 
 /// The toolchain name rustup gets for Debian's rustc.

@@ -77,37 +77,46 @@ fn fuzz(seconds: u32) -> Result<()> {
 }
 
 /// The privileged tier needs root (BPF, network namespaces). It never skips: without root it fails.
-fn privileged(diff_packets: u64) -> Result<()> {
+/// `only` names tests of the VM list (`preflight` and the lab's test targets); empty: all of the lab's.
+pub fn privileged(diff_packets: u64, only: &[String]) -> Result<()> {
     if !is_root() {
         bail!(
             "the privileged tests (BPF_PROG_TEST_RUN, network namespaces) need root and were NOT run; \
              rerun as root: `sudo -E cargo xtask test`"
         );
     }
-    step(
-        "build vpcgate (release) for the lab",
-        cargo().args(["build", "--release", "--package", "vpcgate"]),
-    )?;
-    let bin = crate::run::root().join("target/release/vpcgate");
+    let selected = crate::vm::select(only)?;
+    let bin = crate::vm::build_vpcgate("build vpcgate (release) for the lab")?;
+    if selected.iter().any(|t| t.name == "preflight") && !only.is_empty() {
+        step("vpcgate preflight", cmd(&bin).arg("preflight"))?;
+    }
+    let mut c = cargo();
+    // Release: the differential test runs hundreds of thousands of packets through both sides.
+    c.args(["test", "--release", "--package", "vpcgate-lab"]);
+    if !only.is_empty() {
+        let lab: Vec<_> = selected.iter().filter(|t| t.name != "preflight").collect();
+        if lab.is_empty() {
+            return Ok(());
+        }
+        for t in lab {
+            c.args(["--test", t.name]);
+        }
+    }
     step(
         "privileged tests: parser and differential tests (BPF_PROG_TEST_RUN), network-namespace lab",
-        // Release: the differential test runs hundreds of thousands of packets through both sides.
-        cargo()
-            .args([
-                "test",
-                "--release",
-                "--package",
-                "vpcgate-lab",
-                "--",
-                "--test-threads=1",
-                "--nocapture",
-            ])
+        c.args(["--", "--test-threads=1", "--nocapture"])
             .env("VPCGATE_DIFF_PACKETS", diff_packets.to_string())
             .env("VPCGATE_BIN", bin),
     )
 }
 
-pub fn run(with_setup: bool, fuzz_seconds: u32, diff_packets: u64) -> Result<()> {
+/// `vm`: the VM matrix's options when it runs after the host's tests (CI's default).
+pub fn run(
+    with_setup: bool,
+    fuzz_seconds: u32,
+    diff_packets: u64,
+    vm: Option<crate::vm::Options>,
+) -> Result<()> {
     let mut t = Timings::default();
     let result = (|| {
         if with_setup {
@@ -144,7 +153,14 @@ pub fn run(with_setup: bool, fuzz_seconds: u32, diff_packets: u64) -> Result<()>
             )
         })?;
         t.phase("fuzz (policy)", || fuzz(fuzz_seconds))?;
-        t.phase("privileged tests", || privileged(diff_packets))
+        t.phase("privileged tests", || privileged(diff_packets, &[]))?;
+        match &vm {
+            Some(opts) => t.phase("VM matrix (other kernels, QEMU)", || crate::vm::run(opts)),
+            None => {
+                eprintln!("\n==> VM matrix skipped (--no-vm)");
+                Ok(())
+            }
+        }
     })();
     t.print();
     result
