@@ -524,15 +524,22 @@ fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
     assert_eq!(rv, vpcgate_lab::harness::XDP_PASS);
 }
 
-/// The verifier's headroom, measured on this kernel: each program must verify in at most 70% of the
-/// 1,000,000-instruction limit here. Older kernels need more (Debian's 6.1 verifies tc egress in about
-/// 1.26 times this kernel's count), so a margin kept here is what keeps them loading; the VM matrix
-/// checks them for real. The counts are printed on every run.
+/// The verifier's headroom: each program must verify within 70% of the 1,000,000-instruction limit on
+/// kernels from 6.6 (this host's generation), and within 90% on older ones, whose verifiers prune less
+/// (Debian's 6.1 needs about 1.26 times this host's count): a margin kept on the newest kernel is what
+/// keeps the older ones loading, and the VM matrix checks them for real. The counts are printed.
 #[test]
 fn every_program_verifies_well_below_the_instruction_limit() {
-    const LIMIT: u32 = 1_000_000;
-    const BUDGET: u32 = LIMIT / 10 * 7;
     vpcgate_lab::require_root();
+    const LIMIT: u32 = 1_000_000;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
+    let mut numbers = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    let percent = if version >= (6, 6) { 70 } else { 90 };
+    let budget = LIMIT / 100 * percent;
     let h = Harness::new();
     let counts = h.dp.verified_instructions();
     for (name, n) in &counts {
@@ -540,13 +547,15 @@ fn every_program_verifies_well_below_the_instruction_limit() {
             panic!("{name}: the kernel did not report its verified instructions")
         });
         println!(
-            "verifier: {name} {n} instructions ({}% of the limit)",
+            "verifier on {}: {name} {n} instructions ({}% of the limit, budget {percent}%)",
+            release.trim(),
             n / (LIMIT / 100)
         );
         assert!(
-            n <= BUDGET,
-            "{name} verifies in {n} instructions, over the budget of {BUDGET} (70% of {LIMIT}): older \
-             kernels would refuse it; see `cargo xtask integration-test --vm`"
+            n <= budget,
+            "{name} verifies in {n} instructions on {}, over the budget of {budget} ({percent}% of \
+             {LIMIT}): a kernel whose verifier prunes less would refuse it",
+            release.trim()
         );
     }
     assert_eq!(counts.len(), 3);

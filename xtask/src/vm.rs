@@ -69,6 +69,10 @@ pub struct LabTest {
     /// Programs it runs besides busybox's applets: copied from the host with their libraries.
     tools: &'static [&'static str],
     not_applicable: &'static [NotApplicable],
+    /// Seconds since boot the kernel clock must show before it starts: the differential writes flows
+    /// that expired a flow timeout (up to 30 s) plus 10 s ago, which a clock younger than that cannot
+    /// express.
+    min_uptime_s: u32,
 }
 
 /// Modules for the network-namespace lab: veth pairs; TC egress on kernels without tcx (< 6.6) goes
@@ -88,6 +92,7 @@ pub const TESTS: &[LabTest] = &[
         modules: &[],
         tools: &[],
         not_applicable: &[],
+        min_uptime_s: 0,
     },
     LabTest {
         name: "parser",
@@ -96,6 +101,7 @@ pub const TESTS: &[LabTest] = &[
         modules: &[],
         tools: &[],
         not_applicable: &[],
+        min_uptime_s: 0,
     },
     LabTest {
         name: "differential",
@@ -104,6 +110,7 @@ pub const TESTS: &[LabTest] = &[
         modules: &[],
         tools: &[],
         not_applicable: &[],
+        min_uptime_s: 45,
     },
     LabTest {
         name: "datapath",
@@ -112,6 +119,7 @@ pub const TESTS: &[LabTest] = &[
         modules: &[],
         tools: &[],
         not_applicable: &[],
+        min_uptime_s: 0,
     },
     LabTest {
         name: "netns",
@@ -121,6 +129,7 @@ pub const TESTS: &[LabTest] = &[
         // ICMP echo through the enforced veth, with iputils' options (-W is a per-reply timeout there).
         tools: &["ip", "ping"],
         not_applicable: &[],
+        min_uptime_s: 0,
     },
     LabTest {
         name: "enforce",
@@ -129,6 +138,7 @@ pub const TESTS: &[LabTest] = &[
         modules: LAB_MODULES,
         tools: LAB_TOOLS,
         not_applicable: &[],
+        min_uptime_s: 0,
     },
     LabTest {
         name: "swap",
@@ -137,6 +147,7 @@ pub const TESTS: &[LabTest] = &[
         modules: LAB_MODULES,
         tools: LAB_TOOLS,
         not_applicable: &[],
+        min_uptime_s: 0,
     },
     LabTest {
         name: "run",
@@ -145,6 +156,7 @@ pub const TESTS: &[LabTest] = &[
         modules: LAB_MODULES,
         tools: LAB_TOOLS,
         not_applicable: &[],
+        min_uptime_s: 0,
     },
     LabTest {
         name: "forward",
@@ -153,6 +165,7 @@ pub const TESTS: &[LabTest] = &[
         modules: LAB_MODULES,
         tools: LAB_TOOLS,
         not_applicable: &[],
+        min_uptime_s: 0,
     },
     LabTest {
         name: "flows",
@@ -166,6 +179,7 @@ pub const TESTS: &[LabTest] = &[
             reason: "tcx links exist from kernel 6.6; older kernels attach TC egress through a clsact qdisc, \
                      which has no chain order to check",
         }],
+        min_uptime_s: 0,
     },
 ];
 
@@ -580,6 +594,12 @@ fn init_script(
             for n in skipped {
                 cmd += &format!(" --skip {}", n.test.unwrap_or_default());
             }
+        }
+        if t.min_uptime_s > 0 {
+            s += &format!(
+                "while [ \"$(cut -d. -f1 /proc/uptime)\" -lt {} ]; do sleep 1; done\n",
+                t.min_uptime_s
+            );
         }
         s += &format!("t {} {cmd}\n", t.name);
     }
