@@ -92,7 +92,7 @@ enum Task {
         /// test targets of tests/Cargo.toml.
         #[arg(long, value_name = "TEST", value_delimiter = ',')]
         only: Vec<String>,
-        /// Packets for the differential test [default: 200000 on the host, 20000 in a VM].
+        /// Packets for the differential test [default: 200000, on the host and in a VM].
         #[arg(long)]
         diff_packets: Option<u64>,
         /// Do not run `setup` first.
