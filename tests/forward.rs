@@ -25,16 +25,28 @@ ports = ["9000"]
 protocol = "udp"
 "#;
 
-#[test]
-fn forward_interface_ingress_is_enforced() {
-    vpcgate_lab::require_root();
+/// The link between the gateway and the pod namespace, as the forward interface sees it.
+#[derive(Clone, Copy, PartialEq)]
+enum PodLink {
+    /// `gw-pod` is a veth (native XDP).
+    Veth,
+    /// `gw-pod` is a macvlan on top of the gateway's end of the veth: macvlan has no native XDP, so the
+    /// forward program attaches in generic mode.
+    Macvlan,
+}
+
+/// pod (10.201.0.2) -- gw-pod (10.201.0.1) [gw routes] veth-gw (10.200.0.1) -- vpc (10.200.0.2)
+fn topology(link: PodLink) -> (Pair, Netns) {
     let pair = Pair::new();
     let pod = Netns::new("pod");
-    // pod (10.201.0.2) -- gw-pod (10.201.0.1) [gw routes] veth-gw (10.200.0.1) -- vpc (10.200.0.2)
+    let gw_end = match link {
+        PodLink::Veth => "gw-pod",
+        PodLink::Macvlan => "gw-podl",
+    };
     pair.gw.ip(&[
         "link",
         "add",
-        "gw-pod",
+        gw_end,
         "type",
         "veth",
         "peer",
@@ -43,35 +55,43 @@ fn forward_interface_ingress_is_enforced() {
         "netns",
         pod.name(),
     ]);
+    pair.gw.ip(&["link", "set", gw_end, "up"]);
+    if link == PodLink::Macvlan {
+        pair.gw.ip(&[
+            "link", "add", "link", gw_end, "name", "gw-pod", "type", "macvlan", "mode", "bridge",
+        ]);
+        pair.gw.ip(&["link", "set", "gw-pod", "up"]);
+        // Only the macvlan may answer ARP for 10.201.0.1: were the veth end to answer with its own MAC
+        // (Linux answers for any local address by default), the pod's frames would be taken by the veth
+        // end itself and never reach the macvlan or its XDP program.
+        pair.gw.exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{gw_end}.arp_ignore=1"),
+        ]);
+    }
     pair.gw
         .ip(&["addr", "add", "10.201.0.1/24", "dev", "gw-pod"]);
-    pair.gw.ip(&["link", "set", "gw-pod", "up"]);
     pair.gw.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     pod.ip(&["addr", "add", "10.201.0.2/24", "dev", "pod0"]);
     pod.ip(&["link", "set", "pod0", "up"]);
     pod.ip(&["route", "add", "default", "via", "10.201.0.1"]);
     pair.vpc
         .ip(&["route", "add", "10.201.0.0/24", "via", "10.200.0.1"]);
+    (pair, pod)
+}
 
+fn compiled() -> Compiled {
     let checked = check_text("fwd.toml", POLICY);
     let policy = checked
         .policy
         .unwrap_or_else(|| panic!("{:?}", checked.diagnostics));
-    let compiled = Compiled::new(&policy);
-    let mut dp = Datapath::load().unwrap_or_else(|e| panic!("{e}"));
-    dp.apply(&compiled).unwrap_or_else(|e| panic!("{e}"));
-    // As `vpcgate run` sets it up: XDP on the forward interface, TC egress on the ENI, which decides again
-    // what arrived on the forward interface but does not count it a second time.
-    let mode = pair.gw.run(|| {
-        let pod_if = ifindex("gw-pod").unwrap_or_else(|e| panic!("{e}"));
-        dp.set_forward_interfaces(&[pod_if])
-            .unwrap_or_else(|e| panic!("{e}"));
-        dp.attach_tc_egress(GW_IF).unwrap_or_else(|e| panic!("{e}"));
-        dp.attach_xdp("gw-pod", XdpRole::Forward)
-            .unwrap_or_else(|e| panic!("{e}"))
-    });
-    assert_eq!(mode, XdpAttachMode::Native);
+    Compiled::new(&policy)
+}
 
+/// Five datagrams from the pod, three to the authorized port and two to another: the authorized ones
+/// arrive, the others do not, and the forward interface counted each once.
+fn assert_enforced(pair: &Pair, pod: &Netns, dp: &mut Datapath, compiled: &Compiled) {
     let (allowed, denied) = pair.vpc.run(|| {
         let a = UdpSocket::bind("10.200.0.2:9000").unwrap();
         let d = UdpSocket::bind("10.200.0.2:9001").unwrap();
@@ -128,4 +148,119 @@ fn forward_interface_ingress_is_enforced() {
         (d.dropped, d.last_reason),
         (2, Some(DropReason::PortNotAuthorized))
     );
+}
+
+#[test]
+fn forward_interface_ingress_is_enforced() {
+    vpcgate_lab::require_root();
+    let (pair, pod) = topology(PodLink::Veth);
+    let compiled = compiled();
+    let mut dp = Datapath::load().unwrap_or_else(|e| panic!("{e}"));
+    dp.apply(&compiled).unwrap_or_else(|e| panic!("{e}"));
+    // As `vpcgate run` sets it up: XDP on the forward interface, TC egress on the ENI, which decides again
+    // what arrived on the forward interface but does not count it a second time.
+    let mode = pair.gw.run(|| {
+        let pod_if = ifindex("gw-pod").unwrap_or_else(|e| panic!("{e}"));
+        dp.set_forward_interfaces(&[pod_if])
+            .unwrap_or_else(|e| panic!("{e}"));
+        dp.attach_tc_egress(GW_IF).unwrap_or_else(|e| panic!("{e}"));
+        dp.attach_xdp("gw-pod", XdpRole::Forward)
+            .unwrap_or_else(|e| panic!("{e}"))
+    });
+    assert_eq!(mode, XdpAttachMode::Native);
+    assert_enforced(&pair, &pod, &mut dp, &compiled);
+}
+
+/// A forward interface whose driver has no native XDP (macvlan) gets the program in generic mode, and
+/// enforcement there is the same: no TC egress is attached here, so every drop is the generic XDP's.
+/// `preflight --config` predicts the mode for each interface before anything is attached.
+#[test]
+fn a_forward_interface_without_native_xdp_is_enforced_by_generic_xdp() {
+    vpcgate_lab::require_root();
+    let (pair, pod) = topology(PodLink::Macvlan);
+    let modes = preflight_xdp_modes(&pair);
+    // The netdev netlink family (xdp-features) exists from 6.3; before, the mode is known only at attach.
+    let (eni, fwd) = if kernel_at_least(6, 3) {
+        ("native", "generic")
+    } else {
+        ("at_attach", "at_attach")
+    };
+    assert_eq!(
+        modes,
+        vec![
+            (GW_IF.to_owned(), eni.to_owned()),
+            ("gw-pod".to_owned(), fwd.to_owned())
+        ],
+        "preflight's XDP modes for the ENI and the forward interface"
+    );
+
+    let compiled = compiled();
+    let mut dp = Datapath::load().unwrap_or_else(|e| panic!("{e}"));
+    dp.apply(&compiled).unwrap_or_else(|e| panic!("{e}"));
+    let mode = pair.gw.run(|| {
+        let pod_if = ifindex("gw-pod").unwrap_or_else(|e| panic!("{e}"));
+        dp.set_forward_interfaces(&[pod_if])
+            .unwrap_or_else(|e| panic!("{e}"));
+        dp.attach_xdp("gw-pod", XdpRole::Forward)
+            .unwrap_or_else(|e| panic!("{e}"))
+    });
+    assert_eq!(mode, XdpAttachMode::Generic, "macvlan has no native XDP");
+    let attached = pair.gw.ip(&["-d", "link", "show", "dev", "gw-pod"]);
+    assert!(
+        attached.contains("xdpgeneric"),
+        "the kernel does not show a generic XDP program on gw-pod:\n{attached}"
+    );
+    assert_enforced(&pair, &pod, &mut dp, &compiled);
+}
+
+/// Runs `vpcgate preflight --config` in the gateway namespace: (interface, xdp_mode) of its xdp checks.
+fn preflight_xdp_modes(pair: &Pair) -> Vec<(String, String)> {
+    let bin = std::env::var("VPCGATE_BIN").unwrap_or_else(|_| {
+        panic!("VPCGATE_BIN is not set: run through `cargo xtask test`, which builds vpcgate and points it here")
+    });
+    let dir = std::env::temp_dir().join(format!("vpcgate-fwd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("fwd.toml");
+    std::fs::write(&file, POLICY).unwrap();
+    // Started from a thread inside the namespace (the child inherits it); `ip netns exec` would remount
+    // /sys and hide bpffs from the child.
+    let out = pair
+        .gw
+        .run(|| {
+            std::process::Command::new(&bin)
+                .args(["preflight", "--output", "json", "--config"])
+                .arg(&file)
+                .output()
+        })
+        .expect("run vpcgate preflight");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "preflight failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("preflight JSON");
+    report["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter(|c| c["check"] == "xdp")
+        .map(|c| {
+            (
+                c["interface"].as_str().expect("interface").to_owned(),
+                c["xdp_mode"].as_str().expect("xdp_mode").to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }

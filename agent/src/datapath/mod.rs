@@ -8,6 +8,7 @@ mod error;
 mod execute;
 mod flows;
 mod maps;
+pub mod netdev;
 mod observe;
 pub mod plan;
 #[cfg(test)]
@@ -214,23 +215,32 @@ impl Datapath {
         interface: &str,
         role: XdpRole,
     ) -> Result<XdpAttachMode, DatapathError> {
-        ifindex(interface)?;
+        let index = ifindex(interface)?;
         require_ethernet(interface)?;
         let name = role.program();
+        // Where the kernel can tell (xdp-features, 6.3+) that the driver has no native XDP, go straight
+        // to generic; otherwise try the driver first.
+        let native = netdev::native_xdp(index).unwrap_or_else(|e| {
+            tracing::debug!(interface, error = %e, "cannot read the interface's XDP features");
+            netdev::NativeXdp::Unknown
+        });
         let prog: &mut Xdp = program_mut(&mut self.ebpf, name)?;
-        match prog.attach(interface, XdpMode::Driver) {
-            Ok(_) => Ok(XdpAttachMode::Native),
-            Err(native) => {
-                tracing::info!(interface, error = %native, "native XDP refused, using generic XDP");
-                prog.attach(interface, XdpMode::Skb)
-                    .map_err(|source| DatapathError::Attach {
-                        program: name,
-                        interface: interface.to_owned(),
-                        source,
-                    })?;
-                Ok(XdpAttachMode::Generic)
+        let refused = if native == netdev::NativeXdp::Unsupported {
+            "the driver has no native XDP (xdp-features)".to_owned()
+        } else {
+            match prog.attach(interface, XdpMode::Driver) {
+                Ok(_) => return Ok(XdpAttachMode::Native),
+                Err(e) => format!("native XDP refused: {e}"),
             }
-        }
+        };
+        tracing::info!(interface, program = name, reason = %refused, "attaching XDP in generic mode");
+        prog.attach(interface, XdpMode::Skb)
+            .map_err(|source| DatapathError::Attach {
+                program: name,
+                interface: interface.to_owned(),
+                source,
+            })?;
+        Ok(XdpAttachMode::Generic)
     }
 
     /// How many instructions the verifier processed for each program (kernel >= 5.16 reports it): the
@@ -269,6 +279,14 @@ where
     prog.try_into().map_err(|e| DatapathError::load(name, e))
 }
 
+/// Creates the swap's barrier and waits once, as every apply does: how long that RCU grace period took.
+pub fn barrier_probe() -> Result<std::time::Duration, DatapathError> {
+    let barrier = barrier::Barrier::new()?;
+    let start = std::time::Instant::now();
+    barrier.wait()?;
+    Ok(start.elapsed())
+}
+
 /// Whether TC programs attach as tcx links (kernel >= 6.6) rather than clsact filters.
 pub fn has_tcx() -> bool {
     use aya::util::KernelVersion;
@@ -278,7 +296,7 @@ pub fn has_tcx() -> bool {
 /// The programs parse frames from their Ethernet header: on an interface without one (tun, wireguard,
 /// ipip: ARPHRD other than ETHER) the IP header would be read as an Ethernet header and most packets would
 /// look like non-IP frames, which pass. Refuse those interfaces.
-fn require_ethernet(interface: &str) -> Result<(), DatapathError> {
+pub fn require_ethernet(interface: &str) -> Result<(), DatapathError> {
     let fail = |why: String| DatapathError::NotEthernet(interface.to_owned(), why);
     // SIOCGIFHWADDR on a socket of this thread's network namespace (sysfs may show another one).
     // SAFETY: plain syscalls on a socket we own and a zeroed ifreq we fill within its bounds.

@@ -1,0 +1,243 @@
+//! What an interface's driver offers XDP, asked without attaching anything.
+//!
+//! Attaching a program is the only other way to find out, and on real NICs (ena, mlx5, ixgbe) attaching
+//! native XDP reconfigures the queues and can flap the link: not something a preflight check may do to a
+//! gateway in service. Kernels from 6.3 answer through the `netdev` generic-netlink family
+//! (`NETDEV_CMD_DEV_GET`, attribute `xdp-features`); older kernels have no way to ask, and the answer is
+//! then "decided at attach" (`run` tries native first and reports the mode it got).
+
+use std::{ffi::CString, io, os::fd::AsRawFd};
+
+use netlink_packet_core::{
+    DecodeError, DefaultNla, Emitable, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload, Nla,
+    NlasIterator, Parseable, ParseableParametrized,
+};
+use netlink_packet_generic::{
+    GenlFamily, GenlHeader, GenlMessage,
+    ctrl::{GenlCtrl, GenlCtrlCmd, nlas::GenlCtrlAttrs},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_GENERIC};
+
+/// `NETDEV_CMD_DEV_GET` (include/uapi/linux/netdev.h).
+const NETDEV_CMD_DEV_GET: u8 = 1;
+const NETDEV_A_DEV_IFINDEX: u16 = 1;
+const NETDEV_A_DEV_XDP_FEATURES: u16 = 3;
+/// `NETDEV_XDP_ACT_BASIC`: the driver runs XDP programs itself (XDP_PASS, XDP_DROP, XDP_ABORTED).
+const NETDEV_XDP_ACT_BASIC: u64 = 1;
+
+/// What the kernel says about native XDP on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NativeXdp {
+    /// The driver advertises native XDP: `run` attaches in the driver.
+    Supported,
+    /// The driver does not: `run` attaches in the generic (skb) path.
+    Unsupported,
+    /// This kernel cannot tell (no `netdev` family before 6.3): decided at attach.
+    Unknown,
+}
+
+/// Asks the kernel (in the calling thread's network namespace) whether `ifindex`'s driver runs XDP
+/// natively. `Unknown` only when the kernel has no `netdev` family; any other failure is an error.
+pub fn native_xdp(ifindex: u32) -> io::Result<NativeXdp> {
+    let socket = NetlinkSocket::open()?;
+    let Some(family) = socket.family_id("netdev")? else {
+        return Ok(NativeXdp::Unknown);
+    };
+    let mut msg = GenlMessage::from_payload(NetdevMsg {
+        cmd: NETDEV_CMD_DEV_GET,
+        nlas: vec![DefaultNla::new(
+            NETDEV_A_DEV_IFINDEX,
+            ifindex.to_ne_bytes().to_vec(),
+        )],
+    });
+    msg.set_resolved_family_id(family);
+    let reply: GenlMessage<NetdevMsg> = socket.request(msg)?;
+    let features = reply
+        .payload
+        .nlas
+        .iter()
+        .find(|a| a.kind() == NETDEV_A_DEV_XDP_FEATURES)
+        .and_then(nla_u64)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "netdev dev-get reply without xdp-features",
+            )
+        })?;
+    Ok(if features & NETDEV_XDP_ACT_BASIC != 0 {
+        NativeXdp::Supported
+    } else {
+        NativeXdp::Unsupported
+    })
+}
+
+fn nla_u64(a: &DefaultNla) -> Option<u64> {
+    let mut buf = vec![0; a.value_len()];
+    a.emit_value(&mut buf);
+    Some(u64::from_ne_bytes(buf.try_into().ok()?))
+}
+
+/// A `netdev` family message: its command and attributes, kept raw.
+#[derive(Debug)]
+struct NetdevMsg {
+    cmd: u8,
+    nlas: Vec<DefaultNla>,
+}
+
+impl GenlFamily for NetdevMsg {
+    fn family_name() -> &'static str {
+        "netdev"
+    }
+    fn command(&self) -> u8 {
+        self.cmd
+    }
+    fn version(&self) -> u8 {
+        1
+    }
+}
+
+impl Emitable for NetdevMsg {
+    fn buffer_len(&self) -> usize {
+        self.nlas.as_slice().buffer_len()
+    }
+    fn emit(&self, buffer: &mut [u8]) {
+        self.nlas.as_slice().emit(buffer)
+    }
+}
+
+impl ParseableParametrized<[u8], GenlHeader> for NetdevMsg {
+    fn parse_with_param(buf: &[u8], header: GenlHeader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            cmd: header.cmd,
+            nlas: NlasIterator::new(buf)
+                .map(|nla| nla.and_then(|nla| DefaultNla::parse(&nla)))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+/// A generic-netlink socket for one request at a time (the kernel answers synchronously; a receive
+/// timeout bounds the wait anyway).
+struct NetlinkSocket(Socket);
+
+impl NetlinkSocket {
+    fn open() -> io::Result<Self> {
+        let mut socket = Socket::new(NETLINK_GENERIC)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        let timeout = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
+        // SAFETY: setsockopt on a socket we own with a valid timeval of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self(socket))
+    }
+
+    /// The id of generic-netlink family `name`, or None when this kernel has no such family.
+    fn family_id(&self, name: &str) -> io::Result<Option<u16>> {
+        let msg = GenlMessage::from_payload(GenlCtrl {
+            cmd: GenlCtrlCmd::GetFamily,
+            nlas: vec![GenlCtrlAttrs::FamilyName(name.to_owned())],
+        });
+        match self.request::<GenlCtrl>(msg) {
+            Ok(reply) => Ok(reply.payload.nlas.iter().find_map(|a| match a {
+                GenlCtrlAttrs::FamilyId(id) => Some(*id),
+                _ => None,
+            })),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends one request and returns its one reply; a netlink error comes back as its errno.
+    fn request<F>(&self, msg: GenlMessage<F>) -> io::Result<GenlMessage<F>>
+    where
+        F: GenlFamily + Emitable + ParseableParametrized<[u8], GenlHeader> + std::fmt::Debug,
+    {
+        let mut nl = NetlinkMessage::from(msg);
+        nl.header.flags = NLM_F_REQUEST;
+        nl.header.sequence_number = 1;
+        nl.finalize();
+        let mut buf = vec![0; nl.buffer_len()];
+        nl.serialize(&mut buf);
+        self.0.send(&buf, 0)?;
+        let (rx, _) = self.0.recv_from_full()?;
+        let reply = NetlinkMessage::<GenlMessage<F>>::deserialize(&rx)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        match reply.payload {
+            NetlinkPayload::InnerMessage(m) => Ok(m),
+            NetlinkPayload::Error(e) => Err(e.code.map_or_else(
+                || io::Error::other("netlink error without a code"),
+                |c| io::Error::from_raw_os_error(-c.get()),
+            )),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected netlink reply {other:?}"),
+            )),
+        }
+    }
+}
+
+/// `struct ethtool_drvinfo` (include/uapi/linux/ethtool.h), for the driver's name.
+#[allow(dead_code, reason = "the kernel's layout; only `driver` is read")]
+#[repr(C)]
+struct EthtoolDrvinfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    n_priv_flags: u32,
+    n_stats: u32,
+    testinfo_len: u32,
+    eedump_len: u32,
+    regdump_len: u32,
+}
+
+const ETHTOOL_GDRVINFO: u32 = 3;
+
+/// The name of `interface`'s driver (`ETHTOOL_GDRVINFO`, in the calling thread's network namespace), or
+/// None when the driver does not answer.
+pub fn driver(interface: &str) -> Option<String> {
+    let name = CString::new(interface).ok()?;
+    // SAFETY: zeroed C structs; the ifreq's name is copied within IFNAMSIZ - 1 bytes and its data
+    // pointer points at `info`, which lives across the ioctl; the socket is closed before returning.
+    unsafe {
+        let mut info: EthtoolDrvinfo = std::mem::zeroed();
+        info.cmd = ETHTOOL_GDRVINFO;
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (d, s) in req
+            .ifr_name
+            .iter_mut()
+            .zip(name.as_bytes().iter().take(libc::IFNAMSIZ - 1))
+        {
+            *d = *s as libc::c_char;
+        }
+        req.ifr_ifru.ifru_data = (&mut info as *mut EthtoolDrvinfo).cast();
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let rc = libc::ioctl(fd, libc::SIOCETHTOOL, &mut req);
+        libc::close(fd);
+        if rc != 0 {
+            return None;
+        }
+        let len = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+        Some(String::from_utf8_lossy(&info.driver[..len]).into_owned())
+    }
+}
