@@ -142,6 +142,8 @@ fn main() {
     // -disable-block-placement: LLVM otherwise lays a loop's latch out just before its header and
     // enters the loop by a jump to the header, so the back-edge is a plain fall-through, which
     // older kernels refuse ("back-edge from insn N to N+1" on Debian's 6.1; 6.18 accepts it).
+    // This is the only place the flag is set; tests/cfg61.rs replays 6.1's check on the embedded
+    // object, so losing it fails `cargo test` without a 6.1 VM.
     .env(
         "CARGO_ENCODED_RUSTFLAGS",
         "-Cdebuginfo=2\x1f-Clink-arg=--btf\x1f-Clink-arg=--llvm-args=-disable-block-placement",
