@@ -1,19 +1,29 @@
 //! `vpcgate run`: the binary enforces a policy file in a namespace, reloads on SIGHUP (keeping the old
-//! policy when the new file is invalid), and detaches on SIGTERM.
+//! policy when the new file is invalid), leaves enforcement pinned when it exits, is adopted by the next
+//! agent after a `kill -9` without a window, and `teardown` removes it.
 
 use std::{
     io::{BufRead, BufReader},
     net::UdpSocket,
-    process::{Command, Stdio},
-    sync::mpsc,
-    time::Duration,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
 };
 
+use vpcgate::{
+    datapath::{Datapath, pin, state},
+    policy::{check_text, compile::Compiled},
+};
 use vpcgate_lab::netns::{GW_IF, Pair};
 
 const POLICY: &str = r#"
 [instance]
-name = "run-test"
+name = "INSTANCE"
 kind = "dedicated"
 vpc_id = "vpc-lab"
 interface = "veth-gw"
@@ -31,6 +41,121 @@ fn binary() -> String {
     })
 }
 
+/// A policy file in a temporary directory, for an instance named after this test and process.
+struct PolicyFile {
+    dir: PathBuf,
+    file: PathBuf,
+    instance: String,
+}
+
+impl PolicyFile {
+    fn new(test: &str, ports: &str) -> Self {
+        let instance = format!("{test}-{}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("vpcgate-{instance}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("policy.toml");
+        let p = Self {
+            dir,
+            file,
+            instance,
+        };
+        p.write(ports);
+        p
+    }
+
+    fn text(&self, ports: &str) -> String {
+        POLICY
+            .replace("INSTANCE", &self.instance)
+            .replace("PORTS", ports)
+    }
+
+    fn write(&self, ports: &str) {
+        std::fs::write(&self.file, self.text(ports)).unwrap();
+    }
+}
+
+impl Drop for PolicyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        // Whatever a failed test left pinned (best effort; the test itself asserts teardown).
+        let dir = pin::instance_dir(&self.instance);
+        if dir.exists() {
+            let _ = pin::teardown(&self.instance);
+        }
+    }
+}
+
+/// `vpcgate ARGS` started from a thread inside the gateway namespace: the child inherits that network
+/// namespace but not a new mount namespace (`ip netns exec` would remount /sys and hide the host's
+/// bpffs, so pins would die with the process).
+fn spawn_in_gw(pair: &Pair, args: &[&str], stderr: Stdio) -> Child {
+    let bin = binary();
+    pair.gw.run(|| {
+        Command::new(&bin)
+            .args(args)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn vpcgate")
+    })
+}
+
+fn output_in_gw(pair: &Pair, args: &[&str]) -> Output {
+    spawn_in_gw(pair, args, Stdio::piped())
+        .wait_with_output()
+        .expect("vpcgate output")
+}
+
+/// A running `vpcgate run` and its log lines.
+struct Agent {
+    child: Child,
+    log: mpsc::Receiver<String>,
+}
+
+impl Agent {
+    fn start(pair: &Pair, file: &Path) -> Self {
+        let mut child = spawn_in_gw(
+            pair,
+            &["run", "--config", file.to_str().unwrap()],
+            Stdio::piped(),
+        );
+        let (tx, log) = mpsc::channel::<String>();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("vpcgate: {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, log }
+    }
+
+    /// Waits for a log line containing `needle`; returns it.
+    fn wait_for(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("vpcgate run never logged {needle:?}: {e}"),
+            }
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    fn stop(mut self) {
+        self.signal(libc::SIGTERM);
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "vpcgate run exited with {status}");
+    }
+}
+
 /// Sends one datagram from the gateway to 10.200.0.2:`port`; whether it arrived.
 fn delivered(pair: &Pair, port: u16) -> bool {
     let rx = pair
@@ -46,68 +171,243 @@ fn delivered(pair: &Pair, port: u16) -> bool {
     rx.recv_from(&mut buf).is_ok()
 }
 
-#[test]
-fn run_enforces_reloads_and_detaches() {
-    vpcgate_lab::require_root();
-    let bin = binary();
-    let pair = Pair::new();
-    let dir = std::env::temp_dir().join(format!("vpcgate-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("policy.toml");
-    std::fs::write(&file, POLICY.replace("PORTS", "9000")).unwrap();
+fn xdp_attached(pair: &Pair) -> bool {
+    pair.gw.ip(&["link", "show", GW_IF]).contains("xdp")
+}
 
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", pair.gw.name(), &bin, "run", "--config"])
-        .arg(&file)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vpcgate run");
-    let (tx, log) = mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("vpcgate: {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let wait_for = |needle: &str| loop {
-        match log.recv_timeout(Duration::from_secs(20)) {
-            Ok(line) if line.contains(needle) => break,
-            Ok(_) => {}
-            Err(e) => panic!("vpcgate run never logged {needle:?}: {e}"),
-        }
-    };
-    wait_for("enforcing");
+/// The ids of the programs the instance pinned (one build directory).
+fn pinned_program_ids(instance: &str) -> Vec<(String, u32)> {
+    let builds: Vec<_> = std::fs::read_dir(pin::instance_dir(instance))
+        .expect("instance pinned")
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(builds.len(), 1, "one build pinned: {builds:?}");
+    let mut ids: Vec<_> = std::fs::read_dir(builds[0].join("progs"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let info = aya::programs::ProgramInfo::from_pin(e.path()).expect("pinned program");
+            (e.file_name().to_string_lossy().into_owned(), info.id())
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn run_enforces_reloads_and_leaves_enforcement_pinned_until_teardown() {
+    vpcgate_lab::require_root();
+    let pair = Pair::new();
+    let policy = PolicyFile::new("run", "9000");
+    let agent = Agent::start(&pair, &policy.file);
+    agent.wait_for("enforcing");
     assert!(delivered(&pair, 9000), "authorized port blocked");
     assert!(!delivered(&pair, 9001), "unauthorized port delivered");
+    // A second agent for the same instance is refused while the first runs.
+    let second = output_in_gw(&pair, &["run", "--config", policy.file.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{err}");
+    assert!(err.contains("another vpcgate agent runs instance"), "{err}");
 
-    std::fs::write(&file, POLICY.replace("PORTS", "9000-9001")).unwrap();
-    let hup = |pid: u32, sig| {
-        // SAFETY: signalling our own child.
-        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
-    };
-    hup(child.id(), libc::SIGHUP);
-    wait_for("policy reloaded");
+    policy.write("9000-9001");
+    agent.signal(libc::SIGHUP);
+    agent.wait_for("policy reloaded");
     assert!(delivered(&pair, 9001), "reloaded policy not enforced");
 
-    std::fs::write(&file, "[instance]\nname = \"broken\"\n").unwrap();
-    hup(child.id(), libc::SIGHUP);
-    wait_for("reload failed");
+    std::fs::write(&policy.file, "[instance]\nname = \"broken\"\n").unwrap();
+    agent.signal(libc::SIGHUP);
+    agent.wait_for("reload failed");
     assert!(
         delivered(&pair, 9001),
         "an invalid reload changed the policy"
     );
     assert!(!delivered(&pair, 9002), "an invalid reload opened traffic");
 
-    hup(child.id(), libc::SIGTERM);
-    let status = child.wait().unwrap();
-    assert!(status.success(), "vpcgate run exited with {status}");
-    let shown = pair.gw.ip(&["link", "show", GW_IF]);
+    agent.stop();
+    // The agent is gone; the kernel still enforces the last policy.
+    assert!(xdp_attached(&pair), "XDP detached when the agent exited");
+    assert!(delivered(&pair, 9001), "allowed traffic blocked after exit");
     assert!(
-        !shown.contains("xdp"),
-        "XDP still attached after exit:\n{shown}"
+        !delivered(&pair, 9002),
+        "unauthorized traffic passed after the agent exited"
     );
-    std::fs::remove_dir_all(&dir).ok();
+
+    let out = output_in_gw(&pair, &["teardown", "--instance", &policy.instance]);
+    assert!(
+        out.status.success(),
+        "teardown failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!xdp_attached(&pair), "XDP still attached after teardown");
+    assert!(
+        delivered(&pair, 9002),
+        "still enforced after teardown (the link or filter stayed)"
+    );
+    assert!(
+        !pin::instance_dir(&policy.instance).exists(),
+        "pins left after teardown"
+    );
+    let again = output_in_gw(&pair, &["teardown", "--instance", &policy.instance]);
+    assert_eq!(
+        again.status.code(),
+        Some(2),
+        "a second teardown has nothing to remove"
+    );
+}
+
+/// Datagrams toward one allowed and one denied port, every 2 ms until stopped (at most 20 s): what was
+/// sent and what arrived, per port.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    sent: Arc<[AtomicU32; 2]>,
+    received: Arc<[AtomicU32; 2]>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+const ALLOWED: u16 = 9000;
+const DENIED: u16 = 9001;
+
+impl Traffic {
+    fn start(pair: &Pair) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new([AtomicU32::new(0), AtomicU32::new(0)]);
+        let received = Arc::new([AtomicU32::new(0), AtomicU32::new(0)]);
+        let mut threads = vec![];
+        for (i, port) in [ALLOWED, DENIED].into_iter().enumerate() {
+            let rx = pair
+                .vpc
+                .run(|| UdpSocket::bind(("10.200.0.2", port)).unwrap());
+            rx.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let (stop, received) = (stop.clone(), received.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 16];
+                let deadline = Instant::now() + Duration::from_secs(25);
+                // Drain until stopped and quiet, bounded in time.
+                loop {
+                    match rx.recv_from(&mut buf) {
+                        Ok(_) => {
+                            received[i].fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) if stop.load(Ordering::Relaxed) => break,
+                        Err(_) => {}
+                    }
+                    if Instant::now() > deadline {
+                        break;
+                    }
+                }
+            }));
+        }
+        let tx = pair.gw.run(|| UdpSocket::bind("10.200.0.1:0").unwrap());
+        let (stop2, sent2) = (stop.clone(), sent.clone());
+        threads.push(std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+                for (i, port) in [ALLOWED, DENIED].into_iter().enumerate() {
+                    if tx.send_to(b"probe", ("10.200.0.2", port)).is_ok() {
+                        sent2[i].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }));
+        Self {
+            stop,
+            sent,
+            received,
+            threads,
+        }
+    }
+
+    /// Stops sending, waits for the receivers: (sent, received) for the allowed and the denied port.
+    fn finish(self) -> [(u32, u32); 2] {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        [0, 1].map(|i| {
+            (
+                self.sent[i].load(Ordering::Relaxed),
+                self.received[i].load(Ordering::Relaxed),
+            )
+        })
+    }
+}
+
+#[test]
+fn a_killed_agent_is_adopted_by_the_next_without_a_window() {
+    vpcgate_lab::require_root();
+    let pair = Pair::new();
+    let policy = PolicyFile::new("restart", "9000");
+    let agent = Agent::start(&pair, &policy.file);
+    assert!(agent.wait_for("kernel programs ready").contains("Loaded"));
+    agent.wait_for("enforcing");
+    let ids = pinned_program_ids(&policy.instance);
+    // Warm the neighbour entry so no datagram of the measured run waits on ARP.
+    assert!(delivered(&pair, ALLOWED), "authorized port blocked");
+
+    let traffic = Traffic::start(&pair);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut agent = agent;
+    agent.signal(libc::SIGKILL);
+    agent.child.wait().unwrap();
+    assert!(
+        xdp_attached(&pair),
+        "XDP detached when the agent was killed"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let agent = Agent::start(&pair, &policy.file);
+    let ready = agent.wait_for("kernel programs ready");
+    assert!(
+        ready.contains("Adopted"),
+        "the restarted agent did not adopt: {ready}"
+    );
+    agent.wait_for("enforcing");
+    std::thread::sleep(Duration::from_millis(300));
+    let [(allowed_sent, allowed_got), (denied_sent, denied_got)] = traffic.finish();
+    eprintln!(
+        "allowed {allowed_got}/{allowed_sent} arrived, denied {denied_got}/{denied_sent} arrived"
+    );
+    assert!(
+        denied_sent > 100 && allowed_sent > 100,
+        "too little traffic"
+    );
+    assert_eq!(denied_got, 0, "denied datagrams passed during the restart");
+    assert_eq!(
+        allowed_got, allowed_sent,
+        "allowed datagrams were lost during the restart"
+    );
+    assert_eq!(
+        pinned_program_ids(&policy.instance),
+        ids,
+        "program ids changed across the restart"
+    );
+
+    // A reload right after adoption leaves exactly what a fresh apply of the new policy writes.
+    policy.write("9000-9001");
+    agent.signal(libc::SIGHUP);
+    agent.wait_for("policy reloaded");
+    let checked = check_text("policy.toml", &policy.text("9000-9001"));
+    let compiled = Compiled::new(&checked.policy.expect("valid policy"));
+    let (mut dp, opened) = Datapath::open(&policy.instance).expect("open the pinned instance");
+    assert_eq!(opened, vpcgate::datapath::Opened::Adopted);
+    let active = dp.active_generation().unwrap().expect("a policy is active");
+    let is = dp.read_generation(active).unwrap();
+    let want = state::desired(&compiled);
+    assert_eq!(is, want, "{:?}", is.differences(&want, 10));
+    let other = state::other(Some(active));
+    assert!(
+        dp.read_generation(other).unwrap().is_empty(),
+        "the old generation was not removed"
+    );
+    drop(dp);
+    assert!(
+        delivered(&pair, DENIED),
+        "the reloaded policy is not enforced"
+    );
+
+    agent.stop();
+    let out = output_in_gw(&pair, &["teardown", "--instance", &policy.instance]);
+    assert!(out.status.success(), "teardown failed");
+    assert!(!xdp_attached(&pair), "XDP still attached after teardown");
 }

@@ -4,6 +4,7 @@ mod check;
 mod explain;
 mod preflight;
 mod run;
+mod teardown;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -41,8 +42,11 @@ pub enum Command {
     /// Offline: the verdict for one packet under a policy, the deciding rule, and for a drop the smallest
     /// policy change that would allow it.
     Explain(explain::Args),
-    /// Enforce a policy in the foreground: apply it, attach the programs, reload on SIGHUP, detach on exit.
+    /// Enforce a policy: apply it, attach and pin the programs (enforcement outlives the agent; a restart
+    /// adopts it), reload on SIGHUP.
     Run(run::Args),
+    /// Remove everything an instance pinned: its links (enforcement ends), filters, programs and maps.
+    Teardown(teardown::Args),
     /// Check that this host can run vpcgate: kernel, BTF, bpffs, and the kernel programs pass the verifier
     /// and classify a test packet.
     Preflight(preflight::Args),
@@ -101,5 +105,6 @@ pub fn run(cli: Cli) -> u8 {
         Command::Explain(args) => explain::run(&args),
         Command::Preflight(args) => preflight::run(&args),
         Command::Run(args) => run::run(&args),
+        Command::Teardown(args) => teardown::run(&args),
     }
 }

@@ -1,7 +1,9 @@
-//! `vpcgate run --config FILE`: load, apply, attach, and enforce in the foreground.
+//! `vpcgate run --config FILE`: load (or adopt what this build pinned), apply, attach, and enforce.
 //!
-//! This is the minimal form: the programs are detached when it exits. Pinning (enforcement that outlives
-//! the agent), the control socket, metrics and file watching come with the daemon.
+//! Programs, maps and links are pinned under /sys/fs/bpf/vpcgate/<instance>/: when the agent exits,
+//! crashes or is restarted, enforcement stays in the kernel and the next agent adopts it without a
+//! window. `vpcgate teardown --instance NAME` removes it. The control socket, metrics and file watching
+//! come with the rest of the daemon.
 
 use std::path::{Path, PathBuf};
 
@@ -17,8 +19,11 @@ use crate::{
 #[command(
     after_help = "Example:\n  vpcgate run --config /etc/vpcgate/policy.toml\n\n\
     Applies the policy, then attaches TC egress and XDP ingress to [instance].interface and XDP to each\n\
-    forward interface. SIGHUP re-reads the file (an invalid file is reported and the current policy stays).\n\
-    SIGINT/SIGTERM detach everything and exit 0. Exit 1: the policy is invalid; 2: load or attach failed."
+    forward interface, all pinned under /sys/fs/bpf/vpcgate/<instance>/ (bpffs is mounted if missing).\n\
+    A restarted agent of the same build adopts what is pinned: same programs, nothing detached, the maps\n\
+    read back; another build's pins are refused. SIGHUP re-reads the file (an invalid file is reported and\n\
+    the current policy stays). SIGINT/SIGTERM exit 0 and leave enforcement in place: `vpcgate teardown\n\
+    --instance NAME` removes it. Exit 1: the policy is invalid; 2: load or attach failed."
 )]
 pub struct Args {
     /// The policy file (TOML).
@@ -55,15 +60,63 @@ fn sync_local_addresses(dp: &mut Datapath, policy: &Policy) -> Result<usize, Str
     Ok(addrs.len())
 }
 
+/// Where the per-instance lock (and, with the daemon, the control socket) lives.
+const RUN_DIR: &str = "/run/vpcgate";
+
+/// An exclusive `flock` on /run/vpcgate/<instance>.lock, held while the returned file is open (the
+/// kernel drops it when the process dies, however it dies).
+fn lock_instance(instance: &str) -> Result<std::fs::File, String> {
+    use std::os::{fd::AsRawFd, unix::fs::DirBuilderExt};
+    datapath::pin::check_instance(instance).map_err(|e| e.to_string())?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(RUN_DIR)
+        .map_err(|e| format!("create {RUN_DIR}: {e}"))?;
+    let path = Path::new(RUN_DIR).join(format!("{instance}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            format!(
+                "another vpcgate agent runs instance {instance:?} (it holds {}); stop it first",
+                path.display()
+            )
+        } else {
+            format!("flock {}: {e}", path.display())
+        });
+    }
+    Ok(file)
+}
+
 pub fn run(args: &Args) -> u8 {
     let (policy, compiled) = match compile(&args.config) {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let mut dp = match Datapath::load() {
-        Ok(dp) => dp,
+    let instance = policy.instance.name.clone();
+    // One agent per instance: two would race on the same maps.
+    let _lock = match lock_instance(&instance) {
+        Ok(l) => l,
         Err(e) => {
-            tracing::error!(error = %e, "cannot load the kernel programs");
+            tracing::error!(%instance, error = %e, "cannot take the instance lock");
+            return EXIT_ERROR;
+        }
+    };
+    let mut dp = match Datapath::open(&instance) {
+        Ok((mut dp, opened)) => {
+            let ids = dp.program_ids().unwrap_or_default();
+            tracing::info!(%instance, ?opened, pins = %dp.pin_dir().map(|p| p.display().to_string()).unwrap_or_default(), programs = ?ids, "kernel programs ready");
+            dp
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot load or adopt the kernel programs");
             return EXIT_ERROR;
         }
     };
@@ -104,7 +157,7 @@ pub fn run(args: &Args) -> u8 {
             tracing::info!(interface = %iface, tc = ?tc, %position, xdp = ?xdp, mode = ?policy.instance.mode, "enforcing")
         }
         Err(e) => {
-            tracing::error!(error = %e, "cannot attach; detaching what was attached");
+            tracing::error!(error = %e, %instance, "cannot attach; what was attached stays pinned (`vpcgate teardown --instance` removes it)");
             return EXIT_ERROR;
         }
     }
@@ -150,7 +203,7 @@ pub fn run(args: &Args) -> u8 {
                 _ = int.recv() => break,
             }
         }
-        tracing::info!("stopping: detaching the programs");
+        tracing::info!(%instance, "stopping; enforcement stays in the kernel (`vpcgate teardown --instance {instance}` removes it)");
         EXIT_OK
     })
 }

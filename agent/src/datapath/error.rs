@@ -89,6 +89,44 @@ pub enum DatapathError {
         restore: String,
     },
 
+    #[error("{what} at {}: {source}", path.display())]
+    Pin {
+        path: std::path::PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error(
+        "instance name {0:?} cannot name a pin directory: use letters, digits, '_' and '-' (at most 64; bpffs refuses dots)"
+    )]
+    InstanceName(String),
+
+    #[error("no pinned state for instance {0:?} (nothing under /sys/fs/bpf/vpcgate/{0})")]
+    NoInstance(String),
+
+    #[error(
+        "instance {instance:?} is enforced by another vpcgate build (pinned under /sys/fs/bpf/vpcgate/{instance}/{}; this build is {ours}): \
+         refusing to mix them. Run the build that pinned it, or `vpcgate teardown --instance {instance}` and start again \
+         (egress is not enforced between the two)",
+        found.join(", ")
+    )]
+    ForeignBuild {
+        instance: String,
+        found: Vec<String>,
+        ours: String,
+    },
+
+    #[error(
+        "the pinned state at {} is incomplete ({missing} missing): `vpcgate teardown --instance {instance}` and start again",
+        dir.display()
+    )]
+    IncompletePins {
+        instance: String,
+        dir: std::path::PathBuf,
+        missing: String,
+    },
+
     #[error("map {map}: {}", chain(source))]
     Map {
         map: &'static str,

@@ -10,6 +10,7 @@ mod flows;
 mod maps;
 pub mod netdev;
 mod observe;
+pub mod pin;
 pub mod plan;
 #[cfg(test)]
 mod plan_model;
@@ -25,9 +26,11 @@ use aya::{
     Ebpf, EbpfLoader, VerifierLogLevel,
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
         tc::{self, NlOptions, TcAttachOptions},
     },
 };
+use aya_obj::programs::XdpAttachType;
 pub use capacity::{EntryCounts, entry_counts};
 pub use counters::DropCounts;
 pub use error::DatapathError;
@@ -49,6 +52,8 @@ pub enum XdpAttachMode {
     Native,
     /// In the generic (skb) path.
     Generic,
+    /// An adopted link whose mode could not be read back (`ip` missing).
+    Unknown,
 }
 
 /// Which XDP program to attach.
@@ -79,8 +84,26 @@ pub enum TcAttachMode {
     Clsact,
 }
 
-/// The loaded kernel object: programs verified and loaded, maps created. Dropping it detaches every
-/// link it made (pinning, which keeps them past the agent's exit, comes with the daemon).
+/// How `open` came by the instance's kernel state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Opened {
+    /// Nothing was pinned: programs loaded, maps created, all pinned.
+    Loaded,
+    /// This build's pinned programs and maps were adopted: same program ids, nothing detached.
+    Adopted,
+}
+
+/// Programs opened from their pins (an adopting agent never loads its own).
+struct AdoptedPrograms {
+    tc_egress: SchedClassifier,
+    xdp_ingress: Xdp,
+    xdp_forward: Xdp,
+}
+
+/// The loaded kernel object: programs verified and loaded, maps created. Unpinned (`load`), dropping it
+/// detaches every link it made; pinned (`open`), links, programs and maps stay in the kernel when it is
+/// dropped or the process dies, until `pin::teardown`.
 pub struct Datapath {
     ebpf: Ebpf,
     /// What `apply` knows of the policy maps, so it touches only the entries it must.
@@ -89,6 +112,59 @@ pub struct Datapath {
     barrier: barrier::Barrier,
     /// Test hook: the next apply fails at this operation of its plan.
     fail_at: Option<usize>,
+    /// Set when the programs were adopted from pins (the object's own are then never loaded).
+    adopted: Option<AdoptedPrograms>,
+    /// Where this instance's state is pinned; None for an unpinned load.
+    pins: Option<pin::Pins>,
+}
+
+const PROGRAMS: [&str; 3] = [
+    programs::TC_EGRESS,
+    programs::XDP_INGRESS,
+    programs::XDP_FORWARD,
+];
+
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    {
+        let prog: &mut SchedClassifier = program_mut(ebpf, programs::TC_EGRESS)?;
+        prog.load()
+            .map_err(|e| DatapathError::load(programs::TC_EGRESS, e))?;
+    }
+    for name in [programs::XDP_INGRESS, programs::XDP_FORWARD] {
+        let prog: &mut Xdp = program_mut(ebpf, name)?;
+        prog.load().map_err(|e| DatapathError::load(name, e))?;
+    }
+    Ok(())
+}
+
+fn loader() -> EbpfLoader<'static> {
+    let mut l = EbpfLoader::new();
+    l.verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS);
+    l
+}
+
+/// Loads `object` with every map pinned at (or opened from) `pins`.
+fn load_pinned(
+    object: &[u8],
+    names: &std::collections::BTreeSet<String>,
+    pins: &pin::Pins,
+) -> Result<Ebpf, DatapathError> {
+    let mut l = EbpfLoader::new();
+    l.verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS);
+    for n in names {
+        l.map_pin_path(n.as_str(), pins.map(n));
+    }
+    let ebpf = l.load(object).map_err(DatapathError::Object)?;
+    // Every map of the object is one of the pinned ones (a map the loader created on its own would be
+    // state no restart could find).
+    if let Some((extra, _)) = ebpf.maps().find(|(n, _)| !names.contains(*n)) {
+        return Err(DatapathError::Pin {
+            path: pins.maps(),
+            what: "pin every map",
+            source: std::io::Error::other(format!("map {extra} is not among the object's maps")),
+        });
+    }
+    Ok(ebpf)
 }
 
 impl Datapath {
@@ -97,43 +173,179 @@ impl Datapath {
         Self::load_object(EBPF_OBJECT)
     }
 
-    /// Loads `object` (an ELF built from `ebpf/`) and both programs into the kernel.
+    /// Loads `object` (an ELF built from `ebpf/`) and both programs into the kernel, pinning nothing.
     pub fn load_object(object: &[u8]) -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new()
-            .verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS)
-            .load(object)
-            .map_err(DatapathError::Object)?;
-        {
-            let prog: &mut SchedClassifier = program_mut(&mut ebpf, programs::TC_EGRESS)?;
-            prog.load()
-                .map_err(|e| DatapathError::load(programs::TC_EGRESS, e))?;
-        }
-        for name in [programs::XDP_INGRESS, programs::XDP_FORWARD] {
-            let prog: &mut Xdp = program_mut(&mut ebpf, name)?;
-            prog.load().map_err(|e| DatapathError::load(name, e))?;
-        }
+        let mut ebpf = loader().load(object).map_err(DatapathError::Object)?;
+        load_programs(&mut ebpf)?;
         // Maps created by this load are empty: both generation slots are known to be.
         Ok(Self {
             ebpf,
             recorded: state::Recorded::fresh(),
             barrier: barrier::Barrier::new()?,
             fail_at: None,
+            adopted: None,
+            pins: None,
         })
+    }
+
+    /// The embedded object for `instance`, pinned under /sys/fs/bpf/vpcgate/<instance>/: adopted when
+    /// this build pinned it before (what the kernel holds is then read back, not assumed), loaded and
+    /// pinned when nothing is pinned, refused when another build's state is there. Mounts bpffs if needed.
+    pub fn open(instance: &str) -> Result<(Self, Opened), DatapathError> {
+        Self::open_object(instance, EBPF_OBJECT)
+    }
+
+    pub fn open_object(instance: &str, object: &[u8]) -> Result<(Self, Opened), DatapathError> {
+        pin::check_instance(instance)?;
+        pin::ensure_bpffs()?;
+        let build = pin::build_id(object);
+        let names = pin::map_names(object)?;
+        match pin::survey(instance, &build)? {
+            pin::Found::Others(found) => Err(DatapathError::ForeignBuild {
+                instance: instance.to_owned(),
+                found,
+                ours: build,
+            }),
+            pin::Found::Ours => {
+                let pins = pin::Pins {
+                    dir: pin::instance_dir(instance).join(&build),
+                };
+                let missing: Vec<String> = names
+                    .iter()
+                    .map(|n| pins.map(n))
+                    .chain(PROGRAMS.iter().map(|p| pins.prog(p)))
+                    .filter(|p| !p.exists())
+                    .map(|p| p.display().to_string())
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(DatapathError::IncompletePins {
+                        instance: instance.to_owned(),
+                        dir: pins.dir.clone(),
+                        missing: missing.join(", "),
+                    });
+                }
+                let ebpf = load_pinned(object, &names, &pins)?;
+                let prog_err = |name| move |e| DatapathError::load(name, e);
+                let adopted = AdoptedPrograms {
+                    tc_egress: SchedClassifier::from_pin(pins.prog(programs::TC_EGRESS))
+                        .map_err(prog_err(programs::TC_EGRESS))?,
+                    xdp_ingress: Xdp::from_pin(
+                        pins.prog(programs::XDP_INGRESS),
+                        XdpAttachType::Interface,
+                    )
+                    .map_err(prog_err(programs::XDP_INGRESS))?,
+                    xdp_forward: Xdp::from_pin(
+                        pins.prog(programs::XDP_FORWARD),
+                        XdpAttachType::Interface,
+                    )
+                    .map_err(prog_err(programs::XDP_FORWARD))?,
+                };
+                Ok((
+                    Self {
+                        ebpf,
+                        // Another process wrote these maps: found by reading them.
+                        recorded: state::Recorded::unknown(),
+                        barrier: barrier::Barrier::new()?,
+                        fail_at: None,
+                        adopted: Some(adopted),
+                        pins: Some(pins),
+                    },
+                    Opened::Adopted,
+                ))
+            }
+            pin::Found::Nothing => {
+                let staging = pin::staging(instance)?;
+                let staged = (|| {
+                    let mut ebpf = load_pinned(object, &names, &staging)?;
+                    load_programs(&mut ebpf)?;
+                    for name in PROGRAMS {
+                        let prog = ebpf
+                            .program_mut(name)
+                            .ok_or(DatapathError::MissingProgram(name))?;
+                        prog.pin(staging.prog(name))
+                            .map_err(|e| DatapathError::Pin {
+                                path: staging.prog(name),
+                                what: "pin the program",
+                                source: std::io::Error::other(e.to_string()),
+                            })?;
+                    }
+                    Ok(ebpf)
+                })();
+                let ebpf = match staged {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = pin::remove_tree(&staging.dir);
+                        return Err(e);
+                    }
+                };
+                // Complete: move it into place before anything is attached.
+                let pins = pin::commit(&staging, instance, &build)?;
+                Ok((
+                    Self {
+                        ebpf,
+                        recorded: state::Recorded::fresh(),
+                        barrier: barrier::Barrier::new()?,
+                        fail_at: None,
+                        adopted: None,
+                        pins: Some(pins),
+                    },
+                    Opened::Loaded,
+                ))
+            }
+        }
+    }
+
+    /// Where this instance is pinned (None for an unpinned load).
+    pub fn pin_dir(&self) -> Option<&std::path::Path> {
+        self.pins.as_ref().map(|p| p.dir.as_path())
+    }
+
+    /// The kernel's id of each program: (name, id).
+    pub fn program_ids(&mut self) -> Result<Vec<(&'static str, u32)>, DatapathError> {
+        let tc = self
+            .tc_egress()?
+            .info()
+            .map_err(|e| DatapathError::load(programs::TC_EGRESS, e))?
+            .id();
+        let xi = self
+            .xdp_ingress()?
+            .info()
+            .map_err(|e| DatapathError::load(programs::XDP_INGRESS, e))?
+            .id();
+        let xf = self
+            .xdp_forward()?
+            .info()
+            .map_err(|e| DatapathError::load(programs::XDP_FORWARD, e))?
+            .id();
+        Ok(vec![
+            (programs::TC_EGRESS, tc),
+            (programs::XDP_INGRESS, xi),
+            (programs::XDP_FORWARD, xf),
+        ])
     }
 
     /// The loaded TC egress classifier.
     pub fn tc_egress(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
-        program_mut(&mut self.ebpf, programs::TC_EGRESS)
+        match &mut self.adopted {
+            Some(a) => Ok(&mut a.tc_egress),
+            None => program_mut(&mut self.ebpf, programs::TC_EGRESS),
+        }
     }
 
     /// The loaded XDP program for the ENI's ingress (observe: records inbound flows, never drops).
     pub fn xdp_ingress(&mut self) -> Result<&mut Xdp, DatapathError> {
-        program_mut(&mut self.ebpf, programs::XDP_INGRESS)
+        match &mut self.adopted {
+            Some(a) => Ok(&mut a.xdp_ingress),
+            None => program_mut(&mut self.ebpf, programs::XDP_INGRESS),
+        }
     }
 
     /// The loaded XDP program for forward interfaces (enforces like TC egress).
     pub fn xdp_forward(&mut self) -> Result<&mut Xdp, DatapathError> {
-        program_mut(&mut self.ebpf, programs::XDP_FORWARD)
+        match &mut self.adopted {
+            Some(a) => Ok(&mut a.xdp_forward),
+            None => program_mut(&mut self.ebpf, programs::XDP_FORWARD),
+        }
     }
 
     pub(crate) fn ebpf(&self) -> &Ebpf {
@@ -145,21 +357,42 @@ impl Datapath {
     }
 
     /// Attaches the TC egress classifier to `interface` (in the caller's network namespace): a tcx link
-    /// where the kernel has tcx, else a filter on a clsact qdisc (added when missing).
+    /// where the kernel has tcx, else a filter on a clsact qdisc (added when missing). Pinned, the link
+    /// (or, for clsact, a marker naming the filter) is pinned too; an attachment this instance pinned
+    /// before and that still holds our program on this interface is adopted as it is.
     pub fn attach_tc_egress(&mut self, interface: &str) -> Result<TcAttachMode, DatapathError> {
-        ifindex(interface)?;
+        let index = ifindex(interface)?;
         require_ethernet(interface)?;
         let tcx = has_tcx();
+        let attach_err = |source| DatapathError::Attach {
+            program: programs::TC_EGRESS,
+            interface: interface.to_owned(),
+            source,
+        };
+        let pins = self.pins.clone();
+        if tcx && let Some(p) = &pins {
+            let path = p.link(programs::TC_EGRESS, interface);
+            if path.exists() {
+                let ours = self.program_id(programs::TC_EGRESS)?;
+                let state = pin::pinned_link_state(&path)?;
+                if state.ifindex == index && state.prog_id == ours {
+                    return Ok(TcAttachMode::Tcx);
+                }
+                // Defunct (its interface went away) or not ours: replaced below.
+                tracing::warn!(
+                    interface,
+                    ?state,
+                    "pinned tc link does not hold our program here; attaching anew"
+                );
+                remove_pin(&path)?;
+            }
+        }
         if !tcx {
             // EEXIST just means the qdisc is there already.
             if let Err(e) = tc::qdisc_add_clsact(interface)
                 && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
             {
-                return Err(DatapathError::Attach {
-                    program: programs::TC_EGRESS,
-                    interface: interface.to_owned(),
-                    source: ProgramError::from(e),
-                });
+                return Err(attach_err(ProgramError::from(e)));
             }
         }
         // First in the chain (tcx) or at the highest priority (clsact): a program before ours could
@@ -169,21 +402,56 @@ impl Datapath {
         } else {
             TcAttachOptions::Netlink(NlOptions {
                 priority: 1,
+                handle: pin::CLSACT_HANDLE.into(),
                 ..NlOptions::default()
             })
         };
-        self.tc_egress()?
-            .attach_with_options(interface, TcAttachType::Egress, options)
-            .map_err(|source| DatapathError::Attach {
-                program: programs::TC_EGRESS,
-                interface: interface.to_owned(),
-                source,
-            })?;
+        let prog = self.tc_egress()?;
+        let id = match prog.attach_with_options(interface, TcAttachType::Egress, options) {
+            Ok(id) => id,
+            // Our filter (priority 1, our handle) is there already: a pinned instance adopting it.
+            Err(ProgramError::TcError(tc::TcError::NetlinkError(e)))
+                if !tcx && pins.is_some() && e.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                return Ok(TcAttachMode::Clsact);
+            }
+            Err(e) => return Err(attach_err(e)),
+        };
+        if let Some(p) = &pins {
+            let link = prog.take_link(id).map_err(attach_err)?;
+            if tcx {
+                let path = p.link(programs::TC_EGRESS, interface);
+                let path_for_err = path.clone();
+                let fd: FdLink = link.try_into().map_err(link_err(&path_for_err))?;
+                pin_link(fd, &path)?;
+            } else {
+                // A cls_bpf filter is no bpf link: it stays until removed. The marker (our program,
+                // pinned again) tells teardown which interface's filter is ours.
+                std::mem::forget(link);
+                let marker = p.link("clsact", interface);
+                if !marker.exists() {
+                    prog.pin(&marker).map_err(|e| DatapathError::Pin {
+                        path: marker.clone(),
+                        what: "pin the clsact marker",
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                }
+            }
+        }
         Ok(if tcx {
             TcAttachMode::Tcx
         } else {
             TcAttachMode::Clsact
         })
+    }
+
+    fn program_id(&mut self, name: &'static str) -> Result<u32, DatapathError> {
+        let info = match name {
+            programs::TC_EGRESS => self.tc_egress()?.info(),
+            programs::XDP_INGRESS => self.xdp_ingress()?.info(),
+            _ => self.xdp_forward()?.info(),
+        };
+        Ok(info.map_err(|e| DatapathError::load(name, e))?.id())
     }
 
     /// Where the TC egress program sits in `interface`'s tcx egress chain: (position from 0, programs in
@@ -209,7 +477,8 @@ impl Datapath {
     }
 
     /// Attaches an XDP program (`XdpRole`) to `interface`: native (driver) mode where the driver supports
-    /// it, generic mode otherwise. The mode actually used is returned, never silently assumed.
+    /// it, generic mode otherwise. The mode actually used is returned, never silently assumed. Pinned,
+    /// the link is pinned, and a link pinned before that still holds our program here is adopted.
     pub fn attach_xdp(
         &mut self,
         interface: &str,
@@ -218,29 +487,66 @@ impl Datapath {
         let index = ifindex(interface)?;
         require_ethernet(interface)?;
         let name = role.program();
+        let pins = self.pins.clone();
+        if let Some(p) = &pins {
+            let path = p.link(name, interface);
+            if path.exists() {
+                let ours = self.program_id(name)?;
+                let state = pin::pinned_link_state(&path)?;
+                if state.ifindex == index && state.prog_id == ours {
+                    return Ok(xdp_mode_of(interface).unwrap_or(XdpAttachMode::Unknown));
+                }
+                tracing::warn!(
+                    interface,
+                    program = name,
+                    ?state,
+                    "pinned XDP link does not hold our program here; attaching anew"
+                );
+                remove_pin(&path)?;
+            }
+        }
         // Where the kernel can tell (xdp-features, 6.3+) that the driver has no native XDP, go straight
         // to generic; otherwise try the driver first.
         let native = netdev::native_xdp(index).unwrap_or_else(|e| {
             tracing::debug!(interface, error = %e, "cannot read the interface's XDP features");
             netdev::NativeXdp::Unknown
         });
-        let prog: &mut Xdp = program_mut(&mut self.ebpf, name)?;
+        let prog: &mut Xdp = match role {
+            XdpRole::EniIngress => self.xdp_ingress()?,
+            XdpRole::Forward => self.xdp_forward()?,
+        };
+        let attach_err = |source| DatapathError::Attach {
+            program: name,
+            interface: interface.to_owned(),
+            source,
+        };
+        let mut attached = None;
         let refused = if native == netdev::NativeXdp::Unsupported {
             "the driver has no native XDP (xdp-features)".to_owned()
         } else {
             match prog.attach(interface, XdpMode::Driver) {
-                Ok(_) => return Ok(XdpAttachMode::Native),
+                Ok(id) => {
+                    attached = Some((id, XdpAttachMode::Native));
+                    String::new()
+                }
                 Err(e) => format!("native XDP refused: {e}"),
             }
         };
-        tracing::info!(interface, program = name, reason = %refused, "attaching XDP in generic mode");
-        prog.attach(interface, XdpMode::Skb)
-            .map_err(|source| DatapathError::Attach {
-                program: name,
-                interface: interface.to_owned(),
-                source,
-            })?;
-        Ok(XdpAttachMode::Generic)
+        let (id, mode) = match attached {
+            Some(a) => a,
+            None => {
+                tracing::info!(interface, program = name, reason = %refused, "attaching XDP in generic mode");
+                let id = prog.attach(interface, XdpMode::Skb).map_err(attach_err)?;
+                (id, XdpAttachMode::Generic)
+            }
+        };
+        if let Some(p) = &pins {
+            let link = prog.take_link(id).map_err(attach_err)?;
+            let path_for_err = p.link(name, interface);
+            let fd: FdLink = link.try_into().map_err(link_err(&path_for_err))?;
+            pin_link(fd, &path_for_err)?;
+        }
+        Ok(mode)
     }
 
     /// How many instructions the verifier processed for each program (kernel >= 5.16 reports it): the
@@ -285,6 +591,52 @@ pub fn barrier_probe() -> Result<std::time::Duration, DatapathError> {
     let start = std::time::Instant::now();
     barrier.wait()?;
     Ok(start.elapsed())
+}
+
+fn link_err(
+    path: &std::path::Path,
+) -> impl Fn(aya::programs::links::LinkError) -> DatapathError + '_ {
+    move |e| DatapathError::Pin {
+        path: path.to_owned(),
+        what: "make the attachment a pinnable link (needs a bpf_link: tcx, or XDP on 5.9+)",
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+fn pin_link(link: FdLink, path: &std::path::Path) -> Result<(), DatapathError> {
+    let pinned: PinnedLink = link.pin(path).map_err(|e| DatapathError::Pin {
+        path: path.to_owned(),
+        what: "pin the link",
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    // Closing our descriptor leaves the pin holding the link.
+    drop(pinned);
+    Ok(())
+}
+
+fn remove_pin(path: &std::path::Path) -> Result<(), DatapathError> {
+    std::fs::remove_file(path).map_err(|source| DatapathError::Pin {
+        path: path.to_owned(),
+        what: "unpin",
+        source,
+    })
+}
+
+/// The mode XDP runs in on `interface` as `ip link` shows it (generic programs are `xdpgeneric`);
+/// None when it cannot tell.
+fn xdp_mode_of(interface: &str) -> Option<XdpAttachMode> {
+    let out = std::process::Command::new("ip")
+        .args(["-d", "link", "show", "dev", interface])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("xdpgeneric") {
+        Some(XdpAttachMode::Generic)
+    } else if text.contains("xdp") {
+        Some(XdpAttachMode::Native)
+    } else {
+        None
+    }
 }
 
 /// Whether TC programs attach as tcx links (kernel >= 6.6) rather than clsact filters.
