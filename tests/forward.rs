@@ -4,10 +4,13 @@
 use std::{net::UdpSocket, time::Duration};
 
 use vpcgate::{
-    datapath::{Datapath, XdpAttachMode, XdpRole, ifindex},
+    datapath::{Datapath, DatapathError, XdpAttachMode, XdpRole, ifindex, netdev},
     policy::{check_text, compile::Compiled},
 };
-use vpcgate_common::verdict::DropReason;
+use vpcgate_common::{
+    parse_stats::{Hook, Stat},
+    verdict::DropReason,
+};
 use vpcgate_lab::netns::{GW_IF, Netns, Pair};
 
 const POLICY: &str = r#"
@@ -30,8 +33,11 @@ protocol = "udp"
 enum PodLink {
     /// `gw-pod` is a veth (native XDP).
     Veth,
-    /// `gw-pod` is a macvlan on top of the gateway's end of the veth: macvlan has no native XDP, so the
-    /// forward program attaches in generic mode.
+    /// `gw-pod` is a VXLAN device (an overlay such as flannel's) over a veth underlay: VXLAN has no
+    /// native XDP, so the forward program attaches in generic mode.
+    Vxlan,
+    /// `gw-pod` is a macvlan on the gateway's end of a veth: a stacked device, refused as a forward
+    /// interface.
     Macvlan,
 }
 
@@ -39,9 +45,10 @@ enum PodLink {
 fn topology(link: PodLink) -> (Pair, Netns) {
     let pair = Pair::new();
     let pod = Netns::new("pod");
-    let gw_end = match link {
-        PodLink::Veth => "gw-pod",
-        PodLink::Macvlan => "gw-podl",
+    let (gw_end, pod_end) = match link {
+        PodLink::Veth => ("gw-pod", "pod0"),
+        PodLink::Vxlan => ("gw-ul", "pod-ul"),
+        PodLink::Macvlan => ("gw-ul", "pod0"),
     };
     pair.gw.ip(&[
         "link",
@@ -51,24 +58,36 @@ fn topology(link: PodLink) -> (Pair, Netns) {
         "veth",
         "peer",
         "name",
-        "pod0",
+        pod_end,
         "netns",
         pod.name(),
     ]);
     pair.gw.ip(&["link", "set", gw_end, "up"]);
-    if link == PodLink::Macvlan {
-        pair.gw.ip(&[
-            "link", "add", "link", gw_end, "name", "gw-pod", "type", "macvlan", "mode", "bridge",
-        ]);
-        pair.gw.ip(&["link", "set", "gw-pod", "up"]);
-        // Only the macvlan may answer ARP for 10.201.0.1: were the veth end to answer with its own MAC
-        // (Linux answers for any local address by default), the pod's frames would be taken by the veth
-        // end itself and never reach the macvlan or its XDP program.
-        pair.gw.exec(&[
-            "sysctl",
-            "-qw",
-            &format!("net.ipv4.conf.{gw_end}.arp_ignore=1"),
-        ]);
+    pod.ip(&["link", "set", pod_end, "up"]);
+    match link {
+        PodLink::Veth => {}
+        PodLink::Vxlan => {
+            // The underlay: 10.202.0.0/24 on the veth pair; the overlay: VNI 42 between the two.
+            pair.gw.ip(&["addr", "add", "10.202.0.1/24", "dev", gw_end]);
+            pod.ip(&["addr", "add", "10.202.0.2/24", "dev", pod_end]);
+            for (ns, local, remote, dev, name) in [
+                (&pair.gw, "10.202.0.1", "10.202.0.2", gw_end, "gw-pod"),
+                (&pod, "10.202.0.2", "10.202.0.1", pod_end, "pod0"),
+            ] {
+                ns.ip(&[
+                    "link", "add", name, "type", "vxlan", "id", "42", "local", local, "remote",
+                    remote, "dstport", "4789", "dev", dev,
+                ]);
+                ns.ip(&["link", "set", name, "up"]);
+            }
+        }
+        PodLink::Macvlan => {
+            pair.gw.ip(&[
+                "link", "add", "link", gw_end, "name", "gw-pod", "type", "macvlan", "mode",
+                "bridge",
+            ]);
+            pair.gw.ip(&["link", "set", "gw-pod", "up"]);
+        }
     }
     pair.gw
         .ip(&["addr", "add", "10.201.0.1/24", "dev", "gw-pod"]);
@@ -78,6 +97,37 @@ fn topology(link: PodLink) -> (Pair, Netns) {
     pod.ip(&["route", "add", "default", "via", "10.201.0.1"]);
     pair.vpc
         .ip(&["route", "add", "10.201.0.0/24", "via", "10.200.0.1"]);
+    // Resolved neighbours, so no datagram of the test waits on ARP (slow under TCG).
+    let mac = |ns: &Netns, dev: &str| {
+        let out = ns.ip(&["-br", "link", "show", "dev", dev]);
+        out.split_whitespace()
+            .nth(2)
+            .unwrap_or_else(|| panic!("no MAC for {dev}: {out}"))
+            .to_owned()
+    };
+    let (gw_mac, pod_mac) = (mac(&pair.gw, "gw-pod"), mac(&pod, "pod0"));
+    pod.ip(&[
+        "neigh",
+        "replace",
+        "10.201.0.1",
+        "lladdr",
+        &gw_mac,
+        "dev",
+        "pod0",
+        "nud",
+        "permanent",
+    ]);
+    pair.gw.ip(&[
+        "neigh",
+        "replace",
+        "10.201.0.2",
+        "lladdr",
+        &pod_mac,
+        "dev",
+        "gw-pod",
+        "nud",
+        "permanent",
+    ]);
     (pair, pod)
 }
 
@@ -96,7 +146,7 @@ fn assert_enforced(pair: &Pair, pod: &Netns, dp: &mut Datapath, compiled: &Compi
         let a = UdpSocket::bind("10.200.0.2:9000").unwrap();
         let d = UdpSocket::bind("10.200.0.2:9001").unwrap();
         for s in [&a, &d] {
-            s.set_read_timeout(Some(Duration::from_millis(500)))
+            s.set_read_timeout(Some(Duration::from_millis(1500)))
                 .unwrap();
         }
         (a, d)
@@ -128,6 +178,11 @@ fn assert_enforced(pair: &Pair, pod: &Netns, dp: &mut Datapath, compiled: &Compi
     assert_eq!(
         dp.drop_counts().unwrap().dropped[&DropReason::PortNotAuthorized],
         2
+    );
+    let udp = dp.parse_stats().unwrap().get(Hook::XdpForward, Stat::Udp);
+    assert!(
+        udp >= 5,
+        "the forward XDP program parsed {udp} UDP datagrams, not the pod's five"
     );
     let echo = compiled
         .rules
@@ -171,27 +226,31 @@ fn forward_interface_ingress_is_enforced() {
     assert_enforced(&pair, &pod, &mut dp, &compiled);
 }
 
-/// A forward interface whose driver has no native XDP (macvlan) gets the program in generic mode, and
+/// A forward interface whose driver has no native XDP (VXLAN) gets the program in generic mode, and
 /// enforcement there is the same: no TC egress is attached here, so every drop is the generic XDP's.
 /// `preflight --config` predicts the mode for each interface before anything is attached.
 #[test]
 fn a_forward_interface_without_native_xdp_is_enforced_by_generic_xdp() {
     vpcgate_lab::require_root();
-    let (pair, pod) = topology(PodLink::Macvlan);
-    let modes = preflight_xdp_modes(&pair);
-    // The netdev netlink family (xdp-features) exists from 6.3; before, the mode is known only at attach.
-    let (eni, fwd) = if kernel_at_least(6, 3) {
+    let (pair, pod) = topology(PodLink::Vxlan);
+    let checks = preflight_xdp_checks(&pair);
+    // The netdev netlink family (xdp-features, 6.3+) lets preflight tell; before, it says "at attach".
+    let features = pair
+        .gw
+        .run(netdev::has_xdp_features)
+        .expect("ask for the netdev family");
+    let (eni, fwd) = if features {
         ("native", "generic")
     } else {
         ("at_attach", "at_attach")
     };
     assert_eq!(
-        modes,
+        checks,
         vec![
-            (GW_IF.to_owned(), eni.to_owned()),
-            ("gw-pod".to_owned(), fwd.to_owned())
+            (GW_IF.to_owned(), true, Some(eni.to_owned())),
+            ("gw-pod".to_owned(), true, Some(fwd.to_owned()))
         ],
-        "preflight's XDP modes for the ENI and the forward interface"
+        "preflight's XDP checks for the ENI and the forward interface"
     );
 
     let compiled = compiled();
@@ -204,7 +263,7 @@ fn a_forward_interface_without_native_xdp_is_enforced_by_generic_xdp() {
         dp.attach_xdp("gw-pod", XdpRole::Forward)
             .unwrap_or_else(|e| panic!("{e}"))
     });
-    assert_eq!(mode, XdpAttachMode::Generic, "macvlan has no native XDP");
+    assert_eq!(mode, XdpAttachMode::Generic, "VXLAN has no native XDP");
     let attached = pair.gw.ip(&["-d", "link", "show", "dev", "gw-pod"]);
     assert!(
         attached.contains("xdpgeneric"),
@@ -213,8 +272,38 @@ fn a_forward_interface_without_native_xdp_is_enforced_by_generic_xdp() {
     assert_enforced(&pair, &pod, &mut dp, &compiled);
 }
 
-/// Runs `vpcgate preflight --config` in the gateway namespace: (interface, xdp_mode) of its xdp checks.
-fn preflight_xdp_modes(pair: &Pair) -> Vec<(String, String)> {
+/// A macvlan (or VLAN, ipvlan) forward interface is refused, by `run`'s attach and by preflight: frames
+/// a pod addresses to the lower device's own MAC reach the host without passing the macvlan.
+#[test]
+fn a_stacked_forward_interface_is_refused() {
+    vpcgate_lab::require_root();
+    let (pair, _pod) = topology(PodLink::Macvlan);
+    let checks = preflight_xdp_checks(&pair);
+    assert_eq!(checks[1].0, "gw-pod");
+    assert!(
+        !checks[1].1,
+        "preflight accepted a macvlan forward interface"
+    );
+    let mut dp = Datapath::load().unwrap_or_else(|e| panic!("{e}"));
+    let err = pair
+        .gw
+        .run(|| dp.attach_xdp("gw-pod", XdpRole::Forward))
+        .expect_err("a macvlan forward interface was attached");
+    assert!(
+        matches!(&err, DatapathError::StackedForward { interface, .. } if interface == "gw-pod"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("list the lower interface"),
+        "{err}"
+    );
+    let shown = pair.gw.ip(&["link", "show", "dev", "gw-pod"]);
+    assert!(!shown.contains("xdp"), "something was attached: {shown}");
+}
+
+/// Runs `vpcgate preflight --config` in the gateway namespace: (interface, ok, xdp_mode) of its xdp
+/// checks. Only those are asserted: the rest of the report is preflight's own test.
+fn preflight_xdp_checks(pair: &Pair) -> Vec<(String, bool, Option<String>)> {
     let bin = std::env::var("VPCGATE_BIN").unwrap_or_else(|_| {
         panic!("VPCGATE_BIN is not set: run through `cargo xtask test`, which builds vpcgate and points it here")
     });
@@ -235,13 +324,13 @@ fn preflight_xdp_modes(pair: &Pair) -> Vec<(String, String)> {
         .expect("run vpcgate preflight");
     let _ = std::fs::remove_dir_all(&dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "preflight failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("preflight JSON");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "preflight ({}) printed no JSON report ({e}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
     report["checks"]
         .as_array()
         .expect("checks")
@@ -250,17 +339,9 @@ fn preflight_xdp_modes(pair: &Pair) -> Vec<(String, String)> {
         .map(|c| {
             (
                 c["interface"].as_str().expect("interface").to_owned(),
-                c["xdp_mode"].as_str().expect("xdp_mode").to_owned(),
+                c["ok"].as_bool().expect("ok"),
+                c["xdp_mode"].as_str().map(str::to_owned),
             )
         })
         .collect()
-}
-
-fn kernel_at_least(major: u32, minor: u32) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
-    let mut parts = release
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }

@@ -78,8 +78,9 @@ pub struct LabTest {
 
 /// Modules for the network-namespace lab: veth pairs; TC egress on kernels without tcx (< 6.6) goes
 /// through a clsact qdisc (sch_ingress) and a direct-action cls_bpf filter. XDP on veth is part of veth;
-/// macvlan is the forward interface without native XDP (the generic XDP fallback).
-const LAB_MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf", "macvlan"];
+/// VXLAN is the forward interface without native XDP (the generic XDP fallback); macvlan the stacked
+/// forward interface that is refused.
+const LAB_MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf", "vxlan", "macvlan"];
 
 /// `ip netns`: busybox's `ip` has no netns support, so iproute2's runs in the VM.
 const LAB_TOOLS: &[&str] = &["ip"];

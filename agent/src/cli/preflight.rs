@@ -119,14 +119,21 @@ fn checks(config: Option<&Path>) -> Vec<Check> {
             });
             let tc = dp.tc_egress().ok().map(|p| run_frame(p));
             let xdp = dp.xdp_ingress().ok().map(|p| run_frame(p));
-            // No policy is applied to this fresh object: TC egress must fail closed (TC_ACT_SHOT, 2) and the
-            // observing XDP program must pass (XDP_PASS, 2).
-            let ok = matches!(tc, Some(Ok(2))) && matches!(xdp, Some(Ok(2)));
+            let fwd = dp.xdp_forward().ok().map(|p| run_frame(p));
+            // No policy is applied to this fresh object: the enforcing programs must fail closed
+            // (TC_ACT_SHOT 2, XDP_DROP 1) and the observing XDP program must pass (XDP_PASS 2).
+            let ok = matches!(tc, Some(Ok(2)))
+                && matches!(xdp, Some(Ok(2)))
+                && matches!(fwd, Some(Ok(1)));
             let detail = if ok {
-                "without a policy tc egress fails closed and xdp ingress passes a UDP test frame (BPF_PROG_TEST_RUN)"
+                "without a policy tc egress and xdp forward fail closed and xdp ingress passes a UDP test \
+                 frame (BPF_PROG_TEST_RUN)"
                     .to_owned()
             } else {
-                format!("unexpected result for a UDP test frame: tc egress {tc:?}, xdp {xdp:?}")
+                format!(
+                    "unexpected result for a UDP test frame without a policy: tc egress {tc:?} (want 2, \
+                     shot), xdp forward {fwd:?} (want 1, drop), xdp ingress {xdp:?} (want 2, pass)"
+                )
             };
             checks.push(Check {
                 check: "test_run",
@@ -202,7 +209,7 @@ fn features() -> Vec<Check> {
             Err(e) => Check {
                 check: "map_in_map",
                 ok: false,
-                detail: format!("updating an ARRAY_OF_MAPS slot failed: {e}"),
+                detail: format!("the swap's barrier failed: {e}"),
                 ..Default::default()
             },
         },
@@ -315,11 +322,11 @@ fn xdp_interfaces(path: &Path) -> Vec<Check> {
                 .iter()
                 .map(|f| (f, "forward, enforce")),
         )
-        .map(|(name, role)| xdp_interface(name, role))
+        .map(|(name, role)| xdp_interface(name, role, role.starts_with("forward")))
         .collect()
 }
 
-fn xdp_interface(name: &str, role: &str) -> Check {
+fn xdp_interface(name: &str, role: &str, forward: bool) -> Check {
     let check = |ok: bool, mode: Option<&'static str>, detail: String| Check {
         check: "xdp",
         ok,
@@ -334,13 +341,19 @@ fn xdp_interface(name: &str, role: &str) -> Check {
     if let Err(e) = datapath::require_ethernet(name) {
         return check(false, None, format!("{name} ({role}): {e}"));
     }
+    if forward && let Err(e) = datapath::require_unstacked(name, index) {
+        return check(false, None, format!("{name} ({role}): {e}"));
+    }
     let driver = netdev::driver(name).unwrap_or_else(|| "unknown".into());
     let at = format!("{name} ({role}; driver {driver})");
     match netdev::native_xdp(index) {
         Ok(NativeXdp::Supported) => check(
             true,
             Some("native"),
-            format!("{at}: native XDP in the driver"),
+            format!(
+                "{at}: native XDP, advertised by the driver (an attach can still be refused, e.g. for an \
+                 MTU the driver's XDP cannot take: run then uses generic XDP and logs why)"
+            ),
         ),
         Ok(NativeXdp::Unsupported) => check(
             true,
@@ -403,6 +416,15 @@ fn run_frame<
 }
 
 pub fn run(args: &Args) -> u8 {
+    if let Some(path) = &args.config
+        && let Err(e) = std::fs::read(path)
+    {
+        return super::fail(
+            args.output,
+            "unreadable_file",
+            format!("cannot read {}: {e}", path.display()),
+        );
+    }
     let checks = checks(args.config.as_deref());
     let report = Report {
         ok: checks.iter().all(|c| c.ok),

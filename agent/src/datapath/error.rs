@@ -127,6 +127,21 @@ pub enum DatapathError {
         missing: String,
     },
 
+    #[error("interface {interface}: cannot {what}: {source}")]
+    InterfaceQuery {
+        interface: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error(
+        "forward interface {interface} is a {kind} device stacked on another interface: frames addressed to \
+         the lower interface's own MAC reach this host without passing {interface}, so XDP there cannot \
+         enforce everything pods behind it send; list the lower interface in forward_interfaces instead"
+    )]
+    StackedForward { interface: String, kind: String },
+
     #[error("map {map}: {}", chain(source))]
     Map {
         map: &'static str,

@@ -486,6 +486,9 @@ impl Datapath {
     ) -> Result<XdpAttachMode, DatapathError> {
         let index = ifindex(interface)?;
         require_ethernet(interface)?;
+        if role == XdpRole::Forward {
+            require_unstacked(interface, index)?;
+        }
         let name = role.program();
         let pins = self.pins.clone();
         if let Some(p) = &pins {
@@ -508,7 +511,7 @@ impl Datapath {
         // Where the kernel can tell (xdp-features, 6.3+) that the driver has no native XDP, go straight
         // to generic; otherwise try the driver first.
         let native = netdev::native_xdp(index).unwrap_or_else(|e| {
-            tracing::debug!(interface, error = %e, "cannot read the interface's XDP features");
+            tracing::warn!(interface, error = %e, "cannot read the interface's XDP features; trying native XDP first");
             netdev::NativeXdp::Unknown
         });
         let prog: &mut Xdp = match role {
@@ -591,6 +594,22 @@ pub fn barrier_probe() -> Result<std::time::Duration, DatapathError> {
     let start = std::time::Instant::now();
     barrier.wait()?;
     Ok(start.elapsed())
+}
+
+/// Refuses a forward interface stacked on a lower device (see `netdev::is_stacked`).
+pub fn require_unstacked(interface: &str, index: u32) -> Result<(), DatapathError> {
+    let kind = netdev::link_kind(index).map_err(|source| DatapathError::InterfaceQuery {
+        interface: interface.to_owned(),
+        what: "read its kind (RTM_GETLINK)",
+        source,
+    })?;
+    match kind {
+        Some(k) if netdev::is_stacked(&k) => Err(DatapathError::StackedForward {
+            interface: interface.to_owned(),
+            kind: format!("{k}"),
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn link_err(

@@ -9,14 +9,23 @@
 use std::{ffi::CString, io, os::fd::AsRawFd};
 
 use netlink_packet_core::{
-    DecodeError, DefaultNla, Emitable, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload, Nla,
-    NlasIterator, Parseable, ParseableParametrized,
+    DecodeError, DefaultNla, Emitable, NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload, NetlinkSerializable, Nla, NlasIterator, Parseable,
+    ParseableParametrized,
 };
 use netlink_packet_generic::{
     GenlFamily, GenlHeader, GenlMessage,
     ctrl::{GenlCtrl, GenlCtrlCmd, nlas::GenlCtrlAttrs},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_GENERIC};
+pub use netlink_packet_route::link::InfoKind;
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    link::{LinkAttribute, LinkInfo, LinkMessage},
+};
+use netlink_sys::{
+    Socket, SocketAddr,
+    protocols::{NETLINK_GENERIC, NETLINK_ROUTE},
+};
 
 /// `NETDEV_CMD_DEV_GET` (include/uapi/linux/netdev.h).
 const NETDEV_CMD_DEV_GET: u8 = 1;
@@ -51,7 +60,7 @@ pub fn native_xdp(ifindex: u32) -> io::Result<NativeXdp> {
         )],
     });
     msg.set_resolved_family_id(family);
-    let reply: GenlMessage<NetdevMsg> = socket.request(msg)?;
+    let reply: GenlMessage<NetdevMsg> = socket.request(msg.into())?;
     let features = reply
         .payload
         .nlas
@@ -69,6 +78,11 @@ pub fn native_xdp(ifindex: u32) -> io::Result<NativeXdp> {
     } else {
         NativeXdp::Unsupported
     })
+}
+
+/// Whether this kernel has the `netdev` generic-netlink family (6.3+), i.e. can report XDP features.
+pub fn has_xdp_features() -> io::Result<bool> {
+    Ok(NetlinkSocket::open()?.family_id("netdev")?.is_some())
 }
 
 fn nla_u64(a: &DefaultNla) -> Option<u64> {
@@ -116,13 +130,20 @@ impl ParseableParametrized<[u8], GenlHeader> for NetdevMsg {
     }
 }
 
-/// A generic-netlink socket for one request at a time (the kernel answers synchronously; a receive
-/// timeout bounds the wait anyway).
-struct NetlinkSocket(Socket);
+/// A netlink socket for one request at a time (the kernel answers synchronously; a receive timeout
+/// bounds the wait anyway). Only the kernel can send to it: it is connected to port 0 and joins no group.
+struct NetlinkSocket {
+    socket: Socket,
+    seq: std::cell::Cell<u32>,
+}
 
 impl NetlinkSocket {
     fn open() -> io::Result<Self> {
-        let mut socket = Socket::new(NETLINK_GENERIC)?;
+        Self::open_protocol(NETLINK_GENERIC)
+    }
+
+    fn open_protocol(protocol: isize) -> io::Result<Self> {
+        let mut socket = Socket::new(protocol)?;
         socket.bind_auto()?;
         socket.connect(&SocketAddr::new(0, 0))?;
         let timeout = libc::timeval {
@@ -142,7 +163,10 @@ impl NetlinkSocket {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self(socket))
+        Ok(Self {
+            socket,
+            seq: std::cell::Cell::new(0),
+        })
     }
 
     /// The id of generic-netlink family `name`, or None when this kernel has no such family.
@@ -151,7 +175,7 @@ impl NetlinkSocket {
             cmd: GenlCtrlCmd::GetFamily,
             nlas: vec![GenlCtrlAttrs::FamilyName(name.to_owned())],
         });
-        match self.request::<GenlCtrl>(msg) {
+        match self.request::<GenlMessage<GenlCtrl>>(msg.into()) {
             Ok(reply) => Ok(reply.payload.nlas.iter().find_map(|a| match a {
                 GenlCtrlAttrs::FamilyId(id) => Some(*id),
                 _ => None,
@@ -161,33 +185,78 @@ impl NetlinkSocket {
         }
     }
 
-    /// Sends one request and returns its one reply; a netlink error comes back as its errno.
-    fn request<F>(&self, msg: GenlMessage<F>) -> io::Result<GenlMessage<F>>
+    /// Sends one request and returns its one reply (matched by sequence number; anything else is
+    /// skipped); a netlink error comes back as its errno.
+    fn request<M>(&self, payload: NetlinkPayload<M>) -> io::Result<M>
     where
-        F: GenlFamily + Emitable + ParseableParametrized<[u8], GenlHeader> + std::fmt::Debug,
+        M: NetlinkSerializable + NetlinkDeserializable + std::fmt::Debug,
     {
-        let mut nl = NetlinkMessage::from(msg);
+        let seq = self.seq.get().wrapping_add(1);
+        self.seq.set(seq);
+        let mut nl = NetlinkMessage::new(NetlinkHeader::default(), payload);
         nl.header.flags = NLM_F_REQUEST;
-        nl.header.sequence_number = 1;
+        nl.header.sequence_number = seq;
         nl.finalize();
         let mut buf = vec![0; nl.buffer_len()];
         nl.serialize(&mut buf);
-        self.0.send(&buf, 0)?;
-        let (rx, _) = self.0.recv_from_full()?;
-        let reply = NetlinkMessage::<GenlMessage<F>>::deserialize(&rx)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        match reply.payload {
-            NetlinkPayload::InnerMessage(m) => Ok(m),
-            NetlinkPayload::Error(e) => Err(e.code.map_or_else(
-                || io::Error::other("netlink error without a code"),
-                |c| io::Error::from_raw_os_error(-c.get()),
-            )),
-            other => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unexpected netlink reply {other:?}"),
-            )),
+        self.socket.send(&buf, 0)?;
+        let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
+        // Bounded: a few stale datagrams at most, each wait bounded by the receive timeout.
+        for _ in 0..8 {
+            let mut rx = vec![0u8; 64 * 1024];
+            let n = self.socket.recv(&mut &mut rx[..], 0)?;
+            let reply =
+                NetlinkMessage::<M>::deserialize(&rx[..n]).map_err(|e| invalid(e.to_string()))?;
+            if reply.header.sequence_number != seq {
+                continue;
+            }
+            return match reply.payload {
+                NetlinkPayload::InnerMessage(m) => Ok(m),
+                NetlinkPayload::Error(e) => Err(e.code.map_or_else(
+                    || io::Error::other("netlink error without a code"),
+                    |c| io::Error::from_raw_os_error(-c.get()),
+                )),
+                other => Err(invalid(format!("unexpected netlink reply {other:?}"))),
+            };
         }
+        Err(invalid("no reply to the netlink request".into()))
     }
+}
+
+/// The kind of link `ifindex` is (`IFLA_INFO_KIND`: veth, macvlan, vlan, ...), from RTM_GETLINK in the
+/// calling thread's network namespace; None for a device without one (a physical NIC).
+pub fn link_kind(ifindex: u32) -> io::Result<Option<InfoKind>> {
+    let socket = NetlinkSocket::open_protocol(NETLINK_ROUTE)?;
+    let mut msg = LinkMessage::default();
+    msg.header.index = ifindex;
+    let reply = socket.request(NetlinkPayload::from(RouteNetlinkMessage::GetLink(msg)))?;
+    let RouteNetlinkMessage::NewLink(link) = reply else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected RTM_GETLINK reply {reply:?}"),
+        ));
+    };
+    Ok(link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k.clone()),
+            _ => None,
+        }),
+        _ => None,
+    }))
+}
+
+/// Devices stacked on a lower device of this host (macvlan, ipvlan, VLAN): frames addressed to the
+/// lower device's own MAC reach the host without passing them, so XDP there cannot enforce everything
+/// a pod behind them sends.
+pub fn is_stacked(kind: &InfoKind) -> bool {
+    matches!(
+        kind,
+        InfoKind::MacVlan
+            | InfoKind::MacVtap
+            | InfoKind::IpVlan
+            | InfoKind::IpVtap
+            | InfoKind::Vlan
+    )
 }
 
 /// `struct ethtool_drvinfo` (include/uapi/linux/ethtool.h), for the driver's name.
