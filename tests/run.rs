@@ -88,12 +88,13 @@ impl Drop for PolicyFile {
 /// `vpcgate ARGS` started from a thread inside the gateway namespace: the child inherits that network
 /// namespace but not a new mount namespace (`ip netns exec` would remount /sys and hide the host's
 /// bpffs, so pins would die with the process).
-fn spawn_in_gw(pair: &Pair, args: &[&str], stderr: Stdio) -> Child {
+fn spawn_in_gw(pair: &Pair, args: &[&str], stdout: Stdio) -> Child {
     let bin = binary();
     pair.gw.run(|| {
         Command::new(&bin)
             .args(args)
-            .stderr(stderr)
+            .stdout(stdout)
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vpcgate")
     })
@@ -116,7 +117,7 @@ impl Agent {
         let mut child = spawn_in_gw(
             pair,
             &["run", "--config", file.to_str().unwrap()],
-            Stdio::piped(),
+            Stdio::inherit(),
         );
         let (tx, log) = mpsc::channel::<String>();
         let stderr = child.stderr.take().unwrap();
@@ -223,8 +224,41 @@ fn run_enforces_reloads_and_leaves_enforcement_pinned_until_teardown() {
     );
     assert!(!delivered(&pair, 9002), "an invalid reload opened traffic");
 
+    let running = status(&pair, &policy.instance);
+    assert_eq!(running["agent_running"], true, "{running}");
+
     agent.stop();
-    // The agent is gone; the kernel still enforces the last policy.
+    // The agent is gone; the kernel still enforces the last policy, and status reads it.
+    let st = status(&pair, &policy.instance);
+    assert_eq!(st["agent_running"], false, "{st}");
+    assert_eq!(st["mode"], "enforce", "{st}");
+    assert_eq!(st["problems"].as_array().map(Vec::len), Some(0), "{st}");
+    // The file watch and SIGHUP both react to each write: at least one of each.
+    assert!(st["reloads_ok"].as_u64().unwrap() >= 1, "{st}");
+    assert!(st["reloads_failed"].as_u64().unwrap() >= 1, "{st}");
+    let attached: Vec<_> = st["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["attached"] == true && a["interface"] == GW_IF)
+        .collect();
+    assert_eq!(
+        attached.len(),
+        2,
+        "TC egress and XDP ingress on the ENI: {st}"
+    );
+    let echo = st["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "echo")
+        .unwrap_or_else(|| panic!("no rule echo in {st}"))
+        .clone();
+    assert!(echo["packets"].as_u64().unwrap() >= 2, "{echo}");
+    assert!(
+        st["drops"]["port_not_authorized"].as_u64().unwrap() >= 2,
+        "{st}"
+    );
     assert!(xdp_attached(&pair), "XDP detached when the agent exited");
     assert!(delivered(&pair, 9001), "allowed traffic blocked after exit");
     assert!(
@@ -253,6 +287,174 @@ fn run_enforces_reloads_and_leaves_enforcement_pinned_until_teardown() {
         Some(2),
         "a second teardown has nothing to remove"
     );
+}
+
+/// `vpcgate status --instance NAME --output json` in the gateway namespace, parsed.
+fn status(pair: &Pair, instance: &str) -> serde_json::Value {
+    let out = output_in_gw(
+        pair,
+        &["status", "--instance", instance, "--output", "json"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "status ({}) printed no JSON ({e}): {text}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// GET http://127.0.0.1:9464`path` from inside the gateway namespace: (status, body).
+fn http_get(pair: &Pair, path: &str) -> (u16, String) {
+    pair.gw.run(|| {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .new_agent();
+        let mut resp = agent
+            .get(&format!("http://127.0.0.1:9464{path}"))
+            .call()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = resp.status().as_u16();
+        (status, resp.body_mut().read_to_string().unwrap())
+    })
+}
+
+/// The value of the sample `name` whose labels include every (label, value) of `labels`.
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let s = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .unwrap_or_else(|| panic!("no sample {name}{labels:?}"));
+    match &s.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => *v,
+        other => panic!("{name}: unexpected {other:?}"),
+    }
+}
+
+fn scrape(pair: &Pair) -> prometheus_parse::Scrape {
+    let (code, body) = http_get(pair, "/metrics");
+    assert_eq!(code, 200, "{body}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("unparsable exposition ({e}):\n{body}"))
+}
+
+/// Kubernetes' ConfigMap layout: `policy.toml -> ..data/policy.toml`, `..data -> ..<version>`; an
+/// update writes a new version directory and renames a new `..data` symlink over the old one.
+fn configmap_publish(dir: &Path, version: &str, text: &str) {
+    let v = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&v).unwrap();
+    std::fs::write(v.join("policy.toml"), text).unwrap();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    let link = dir.join("policy.toml");
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink("..data/policy.toml", &link).unwrap();
+    }
+}
+
+/// An editor's save: write a temporary file, rename it over the policy.
+fn rename_write(file: &Path, text: &str) {
+    let tmp = file.with_extension("toml.swp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, file).unwrap();
+}
+
+#[test]
+fn file_changes_reload_and_metrics_report_them() {
+    vpcgate_lab::require_root();
+    let pair = Pair::new();
+    let policy = PolicyFile::new("reload", "9000");
+    let cm = policy.dir.join("configmap");
+    std::fs::create_dir_all(&cm).unwrap();
+    configmap_publish(&cm, "v1", &policy.text("9000"));
+    let file = cm.join("policy.toml");
+    let agent = Agent::start(&pair, &file);
+    agent.wait_for("enforcing");
+    agent.wait_for("watching the policy file");
+    assert_eq!(http_get(&pair, "/readyz").0, 200, "not ready after apply");
+    assert_eq!(http_get(&pair, "/healthz").0, 200);
+    assert!(delivered(&pair, ALLOWED), "authorized port blocked");
+    assert!(!delivered(&pair, DENIED), "unauthorized port delivered");
+
+    // A ConfigMap update (the ..data symlink swap) opens 9001.
+    let t = Instant::now();
+    configmap_publish(&cm, "v2", &policy.text("9000-9001"));
+    agent.wait_for("policy reloaded");
+    eprintln!("ConfigMap swap applied after {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(
+        delivered(&pair, DENIED),
+        "the ConfigMap change is not in effect"
+    );
+
+    // An editor's rename-write closes it again.
+    let t = Instant::now();
+    rename_write(&file, &policy.text("9000"));
+    agent.wait_for("policy reloaded");
+    eprintln!("rename-write applied after {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(
+        !delivered(&pair, DENIED),
+        "the rename-write is not in effect"
+    );
+
+    // An invalid change is refused and counted; the policy stays.
+    rename_write(&file, "[instance]\nname = \"broken\"\n");
+    agent.wait_for("reload failed");
+    assert!(
+        delivered(&pair, ALLOWED),
+        "an invalid change closed traffic"
+    );
+    assert!(
+        !delivered(&pair, DENIED),
+        "an invalid change opened traffic"
+    );
+    assert_eq!(
+        http_get(&pair, "/readyz").0,
+        200,
+        "an invalid file is not a kernel problem"
+    );
+
+    let m = scrape(&pair);
+    assert_eq!(
+        sample(&m, "vpcgate_reloads_total", &[("result", "success")]),
+        2.0
+    );
+    assert_eq!(
+        sample(&m, "vpcgate_reloads_total", &[("result", "failure")]),
+        1.0
+    );
+    assert!(
+        sample(
+            &m,
+            "vpcgate_drops_total",
+            &[("reason", "port_not_authorized")]
+        ) >= 2.0
+    );
+    assert!(sample(&m, "vpcgate_rule_packets_total", &[("rule", "echo")]) >= 2.0);
+    let generation = sample(&m, "vpcgate_policy_generation", &[]);
+    assert!(generation == 1.0 || generation == 2.0, "{generation}");
+    assert_eq!(
+        sample(&m, "vpcgate_map_capacity", &[("map", "PORTS")]),
+        65536.0
+    );
+    assert_eq!(
+        sample(&m, "vpcgate_map_entries", &[("map", "ADDR_V4")]),
+        1.0
+    );
+    assert!(sample(&m, "vpcgate_apply_duration_seconds_count", &[]) >= 3.0);
+    assert_eq!(sample(&m, "vpcgate_build_info", &[]), 1.0);
+    agent.stop();
+    let out = output_in_gw(&pair, &["teardown", "--instance", &policy.instance]);
+    assert!(out.status.success(), "teardown failed");
 }
 
 /// Datagrams toward one allowed and one denied port, every 2 ms until stopped (at most 20 s): what was
@@ -389,8 +591,7 @@ fn a_killed_agent_is_adopted_by_the_next_without_a_window() {
     agent.wait_for("policy reloaded");
     let checked = check_text("policy.toml", &policy.text("9000-9001"));
     let compiled = Compiled::new(&checked.policy.expect("valid policy"));
-    let (mut dp, opened) = Datapath::open(&policy.instance).expect("open the pinned instance");
-    assert_eq!(opened, vpcgate::datapath::Opened::Adopted);
+    let mut dp = Datapath::inspect(&policy.instance).expect("inspect the pinned instance");
     let active = dp.active_generation().unwrap().expect("a policy is active");
     let is = dp.read_generation(active).unwrap();
     let want = state::desired(&compiled);

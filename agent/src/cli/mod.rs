@@ -1,9 +1,12 @@
 //! The command line: a thin clap layer, one module per subcommand.
 
 mod check;
+mod daemon;
 mod explain;
 mod preflight;
+mod record;
 mod run;
+mod status;
 mod teardown;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -45,11 +48,21 @@ pub enum Command {
     /// Enforce a policy: apply it, attach and pin the programs (enforcement outlives the agent; a restart
     /// adopts it), reload on SIGHUP.
     Run(run::Args),
+    /// What the kernel enforces for an instance (pinned maps and links) and what its agent recorded;
+    /// works while the agent is stopped.
+    Status(status::Args),
     /// Remove everything an instance pinned: its links (enforcement ends), filters, programs and maps.
     Teardown(teardown::Args),
     /// Check that this host can run vpcgate: kernel, BTF, bpffs, and the kernel programs pass the verifier
     /// and classify a test packet.
     Preflight(preflight::Args),
+}
+
+impl Cli {
+    /// Whether logs go out as JSON lines (`run --log-format json`).
+    pub fn log_json(&self) -> bool {
+        matches!(&self.command, Command::Run(a) if a.log_format == run::LogFormat::Json)
+    }
 }
 
 /// `--output` of every command that reports state.
@@ -106,5 +119,6 @@ pub fn run(cli: Cli) -> u8 {
         Command::Preflight(args) => preflight::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Teardown(args) => teardown::run(&args),
+        Command::Status(args) => status::run(&args),
     }
 }

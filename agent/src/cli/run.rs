@@ -2,14 +2,30 @@
 //!
 //! Programs, maps and links are pinned under /sys/fs/bpf/vpcgate/<instance>/: when the agent exits,
 //! crashes or is restarted, enforcement stays in the kernel and the next agent adopts it without a
-//! window. `vpcgate teardown --instance NAME` removes it. The control socket, metrics and file watching
-//! come with the rest of the daemon.
+//! window. `vpcgate teardown --instance NAME` removes it. The policy file is watched (inotify, surviving
+//! rename-writes and the Kubernetes ConfigMap symlink swap) and re-read on SIGHUP; `/metrics`, `/healthz`
+//! and `/readyz` are served on `--metrics-addr`; systemd is told when the agent is ready.
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 
-use super::{EXIT_ERROR, EXIT_FAILED, EXIT_OK};
+use super::{
+    EXIT_ERROR, EXIT_FAILED, EXIT_OK,
+    daemon::{self, AgentMetrics},
+    record::{self, Record},
+};
 use crate::{
     datapath::{self, Datapath, DatapathError, XdpRole},
     policy::{self, Policy, compile::Compiled},
@@ -23,12 +39,28 @@ use crate::{
     A restarted agent of the same build adopts what is pinned: same programs, nothing detached, the maps\n\
     read back; another build's pins are refused. SIGHUP re-reads the file (an invalid file is reported and\n\
     the current policy stays). SIGINT/SIGTERM exit 0 and leave enforcement in place: `vpcgate teardown\n\
-    --instance NAME` removes it. Exit 1: the policy is invalid; 2: load or attach failed."
+    --instance NAME` removes it. The file is also watched: a change (an editor's rename-write, a\n\
+    Kubernetes ConfigMap update) is applied within a second. /metrics (Prometheus text), /healthz and\n\
+    /readyz (200 once the policy is applied and while the kernel state is known good) are served on\n\
+    --metrics-addr. Exit 1: the policy is invalid; 2: load, attach or serve failed."
 )]
 pub struct Args {
     /// The policy file (TOML).
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
+    /// Where to serve /metrics, /healthz and /readyz (port 0: any free port, logged).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: SocketAddr,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// Reads, validates and compiles the policy; prints diagnostics when it is invalid.
@@ -38,7 +70,7 @@ fn compile(path: &Path) -> Result<(policy::Policy, Compiled), u8> {
         EXIT_ERROR
     })?;
     for d in &checked.diagnostics {
-        eprintln!("{d}");
+        tracing::warn!(file = %path.display(), "{d}");
     }
     let errors = checked.errors();
     match (checked.policy, checked.compiled) {
@@ -60,8 +92,7 @@ fn sync_local_addresses(dp: &mut Datapath, policy: &Policy) -> Result<usize, Str
     Ok(addrs.len())
 }
 
-/// Where the per-instance lock (and, with the daemon, the control socket) lives.
-const RUN_DIR: &str = "/run/vpcgate";
+use record::RUN_DIR;
 
 /// An exclusive `flock` on /run/vpcgate/<instance>.lock, held while the returned file is open (the
 /// kernel drops it when the process dies, however it dies).
@@ -95,6 +126,103 @@ fn lock_instance(instance: &str) -> Result<std::fs::File, String> {
     Ok(file)
 }
 
+/// The running agent: the datapath (single owner), the policy in force, what it records for `status`.
+struct Agent {
+    config: PathBuf,
+    dp: Datapath,
+    policy: Policy,
+    compiled: Compiled,
+    /// The policy file's bytes as last applied (watch events are hints; only a change reloads).
+    applied_text: Option<Vec<u8>>,
+    record: Record,
+    metrics: AgentMetrics,
+    /// Ready: the policy is applied and the kernel state is known good.
+    ready: Arc<AtomicBool>,
+}
+
+impl Agent {
+    /// Applies `compiled` and records it; the apply's duration goes to the histogram.
+    fn apply(
+        &mut self,
+        compiled: &Compiled,
+    ) -> Result<crate::datapath::ApplyReport, DatapathError> {
+        let start = Instant::now();
+        let r = self.dp.apply(compiled);
+        let took = start.elapsed();
+        self.metrics.apply_seconds.observe(took.as_secs_f64());
+        if let Ok(report) = &r {
+            self.record.generation = report.generation;
+            self.record.applied_at_unix_ms = record::now_unix_ms();
+            self.record.apply_ms = took.as_secs_f64() * 1000.0;
+            self.record.rules = record::rule_names(compiled);
+        }
+        r
+    }
+
+    fn save_record(&self) {
+        if let Err(e) = record::write(&self.record) {
+            tracing::warn!(error = %e, path = %record::path(&self.record.instance).display(), "cannot write the agent record (status works from the kernel maps alone)");
+        }
+    }
+
+    /// Re-reads the policy file; `only_if_changed` skips a file whose bytes are what was applied.
+    fn reload(&mut self, trigger: &str, only_if_changed: bool) {
+        let text = daemon::content(&self.config);
+        if only_if_changed && text.is_some() && text == self.applied_text {
+            tracing::debug!(trigger, "policy file unchanged");
+            return;
+        }
+        let result = match compile(&self.config) {
+            Ok((p, _)) if p.instance.interface != self.policy.instance.interface => Err(
+                "reload changes [instance].interface: restart the agent instead; the previous policy stays active".to_owned(),
+            ),
+            Ok((p, _)) if p.instance.name != self.policy.instance.name => Err(
+                "reload changes [instance].name: restart the agent instead; the previous policy stays active".to_owned(),
+            ),
+            Ok((p, c)) => match self.apply(&c) {
+                Ok(r) => {
+                    tracing::info!(trigger, generation = r.generation, entries = ?r.entries, "policy reloaded");
+                    if let Err(e) = sync_local_addresses(&mut self.dp, &p) {
+                        tracing::error!(error = %e, "cannot refresh the host's addresses");
+                    }
+                    if p.instance.forward_interfaces != self.policy.instance.forward_interfaces {
+                        tracing::warn!(now = ?self.policy.instance.forward_interfaces, file = ?p.instance.forward_interfaces, "forward_interfaces changed: restart the agent to attach to the new set; enforcement stays on the old one");
+                    }
+                    self.policy = p;
+                    self.compiled = c;
+                    self.applied_text = text;
+                    Ok(())
+                }
+                Err(e @ DatapathError::RestoreFailed { .. }) => {
+                    self.ready.store(false, Ordering::Release);
+                    Err(format!("{e}: the datapath is in an unknown state; restart the agent"))
+                }
+                Err(e) => Err(format!("{e}; the previous policy stays active")),
+            },
+            Err(_) => Err("the policy file is invalid or unreadable (see the errors above); the previous policy stays active".to_owned()),
+        };
+        match result {
+            Ok(()) => {
+                self.metrics.reload(true);
+                self.record.reloads_ok += 1;
+                self.record.last_reload_error = None;
+            }
+            Err(e) => {
+                tracing::error!(trigger, error = %e, "reload failed");
+                self.metrics.reload(false);
+                self.record.reloads_failed += 1;
+                self.record.last_reload_error = Some(e);
+            }
+        }
+        self.save_record();
+    }
+
+    fn exposition(&self) -> String {
+        let s = daemon::snapshot(&self.dp, &self.compiled, &self.record);
+        daemon::exposition(&s, &self.metrics, &self.record)
+    }
+}
+
 pub fn run(args: &Args) -> u8 {
     let (policy, compiled) = match compile(&args.config) {
         Ok(x) => x,
@@ -109,7 +237,15 @@ pub fn run(args: &Args) -> u8 {
             return EXIT_ERROR;
         }
     };
-    let mut dp = match Datapath::open(&instance) {
+    // The metrics address is bound before anything is attached: a port in use fails the start cleanly.
+    let listener = match std::net::TcpListener::bind(args.metrics_addr) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(addr = %args.metrics_addr, error = %e, "cannot serve metrics");
+            return EXIT_ERROR;
+        }
+    };
+    let dp = match Datapath::open(&instance) {
         Ok((mut dp, opened)) => {
             let ids = dp.program_ids().unwrap_or_default();
             tracing::info!(%instance, ?opened, pins = %dp.pin_dir().map(|p| p.display().to_string()).unwrap_or_default(), programs = ?ids, "kernel programs ready");
@@ -120,47 +256,82 @@ pub fn run(args: &Args) -> u8 {
             return EXIT_ERROR;
         }
     };
+    let mut agent = Agent {
+        config: args.config.clone(),
+        dp,
+        applied_text: daemon::content(&args.config),
+        record: Record {
+            instance: instance.clone(),
+            pid: std::process::id(),
+            build: crate::datapath::pin::build_id(crate::datapath::EBPF_OBJECT),
+            policy_file: args.config.display().to_string(),
+            interface: policy.instance.interface.clone(),
+            ..Record::default()
+        },
+        policy,
+        compiled: compiled.clone(),
+        metrics: AgentMetrics::new(),
+        ready: Arc::new(AtomicBool::new(false)),
+    };
     // Policy first, then attach: the programs never see traffic without a policy.
-    match dp.apply(&compiled) {
+    match agent.apply(&compiled) {
         Ok(r) => tracing::info!(generation = r.generation, entries = ?r.entries, "policy applied"),
         Err(e) => {
             tracing::error!(error = %e, "cannot apply the policy");
             return EXIT_ERROR;
         }
     }
-    if let Err(e) = sync_local_addresses(&mut dp, &policy) {
+    if let Err(e) = sync_local_addresses(&mut agent.dp, &agent.policy) {
         tracing::error!(error = %e, "cannot record the host's addresses");
         return EXIT_ERROR;
     }
-    let iface = &policy.instance.interface;
+    let iface = agent.policy.instance.interface.clone();
+    let forward_ifs = agent.policy.instance.forward_interfaces.clone();
+    let dp = &mut agent.dp;
     let attached = dp
-        .attach_tc_egress(iface)
-        .and_then(|tc| Ok((tc, dp.attach_xdp(iface, XdpRole::EniIngress)?)))
+        .attach_tc_egress(&iface)
+        .and_then(|tc| Ok((tc, dp.attach_xdp(&iface, XdpRole::EniIngress)?)))
         .and_then(|(tc, xdp)| {
             let mut forward = vec![];
-            for f in &policy.instance.forward_interfaces {
+            let mut modes = vec![];
+            for f in &forward_ifs {
                 let mode = dp.attach_xdp(f, XdpRole::Forward)?;
                 forward.push(datapath::ifindex(f)?);
                 tracing::info!(interface = %f, ?mode, "forward interface enforced");
+                modes.push((
+                    f.clone(),
+                    "forward".to_owned(),
+                    format!("{mode:?}").to_lowercase(),
+                ));
             }
             // Packets enforced (and counted) at a forward interface's XDP are counted once.
             dp.set_forward_interfaces(&forward)?;
-            Ok((tc, xdp))
+            Ok((tc, xdp, modes))
         });
     match attached {
-        Ok((tc, xdp)) => {
-            let position = match dp.tc_chain_position(iface) {
+        Ok((tc, xdp, modes)) => {
+            let position = match agent.dp.tc_chain_position(&iface) {
                 Ok(Some((i, n))) => format!("tcx egress position {} of {n}", i + 1),
                 Ok(None) => "clsact egress priority 1".to_owned(),
                 Err(e) => format!("tcx chain position unknown: {e}"),
             };
-            tracing::info!(interface = %iface, tc = ?tc, %position, xdp = ?xdp, mode = ?policy.instance.mode, "enforcing")
+            agent.record.tc_attach = format!("{tc:?}").to_lowercase();
+            agent.record.xdp = std::iter::once((
+                iface.clone(),
+                "eni".to_owned(),
+                format!("{xdp:?}").to_lowercase(),
+            ))
+            .chain(modes)
+            .collect();
+            tracing::info!(interface = %iface, tc = ?tc, %position, xdp = ?xdp, mode = ?agent.policy.instance.mode, "enforcing")
         }
         Err(e) => {
             tracing::error!(error = %e, %instance, "cannot attach; what was attached stays pinned (`vpcgate teardown --instance` removes it)");
             return EXIT_ERROR;
         }
     }
+    agent.save_record();
+    agent.ready.store(true, Ordering::Release);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -171,38 +342,43 @@ pub fn run(args: &Args) -> u8 {
             return EXIT_ERROR;
         }
     };
-    rt.block_on(async {
+    rt.block_on(async move {
         let (Ok(mut hup), Ok(mut term), Ok(mut int)) =
             (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
         else {
             tracing::error!("cannot install signal handlers");
             return EXIT_ERROR;
         };
+        let listener = match listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(listener)) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serve metrics");
+                return EXIT_ERROR;
+            }
+        };
+        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let (scrape_tx, mut scrape_rx) = mpsc::channel::<daemon::ScrapeRequest>(8);
+        let server = tokio::spawn(daemon::serve(listener, scrape_tx, agent.ready.clone()));
+        let (changed_tx, mut changed_rx) = mpsc::channel::<()>(1);
+        let watcher = tokio::spawn(daemon::watch(agent.config.clone(), Duration::from_millis(200), changed_tx));
+        tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            tracing::warn!(error = %e, "cannot notify systemd");
+        }
         loop {
             tokio::select! {
-                _ = hup.recv() => match compile(&args.config) {
-                    Ok((p, c)) if p.instance.interface == policy.instance.interface => {
-                        match dp.apply(&c) {
-                            Ok(r) => {
-                                tracing::info!(generation = r.generation, entries = ?r.entries, "policy reloaded");
-                                if let Err(e) = sync_local_addresses(&mut dp, &p) {
-                                    tracing::error!(error = %e, "cannot refresh the host's addresses");
-                                }
-                                if p.instance.forward_interfaces != policy.instance.forward_interfaces {
-                                    tracing::warn!(now = ?policy.instance.forward_interfaces, file = ?p.instance.forward_interfaces, "forward_interfaces changed: restart the agent to attach to the new set; enforcement stays on the old one");
-                                }
-                            }
-                            Err(e @ DatapathError::RestoreFailed { .. }) => tracing::error!(error = %e, "reload failed and the previous policy could not be restored: the datapath is in an unknown state; restart the agent"),
-                            Err(e) => tracing::error!(error = %e, "reload failed; the previous policy stays active"),
-                        }
-                    }
-                    Ok(_) => tracing::error!("reload changes [instance].interface: restart the agent instead; the previous policy stays active"),
-                    Err(_) => tracing::error!("reload failed; the previous policy stays active"),
-                },
+                _ = hup.recv() => agent.reload("SIGHUP", false),
+                Some(()) = changed_rx.recv() => agent.reload("file change", true),
+                Some(reply) = scrape_rx.recv() => {
+                    let _ = reply.send(agent.exposition());
+                }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
         }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        server.abort();
+        watcher.abort();
         tracing::info!(%instance, "stopping; enforcement stays in the kernel (`vpcgate teardown --instance {instance}` removes it)");
         EXIT_OK
     })

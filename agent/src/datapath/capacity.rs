@@ -42,16 +42,20 @@ fn distinct_reserved(c: &Compiled, v4: bool) -> u32 {
 }
 
 /// `MapFull` naming the first map the policy does not fit in.
-pub(crate) fn check_capacity(n: &EntryCounts) -> Result<(), DatapathError> {
-    let checks = [
+/// (map, capacity per generation, entries the policy needs) for every capacity-bound kernel map.
+pub fn usage(n: &EntryCounts) -> [(&'static str, u32, u32); 6] {
+    [
         (names::ADDR_V4, limits::ADDR_ENTRIES, n.addr_v4),
         (names::ADDR_V6, limits::ADDR_ENTRIES, n.addr_v6),
         (names::RESERVED_V4, limits::RESERVED_ENTRIES, n.reserved_v4),
         (names::RESERVED_V6, limits::RESERVED_ENTRIES, n.reserved_v6),
         (names::PORTS, limits::PORT_ENTRIES, n.ports),
         (names::RULE_STATS, limits::RULES, n.rules),
-    ];
-    for (map, capacity, needed) in checks {
+    ]
+}
+
+pub(crate) fn check_capacity(n: &EntryCounts) -> Result<(), DatapathError> {
+    for (map, capacity, needed) in usage(n) {
         if needed > capacity {
             return Err(DatapathError::MapFull {
                 map,

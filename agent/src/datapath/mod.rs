@@ -196,11 +196,31 @@ impl Datapath {
     }
 
     pub fn open_object(instance: &str, object: &[u8]) -> Result<(Self, Opened), DatapathError> {
+        Self::open_with(instance, object, true)
+    }
+
+    /// The instance's pinned maps and programs, read-only in spirit: nothing is loaded, created, removed
+    /// or attached (`status` uses it, with or without a running agent). Fails when nothing of this build
+    /// is pinned.
+    pub fn inspect(instance: &str) -> Result<Self, DatapathError> {
+        match Self::open_with(instance, EBPF_OBJECT, false)? {
+            (dp, Opened::Adopted) => Ok(dp),
+            (_, Opened::Loaded) => unreachable!("inspect never loads"),
+        }
+    }
+
+    fn open_with(
+        instance: &str,
+        object: &[u8],
+        owner: bool,
+    ) -> Result<(Self, Opened), DatapathError> {
         pin::check_instance(instance)?;
-        pin::ensure_bpffs()?;
+        if owner {
+            pin::ensure_bpffs()?;
+        }
         let build = pin::build_id(object);
         let names = pin::map_names(object)?;
-        match pin::survey(instance, &build)? {
+        match pin::survey(instance, &build, owner)? {
             pin::Found::Others(found) => Err(DatapathError::ForeignBuild {
                 instance: instance.to_owned(),
                 found,
@@ -253,6 +273,7 @@ impl Datapath {
                     Opened::Adopted,
                 ))
             }
+            pin::Found::Nothing if !owner => Err(DatapathError::NoInstance(instance.to_owned())),
             pin::Found::Nothing => {
                 let staging = pin::staging(instance)?;
                 let staged = (|| {

@@ -163,9 +163,9 @@ pub enum Found {
     Others(Vec<String>),
 }
 
-/// Looks at `instance`'s directory for `build`; removes staging directories a crashed first start left
-/// (nothing is ever attached from them).
-pub fn survey(instance: &str, build: &str) -> Result<Found, DatapathError> {
+/// Looks at `instance`'s directory for `build`. With `clean`, removes staging directories a crashed
+/// first start left (nothing is ever attached from them); only the agent holding the instance lock may.
+pub fn survey(instance: &str, build: &str, clean: bool) -> Result<Found, DatapathError> {
     let dir = instance_dir(instance);
     let entries = match fs::read_dir(&dir) {
         Ok(e) => e,
@@ -188,7 +188,9 @@ pub fn survey(instance: &str, build: &str) -> Result<Found, DatapathError> {
         })?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with("staging-") {
-            remove_tree(&entry.path())?;
+            if clean {
+                remove_tree(&entry.path())?;
+            }
         } else if name == build {
             ours = true;
         } else {

@@ -1,0 +1,412 @@
+//! The service side of `vpcgate run`: what the kernel counted, as a snapshot the agent loop takes on
+//! request (the datapath has one owner); Prometheus exposition of it (`prometheus-client`); the HTTP
+//! endpoints (`axum`); and the policy file watcher (`inotify`).
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use futures_util::StreamExt;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::sync::{mpsc, oneshot};
+use vpcgate_common::verdict::DropReason;
+
+use super::record::Record;
+use crate::datapath::{Datapath, Destination, capacity, entry_counts};
+use crate::policy::compile::Compiled;
+
+/// What the kernel counted, plus what only the agent knows, at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub generation: Option<u8>,
+    pub dropped: Vec<(&'static str, u64)>,
+    pub audited: Vec<(&'static str, u64)>,
+    /// (rule id, kind, name, packets, bytes)
+    pub rules: Vec<(u32, String, String, u64, u64)>,
+    pub destinations: Vec<Destination>,
+    /// (map, entries, capacity)
+    pub maps: Vec<(&'static str, u32, u32)>,
+    pub events_suppressed: u64,
+    pub events_lost: u64,
+}
+
+/// The busiest destinations a snapshot keeps (by packets passed and dropped).
+pub const TOP_DESTINATIONS: usize = 20;
+
+/// Reads the kernel's counters (errors become missing figures and a log line, never a failed scrape).
+pub fn snapshot(dp: &Datapath, compiled: &Compiled, record: &Record) -> Snapshot {
+    let mut s = Snapshot {
+        generation: dp.active_generation().ok().flatten(),
+        ..Snapshot::default()
+    };
+    match dp.drop_counts() {
+        Ok(d) => {
+            for r in DropReason::ALL {
+                s.dropped
+                    .push((r.name(), d.dropped.get(&r).copied().unwrap_or(0)));
+                s.audited
+                    .push((r.name(), d.audited.get(&r).copied().unwrap_or(0)));
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read drop counters"),
+    }
+    match dp.rule_stats() {
+        Ok(stats) => {
+            for r in &record.rules {
+                let st = stats.get(&r.id).copied().unwrap_or_default();
+                s.rules
+                    .push((r.id, r.kind.clone(), r.name.clone(), st.packets, st.bytes));
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read rule counters"),
+    }
+    match dp.destinations() {
+        Ok(mut d) => {
+            d.sort_by_key(|d| std::cmp::Reverse(d.passed + d.dropped + d.audited));
+            d.truncate(TOP_DESTINATIONS);
+            s.destinations = d;
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read destinations"),
+    }
+    s.maps = capacity::usage(&entry_counts(compiled))
+        .into_iter()
+        .map(|(m, cap, n)| (m, n, cap))
+        .collect();
+    if let Ok(l) = dp.event_loss() {
+        s.events_suppressed = l.suppressed;
+        s.events_lost = l.lost;
+    }
+    s
+}
+
+/// Metrics the agent keeps itself (the kernel's are read per scrape).
+#[derive(Clone)]
+pub struct AgentMetrics {
+    pub apply_seconds: Histogram,
+    pub reloads: Family<ResultLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+impl AgentMetrics {
+    pub fn new() -> Self {
+        Self {
+            apply_seconds: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
+            reloads: Family::default(),
+        }
+    }
+
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .get_or_create(&ResultLabel {
+                result: if ok { "success" } else { "failure" }.into(),
+            })
+            .inc();
+    }
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabel {
+    rule: String,
+    kind: String,
+    id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DestLabel {
+    destination: String,
+    protocol: String,
+    port: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabel {
+    version: String,
+    build: String,
+}
+
+/// The Prometheus text exposition of a snapshot and the agent's own metrics.
+pub fn exposition(s: &Snapshot, m: &AgentMetrics, record: &Record) -> String {
+    let mut reg = Registry::with_prefix("vpcgate");
+    let drops = Family::<ReasonLabel, Counter>::default();
+    for (r, n) in &s.dropped {
+        drops
+            .get_or_create(&ReasonLabel {
+                reason: (*r).into(),
+            })
+            .inc_by(*n);
+    }
+    reg.register(
+        "drops",
+        "Packets dropped, by reason (kernel counters since the maps were created)",
+        drops,
+    );
+    let audited = Family::<ReasonLabel, Counter>::default();
+    for (r, n) in &s.audited {
+        audited
+            .get_or_create(&ReasonLabel {
+                reason: (*r).into(),
+            })
+            .inc_by(*n);
+    }
+    reg.register(
+        "audited_drops",
+        "Packets audit mode passed that enforce mode would drop, by reason",
+        audited,
+    );
+    let packets = Family::<RuleLabel, Counter>::default();
+    let bytes = Family::<RuleLabel, Counter>::default();
+    for (id, kind, name, p, b) in &s.rules {
+        let l = RuleLabel {
+            rule: name.clone(),
+            kind: kind.clone(),
+            id: id.to_string(),
+        };
+        packets.get_or_create(&l).inc_by(*p);
+        bytes.get_or_create(&l).inc_by(*b);
+    }
+    reg.register(
+        "rule_packets",
+        "Packets passed by each rule of the active policy generation",
+        packets,
+    );
+    reg.register(
+        "rule_bytes",
+        "Bytes passed by each rule of the active policy generation",
+        bytes,
+    );
+    let dest = Family::<DestLabel, Gauge>::default();
+    for d in &s.destinations {
+        for (outcome, n) in [
+            ("passed", d.passed),
+            ("dropped", d.dropped),
+            ("syn_sent", d.syn_sent),
+            ("syn_ack", d.syn_ack),
+            ("rst", d.rst),
+            ("icmp_error", d.icmp_errors),
+        ] {
+            dest.get_or_create(&DestLabel {
+                destination: d.address.to_string(),
+                protocol: d.protocol.to_string(),
+                port: d.port.to_string(),
+                outcome: outcome.into(),
+            })
+            .set(n as i64);
+        }
+    }
+    reg.register(
+        "destination_packets",
+        "Per-destination observations of the busiest destinations (an LRU map: entries come and go)",
+        dest,
+    );
+    let generation = Gauge::<i64>::default();
+    generation.set(s.generation.map_or(0, i64::from));
+    reg.register(
+        "policy_generation",
+        "Active policy generation slot (1 or 2; 0: none)",
+        generation,
+    );
+    reg.register(
+        "apply_duration_seconds",
+        "Time to apply a policy to the kernel maps",
+        m.apply_seconds.clone(),
+    );
+    reg.register("reloads", "Policy reloads, by result", m.reloads.clone());
+    let entries = Family::<MapLabel, Gauge>::default();
+    let capacity = Family::<MapLabel, Gauge>::default();
+    for (map, n, cap) in &s.maps {
+        let l = MapLabel { map: (*map).into() };
+        entries.get_or_create(&l).set(i64::from(*n));
+        capacity.get_or_create(&l).set(i64::from(*cap));
+    }
+    reg.register(
+        "map_entries",
+        "Entries the active policy holds in each kernel map",
+        entries,
+    );
+    reg.register(
+        "map_capacity",
+        "Entries each kernel map can hold per generation",
+        capacity,
+    );
+    let lost = Counter::<u64>::default();
+    lost.inc_by(s.events_lost);
+    reg.register(
+        "events_lost",
+        "Drop events the ring buffer had no room for",
+        lost,
+    );
+    let suppressed = Counter::<u64>::default();
+    suppressed.inc_by(s.events_suppressed);
+    reg.register(
+        "events_suppressed",
+        "Drop events the per-CPU rate limit held back",
+        suppressed,
+    );
+    let build = Family::<BuildLabel, Gauge>::default();
+    build
+        .get_or_create(&BuildLabel {
+            version: env!("CARGO_PKG_VERSION").into(),
+            build: record.build.clone(),
+        })
+        .set(1);
+    reg.register(
+        "build_info",
+        "vpcgate version and kernel object build",
+        build,
+    );
+    let mut out = String::new();
+    if let Err(e) = encode(&mut out, &reg) {
+        tracing::error!(error = %e, "cannot encode metrics");
+    }
+    out
+}
+
+/// A request from the HTTP side to the agent loop: the exposition text.
+pub type ScrapeRequest = oneshot::Sender<String>;
+
+#[derive(Clone)]
+struct HttpState {
+    scrape: mpsc::Sender<ScrapeRequest>,
+    ready: Arc<AtomicBool>,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    scrape: mpsc::Sender<ScrapeRequest>,
+    ready: Arc<AtomicBool>,
+) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(HttpState { scrape, ready });
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "the metrics server stopped");
+    }
+}
+
+async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    let (tx, rx) = oneshot::channel();
+    if s.scrape.send(tx).await.is_err() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "agent stopping\n".to_owned(),
+        )
+            .into_response();
+    }
+    match tokio::time::timeout(Duration::from_secs(10), rx).await {
+        Ok(Ok(text)) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "no snapshot\n".to_owned()).into_response(),
+    }
+}
+
+async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
+    if s.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// Watches the policy file's directory (an editor's rename-write replaces the file; a Kubernetes
+/// ConfigMap swaps the `..data` symlink in the same directory) and sends a unit on `changed` after each
+/// burst of events has been quiet for `debounce`. The caller compares contents: events are only hints.
+pub async fn watch(file: PathBuf, debounce: Duration, changed: mpsc::Sender<()>) {
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name: Option<OsString> = file.file_name().map(|n| n.to_owned());
+    let stream = (|| -> std::io::Result<_> {
+        use inotify::{Inotify, WatchMask};
+        let inotify = Inotify::init()?;
+        inotify.watches().add(
+            &dir,
+            WatchMask::CLOSE_WRITE
+                | WatchMask::MOVED_TO
+                | WatchMask::MOVED_FROM
+                | WatchMask::CREATE
+                | WatchMask::DELETE
+                | WatchMask::ATTRIB,
+        )?;
+        inotify.into_event_stream([0u8; 4096])
+    })();
+    let mut stream = match stream {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot watch the policy directory; reload with SIGHUP");
+            return;
+        }
+    };
+    tracing::info!(dir = %dir.display(), file = ?name, "watching the policy file");
+    loop {
+        match stream.next().await {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "policy watch failed; reload with SIGHUP");
+                return;
+            }
+            None => return,
+        }
+        // Debounce: wait until the directory has been quiet for `debounce`.
+        loop {
+            match tokio::time::timeout(debounce, stream.next()).await {
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(e))) => {
+                    tracing::error!(error = %e, "policy watch failed; reload with SIGHUP");
+                    return;
+                }
+                Ok(None) => return,
+                Err(_) => break,
+            }
+        }
+        if changed.send(()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The policy file's content, following symlinks (what a reload would read).
+pub fn content(file: &Path) -> Option<Vec<u8>> {
+    std::fs::read(file).ok()
+}

@@ -1,0 +1,91 @@
+//! What the agent records about its instance for `status`: /run/vpcgate/<instance>.json, written
+//! atomically (temp file + rename) after every apply or failed reload. The kernel maps are the truth
+//! about enforcement; this record adds what only the agent knows (the policy file, rule names, when and
+//! how long the apply took, the last reload error), and `status` checks it against the kernel.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::compile::Compiled;
+
+pub const RUN_DIR: &str = "/run/vpcgate";
+
+pub fn path(instance: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{instance}.json"))
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RuleName {
+    pub id: u32,
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    pub instance: String,
+    pub pid: u32,
+    pub build: String,
+    pub policy_file: String,
+    /// The generation the last successful apply made active.
+    pub generation: u8,
+    pub applied_at_unix_ms: u64,
+    pub apply_ms: f64,
+    pub interface: String,
+    /// `tcx` or `clsact`.
+    pub tc_attach: String,
+    /// (interface, role, mode) of each XDP attachment.
+    pub xdp: Vec<(String, String, String)>,
+    pub rules: Vec<RuleName>,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    pub last_reload_error: Option<String>,
+}
+
+pub fn rule_names(c: &Compiled) -> Vec<RuleName> {
+    c.rules
+        .iter()
+        .map(|r| RuleName {
+            id: r.id,
+            kind: format!("{:?}", r.kind).to_lowercase(),
+            name: r.name.clone(),
+        })
+        .collect()
+}
+
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Writes the record atomically (readers see the old or the new one, never half).
+pub fn write(r: &Record) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dest = path(&r.instance);
+    let tmp = dest.with_extension(format!("json.tmp-{}", std::process::id()));
+    let body = serde_json::to_vec_pretty(r).map_err(std::io::Error::other)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&body)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &dest)
+}
+
+pub fn read(instance: &str) -> std::io::Result<Option<Record>> {
+    match std::fs::read(path(instance)) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,418 @@
+//! `vpcgate status [--instance NAME]`: what the kernel enforces for an instance, read from its pinned
+//! maps and links (so it works whether the agent runs or not), with what the agent recorded.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use vpcgate_common::datapath::{MODE_AUDIT, MODE_ENFORCE};
+
+use super::{EXIT_OK, Output, daemon, fail, print_json, record};
+use crate::datapath::{Datapath, Destination, pin};
+
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Examples:\n  vpcgate status\n  vpcgate status --instance gw-hz-1 --output json\n\n\
+    Reads the instance's pinned maps and links under /sys/fs/bpf/vpcgate/<instance>/ (the kernel's truth)\n\
+    and the agent's record in /run/vpcgate/<instance>.json (policy file, rule names, apply time), and says\n\
+    when the two disagree. Works while the agent is stopped. Without --instance, the only instance pinned.\n\
+    Exit 0: reported; 1: the kernel state disagrees with the agent's record or an attachment is defunct;\n\
+    2: nothing pinned, or the maps cannot be read."
+)]
+pub struct Args {
+    /// The instance ([instance].name of its policy); optional when only one is pinned.
+    #[arg(long, value_name = "NAME")]
+    pub instance: Option<String>,
+    /// Report format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+#[derive(Serialize)]
+struct Attachment {
+    interface: String,
+    program: String,
+    /// `tcx`, `clsact` or `xdp`.
+    hook: String,
+    /// For XDP: `native` or `generic`, as the agent recorded it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    xdp_mode: Option<String>,
+    /// The link holds our program on that interface (false: defunct, its interface went away).
+    attached: bool,
+}
+
+#[derive(Serialize)]
+struct RuleRow {
+    id: u32,
+    kind: String,
+    name: String,
+    packets: u64,
+    bytes: u64,
+}
+
+#[derive(Serialize)]
+struct MapRow {
+    map: &'static str,
+    entries: u32,
+    capacity: u32,
+}
+
+#[derive(Serialize)]
+struct Status {
+    instance: String,
+    pins: String,
+    agent_running: bool,
+    agent_pid: Option<u32>,
+    /// `enforce`, `audit` or `none` (no policy applied).
+    mode: &'static str,
+    active_generation: Option<u8>,
+    policy_file: Option<String>,
+    recorded_generation: Option<u8>,
+    applied_at_unix_ms: Option<u64>,
+    apply_ms: Option<f64>,
+    reloads_ok: u64,
+    reloads_failed: u64,
+    last_reload_error: Option<String>,
+    /// Problems found comparing the record with the kernel (empty: consistent).
+    problems: Vec<String>,
+    programs: Vec<(String, u32)>,
+    attachments: Vec<Attachment>,
+    drops: BTreeMap<&'static str, u64>,
+    audited: BTreeMap<&'static str, u64>,
+    rules: Vec<RuleRow>,
+    destinations: Vec<Destination>,
+    maps: Vec<MapRow>,
+}
+
+fn only_instance() -> Result<String, String> {
+    let names: Vec<String> = std::fs::read_dir(pin::ROOT)
+        .map_err(|e| format!("nothing pinned under {}: {e}", pin::ROOT))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    match names.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(format!("no instance pinned under {}", pin::ROOT)),
+        many => Err(format!(
+            "several instances are pinned ({}): name one with --instance",
+            many.join(", ")
+        )),
+    }
+}
+
+/// Whether an agent holds the instance lock (trying it, and letting go at once).
+fn agent_running(instance: &str) -> bool {
+    use std::os::fd::AsRawFd;
+    let path = std::path::Path::new(record::RUN_DIR).join(format!("{instance}.lock"));
+    let Ok(f) = std::fs::File::open(&path) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor we own; it is released when `f` closes.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+}
+
+fn gather(instance: &str) -> Result<Status, String> {
+    let mut dp = Datapath::inspect(instance).map_err(|e| e.to_string())?;
+    let rec = record::read(instance).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the agent record");
+        None
+    });
+    let running = agent_running(instance);
+    let active = dp.active_generation().map_err(|e| e.to_string())?;
+    let gen_state = match active {
+        Some(g) => Some(dp.read_generation(g).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let mode = match gen_state.as_ref().map(|s| s.config.mode) {
+        Some(MODE_ENFORCE) => "enforce",
+        Some(MODE_AUDIT) => "audit",
+        Some(_) => "unknown",
+        None => "none",
+    };
+    let mut problems = vec![];
+    if let Some(r) = &rec
+        && Some(r.generation) != active
+    {
+        problems.push(format!(
+            "the agent recorded generation {} active, the kernel has {active:?}",
+            r.generation
+        ));
+    }
+    if active.is_none() {
+        problems.push("no policy is active: the enforcing programs drop all IP traffic".into());
+    }
+    let pins_dir = dp
+        .pin_dir()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let programs: Vec<(String, u32)> = dp
+        .program_ids()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(n, id)| (n.to_owned(), id))
+        .collect();
+    let mut attachments = vec![];
+    let links = std::path::Path::new(&pins_dir).join("links");
+    for entry in std::fs::read_dir(&links).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((program, interface)) = name.split_once('@') else {
+            continue;
+        };
+        let interface = interface.replace("%2E", ".");
+        if program == "clsact" {
+            attachments.push(Attachment {
+                interface,
+                program: vpcgate_common::programs::TC_EGRESS.into(),
+                hook: "clsact".into(),
+                xdp_mode: None,
+                attached: true,
+            });
+            continue;
+        }
+        let state = pin::pinned_link_state(&entry.path()).map_err(|e| e.to_string())?;
+        let ours = programs
+            .iter()
+            .any(|(n, id)| n == program && *id == state.prog_id);
+        let attached = state.ifindex != 0 && ours;
+        if !attached {
+            problems.push(format!(
+                "{program} on {interface} is defunct (its interface went away or the link holds another program)"
+            ));
+        }
+        let is_tc = program == vpcgate_common::programs::TC_EGRESS;
+        attachments.push(Attachment {
+            xdp_mode: if is_tc {
+                None
+            } else {
+                rec.as_ref().and_then(|r| {
+                    r.xdp
+                        .iter()
+                        .find(|(i, _, _)| *i == interface)
+                        .map(|(_, _, m)| m.clone())
+                })
+            },
+            interface,
+            program: program.to_owned(),
+            hook: if is_tc { "tcx" } else { "xdp" }.into(),
+            attached,
+        });
+    }
+    attachments.sort_by(|a, b| (&a.interface, &a.program).cmp(&(&b.interface, &b.program)));
+    let d = dp.drop_counts().map_err(|e| e.to_string())?;
+    let reasons = vpcgate_common::verdict::DropReason::ALL;
+    let drops = reasons
+        .iter()
+        .map(|r| (r.name(), d.dropped.get(r).copied().unwrap_or(0)))
+        .collect();
+    let audited = reasons
+        .iter()
+        .map(|r| (r.name(), d.audited.get(r).copied().unwrap_or(0)))
+        .collect();
+    let stats = dp.rule_stats().map_err(|e| e.to_string())?;
+    let names: BTreeMap<u32, (String, String)> = rec
+        .iter()
+        .flat_map(|r| r.rules.iter())
+        .map(|r| (r.id, (r.kind.clone(), r.name.clone())))
+        .collect();
+    let mut ids: Vec<u32> = stats.keys().chain(names.keys()).copied().collect();
+    ids.sort();
+    ids.dedup();
+    let rules = ids
+        .into_iter()
+        .map(|id| {
+            let (kind, name) = names
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| ("unknown".into(), format!("rule {id}")));
+            let st = stats.get(&id).copied().unwrap_or_default();
+            RuleRow {
+                id,
+                kind,
+                name,
+                packets: st.packets,
+                bytes: st.bytes,
+            }
+        })
+        .collect();
+    let mut destinations = dp.destinations().map_err(|e| e.to_string())?;
+    destinations.sort_by_key(|d| std::cmp::Reverse(d.passed + d.dropped + d.audited));
+    destinations.truncate(daemon::TOP_DESTINATIONS);
+    let maps = match &gen_state {
+        Some(s) => {
+            use vpcgate_common::datapath::{limits, names};
+            let v4 = |n: &ipnet::IpNet| n.addr().is_ipv4();
+            vec![
+                MapRow {
+                    map: names::ADDR_V4,
+                    entries: s.addr.keys().filter(|n| v4(n)).count() as u32,
+                    capacity: limits::ADDR_ENTRIES,
+                },
+                MapRow {
+                    map: names::ADDR_V6,
+                    entries: s.addr.keys().filter(|n| !v4(n)).count() as u32,
+                    capacity: limits::ADDR_ENTRIES,
+                },
+                MapRow {
+                    map: names::RESERVED_V4,
+                    entries: s.reserved.keys().filter(|n| v4(n)).count() as u32,
+                    capacity: limits::RESERVED_ENTRIES,
+                },
+                MapRow {
+                    map: names::RESERVED_V6,
+                    entries: s.reserved.keys().filter(|n| !v4(n)).count() as u32,
+                    capacity: limits::RESERVED_ENTRIES,
+                },
+                MapRow {
+                    map: names::PORTS,
+                    entries: s.ports.len() as u32,
+                    capacity: limits::PORT_ENTRIES,
+                },
+            ]
+        }
+        None => vec![],
+    };
+    Ok(Status {
+        instance: instance.to_owned(),
+        pins: pins_dir,
+        agent_running: running,
+        agent_pid: rec.as_ref().filter(|_| running).map(|r| r.pid),
+        mode,
+        active_generation: active,
+        policy_file: rec.as_ref().map(|r| r.policy_file.clone()),
+        recorded_generation: rec.as_ref().map(|r| r.generation),
+        applied_at_unix_ms: rec.as_ref().map(|r| r.applied_at_unix_ms),
+        apply_ms: rec.as_ref().map(|r| r.apply_ms),
+        reloads_ok: rec.as_ref().map_or(0, |r| r.reloads_ok),
+        reloads_failed: rec.as_ref().map_or(0, |r| r.reloads_failed),
+        last_reload_error: rec.as_ref().and_then(|r| r.last_reload_error.clone()),
+        problems,
+        programs,
+        attachments,
+        drops,
+        audited,
+        rules,
+        destinations,
+        maps,
+    })
+}
+
+pub fn run(args: &Args) -> u8 {
+    let instance = match args.instance.clone().map_or_else(only_instance, Ok) {
+        Ok(i) => i,
+        Err(e) => return fail(args.output, "no_instance", e),
+    };
+    let status = match gather(&instance) {
+        Ok(s) => s,
+        Err(e) => return fail(args.output, "unreadable_state", e),
+    };
+    match args.output {
+        Output::Json => {
+            if let Err(code) = print_json(&status) {
+                return code;
+            }
+        }
+        Output::Text => print_text(&status),
+    }
+    if status.problems.is_empty() {
+        EXIT_OK
+    } else {
+        super::EXIT_FAILED
+    }
+}
+
+fn print_text(s: &Status) {
+    println!(
+        "instance {} ({}), mode {}, generation {}; agent {}",
+        s.instance,
+        s.pins,
+        s.mode,
+        s.active_generation
+            .map_or("none".to_owned(), |g| g.to_string()),
+        if s.agent_running {
+            format!("running (pid {})", s.agent_pid.unwrap_or(0))
+        } else {
+            "not running (enforcement continues from the pinned state)".to_owned()
+        }
+    );
+    if let Some(f) = &s.policy_file {
+        println!(
+            "policy {f}: applied in {:.1} ms; reloads {} ok, {} failed{}",
+            s.apply_ms.unwrap_or(0.0),
+            s.reloads_ok,
+            s.reloads_failed,
+            s.last_reload_error
+                .as_ref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    for p in &s.problems {
+        println!("✗ {p}");
+    }
+    println!("attachments:");
+    for a in &s.attachments {
+        println!(
+            "  {} {:<20} {}{}{}",
+            if a.attached { "✓" } else { "✗" },
+            a.interface,
+            a.hook,
+            a.xdp_mode
+                .as_ref()
+                .map(|m| format!(" ({m})"))
+                .unwrap_or_default(),
+            format_args!(" {}", a.program)
+        );
+    }
+    println!(
+        "programs: {}",
+        s.programs
+            .iter()
+            .map(|(n, id)| format!("{n} #{id}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let drops: Vec<String> = s
+        .drops
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect();
+    println!(
+        "drops: {}",
+        if drops.is_empty() {
+            "none".to_owned()
+        } else {
+            drops.join(", ")
+        }
+    );
+    println!("rules:");
+    for r in &s.rules {
+        println!(
+            "  {:<28} {:<13} {:>12} packets {:>14} bytes",
+            r.name, r.kind, r.packets, r.bytes
+        );
+    }
+    if !s.destinations.is_empty() {
+        println!("busiest destinations:");
+        for d in &s.destinations {
+            println!(
+                "  {}:{} proto {}: passed {}, dropped {}{}, syn {} syn-ack {} rst {} icmp {}",
+                d.address,
+                d.port,
+                d.protocol,
+                d.passed,
+                d.dropped,
+                d.last_reason
+                    .map(|r| format!(" ({})", r.name()))
+                    .unwrap_or_default(),
+                d.syn_sent,
+                d.syn_ack,
+                d.rst,
+                d.icmp_errors
+            );
+        }
+    }
+    println!("kernel maps:");
+    for m in &s.maps {
+        println!("  {:<12} {:>7} / {}", m.map, m.entries, m.capacity);
+    }
+}
