@@ -27,6 +27,7 @@ name = "INSTANCE"
 kind = "dedicated"
 vpc_id = "vpc-lab"
 interface = "veth-gw"
+FORWARD
 [[authorization]]
 name = "echo"
 vpc_id = "vpc-lab"
@@ -64,9 +65,15 @@ impl PolicyFile {
     }
 
     fn text(&self, ports: &str) -> String {
+        self.text_with(ports, "")
+    }
+
+    /// With `forward` in place of the forward_interfaces line.
+    fn text_with(&self, ports: &str, forward: &str) -> String {
         POLICY
             .replace("INSTANCE", &self.instance)
             .replace("PORTS", ports)
+            .replace("FORWARD", forward)
     }
 
     fn write(&self, ports: &str) {
@@ -208,7 +215,7 @@ fn run_enforces_reloads_and_leaves_enforcement_pinned_until_teardown() {
     let second = output_in_gw(&pair, &["run", "--config", policy.file.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(2), "{err}");
-    assert!(err.contains("another vpcgate agent runs instance"), "{err}");
+    assert!(err.contains("a vpcgate agent runs instance"), "{err}");
 
     policy.write("9000-9001");
     agent.signal(libc::SIGHUP);
@@ -226,6 +233,18 @@ fn run_enforces_reloads_and_leaves_enforcement_pinned_until_teardown() {
 
     let running = status(&pair, &policy.instance);
     assert_eq!(running["agent_running"], true, "{running}");
+    let refused = output_in_gw(&pair, &["teardown", "--instance", &policy.instance]);
+    assert_eq!(
+        refused.status.code(),
+        Some(2),
+        "teardown under a running agent"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("a vpcgate agent runs instance"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(xdp_attached(&pair), "a refused teardown detached something");
 
     agent.stop();
     // The agent is gone; the kernel still enforces the last policy, and status reads it.
@@ -611,4 +630,60 @@ fn a_killed_agent_is_adopted_by_the_next_without_a_window() {
     let out = output_in_gw(&pair, &["teardown", "--instance", &policy.instance]);
     assert!(out.status.success(), "teardown failed");
     assert!(!xdp_attached(&pair), "XDP still attached after teardown");
+}
+
+/// A restart with a policy that no longer names a forward interface removes that interface's pinned
+/// XDP link (and keeps the others): nothing the policy dropped keeps enforcing or counting.
+#[test]
+fn a_restart_removes_attachments_the_policy_no_longer_names() {
+    vpcgate_lab::require_root();
+    let pair = Pair::new();
+    let pod = vpcgate_lab::netns::Netns::new("pod");
+    pair.gw.ip(&[
+        "link",
+        "add",
+        "gw-pod",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "pod0",
+        "netns",
+        pod.name(),
+    ]);
+    pair.gw.ip(&["link", "set", "gw-pod", "up"]);
+    let policy = PolicyFile::new("prune", "9000");
+    std::fs::write(
+        &policy.file,
+        policy.text_with("9000", "forward_interfaces = [\"gw-pod\"]"),
+    )
+    .unwrap();
+    let agent = Agent::start(&pair, &policy.file);
+    agent.wait_for("enforcing");
+    let pod_link = || pair.gw.ip(&["link", "show", "dev", "gw-pod"]);
+    assert!(pod_link().contains("xdp"), "forward XDP not attached");
+    agent.stop();
+
+    policy.write("9000");
+    let agent = Agent::start(&pair, &policy.file);
+    assert!(agent.wait_for("kernel programs ready").contains("Adopted"));
+    agent.wait_for("enforcing");
+    assert!(
+        !pod_link().contains("xdp"),
+        "the dropped forward interface is still enforced: {}",
+        pod_link()
+    );
+    assert!(xdp_attached(&pair), "the ENI's XDP went with it");
+    let st = status(&pair, &policy.instance);
+    assert!(
+        st["attachments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["interface"] == GW_IF),
+        "{st}"
+    );
+    agent.stop();
+    let out = output_in_gw(&pair, &["teardown", "--instance", &policy.instance]);
+    assert!(out.status.success(), "teardown failed");
 }

@@ -89,3 +89,52 @@ pub fn read(instance: &str) -> std::io::Result<Option<Record>> {
         Err(e) => Err(e),
     }
 }
+
+/// An exclusive `flock` on /run/vpcgate/<instance>.lock, held while the returned file is open (the
+/// kernel drops it when the process dies, however it dies). `run` holds it for its lifetime, `teardown`
+/// while it removes pins: neither may work under the other. The directory must be ours and private and
+/// the lock file is opened without following symlinks, so nobody else can hold it to keep the agent out.
+pub fn lock_instance(instance: &str) -> Result<std::fs::File, String> {
+    use std::os::{
+        fd::AsRawFd,
+        unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt},
+    };
+    crate::datapath::pin::check_instance(instance).map_err(|e| e.to_string())?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(RUN_DIR)
+        .map_err(|e| format!("create {RUN_DIR}: {e}"))?;
+    let md = std::fs::symlink_metadata(RUN_DIR).map_err(|e| format!("{RUN_DIR}: {e}"))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !md.file_type().is_dir() || md.uid() != me || md.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{RUN_DIR} must be a directory owned by uid {me} and writable only by it (uid {}, mode {:o})",
+            md.uid(),
+            md.mode() & 0o7777
+        ));
+    }
+    let path = Path::new(RUN_DIR).join(format!("{instance}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            format!(
+                "a vpcgate agent runs instance {instance:?} (it holds {}): stop it first",
+                path.display()
+            )
+        } else {
+            format!("flock {}: {e}", path.display())
+        });
+    }
+    Ok(file)
+}

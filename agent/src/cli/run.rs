@@ -89,41 +89,10 @@ fn sync_local_addresses(dp: &mut Datapath, policy: &Policy) -> Result<usize, Str
         datapath::host_addresses().map_err(|e| format!("cannot list addresses: {e}"))?;
     addrs.extend(policy.instance.egress_ip);
     dp.set_local_addresses(&addrs).map_err(|e| e.to_string())?;
+    let onlink = datapath::onlink_prefixes(&policy.instance.interface)
+        .map_err(|e| format!("cannot list {}'s addresses: {e}", policy.instance.interface))?;
+    dp.set_onlink_prefixes(&onlink).map_err(|e| e.to_string())?;
     Ok(addrs.len())
-}
-
-use record::RUN_DIR;
-
-/// An exclusive `flock` on /run/vpcgate/<instance>.lock, held while the returned file is open (the
-/// kernel drops it when the process dies, however it dies).
-fn lock_instance(instance: &str) -> Result<std::fs::File, String> {
-    use std::os::{fd::AsRawFd, unix::fs::DirBuilderExt};
-    datapath::pin::check_instance(instance).map_err(|e| e.to_string())?;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(RUN_DIR)
-        .map_err(|e| format!("create {RUN_DIR}: {e}"))?;
-    let path = Path::new(RUN_DIR).join(format!("{instance}.lock"));
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| format!("open {}: {e}", path.display()))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            format!(
-                "another vpcgate agent runs instance {instance:?} (it holds {}); stop it first",
-                path.display()
-            )
-        } else {
-            format!("flock {}: {e}", path.display())
-        });
-    }
-    Ok(file)
 }
 
 /// The running agent: the datapath (single owner), the policy in force, what it records for `status`.
@@ -230,7 +199,7 @@ pub fn run(args: &Args) -> u8 {
     };
     let instance = policy.instance.name.clone();
     // One agent per instance: two would race on the same maps.
-    let _lock = match lock_instance(&instance) {
+    let _lock = match record::lock_instance(&instance) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(%instance, error = %e, "cannot take the instance lock");
@@ -306,6 +275,22 @@ pub fn run(args: &Args) -> u8 {
             }
             // Packets enforced (and counted) at a forward interface's XDP are counted once.
             dp.set_forward_interfaces(&forward)?;
+            // What the policy no longer names goes, once what it names is attached.
+            let tc_name = if tc == datapath::TcAttachMode::Tcx {
+                vpcgate_common::programs::TC_EGRESS
+            } else {
+                "clsact"
+            };
+            let mut wanted = vec![
+                (tc_name, iface.as_str()),
+                (vpcgate_common::programs::XDP_INGRESS, iface.as_str()),
+            ];
+            wanted.extend(
+                forward_ifs
+                    .iter()
+                    .map(|f| (vpcgate_common::programs::XDP_FORWARD, f.as_str())),
+            );
+            dp.prune_links(&wanted)?;
             Ok((tc, xdp, modes))
         });
     match attached {

@@ -157,7 +157,7 @@ fn gather(instance: &str) -> Result<Status, String> {
         let Some((program, interface)) = name.split_once('@') else {
             continue;
         };
-        let interface = interface.replace("%2E", ".");
+        let interface = pin::unescape(interface);
         if program == "clsact" {
             attachments.push(Attachment {
                 interface,

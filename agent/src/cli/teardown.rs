@@ -7,7 +7,7 @@ use crate::datapath::{DatapathError, pin};
 #[command(after_help = "Example:\n  vpcgate teardown --instance gw-hz-1\n\n\
     Unpins the instance's links (each detaches: egress through that interface is no longer enforced),\n\
     removes its cls_bpf filters on kernels without tcx (run it in the agent's network namespace), then its\n\
-    programs and maps, of any build. Stop the agent first: a running agent keeps its own references.\n\
+    programs and maps, of any build. Refused while an agent runs the instance: stop it first.\n\
     Exit 0: removed; 2: nothing pinned for that instance, or a removal failed (what was removed stays removed).")]
 pub struct Args {
     /// The instance ([instance].name of its policy).
@@ -19,6 +19,12 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> u8 {
+    // Never under a running agent: it would go on believing it enforces, and a starting one could
+    // adopt programs whose maps are half removed.
+    let _lock = match super::record::lock_instance(&args.instance) {
+        Ok(l) => l,
+        Err(e) => return fail(args.output, "agent_running", e),
+    };
     let report = match pin::teardown(&args.instance) {
         Ok(r) => r,
         Err(e @ DatapathError::NoInstance(_)) => {

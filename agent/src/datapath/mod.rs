@@ -244,6 +244,11 @@ impl Datapath {
                         missing: missing.join(", "),
                     });
                 }
+                for d in [pins.maps(), pins.progs(), pins.links()] {
+                    if d.exists() {
+                        pin::trusted_dir(&d)?;
+                    }
+                }
                 let ebpf = load_pinned(object, &names, &pins)?;
                 let prog_err = |name| move |e| DatapathError::load(name, e);
                 let adopted = AdoptedPrograms {
@@ -260,6 +265,22 @@ impl Datapath {
                     )
                     .map_err(prog_err(programs::XDP_FORWARD))?,
                 };
+                // Each pinned program is the one it is named after (the kernel keeps 15 bytes of a name).
+                for (name, info) in [
+                    (programs::TC_EGRESS, adopted.tc_egress.info()),
+                    (programs::XDP_INGRESS, adopted.xdp_ingress.info()),
+                    (programs::XDP_FORWARD, adopted.xdp_forward.info()),
+                ] {
+                    let info = info.map_err(prog_err(name))?;
+                    let got = info.name_as_str().unwrap_or_default().to_owned();
+                    if got.is_empty() || !name.starts_with(&got) {
+                        return Err(DatapathError::IncompletePins {
+                            instance: instance.to_owned(),
+                            dir: pins.progs(),
+                            missing: format!("{name} (the pin holds a program named {got:?})"),
+                        });
+                    }
+                }
                 Ok((
                     Self {
                         ebpf,
@@ -391,6 +412,9 @@ impl Datapath {
             source,
         };
         let pins = self.pins.clone();
+        // A pinned tcx link that still runs our program on this interface is adopted as it is. One that
+        // does not (its interface went away, or another program) is replaced after the new link is
+        // attached: the new one is pinned beside it and renamed over it, so there is no gap.
         if tcx && let Some(p) = &pins {
             let path = p.link(programs::TC_EGRESS, interface);
             if path.exists() {
@@ -399,13 +423,11 @@ impl Datapath {
                 if state.ifindex == index && state.prog_id == ours {
                     return Ok(TcAttachMode::Tcx);
                 }
-                // Defunct (its interface went away) or not ours: replaced below.
                 tracing::warn!(
                     interface,
                     ?state,
                     "pinned tc link does not hold our program here; attaching anew"
                 );
-                remove_pin(&path)?;
             }
         }
         if !tcx {
@@ -414,6 +436,18 @@ impl Datapath {
                 && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
             {
                 return Err(attach_err(ProgramError::from(e)));
+            }
+            // The marker first: a crash after the filter is added leaves a filter teardown can find.
+            if let Some(p) = &pins {
+                let marker = p.link("clsact", interface);
+                if !marker.exists() {
+                    let prog = self.tc_egress()?;
+                    prog.pin(&marker).map_err(|e| DatapathError::Pin {
+                        path: marker.clone(),
+                        what: "pin the clsact marker",
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                }
             }
         }
         // First in the chain (tcx) or at the highest priority (clsact): a program before ours could
@@ -430,11 +464,24 @@ impl Datapath {
         let prog = self.tc_egress()?;
         let id = match prog.attach_with_options(interface, TcAttachType::Egress, options) {
             Ok(id) => id,
-            // Our filter (priority 1, our handle) is there already: a pinned instance adopting it.
+            // A filter at our priority and handle is there already (a previous agent's, whatever
+            // program it runs): replace its program with ours in place (cls_bpf swaps atomically).
             Err(ProgramError::TcError(tc::TcError::NetlinkError(e)))
                 if !tcx && pins.is_some() && e.raw_os_error() == Some(libc::EEXIST) =>
             {
-                return Ok(TcAttachMode::Clsact);
+                let existing = tc::SchedClassifierLink::attached(
+                    interface,
+                    TcAttachType::Egress,
+                    1,
+                    pin::CLSACT_HANDLE.into(),
+                    None,
+                )
+                .map_err(|source| DatapathError::InterfaceQuery {
+                    interface: interface.to_owned(),
+                    what: "name its cls_bpf filter",
+                    source,
+                })?;
+                prog.attach_to_link(existing).map_err(attach_err)?
             }
             Err(e) => return Err(attach_err(e)),
         };
@@ -442,21 +489,11 @@ impl Datapath {
             let link = prog.take_link(id).map_err(attach_err)?;
             if tcx {
                 let path = p.link(programs::TC_EGRESS, interface);
-                let path_for_err = path.clone();
-                let fd: FdLink = link.try_into().map_err(link_err(&path_for_err))?;
-                pin_link(fd, &path)?;
+                let fd: FdLink = link.try_into().map_err(link_err(&path))?;
+                pin_link_over(fd, &path)?;
             } else {
-                // A cls_bpf filter is no bpf link: it stays until removed. The marker (our program,
-                // pinned again) tells teardown which interface's filter is ours.
+                // A cls_bpf filter is no bpf link: it stays until removed (the marker names it).
                 std::mem::forget(link);
-                let marker = p.link("clsact", interface);
-                if !marker.exists() {
-                    prog.pin(&marker).map_err(|e| DatapathError::Pin {
-                        path: marker.clone(),
-                        what: "pin the clsact marker",
-                        source: std::io::Error::other(e.to_string()),
-                    })?;
-                }
             }
         }
         Ok(if tcx {
@@ -464,6 +501,43 @@ impl Datapath {
         } else {
             TcAttachMode::Clsact
         })
+    }
+
+    /// Removes every pinned attachment of this instance that is not in `wanted` ((program or `clsact`,
+    /// interface)): a forward interface dropped from the policy, an ENI renamed. Call it after the
+    /// wanted ones are attached. Returns what it removed.
+    pub fn prune_links(&mut self, wanted: &[(&str, &str)]) -> Result<Vec<String>, DatapathError> {
+        let Some(p) = self.pins.clone() else {
+            return Ok(vec![]);
+        };
+        let keep: std::collections::BTreeSet<std::path::PathBuf> =
+            wanted.iter().map(|(prog, i)| p.link(prog, i)).collect();
+        let links = p.links();
+        let entries = std::fs::read_dir(&links).map_err(|source| DatapathError::Pin {
+            path: links.clone(),
+            what: "list the link pins",
+            source,
+        })?;
+        let mut removed = vec![];
+        for entry in entries {
+            let entry = entry.map_err(|source| DatapathError::Pin {
+                path: links.clone(),
+                what: "list the link pins",
+                source,
+            })?;
+            let path = entry.path();
+            if keep.contains(&path) {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(interface) = name.strip_prefix("clsact@") {
+                pin::detach_clsact(&pin::unescape(interface))?;
+            }
+            remove_pin(&path)?;
+            tracing::info!(link = %name, "removed an attachment the policy no longer names");
+            removed.push(name);
+        }
+        Ok(removed)
     }
 
     fn program_id(&mut self, name: &'static str) -> Result<u32, DatapathError> {
@@ -520,13 +594,46 @@ impl Datapath {
                 if state.ifindex == index && state.prog_id == ours {
                     return Ok(xdp_mode_of(interface).unwrap_or(XdpAttachMode::Unknown));
                 }
+                if state.ifindex == index {
+                    // Our link on this interface runs another program: swap the program in the link
+                    // (atomic; the pin keeps naming the same link).
+                    tracing::warn!(
+                        interface,
+                        program = name,
+                        ?state,
+                        "pinned XDP link runs another program; replacing it in place"
+                    );
+                    let link = PinnedLink::from_pin(&path).map_err(link_err(&path))?;
+                    let link: aya::programs::xdp::XdpLink =
+                        FdLink::from(link).try_into().map_err(link_err(&path))?;
+                    let prog: &mut Xdp = match role {
+                        XdpRole::EniIngress => self.xdp_ingress()?,
+                        XdpRole::Forward => self.xdp_forward()?,
+                    };
+                    let id = prog
+                        .attach_to_link(link)
+                        .map_err(|source| DatapathError::Attach {
+                            program: name,
+                            interface: interface.to_owned(),
+                            source,
+                        })?;
+                    // Dropping our handle closes a descriptor; the pin keeps the link attached.
+                    let taken = prog.take_link(id).map_err(|source| DatapathError::Attach {
+                        program: name,
+                        interface: interface.to_owned(),
+                        source,
+                    })?;
+                    let fd: FdLink = taken.try_into().map_err(link_err(&path))?;
+                    drop(fd);
+                    return Ok(xdp_mode_of(interface).unwrap_or(XdpAttachMode::Unknown));
+                }
+                // Defunct (its interface went away): a new link replaces the pin below.
                 tracing::warn!(
                     interface,
                     program = name,
                     ?state,
-                    "pinned XDP link does not hold our program here; attaching anew"
+                    "pinned XDP link is defunct; attaching anew"
                 );
-                remove_pin(&path)?;
             }
         }
         // Where the kernel can tell (xdp-features, 6.3+) that the driver has no native XDP, go straight
@@ -566,9 +673,9 @@ impl Datapath {
         };
         if let Some(p) = &pins {
             let link = prog.take_link(id).map_err(attach_err)?;
-            let path_for_err = p.link(name, interface);
-            let fd: FdLink = link.try_into().map_err(link_err(&path_for_err))?;
-            pin_link(fd, &path_for_err)?;
+            let path = p.link(name, interface);
+            let fd: FdLink = link.try_into().map_err(link_err(&path))?;
+            pin_link_over(fd, &path)?;
         }
         Ok(mode)
     }
@@ -643,11 +750,22 @@ fn link_err(
     }
 }
 
-fn pin_link(link: FdLink, path: &std::path::Path) -> Result<(), DatapathError> {
-    let pinned: PinnedLink = link.pin(path).map_err(|e| DatapathError::Pin {
-        path: path.to_owned(),
+/// Pins `link` at `path`, replacing (and so releasing) a link pinned there before: pinned beside it
+/// first and renamed over it, so `path` always names an attached link.
+fn pin_link_over(link: FdLink, path: &std::path::Path) -> Result<(), DatapathError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push("-new");
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let pinned: PinnedLink = link.pin(&tmp).map_err(|e| DatapathError::Pin {
+        path: tmp.clone(),
         what: "pin the link",
         source: std::io::Error::other(e.to_string()),
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| DatapathError::Pin {
+        path: path.to_owned(),
+        what: "move the link pin into place",
+        source,
     })?;
     // Closing our descriptor leaves the pin holding the link.
     drop(pinned);

@@ -105,6 +105,16 @@ pub fn ensure_bpffs() -> Result<bool, DatapathError> {
         what: "mount bpffs",
         source,
     };
+    // A bpffs mounted in a private mount namespace (a container without the host's /sys/fs/bpf, `ip
+    // netns exec`) dies with it, and every pin and link with it: enforcement would end with the agent.
+    let ns = |p: &str| std::fs::read_link(p).ok();
+    if ns("/proc/self/ns/mnt") != ns("/proc/1/ns/mnt") {
+        return Err(err(io::Error::other(
+            "bpffs is not mounted at /sys/fs/bpf and this is not the host's mount namespace: a bpffs \
+             mounted here would vanish with the agent and take enforcement with it; mount the host's \
+             /sys/fs/bpf into the container (Kubernetes: a hostPath volume)",
+        )));
+    }
     let (src, target, fstype, opts) = (c"bpf", c"/sys/fs/bpf", c"bpf", c"mode=0700");
     // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
     let rc = unsafe {
@@ -148,8 +158,17 @@ impl Pins {
     /// refuses dots in names, and interface names may have them (`eth0.100`): written `%2E`.
     pub fn link(&self, program: &str, interface: &str) -> PathBuf {
         self.links()
-            .join(format!("{program}@{}", interface.replace('.', "%2E")))
+            .join(format!("{program}@{}", escape(interface)))
     }
+}
+
+/// An interface name as a bpffs name: `%` and `.` (which bpffs refuses) written `%25` and `%2E`.
+pub fn escape(interface: &str) -> String {
+    interface.replace('%', "%25").replace('.', "%2E")
+}
+
+pub fn unescape(name: &str) -> String {
+    name.replace("%2E", ".").replace("%25", "%")
 }
 
 /// What an instance's directory holds.
@@ -167,6 +186,9 @@ pub enum Found {
 /// first start left (nothing is ever attached from them); only the agent holding the instance lock may.
 pub fn survey(instance: &str, build: &str, clean: bool) -> Result<Found, DatapathError> {
     let dir = instance_dir(instance);
+    if dir.exists() {
+        trusted_dir(&dir)?;
+    }
     let entries = match fs::read_dir(&dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Found::Nothing),
@@ -207,6 +229,52 @@ pub fn survey(instance: &str, build: &str, clean: bool) -> Result<Found, Datapat
     })
 }
 
+/// Creates `dir` and its parents under bpffs 0700, and checks that every one from /sys/fs/bpf/vpcgate
+/// down is a real directory (no symlink) owned by us and writable by nobody else: a bpffs root is
+/// often world-writable (mode 1777), and a directory someone else planted could hold pins we would
+/// adopt or links we would lose.
+pub fn trusted_dir(dir: &Path) -> Result<(), DatapathError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| DatapathError::Pin {
+            path: dir.to_owned(),
+            what: "create the pin directory",
+            source,
+        })?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let mut p = dir.to_owned();
+    loop {
+        let md = fs::symlink_metadata(&p).map_err(|source| DatapathError::Pin {
+            path: p.clone(),
+            what: "inspect the pin directory",
+            source,
+        })?;
+        if !md.file_type().is_dir() || md.uid() != me || md.mode() & 0o022 != 0 {
+            return Err(DatapathError::Pin {
+                path: p.clone(),
+                what: "trust the pin directory",
+                source: io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "not a directory owned by uid {me} and writable only by it (uid {}, mode {:o}): \
+                         remove it (`vpcgate teardown`) or fix its owner and mode",
+                        md.uid(),
+                        md.mode() & 0o7777
+                    ),
+                ),
+            });
+        }
+        if p == Path::new(ROOT) || !p.pop() || !p.starts_with(ROOT) {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// A fresh staging directory for a first start (maps/ and progs/ created).
 pub fn staging(instance: &str) -> Result<Pins, DatapathError> {
     let dir = instance_dir(instance).join(format!("staging-{}", std::process::id()));
@@ -215,11 +283,7 @@ pub fn staging(instance: &str) -> Result<Pins, DatapathError> {
     }
     let pins = Pins { dir };
     for d in [pins.maps(), pins.progs(), pins.links()] {
-        fs::create_dir_all(&d).map_err(|source| DatapathError::Pin {
-            path: d.clone(),
-            what: "create the pin directory",
-            source,
-        })?;
+        trusted_dir(&d)?;
     }
     Ok(pins)
 }
@@ -349,7 +413,7 @@ pub fn teardown(instance: &str) -> Result<Teardown, DatapathError> {
         for entry in fs::read_dir(&links).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(interface) = name.strip_prefix("clsact@") {
-                let interface = interface.replace("%2E", ".");
+                let interface = unescape(interface);
                 detach_clsact(&interface)?;
                 report.clsact.push(interface);
             } else {
@@ -430,6 +494,16 @@ mod tests {
             assert!(names.contains(n), "{n} missing from {names:?}");
         }
         assert!(names.len() >= 20, "{names:?}");
+    }
+
+    #[test]
+    fn interface_names_escape_reversibly() {
+        for name in ["eth0", "eth0.100", "a%2Eb", "a.b", "%", "x%25.y"] {
+            let e = escape(name);
+            assert!(!e.contains('.'), "{e}");
+            assert_eq!(unescape(&e), name);
+        }
+        assert_ne!(escape("a%2Eb"), escape("a.b"));
     }
 
     #[test]
