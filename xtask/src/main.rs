@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's own automation (setup, build, test, demo). See README.md.
 
 mod cpio;
+mod deploy;
 mod run;
 mod setup;
 mod test;
@@ -103,6 +104,9 @@ enum Task {
     },
     /// Show vpcgate on this host: build it, check and explain the example policy, run its preflight checks.
     Demo,
+    /// Validate the deployment files offline: the systemd unit (`systemd-analyze verify`) and the
+    /// Kubernetes manifests (`kubernetes-validate --strict`, from PyPI into target/deploy-check/venv).
+    CheckDeploy,
 }
 
 fn main() -> ExitCode {
@@ -110,6 +114,9 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup { check } => setup::run(check),
         Task::Build { release } => setup::ensure().and_then(|()| run::build(release).map(|_| ())),
+        Task::CheckDeploy => {
+            vm::build_vpcgate("build vpcgate (release)").and_then(|b| deploy::check(&b))
+        }
         Task::Test {
             no_setup,
             fuzz_seconds,

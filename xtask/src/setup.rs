@@ -26,6 +26,14 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("libzstd-dev", "bpf-linker's build"),
     ("zlib1g-dev", "bpf-linker's build"),
     ("iproute2", "network namespaces and veth pairs for the lab"),
+    (
+        "systemd",
+        "systemd-analyze verify for deploy/systemd/vpcgate.service",
+    ),
+    (
+        "python3-venv",
+        "a virtualenv for kubernetes-validate (PyPI), which checks deploy/kubernetes",
+    ),
     ("iputils-ping", "ICMP traffic in the lab"),
     (
         "qemu-system-x86",

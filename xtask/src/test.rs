@@ -153,6 +153,11 @@ pub fn run(
             )
         })?;
         t.phase("fuzz (policy)", || fuzz(fuzz_seconds))?;
+        t.phase("deployment files", || {
+            let bin =
+                crate::vm::build_vpcgate("build vpcgate (release) for the deployment checks")?;
+            crate::deploy::check(&bin)
+        })?;
         t.phase("privileged tests", || privileged(diff_packets, &[]))?;
         match &vm {
             Some(opts) => t.phase("VM matrix (other kernels, QEMU)", || crate::vm::run(opts)),
