@@ -402,10 +402,18 @@ fn file_changes_reload_and_metrics_report_them() {
     assert_eq!(http_get(&pair, "/healthz").0, 200);
     assert!(delivered(&pair, ALLOWED), "authorized port blocked");
     assert!(!delivered(&pair, DENIED), "unauthorized port delivered");
+    let generation = || sample(&scrape(&pair), "vpcgate_policy_generation", &[]);
+    let first_generation = generation();
 
     // A ConfigMap update (the ..data symlink swap) opens 9001.
     let t = Instant::now();
-    configmap_publish(&cm, "v2", &policy.text("9000-9001"));
+    // A rule added before echo shifts echo's id: the reload must be a new generation.
+    let shifted = policy.text("9000-9001").replacen(
+        "[[authorization]]",
+        "[[authorization]]\nname = \"other\"\nvpc_id = \"vpc-lab\"\naddress = \"10.200.0.3\"\nports = [\"1\"]\nprotocol = \"udp\"\n\n[[authorization]]",
+        1,
+    );
+    configmap_publish(&cm, "v2", &shifted);
     agent.wait_for("policy reloaded");
     eprintln!("ConfigMap swap applied after {:?}", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
@@ -413,6 +421,7 @@ fn file_changes_reload_and_metrics_report_them() {
         delivered(&pair, DENIED),
         "the ConfigMap change is not in effect"
     );
+    let swap_generation = generation();
 
     // An editor's rename-write closes it again.
     let t = Instant::now();
@@ -424,6 +433,11 @@ fn file_changes_reload_and_metrics_report_them() {
         !delivered(&pair, DENIED),
         "the rename-write is not in effect"
     );
+    let rename_generation = generation();
+    // Each of these reloads shifts echo's id, so it is a new generation and the old one's counters are
+    // deleted (and must be folded into the totals, as checked below).
+    assert_ne!(first_generation, swap_generation, "the swap did not flip");
+    assert_ne!(swap_generation, rename_generation, "the rename-write did not flip");
 
     // An invalid change is refused and counted; the policy stays.
     rename_write(&file, "[instance]\nname = \"broken\"\n");
@@ -458,7 +472,12 @@ fn file_changes_reload_and_metrics_report_them() {
             &[("reason", "port_not_authorized")]
         ) >= 2.0
     );
-    assert!(sample(&m, "vpcgate_rule_packets_total", &[("rule", "echo")]) >= 2.0);
+    // Every datagram rule echo passed, across all the reloads (two to 9000, one to 9001 while it
+    // was open): counters of replaced generations are folded in, not lost.
+    assert_eq!(
+        sample(&m, "vpcgate_rule_packets_total", &[("rule", "echo")]),
+        3.0
+    );
     let generation = sample(&m, "vpcgate_policy_generation", &[]);
     assert!(generation == 1.0 || generation == 2.0, "{generation}");
     assert_eq!(

@@ -63,10 +63,17 @@ pub fn snapshot(dp: &Datapath, compiled: &Compiled, record: &Record) -> Snapshot
     }
     match dp.rule_stats() {
         Ok(stats) => {
+            // The current generation's counters plus what earlier generations counted.
             for r in &record.rules {
                 let st = stats.get(&r.id).copied().unwrap_or_default();
-                s.rules
-                    .push((r.id, r.kind.clone(), r.name.clone(), st.packets, st.bytes));
+                let (p, b) = record.total(r);
+                s.rules.push((
+                    r.id,
+                    r.kind.clone(),
+                    r.name.clone(),
+                    st.packets + p,
+                    st.bytes + b,
+                ));
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot read rule counters"),

@@ -23,6 +23,18 @@ pub struct RuleName {
     pub id: u32,
     pub kind: String,
     pub name: String,
+    /// What carries a rule's counters across reloads (kind + name; an upstream node also its address).
+    #[serde(default)]
+    pub identity: String,
+}
+
+/// Counts of a rule's earlier generations, folded in when a reload deleted its kernel counters.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RuleTotal {
+    pub kind: String,
+    pub identity: String,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -44,15 +56,50 @@ pub struct Record {
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     pub last_reload_error: Option<String>,
+    /// Per-rule history from generations whose counters are gone (see `RuleTotal`).
+    #[serde(default)]
+    pub totals: Vec<RuleTotal>,
+}
+
+impl Record {
+    /// What `rule` counted in earlier generations.
+    pub fn total(&self, rule: &RuleName) -> (u64, u64) {
+        self.totals
+            .iter()
+            .find(|t| t.kind == rule.kind && t.identity == rule.identity)
+            .map_or((0, 0), |t| (t.packets, t.bytes))
+    }
+
+    /// Adds what `rule` counted before its counters were deleted.
+    pub fn fold(&mut self, rule: &RuleName, packets: u64, bytes: u64) {
+        match self
+            .totals
+            .iter_mut()
+            .find(|t| t.kind == rule.kind && t.identity == rule.identity)
+        {
+            Some(t) => {
+                t.packets += packets;
+                t.bytes += bytes;
+            }
+            None => self.totals.push(RuleTotal {
+                kind: rule.kind.clone(),
+                identity: rule.identity.clone(),
+                packets,
+                bytes,
+            }),
+        }
+    }
 }
 
 pub fn rule_names(c: &Compiled) -> Vec<RuleName> {
     c.rules
         .iter()
-        .map(|r| RuleName {
+        .zip(crate::datapath::state::identities(c))
+        .map(|(r, (_, identity))| RuleName {
             id: r.id,
             kind: format!("{:?}", r.kind).to_lowercase(),
             name: r.name.clone(),
+            identity,
         })
         .collect()
 }

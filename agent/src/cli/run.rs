@@ -107,6 +107,8 @@ struct Agent {
     metrics: AgentMetrics,
     /// Ready: the policy is applied and the kernel state is known good.
     ready: Arc<AtomicBool>,
+    /// The rules each generation slot holds (to name the counters an apply deletes).
+    gen_rules: std::collections::HashMap<u8, Vec<record::RuleName>>,
 }
 
 impl Agent {
@@ -119,7 +121,25 @@ impl Agent {
         let r = self.dp.apply(compiled);
         let took = start.elapsed();
         self.metrics.apply_seconds.observe(took.as_secs_f64());
+        // Counters the apply deleted (the old generation's, removed rules') go into the totals.
+        for (g, id, st) in self.dp.take_folded_counters() {
+            match self
+                .gen_rules
+                .get(&g)
+                .and_then(|rules| rules.iter().find(|r| r.id == id))
+            {
+                Some(rule) => self.record.fold(&rule.clone(), st.packets, st.bytes),
+                None => tracing::warn!(
+                    generation = g,
+                    rule = id,
+                    packets = st.packets,
+                    "counters of a rule this agent cannot name were deleted"
+                ),
+            }
+        }
         if let Ok(report) = &r {
+            self.gen_rules
+                .insert(report.generation, record::rule_names(compiled));
             self.record.generation = report.generation;
             self.record.applied_at_unix_ms = record::now_unix_ms();
             self.record.apply_ms = took.as_secs_f64() * 1000.0;
@@ -225,7 +245,19 @@ pub fn run(args: &Args) -> u8 {
             return EXIT_ERROR;
         }
     };
+    // What a previous agent of this instance recorded: which rules its generation held, and the totals.
+    let previous = record::read(&instance).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the previous agent's record; per-rule history restarts");
+        None
+    });
+    let mut gen_rules = std::collections::HashMap::new();
+    if let Some(p) = &previous
+        && p.instance == instance
+    {
+        gen_rules.insert(p.generation, p.rules.clone());
+    }
     let mut agent = Agent {
+        gen_rules,
         config: args.config.clone(),
         dp,
         applied_text: daemon::content(&args.config),
@@ -235,6 +267,11 @@ pub fn run(args: &Args) -> u8 {
             build: crate::datapath::pin::build_id(crate::datapath::EBPF_OBJECT),
             policy_file: args.config.display().to_string(),
             interface: policy.instance.interface.clone(),
+            totals: previous
+                .as_ref()
+                .filter(|p| p.instance == instance)
+                .map(|p| p.totals.clone())
+                .unwrap_or_default(),
             ..Record::default()
         },
         policy,

@@ -208,10 +208,16 @@ fn gather(instance: &str) -> Result<Status, String> {
         .map(|r| (r.name(), d.audited.get(r).copied().unwrap_or(0)))
         .collect();
     let stats = dp.rule_stats().map_err(|e| e.to_string())?;
-    let names: BTreeMap<u32, (String, String)> = rec
+    // Rule names and earlier generations' totals come from the record of the generation now active.
+    let names: BTreeMap<u32, (String, String, u64, u64)> = rec
         .iter()
-        .flat_map(|r| r.rules.iter())
-        .map(|r| (r.id, (r.kind.clone(), r.name.clone())))
+        .filter(|r| Some(r.generation) == active)
+        .flat_map(|r| {
+            r.rules.iter().map(move |n| {
+                let (p, b) = r.total(n);
+                (n.id, (n.kind.clone(), n.name.clone(), p, b))
+            })
+        })
         .collect();
     let mut ids: Vec<u32> = stats.keys().chain(names.keys()).copied().collect();
     ids.sort();
@@ -219,17 +225,17 @@ fn gather(instance: &str) -> Result<Status, String> {
     let rules = ids
         .into_iter()
         .map(|id| {
-            let (kind, name) = names
+            let (kind, name, p, b) = names
                 .get(&id)
                 .cloned()
-                .unwrap_or_else(|| ("unknown".into(), format!("rule {id}")));
+                .unwrap_or_else(|| ("unknown".into(), format!("rule {id}"), 0, 0));
             let st = stats.get(&id).copied().unwrap_or_default();
             RuleRow {
                 id,
                 kind,
                 name,
-                packets: st.packets,
-                bytes: st.bytes,
+                packets: st.packets + p,
+                bytes: st.bytes + b,
             }
         })
         .collect();
@@ -395,9 +401,8 @@ fn print_text(s: &Status) {
         println!("busiest destinations:");
         for d in &s.destinations {
             println!(
-                "  {}:{} proto {}: passed {}, dropped {}{}, syn {} syn-ack {} rst {} icmp {}",
-                d.address,
-                d.port,
+                "  {} proto {}: passed {}, dropped {}{}, syn {} syn-ack {} rst {} icmp {}",
+                std::net::SocketAddr::new(d.address, d.port),
                 d.protocol,
                 d.passed,
                 d.dropped,

@@ -259,7 +259,17 @@ impl Datapath {
     pub fn apply(&mut self, c: &Compiled) -> Result<ApplyReport, DatapathError> {
         let fail_at = self.fail_at.take();
         let mut maps = KernelMaps::new(&mut self.ebpf, &self.barrier);
-        apply_to(&mut maps, &mut self.recorded, c, fail_at)
+        let r = apply_to(&mut maps, &mut self.recorded, c, fail_at);
+        let folded = maps.into_folded();
+        self.folded.extend(folded);
+        r
+    }
+
+    /// Rule counters that applies deleted since the last call, read at deletion: (generation, rule id,
+    /// packets and bytes). A generation flip empties the old slot's counters, an in-place apply those of
+    /// the rules it removes; the caller folds them into totals so history survives reloads.
+    pub fn take_folded_counters(&mut self) -> Vec<(u8, u32, vpcgate_common::datapath::RuleStats)> {
+        std::mem::take(&mut self.folded)
     }
 
     /// Test hook: the next `apply` fails at operation `op` of its plan (as if that map syscall had failed).

@@ -140,11 +140,21 @@ fn keys_of<K: aya::Pod, V: aya::Pod>(
 pub(crate) struct KernelMaps<'a> {
     ebpf: &'a mut Ebpf,
     barrier: &'a Barrier,
+    /// Counters read as they were deleted: (generation, rule, sum over CPUs).
+    folded: Vec<(u8, u32, RuleStats)>,
 }
 
 impl<'a> KernelMaps<'a> {
     pub(crate) fn new(ebpf: &'a mut Ebpf, barrier: &'a Barrier) -> Self {
-        Self { ebpf, barrier }
+        Self {
+            ebpf,
+            barrier,
+            folded: vec![],
+        }
+    }
+
+    pub(crate) fn into_folded(self) -> Vec<(u8, u32, RuleStats)> {
+        self.folded
     }
 
     fn put_addr<K: AddrKey, V: aya::Pod>(
@@ -209,16 +219,28 @@ impl<'a> KernelMaps<'a> {
         rules: impl Iterator<Item = u32>,
     ) -> Result<(), DatapathError> {
         let mut stats = self.counter_map()?;
+        let mut folded = vec![];
         for rule in rules {
             let key = RuleStatsKey {
                 generation: u32::from(generation),
                 rule,
             };
+            // Read, then delete: what the rule counted is handed to the caller, not lost.
+            if let Ok(per_cpu) = stats.get(&key, 0) {
+                let sum = per_cpu.iter().fold(RuleStats::default(), |a, s| RuleStats {
+                    packets: a.packets + s.packets,
+                    bytes: a.bytes + s.bytes,
+                });
+                if sum.packets > 0 || sum.bytes > 0 {
+                    folded.push((generation, rule, sum));
+                }
+            }
             match stats.remove(&key) {
                 Err(e) if !is_not_found(&e) => return Err(map_err(names::RULE_STATS)(e)),
                 _ => {}
             }
         }
+        self.folded.extend(folded);
         Ok(())
     }
 

@@ -116,6 +116,8 @@ pub struct Datapath {
     adopted: Option<AdoptedPrograms>,
     /// Where this instance's state is pinned; None for an unpinned load.
     pins: Option<pin::Pins>,
+    /// Rule counters applies deleted, for the caller to fold into totals.
+    folded: Vec<(u8, u32, vpcgate_common::datapath::RuleStats)>,
 }
 
 const PROGRAMS: [&str; 3] = [
@@ -185,6 +187,7 @@ impl Datapath {
             fail_at: None,
             adopted: None,
             pins: None,
+            folded: vec![],
         })
     }
 
@@ -290,6 +293,7 @@ impl Datapath {
                         fail_at: None,
                         adopted: Some(adopted),
                         pins: Some(pins),
+                        folded: vec![],
                     },
                     Opened::Adopted,
                 ))
@@ -330,6 +334,7 @@ impl Datapath {
                         fail_at: None,
                         adopted: None,
                         pins: Some(pins),
+                        folded: vec![],
                     },
                     Opened::Loaded,
                 ))
