@@ -231,8 +231,27 @@ fn run_enforces_reloads_and_leaves_enforcement_pinned_until_teardown() {
     );
     assert!(!delivered(&pair, 9002), "an invalid reload opened traffic");
 
+    // The control socket: `vpcgate reload` waits for the result (refused: the file is still broken).
+    let reload = output_in_gw(
+        &pair,
+        &["reload", "--instance", &policy.instance, "--output", "json"],
+    );
+    assert_eq!(reload.status.code(), Some(1), "reload of a broken file");
+    let reply: serde_json::Value = serde_json::from_slice(&reload.stdout).unwrap();
+    assert_eq!(reply["error"]["code"], "reload_failed", "{reply}");
+    control_socket_refuses_bad_requests(&policy.instance);
+    policy.write("9000-9001");
+    let reload = output_in_gw(&pair, &["reload", "--instance", &policy.instance]);
+    assert_eq!(
+        reload.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&reload.stderr)
+    );
+
     let running = status(&pair, &policy.instance);
     assert_eq!(running["agent_running"], true, "{running}");
+    assert_eq!(running["agent_ready"], true, "{running}");
     let refused = output_in_gw(&pair, &["teardown", "--instance", &policy.instance]);
     assert_eq!(
         refused.status.code(),
@@ -306,6 +325,53 @@ fn run_enforces_reloads_and_leaves_enforcement_pinned_until_teardown() {
         Some(2),
         "a second teardown has nothing to remove"
     );
+}
+
+/// The control socket is private (0600) and answers malformed, oversized and other-version requests
+/// with JSON errors.
+fn control_socket_refuses_bad_requests(instance: &str) {
+    use std::{
+        io::{Read, Write},
+        os::unix::{fs::PermissionsExt, net::UnixStream},
+    };
+    let path = format!("/run/vpcgate/{instance}.sock");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode {mode:o}");
+    let ask = |body: &[u8]| -> serde_json::Value {
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // The agent may answer (and close) before an oversized body is all written.
+        let _ = s.write_all(body);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"))
+    };
+    for (body, code) in [
+        (
+            b"hello
+"
+            .to_vec(),
+            "bad_request",
+        ),
+        (
+            br#"{"version": 99, "command": "status"}"#.to_vec(),
+            "unsupported_version",
+        ),
+        (
+            br#"{"version": 1, "command": "format-disk"}"#.to_vec(),
+            "unknown_command",
+        ),
+        (vec![b'x'; 70 * 1024], "too_large"),
+    ] {
+        let reply = ask(&body);
+        assert_eq!(reply["ok"], false, "{reply}");
+        assert_eq!(reply["version"], 1, "{reply}");
+        assert_eq!(reply["error"]["code"], code, "{reply}");
+    }
+    let reply = ask(b"{\"version\": 1, \"command\": \"status\"}\n");
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["result"]["instance"], instance, "{reply}");
 }
 
 /// `vpcgate status --instance NAME --output json` in the gateway namespace, parsed.
@@ -437,7 +503,10 @@ fn file_changes_reload_and_metrics_report_them() {
     // Each of these reloads shifts echo's id, so it is a new generation and the old one's counters are
     // deleted (and must be folded into the totals, as checked below).
     assert_ne!(first_generation, swap_generation, "the swap did not flip");
-    assert_ne!(swap_generation, rename_generation, "the rename-write did not flip");
+    assert_ne!(
+        swap_generation, rename_generation,
+        "the rename-write did not flip"
+    );
 
     // An invalid change is refused and counted; the policy stays.
     rename_write(&file, "[instance]\nname = \"broken\"\n");

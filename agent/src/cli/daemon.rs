@@ -417,3 +417,142 @@ pub async fn watch(file: PathBuf, debounce: Duration, changed: mpsc::Sender<()>)
 pub fn content(file: &Path) -> Option<Vec<u8>> {
     std::fs::read(file).ok()
 }
+
+/// The control socket's protocol version: requests carry it, replies echo it.
+pub const CONTROL_VERSION: u32 = 1;
+/// Largest request accepted (one JSON object, newline-terminated or ended by the client's shutdown).
+pub const CONTROL_MAX_REQUEST: usize = 64 * 1024;
+
+pub fn control_path(instance: &str) -> PathBuf {
+    Path::new(super::record::RUN_DIR).join(format!("{instance}.sock"))
+}
+
+/// A control request, as the agent loop receives it.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlRequest {
+    pub version: u32,
+    /// `status` (the agent's record) or `reload` (re-read the policy file now; the reply says how it went).
+    pub command: String,
+}
+
+pub type ControlCall = (ControlRequest, oneshot::Sender<serde_json::Value>);
+
+pub fn control_error(code: &str, message: impl Into<String>) -> serde_json::Value {
+    serde_json::json!({
+        "version": CONTROL_VERSION,
+        "ok": false,
+        "error": {"code": code, "message": message.into()},
+    })
+}
+
+pub fn control_ok(result: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"version": CONTROL_VERSION, "ok": true, "result": result})
+}
+
+/// Serves the control socket (mode 0600 in the 0700 /run/vpcgate): one request per connection, bounded
+/// in size and time, answered by the agent loop; every error is a JSON reply.
+pub async fn serve_control(listener: tokio::net::UnixListener, calls: mpsc::Sender<ControlCall>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let calls = calls.clone();
+        tokio::spawn(async move {
+            if let Err(e) = control_connection(stream, calls).await {
+                tracing::debug!(error = %e, "control connection");
+            }
+        });
+    }
+}
+
+async fn control_connection(
+    mut stream: tokio::net::UnixStream,
+    calls: mpsc::Sender<ControlCall>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::with_capacity(1024);
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.len() > CONTROL_MAX_REQUEST || buf.contains(&b'\n') {
+                break;
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let reply = match tokio::time::timeout(Duration::from_secs(5), read).await {
+        Err(_) => control_error("timeout", "no complete request within 5 s"),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(())) if buf.len() > CONTROL_MAX_REQUEST => control_error(
+            "too_large",
+            format!("a request is at most {CONTROL_MAX_REQUEST} bytes"),
+        ),
+        Ok(Ok(())) => {
+            let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
+            match serde_json::from_slice::<ControlRequest>(line) {
+                Err(e) => control_error("bad_request", format!("not a control request: {e}")),
+                Ok(r) if r.version != CONTROL_VERSION => control_error(
+                    "unsupported_version",
+                    format!(
+                        "this agent speaks version {CONTROL_VERSION}, not {}",
+                        r.version
+                    ),
+                ),
+                Ok(r) => {
+                    let (tx, rx) = oneshot::channel();
+                    if calls.send((r, tx)).await.is_err() {
+                        control_error("stopping", "the agent is stopping")
+                    } else {
+                        rx.await
+                            .unwrap_or_else(|_| control_error("stopping", "the agent is stopping"))
+                    }
+                }
+            }
+        }
+    };
+    let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+    out.push(b'\n');
+    stream.write_all(&out).await?;
+    stream.shutdown().await
+}
+
+/// Binds the control socket at `path` (a stale socket from a dead agent is replaced; the caller holds
+/// the instance lock, so no live agent owns it) with mode 0600.
+pub fn bind_control(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        if !md.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// One request to an agent's control socket (blocking; for the CLI): the reply object.
+pub fn control_call(instance: &str, command: &str) -> Result<serde_json::Value, String> {
+    use std::io::{BufRead, Write};
+    let path = control_path(instance);
+    let mut s = std::os::unix::net::UnixStream::connect(&path)
+        .map_err(|e| format!("no agent answers on {}: {e}", path.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    let req = serde_json::json!({"version": CONTROL_VERSION, "command": command});
+    writeln!(s, "{req}").map_err(|e| format!("write {}: {e}", path.display()))?;
+    let mut line = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| format!("read {}: {e}", path.display()))?;
+    serde_json::from_str(&line).map_err(|e| format!("bad reply from the agent ({e}): {line}"))
+}

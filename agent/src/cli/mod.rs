@@ -5,6 +5,7 @@ mod daemon;
 mod explain;
 mod preflight;
 mod record;
+mod reload;
 mod run;
 mod status;
 mod teardown;
@@ -51,6 +52,8 @@ pub enum Command {
     /// What the kernel enforces for an instance (pinned maps and links) and what its agent recorded;
     /// works while the agent is stopped.
     Status(status::Args),
+    /// Ask the running agent to re-read its policy file now (control socket) and report the result.
+    Reload(reload::Args),
     /// Remove everything an instance pinned: its links (enforcement ends), filters, programs and maps.
     Teardown(teardown::Args),
     /// Check that this host can run vpcgate: kernel, BTF, bpffs, and the kernel programs pass the verifier
@@ -120,5 +123,6 @@ pub fn run(cli: Cli) -> u8 {
         Command::Run(args) => run::run(&args),
         Command::Teardown(args) => teardown::run(&args),
         Command::Status(args) => status::run(&args),
+        Command::Reload(args) => reload::run(&args),
     }
 }

@@ -155,11 +155,11 @@ impl Agent {
     }
 
     /// Re-reads the policy file; `only_if_changed` skips a file whose bytes are what was applied.
-    fn reload(&mut self, trigger: &str, only_if_changed: bool) {
+    fn reload(&mut self, trigger: &str, only_if_changed: bool) -> Result<(), String> {
         let text = daemon::content(&self.config);
         if only_if_changed && text.is_some() && text == self.applied_text {
             tracing::debug!(trigger, "policy file unchanged");
-            return;
+            return Ok(());
         }
         let result = match compile(&self.config) {
             Ok((p, _)) if p.instance.interface != self.policy.instance.interface => Err(
@@ -190,7 +190,7 @@ impl Agent {
             },
             Err(_) => Err("the policy file is invalid or unreadable (see the errors above); the previous policy stays active".to_owned()),
         };
-        match result {
+        match &result {
             Ok(()) => {
                 self.metrics.reload(true);
                 self.record.reloads_ok += 1;
@@ -200,10 +200,35 @@ impl Agent {
                 tracing::error!(trigger, error = %e, "reload failed");
                 self.metrics.reload(false);
                 self.record.reloads_failed += 1;
-                self.record.last_reload_error = Some(e);
+                self.record.last_reload_error = Some(e.clone());
             }
         }
         self.save_record();
+        result
+    }
+
+    /// Answers a control-socket request.
+    fn control(&mut self, req: &daemon::ControlRequest) -> serde_json::Value {
+        match req.command.as_str() {
+            "status" => match serde_json::to_value(&self.record) {
+                Ok(mut v) => {
+                    v["ready"] = self.ready.load(Ordering::Acquire).into();
+                    daemon::control_ok(v)
+                }
+                Err(e) => daemon::control_error("internal", e.to_string()),
+            },
+            "reload" => match self.reload("control socket", false) {
+                Ok(()) => daemon::control_ok(serde_json::json!({
+                    "generation": self.record.generation,
+                    "apply_ms": self.record.apply_ms,
+                })),
+                Err(e) => daemon::control_error("reload_failed", e),
+            },
+            other => daemon::control_error(
+                "unknown_command",
+                format!("unknown command {other:?}: status, reload"),
+            ),
+        }
     }
 
     fn exposition(&self) -> String {
@@ -381,6 +406,16 @@ pub fn run(args: &Args) -> u8 {
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let (scrape_tx, mut scrape_rx) = mpsc::channel::<daemon::ScrapeRequest>(8);
         let server = tokio::spawn(daemon::serve(listener, scrape_tx, agent.ready.clone()));
+        let control_path = daemon::control_path(&instance);
+        let control = match daemon::bind_control(&control_path) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(path = %control_path.display(), error = %e, "cannot open the control socket");
+                return EXIT_ERROR;
+            }
+        };
+        let (control_tx, mut control_rx) = mpsc::channel::<daemon::ControlCall>(8);
+        let control_task = tokio::spawn(daemon::serve_control(control, control_tx));
         let (changed_tx, mut changed_rx) = mpsc::channel::<()>(1);
         let watcher = tokio::spawn(daemon::watch(agent.config.clone(), Duration::from_millis(200), changed_tx));
         tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
@@ -389,8 +424,11 @@ pub fn run(args: &Args) -> u8 {
         }
         loop {
             tokio::select! {
-                _ = hup.recv() => agent.reload("SIGHUP", false),
-                Some(()) = changed_rx.recv() => agent.reload("file change", true),
+                _ = hup.recv() => { let _ = agent.reload("SIGHUP", false); }
+                Some(()) = changed_rx.recv() => { let _ = agent.reload("file change", true); }
+                Some((req, reply)) = control_rx.recv() => {
+                    let _ = reply.send(agent.control(&req));
+                }
                 Some(reply) = scrape_rx.recv() => {
                     let _ = reply.send(agent.exposition());
                 }
@@ -401,6 +439,8 @@ pub fn run(args: &Args) -> u8 {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         server.abort();
         watcher.abort();
+        control_task.abort();
+        let _ = std::fs::remove_file(&control_path);
         tracing::info!(%instance, "stopping; enforcement stays in the kernel (`vpcgate teardown --instance {instance}` removes it)");
         EXIT_OK
     })

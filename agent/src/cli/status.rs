@@ -62,6 +62,8 @@ struct Status {
     pins: String,
     agent_running: bool,
     agent_pid: Option<u32>,
+    /// The running agent's readiness, from its control socket (None: not running or not answering).
+    agent_ready: Option<bool>,
     /// `enforce`, `audit` or `none` (no policy applied).
     mode: &'static str,
     active_generation: Option<u8>,
@@ -83,7 +85,7 @@ struct Status {
     maps: Vec<MapRow>,
 }
 
-fn only_instance() -> Result<String, String> {
+pub(super) fn only_instance() -> Result<String, String> {
     let names: Vec<String> = std::fs::read_dir(pin::ROOT)
         .map_err(|e| format!("nothing pinned under {}: {e}", pin::ROOT))?
         .filter_map(Result::ok)
@@ -112,11 +114,21 @@ fn agent_running(instance: &str) -> bool {
 
 fn gather(instance: &str) -> Result<Status, String> {
     let mut dp = Datapath::inspect(instance).map_err(|e| e.to_string())?;
-    let rec = record::read(instance).unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "cannot read the agent record");
-        None
-    });
     let running = agent_running(instance);
+    // A running agent answers with its live record (and readiness); else the last one it wrote.
+    let live = running
+        .then(|| daemon::control_call(instance, "status").ok())
+        .flatten()
+        .filter(|r| r["ok"] == true)
+        .map(|r| r["result"].clone());
+    let ready = live.as_ref().and_then(|r| r["ready"].as_bool());
+    let rec = match live.and_then(|r| serde_json::from_value::<record::Record>(r).ok()) {
+        Some(r) => Some(r),
+        None => record::read(instance).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the agent record");
+            None
+        }),
+    };
     let active = dp.active_generation().map_err(|e| e.to_string())?;
     let gen_state = match active {
         Some(g) => Some(dp.read_generation(g).map_err(|e| e.to_string())?),
@@ -280,6 +292,7 @@ fn gather(instance: &str) -> Result<Status, String> {
         instance: instance.to_owned(),
         pins: pins_dir,
         agent_running: running,
+        agent_ready: ready,
         agent_pid: rec.as_ref().filter(|_| running).map(|r| r.pid),
         mode,
         active_generation: active,
