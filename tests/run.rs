@@ -714,6 +714,71 @@ fn a_killed_agent_is_adopted_by_the_next_without_a_window() {
         "the reloaded policy is not enforced"
     );
 
+    // `diff`: the applied policy against itself changes nothing; against one that closes 9000 it names
+    // the rule that carried the traffic and the destination it would cut, with the counts.
+    let diff = |text: &str| {
+        let file = policy.dir.join("new.toml");
+        std::fs::write(&file, text).unwrap();
+        let out = output_in_gw(
+            &pair,
+            &[
+                "diff",
+                file.to_str().unwrap(),
+                "--instance",
+                &policy.instance,
+                "--output",
+                "json",
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "diff printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code(), v)
+    };
+    let (code, same) = diff(&policy.text("9000-9001"));
+    assert_eq!(code, Some(0), "{same}");
+    assert_eq!(same["rules"].as_array().map(Vec::len), Some(0), "{same}");
+    assert_eq!(same["warnings"].as_array().map(Vec::len), Some(0), "{same}");
+    let (code, cut) = diff(&policy.text("9001"));
+    assert_eq!(code, Some(1), "{cut}");
+    let rule = &cut["rules"][0];
+    assert_eq!(
+        (rule["change"].as_str(), rule["name"].as_str()),
+        (Some("changed"), Some("echo")),
+        "{cut}"
+    );
+    assert!(
+        rule["packets"].as_u64().unwrap() >= allowed_got as u64,
+        "{cut}"
+    );
+    let warnings = cut["warnings"].as_array().unwrap();
+    assert!(
+        warnings.iter().any(|w| w["evidence"] == "rule"),
+        "no rule warning: {cut}"
+    );
+    assert!(
+        warnings.iter().any(|w| w["evidence"] == "destination"
+            && w["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("10.200.0.2:9000 ")),
+        "no destination warning for 10.200.0.2:9000: {cut}"
+    );
+    let ports = cut["kernel"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["map"] == "PORTS")
+        .unwrap()
+        .clone();
+    assert!(
+        ports["added"].as_u64().unwrap() >= 1 && ports["removed"].as_u64().unwrap() >= 1,
+        "{cut}"
+    );
+
     agent.stop();
     let out = output_in_gw(&pair, &["teardown", "--instance", &policy.instance]);
     assert!(out.status.success(), "teardown failed");

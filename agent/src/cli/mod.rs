@@ -2,6 +2,7 @@
 
 mod check;
 mod daemon;
+mod diff;
 mod explain;
 mod preflight;
 mod record;
@@ -52,6 +53,9 @@ pub enum Command {
     /// What the kernel enforces for an instance (pinned maps and links) and what its agent recorded;
     /// works while the agent is stopped.
     Status(status::Args),
+    /// What a reload to NEW_FILE would change (rules, kernel entries), and which removed or narrowed
+    /// permissions carried traffic.
+    Diff(diff::Args),
     /// Ask the running agent to re-read its policy file now (control socket) and report the result.
     Reload(reload::Args),
     /// Remove everything an instance pinned: its links (enforcement ends), filters, programs and maps.
@@ -124,5 +128,6 @@ pub fn run(cli: Cli) -> u8 {
         Command::Teardown(args) => teardown::run(&args),
         Command::Status(args) => status::run(&args),
         Command::Reload(args) => reload::run(&args),
+        Command::Diff(args) => diff::run(&args),
     }
 }

@@ -14,6 +14,32 @@ use crate::policy::compile::Compiled;
 
 pub const RUN_DIR: &str = "/run/vpcgate";
 
+/// The policy text the agent last applied (what `diff` compares with).
+pub fn applied_path(instance: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{instance}.applied.toml"))
+}
+
+/// Writes `bytes` to `dest` atomically, mode 0600.
+fn write_atomic(dest: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = dest.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dest)
+}
+
+pub fn write_applied(instance: &str, text: &[u8]) -> std::io::Result<()> {
+    write_atomic(&applied_path(instance), text)
+}
+
 pub fn path(instance: &str) -> PathBuf {
     Path::new(RUN_DIR).join(format!("{instance}.json"))
 }
@@ -112,19 +138,8 @@ pub fn now_unix_ms() -> u64 {
 
 /// Writes the record atomically (readers see the old or the new one, never half).
 pub fn write(r: &Record) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dest = path(&r.instance);
-    let tmp = dest.with_extension(format!("json.tmp-{}", std::process::id()));
     let body = serde_json::to_vec_pretty(r).map_err(std::io::Error::other)?;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&body)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &dest)
+    write_atomic(&path(&r.instance), &body)
 }
 
 pub fn read(instance: &str) -> std::io::Result<Option<Record>> {

@@ -148,6 +148,15 @@ impl Agent {
         r
     }
 
+    /// Keeps a copy of the policy text in force (`diff` compares with it).
+    fn save_applied(&self) {
+        if let Some(text) = &self.applied_text
+            && let Err(e) = record::write_applied(&self.record.instance, text)
+        {
+            tracing::warn!(error = %e, "cannot keep a copy of the applied policy (diff needs --current)");
+        }
+    }
+
     fn save_record(&self) {
         if let Err(e) = record::write(&self.record) {
             tracing::warn!(error = %e, path = %record::path(&self.record.instance).display(), "cannot write the agent record (status works from the kernel maps alone)");
@@ -180,6 +189,7 @@ impl Agent {
                     self.policy = p;
                     self.compiled = c;
                     self.applied_text = text;
+                    self.save_applied();
                     Ok(())
                 }
                 Err(e @ DatapathError::RestoreFailed { .. }) => {
@@ -378,6 +388,7 @@ pub fn run(args: &Args) -> u8 {
         }
     }
     agent.save_record();
+    agent.save_applied();
     agent.ready.store(true, Ordering::Release);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
