@@ -840,3 +840,38 @@ fn a_restart_removes_attachments_the_policy_no_longer_names() {
     let out = output_in_gw(&pair, &["teardown", "--instance", &policy.instance]);
     assert!(out.status.success(), "teardown failed");
 }
+
+/// The ENI deleted and re-created (a hot-replug): its links are left holding nothing, so the agent
+/// notices (readiness drops), attaches again, and enforcement is back without a restart.
+#[test]
+fn a_recreated_interface_is_enforced_again() {
+    vpcgate_lab::require_root();
+    let pair = Pair::new();
+    let policy = PolicyFile::new("replug", "9000");
+    let agent = Agent::start(&pair, &policy.file);
+    agent.wait_for("enforcing");
+    assert!(!delivered(&pair, DENIED), "unauthorized port delivered");
+
+    pair.gw.ip(&["link", "del", GW_IF]);
+    pair.connect();
+    assert!(!xdp_attached(&pair), "a fresh interface came with XDP");
+    agent.wait_for("attachments lost; re-attaching");
+    agent.wait_for("enforcing");
+    assert!(xdp_attached(&pair), "XDP not attached again");
+    assert_eq!(
+        http_get(&pair, "/readyz").0,
+        200,
+        "not ready after re-attaching"
+    );
+    assert!(
+        delivered(&pair, ALLOWED),
+        "authorized port blocked after re-attaching"
+    );
+    assert!(
+        !delivered(&pair, DENIED),
+        "the re-created interface is not enforced"
+    );
+    agent.stop();
+    let out = output_in_gw(&pair, &["teardown", "--instance", &policy.instance]);
+    assert!(out.status.success(), "teardown failed");
+}

@@ -113,8 +113,18 @@ pub const VPC_V6: &str = "fd00:200::2";
 
 impl Pair {
     pub fn new() -> Self {
-        let gw = Netns::new("gw");
-        let vpc = Netns::new("vpc");
+        let pair = Self {
+            gw: Netns::new("gw"),
+            vpc: Netns::new("vpc"),
+        };
+        pair.connect();
+        pair
+    }
+
+    /// Creates the veth pair between the namespaces with its addresses (again, after `GW_IF` was
+    /// deleted: an ENI re-created).
+    pub fn connect(&self) {
+        let (gw, vpc) = (&self.gw, &self.vpc);
         gw.ip(&[
             "link",
             "add",
@@ -127,7 +137,7 @@ impl Pair {
             "netns",
             vpc.name(),
         ]);
-        for (ns, dev, v4, v6) in [(&gw, GW_IF, GW_V4, GW_V6), (&vpc, VPC_IF, VPC_V4, VPC_V6)] {
+        for (ns, dev, v4, v6) in [(gw, GW_IF, GW_V4, GW_V6), (vpc, VPC_IF, VPC_V4, VPC_V6)] {
             // No DAD: the addresses are usable at once, without waiting for duplicate detection.
             ns.exec(&[
                 "sysctl",
@@ -138,7 +148,6 @@ impl Pair {
             ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
             ns.ip(&["link", "set", dev, "up"]);
         }
-        Self { gw, vpc }
     }
 }
 

@@ -519,7 +519,21 @@ async fn control_connection(
     let mut out = serde_json::to_vec(&reply).unwrap_or_default();
     out.push(b'\n');
     stream.write_all(&out).await?;
-    stream.shutdown().await
+    stream.shutdown().await?;
+    // Closing with unread input would reset the connection and lose the reply (an oversized request):
+    // drain what the client still sends, bounded in bytes and time.
+    let drain = async {
+        let mut chunk = [0u8; 4096];
+        let mut total = 0usize;
+        while total < 1 << 20 {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+    Ok(())
 }
 
 /// Binds the control socket at `path` (a stale socket from a dead agent is replaced; the caller holds

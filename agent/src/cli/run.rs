@@ -107,6 +107,12 @@ struct Agent {
     metrics: AgentMetrics,
     /// Ready: the policy is applied and the kernel state is known good.
     ready: Arc<AtomicBool>,
+    /// How TC egress is attached (None before the first attach).
+    attached: Option<datapath::TcAttachMode>,
+    /// The index of each attached interface when it was attached.
+    attached_ifindex: std::collections::BTreeMap<String, u32>,
+    /// An apply failed and could not restore: the kernel state is unknown until a good apply.
+    restore_failed: bool,
     /// The rules each generation slot holds (to name the counters an apply deletes).
     gen_rules: std::collections::HashMap<u8, Vec<record::RuleName>>,
 }
@@ -186,6 +192,7 @@ impl Agent {
                     if p.instance.forward_interfaces != self.policy.instance.forward_interfaces {
                         tracing::warn!(now = ?self.policy.instance.forward_interfaces, file = ?p.instance.forward_interfaces, "forward_interfaces changed: restart the agent to attach to the new set; enforcement stays on the old one");
                     }
+                    self.restore_failed = false;
                     self.policy = p;
                     self.compiled = c;
                     self.applied_text = text;
@@ -193,6 +200,7 @@ impl Agent {
                     Ok(())
                 }
                 Err(e @ DatapathError::RestoreFailed { .. }) => {
+                    self.restore_failed = true;
                     self.ready.store(false, Ordering::Release);
                     Err(format!("{e}: the datapath is in an unknown state; restart the agent"))
                 }
@@ -215,6 +223,119 @@ impl Agent {
         }
         self.save_record();
         result
+    }
+
+    /// What the policy attaches: (program, or `clsact` for a cls_bpf filter, and interface).
+    fn wanted(&self, tc: datapath::TcAttachMode) -> Vec<(&'static str, String)> {
+        let iface = self.policy.instance.interface.clone();
+        let tc_name = if tc == datapath::TcAttachMode::Tcx {
+            vpcgate_common::programs::TC_EGRESS
+        } else {
+            "clsact"
+        };
+        let mut wanted = vec![
+            (tc_name, iface.clone()),
+            (vpcgate_common::programs::XDP_INGRESS, iface),
+        ];
+        wanted.extend(
+            self.policy
+                .instance
+                .forward_interfaces
+                .iter()
+                .map(|f| (vpcgate_common::programs::XDP_FORWARD, f.clone())),
+        );
+        wanted
+    }
+
+    /// Attaches (or adopts) everything the policy names, records how, and removes what it no longer
+    /// names. Idempotent: it is also how a lost attachment is restored.
+    fn attach_all(&mut self) -> Result<(), DatapathError> {
+        let iface = self.policy.instance.interface.clone();
+        let forward_ifs = self.policy.instance.forward_interfaces.clone();
+        let dp = &mut self.dp;
+        let tc = dp.attach_tc_egress(&iface)?;
+        let xdp = dp.attach_xdp(&iface, XdpRole::EniIngress)?;
+        let mut forward = vec![];
+        let mut modes = vec![];
+        for f in &forward_ifs {
+            let mode = dp.attach_xdp(f, XdpRole::Forward)?;
+            forward.push(datapath::ifindex(f)?);
+            tracing::info!(interface = %f, ?mode, "forward interface enforced");
+            modes.push((
+                f.clone(),
+                "forward".to_owned(),
+                format!("{mode:?}").to_lowercase(),
+            ));
+        }
+        // Packets enforced (and counted) at a forward interface's XDP are counted once.
+        dp.set_forward_interfaces(&forward)?;
+        // What the policy no longer names goes, once what it names is attached.
+        let wanted = self.wanted(tc);
+        let wanted: Vec<(&str, &str)> = wanted.iter().map(|(p, i)| (*p, i.as_str())).collect();
+        self.dp.prune_links(&wanted)?;
+        let position = match self.dp.tc_chain_position(&iface) {
+            Ok(Some((i, n))) => format!("tcx egress position {} of {n}", i + 1),
+            Ok(None) => "clsact egress priority 1".to_owned(),
+            Err(e) => format!("tcx chain position unknown: {e}"),
+        };
+        self.record.tc_attach = format!("{tc:?}").to_lowercase();
+        self.record.xdp = std::iter::once((
+            iface.clone(),
+            "eni".to_owned(),
+            format!("{xdp:?}").to_lowercase(),
+        ))
+        .chain(modes)
+        .collect();
+        self.attached = Some(tc);
+        // The interfaces as attached: one deleted and re-created gets a new index (and, on clsact
+        // kernels, no filter: nothing in the pins would show it).
+        self.attached_ifindex = self
+            .wanted(tc)
+            .iter()
+            .filter_map(|(_, i)| datapath::ifindex(i).ok().map(|x| (i.clone(), x)))
+            .collect();
+        tracing::info!(interface = %iface, tc = ?tc, %position, xdp = ?xdp, mode = ?self.policy.instance.mode, "enforcing");
+        Ok(())
+    }
+
+    /// Checks every attachment against the kernel (a link whose interface was deleted and re-created
+    /// holds nothing); re-attaches what was lost. Readiness follows: ready only while all hold.
+    fn check_attachments(&mut self) {
+        let Some(tc) = self.attached else {
+            return;
+        };
+        let wanted = self.wanted(tc);
+        let wanted: Vec<(&str, &str)> = wanted.iter().map(|(p, i)| (*p, i.as_str())).collect();
+        let mut problems = match self.dp.attachment_problems(&wanted) {
+            Ok(p) => p,
+            Err(e) => vec![e.to_string()],
+        };
+        for (iface, index) in &self.attached_ifindex {
+            if datapath::ifindex(iface).is_ok_and(|now| now != *index) {
+                problems.push(format!(
+                    "interface {iface} was re-created (index {index} before)"
+                ));
+            }
+        }
+        if problems.is_empty() {
+            if !self.restore_failed {
+                self.ready.store(true, Ordering::Release);
+            }
+            return;
+        }
+        tracing::error!(?problems, "attachments lost; re-attaching");
+        self.ready.store(false, Ordering::Release);
+        match self.attach_all() {
+            Ok(()) => {
+                self.save_record();
+                if !self.restore_failed {
+                    self.ready.store(true, Ordering::Release);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot re-attach: not ready; egress there is not enforced by vpcgate")
+            }
+        }
     }
 
     /// Answers a control-socket request.
@@ -292,6 +413,9 @@ pub fn run(args: &Args) -> u8 {
         gen_rules.insert(p.generation, p.rules.clone());
     }
     let mut agent = Agent {
+        attached: None,
+        attached_ifindex: Default::default(),
+        restore_failed: false,
         gen_rules,
         config: args.config.clone(),
         dp,
@@ -326,66 +450,9 @@ pub fn run(args: &Args) -> u8 {
         tracing::error!(error = %e, "cannot record the host's addresses");
         return EXIT_ERROR;
     }
-    let iface = agent.policy.instance.interface.clone();
-    let forward_ifs = agent.policy.instance.forward_interfaces.clone();
-    let dp = &mut agent.dp;
-    let attached = dp
-        .attach_tc_egress(&iface)
-        .and_then(|tc| Ok((tc, dp.attach_xdp(&iface, XdpRole::EniIngress)?)))
-        .and_then(|(tc, xdp)| {
-            let mut forward = vec![];
-            let mut modes = vec![];
-            for f in &forward_ifs {
-                let mode = dp.attach_xdp(f, XdpRole::Forward)?;
-                forward.push(datapath::ifindex(f)?);
-                tracing::info!(interface = %f, ?mode, "forward interface enforced");
-                modes.push((
-                    f.clone(),
-                    "forward".to_owned(),
-                    format!("{mode:?}").to_lowercase(),
-                ));
-            }
-            // Packets enforced (and counted) at a forward interface's XDP are counted once.
-            dp.set_forward_interfaces(&forward)?;
-            // What the policy no longer names goes, once what it names is attached.
-            let tc_name = if tc == datapath::TcAttachMode::Tcx {
-                vpcgate_common::programs::TC_EGRESS
-            } else {
-                "clsact"
-            };
-            let mut wanted = vec![
-                (tc_name, iface.as_str()),
-                (vpcgate_common::programs::XDP_INGRESS, iface.as_str()),
-            ];
-            wanted.extend(
-                forward_ifs
-                    .iter()
-                    .map(|f| (vpcgate_common::programs::XDP_FORWARD, f.as_str())),
-            );
-            dp.prune_links(&wanted)?;
-            Ok((tc, xdp, modes))
-        });
-    match attached {
-        Ok((tc, xdp, modes)) => {
-            let position = match agent.dp.tc_chain_position(&iface) {
-                Ok(Some((i, n))) => format!("tcx egress position {} of {n}", i + 1),
-                Ok(None) => "clsact egress priority 1".to_owned(),
-                Err(e) => format!("tcx chain position unknown: {e}"),
-            };
-            agent.record.tc_attach = format!("{tc:?}").to_lowercase();
-            agent.record.xdp = std::iter::once((
-                iface.clone(),
-                "eni".to_owned(),
-                format!("{xdp:?}").to_lowercase(),
-            ))
-            .chain(modes)
-            .collect();
-            tracing::info!(interface = %iface, tc = ?tc, %position, xdp = ?xdp, mode = ?agent.policy.instance.mode, "enforcing")
-        }
-        Err(e) => {
-            tracing::error!(error = %e, %instance, "cannot attach; what was attached stays pinned (`vpcgate teardown --instance` removes it)");
-            return EXIT_ERROR;
-        }
+    if let Err(e) = agent.attach_all() {
+        tracing::error!(error = %e, %instance, "cannot attach; what was attached stays pinned (`vpcgate teardown --instance` removes it)");
+        return EXIT_ERROR;
     }
     agent.save_record();
     agent.save_applied();
@@ -433,8 +500,10 @@ pub fn run(args: &Args) -> u8 {
         if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
             tracing::warn!(error = %e, "cannot notify systemd");
         }
+        let mut health = tokio::time::interval(Duration::from_secs(2));
         loop {
             tokio::select! {
+                _ = health.tick() => agent.check_attachments(),
                 _ = hup.recv() => { let _ = agent.reload("SIGHUP", false); }
                 Some(()) = changed_rx.recv() => { let _ = agent.reload("file change", true); }
                 Some((req, reply)) = control_rx.recv() => {

@@ -545,6 +545,49 @@ impl Datapath {
         Ok(removed)
     }
 
+    /// What is wrong with the pinned attachments `wanted` ((program or `clsact`, interface)), checked
+    /// against the kernel: a pin missing, a link defunct or on another interface or running another
+    /// program, an interface gone. Empty: all hold.
+    pub fn attachment_problems(
+        &mut self,
+        wanted: &[(&str, &str)],
+    ) -> Result<Vec<String>, DatapathError> {
+        let Some(p) = self.pins.clone() else {
+            return Ok(vec![]);
+        };
+        let mut problems = vec![];
+        for &(program, interface) in wanted {
+            let path = p.link(program, interface);
+            let index = match ifindex(interface) {
+                Ok(i) => i,
+                Err(_) => {
+                    problems.push(format!("interface {interface} is gone"));
+                    continue;
+                }
+            };
+            if !path.exists() {
+                problems.push(format!("{program}@{interface} is not pinned"));
+                continue;
+            }
+            if program == "clsact" {
+                continue;
+            }
+            let state = pin::pinned_link_state(&path)?;
+            let ours = match program {
+                programs::TC_EGRESS => self.program_id(programs::TC_EGRESS)?,
+                programs::XDP_INGRESS => self.program_id(programs::XDP_INGRESS)?,
+                _ => self.program_id(programs::XDP_FORWARD)?,
+            };
+            if state.ifindex != index || state.prog_id != ours {
+                problems.push(format!(
+                    "{program}@{interface} holds program {} on ifindex {} (want {ours} on {index})",
+                    state.prog_id, state.ifindex
+                ));
+            }
+        }
+        Ok(problems)
+    }
+
     fn program_id(&mut self, name: &'static str) -> Result<u32, DatapathError> {
         let info = match name {
             programs::TC_EGRESS => self.tc_egress()?.info(),
