@@ -89,6 +89,9 @@ impl Drop for PolicyFile {
         if dir.exists() {
             let _ = pin::teardown(&self.instance);
         }
+        for ext in ["json", "applied.toml", "sock", "lock"] {
+            let _ = std::fs::remove_file(format!("/run/vpcgate/{}.{ext}", self.instance));
+        }
     }
 }
 
@@ -318,6 +321,10 @@ fn run_enforces_reloads_and_leaves_enforcement_pinned_until_teardown() {
     assert!(
         !pin::instance_dir(&policy.instance).exists(),
         "pins left after teardown"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/run/vpcgate/{}.json", policy.instance)).exists(),
+        "the agent record outlived teardown"
     );
     let again = output_in_gw(&pair, &["teardown", "--instance", &policy.instance]);
     assert_eq!(

@@ -3,7 +3,6 @@
 //! endpoints (`axum`); and the policy file watcher (`inotify`).
 
 use std::{
-    ffi::OsString,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -309,12 +308,122 @@ struct HttpState {
     ready: Arc<AtomicBool>,
 }
 
+/// At most this many HTTP connections at once (each holds a descriptor; the agent's are needed for
+/// reloads), and none lives longer than `HTTP_CONN_LIFETIME`.
+const HTTP_MAX_CONNECTIONS: usize = 32;
+const HTTP_CONN_LIFETIME: Duration = Duration::from_secs(30);
+
+/// A TCP listener that admits `HTTP_MAX_CONNECTIONS` at a time (the next waits for a slot) and ends
+/// each connection after `HTTP_CONN_LIFETIME`, so idle or slow clients cannot exhaust descriptors.
+struct Limited {
+    inner: tokio::net::TcpListener,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// A connection holding its slot, ending at its deadline.
+struct LimitedIo {
+    io: tokio::net::TcpStream,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl LimitedIo {
+    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        self.deadline.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn timed_out<T>() -> std::task::Poll<std::io::Result<T>> {
+    std::task::Poll::Ready(Err(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "connection lifetime exceeded",
+    )))
+}
+
+impl tokio::io::AsyncRead for LimitedIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.expired(cx) {
+            return timed_out();
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for LimitedIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.expired(cx) {
+            return timed_out();
+        }
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl axum::serve::Listener for Limited {
+    type Io = LimitedIo;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                std::future::pending::<()>().await;
+                unreachable!();
+            };
+            match self.inner.accept().await {
+                Ok((io, addr)) => {
+                    return (
+                        LimitedIo {
+                            io,
+                            deadline: Box::pin(tokio::time::sleep(HTTP_CONN_LIFETIME)),
+                            _slot: slot,
+                        },
+                        addr,
+                    );
+                }
+                // Out of descriptors or similar: back off instead of spinning.
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics server cannot accept");
+                    drop(slot);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     scrape: mpsc::Sender<ScrapeRequest>,
     ready: Arc<AtomicBool>,
 ) {
+    let listener = Limited {
+        inner: listener,
+        slots: Arc::new(tokio::sync::Semaphore::new(HTTP_MAX_CONNECTIONS)),
+    };
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -355,37 +464,36 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
     }
 }
 
-/// Watches the policy file's directory (an editor's rename-write replaces the file; a Kubernetes
-/// ConfigMap swaps the `..data` symlink in the same directory) and sends a unit on `changed` after each
-/// burst of events has been quiet for `debounce`. The caller compares contents: events are only hints.
-pub async fn watch(file: PathBuf, debounce: Duration, changed: mpsc::Sender<()>) {
+/// The watch on the policy file's directory (an editor's rename-write replaces the file; a Kubernetes
+/// ConfigMap swaps the `..data` symlink in the same directory).
+pub fn open_watch(file: &Path) -> std::io::Result<inotify::EventStream<[u8; 4096]>> {
+    use inotify::{Inotify, WatchMask};
     let dir = match file.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
     };
-    let name: Option<OsString> = file.file_name().map(|n| n.to_owned());
-    let stream = (|| -> std::io::Result<_> {
-        use inotify::{Inotify, WatchMask};
-        let inotify = Inotify::init()?;
-        inotify.watches().add(
-            &dir,
-            WatchMask::CLOSE_WRITE
-                | WatchMask::MOVED_TO
-                | WatchMask::MOVED_FROM
-                | WatchMask::CREATE
-                | WatchMask::DELETE
-                | WatchMask::ATTRIB,
-        )?;
-        inotify.into_event_stream([0u8; 4096])
-    })();
-    let mut stream = match stream {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(dir = %dir.display(), error = %e, "cannot watch the policy directory; reload with SIGHUP");
-            return;
-        }
-    };
-    tracing::info!(dir = %dir.display(), file = ?name, "watching the policy file");
+    let inotify = Inotify::init()?;
+    inotify.watches().add(
+        &dir,
+        WatchMask::CLOSE_WRITE
+            | WatchMask::MOVED_TO
+            | WatchMask::MOVED_FROM
+            | WatchMask::CREATE
+            | WatchMask::DELETE
+            | WatchMask::ATTRIB,
+    )?;
+    tracing::info!(dir = %dir.display(), "watching the policy file");
+    inotify.into_event_stream([0u8; 4096])
+}
+
+/// Sends a unit on `changed` after each burst of events has been quiet for `debounce` (or has lasted
+/// 2 s: a directory that never stops changing still gets checked). Events are only hints: the caller
+/// compares contents.
+pub async fn watch(
+    mut stream: inotify::EventStream<[u8; 4096]>,
+    debounce: Duration,
+    changed: mpsc::Sender<()>,
+) {
     loop {
         match stream.next().await {
             Some(Ok(_)) => {}
@@ -395,8 +503,11 @@ pub async fn watch(file: PathBuf, debounce: Duration, changed: mpsc::Sender<()>)
             }
             None => return,
         }
-        // Debounce: wait until the directory has been quiet for `debounce`.
+        let burst = tokio::time::Instant::now();
         loop {
+            if burst.elapsed() > Duration::from_secs(2) {
+                break;
+            }
             match tokio::time::timeout(debounce, stream.next()).await {
                 Ok(Some(Ok(_))) => continue,
                 Ok(Some(Err(e))) => {
@@ -454,8 +565,14 @@ pub fn control_ok(result: serde_json::Value) -> serde_json::Value {
 /// in size and time, answered by the agent loop; every error is a JSON reply.
 pub async fn serve_control(listener: tokio::net::UnixListener, calls: mpsc::Sender<ControlCall>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors or similar: back off instead of spinning the agent's thread.
+                tracing::warn!(error = %e, "control socket cannot accept");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
         };
         let calls = calls.clone();
         tokio::spawn(async move {

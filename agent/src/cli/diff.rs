@@ -77,6 +77,8 @@ struct Warning {
 struct Diff {
     current: String,
     new: String,
+    /// Changed settings (`mode: enforce -> audit`, ...).
+    settings: Vec<String>,
     rules: Vec<RuleChange>,
     kernel: Vec<MapChange>,
     warnings: Vec<Warning>,
@@ -263,6 +265,29 @@ pub fn run(args: &Args) -> u8 {
         removed,
     });
 
+    // Settings every packet sees (mode, host essentials, flow timeouts).
+    let (ca, cb) = (state::gen_config(&old), state::gen_config(&new));
+    let mut settings = vec![];
+    for (what, x, y) in [
+        ("mode", ca.mode, cb.mode),
+        ("host_essentials", ca.host_essentials, cb.host_essentials),
+        ("tcp_timeout_s", ca.tcp_timeout_s, cb.tcp_timeout_s),
+        (
+            "tcp_closing_timeout_s",
+            ca.tcp_closing_timeout_s,
+            cb.tcp_closing_timeout_s,
+        ),
+        ("udp_timeout_s", ca.udp_timeout_s, cb.udp_timeout_s),
+    ] {
+        if x != y {
+            settings.push(format!(
+                "{what}: {} -> {}",
+                setting(what, x),
+                setting(what, y)
+            ));
+        }
+    }
+
     let mut warnings = vec![];
     for r in &rules {
         if r.change != "added"
@@ -320,6 +345,7 @@ pub fn run(args: &Args) -> u8 {
     let report = Diff {
         current: current_path.display().to_string(),
         new: args.new_file.display().to_string(),
+        settings,
         rules,
         kernel,
         warnings,
@@ -339,8 +365,21 @@ pub fn run(args: &Args) -> u8 {
     }
 }
 
+fn setting(what: &str, v: u32) -> String {
+    use vpcgate_common::datapath::{MODE_AUDIT, MODE_ENFORCE};
+    match (what, v) {
+        ("mode", MODE_ENFORCE) => "enforce".into(),
+        ("mode", MODE_AUDIT) => "audit".into(),
+        ("host_essentials", v) => format!("{v:#x}"),
+        (_, v) => v.to_string(),
+    }
+}
+
 fn print_text(d: &Diff, evidence: bool) {
     println!("{} -> {}", d.current, d.new);
+    for s in &d.settings {
+        println!("~ {s}");
+    }
     if d.rules.is_empty() {
         println!("rules: no change");
     }

@@ -40,6 +40,13 @@ pub fn write_applied(instance: &str, text: &[u8]) -> std::io::Result<()> {
     write_atomic(&applied_path(instance), text)
 }
 
+/// Removes the instance's files in /run/vpcgate (record, applied copy, stale socket, lock); best effort.
+pub fn remove_all(instance: &str) {
+    for ext in ["json", "applied.toml", "sock", "lock"] {
+        let _ = std::fs::remove_file(Path::new(RUN_DIR).join(format!("{instance}.{ext}")));
+    }
+}
+
 pub fn path(instance: &str) -> PathBuf {
     Path::new(RUN_DIR).join(format!("{instance}.json"))
 }

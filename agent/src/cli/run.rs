@@ -64,11 +64,9 @@ pub enum LogFormat {
 }
 
 /// Reads, validates and compiles the policy; prints diagnostics when it is invalid.
-fn compile(path: &Path) -> Result<(policy::Policy, Compiled), u8> {
-    let checked = policy::load(path).map_err(|e| {
-        tracing::error!(file = %path.display(), error = %e, "cannot read the policy");
-        EXIT_ERROR
-    })?;
+/// Validates and compiles exactly `bytes` (read once: what is applied is what was checked).
+fn compile_bytes(path: &Path, bytes: &[u8]) -> Result<(policy::Policy, Compiled), u8> {
+    let checked = policy::check_bytes(&path.display().to_string(), bytes);
     for d in &checked.diagnostics {
         tracing::warn!(file = %path.display(), "{d}");
     }
@@ -107,6 +105,8 @@ struct Agent {
     metrics: AgentMetrics,
     /// Ready: the policy is applied and the kernel state is known good.
     ready: Arc<AtomicBool>,
+    /// The last exposition and when it was built.
+    scrape_cache: Option<(Instant, String)>,
     /// How TC egress is attached (None before the first attach).
     attached: Option<datapath::TcAttachMode>,
     /// The index of each attached interface when it was attached.
@@ -123,6 +123,8 @@ impl Agent {
         &mut self,
         compiled: &Compiled,
     ) -> Result<crate::datapath::ApplyReport, DatapathError> {
+        // Whatever the outcome, the next scrape shows the kernel after this apply.
+        self.scrape_cache = None;
         let start = Instant::now();
         let r = self.dp.apply(compiled);
         let took = start.elapsed();
@@ -176,7 +178,14 @@ impl Agent {
             tracing::debug!(trigger, "policy file unchanged");
             return Ok(());
         }
-        let result = match compile(&self.config) {
+        let compiled = match &text {
+            Some(bytes) => compile_bytes(&self.config, bytes),
+            None => {
+                tracing::error!(file = %self.config.display(), "cannot read the policy");
+                Err(EXIT_ERROR)
+            }
+        };
+        let result = match compiled {
             Ok((p, _)) if p.instance.interface != self.policy.instance.interface => Err(
                 "reload changes [instance].interface: restart the agent instead; the previous policy stays active".to_owned(),
             ),
@@ -189,14 +198,23 @@ impl Agent {
                     if let Err(e) = sync_local_addresses(&mut self.dp, &p) {
                         tracing::error!(error = %e, "cannot refresh the host's addresses");
                     }
-                    if p.instance.forward_interfaces != self.policy.instance.forward_interfaces {
-                        tracing::warn!(now = ?self.policy.instance.forward_interfaces, file = ?p.instance.forward_interfaces, "forward_interfaces changed: restart the agent to attach to the new set; enforcement stays on the old one");
-                    }
+                    let forward_changed =
+                        p.instance.forward_interfaces != self.policy.instance.forward_interfaces;
                     self.restore_failed = false;
                     self.policy = p;
                     self.compiled = c;
                     self.applied_text = text;
                     self.save_applied();
+                    if forward_changed {
+                        // New forward interfaces attached, dropped ones detached (the policy is
+                        // already in the maps, so whatever attaches enforces it).
+                        if let Err(e) = self.attach_all() {
+                            self.ready.store(false, Ordering::Release);
+                            return self.reload_done(trigger, Err(format!(
+                                "the policy is applied but forward_interfaces could not be attached: {e}"
+                            )));
+                        }
+                    }
                     Ok(())
                 }
                 Err(e @ DatapathError::RestoreFailed { .. }) => {
@@ -204,10 +222,31 @@ impl Agent {
                     self.ready.store(false, Ordering::Release);
                     Err(format!("{e}: the datapath is in an unknown state; restart the agent"))
                 }
-                Err(e) => Err(format!("{e}; the previous policy stays active")),
+                Err(e) => {
+                    self.resync_generation();
+                    Err(format!("{e}; the previous policy stays active"))
+                }
             },
             Err(_) => Err("the policy file is invalid or unreadable (see the errors above); the previous policy stays active".to_owned()),
         };
+        self.reload_done(trigger, result)
+    }
+
+    /// After a failed apply the previous policy may have been restored under the other slot: follow
+    /// the kernel, so the next apply's deleted counters are credited to the rules that slot holds.
+    fn resync_generation(&mut self) {
+        if let Ok(Some(active)) = self.dp.active_generation()
+            && active != self.record.generation
+        {
+            if let Some(rules) = self.gen_rules.get(&self.record.generation).cloned() {
+                self.gen_rules.insert(active, rules);
+            }
+            self.record.generation = active;
+        }
+    }
+
+    fn reload_done(&mut self, trigger: &str, result: Result<(), String>) -> Result<(), String> {
+        self.scrape_cache = None;
         match &result {
             Ok(()) => {
                 self.metrics.reload(true);
@@ -362,14 +401,36 @@ impl Agent {
         }
     }
 
-    fn exposition(&self) -> String {
+    /// The exposition, rebuilt at most once a second (a snapshot walks the destination map: scrapes in
+    /// a burst share one walk instead of queueing behind each other in the agent's loop).
+    fn exposition(&mut self) -> String {
+        if let Some((at, text)) = &self.scrape_cache
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return text.clone();
+        }
         let s = daemon::snapshot(&self.dp, &self.compiled, &self.record);
-        daemon::exposition(&s, &self.metrics, &self.record)
+        let text = daemon::exposition(&s, &self.metrics, &self.record);
+        self.scrape_cache = Some((Instant::now(), text.clone()));
+        text
     }
 }
 
 pub fn run(args: &Args) -> u8 {
-    let (policy, compiled) = match compile(&args.config) {
+    // A SIGHUP before the handlers exist would end the process (and systemd counts that a clean
+    // exit): ignore it until then; the first loop turn checks the file anyway.
+    // SAFETY: setting a signal disposition, before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+    let bytes = match std::fs::read(&args.config) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(file = %args.config.display(), error = %e, "cannot read the policy");
+            return EXIT_ERROR;
+        }
+    };
+    let (policy, compiled) = match compile_bytes(&args.config, &bytes) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -413,13 +474,14 @@ pub fn run(args: &Args) -> u8 {
         gen_rules.insert(p.generation, p.rules.clone());
     }
     let mut agent = Agent {
+        scrape_cache: None,
         attached: None,
         attached_ifindex: Default::default(),
         restore_failed: false,
         gen_rules,
         config: args.config.clone(),
         dp,
-        applied_text: daemon::content(&args.config),
+        applied_text: Some(bytes),
         record: Record {
             instance: instance.clone(),
             pid: std::process::id(),
@@ -495,7 +557,16 @@ pub fn run(args: &Args) -> u8 {
         let (control_tx, mut control_rx) = mpsc::channel::<daemon::ControlCall>(8);
         let control_task = tokio::spawn(daemon::serve_control(control, control_tx));
         let (changed_tx, mut changed_rx) = mpsc::channel::<()>(1);
-        let watcher = tokio::spawn(daemon::watch(agent.config.clone(), Duration::from_millis(200), changed_tx));
+        // The watch exists before the first check below, so no change can fall between the two.
+        let watcher = match daemon::open_watch(&agent.config) {
+            Ok(stream) => Some(tokio::spawn(daemon::watch(stream, Duration::from_millis(200), changed_tx.clone()))),
+            Err(e) => {
+                tracing::error!(file = %agent.config.display(), error = %e, "cannot watch the policy file; reload with SIGHUP or `vpcgate reload`");
+                None
+            }
+        };
+        // A change that landed while the agent started (before the watch existed) is applied now.
+        let _ = changed_tx.try_send(());
         tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
         if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
             tracing::warn!(error = %e, "cannot notify systemd");
@@ -518,7 +589,9 @@ pub fn run(args: &Args) -> u8 {
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         server.abort();
-        watcher.abort();
+        if let Some(w) = watcher {
+            w.abort();
+        }
         control_task.abort();
         let _ = std::fs::remove_file(&control_path);
         tracing::info!(%instance, "stopping; enforcement stays in the kernel (`vpcgate teardown --instance {instance}` removes it)");

@@ -101,15 +101,10 @@ pub(super) fn only_instance() -> Result<String, String> {
     }
 }
 
-/// Whether an agent holds the instance lock (trying it, and letting go at once).
+/// Whether an agent serves the instance: its control socket accepts a connection (never the lock:
+/// trying it could make a starting agent or a teardown fail).
 fn agent_running(instance: &str) -> bool {
-    use std::os::fd::AsRawFd;
-    let path = std::path::Path::new(record::RUN_DIR).join(format!("{instance}.lock"));
-    let Ok(f) = std::fs::File::open(&path) else {
-        return false;
-    };
-    // SAFETY: flock on a descriptor we own; it is released when `f` closes.
-    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+    std::os::unix::net::UnixStream::connect(daemon::control_path(instance)).is_ok()
 }
 
 fn gather(instance: &str) -> Result<Status, String> {

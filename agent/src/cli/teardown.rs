@@ -32,6 +32,8 @@ pub fn run(args: &Args) -> u8 {
         }
         Err(e) => return fail(args.output, "teardown_failed", e.to_string()),
     };
+    // The agent's records go with the pins (the lock file too: we hold it while it is unlinked).
+    super::record::remove_all(&args.instance);
     match args.output {
         Output::Json => {
             if let Err(code) = print_json(&report) {
