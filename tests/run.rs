@@ -99,10 +99,22 @@ impl Drop for PolicyFile {
 /// namespace but not a new mount namespace (`ip netns exec` would remount /sys and hide the host's
 /// bpffs, so pins would die with the process).
 fn spawn_in_gw(pair: &Pair, args: &[&str], stdout: Stdio) -> Child {
+    spawn_in_gw_under(pair, &[], args, stdout)
+}
+
+/// `spawn_in_gw`, the binary run by `wrapper` (e.g. setpriv and its options) when not empty.
+fn spawn_in_gw_under(pair: &Pair, wrapper: &[&str], args: &[&str], stdout: Stdio) -> Child {
     let bin = binary();
     pair.gw.run(|| {
-        Command::new(&bin)
-            .args(args)
+        let mut c = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        c.args(args)
             .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
@@ -124,8 +136,13 @@ struct Agent {
 
 impl Agent {
     fn start(pair: &Pair, file: &Path) -> Self {
-        let mut child = spawn_in_gw(
+        Self::start_under(pair, &[], file)
+    }
+
+    fn start_under(pair: &Pair, wrapper: &[&str], file: &Path) -> Self {
+        let mut child = spawn_in_gw_under(
             pair,
+            wrapper,
             &["run", "--config", file.to_str().unwrap()],
             Stdio::inherit(),
         );
@@ -287,6 +304,15 @@ fn run_enforces_reloads_and_leaves_enforcement_pinned_until_teardown() {
         attached.len(),
         2,
         "TC egress and XDP ingress on the ENI: {st}"
+    );
+    let tc = attached
+        .iter()
+        .find(|a| a["hook"] == "tcx" || a["hook"] == "clsact")
+        .unwrap_or_else(|| panic!("no TC attachment: {st}"));
+    // First in the egress chain (tcx), or the highest clsact priority.
+    assert!(
+        tc["chain_position"] == "1 of 1" || tc["chain_position"] == "priority 1",
+        "{tc}"
     );
     let echo = st["rules"]
         .as_array()
@@ -878,6 +904,54 @@ fn a_recreated_interface_is_enforced_again() {
         !delivered(&pair, DENIED),
         "the re-created interface is not enforced"
     );
+    agent.stop();
+    let out = output_in_gw(&pair, &["teardown", "--instance", &policy.instance]);
+    assert!(out.status.success(), "teardown failed");
+}
+
+/// The systemd unit and the DaemonSet grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON and nothing else:
+/// the agent loads, pins, applies, enforces, reloads and serves with exactly those.
+#[test]
+fn the_agent_runs_with_only_the_capabilities_the_deployments_grant() {
+    vpcgate_lab::require_root();
+    let pair = Pair::new();
+    let policy = PolicyFile::new("caps", "9000");
+    let caps = "-all,+bpf,+net_admin,+perfmon";
+    let agent = Agent::start_under(
+        &pair,
+        &[
+            "setpriv",
+            &format!("--inh-caps={caps}"),
+            &format!("--ambient-caps={caps}"),
+            &format!("--bounding-set={caps}"),
+            "--no-new-privs",
+        ],
+        &policy.file,
+    );
+    agent.wait_for("enforcing");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id())).unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(str::trim)
+        .unwrap_or_default()
+        .to_owned();
+    // CAP_NET_ADMIN 12, CAP_PERFMON 38, CAP_BPF 39.
+    assert_eq!(
+        eff,
+        format!("{:016x}", (1u64 << 12) | (1 << 38) | (1 << 39))
+    );
+    assert!(delivered(&pair, ALLOWED), "authorized port blocked");
+    assert!(!delivered(&pair, DENIED), "unauthorized port delivered");
+    policy.write("9000-9001");
+    let reload = output_in_gw(&pair, &["reload", "--instance", &policy.instance]);
+    assert_eq!(
+        reload.status.code(),
+        Some(0),
+        "reload under the reduced capabilities"
+    );
+    assert!(delivered(&pair, DENIED), "the reload is not in effect");
+    assert_eq!(http_get(&pair, "/readyz").0, 200);
     agent.stop();
     let out = output_in_gw(&pair, &["teardown", "--instance", &policy.instance]);
     assert!(out.status.success(), "teardown failed");

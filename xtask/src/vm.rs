@@ -85,6 +85,9 @@ const LAB_MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf", "vxlan", "macvl
 /// `ip netns`: busybox's `ip` has no netns support, so iproute2's runs in the VM.
 const LAB_TOOLS: &[&str] = &["ip"];
 
+/// The `run` tests also start the agent with only the systemd unit's capabilities (util-linux setpriv).
+const RUN_TOOLS: &[&str] = &["ip", "setpriv"];
+
 /// The VM's tests, in the order they run. Every test target of tests/Cargo.toml is here (checked against
 /// cargo's list of executables when the tests are built).
 pub const TESTS: &[LabTest] = &[
@@ -157,7 +160,7 @@ pub const TESTS: &[LabTest] = &[
         kind: Kind::Lab,
         budget: Duration::from_secs(300),
         modules: LAB_MODULES,
-        tools: LAB_TOOLS,
+        tools: RUN_TOOLS,
         not_applicable: &[],
         min_uptime_s: 0,
     },

@@ -687,3 +687,64 @@ pub fn control_call(instance: &str, command: &str) -> Result<serde_json::Value, 
         .map_err(|e| format!("read {}: {e}", path.display()))?;
     serde_json::from_str(&line).map_err(|e| format!("bad reply from the agent ({e}): {line}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// /readyz answers 503 until the agent marks itself ready (policy applied, attachments holding),
+    /// and again when it stops being ready.
+    #[tokio::test]
+    async fn readiness_follows_the_flag() {
+        let (scrape, _rx) = mpsc::channel(1);
+        let ready = Arc::new(AtomicBool::new(false));
+        let state = || HttpState {
+            scrape: scrape.clone(),
+            ready: ready.clone(),
+        };
+        let code = |r: axum::response::Response| r.status();
+        assert_eq!(
+            code(readyz(State(state())).await.into_response()),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        ready.store(true, Ordering::Release);
+        assert_eq!(
+            code(readyz(State(state())).await.into_response()),
+            StatusCode::OK
+        );
+        ready.store(false, Ordering::Release);
+        assert_eq!(
+            code(readyz(State(state())).await.into_response()),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    /// The exposition of a snapshot is Prometheus text with the documented names and labels.
+    #[test]
+    fn exposition_names_and_labels() {
+        let s = Snapshot {
+            generation: Some(2),
+            dropped: vec![("port_not_authorized", 3)],
+            rules: vec![(1, "authorization".into(), "orders".into(), 5, 400)],
+            maps: vec![("PORTS", 7, 65536)],
+            ..Snapshot::default()
+        };
+        let m = AgentMetrics::new();
+        m.reload(false);
+        let text = exposition(&s, &m, &super::super::record::Record::default());
+        for line in [
+            "vpcgate_drops_total{reason=\"port_not_authorized\"} 3",
+            "vpcgate_rule_packets_total{rule=\"orders\",kind=\"authorization\",id=\"1\"} 5",
+            "vpcgate_rule_bytes_total{rule=\"orders\",kind=\"authorization\",id=\"1\"} 400",
+            "vpcgate_policy_generation 2",
+            "vpcgate_map_entries{map=\"PORTS\"} 7",
+            "vpcgate_map_capacity{map=\"PORTS\"} 65536",
+            "vpcgate_reloads_total{result=\"failure\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
+    }
+}

@@ -38,6 +38,9 @@ struct Attachment {
     xdp_mode: Option<String>,
     /// The link holds our program on that interface (false: defunct, its interface went away).
     attached: bool,
+    /// tcx: our place in the interface's egress chain, "1 of N" (first is what DESIGN asks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chain_position: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -66,6 +69,8 @@ struct Status {
     agent_ready: Option<bool>,
     /// `enforce`, `audit` or `none` (no policy applied).
     mode: &'static str,
+    /// Host essentials the active generation lets pass (`dhcp`, `mld`).
+    host_essentials: Vec<&'static str>,
     active_generation: Option<u8>,
     policy_file: Option<String>,
     recorded_generation: Option<u8>,
@@ -172,6 +177,7 @@ fn gather(instance: &str) -> Result<Status, String> {
                 hook: "clsact".into(),
                 xdp_mode: None,
                 attached: true,
+                chain_position: Some("priority 1".into()),
             });
             continue;
         }
@@ -186,7 +192,25 @@ fn gather(instance: &str) -> Result<Status, String> {
             ));
         }
         let is_tc = program == vpcgate_common::programs::TC_EGRESS;
+        let chain_position = if is_tc && attached {
+            match dp.tc_chain_position(&interface) {
+                Ok(Some((i, n))) => {
+                    if i != 0 {
+                        problems.push(format!(
+                            "{program} on {interface} is at position {} of {n} in the egress chain, not first",
+                            i + 1
+                        ));
+                    }
+                    Some(format!("{} of {n}", i + 1))
+                }
+                Ok(None) => None,
+                Err(e) => Some(format!("unknown: {e}")),
+            }
+        } else {
+            None
+        };
         attachments.push(Attachment {
+            chain_position,
             xdp_mode: if is_tc {
                 None
             } else {
@@ -290,6 +314,17 @@ fn gather(instance: &str) -> Result<Status, String> {
         agent_ready: ready,
         agent_pid: rec.as_ref().filter(|_| running).map(|r| r.pid),
         mode,
+        host_essentials: gen_state
+            .as_ref()
+            .map(|g| {
+                use vpcgate_common::datapath::{ESSENTIAL_DHCP, ESSENTIAL_MLD};
+                [(ESSENTIAL_DHCP, "dhcp"), (ESSENTIAL_MLD, "mld")]
+                    .into_iter()
+                    .filter(|(bit, _)| g.config.host_essentials & bit != 0)
+                    .map(|(_, n)| n)
+                    .collect()
+            })
+            .unwrap_or_default(),
         active_generation: active,
         policy_file: rec.as_ref().map(|r| r.policy_file.clone()),
         recorded_generation: rec.as_ref().map(|r| r.generation),
@@ -335,10 +370,15 @@ pub fn run(args: &Args) -> u8 {
 
 fn print_text(s: &Status) {
     println!(
-        "instance {} ({}), mode {}, generation {}; agent {}",
+        "instance {} ({}), mode {}{}, generation {}; agent {}",
         s.instance,
         s.pins,
         s.mode,
+        if s.host_essentials.is_empty() {
+            String::new()
+        } else {
+            format!(" (host essentials: {})", s.host_essentials.join(", "))
+        },
         s.active_generation
             .map_or("none".to_owned(), |g| g.to_string()),
         if s.agent_running {
@@ -365,7 +405,7 @@ fn print_text(s: &Status) {
     println!("attachments:");
     for a in &s.attachments {
         println!(
-            "  {} {:<20} {}{}{}",
+            "  {} {:<20} {}{}{} {}",
             if a.attached { "✓" } else { "✗" },
             a.interface,
             a.hook,
@@ -373,7 +413,11 @@ fn print_text(s: &Status) {
                 .as_ref()
                 .map(|m| format!(" ({m})"))
                 .unwrap_or_default(),
-            format_args!(" {}", a.program)
+            a.chain_position
+                .as_ref()
+                .map(|p| format!(" [{p}]"))
+                .unwrap_or_default(),
+            a.program
         );
     }
     println!(
