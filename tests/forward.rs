@@ -205,23 +205,32 @@ fn assert_enforced(pair: &Pair, pod: &Netns, dp: &mut Datapath, compiled: &Compi
     );
 }
 
-#[test]
-fn forward_interface_ingress_is_enforced() {
-    vpcgate_lab::require_root();
-    let (pair, pod) = topology(PodLink::Veth);
+/// Loads the datapath, applies the policy, lists `gw-pod` as the forward interface and attaches XDP
+/// there (and TC egress on the ENI when `tc`): the policy, the datapath and the XDP mode it got.
+fn enforce_forward(pair: &Pair, tc: bool) -> (Compiled, Datapath, XdpAttachMode) {
     let compiled = compiled();
     let mut dp = Datapath::load().unwrap_or_else(|e| panic!("{e}"));
     dp.apply(&compiled).unwrap_or_else(|e| panic!("{e}"));
-    // As `vpcgate run` sets it up: XDP on the forward interface, TC egress on the ENI, which decides again
-    // what arrived on the forward interface but does not count it a second time.
     let mode = pair.gw.run(|| {
         let pod_if = ifindex("gw-pod").unwrap_or_else(|e| panic!("{e}"));
         dp.set_forward_interfaces(&[pod_if])
             .unwrap_or_else(|e| panic!("{e}"));
-        dp.attach_tc_egress(GW_IF).unwrap_or_else(|e| panic!("{e}"));
+        if tc {
+            dp.attach_tc_egress(GW_IF).unwrap_or_else(|e| panic!("{e}"));
+        }
         dp.attach_xdp("gw-pod", XdpRole::Forward)
             .unwrap_or_else(|e| panic!("{e}"))
     });
+    (compiled, dp, mode)
+}
+
+#[test]
+fn forward_interface_ingress_is_enforced() {
+    vpcgate_lab::require_root();
+    let (pair, pod) = topology(PodLink::Veth);
+    // As `vpcgate run` sets it up: XDP on the forward interface, TC egress on the ENI, which decides again
+    // what arrived on the forward interface but does not count it a second time.
+    let (compiled, mut dp, mode) = enforce_forward(&pair, true);
     assert_eq!(mode, XdpAttachMode::Native);
     assert_enforced(&pair, &pod, &mut dp, &compiled);
 }
@@ -253,16 +262,7 @@ fn a_forward_interface_without_native_xdp_is_enforced_by_generic_xdp() {
         "preflight's XDP checks for the ENI and the forward interface"
     );
 
-    let compiled = compiled();
-    let mut dp = Datapath::load().unwrap_or_else(|e| panic!("{e}"));
-    dp.apply(&compiled).unwrap_or_else(|e| panic!("{e}"));
-    let mode = pair.gw.run(|| {
-        let pod_if = ifindex("gw-pod").unwrap_or_else(|e| panic!("{e}"));
-        dp.set_forward_interfaces(&[pod_if])
-            .unwrap_or_else(|e| panic!("{e}"));
-        dp.attach_xdp("gw-pod", XdpRole::Forward)
-            .unwrap_or_else(|e| panic!("{e}"))
-    });
+    let (compiled, mut dp, mode) = enforce_forward(&pair, false);
     assert_eq!(mode, XdpAttachMode::Generic, "VXLAN has no native XDP");
     let attached = pair.gw.ip(&["-d", "link", "show", "dev", "gw-pod"]);
     assert!(
