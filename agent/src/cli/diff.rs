@@ -114,8 +114,8 @@ fn scope(r: &Rule) -> String {
 fn by_identity(c: &Compiled) -> BTreeMap<(String, String), &Rule> {
     c.rules
         .iter()
-        .zip(state::identities(c))
-        .map(|(r, (k, id))| ((format!("{k:?}").to_lowercase(), id), r))
+        .zip(record::unique_identities(c))
+        .map(|(r, key)| (key, r))
         .collect()
 }
 

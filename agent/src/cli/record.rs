@@ -124,10 +124,26 @@ impl Record {
     }
 }
 
+/// Rule identities made unique within the policy: a repeat (two accessible blocks with the same CIDR)
+/// gets ` #2`, ` #3`, ... in file order, so totals and diffs never merge two rules.
+pub fn unique_identities(c: &Compiled) -> Vec<(String, String)> {
+    let mut seen = std::collections::HashMap::<(String, String), u32>::new();
+    crate::datapath::state::identities(c)
+        .into_iter()
+        .map(|(k, id)| {
+            let kind = format!("{k:?}").to_lowercase();
+            let n = seen.entry((kind.clone(), id.clone())).or_insert(0);
+            *n += 1;
+            let id = if *n == 1 { id } else { format!("{id} #{n}") };
+            (kind, id)
+        })
+        .collect()
+}
+
 pub fn rule_names(c: &Compiled) -> Vec<RuleName> {
     c.rules
         .iter()
-        .zip(crate::datapath::state::identities(c))
+        .zip(unique_identities(c))
         .map(|(r, (_, identity))| RuleName {
             id: r.id,
             kind: format!("{:?}", r.kind).to_lowercase(),
@@ -206,4 +222,30 @@ pub fn lock_instance(instance: &str) -> Result<std::fs::File, String> {
         });
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_identities_are_numbered() {
+        let mut text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/policy.toml"
+        ))
+        .unwrap();
+        text.push_str(
+            "\n[[accessible]]\ncidr = \"10.1.0.0/16\"\nports = [\"22\"]\nprotocols = [\"tcp\"]\n",
+        );
+        let c = crate::policy::check_text("p.toml", &text)
+            .compiled
+            .expect("valid");
+        let ids = unique_identities(&c);
+        let mut sorted = ids.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), ids.len(), "{ids:?}");
+        assert!(ids.iter().any(|(_, i)| i.ends_with(" #2")), "{ids:?}");
+    }
 }
