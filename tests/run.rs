@@ -621,6 +621,11 @@ impl Traffic {
                 .run(|| UdpSocket::bind(("10.200.0.2", port)).unwrap());
             rx.set_read_timeout(Some(Duration::from_millis(100)))
                 .unwrap();
+            // Room for every datagram of the run even if this thread is starved on a loaded machine:
+            // a loss must be the datapath's, never the socket buffer's.
+            socket2::SockRef::from(&rx)
+                .set_recv_buffer_size(4 << 20)
+                .unwrap();
             let (stop, received) = (stop.clone(), received.clone());
             threads.push(std::thread::spawn(move || {
                 let mut buf = [0u8; 16];
