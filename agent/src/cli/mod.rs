@@ -33,7 +33,10 @@ pub const EXIT_ERROR: u8 = 2;
     after_help = "Examples:\n  \
                   vpcgate check examples/policy.toml              validate a policy, every problem at once\n  \
                   vpcgate explain examples/policy.toml 10.0.3.7:80   would the gateway reach it, and why\n  \
-                  vpcgate preflight                               can this host run vpcgate?"
+                  vpcgate preflight --config policy.toml          can this host run vpcgate, on which paths?\n  \
+                  vpcgate run --config /etc/vpcgate/policy.toml   enforce (pinned: survives the agent)\n  \
+                  vpcgate status                                  what the kernel enforces right now\n  \
+                  vpcgate diff new.toml                           what a reload would change, and cut"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -60,8 +63,8 @@ pub enum Command {
     Reload(reload::Args),
     /// Remove everything an instance pinned: its links (enforcement ends), filters, programs and maps.
     Teardown(teardown::Args),
-    /// Check that this host can run vpcgate: kernel, BTF, bpffs, and the kernel programs pass the verifier
-    /// and classify a test packet.
+    /// Check that this host can run vpcgate and which paths it takes: tcx or clsact, ring buffer,
+    /// map-in-map, socket lookups, the verifier, and native or generic XDP per interface.
     Preflight(preflight::Args),
 }
 
