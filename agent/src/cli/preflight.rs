@@ -381,13 +381,7 @@ fn xdp_interface(name: &str, role: &str, forward: bool) -> Check {
 
 /// Whether bpffs (where the daemon pins programs, links and maps) is mounted at /sys/fs/bpf.
 fn bpffs() -> Check {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let path = c"/sys/fs/bpf";
-    // SAFETY: statfs fills the zeroed struct for a NUL-terminated path.
-    let mounted = unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(path.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
-    };
+    let mounted = datapath::pin::bpffs_mounted();
     Check {
         check: "bpffs",
         ok: mounted,

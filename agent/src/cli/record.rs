@@ -182,7 +182,7 @@ pub fn read(instance: &str) -> std::io::Result<Option<Record>> {
 pub fn lock_instance(instance: &str) -> Result<std::fs::File, String> {
     use std::os::{
         fd::AsRawFd,
-        unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt},
+        unix::fs::{DirBuilderExt, OpenOptionsExt},
     };
     crate::datapath::pin::check_instance(instance).map_err(|e| e.to_string())?;
     std::fs::DirBuilder::new()
@@ -190,16 +190,7 @@ pub fn lock_instance(instance: &str) -> Result<std::fs::File, String> {
         .mode(0o700)
         .create(RUN_DIR)
         .map_err(|e| format!("create {RUN_DIR}: {e}"))?;
-    let md = std::fs::symlink_metadata(RUN_DIR).map_err(|e| format!("{RUN_DIR}: {e}"))?;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    if !md.file_type().is_dir() || md.uid() != me || md.mode() & 0o022 != 0 {
-        return Err(format!(
-            "{RUN_DIR} must be a directory owned by uid {me} and writable only by it (uid {}, mode {:o})",
-            md.uid(),
-            md.mode() & 0o7777
-        ));
-    }
+    crate::datapath::pin::private_dir(Path::new(RUN_DIR)).map_err(|e| format!("{RUN_DIR}: {e}"))?;
     let path = Path::new(RUN_DIR).join(format!("{instance}.lock"));
     let file = std::fs::OpenOptions::new()
         .create(true)

@@ -276,34 +276,39 @@ fn gather(instance: &str) -> Result<Status, String> {
     let maps = match &gen_state {
         Some(s) => {
             use vpcgate_common::datapath::{limits, names};
-            let v4 = |n: &ipnet::IpNet| n.addr().is_ipv4();
-            vec![
-                MapRow {
-                    map: names::ADDR_V4,
-                    entries: s.addr.keys().filter(|n| v4(n)).count() as u32,
-                    capacity: limits::ADDR_ENTRIES,
-                },
-                MapRow {
-                    map: names::ADDR_V6,
-                    entries: s.addr.keys().filter(|n| !v4(n)).count() as u32,
-                    capacity: limits::ADDR_ENTRIES,
-                },
-                MapRow {
-                    map: names::RESERVED_V4,
-                    entries: s.reserved.keys().filter(|n| v4(n)).count() as u32,
-                    capacity: limits::RESERVED_ENTRIES,
-                },
-                MapRow {
-                    map: names::RESERVED_V6,
-                    entries: s.reserved.keys().filter(|n| !v4(n)).count() as u32,
-                    capacity: limits::RESERVED_ENTRIES,
-                },
-                MapRow {
-                    map: names::PORTS,
-                    entries: s.ports.len() as u32,
-                    capacity: limits::PORT_ENTRIES,
-                },
+            let count = |m: Vec<&ipnet::IpNet>, v4: bool| {
+                m.into_iter().filter(|n| n.addr().is_ipv4() == v4).count() as u32
+            };
+            [
+                (
+                    names::ADDR_V4,
+                    count(s.addr.keys().collect(), true),
+                    limits::ADDR_ENTRIES,
+                ),
+                (
+                    names::ADDR_V6,
+                    count(s.addr.keys().collect(), false),
+                    limits::ADDR_ENTRIES,
+                ),
+                (
+                    names::RESERVED_V4,
+                    count(s.reserved.keys().collect(), true),
+                    limits::RESERVED_ENTRIES,
+                ),
+                (
+                    names::RESERVED_V6,
+                    count(s.reserved.keys().collect(), false),
+                    limits::RESERVED_ENTRIES,
+                ),
+                (names::PORTS, s.ports.len() as u32, limits::PORT_ENTRIES),
             ]
+            .into_iter()
+            .map(|(map, entries, capacity)| MapRow {
+                map,
+                entries,
+                capacity,
+            })
+            .collect()
         }
         None => vec![],
     };

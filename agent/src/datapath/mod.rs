@@ -573,11 +573,7 @@ impl Datapath {
                 continue;
             }
             let state = pin::pinned_link_state(&path)?;
-            let ours = match program {
-                programs::TC_EGRESS => self.program_id(programs::TC_EGRESS)?,
-                programs::XDP_INGRESS => self.program_id(programs::XDP_INGRESS)?,
-                _ => self.program_id(programs::XDP_FORWARD)?,
-            };
+            let ours = self.program_id(program)?;
             if state.ifindex != index || state.prog_id != ours {
                 problems.push(format!(
                     "{program}@{interface} holds program {} on ifindex {} (want {ours} on {index})",
@@ -588,11 +584,12 @@ impl Datapath {
         Ok(problems)
     }
 
-    fn program_id(&mut self, name: &'static str) -> Result<u32, DatapathError> {
-        let info = match name {
-            programs::TC_EGRESS => self.tc_egress()?.info(),
-            programs::XDP_INGRESS => self.xdp_ingress()?.info(),
-            _ => self.xdp_forward()?.info(),
+    fn program_id(&mut self, name: &str) -> Result<u32, DatapathError> {
+        let (name, info) = match name {
+            programs::TC_EGRESS => (programs::TC_EGRESS, self.tc_egress()?.info()),
+            programs::XDP_INGRESS => (programs::XDP_INGRESS, self.xdp_ingress()?.info()),
+            programs::XDP_FORWARD => (programs::XDP_FORWARD, self.xdp_forward()?.info()),
+            _ => return Err(DatapathError::MissingProgram("(unknown program name)")),
         };
         Ok(info.map_err(|e| DatapathError::load(name, e))?.id())
     }

@@ -234,7 +234,7 @@ pub fn survey(instance: &str, build: &str, clean: bool) -> Result<Found, Datapat
 /// often world-writable (mode 1777), and a directory someone else planted could hold pins we would
 /// adopt or links we would lose.
 pub fn trusted_dir(dir: &Path) -> Result<(), DatapathError> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    use std::os::unix::fs::DirBuilderExt;
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -244,33 +244,37 @@ pub fn trusted_dir(dir: &Path) -> Result<(), DatapathError> {
             what: "create the pin directory",
             source,
         })?;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
     let mut p = dir.to_owned();
     loop {
-        let md = fs::symlink_metadata(&p).map_err(|source| DatapathError::Pin {
+        private_dir(&p).map_err(|source| DatapathError::Pin {
             path: p.clone(),
-            what: "inspect the pin directory",
+            what: "trust the pin directory",
             source,
         })?;
-        if !md.file_type().is_dir() || md.uid() != me || md.mode() & 0o022 != 0 {
-            return Err(DatapathError::Pin {
-                path: p.clone(),
-                what: "trust the pin directory",
-                source: io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    format!(
-                        "not a directory owned by uid {me} and writable only by it (uid {}, mode {:o}): \
-                         remove it (`vpcgate teardown`) or fix its owner and mode",
-                        md.uid(),
-                        md.mode() & 0o7777
-                    ),
-                ),
-            });
-        }
         if p == Path::new(ROOT) || !p.pop() || !p.starts_with(ROOT) {
             break;
         }
+    }
+    Ok(())
+}
+
+/// `dir` is a real directory (no symlink) owned by us and writable by nobody else: what vpcgate keeps
+/// state in (pins, /run/vpcgate) must not be planted or swapped by another user.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::symlink_metadata(dir)?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !md.file_type().is_dir() || md.uid() != me || md.mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "not a directory owned by uid {me} and writable only by it (uid {}, mode {:o}): \
+                 remove it (`vpcgate teardown`) or fix its owner and mode",
+                md.uid(),
+                md.mode() & 0o7777
+            ),
+        ));
     }
     Ok(())
 }
