@@ -5,4 +5,5 @@
 
 pub mod cli;
 pub mod datapath;
+pub mod diagnose;
 pub mod policy;

@@ -35,6 +35,10 @@ pub mod names {
     pub const DEST_OBS: &str = "DEST_OBS";
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
+    pub const PROBES: &str = "PROBES";
+    pub const KTRACE: &str = "KTRACE";
+    pub const KERNEL_EVENTS: &str = "KERNEL_EVENTS";
+    pub const KERNEL_BUDGET: &str = "KERNEL_BUDGET";
 }
 
 /// Capacities (Katran style: every tunable in one place). Policy maps are checked against these before
@@ -74,7 +78,17 @@ pub mod limits {
     /// counted (`EventBudget::suppressed`), so a flood cannot starve the agent.
     pub const EVENTS_PER_SEC: u64 = 1000;
     pub const EVENTS_BURST: u64 = 200;
+    /// Probe connections in flight (`vpcgate probe` inserts one entry per attempt; the kernel never
+    /// inserts, so nothing but a probe can fill it).
+    pub const PROBES: u32 = 1024;
+    /// Ring buffer for the kernel's own drops (`skb:kfree_skb`), in bytes.
+    pub const KERNEL_EVENTS_BYTES: u32 = 64 * 1024;
 }
+
+/// The socket mark (SO_MARK) of `vpcgate probe`'s connections: TC egress looks a packet up in `PROBES`
+/// only when it carries this mark (one field compared per packet, no lookup for any other traffic). The
+/// mark is a hint, never trusted: only a 5-tuple the probe registered in `PROBES` is recorded.
+pub const PROBE_MARK: u32 = 0x7667_0b5e;
 
 /// `GEN_CONFIG[gen].mode`.
 pub const MODE_ENFORCE: u32 = 0;
@@ -337,6 +351,81 @@ pub struct EventBudget {
     pub lost: u64,
 }
 
+/// What the kernel saw of one probe connection (`PROBES`, keyed by the connection's `FlowKey` as it
+/// leaves: local = the gateway's source). The probe inserts it zeroed before connecting; TC egress
+/// records the SYN (its sequence number and verdict), the ENI's ingress what answers exactly that SYN
+/// (SYN-ACK or RST whose ack is the SYN's sequence number + 1, ICMP errors quoting the 5-tuple and
+/// that sequence number), the `skb:kfree_skb` tracepoint (while a probe has it attached) the kernel's
+/// own drop of the connection's packets on this host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ProbeObs {
+    /// Sequence number of the SYN (valid when `syns` or `dropped` is not 0).
+    pub syn_seq: u32,
+    /// Marked SYNs that passed TC egress (retransmissions included).
+    pub syns: u32,
+    /// Marked SYNs TC egress dropped, and the reason of the last one.
+    pub dropped: u32,
+    pub drop_reason: u32,
+    /// Audited would-be drops (audit mode passed them), and the reason of the last one.
+    pub audited: u32,
+    pub audit_reason: u32,
+    pub syn_ack: u32,
+    pub rst: u32,
+    pub icmp: u32,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub _pad: [u8; 2],
+    /// Drops of the connection's packets by the kernel itself (`skb:kfree_skb`), and the kernel's
+    /// reason code of the last one (its name is per kernel: tracefs has the table).
+    pub kernel_drops: u32,
+    pub kernel_reason: u32,
+    /// bpf_ktime_get_ns of the first SYN seen, and of the last answer.
+    pub first_syn_ns: u64,
+    pub answer_ns: u64,
+}
+
+/// Where the `skb:kfree_skb` tracepoint program finds what it reads, written by the agent before it
+/// attaches: the tracepoint's field offsets (from tracefs, per kernel) and `struct sk_buff`'s member
+/// offsets (from the kernel's BTF). `skbaddr_off` 0: not configured, the program does nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct KtraceConfig {
+    pub skbaddr_off: u32,
+    pub protocol_off: u32,
+    pub reason_off: u32,
+    pub location_off: u32,
+    /// `sk_buff.head` (a pointer) and `sk_buff.network_header` (a u16 offset from head).
+    pub skb_head_off: u32,
+    pub skb_network_header_off: u32,
+    /// `sk_buff.dev` (a pointer) and `net_device.ifindex` (an int); `dev_off` 0: not read.
+    pub skb_dev_off: u32,
+    pub dev_ifindex_off: u32,
+}
+
+/// One drop by the kernel itself (`skb:kfree_skb`) of a packet from or to one of the gateway's
+/// addresses, as the agent reads it from `KERNEL_EVENTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct KernelDrop {
+    pub timestamp_ns: u64,
+    /// The kernel's `enum skb_drop_reason` value (names: tracefs, per kernel).
+    pub reason: u32,
+    /// The skb's device when it was dropped (0: none or unknown).
+    pub ifindex: u32,
+    /// Code address of the drop (`location`), for `/proc/kallsyms`.
+    pub location: u64,
+    /// 4 or 6.
+    pub family: u8,
+    pub proto: u8,
+    /// Big-endian ports (0 when there are none or they were not read).
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub _pad: [u8; 2],
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
 /// How the kernel decided (`LAST_VERDICT`, and later drop events); mirrors the reference verdict's basis.
 pub mod basis {
     pub const NOT_IP: u32 = 1;
@@ -395,6 +484,9 @@ const _: () = assert!(core::mem::size_of::<DestKey>() == 20);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 32);
 const _: () = assert!(core::mem::size_of::<DestObs>() == 96);
+const _: () = assert!(core::mem::size_of::<ProbeObs>() == 64);
+const _: () = assert!(core::mem::size_of::<KtraceConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<KernelDrop>() == 64);
 
 #[cfg(feature = "user")]
 mod user {
@@ -418,4 +510,7 @@ mod user {
     unsafe impl aya::Pod for DestObs {}
     unsafe impl aya::Pod for DropEvent {}
     unsafe impl aya::Pod for EventBudget {}
+    unsafe impl aya::Pod for ProbeObs {}
+    unsafe impl aya::Pod for KtraceConfig {}
+    unsafe impl aya::Pod for KernelDrop {}
 }

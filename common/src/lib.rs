@@ -23,4 +23,6 @@ pub mod programs {
     pub const XDP_INGRESS: &str = "vpcgate_xdp_ingress";
     /// XDP on forward interfaces: enforces the same verdict as TC egress.
     pub const XDP_FORWARD: &str = "vpcgate_xdp_forward";
+    /// The `skb:kfree_skb` tracepoint program (attached only while `drops --kernel` or `probe` runs).
+    pub const KFREE_SKB: &str = "vpcgate_kfree_skb";
 }

@@ -14,7 +14,7 @@ use vpcgate_common::icmp::{
 
 use crate::{
     maps::{DEST_OBS, DROP_STATS, GEN_CONFIG, LAST_VERDICT, RULE_STATS},
-    parse::{self, Cursor, L3, L4, Packet, TCP_ACK, TCP_RST, TCP_SYN},
+    parse::{self, Cursor, IPPROTO_TCP, L3, L4, Packet, TCP_ACK, TCP_RST, TCP_SYN},
     verdict::Outcome,
 };
 
@@ -131,7 +131,13 @@ pub fn record_last(o: &Outcome) {
 pub fn observe_reply(c: &Cursor, pkt: &Packet) {
     let family = if pkt.l3 == L3::Ipv4 { 4 } else { 6 };
     match pkt.l4 {
-        L4::Tcp { sport, flags, .. } => {
+        L4::Tcp {
+            sport,
+            dport,
+            flags,
+            ack,
+            ..
+        } => {
             let kind = if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
                 REPLY_SYN_ACK
             } else if flags & TCP_RST != 0 {
@@ -146,6 +152,9 @@ pub fn observe_reply(c: &Cursor, pkt: &Packet) {
                 addr: pkt.src,
             };
             record_reply(&key, kind, 0, 0);
+            if flags & TCP_ACK != 0 {
+                crate::probe::tcp_answer(family, pkt, dport, sport, ack, kind == REPLY_RST);
+            }
         }
         L4::Icmp {
             kind: kind @ (ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED),
@@ -157,14 +166,17 @@ pub fn observe_reply(c: &Cursor, pkt: &Packet) {
             code,
             ..
         } => {
-            if let Ok((proto, addr, port)) = parse::quoted(c, pkt.l4_off as usize, family == 6) {
+            if let Ok(q) = parse::quoted(c, pkt.l4_off as usize, family == 6) {
                 let key = DestKey {
                     family,
-                    proto,
-                    port: port.to_be_bytes(),
-                    addr,
+                    proto: q.proto,
+                    port: q.dport.to_be_bytes(),
+                    addr: q.dst,
                 };
                 record_reply(&key, REPLY_ICMP, kind, code);
+                if q.proto == IPPROTO_TCP {
+                    crate::probe::icmp_error(family, &q, kind, code);
+                }
             }
         }
         _ => {}

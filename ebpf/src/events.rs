@@ -3,7 +3,7 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use vpcgate_common::{
-    datapath::{DropEvent, limits},
+    datapath::{DropEvent, EventBudget, limits},
     parse_stats::Hook,
 };
 
@@ -55,7 +55,21 @@ fn emit(e: &mut DropEvent) {
     let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: a helper without preconditions; `budget` is this CPU's slot.
+    let Some(now) = take_token(budget) else {
+        return;
+    };
+    e.timestamp_ns = now;
+    if EVENTS.output::<DropEvent>(&*e, 0).is_err() {
+        // SAFETY: this CPU's slot.
+        unsafe { (*budget).lost += 1 };
+    }
+}
+
+/// Takes one event's token from this CPU's bucket (refilled at `EVENTS_PER_SEC`, up to
+/// `EVENTS_BURST`); the time now when there was one, None (counted as suppressed) when it was empty.
+#[inline(always)]
+pub fn take_token(budget: *mut EventBudget) -> Option<u64> {
+    // SAFETY: a helper without preconditions; `budget` is this CPU's slot of a per-CPU array.
     unsafe {
         let now = bpf_ktime_get_ns();
         let b = &mut *budget;
@@ -73,12 +87,9 @@ fn emit(e: &mut DropEvent) {
         }
         if b.milli_tokens < 1000 {
             b.suppressed += 1;
-            return;
+            return None;
         }
         b.milli_tokens -= 1000;
-        e.timestamp_ns = now;
-        if EVENTS.output::<DropEvent>(&*e, 0).is_err() {
-            b.lost += 1;
-        }
+        Some(now)
     }
 }

@@ -6,18 +6,20 @@
 mod account;
 mod events;
 mod flows;
+mod ktrace;
 mod maps;
 mod parse;
+mod probe;
 mod stats;
 mod verdict;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{classifier, tracepoint, xdp},
+    programs::{TcContext, TracePointContext, XdpContext},
 };
 use vpcgate_common::{
-    datapath::ACTION_PASS,
+    datapath::{ACTION_PASS, PROBE_MARK},
     parse_stats::{Hook, Stat},
 };
 
@@ -136,8 +138,13 @@ fn release(hook: Hook) {
 #[classifier]
 pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
-    let (ifindex, ingress_ifindex) =
-        unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
+    let (ifindex, ingress_ifindex, mark) = unsafe {
+        (
+            (*ctx.skb.skb).ifindex,
+            (*ctx.skb.skb).ingress_ifindex,
+            (*ctx.skb.skb).mark,
+        )
+    };
     // Forwarded from a forward interface whose XDP enforced and counted it: decide again (fail closed
     // if that program is gone), count once.
     // SAFETY: the value is only tested for presence.
@@ -159,6 +166,7 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
         }
     }
     let local = ingress_ifindex == 0;
+    let probe = local && mark == PROBE_MARK && parsed.is_ok();
     let o = enforce(
         Hook::TcEgress,
         ifindex,
@@ -168,6 +176,9 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
         local,
         account,
     );
+    if probe {
+        probe::egress(pkt, &o);
+    }
     release(Hook::TcEgress);
     tc_action(&o)
 }
@@ -208,6 +219,14 @@ pub fn vpcgate_xdp_ingress(ctx: XdpContext) -> u32 {
     }
     release(Hook::Xdp);
     xdp_action::XDP_PASS
+}
+
+/// `skb:kfree_skb`: the kernel's own drops of the gateway's packets (see `ktrace`). Never attached by
+/// `run`; `vpcgate drops --kernel` and `vpcgate probe` attach it while they run.
+#[tracepoint]
+pub fn vpcgate_kfree_skb(ctx: TracePointContext) -> u32 {
+    let _ = ktrace::kfree_skb(&ctx);
+    0
 }
 
 #[cfg(not(test))]

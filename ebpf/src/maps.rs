@@ -12,8 +12,8 @@ use crate::parse::Packet;
 
 use vpcgate_common::datapath::{
     AddrV4, AddrV6, AddrValue, DROP_STATS_LEN, DestKey, DestObs, EventBudget, FlowKey, FlowValue,
-    FragKey, FragValue, GenConfig, LastVerdict, LocalAddr, PortData, Prefix6, RuleStats,
-    RuleStatsKey, limits,
+    FragKey, FragValue, GenConfig, KtraceConfig, LastVerdict, LocalAddr, PortData, Prefix6,
+    ProbeObs, RuleStats, RuleStatsKey, limits,
 };
 
 /// The active policy generation (`GEN_A` or `GEN_B`; anything else: no policy).
@@ -101,6 +101,22 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENTS_BYTES, 0);
 
 #[map(name = "EVENT_BUDGET")]
 pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+
+/// Probe connections (`vpcgate probe` inserts and removes them; programs only update them in place).
+#[map(name = "PROBES")]
+pub static PROBES: HashMap<FlowKey, ProbeObs> = HashMap::with_max_entries(limits::PROBES, 0);
+
+/// Where the `skb:kfree_skb` tracepoint program reads its fields (written by the agent).
+#[map(name = "KTRACE")]
+pub static KTRACE: Array<KtraceConfig> = Array::with_max_entries(1, 0);
+
+/// The kernel's own drops of the gateway's packets (`vpcgate drops --kernel`), rate-limited by
+/// `KERNEL_BUDGET`.
+#[map(name = "KERNEL_EVENTS")]
+pub static KERNEL_EVENTS: RingBuf = RingBuf::with_byte_size(limits::KERNEL_EVENTS_BYTES, 0);
+
+#[map(name = "KERNEL_BUDGET")]
+pub static KERNEL_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per hook, this CPU's parsed packet (see `main::scratch`).
 #[map(name = "SCRATCH")]

@@ -110,6 +110,14 @@ pub struct UdpHdr {
     pub check: [u8; 2],
 }
 
+impl UdpHdr {
+    /// Bytes 4..8 of the transport header: a TCP header's sequence number when read as one.
+    #[inline(always)]
+    pub fn len_check(&self) -> [u8; 4] {
+        [self.len[0], self.len[1], self.check[0], self.check[1]]
+    }
+}
+
 /// ICMP and ICMPv6 share this 8-byte prefix (type, code, checksum, rest-of-header).
 #[repr(C)]
 pub struct IcmpHdr {
@@ -617,56 +625,86 @@ fn quote_matches(
 /// fragment header at most, in practice).
 const QUOTE_EXT_MAX_CHAIN: usize = 2;
 
-/// What an ICMP error quotes (the packet it answers), for the observers: (IP protocol, destination,
-/// destination port). Ports are read by the quoted protocol's own layout: TCP and UDP only (an ICMP
-/// echo's identifier is not a port: 0); IPv6 extension headers in the quote are walked.
+/// What an ICMP error quotes: the packet it answers, as that packet left this host.
+#[derive(Clone, Copy)]
+pub struct Quote {
+    pub proto: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// 0 when the quoted protocol has no ports, or for a non-first fragment.
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP only: the quoted segment's sequence number (RFC 792 quotes at least 8 transport bytes).
+    pub seq: u32,
+}
+
+/// What an ICMP error quotes (the packet it answers), for the observers. Ports are read by the quoted
+/// protocol's own layout: TCP and UDP only (an ICMP echo's identifier is not a port: 0); IPv6
+/// extension headers in the quote are walked.
 #[inline(always)]
-pub fn quoted(c: &Cursor, icmp_off: usize, v6: bool) -> Result<(u8, [u8; 16], u16), Malformed> {
+pub fn quoted(c: &Cursor, icmp_off: usize, v6: bool) -> Result<Quote, Malformed> {
     let inner = icmp_off + size_of::<IcmpHdr>();
-    let mut dst = [0u8; 16];
-    let (mut proto, mut l4) = if v6 {
+    let mut q = Quote {
+        proto: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+        seq: 0,
+    };
+    let mut l4 = if v6 {
         let ip: &Ipv6Hdr = c.ptr_at(inner)?;
-        dst = ip.dst;
-        (ip.next_hdr, inner + size_of::<Ipv6Hdr>())
+        q.src = ip.src;
+        q.dst = ip.dst;
+        q.proto = ip.next_hdr;
+        inner + size_of::<Ipv6Hdr>()
     } else {
         let ip: &Ipv4Hdr = c.ptr_at(inner)?;
         let hdr_len = ((ip.version_ihl & 0x0f) as usize) * 4;
         if hdr_len < size_of::<Ipv4Hdr>() {
             return Err(Malformed);
         }
-        dst[..4].copy_from_slice(&ip.dst);
+        q.src[..4].copy_from_slice(&ip.src);
+        q.dst[..4].copy_from_slice(&ip.dst);
+        q.proto = ip.proto;
         // A quoted non-first fragment carries no ports.
         if be16(ip.frag_off) & 0x1fff != 0 {
-            return Ok((ip.proto, dst, 0));
+            return Ok(q);
         }
-        (ip.proto, inner + hdr_len)
+        inner + hdr_len
     };
     if v6 {
         for _ in 0..QUOTE_EXT_MAX_CHAIN {
-            match proto {
+            match q.proto {
                 IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MH => {
                     let ext: &Ipv6ExtHdr = c.ptr_at(l4)?;
-                    proto = ext.next_hdr;
+                    q.proto = ext.next_hdr;
                     l4 += (ext.len as usize + 1) * 8;
                 }
                 IPPROTO_FRAGMENT => {
                     let frag: &Ipv6FragHdr = c.ptr_at(l4)?;
-                    proto = frag.next_hdr;
+                    q.proto = frag.next_hdr;
                     l4 += size_of::<Ipv6FragHdr>();
                     if be16(frag.frag_off) & 0xfff8 != 0 {
-                        return Ok((proto, dst, 0));
+                        return Ok(q);
                     }
                 }
                 _ => break,
             }
         }
     }
-    match proto {
-        // Both TCP and UDP start with the source and destination ports; RFC 792 quotes at least 8 bytes.
+    match q.proto {
+        // Both TCP and UDP start with the source and destination ports; RFC 792 quotes at least 8
+        // bytes, so a TCP quote has its sequence number.
         IPPROTO_TCP | IPPROTO_UDP => {
             let ports: &UdpHdr = c.ptr_at(l4)?;
-            Ok((proto, dst, be16(ports.dport)))
+            q.sport = be16(ports.sport);
+            q.dport = be16(ports.dport);
+            if q.proto == IPPROTO_TCP {
+                q.seq = u32::from_be_bytes(ports.len_check());
+            }
+            Ok(q)
         }
-        _ => Ok((proto, dst, 0)),
+        _ => Ok(q),
     }
 }

@@ -142,6 +142,11 @@ pub enum DatapathError {
     )]
     StackedForward { interface: String, kind: String },
 
+    #[error(
+        "cannot watch the kernel's own drops: {0} (the skb:kfree_skb tracepoint needs tracefs, BTF and CAP_PERFMON)"
+    )]
+    KernelTrace(String),
+
     #[error("map {map}: {}", chain(source))]
     Map {
         map: &'static str,

@@ -2,11 +2,13 @@
 
 mod apply;
 mod barrier;
+pub mod btf;
 pub mod capacity;
 mod counters;
 mod error;
 mod execute;
 mod flows;
+pub mod ktrace;
 mod maps;
 pub mod netdev;
 mod observe;
@@ -14,6 +16,7 @@ pub mod pin;
 pub mod plan;
 #[cfg(test)]
 mod plan_model;
+mod probe;
 #[cfg(test)]
 mod sim;
 pub mod state;
@@ -35,7 +38,8 @@ pub use capacity::{EntryCounts, entry_counts};
 pub use counters::DropCounts;
 pub use error::DatapathError;
 pub use flows::{FlowMap, host_addresses, kernel_now_ns, onlink_prefixes};
-pub use observe::{Destination, EventLoss};
+pub use observe::{Destination, EventLoss, address_of};
+pub use probe::probe_key;
 pub use state::GenState;
 pub use stats::{ParseStats, read_parse_stats};
 use vpcgate_common::programs;

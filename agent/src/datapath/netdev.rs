@@ -310,3 +310,99 @@ pub fn driver(interface: &str) -> Option<String> {
         Some(String::from_utf8_lossy(&info.driver[..len]).into_owned())
     }
 }
+
+/// Where the kernel would send a packet to `dst` from `src` (`ip route get`): the output interface and
+/// the next hop (the gateway, or `dst` itself when it is on-link). An error is the kernel's: e.g.
+/// ENETUNREACH when no route covers `dst`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteTo {
+    pub oif: u32,
+    pub next_hop: std::net::IpAddr,
+}
+
+pub fn route_to(dst: std::net::IpAddr, src: Option<std::net::IpAddr>) -> io::Result<RouteTo> {
+    use netlink_packet_route::{
+        AddressFamily,
+        route::{RouteAddress, RouteAttribute, RouteMessage},
+    };
+    let socket = NetlinkSocket::open_protocol(NETLINK_ROUTE)?;
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = if dst.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    msg.header.destination_prefix_length = if dst.is_ipv4() { 32 } else { 128 };
+    msg.attributes
+        .push(RouteAttribute::Destination(RouteAddress::from(dst)));
+    if let Some(src) = src {
+        msg.header.source_prefix_length = if src.is_ipv4() { 32 } else { 128 };
+        msg.attributes
+            .push(RouteAttribute::Source(RouteAddress::from(src)));
+    }
+    let reply = socket.request(NetlinkPayload::from(RouteNetlinkMessage::GetRoute(msg)))?;
+    let RouteNetlinkMessage::NewRoute(route) = reply else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected RTM_GETROUTE reply {reply:?}"),
+        ));
+    };
+    let mut out = RouteTo {
+        oif: 0,
+        next_hop: dst,
+    };
+    for a in &route.attributes {
+        match a {
+            RouteAttribute::Oif(i) => out.oif = *i,
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => out.next_hop = (*g).into(),
+            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => out.next_hop = (*g).into(),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The neighbour table's state for `addr` on `ifindex` (`ip neigh get`): None when there is no entry.
+pub fn neighbour_state(ifindex: u32, addr: std::net::IpAddr) -> io::Result<Option<String>> {
+    use netlink_packet_route::{
+        AddressFamily,
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+    };
+    let socket = NetlinkSocket::open_protocol(NETLINK_ROUTE)?;
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    msg.header.ifindex = ifindex;
+    msg.attributes
+        .push(NeighbourAttribute::Destination(match addr {
+            std::net::IpAddr::V4(a) => NeighbourAddress::Inet(a),
+            std::net::IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+        }));
+    match socket.request(NetlinkPayload::from(RouteNetlinkMessage::GetNeighbour(msg))) {
+        Ok(RouteNetlinkMessage::NewNeighbour(n)) => Ok(Some(
+            match n.header.state {
+                NeighbourState::Incomplete => "INCOMPLETE",
+                NeighbourState::Reachable => "REACHABLE",
+                NeighbourState::Stale => "STALE",
+                NeighbourState::Delay => "DELAY",
+                NeighbourState::Probe => "PROBE",
+                NeighbourState::Failed => "FAILED",
+                NeighbourState::Noarp => "NOARP",
+                NeighbourState::Permanent => "PERMANENT",
+                NeighbourState::None => "NONE",
+                NeighbourState::Other(_) => "OTHER",
+                _ => "OTHER",
+            }
+            .to_owned(),
+        )),
+        Ok(other) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected RTM_GETNEIGH reply {other:?}"),
+        )),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}

@@ -43,10 +43,15 @@ fn reason_name<S: serde::Serializer>(r: &Option<DropReason>, s: S) -> Result<S::
 }
 
 fn address(k: &DestKey) -> IpAddr {
-    if k.family == 4 {
-        IpAddr::V4(Ipv4Addr::new(k.addr[0], k.addr[1], k.addr[2], k.addr[3]))
+    address_of(k.family, &k.addr)
+}
+
+/// An address as the kernel's keys hold it (family 4: the first four bytes).
+pub fn address_of(family: u8, addr: &[u8; 16]) -> IpAddr {
+    if family == 4 {
+        IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
     } else {
-        IpAddr::V6(Ipv6Addr::from(k.addr))
+        IpAddr::V6(Ipv6Addr::from(*addr))
     }
 }
 
@@ -135,47 +140,51 @@ pub struct EventLoss {
     pub lost: u64,
 }
 
+/// Takes up to `max` records of type `T` waiting in ring buffer `name` (never blocks).
+pub(super) fn take_ring<T: bytemuck::Pod>(
+    dp: &mut Datapath,
+    name: &'static str,
+    max: usize,
+) -> Result<Vec<T>, DatapathError> {
+    let m = dp
+        .ebpf_mut()
+        .map_mut(name)
+        .ok_or(DatapathError::MissingMap(name))?;
+    let mut ring = aya::maps::RingBuf::try_from(m)
+        .map_err(|source| DatapathError::Map { map: name, source })?;
+    let mut out = vec![];
+    while out.len() < max {
+        let Some(item) = ring.next() else { break };
+        if item.len() >= std::mem::size_of::<T>() {
+            out.push(bytemuck::pod_read_unaligned::<T>(
+                &item[..std::mem::size_of::<T>()],
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The event budget `name`'s suppressed and lost counts, summed over CPUs.
+pub(super) fn loss(dp: &Datapath, name: &'static str) -> Result<EventLoss, DatapathError> {
+    let m = dp.ebpf().map(name).ok_or(DatapathError::MissingMap(name))?;
+    let a = aya::maps::PerCpuArray::<_, EventBudget>::try_from(m)
+        .map_err(|source| DatapathError::Map { map: name, source })?;
+    let per_cpu = a
+        .get(&0, 0)
+        .map_err(|source| DatapathError::Map { map: name, source })?;
+    Ok(per_cpu.iter().fold(EventLoss::default(), |l, b| EventLoss {
+        suppressed: l.suppressed + b.suppressed,
+        lost: l.lost + b.lost,
+    }))
+}
+
 impl Datapath {
     /// Takes up to `max` drop events waiting in the ring buffer (never blocks).
     pub fn take_events(&mut self, max: usize) -> Result<Vec<DropEvent>, DatapathError> {
-        let m = self
-            .ebpf_mut()
-            .map_mut(names::EVENTS)
-            .ok_or(DatapathError::MissingMap(names::EVENTS))?;
-        let mut ring = aya::maps::RingBuf::try_from(m).map_err(|source| DatapathError::Map {
-            map: names::EVENTS,
-            source,
-        })?;
-        let mut out = vec![];
-        while out.len() < max {
-            let Some(item) = ring.next() else { break };
-            if item.len() >= std::mem::size_of::<DropEvent>() {
-                out.push(bytemuck::pod_read_unaligned::<DropEvent>(
-                    &item[..std::mem::size_of::<DropEvent>()],
-                ));
-            }
-        }
-        Ok(out)
+        take_ring(self, names::EVENTS, max)
     }
 
     pub fn event_loss(&self) -> Result<EventLoss, DatapathError> {
-        let m = self
-            .ebpf()
-            .map(names::EVENT_BUDGET)
-            .ok_or(DatapathError::MissingMap(names::EVENT_BUDGET))?;
-        let a = aya::maps::PerCpuArray::<_, EventBudget>::try_from(m).map_err(|source| {
-            DatapathError::Map {
-                map: names::EVENT_BUDGET,
-                source,
-            }
-        })?;
-        let per_cpu = a.get(&0, 0).map_err(|source| DatapathError::Map {
-            map: names::EVENT_BUDGET,
-            source,
-        })?;
-        Ok(per_cpu.iter().fold(EventLoss::default(), |l, b| EventLoss {
-            suppressed: l.suppressed + b.suppressed,
-            lost: l.lost + b.lost,
-        }))
+        loss(self, names::EVENT_BUDGET)
     }
 }

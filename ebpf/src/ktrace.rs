@@ -1,0 +1,151 @@
+//! The kernel's own drops (`skb:kfree_skb`), for `vpcgate drops --kernel` and `vpcgate probe`: a packet
+//! from or to one of the gateway's addresses that the host dropped (no route, neighbour failure,
+//! netfilter, qdisc, ...) becomes an event, with the kernel's reason code, and is credited to the probe
+//! connection it belongs to. Attached only while such a command runs; `KTRACE` says where the fields
+//! are on the running kernel (the agent reads tracefs and BTF), so nothing here assumes a layout.
+
+use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::TracePointContext};
+use vpcgate_common::datapath::{KernelDrop, LocalAddr};
+
+use crate::{
+    events::take_token,
+    maps::{KERNEL_BUDGET, KERNEL_EVENTS, KTRACE, LOCAL_ADDRS},
+    parse::{IPPROTO_TCP, IPPROTO_UDP},
+    probe,
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+
+/// Reads a `T` at a kernel address (None when the address is not readable).
+#[inline(always)]
+fn read<T>(addr: u64) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel checks the address; a fault returns an error, never a crash.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
+}
+
+#[inline(always)]
+fn local(family: u8, addr: &[u8; 16]) -> bool {
+    // Loopback is the host talking to itself, not the gateway's traffic.
+    if (family == 4 && addr[0] == 127) || (family == 6 && *addr == LOOPBACK6) {
+        return false;
+    }
+    let k = LocalAddr {
+        family,
+        _pad: [0; 3],
+        addr: *addr,
+    };
+    // SAFETY: the value is only tested for presence.
+    unsafe { LOCAL_ADDRS.get(k) }.is_some()
+}
+
+const LOOPBACK6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+pub fn kfree_skb(ctx: &TracePointContext) -> Option<()> {
+    let cfg = *KTRACE.get(0)?;
+    if cfg.skbaddr_off == 0 {
+        return None;
+    }
+    // SAFETY: offsets within the tracepoint's record, read with bpf_probe_read_kernel.
+    let (skb, protocol, reason, location) = unsafe {
+        (
+            ctx.read_at::<u64>(cfg.skbaddr_off as usize).ok()?,
+            ctx.read_at::<u16>(cfg.protocol_off as usize).ok()?,
+            ctx.read_at::<u32>(cfg.reason_off as usize).ok()?,
+            ctx.read_at::<u64>(cfg.location_off as usize).ok()?,
+        )
+    };
+    let family = match protocol {
+        ETH_P_IP => 4u8,
+        ETH_P_IPV6 => 6u8,
+        _ => return None,
+    };
+    let head: u64 = read(skb + u64::from(cfg.skb_head_off))?;
+    let nh: u16 = read(skb + u64::from(cfg.skb_network_header_off))?;
+    if head == 0 || nh == u16::MAX {
+        return None;
+    }
+    let ip = head + u64::from(nh);
+    let mut e = KernelDrop {
+        timestamp_ns: 0,
+        reason,
+        ifindex: 0,
+        location,
+        family,
+        proto: 0,
+        sport: [0; 2],
+        dport: [0; 2],
+        _pad: [0; 2],
+        src: [0; 16],
+        dst: [0; 16],
+    };
+    let l4 = if family == 4 {
+        let h: [u8; 20] = read(ip)?;
+        if h[0] >> 4 != 4 {
+            return None;
+        }
+        e.proto = h[9];
+        e.src[..4].copy_from_slice(&h[12..16]);
+        e.dst[..4].copy_from_slice(&h[16..20]);
+        // A non-first fragment has no ports.
+        if (u16::from(h[6] & 0x1f) << 8 | u16::from(h[7])) != 0 {
+            0
+        } else {
+            ip + u64::from(h[0] & 0x0f) * 4
+        }
+    } else {
+        let h: [u8; 40] = read(ip)?;
+        if h[0] >> 4 != 6 {
+            return None;
+        }
+        // Ports only when the transport header follows at once (no extension headers walked here).
+        e.proto = h[6];
+        e.src.copy_from_slice(&h[8..24]);
+        e.dst.copy_from_slice(&h[24..40]);
+        ip + 40
+    };
+    let from_local = local(family, &e.src);
+    if !from_local && !local(family, &e.dst) {
+        return None;
+    }
+    if l4 != 0
+        && (e.proto == IPPROTO_TCP || e.proto == IPPROTO_UDP)
+        && let Some(ports) = read::<[u8; 4]>(l4)
+    {
+        e.sport = [ports[0], ports[1]];
+        e.dport = [ports[2], ports[3]];
+    }
+    if cfg.skb_dev_off != 0
+        && let Some(dev) = read::<u64>(skb + u64::from(cfg.skb_dev_off))
+        && dev != 0
+        && let Some(ifindex) = read::<u32>(dev + u64::from(cfg.dev_ifindex_off))
+    {
+        e.ifindex = ifindex;
+    }
+    if e.proto == IPPROTO_TCP {
+        let (sport, dport) = (u16::from_be_bytes(e.sport), u16::from_be_bytes(e.dport));
+        let k = if from_local {
+            probe::key(family, &e.src, &e.dst, sport, dport)
+        } else {
+            probe::key(family, &e.dst, &e.src, dport, sport)
+        };
+        probe::kernel_drop(&k, reason);
+    }
+    emit(&mut e);
+    Some(())
+}
+
+#[inline(never)]
+fn emit(e: &mut KernelDrop) {
+    let Some(budget) = KERNEL_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
+    let Some(now) = take_token(budget) else {
+        return;
+    };
+    e.timestamp_ns = now;
+    if KERNEL_EVENTS.output::<KernelDrop>(&*e, 0).is_err() {
+        // SAFETY: this CPU's slot.
+        unsafe { (*budget).lost += 1 };
+    }
+}
