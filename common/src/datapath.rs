@@ -401,6 +401,14 @@ pub struct KtraceConfig {
     /// `sk_buff.dev` (a pointer) and `net_device.ifindex` (an int); `dev_off` 0: not read.
     pub skb_dev_off: u32,
     pub dev_ifindex_off: u32,
+    /// The network namespace a drop happened in, to keep only the gateway's own: `sk_buff.dev` then
+    /// `net_device.nd_net`, else `sk_buff.sk` then `sock.__sk_common.skc_net`, then `net.ns.inum`,
+    /// compared with `netns_inum` (the inode of the gateway's /proc/self/ns/net).
+    pub dev_net_off: u32,
+    pub skb_sk_off: u32,
+    pub sk_net_off: u32,
+    pub net_inum_off: u32,
+    pub netns_inum: u32,
 }
 
 /// One drop by the kernel itself (`skb:kfree_skb`) of a packet from or to one of the gateway's
@@ -485,7 +493,7 @@ const _: () = assert!(core::mem::size_of::<DropEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 32);
 const _: () = assert!(core::mem::size_of::<DestObs>() == 96);
 const _: () = assert!(core::mem::size_of::<ProbeObs>() == 64);
-const _: () = assert!(core::mem::size_of::<KtraceConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<KtraceConfig>() == 52);
 const _: () = assert!(core::mem::size_of::<KernelDrop>() == 64);
 
 #[cfg(feature = "user")]

@@ -65,6 +65,21 @@ pub fn kfree_skb(ctx: &TracePointContext) -> Option<()> {
     if head == 0 || nh == u16::MAX {
         return None;
     }
+    // Only the gateway's network namespace (the tracepoint fires for every namespace of the host).
+    let dev: u64 = read(skb + u64::from(cfg.skb_dev_off)).unwrap_or(0);
+    let net: u64 = if dev != 0 {
+        read(dev + u64::from(cfg.dev_net_off))?
+    } else {
+        let sk: u64 = read(skb + u64::from(cfg.skb_sk_off))?;
+        if sk == 0 {
+            return None;
+        }
+        read(sk + u64::from(cfg.sk_net_off))?
+    };
+    let inum: u32 = read(net + u64::from(cfg.net_inum_off))?;
+    if net == 0 || inum != cfg.netns_inum {
+        return None;
+    }
     let ip = head + u64::from(nh);
     let mut e = KernelDrop {
         timestamp_ns: 0,
@@ -115,9 +130,7 @@ pub fn kfree_skb(ctx: &TracePointContext) -> Option<()> {
         e.sport = [ports[0], ports[1]];
         e.dport = [ports[2], ports[3]];
     }
-    if cfg.skb_dev_off != 0
-        && let Some(dev) = read::<u64>(skb + u64::from(cfg.skb_dev_off))
-        && dev != 0
+    if dev != 0
         && let Some(ifindex) = read::<u32>(dev + u64::from(cfg.dev_ifindex_off))
     {
         e.ifindex = ifindex;

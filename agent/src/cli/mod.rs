@@ -5,6 +5,7 @@ mod daemon;
 mod diff;
 mod explain;
 mod preflight;
+mod probe;
 mod record;
 mod reload;
 mod run;
@@ -66,6 +67,9 @@ pub enum Command {
     /// Check that this host can run vpcgate and which paths it takes: tcx or clsact, ring buffer,
     /// map-in-map, socket lookups, the verifier, and native or generic XDP per interface.
     Preflight(preflight::Args),
+    /// Connectivity test from the egress IP with the three-step diagnosis (authorization, network,
+    /// service), from what the kernel saw of exactly this connection.
+    Probe(probe::Args),
 }
 
 impl Cli {
@@ -132,5 +136,6 @@ pub fn run(cli: Cli) -> u8 {
         Command::Status(args) => status::run(&args),
         Command::Reload(args) => reload::run(&args),
         Command::Diff(args) => diff::run(&args),
+        Command::Probe(args) => probe::run(&args),
     }
 }

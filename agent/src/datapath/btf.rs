@@ -165,31 +165,60 @@ impl Btf {
 
     /// Byte offset of `member` in `struct strukt`, looking through anonymous struct/union members.
     pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
+        self.path_offset(strukt, &[member])
+    }
+
+    /// Byte offset of a nested member (`sock`, `["__sk_common", "skc_net"]`): each step a named
+    /// member of the previous one's struct or union type (anonymous ones looked through).
+    pub fn path_offset(&self, strukt: &str, path: &[&str]) -> Result<u32, BtfError> {
         let id = *self
             .by_name
             .get(strukt.as_bytes())
             .ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
-        let t = self.ty(id).ok_or(BtfError::Format("bad type id"))?;
-        match self.find(t, member.as_bytes(), 0, 0) {
-            Some((bits, 0)) if bits % 8 == 0 => Ok(bits / 8),
-            Some(_) => Err(BtfError::Bitfield {
-                strukt: strukt.to_owned(),
-                member: member.to_owned(),
-            }),
-            None => Err(BtfError::NoMember {
-                strukt: strukt.to_owned(),
-                member: member.to_owned(),
-            }),
+        let mut t = self.ty(id).ok_or(BtfError::Format("bad type id"))?;
+        let mut bits = 0;
+        let name = || format!("{strukt}.{}", path.join("."));
+        for (i, member) in path.iter().enumerate() {
+            let (off, bitfield, ty) =
+                self.find(t, member.as_bytes(), 0, 0)
+                    .ok_or_else(|| BtfError::NoMember {
+                        strukt: strukt.to_owned(),
+                        member: path[..=i].join("."),
+                    })?;
+            if bitfield != 0 {
+                return Err(BtfError::Bitfield {
+                    strukt: strukt.to_owned(),
+                    member: path.join("."),
+                });
+            }
+            bits += off;
+            if i + 1 < path.len() {
+                t = self
+                    .resolve(ty)
+                    .filter(|t| t.kind == KIND_STRUCT || t.kind == KIND_UNION)
+                    .ok_or_else(|| BtfError::NoMember {
+                        strukt: strukt.to_owned(),
+                        member: format!("{} (not a struct)", name()),
+                    })?;
+            }
         }
+        if bits % 8 != 0 {
+            return Err(BtfError::Bitfield {
+                strukt: strukt.to_owned(),
+                member: path.join("."),
+            });
+        }
+        Ok(bits / 8)
     }
 
-    fn find(&self, t: &Type, name: &[u8], base: u32, depth: u32) -> Option<(u32, u32)> {
+    /// (bit offset, bitfield size, type) of `name` in `t`.
+    fn find(&self, t: &Type, name: &[u8], base: u32, depth: u32) -> Option<(u32, u32, u32)> {
         if depth > 8 {
             return None;
         }
         for m in &t.members {
             if m.name != 0 && self.string(m.name) == name {
-                return Some((base + m.bit_offset, m.bitfield));
+                return Some((base + m.bit_offset, m.bitfield, m.ty));
             }
         }
         for m in t.members.iter().filter(|m| m.name == 0) {
@@ -249,6 +278,11 @@ mod tests {
             btf.member_offset("s", "d"),
             Err(BtfError::NoMember { .. })
         ));
+        // A path through named members: s.a is an int, not a struct.
+        assert!(matches!(
+            btf.path_offset("s", &["a", "b"]),
+            Err(BtfError::NoMember { .. })
+        ));
         assert!(matches!(
             btf.member_offset("t", "a"),
             Err(BtfError::NoStruct(_))
@@ -271,5 +305,10 @@ mod tests {
         let nh = btf.member_offset("sk_buff", "network_header").unwrap();
         assert!(head > 0 && nh > 0 && head != nh);
         assert!(btf.member_offset("net_device", "ifindex").unwrap() > 0);
+        let skc_net = btf
+            .path_offset("sock", &["__sk_common", "skc_net"])
+            .unwrap();
+        let inum = btf.path_offset("net", &["ns", "inum"]).unwrap();
+        assert!(skc_net > 0 && inum > 0);
     }
 }

@@ -240,6 +240,18 @@ fn mapped_prefix(n: &IpNet) -> Ipv6Net {
     }
 }
 
+/// The first address of the family asked for on `interface` (IPv6: not link-local), if any.
+pub fn interface_address(interface: &str, v6: bool) -> std::io::Result<Option<IpAddr>> {
+    Ok(interface_addresses()?
+        .into_iter()
+        .filter(|(name, _, _)| name == interface)
+        .map(|(_, a, _)| a)
+        .find(|a| match a {
+            IpAddr::V4(_) => !v6,
+            IpAddr::V6(a) => v6 && (a.segments()[0] & 0xffc0) != 0xfe80,
+        }))
+}
+
 /// The on-link prefixes of `interface`'s addresses (IPv6 link-local ones are covered by fe80::/10).
 pub fn onlink_prefixes(interface: &str) -> std::io::Result<Vec<IpNet>> {
     Ok(interface_addresses()?

@@ -104,9 +104,13 @@ impl Format {
 }
 
 /// Where the program reads, on the running kernel.
-pub fn config(format: &Format, btf: &Btf) -> Result<KtraceConfig, DatapathError> {
+pub fn config(format: &Format, btf: &Btf, netns_inum: u32) -> Result<KtraceConfig, DatapathError> {
     let member = |s: &str, m: &str| {
         btf.member_offset(s, m)
+            .map_err(|e| DatapathError::KernelTrace(e.to_string()))
+    };
+    let path = |s: &str, p: &[&str]| {
+        btf.path_offset(s, p)
             .map_err(|e| DatapathError::KernelTrace(e.to_string()))
     };
     Ok(KtraceConfig {
@@ -118,6 +122,11 @@ pub fn config(format: &Format, btf: &Btf) -> Result<KtraceConfig, DatapathError>
         skb_network_header_off: member("sk_buff", "network_header")?,
         skb_dev_off: member("sk_buff", "dev")?,
         dev_ifindex_off: member("net_device", "ifindex")?,
+        dev_net_off: member("net_device", "nd_net")?,
+        skb_sk_off: member("sk_buff", "sk")?,
+        sk_net_off: path("sock", &["__sk_common", "skc_net"])?,
+        net_inum_off: path("net", &["ns", "inum"])?,
+        netns_inum,
     })
 }
 
@@ -159,7 +168,10 @@ impl Datapath {
         let format = Format::read()?;
         let btf = Btf::vmlinux()
             .map_err(|e| DatapathError::KernelTrace(format!("/sys/kernel/btf/vmlinux: {e}")))?;
-        let cfg = config(&format, &btf)?;
+        use std::os::unix::fs::MetadataExt;
+        let netns = std::fs::metadata("/proc/self/ns/net")
+            .map_err(|e| DatapathError::KernelTrace(format!("/proc/self/ns/net: {e}")))?;
+        let cfg = config(&format, &btf, netns.ino() as u32)?;
         {
             let m = self
                 .ebpf_mut()
@@ -228,7 +240,7 @@ print fmt: \"skbaddr=%p rx_sk=%p protocol=%u location=%pS reason: %s\", REC->skb
             "{:?}",
             f.reasons
         );
-        let cfg = config(&f, &Btf::vmlinux().unwrap()).unwrap();
+        let cfg = config(&f, &Btf::vmlinux().unwrap(), 1).unwrap();
         assert!(cfg.skbaddr_off > 0 && cfg.skb_head_off > 0);
     }
 }

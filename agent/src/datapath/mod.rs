@@ -37,7 +37,7 @@ use aya_obj::programs::XdpAttachType;
 pub use capacity::{EntryCounts, entry_counts};
 pub use counters::DropCounts;
 pub use error::DatapathError;
-pub use flows::{FlowMap, host_addresses, kernel_now_ns, onlink_prefixes};
+pub use flows::{FlowMap, host_addresses, interface_address, kernel_now_ns, onlink_prefixes};
 pub use observe::{Destination, EventLoss, address_of};
 pub use probe::probe_key;
 pub use state::GenState;
