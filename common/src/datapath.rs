@@ -39,6 +39,7 @@ pub mod names {
     pub const KTRACE: &str = "KTRACE";
     pub const KERNEL_EVENTS: &str = "KERNEL_EVENTS";
     pub const KERNEL_BUDGET: &str = "KERNEL_BUDGET";
+    pub const KTRACE_SEEN: &str = "KTRACE_SEEN";
 }
 
 /// Capacities (Katran style: every tunable in one place). Policy maps are checked against these before

@@ -9,7 +9,7 @@ use vpcgate_common::datapath::{KernelDrop, LocalAddr};
 
 use crate::{
     events::take_token,
-    maps::{KERNEL_BUDGET, KERNEL_EVENTS, KTRACE, LOCAL_ADDRS},
+    maps::{KERNEL_BUDGET, KERNEL_EVENTS, KTRACE, KTRACE_SEEN, LOCAL_ADDRS},
     parse::{IPPROTO_TCP, IPPROTO_UDP},
     probe,
 };
@@ -55,6 +55,17 @@ pub fn kfree_skb(ctx: &TracePointContext) -> Option<()> {
             ctx.read_at::<u64>(cfg.location_off as usize).ok()?,
         )
     };
+    // The same drop seen by a second attachment of this program (see `KTRACE_SEEN`).
+    let seen = KTRACE_SEEN.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; tracepoint programs of one event run one after the other on a CPU.
+    // Within a millisecond: a later drop of a recycled skb at the same place is a new drop.
+    unsafe {
+        let now = aya_ebpf::helpers::bpf_ktime_get_ns();
+        if (*seen)[0] == skb && (*seen)[1] == location && now.saturating_sub((*seen)[2]) < 1_000_000 {
+            return None;
+        }
+        *seen = [skb, location, now];
+    }
     let family = match protocol {
         ETH_P_IP => 4u8,
         ETH_P_IPV6 => 6u8,
@@ -80,11 +91,21 @@ pub fn kfree_skb(ctx: &TracePointContext) -> Option<()> {
     if net == 0 || inum != cfg.netns_inum {
         return None;
     }
+    // Loopback (ifindex 1 in every namespace) is the host talking to itself: route lookups' dummy
+    // packets, ICMP errors it reports to its own sockets.
+    let ifindex: u32 = if dev != 0 {
+        read(dev + u64::from(cfg.dev_ifindex_off)).unwrap_or(0)
+    } else {
+        0
+    };
+    if ifindex == 1 {
+        return None;
+    }
     let ip = head + u64::from(nh);
     let mut e = KernelDrop {
         timestamp_ns: 0,
         reason,
-        ifindex: 0,
+        ifindex,
         location,
         family,
         proto: 0,
@@ -129,11 +150,6 @@ pub fn kfree_skb(ctx: &TracePointContext) -> Option<()> {
     {
         e.sport = [ports[0], ports[1]];
         e.dport = [ports[2], ports[3]];
-    }
-    if dev != 0
-        && let Some(ifindex) = read::<u32>(dev + u64::from(cfg.dev_ifindex_off))
-    {
-        e.ifindex = ifindex;
     }
     if e.proto == IPPROTO_TCP {
         let (sport, dport) = (u16::from_be_bytes(e.sport), u16::from_be_bytes(e.dport));

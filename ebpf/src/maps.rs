@@ -115,6 +115,12 @@ pub static KTRACE: Array<KtraceConfig> = Array::with_max_entries(1, 0);
 #[map(name = "KERNEL_EVENTS")]
 pub static KERNEL_EVENTS: RingBuf = RingBuf::with_byte_size(limits::KERNEL_EVENTS_BYTES, 0);
 
+/// Per CPU, the (skb, location, time) the tracepoint program handled last: with two commands attached at once
+/// (a probe and `drops --kernel`), the second run for the same drop finds it here and stops, so each
+/// drop is counted and reported once.
+#[map(name = "KTRACE_SEEN")]
+pub static KTRACE_SEEN: PerCpuArray<[u64; 3]> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "KERNEL_BUDGET")]
 pub static KERNEL_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
 

@@ -3,6 +3,7 @@
 mod check;
 mod daemon;
 mod diff;
+mod drops;
 mod explain;
 mod preflight;
 mod probe;
@@ -70,6 +71,9 @@ pub enum Command {
     /// Connectivity test from the egress IP with the three-step diagnosis (authorization, network,
     /// service), from what the kernel saw of exactly this connection.
     Probe(probe::Args),
+    /// Drop events: time, interface, src → dst:port, protocol, reason, and the change that would
+    /// allow it; --kernel adds this host's own drops of the gateway's packets.
+    Drops(drops::Args),
 }
 
 impl Cli {
@@ -137,5 +141,6 @@ pub fn run(cli: Cli) -> u8 {
         Command::Reload(args) => reload::run(&args),
         Command::Diff(args) => diff::run(&args),
         Command::Probe(args) => probe::run(&args),
+        Command::Drops(args) => drops::run(&args),
     }
 }

@@ -74,7 +74,7 @@ pub struct Args {
 }
 
 /// `3s`, `500ms`, `2m`, or whole seconds; from 100 ms to 5 minutes.
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => s.split_at(i),
         None => (s, "s"),

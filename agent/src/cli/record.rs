@@ -42,7 +42,7 @@ pub fn write_applied(instance: &str, text: &[u8]) -> std::io::Result<()> {
 
 /// Removes the instance's files in /run/vpcgate (record, applied copy, stale socket, lock); best effort.
 pub fn remove_all(instance: &str) {
-    for ext in ["json", "applied.toml", "sock", "lock"] {
+    for ext in ["json", "applied.toml", "sock", "lock", "drops.lock"] {
         let _ = std::fs::remove_file(Path::new(RUN_DIR).join(format!("{instance}.{ext}")));
     }
 }
@@ -180,6 +180,16 @@ pub fn read(instance: &str) -> std::io::Result<Option<Record>> {
 /// while it removes pins: neither may work under the other. The directory must be ours and private and
 /// the lock file is opened without following symlinks, so nobody else can hold it to keep the agent out.
 pub fn lock_instance(instance: &str) -> Result<std::fs::File, String> {
+    lock(
+        instance,
+        "lock",
+        "a vpcgate agent runs instance {instance} (it holds {path}): stop it first",
+    )
+}
+
+/// An exclusive `flock` on /run/vpcgate/<instance>.<ext> (see `lock_instance`); `busy` is the message
+/// when someone holds it (`{instance}` and `{path}` filled in).
+pub fn lock(instance: &str, ext: &str, busy: &str) -> Result<std::fs::File, String> {
     use std::os::{
         fd::AsRawFd,
         unix::fs::{DirBuilderExt, OpenOptionsExt},
@@ -191,7 +201,7 @@ pub fn lock_instance(instance: &str) -> Result<std::fs::File, String> {
         .create(RUN_DIR)
         .map_err(|e| format!("create {RUN_DIR}: {e}"))?;
     crate::datapath::pin::private_dir(Path::new(RUN_DIR)).map_err(|e| format!("{RUN_DIR}: {e}"))?;
-    let path = Path::new(RUN_DIR).join(format!("{instance}.lock"));
+    let path = Path::new(RUN_DIR).join(format!("{instance}.{ext}"));
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -204,10 +214,8 @@ pub fn lock_instance(instance: &str) -> Result<std::fs::File, String> {
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = std::io::Error::last_os_error();
         return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            format!(
-                "a vpcgate agent runs instance {instance:?} (it holds {}): stop it first",
-                path.display()
-            )
+            busy.replace("{instance}", &format!("{instance:?}"))
+                .replace("{path}", &path.display().to_string())
         } else {
             format!("flock {}: {e}", path.display())
         });
