@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod cleanup;
 pub mod harness;
+pub mod lab;
 pub mod netns;
 pub mod packet;
 
