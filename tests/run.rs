@@ -3,14 +3,12 @@
 //! agent after a `kill -9` without a window, and `teardown` removes it.
 
 use std::{
-    io::{BufRead, BufReader},
     net::UdpSocket,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Output, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU32, Ordering},
-        mpsc,
     },
     time::{Duration, Instant},
 };
@@ -19,7 +17,10 @@ use vpcgate::{
     datapath::{Datapath, pin, state},
     policy::{check_text, compile::Compiled},
 };
-use vpcgate_lab::netns::{GW_IF, Pair};
+use vpcgate_lab::{
+    agent::Agent,
+    netns::{GW_IF, Pair, spawn_in},
+};
 
 const POLICY: &str = r#"
 [instance]
@@ -95,31 +96,9 @@ impl Drop for PolicyFile {
     }
 }
 
-/// `vpcgate ARGS` started from a thread inside the gateway namespace: the child inherits that network
-/// namespace but not a new mount namespace (`ip netns exec` would remount /sys and hide the host's
-/// bpffs, so pins would die with the process).
+/// `vpcgate ARGS` started from a thread inside the gateway namespace (see `spawn_in`).
 fn spawn_in_gw(pair: &Pair, args: &[&str], stdout: Stdio) -> Child {
-    spawn_in_gw_under(pair, &[], args, stdout)
-}
-
-/// `spawn_in_gw`, the binary run by `wrapper` (e.g. setpriv and its options) when not empty.
-fn spawn_in_gw_under(pair: &Pair, wrapper: &[&str], args: &[&str], stdout: Stdio) -> Child {
-    let bin = binary();
-    pair.gw.run(|| {
-        let mut c = match wrapper.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(&bin);
-                c
-            }
-            None => Command::new(&bin),
-        };
-        c.args(args)
-            .stdout(stdout)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vpcgate")
-    })
+    spawn_in(&pair.gw, &binary(), args, stdout)
 }
 
 fn output_in_gw(pair: &Pair, args: &[&str]) -> Output {
@@ -128,60 +107,14 @@ fn output_in_gw(pair: &Pair, args: &[&str]) -> Output {
         .expect("vpcgate output")
 }
 
-/// A running `vpcgate run` and its log lines.
-struct Agent {
-    child: Child,
-    log: mpsc::Receiver<String>,
+/// `vpcgate run --config file` in the gateway namespace.
+fn start_agent(pair: &Pair, file: &Path) -> Agent {
+    start_agent_under(pair, &[], file)
 }
 
-impl Agent {
-    fn start(pair: &Pair, file: &Path) -> Self {
-        Self::start_under(pair, &[], file)
-    }
-
-    fn start_under(pair: &Pair, wrapper: &[&str], file: &Path) -> Self {
-        let mut child = spawn_in_gw_under(
-            pair,
-            wrapper,
-            &["run", "--config", file.to_str().unwrap()],
-            Stdio::inherit(),
-        );
-        let (tx, log) = mpsc::channel::<String>();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("vpcgate: {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, log }
-    }
-
-    /// Waits for a log line containing `needle`; returns it.
-    fn wait_for(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(e) => panic!("vpcgate run never logged {needle:?}: {e}"),
-            }
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: signalling our own child.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
-    }
-
-    fn stop(mut self) {
-        self.signal(libc::SIGTERM);
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "vpcgate run exited with {status}");
-    }
+/// `start_agent`, run by `wrapper` (e.g. setpriv and its options).
+fn start_agent_under(pair: &Pair, wrapper: &[&str], file: &Path) -> Agent {
+    Agent::start(&pair.gw, &binary(), wrapper, file)
 }
 
 /// Sends one datagram from the gateway to 10.200.0.2:`port`; whether it arrived.
@@ -227,7 +160,7 @@ fn run_enforces_reloads_and_leaves_enforcement_pinned_until_teardown() {
     vpcgate_lab::require_root();
     let pair = Pair::new();
     let policy = PolicyFile::new("run", "9000");
-    let agent = Agent::start(&pair, &policy.file);
+    let agent = start_agent(&pair, &policy.file);
     agent.wait_for("enforcing");
     assert!(delivered(&pair, 9000), "authorized port blocked");
     assert!(!delivered(&pair, 9001), "unauthorized port delivered");
@@ -494,7 +427,7 @@ fn file_changes_reload_and_metrics_report_them() {
     std::fs::create_dir_all(&cm).unwrap();
     configmap_publish(&cm, "v1", &policy.text("9000"));
     let file = cm.join("policy.toml");
-    let agent = Agent::start(&pair, &file);
+    let agent = start_agent(&pair, &file);
     agent.wait_for("enforcing");
     agent.wait_for("watching the policy file");
     assert_eq!(http_get(&pair, "/readyz").0, 200, "not ready after apply");
@@ -686,7 +619,7 @@ fn a_killed_agent_is_adopted_by_the_next_without_a_window() {
     vpcgate_lab::require_root();
     let pair = Pair::new();
     let policy = PolicyFile::new("restart", "9000");
-    let agent = Agent::start(&pair, &policy.file);
+    let agent = start_agent(&pair, &policy.file);
     assert!(agent.wait_for("kernel programs ready").contains("Loaded"));
     agent.wait_for("enforcing");
     let ids = pinned_program_ids(&policy.instance);
@@ -697,13 +630,13 @@ fn a_killed_agent_is_adopted_by_the_next_without_a_window() {
     std::thread::sleep(Duration::from_millis(300));
     let mut agent = agent;
     agent.signal(libc::SIGKILL);
-    agent.child.wait().unwrap();
+    agent.wait();
     assert!(
         xdp_attached(&pair),
         "XDP detached when the agent was killed"
     );
     std::thread::sleep(Duration::from_millis(300));
-    let agent = Agent::start(&pair, &policy.file);
+    let agent = start_agent(&pair, &policy.file);
     let ready = agent.wait_for("kernel programs ready");
     assert!(
         ready.contains("Adopted"),
@@ -849,14 +782,14 @@ fn a_restart_removes_attachments_the_policy_no_longer_names() {
         policy.text_with("9000", "forward_interfaces = [\"gw-pod\"]"),
     )
     .unwrap();
-    let agent = Agent::start(&pair, &policy.file);
+    let agent = start_agent(&pair, &policy.file);
     agent.wait_for("enforcing");
     let pod_link = || pair.gw.ip(&["link", "show", "dev", "gw-pod"]);
     assert!(pod_link().contains("xdp"), "forward XDP not attached");
     agent.stop();
 
     policy.write("9000");
-    let agent = Agent::start(&pair, &policy.file);
+    let agent = start_agent(&pair, &policy.file);
     assert!(agent.wait_for("kernel programs ready").contains("Adopted"));
     agent.wait_for("enforcing");
     assert!(
@@ -886,7 +819,7 @@ fn a_recreated_interface_is_enforced_again() {
     vpcgate_lab::require_root();
     let pair = Pair::new();
     let policy = PolicyFile::new("replug", "9000");
-    let agent = Agent::start(&pair, &policy.file);
+    let agent = start_agent(&pair, &policy.file);
     agent.wait_for("enforcing");
     assert!(!delivered(&pair, DENIED), "unauthorized port delivered");
 
@@ -922,7 +855,7 @@ fn the_agent_runs_with_only_the_capabilities_the_deployments_grant() {
     let pair = Pair::new();
     let policy = PolicyFile::new("caps", "9000");
     let caps = "-all,+bpf,+net_admin,+perfmon";
-    let agent = Agent::start_under(
+    let agent = start_agent_under(
         &pair,
         &[
             "setpriv",
@@ -934,7 +867,7 @@ fn the_agent_runs_with_only_the_capabilities_the_deployments_grant() {
         &policy.file,
     );
     agent.wait_for("enforcing");
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id())).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.id())).unwrap();
     let eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))

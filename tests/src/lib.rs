@@ -2,7 +2,10 @@
 //! network namespaces joined by veth pairs). Everything here panics with context on failure: these are
 //! test fixtures, and a stack trace at the failing step is what the reader needs.
 
+pub mod agent;
+pub mod cleanup;
 pub mod harness;
+pub mod lab;
 pub mod netns;
 pub mod packet;
 

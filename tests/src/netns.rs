@@ -5,7 +5,7 @@
 use std::{
     fs::File,
     os::fd::AsRawFd,
-    process::Command,
+    process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
 };
 
@@ -40,7 +40,13 @@ impl Netns {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        sh(&["ip", "netns", "add", &name]);
+        // Registered first: a signal between the two cannot leak it (see `crate::cleanup`).
+        crate::cleanup::register_netns(&name);
+        let out = Command::new("ip").args(["netns", "add", &name]).output();
+        if !matches!(&out, Ok(o) if o.status.success()) {
+            crate::cleanup::unregister_netns(&name);
+            panic!("ip netns add {name}: {out:?}");
+        }
         let ns = Self { name };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
@@ -82,13 +88,33 @@ impl Netns {
     }
 }
 
+/// Starts `program args...` from a thread inside `ns`: the child inherits that network namespace but not
+/// a new mount namespace (`ip netns exec` would remount /sys and hide the host's bpffs, so a BPF program's
+/// pins would die with the process). Its stdin is inherited, its stderr piped.
+pub fn spawn_in(ns: &Netns, program: &str, args: &[&str], stdout: Stdio) -> Child {
+    let mut c = Command::new(program);
+    c.args(args).stdout(stdout).stderr(Stdio::piped());
+    spawn_command_in(ns, &mut c)
+}
+
+/// `spawn_in` for a command the caller built (environment, working directory, its own stdio).
+pub fn spawn_command_in(ns: &Netns, command: &mut Command) -> Child {
+    ns.run(|| {
+        command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {command:?} in {}: {e}", ns.name()))
+    })
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         // Best effort, never panicking in drop (a test may already be unwinding).
         let out = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
-        if !matches!(&out, Ok(o) if o.status.success()) {
+        if matches!(&out, Ok(o) if o.status.success()) {
+            crate::cleanup::unregister_netns(&self.name);
+        } else {
             eprintln!(
                 "warning: could not delete network namespace {}: {out:?}",
                 self.name

@@ -36,6 +36,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ),
     ("iputils-ping", "ICMP traffic in the lab"),
     (
+        "nftables",
+        "the lab's security groups: nft drops or rejects the gateway's SYNs in the VPC namespace",
+    ),
+    (
         "qemu-system-x86",
         "the VM matrix: other kernels booted under QEMU (TCG)",
     ),

@@ -85,6 +85,10 @@ const LAB_MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf", "vxlan", "macvl
 /// `ip netns`: busybox's `ip` has no netns support, so iproute2's runs in the VM.
 const LAB_TOOLS: &[&str] = &["ip"];
 
+/// The `lab` fixture's test: veth, and nftables for its security groups (an inet table whose input chain
+/// drops, and rejects with ICMP / ICMPv6 administratively prohibited).
+const FIXTURE_MODULES: &[&str] = &["veth", "nf_tables", "nft_reject_inet"];
+
 /// The `run` tests also start the agent with only the systemd unit's capabilities (util-linux setpriv).
 const RUN_TOOLS: &[&str] = &["ip", "setpriv"];
 
@@ -124,6 +128,15 @@ pub const TESTS: &[LabTest] = &[
         budget: Duration::from_secs(300),
         modules: &[],
         tools: &[],
+        not_applicable: &[],
+        min_uptime_s: 0,
+    },
+    LabTest {
+        name: "lab",
+        kind: Kind::Lab,
+        budget: Duration::from_secs(300),
+        modules: FIXTURE_MODULES,
+        tools: &["ip", "nft"],
         not_applicable: &[],
         min_uptime_s: 0,
     },
