@@ -320,7 +320,33 @@ pub fn diagnose(
         format!("{} SYNs", k.syns)
     };
     let connected = matches!(f.connect, Some(Connect::Connected));
-    if connected || k.syn_ack > 0 {
+    if !connected && k.syn_ack > 0 {
+        // The backend answered, yet the socket never connected: this host dropped the answer.
+        let remedy = "a firewall rule on this host (nftables/iptables input, conntrack) drops the backend's SYN-ACK: list them with `nft list ruleset`".to_owned();
+        return Diagnosis {
+            outcome: Outcome::LocalDrop,
+            steps: vec![
+                auth,
+                Step {
+                    step: "network",
+                    status: StepStatus::Fail,
+                    detail: format!(
+                        "{} answered {egress}'s SYN with a SYN-ACK at the ENI, but the connection never completed: this host dropped the answer{}",
+                        target.ip(),
+                        f.kernel_reason
+                            .as_ref()
+                            .map(|r| format!(" ({r})"))
+                            .unwrap_or_default()
+                    ),
+                    remedy: Some(remedy.clone()),
+                },
+                skipped("service", "not reached"),
+            ],
+            cause: format!("this host dropped {target}'s SYN-ACK"),
+            action: Some(remedy),
+        };
+    }
+    if connected {
         return Diagnosis {
             outcome: Outcome::Connected,
             steps: vec![
@@ -409,7 +435,7 @@ pub fn diagnose(
         }
         _ => None,
     };
-    if k.kernel_drops > 0 || k.syns == 0 {
+    if k.syns == 0 {
         let next_hop = f.neighbour.as_ref().map(|n| n.0);
         let reason = f.kernel_reason.as_deref();
         let mut detail = match reason {
@@ -691,6 +717,46 @@ mod tests {
                 .detail
                 .contains("enforce mode would drop it (not_authorized)")
         );
+    }
+
+    #[test]
+    fn only_the_socket_makes_a_connection() {
+        // A SYN-ACK the ENI saw while the socket timed out: this host dropped it, not "connected".
+        let d = diagnose(
+            target(),
+            egress(),
+            Control::Ecs,
+            &allowed(),
+            &facts(
+                ProbeObs {
+                    syns: 2,
+                    syn_ack: 1,
+                    ..ProbeObs::default()
+                },
+                Connect::TimedOut,
+            ),
+        );
+        assert_eq!(
+            (d.outcome, statuses(&d)),
+            (Outcome::LocalDrop, vec![Pass, Fail, Skipped])
+        );
+        // SYNs left and a later kernel drop was recorded: still no reply, not "never left".
+        let d = diagnose(
+            target(),
+            egress(),
+            Control::Ecs,
+            &allowed(),
+            &facts(
+                ProbeObs {
+                    syns: 2,
+                    kernel_drops: 1,
+                    kernel_reason: 58,
+                    ..ProbeObs::default()
+                },
+                Connect::TimedOut,
+            ),
+        );
+        assert_eq!(d.outcome, Outcome::NoReply);
     }
 
     #[test]

@@ -399,7 +399,7 @@ pub struct KtraceConfig {
     /// `sk_buff.head` (a pointer) and `sk_buff.network_header` (a u16 offset from head).
     pub skb_head_off: u32,
     pub skb_network_header_off: u32,
-    /// `sk_buff.dev` (a pointer) and `net_device.ifindex` (an int); `dev_off` 0: not read.
+    /// `sk_buff.dev` (a pointer) and `net_device.ifindex` (an int).
     pub skb_dev_off: u32,
     pub dev_ifindex_off: u32,
     /// The network namespace a drop happened in, to keep only the gateway's own: `sk_buff.dev` then
@@ -410,6 +410,9 @@ pub struct KtraceConfig {
     pub sk_net_off: u32,
     pub net_inum_off: u32,
     pub netns_inum: u32,
+    /// Reason codes never credited to a probe (this kernel's NOT_SPECIFIED and CONSUMED; u32::MAX:
+    /// none).
+    pub probe_ignore: [u32; 2],
 }
 
 /// One drop by the kernel itself (`skb:kfree_skb`) of a packet from or to one of the gateway's
@@ -494,7 +497,7 @@ const _: () = assert!(core::mem::size_of::<DropEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 32);
 const _: () = assert!(core::mem::size_of::<DestObs>() == 96);
 const _: () = assert!(core::mem::size_of::<ProbeObs>() == 64);
-const _: () = assert!(core::mem::size_of::<KtraceConfig>() == 52);
+const _: () = assert!(core::mem::size_of::<KtraceConfig>() == 60);
 const _: () = assert!(core::mem::size_of::<KernelDrop>() == 64);
 
 #[cfg(feature = "user")]

@@ -151,14 +151,15 @@ pub fn kfree_skb(ctx: &TracePointContext) -> Option<()> {
         e.sport = [ports[0], ports[1]];
         e.dport = [ports[2], ports[3]];
     }
-    if e.proto == IPPROTO_TCP {
+    // A probe is credited only with drops of what it sent, for a reason that names one (a driver
+    // freeing a sent packet says NOT_SPECIFIED; an inbound segment on its 4-tuple is anyone's).
+    if e.proto == IPPROTO_TCP
+        && from_local
+        && reason != cfg.probe_ignore[0]
+        && reason != cfg.probe_ignore[1]
+    {
         let (sport, dport) = (u16::from_be_bytes(e.sport), u16::from_be_bytes(e.dport));
-        let k = if from_local {
-            probe::key(family, &e.src, &e.dst, sport, dport)
-        } else {
-            probe::key(family, &e.dst, &e.src, dport, sport)
-        };
-        probe::kernel_drop(&k, reason);
+        probe::kernel_drop(&probe::key(family, &e.src, &e.dst, sport, dport), reason);
     }
     emit(&mut e);
     Some(())

@@ -71,10 +71,12 @@ fn record_syn(k: &FlowKey, seq: u32, verdict: u32, reason: u32) {
     };
     // SAFETY: a live map value; only this probe's packets touch it.
     unsafe {
+        // The first SYN's sequence number is the connection's (retransmissions repeat it); a later
+        // marked SYN on the same 5-tuple (a raw socket's) cannot move what answers must match.
         if (*p).first_syn_ns == 0 {
             (*p).first_syn_ns = bpf_ktime_get_ns();
+            (*p).syn_seq = seq;
         }
-        (*p).syn_seq = seq;
         match verdict {
             VERDICT_DROP => {
                 (*p).dropped += 1;

@@ -67,6 +67,11 @@ pub const SG_DROP_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0x20);
 /// unreachable, administratively prohibited.
 pub const SG_REJECT_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 30);
 pub const SG_REJECT_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0x30);
+/// Owned by the VPC namespace (so neighbour resolution succeeds) but named by no rule of
+/// `example_policy`: the policy's drop is what stops a SYN there.
+pub const UNLISTED_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 40);
+/// Owned by the VPC namespace, inside `example_policy`'s reserved block 10.77.0.128/25.
+pub const RESERVED_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 200);
 /// On the link's prefix, owned by no one: the gateway's neighbour resolution fails.
 pub const NOBODY_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 99);
 pub const NOBODY_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0x99);
@@ -125,7 +130,14 @@ impl Lab {
         ]);
         let gw_addrs = [EGRESS_V4, SECOND_V4].map(IpAddr::from);
         let gw_addrs6 = [EGRESS_V6, SECOND_V6].map(IpAddr::from);
-        let vpc_addrs = [BACKEND_V4, SG_DROP_V4, SG_REJECT_V4].map(IpAddr::from);
+        let vpc_addrs = [
+            BACKEND_V4,
+            SG_DROP_V4,
+            SG_REJECT_V4,
+            UNLISTED_V4,
+            RESERVED_V4,
+        ]
+        .map(IpAddr::from);
         let vpc_addrs6 = [BACKEND_V6, SG_DROP_V6, SG_REJECT_V6].map(IpAddr::from);
         for (ns, dev, addrs) in [
             (&gw, ENI, [&gw_addrs[..], &gw_addrs6[..]].concat()),
@@ -489,4 +501,81 @@ pub fn http_get(stream: &mut TcpStream, host: &str, path: &str) -> std::io::Resu
             )
         })?;
     Ok((code, response))
+}
+
+/// The example policy of the diagnostics tests and the demo, for instance `instance`: a dedicated
+/// instance on `ENI` (so addresses the policy does not name are dropped), one authorization per kind of
+/// backend, a reserved block on the link (10.77.0.128/25), and an HTTP upstream on the backend.
+pub fn example_policy(instance: &str) -> String {
+    format!(
+        r#"# The lab's gateway: what it may reach in the "VPC" namespace.
+[instance]
+name = "{instance}"
+kind = "dedicated"
+vpc_id = "vpc-lab"
+interface = "{ENI}"
+egress_ip = "{EGRESS_V4}"
+reserved_cidrs = ["10.77.0.128/25"]
+
+[[authorization]]
+name = "backend"
+vpc_id = "vpc-lab"
+instance_id = "lb-lab"
+instance_type = "clb"
+address = "{BACKEND_V4}"
+ports = ["{HTTP_PORT}", "{CLOSED_PORT}"]
+protocol = "tcp"
+
+[[authorization]]
+name = "sg-drop"
+vpc_id = "vpc-lab"
+instance_id = "i-sgdrop"
+instance_type = "ecs"
+address = "{SG_DROP_V4}"
+ports = ["{HTTP_PORT}"]
+protocol = "tcp"
+
+[[authorization]]
+name = "sg-reject"
+vpc_id = "vpc-lab"
+instance_id = "nlb-lab"
+instance_type = "nlb"
+address = "{SG_REJECT_V4}"
+ports = ["{HTTP_PORT}"]
+protocol = "tcp"
+
+[[authorization]]
+name = "nobody"
+vpc_id = "vpc-lab"
+instance_id = "i-gone"
+instance_type = "ecs"
+address = "{NOBODY_V4}"
+ports = ["{HTTP_PORT}"]
+protocol = "tcp"
+
+[[authorization]]
+name = "backend-v6"
+vpc_id = "vpc-lab"
+instance_type = "ecs"
+address = "{BACKEND_V6}"
+ports = ["{HTTP_PORT}", "{CLOSED_PORT}"]
+protocol = "tcp"
+
+[[authorization]]
+name = "sg-drop-v6"
+vpc_id = "vpc-lab"
+instance_type = "ecs"
+address = "{SG_DROP_V6}"
+ports = ["{HTTP_PORT}"]
+protocol = "tcp"
+
+[[upstream]]
+name = "web"
+vpc_id = "vpc-lab"
+protocol = "http"
+host_header = "web.internal"
+retries = 2
+nodes = [{{ address = "{BACKEND_V4}", port = {HTTP_PORT}, weight = 10 }}]
+"#
+    )
 }

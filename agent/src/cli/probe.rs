@@ -327,6 +327,8 @@ struct Http {
     status: Option<u16>,
     time_ms: Option<u64>,
     error: Option<String>,
+    /// What was not checked, and why.
+    note: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -376,8 +378,17 @@ fn writable(fd: i32, ms: i32) -> bool {
     n > 0
 }
 
+/// The kernel's record alone ends the wait: our drop, an ICMP error (the socket may keep it as a soft
+/// error until the next retransmission), or this host's drop of a SYN that never left. A SYN-ACK or RST
+/// ends it through the socket, which alone says whether the connection was made.
 fn settled(k: &ProbeObs) -> bool {
-    k.dropped > 0 || k.rst > 0 || k.icmp > 0 || k.syn_ack > 0 || k.kernel_drops > 0
+    k.dropped > 0 || k.icmp > 0 || (k.kernel_drops > 0 && k.syns == 0)
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// One connection attempt from `source` to `target`: the facts, and the connected stream if any.
@@ -435,6 +446,9 @@ fn attempt(
         let r = reg.dp.probe_record(&key).map_err(|e| e.to_string())?;
         if settled(&r) || Instant::now() >= deadline {
             break;
+        }
+        if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("interrupted".into());
         }
     }
     let mut record = reg.dp.probe_record(&key).map_err(|e| e.to_string())?;
@@ -505,6 +519,7 @@ fn http_request(
         status: None,
         time_ms: None,
         error: None,
+        note: None,
     };
     if scheme == UpstreamProtocol::Https {
         out.error = Some(
@@ -550,12 +565,20 @@ fn http_request(
     out
 }
 
-/// The egress IP for `target`'s family: the policy's, else the ENI's first address.
+/// The egress IP for `target`'s family: the policy's, else the source the kernel picks toward it
+/// through the ENI, else the ENI's first address of that family.
 fn egress_for(p: &Policy, target: SocketAddr) -> Result<IpAddr, String> {
     if let Some(e) = p.instance.egress_ip
         && e.is_ipv4() == target.is_ipv4()
     {
         return Ok(e);
+    }
+    let eni = crate::datapath::ifindex(&p.instance.interface).ok();
+    if let Ok(r) = route_to(target.ip(), None)
+        && Some(r.oif) == eni
+        && let Some(source) = r.source
+    {
+        return Ok(source);
     }
     interface_address(&p.instance.interface, target.is_ipv6())
         .map_err(|e| format!("addresses of {}: {e}", p.instance.interface))?
@@ -692,7 +715,11 @@ fn print_text(r: &Report, evidence: bool) {
                 h.time_ms.unwrap_or(0)
             ),
             (None, Some(e)) => println!("  {}: {}", h.scheme, escape_controls(e)),
-            _ => {}
+            _ => {
+                if let Some(n) = &h.note {
+                    println!("  {}: {}", h.scheme, escape_controls(n));
+                }
+            }
         }
     }
     if let Some(c) = &r.contrast {
@@ -767,6 +794,12 @@ pub fn run(args: &Args) -> u8 {
         Ok(dp) => dp,
         Err(e) => return super::fail(args.output, "no_instance", e.to_string()),
     };
+    // Ctrl-C ends the attempt in progress, whose kernel record is then removed (never left behind).
+    // SAFETY: installing an async-signal-safe handler (one atomic store).
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
     // The kernel's own drops name local failures; without them, say so (never silently).
     let format = match dp.attach_kernel_drops() {
         Ok(f) => Some(f),

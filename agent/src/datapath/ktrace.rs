@@ -94,6 +94,13 @@ impl Format {
         })
     }
 
+    /// The code of the reason this kernel calls `name`.
+    pub fn code(&self, name: &str) -> Option<u32> {
+        self.reasons
+            .iter()
+            .find_map(|(c, n)| (n == name).then_some(*c))
+    }
+
     /// The kernel's name for a reason code (`reason_<code>` when this kernel does not name it).
     pub fn reason_name(&self, code: u32) -> String {
         self.reasons
@@ -127,6 +134,7 @@ pub fn config(format: &Format, btf: &Btf, netns_inum: u32) -> Result<KtraceConfi
         sk_net_off: path("sock", &["__sk_common", "skc_net"])?,
         net_inum_off: path("net", &["ns", "inum"])?,
         netns_inum,
+        probe_ignore: ["NOT_SPECIFIED", "CONSUMED"].map(|n| format.code(n).unwrap_or(u32::MAX)),
     })
 }
 
@@ -229,6 +237,8 @@ print fmt: \"skbaddr=%p rx_sk=%p protocol=%u location=%pS reason: %s\", REC->skb
         assert_eq!(f.reason_name(58), "NEIGH_FAILED");
         assert_eq!(f.reason_name(3), "NO_SOCKET");
         assert_eq!(f.reason_name(999), "reason_999");
+        assert_eq!(f.code("NOT_SPECIFIED"), Some(2));
+        assert_eq!(f.code("CONSUMED"), None);
     }
 
     #[test]

@@ -318,6 +318,8 @@ pub fn driver(interface: &str) -> Option<String> {
 pub struct RouteTo {
     pub oif: u32,
     pub next_hop: std::net::IpAddr,
+    /// The source address the kernel would pick (RTA_PREFSRC), if it says.
+    pub source: Option<std::net::IpAddr>,
 }
 
 pub fn route_to(dst: std::net::IpAddr, src: Option<std::net::IpAddr>) -> io::Result<RouteTo> {
@@ -350,12 +352,15 @@ pub fn route_to(dst: std::net::IpAddr, src: Option<std::net::IpAddr>) -> io::Res
     let mut out = RouteTo {
         oif: 0,
         next_hop: dst,
+        source: None,
     };
     for a in &route.attributes {
         match a {
             RouteAttribute::Oif(i) => out.oif = *i,
             RouteAttribute::Gateway(RouteAddress::Inet(g)) => out.next_hop = (*g).into(),
             RouteAttribute::Gateway(RouteAddress::Inet6(g)) => out.next_hop = (*g).into(),
+            RouteAttribute::PrefSource(RouteAddress::Inet(s)) => out.source = Some((*s).into()),
+            RouteAttribute::PrefSource(RouteAddress::Inet6(s)) => out.source = Some((*s).into()),
             _ => {}
         }
     }
