@@ -89,6 +89,9 @@ const LAB_TOOLS: &[&str] = &["ip"];
 /// drops, and rejects with ICMP / ICMPv6 administratively prohibited).
 const FIXTURE_MODULES: &[&str] = &["veth", "nf_tables", "nft_reject_inet"];
 
+/// The diagnostics tests: the lab fixture (nftables) under an enforcing agent (clsact before 6.6).
+const DIAGNOSE_MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf", "nf_tables", "nft_reject_inet"];
+
 /// The `run` tests also start the agent with only the systemd unit's capabilities (util-linux setpriv).
 const RUN_TOOLS: &[&str] = &["ip", "setpriv"];
 
@@ -128,6 +131,15 @@ pub const TESTS: &[LabTest] = &[
         budget: Duration::from_secs(300),
         modules: &[],
         tools: &[],
+        not_applicable: &[],
+        min_uptime_s: 0,
+    },
+    LabTest {
+        name: "diagnose",
+        kind: Kind::Lab,
+        budget: Duration::from_secs(400),
+        modules: DIAGNOSE_MODULES,
+        tools: &["ip", "nft"],
         not_applicable: &[],
         min_uptime_s: 0,
     },

@@ -416,12 +416,30 @@ impl Agent {
     }
 }
 
+/// Blocks or unblocks SIGTERM and SIGINT for the calling thread (`how`: SIG_BLOCK or SIG_UNBLOCK).
+///
+/// # Safety
+/// Changes the thread's signal mask; threads started meanwhile inherit it.
+unsafe fn shutdown_signals(how: libc::c_int) {
+    // SAFETY: a zeroed sigset_t is then initialised by sigemptyset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
 pub fn run(args: &Args) -> u8 {
     // A SIGHUP before the handlers exist would end the process (and systemd counts that a clean
     // exit): ignore it until then; the first loop turn checks the file anyway.
-    // SAFETY: setting a signal disposition, before any thread is started.
+    // A SIGTERM or SIGINT in that window (systemd stopping the agent right after start) is held
+    // pending, not acted on by default, and reaches the shutdown handler once it exists.
+    // SAFETY: setting a signal disposition and this thread's mask, before any thread is started.
     unsafe {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        shutdown_signals(libc::SIG_BLOCK);
     }
     let bytes = match std::fs::read(&args.config) {
         Ok(b) => b,
@@ -536,6 +554,9 @@ pub fn run(args: &Args) -> u8 {
             tracing::error!("cannot install signal handlers");
             return EXIT_ERROR;
         };
+        // The handlers exist: a SIGTERM held since start is delivered now.
+        // SAFETY: changing this thread's signal mask.
+        unsafe { shutdown_signals(libc::SIG_UNBLOCK) };
         let listener = match listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(listener)) {
             Ok(l) => l,
             Err(e) => {
