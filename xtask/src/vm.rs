@@ -87,10 +87,19 @@ const LAB_TOOLS: &[&str] = &["ip"];
 
 /// The `lab` fixture's test: veth, and nftables for its security groups (an inet table whose input chain
 /// drops, and rejects with ICMP / ICMPv6 administratively prohibited).
-const FIXTURE_MODULES: &[&str] = &["veth", "nf_tables", "nft_reject_inet"];
+/// crc32c_generic first: nf_tables needs libcrc32c, whose soft dependency on crc32c modules.dep does not
+/// list (built in on the cloud kernel, a module on the RT one).
+const FIXTURE_MODULES: &[&str] = &["veth", "crc32c_generic", "nf_tables", "nft_reject_inet"];
 
 /// The diagnostics tests: the lab fixture (nftables) under an enforcing agent (clsact before 6.6).
-const DIAGNOSE_MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf", "nf_tables", "nft_reject_inet"];
+const DIAGNOSE_MODULES: &[&str] = &[
+    "veth",
+    "sch_ingress",
+    "cls_bpf",
+    "crc32c_generic",
+    "nf_tables",
+    "nft_reject_inet",
+];
 
 /// The `run` tests also start the agent with only the systemd unit's capabilities (util-linux setpriv).
 const RUN_TOOLS: &[&str] = &["ip", "setpriv"];

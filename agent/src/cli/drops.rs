@@ -452,20 +452,22 @@ mod tests {
             family: 4,
             proto: 6,
             sport: 40000u16.to_be_bytes(),
-            dport: 81u16.to_be_bytes(),
+            dport: 22u16.to_be_bytes(),
             timestamp_ns: kernel_now_ns(),
             ..DropEvent::default()
         };
         e.src[..4].copy_from_slice(&[10, 0, 0, 5]);
-        e.dst[..4].copy_from_slice(&[10, 0, 3, 7]);
+        // 10.1.0.0/16 is accessible on 80, 443 and 8000-8100 only.
+        e.dst[..4].copy_from_slice(&[10, 1, 0, 9]);
         let d = decode(&e, Some(&p));
         assert_eq!(
             (d.reason, d.protocol.as_str(), d.dport),
-            ("port_not_authorized", "tcp", Some(81))
+            ("port_not_authorized", "tcp", Some(22))
         );
-        assert_eq!(d.dst, "10.0.3.7".parse::<IpAddr>().unwrap());
+        assert_eq!(d.dst, "10.1.0.9".parse::<IpAddr>().unwrap());
+        assert!(d.detail.is_some());
         let change = d.change.expect("a change allows it");
-        assert!(change.contains("81"), "{change}");
+        assert!(change.contains("22"), "{change}");
         assert!(!change.contains('\n'));
         assert!(d.time.ends_with('Z') && d.time.len() == 24, "{}", d.time);
     }
