@@ -146,6 +146,8 @@ pub struct Facts {
     pub neighbour: Option<(IpAddr, Option<String>)>,
     /// How long the attempt waited.
     pub waited_ms: u64,
+    /// The route toward the target leaves through this interface, not the ENI (named here).
+    pub routed_elsewhere: Option<(String, String)>,
 }
 
 /// The diagnosis of one attempt.
@@ -435,6 +437,33 @@ pub fn diagnose(
         }
         _ => None,
     };
+    if k.syns == 0
+        && let Some((via, eni)) = &f.routed_elsewhere
+    {
+        let remedy = format!(
+            "route {} through the ENI {eni} (ip route get {} says {via})",
+            target.ip(),
+            target.ip()
+        );
+        return Diagnosis {
+            outcome: Outcome::LocalDrop,
+            steps: vec![
+                auth,
+                Step {
+                    step: "network",
+                    status: StepStatus::Fail,
+                    detail: format!(
+                        "the route to {} leaves through {via}, not the ENI {eni}: the SYN never passed the ENI",
+                        target.ip()
+                    ),
+                    remedy: Some(remedy.clone()),
+                },
+                skipped("service", "not reached"),
+            ],
+            cause: format!("this host routes {target} through {via}, not the ENI"),
+            action: Some(remedy),
+        };
+    }
     if k.syns == 0 {
         let next_hop = f.neighbour.as_ref().map(|n| n.0);
         let reason = f.kernel_reason.as_deref();
@@ -757,6 +786,17 @@ mod tests {
             ),
         );
         assert_eq!(d.outcome, Outcome::NoReply);
+        // Routed through another interface: named, not guessed as a drop.
+        let mut f = facts(ProbeObs::default(), Connect::TimedOut);
+        f.routed_elsewhere = Some(("eth0".into(), "eth1".into()));
+        let d = diagnose(target(), egress(), Control::Ecs, &allowed(), &f);
+        assert_eq!(d.outcome, Outcome::LocalDrop);
+        assert!(
+            d.steps[1]
+                .detail
+                .contains("leaves through eth0, not the ENI eth1"),
+            "{d:?}"
+        );
     }
 
     #[test]

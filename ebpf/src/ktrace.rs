@@ -61,7 +61,8 @@ pub fn kfree_skb(ctx: &TracePointContext) -> Option<()> {
     // Within a millisecond: a later drop of a recycled skb at the same place is a new drop.
     unsafe {
         let now = aya_ebpf::helpers::bpf_ktime_get_ns();
-        if (*seen)[0] == skb && (*seen)[1] == location && now.saturating_sub((*seen)[2]) < 1_000_000 {
+        if (*seen)[0] == skb && (*seen)[1] == location && now.saturating_sub((*seen)[2]) < 1_000_000
+        {
             return None;
         }
         *seen = [skb, location, now];

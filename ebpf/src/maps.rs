@@ -103,8 +103,9 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENTS_BYTES, 0);
 pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
 
 /// Probe connections (`vpcgate probe` inserts and removes them; programs only update them in place).
+/// LRU: the record of a probe killed before it removed it is evicted by later probes, never fills it.
 #[map(name = "PROBES")]
-pub static PROBES: HashMap<FlowKey, ProbeObs> = HashMap::with_max_entries(limits::PROBES, 0);
+pub static PROBES: LruHashMap<FlowKey, ProbeObs> = LruHashMap::with_max_entries(limits::PROBES, 0);
 
 /// Where the `skb:kfree_skb` tracepoint program reads its fields (written by the agent).
 #[map(name = "KTRACE")]

@@ -95,7 +95,14 @@ fn record_syn(k: &FlowKey, seq: u32, verdict: u32, reason: u32) {
 /// The ENI's ingress: a SYN-ACK or RST (with ACK) toward the gateway. It answers a probe's SYN only when
 /// it acknowledges exactly that SYN (ack = its sequence number + 1).
 #[inline(always)]
-pub fn tcp_answer(family: u8, pkt: &Packet, local_port: u16, remote_port: u16, ack: u32, rst: bool) {
+pub fn tcp_answer(
+    family: u8,
+    pkt: &Packet,
+    local_port: u16,
+    remote_port: u16,
+    ack: u32,
+    rst: bool,
+) {
     let k = key(family, &pkt.dst, &pkt.src, local_port, remote_port);
     let kind = if rst { ANSWER_RST } else { ANSWER_SYN_ACK };
     record_answer(&k, ack.wrapping_sub(1), kind, 0);

@@ -156,25 +156,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// The lab demo (tests/bin/demo.rs): builds vpcgate and the demo, runs it as root.
 fn demo() -> anyhow::Result<()> {
     setup::ensure()?;
-    let bin = run::build(false)?;
-    run::step("vpcgate --help", run::cmd(&bin).arg("--help"))?;
+    let bin = vm::build_vpcgate("build vpcgate (release)")?;
+    let demo = vm::build_bin("vpcgate-lab", "vpcgate-demo", "build the demo (release)")?;
     run::step(
-        "vpcgate check examples/policy.toml",
-        run::cmd(&bin).args(["check", "examples/policy.toml"]),
-    )?;
-    // Explain exits 1 for a drop: show both verdicts, and fail only on usage or runtime errors (2).
-    for dst in ["10.0.3.7:80", "10.9.0.4:80", "172.20.1.1:80"] {
-        eprintln!("\n==> vpcgate explain examples/policy.toml {dst}");
-        let status = run::cmd(&bin)
-            .args(["explain", "examples/policy.toml", dst])
-            .status()?;
-        anyhow::ensure!(
-            status.code() != Some(2),
-            "vpcgate explain failed ({status})"
-        );
-    }
-    run::step("vpcgate preflight", run::cmd(&bin).arg("preflight"))?;
-    Ok(())
+        "vpcgate-demo: the lab, the agent, probe --all, status, drops, then everything removed",
+        run::cmd(&demo).env("VPCGATE_BIN", &bin),
+    )
 }

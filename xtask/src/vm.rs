@@ -153,6 +153,19 @@ pub const TESTS: &[LabTest] = &[
         min_uptime_s: 0,
     },
     LabTest {
+        name: "demo",
+        kind: Kind::Lab,
+        budget: Duration::from_secs(60),
+        modules: &[],
+        tools: &[],
+        not_applicable: &[NotApplicable {
+            test: None,
+            below: (u32::MAX, 0),
+            reason: "runs the demo binary (tests/bin/demo.rs), which the VM image does not carry; `diagnose` runs the same probes there",
+        }],
+        min_uptime_s: 0,
+    },
+    LabTest {
         name: "lab",
         kind: Kind::Lab,
         budget: Duration::from_secs(300),
@@ -529,22 +542,20 @@ struct Binaries {
 
 /// Builds the release `vpcgate` binary; returns its path (wherever the target directory is).
 pub fn build_vpcgate(what: &str) -> Result<PathBuf> {
+    build_bin("vpcgate", "vpcgate", what)
+}
+
+/// Builds binary `bin` of `package` (release); its path.
+pub fn build_bin(package: &str, bin: &str, what: &str) -> Result<PathBuf> {
     let built = cargo_executables(
-        cargo().args([
-            "build",
-            "--release",
-            "--package",
-            "vpcgate",
-            "--bin",
-            "vpcgate",
-        ]),
+        cargo().args(["build", "--release", "--package", package, "--bin", bin]),
         what,
     )?;
     built
         .into_iter()
-        .find(|(n, k, _)| n == "vpcgate" && k == "bin")
+        .find(|(n, k, _)| n == bin && k == "bin")
         .map(|(_, _, p)| p)
-        .context("cargo built no vpcgate executable")
+        .with_context(|| format!("cargo built no {bin} executable"))
 }
 
 fn build(tests: &[&'static LabTest]) -> Result<Binaries> {
@@ -859,10 +870,12 @@ fn run_kernel(
                 Some(f) => format!("{}::{f}", t.name),
                 None => t.name.to_owned(),
             };
-            not_applicable.push(format!(
-                "{what} (kernel < {}.{}): {}",
-                n.below.0, n.below.1, n.reason
-            ));
+            let when = if n.below.0 == u32::MAX {
+                "in any VM".to_owned()
+            } else {
+                format!("kernel < {}.{}", n.below.0, n.below.1)
+            };
+            not_applicable.push(format!("{what} ({when}): {}", n.reason));
         }
     }
     for n in &not_applicable {

@@ -92,7 +92,7 @@ fn protocol_name(p: u8) -> String {
     }
 }
 
-fn interface_name(ifindex: u32) -> String {
+pub(super) fn interface_name(ifindex: u32) -> String {
     if ifindex == 0 {
         return "-".into();
     }

@@ -151,20 +151,24 @@ fn authorization_targets(p: &Policy, name: &str) -> Result<Vec<Target>, String> 
             a.address
         ));
     }
-    // Each listed port, and the first port of each range (a range is probed at its start).
+    // Each port, up to MAX_PORTS per authorization (a wide range is sampled at its first ports).
     Ok(a.ports
         .ranges()
         .iter()
-        .take(16)
-        .map(|&(lo, _)| Target {
+        .flat_map(|&(lo, hi)| lo..=hi)
+        .take(MAX_PORTS)
+        .map(|port| Target {
             name: format!("authorization/{name}"),
-            addr: SocketAddr::new(a.address.addr(), lo),
+            addr: SocketAddr::new(a.address.addr(), port),
             control: control_of(a.instance_type),
             http: None,
             attempts: 1,
         })
         .collect())
 }
+
+/// Ports probed per authorization.
+const MAX_PORTS: usize = 16;
 
 fn upstream_targets(p: &Policy, name: &str) -> Result<Vec<Target>, String> {
     let u = p.upstreams.iter().find(|u| u.name == name).ok_or_else(|| {
@@ -395,6 +399,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 fn attempt(
     dp: &mut Datapath,
     format: Option<&Format>,
+    eni: &str,
     source: IpAddr,
     target: SocketAddr,
     timeout: Duration,
@@ -482,7 +487,14 @@ fn attempt(
         }
     }
     let waited_ms = start.elapsed().as_millis() as u64;
+    let routed_elsewhere = match (route, crate::datapath::ifindex(eni)) {
+        (Some(r), Ok(i)) if r.oif != 0 && r.oif != i => {
+            Some((super::drops::interface_name(r.oif), eni.to_owned()))
+        }
+        _ => None,
+    };
     let facts = Facts {
+        routed_elsewhere,
         connect: Some(connect.clone().unwrap_or(Connect::TimedOut)),
         kernel: record,
         kernel_reason: (record.kernel_drops > 0)
@@ -529,7 +541,7 @@ fn http_request(
         return out;
     }
     let start = Instant::now();
-    let _ = stream.set_read_timeout(Some(timeout));
+    let deadline = start + timeout;
     let _ = stream.set_write_timeout(Some(timeout));
     let req = format!(
         "GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: vpcgate-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
@@ -541,6 +553,13 @@ fn http_request(
     let mut buf = vec![0u8; 512];
     let mut got = 0;
     while got < buf.len() && !buf[..got].contains(&b'\n') {
+        // One deadline for the whole status line, however slowly it trickles in.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            out.error = Some(format!("no status line within {} ms", timeout.as_millis()));
+            return out;
+        }
+        let _ = stream.set_read_timeout(Some(left));
         match stream.read(&mut buf[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
@@ -554,7 +573,9 @@ fn http_request(
     let line = String::from_utf8_lossy(&buf[..got]);
     let line = line.lines().next().unwrap_or_default();
     match line.split_whitespace().nth(1).and_then(|c| c.parse().ok()) {
-        Some(code) if line.starts_with("HTTP/") => out.status = Some(code),
+        Some(code) if line.starts_with("HTTP/") && (100..=599).contains(&code) => {
+            out.status = Some(code)
+        }
         _ => {
             out.error = Some(format!(
                 "not an HTTP response: {:?}",
@@ -607,7 +628,14 @@ fn probe_one(dp: &mut Datapath, ctx: &Ctx, t: &Target) -> Result<Report, String>
     let mut attempts = 0;
     let (facts, mut stream, d) = loop {
         attempts += 1;
-        let (facts, stream) = attempt(dp, ctx.format.as_ref(), egress, t.addr, ctx.timeout)?;
+        let (facts, stream) = attempt(
+            dp,
+            ctx.format.as_ref(),
+            &ctx.policy.instance.interface,
+            egress,
+            t.addr,
+            ctx.timeout,
+        )?;
         let d = diagnose::diagnose(t.addr, egress, t.control, &view, &facts);
         // The upstream's retries: a silent attempt is tried again; an answer is an answer.
         if d.outcome != Outcome::NoReply || attempts >= t.attempts {
@@ -625,7 +653,14 @@ fn probe_one(dp: &mut Datapath, ctx: &Ctx, t: &Target) -> Result<Report, String>
                     t.addr
                 ));
             }
-            let (cf, _) = attempt(dp, ctx.format.as_ref(), source, t.addr, ctx.timeout)?;
+            let (cf, _) = attempt(
+                dp,
+                ctx.format.as_ref(),
+                &ctx.policy.instance.interface,
+                source,
+                t.addr,
+                ctx.timeout,
+            )?;
             let cd = diagnose::diagnose(t.addr, source, t.control, &view, &cf);
             let certain = cd.outcome == Outcome::Connected
                 && matches!(d.outcome, Outcome::NoReply | Outcome::Unreachable);
@@ -895,6 +930,7 @@ mod tests {
             output: Output::Text,
         };
         let t = targets(&args("authorization/orders-slb"), &p).unwrap();
+        assert!(t.iter().all(|t| t.name == "authorization/orders-slb"));
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].addr, "10.0.3.7:80".parse().unwrap());
         assert_eq!(t[0].control, Control::Clb);
@@ -913,6 +949,17 @@ mod tests {
                 .contains("orders-slb")
         );
         assert!(targets(&args("10.0.3.7"), &p).is_err());
+        // A Host header that could smuggle header lines is refused by `check`, so never sent.
+        let bad = text.replace("orders.internal", "orders.internal\\r\\nX-Injected: 1");
+        let c = policy::check_text("policy.toml", &bad);
+        assert!(c.policy.is_none());
+        assert!(
+            c.diagnostics
+                .iter()
+                .any(|d| d.to_string().contains("host_header")),
+            "{:?}",
+            c.diagnostics
+        );
         assert!(targets(&args("10.0.3.7:0"), &p).is_err());
     }
 }

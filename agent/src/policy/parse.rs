@@ -827,7 +827,18 @@ fn parse_upstream(d: &mut Diags, mut f: Fields) -> (Option<Upstream>, Option<At<
     let description = f.string(d, "description");
     let mut vpc_id = f.required_string(d, "vpc_id", "\"vpc-...\"");
     let protocol = f.string(d, "protocol");
-    let host_header = f.string(d, "host_header");
+    // The probe sends it as the Host header: a host name or address with an optional port, nothing that
+    // could end the header line.
+    let host_header = f.string(d, "host_header").filter(|h| {
+        check_name(
+            d,
+            h,
+            "host_header",
+            255,
+            |c| c.is_ascii_alphanumeric() || "-._:[]".contains(c),
+            "letters, digits, '-', '.', '_', ':', '[' and ']' (a host name or address, optionally :port)",
+        )
+    });
     let retries = f.integer(d, "retries");
     let nodes = f.array(d, "nodes");
     let span = f.span.clone();
