@@ -58,7 +58,10 @@ impl Setup {
 
     /// `vpcgate probe ARGS --output json`: (exit code, report).
     fn probe(&self, args: &[&str]) -> (i32, Value) {
-        let mut full = vec!["probe", "--output", "json", "--timeout", "2s"];
+        let mut full = vec!["probe", "--output", "json"];
+        if !args.contains(&"--timeout") {
+            full.extend(["--timeout", "2s"]);
+        }
         full.extend_from_slice(args);
         let out = self.spawn(&full).wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -241,6 +244,21 @@ fn each_outcome_is_diagnosed_from_the_kernels_record() {
     assert_eq!(node["http"]["status"], 503);
     assert_eq!(s.lab.last_host().as_deref(), Some("web.internal"));
     assert_eq!(rc, 0);
+
+    // An https upstream whose backend speaks plain HTTP: connected at TCP, the TLS failure named,
+    // and not counted as connected (exit 1).
+    let (rc, v) = s.probe(&["upstream/web_tls", "--timeout", "3s"]);
+    let node = &v["probes"][0];
+    assert_class(node, "connected", ["pass", "pass", "pass"]);
+    assert_eq!(node["http"]["scheme"], "https");
+    let error = node["http"]["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v:#}"));
+    assert!(
+        error.starts_with("TLS") && error.contains("TLS on this port"),
+        "{error}"
+    );
+    assert_eq!(rc, 1);
 }
 
 #[test]

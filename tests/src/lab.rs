@@ -576,6 +576,15 @@ protocol = "http"
 host_header = "web.internal"
 retries = 2
 nodes = [{{ address = "{BACKEND_V4}", port = {HTTP_PORT}, weight = 10 }}]
+
+# The same backend as https: it speaks plain HTTP, so the TLS handshake fails (named by the probe).
+[[upstream]]
+name = "web_tls"
+vpc_id = "vpc-lab"
+protocol = "https"
+host_header = "web.internal"
+retries = 1
+nodes = [{{ address = "{BACKEND_V4}", port = {HTTP_PORT}, weight = 10 }}]
 "#
     )
 }

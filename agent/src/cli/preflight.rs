@@ -141,6 +141,30 @@ fn checks(config: Option<&Path>) -> Vec<Check> {
                 detail,
                 ..Default::default()
             });
+            // Diagnostics: the skb:kfree_skb program (probe, drops --kernel) with this kernel's layout.
+            checks.push(match dp.load_kernel_drops() {
+                Ok(format) => Check {
+                    check: "kernel_drops",
+                    ok: true,
+                    detail: format!(
+                        "skb:kfree_skb program loaded ({} instructions verified; sk_buff offsets from BTF): probe and drops --kernel name this host's drops with its {} reason names{}",
+                        dp.kernel_drops_instructions()
+                            .map_or("unknown".to_owned(), |n| n.to_string()),
+                        format.reasons.len(),
+                        format
+                            .code("NEIGH_FAILED")
+                            .map(|c| format!(" (e.g. NEIGH_FAILED = {c})"))
+                            .unwrap_or_default()
+                    ),
+                    ..Default::default()
+                },
+                Err(e) => Check {
+                    check: "kernel_drops",
+                    ok: false,
+                    detail: e.to_string(),
+                    ..Default::default()
+                },
+            });
         }
         Err(e) => checks.push(Check {
             check: "verifier",

@@ -514,76 +514,193 @@ fn attempt(
     Ok((facts, stream))
 }
 
-/// A GET with the upstream's Host header over the probe's own connection: status and time.
+/// A GET with the upstream's Host header over the probe's own connection (in TLS for https, verified
+/// against this host's trust store): status and time, or what failed, named.
 fn http_request(
-    stream: &mut TcpStream,
+    stream: TcpStream,
     scheme: UpstreamProtocol,
     host: &str,
     timeout: Duration,
 ) -> Http {
-    let scheme_name = match scheme {
-        UpstreamProtocol::Http => "http",
-        UpstreamProtocol::Https => "https",
-    };
     let mut out = Http {
-        scheme: scheme_name,
+        scheme: match scheme {
+            UpstreamProtocol::Http => "http",
+            UpstreamProtocol::Https => "https",
+        },
         host: host.to_owned(),
         status: None,
         time_ms: None,
         error: None,
         note: None,
     };
-    if scheme == UpstreamProtocol::Https {
-        out.error = Some(
-            "https upstream: the TCP connection is tested; vpcgate probe does not speak TLS yet"
-                .into(),
-        );
-        return out;
-    }
     let start = Instant::now();
     let deadline = start + timeout;
     let _ = stream.set_write_timeout(Some(timeout));
+    let result = match scheme {
+        UpstreamProtocol::Http => status_line(
+            false,
+            stream.try_clone().ok(),
+            stream,
+            host,
+            deadline,
+            timeout,
+        ),
+        UpstreamProtocol::Https => match tls(host) {
+            Ok((config, name)) => match rustls::ClientConnection::new(config, name) {
+                Ok(conn) => {
+                    let handle = stream.try_clone().ok();
+                    status_line(
+                        true,
+                        handle,
+                        rustls::StreamOwned::new(conn, stream),
+                        host,
+                        deadline,
+                        timeout,
+                    )
+                }
+                Err(e) => Err(format!("TLS: {e}")),
+            },
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(code) => {
+            out.status = Some(code);
+            out.time_ms = Some(start.elapsed().as_millis() as u64);
+        }
+        Err(e) => out.error = Some(e),
+    }
+    out
+}
+
+/// The TLS client: this host's trust store, server name from the Host header (without a port).
+fn tls(
+    host: &str,
+) -> Result<
+    (
+        std::sync::Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    ),
+    String,
+> {
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    for cert in found.certs {
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "TLS: no trusted CA certificates on this host ({} errors reading the store): install ca-certificates",
+            found.errors.len()
+        ));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    // host, host:port, [v6], [v6]:port
+    let bare = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or_default()
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, p)| {
+            if p.chars().all(|c| c.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        })
+    };
+    let name = rustls::pki_types::ServerName::try_from(bare.to_owned())
+        .map_err(|e| format!("TLS: {bare:?} is not a server name: {e}"))?;
+    Ok((std::sync::Arc::new(config), name))
+}
+
+/// What a TLS failure means, in words.
+fn tls_words(e: &rustls::Error, host: &str) -> String {
+    use rustls::{CertificateError, Error};
+    match e {
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "TLS: the backend's certificate is not signed by a CA this host trusts (unknown issuer); add its CA to the trust store".into()
+        }
+        Error::InvalidCertificate(CertificateError::NotValidForName)
+        | Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. }) => {
+            format!("TLS: the backend's certificate is not valid for {host}")
+        }
+        Error::InvalidCertificate(CertificateError::Expired)
+        | Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
+            "TLS: the backend's certificate has expired".into()
+        }
+        Error::InvalidCertificate(c) => format!("TLS: the backend's certificate is refused: {c:?}"),
+        Error::AlertReceived(a) => format!("TLS: the backend ended the handshake with alert {a:?}"),
+        Error::InvalidMessage(_) | Error::InappropriateMessage { .. } => {
+            "TLS: the backend does not speak TLS on this port (its answer is not a TLS record)".into()
+        }
+        other => format!("TLS: {other}"),
+    }
+}
+
+/// Sends the request over `io` and reads the status line before `deadline`. `tcp`: the socket under
+/// `io`, whose read timeout bounds each read.
+fn status_line<S: Read + Write>(
+    tls: bool,
+    tcp: Option<TcpStream>,
+    mut io: S,
+    host: &str,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<u16, String> {
+    let err = |what: &str, e: std::io::Error| match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(t) => tls_words(t, host),
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof && tls => format!(
+            "TLS: the backend closed the connection while {what} (does it speak TLS on this port?)"
+        ),
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            format!("{what}: the backend closed the connection (does it speak HTTP on this port?)")
+        }
+        None => format!("{what}: {e}"),
+    };
     let req = format!(
         "GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: vpcgate-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     );
-    if let Err(e) = stream.write_all(req.as_bytes()) {
-        out.error = Some(format!("sending the request: {e}"));
-        return out;
-    }
+    let set_timeout = |left: Duration| {
+        if let Some(t) = &tcp {
+            let _ = t.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+        }
+    };
+    set_timeout(timeout);
+    io.write_all(req.as_bytes())
+        .and_then(|()| io.flush())
+        .map_err(|e| err("sending the request", e))?;
     let mut buf = vec![0u8; 512];
     let mut got = 0;
     while got < buf.len() && !buf[..got].contains(&b'\n') {
         // One deadline for the whole status line, however slowly it trickles in.
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            out.error = Some(format!("no status line within {} ms", timeout.as_millis()));
-            return out;
+            return Err(format!("no status line within {} ms", timeout.as_millis()));
         }
-        let _ = stream.set_read_timeout(Some(left));
-        match stream.read(&mut buf[got..]) {
+        set_timeout(left);
+        match io.read(&mut buf[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
-            Err(e) => {
-                out.error = Some(format!("reading the response: {e}"));
-                return out;
-            }
+            Err(e) => return Err(err("reading the response", e)),
         }
     }
-    out.time_ms = Some(start.elapsed().as_millis() as u64);
     let line = String::from_utf8_lossy(&buf[..got]);
     let line = line.lines().next().unwrap_or_default();
     match line.split_whitespace().nth(1).and_then(|c| c.parse().ok()) {
-        Some(code) if line.starts_with("HTTP/") && (100..=599).contains(&code) => {
-            out.status = Some(code)
-        }
-        _ => {
-            out.error = Some(format!(
-                "not an HTTP response: {:?}",
-                line.chars().take(60).collect::<String>()
-            ))
-        }
+        Some(code) if line.starts_with("HTTP/") && (100..=599).contains(&code) => Ok(code),
+        _ => Err(format!(
+            "not an HTTP response: {:?}",
+            line.chars().take(60).collect::<String>()
+        )),
     }
-    out
 }
 
 /// The egress IP for `target`'s family: the policy's, else the source the kernel picks toward it
@@ -682,7 +799,7 @@ fn probe_one(dp: &mut Datapath, ctx: &Ctx, t: &Target) -> Result<Report, String>
         }
         _ => None,
     };
-    let http = match (&t.http, stream.as_mut()) {
+    let http = match (&t.http, stream.take()) {
         (Some((scheme, host)), Some(s)) => Some(http_request(s, *scheme, host, ctx.timeout)),
         _ => None,
     };

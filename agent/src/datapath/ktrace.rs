@@ -173,6 +173,16 @@ impl Datapath {
     /// Attaches the `skb:kfree_skb` program (loaded from this process's copy of the object, with the
     /// instance's maps) until this `Datapath` is dropped; returns the kernel's reason names.
     pub fn attach_kernel_drops(&mut self) -> Result<Format, DatapathError> {
+        let format = self.load_kernel_drops()?;
+        let prog: &mut TracePoint = super::program_mut(self.ebpf_mut(), programs::KFREE_SKB)?;
+        prog.attach("skb", "kfree_skb")
+            .map_err(|e| DatapathError::load(programs::KFREE_SKB, e))?;
+        Ok(format)
+    }
+
+    /// Configures and loads (through the verifier) the `skb:kfree_skb` program without attaching it;
+    /// the kernel's reason names.
+    pub fn load_kernel_drops(&mut self) -> Result<Format, DatapathError> {
         let format = Format::read()?;
         let btf = Btf::vmlinux()
             .map_err(|e| DatapathError::KernelTrace(format!("/sys/kernel/btf/vmlinux: {e}")))?;
@@ -198,9 +208,15 @@ impl Datapath {
         let prog: &mut TracePoint = super::program_mut(self.ebpf_mut(), programs::KFREE_SKB)?;
         prog.load()
             .map_err(|e| DatapathError::load(programs::KFREE_SKB, e))?;
-        prog.attach("skb", "kfree_skb")
-            .map_err(|e| DatapathError::load(programs::KFREE_SKB, e))?;
         Ok(format)
+    }
+
+    /// Instructions the verifier processed for the loaded `skb:kfree_skb` program.
+    pub fn kernel_drops_instructions(&self) -> Option<u32> {
+        self.ebpf()
+            .program(programs::KFREE_SKB)
+            .and_then(|p| p.info().ok())
+            .and_then(|i| i.verified_instruction_count())
     }
 
     /// Takes up to `max` kernel drop events waiting in the ring buffer (never blocks).
