@@ -33,6 +33,7 @@ pub mod names {
     pub const FORWARD_IFS: &str = "FORWARD_IFS";
     pub const LAST_VERDICT: &str = "LAST_VERDICT";
     pub const DEST_OBS: &str = "DEST_OBS";
+    pub const DROP_OBS: &str = "DROP_OBS";
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     pub const PROBES: &str = "PROBES";
@@ -73,6 +74,9 @@ pub mod limits {
     pub const FRAG_TIMEOUT_NS: u64 = 30_000_000_000;
     /// Destinations (address, protocol, port) observed.
     pub const DESTINATIONS: u32 = 65536;
+    /// Destinations only dropped: their own map, so drops toward ever-new ports churn it and never
+    /// evict the backends the gateway reaches.
+    pub const DROP_DESTINATIONS: u32 = 16384;
     /// Ring buffer for drop events, in bytes.
     pub const EVENTS_BYTES: u32 = 256 * 1024;
     /// Drop events per second per CPU, and the burst allowed above that rate; beyond, events are only
@@ -85,11 +89,6 @@ pub mod limits {
     /// Ring buffer for the kernel's own drops (`skb:kfree_skb`), in bytes.
     pub const KERNEL_EVENTS_BYTES: u32 = 64 * 1024;
 }
-
-/// The socket mark (SO_MARK) of `vpcgate probe`'s connections: TC egress looks a packet up in `PROBES`
-/// only when it carries this mark (one field compared per packet, no lookup for any other traffic). The
-/// mark is a hint, never trusted: only a 5-tuple the probe registered in `PROBES` is recorded.
-pub const PROBE_MARK: u32 = 0x7667_0b5e;
 
 /// `GEN_CONFIG[gen].mode`.
 pub const MODE_ENFORCE: u32 = 0;

@@ -13,15 +13,20 @@ use vpcgate_common::icmp::{
 };
 
 use crate::{
-    maps::{DEST_OBS, DROP_STATS, GEN_CONFIG, LAST_VERDICT, RULE_STATS},
+    maps::{DEST_OBS, DROP_OBS, DROP_STATS, GEN_CONFIG, LAST_VERDICT, RULE_STATS},
     parse::{self, Cursor, IPPROTO_TCP, L3, L4, Packet, TCP_ACK, TCP_RST, TCP_SYN},
     verdict::Outcome,
 };
 
 /// Per-destination observations (DESIGN.md "Kernel observations"): what passed, what dropped and why,
 /// SYNs sent. Per CPU (no shared cache line per packet); the agent sums the CPUs and takes the latest drop.
+/// Replies in flows peers opened are not observations of a destination the gateway chose (a peer's
+/// ever-new ports would churn the map); drops go to their own map (`DROP_OBS`) for the same reason.
 #[inline(always)]
 pub fn observe(pkt: &Packet, o: &Outcome) {
+    if o.basis == basis::REPLY {
+        return;
+    }
     let (port, syn) = match pkt.l4 {
         L4::Tcp { dport, flags, .. } => (dport, flags & (TCP_SYN | TCP_ACK) == TCP_SYN),
         L4::Udp { dport, .. } => (dport, false),
@@ -44,11 +49,12 @@ pub fn observe(pkt: &Packet, o: &Outcome) {
 fn record_destination(key: &DestKey, syn: bool, passed: bool, audit: bool, reason: u32) {
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let obs = match DEST_OBS.get_ptr_mut(key) {
+    let map = if passed { &DEST_OBS } else { &DROP_OBS };
+    let obs = match map.get_ptr_mut(key) {
         Some(p) => p,
         None => {
-            let _ = DEST_OBS.insert(key, DestObs::default(), 0);
-            match DEST_OBS.get_ptr_mut(key) {
+            let _ = map.insert(key, DestObs::default(), 0);
+            match map.get_ptr_mut(key) {
                 Some(p) => p,
                 None => return,
             }

@@ -162,13 +162,13 @@ pub fn kfree_skb(ctx: &TracePointContext) -> Option<()> {
         let (sport, dport) = (u16::from_be_bytes(e.sport), u16::from_be_bytes(e.dport));
         probe::kernel_drop(&probe::key(family, &e.src, &e.dst, sport, dport), reason);
     }
-    emit(&mut e);
+    emit(&mut e, if from_local { 0 } else { 1 });
     Some(())
 }
 
 #[inline(never)]
-fn emit(e: &mut KernelDrop) {
-    let Some(budget) = KERNEL_BUDGET.get_ptr_mut(0) else {
+fn emit(e: &mut KernelDrop, bucket: u32) {
+    let Some(budget) = KERNEL_BUDGET.get_ptr_mut(bucket) else {
         return;
     };
     let Some(now) = take_token(budget) else {

@@ -19,7 +19,7 @@ use aya_ebpf::{
     programs::{TcContext, TracePointContext, XdpContext},
 };
 use vpcgate_common::{
-    datapath::{ACTION_PASS, PROBE_MARK},
+    datapath::ACTION_PASS,
     parse_stats::{Hook, Stat},
 };
 
@@ -138,13 +138,8 @@ fn release(hook: Hook) {
 #[classifier]
 pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
-    let (ifindex, ingress_ifindex, mark) = unsafe {
-        (
-            (*ctx.skb.skb).ifindex,
-            (*ctx.skb.skb).ingress_ifindex,
-            (*ctx.skb.skb).mark,
-        )
-    };
+    let (ifindex, ingress_ifindex) =
+        unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
     // Forwarded from a forward interface whose XDP enforced and counted it: decide again (fail closed
     // if that program is gone), count once.
     // SAFETY: the value is only tested for presence.
@@ -166,7 +161,8 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
         }
     }
     let local = ingress_ifindex == 0;
-    let probe = local && mark == PROBE_MARK && parsed.is_ok();
+    // A bare SYN of this host's may open a probe's connection (`probe::egress` looks it up).
+    let probe = local && parsed.is_ok();
     let o = enforce(
         Hook::TcEgress,
         ifindex,

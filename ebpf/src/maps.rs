@@ -88,9 +88,15 @@ pub static ONLINK6: LpmTrie<Prefix6, u32> = LpmTrie::with_max_entries(limits::ON
 #[map(name = "FORWARD_IFS")]
 pub static FORWARD_IFS: HashMap<u32, u32> = HashMap::with_max_entries(limits::FORWARD_IFS, 0);
 
+/// What passed toward each destination, and what came back (DESIGN.md "Kernel observations").
 #[map(name = "DEST_OBS")]
 pub static DEST_OBS: LruPerCpuHashMap<DestKey, DestObs> =
     LruPerCpuHashMap::with_max_entries(limits::DESTINATIONS, 0);
+
+/// What was dropped toward each destination: a scan of ever-new ports churns this map only.
+#[map(name = "DROP_OBS")]
+pub static DROP_OBS: LruPerCpuHashMap<DestKey, DestObs> =
+    LruPerCpuHashMap::with_max_entries(limits::DROP_DESTINATIONS, 0);
 
 #[map(name = "LAST_VERDICT")]
 pub static LAST_VERDICT: Array<LastVerdict> = Array::with_max_entries(1, 0);
@@ -122,8 +128,10 @@ pub static KERNEL_EVENTS: RingBuf = RingBuf::with_byte_size(limits::KERNEL_EVENT
 #[map(name = "KTRACE_SEEN")]
 pub static KTRACE_SEEN: PerCpuArray<[u64; 3]> = PerCpuArray::with_max_entries(1, 0);
 
+/// Two buckets: drops of what the gateway sent (0) and of what it received (1), so a port scan of the
+/// gateway (its NO_SOCKET drops) cannot crowd out the drops of its own traffic.
 #[map(name = "KERNEL_BUDGET")]
-pub static KERNEL_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+pub static KERNEL_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(2, 0);
 
 /// Per hook, this CPU's parsed packet (see `main::scratch`).
 #[map(name = "SCRATCH")]

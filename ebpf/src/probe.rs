@@ -1,6 +1,7 @@
 //! Probe connections (DESIGN.md "Probe flows"): `vpcgate probe` registers its connection's 5-tuple in
-//! `PROBES` and marks its socket; TC egress records the SYN (sequence number, verdict), the ENI's
-//! ingress what answers exactly that SYN. Entries are only ever updated in place here: a packet cannot
+//! `PROBES`; TC egress records the SYN (sequence number, verdict), the ENI's ingress what answers
+//! exactly that SYN. A bare SYN of this host's is looked up (one lookup per new connection, none per
+//! packet of a connection); no socket mark is needed, so none can clash with a CNI's or policy routing's. Entries are only ever updated in place here: a packet cannot
 //! create one, so no traffic but a probe's can fill or churn the map.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
@@ -35,8 +36,8 @@ pub fn key(
     }
 }
 
-/// TC egress, a packet of this host carrying `PROBE_MARK`: a bare SYN of a registered probe connection
-/// is recorded with its verdict.
+/// TC egress, a packet of this host: a bare SYN of a registered probe connection is recorded with its
+/// verdict.
 #[inline(always)]
 pub fn egress(pkt: &Packet, o: &Outcome) {
     if let L4::Tcp {
@@ -72,7 +73,7 @@ fn record_syn(k: &FlowKey, seq: u32, verdict: u32, reason: u32) {
     // SAFETY: a live map value; only this probe's packets touch it.
     unsafe {
         // The first SYN's sequence number is the connection's (retransmissions repeat it); a later
-        // marked SYN on the same 5-tuple (a raw socket's) cannot move what answers must match.
+        // SYN on the same 5-tuple (a raw socket's) cannot move what answers must match.
         if (*p).first_syn_ns == 0 {
             (*p).first_syn_ns = bpf_ktime_get_ns();
             (*p).syn_seq = seq;

@@ -48,6 +48,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "the VM matrix: the initramfs's shell and tools",
     ),
     (
+        "binutils",
+        "the VM matrix: objcopy strips debug info from the binaries packed into the initramfs",
+    ),
+    (
         "linux-image-cloud-amd64",
         "the VM matrix: Debian's 6.1 LTS cloud kernel (clsact instead of tcx, modules for veth/tc)",
     ),

@@ -707,12 +707,32 @@ fn write_initramfs(
         elves.push((format!("tests/{name}"), p.clone()));
     }
     let mut libs = BTreeSet::new();
+    // Our own binaries without their debug info: the initramfs is unpacked into the VM's RAM, and with
+    // it every test binary weighs ~60 MB instead of ~10 (symbols stay, so backtraces keep names).
+    let ours: BTreeSet<&Path> = std::iter::once(bins.vpcgate.as_path())
+        .chain(bins.tests.values().map(PathBuf::as_path))
+        .collect();
+    let stripped_dir = path.with_extension("stripped");
+    fs::create_dir_all(&stripped_dir)?;
     for (at, host) in &elves {
-        a.file(
-            at,
-            0o755,
-            &fs::read(host).with_context(|| format!("read {}", host.display()))?,
-        )?;
+        let bytes = if ours.contains(host.as_path()) {
+            let out = stripped_dir.join(at.replace('/', "_"));
+            let status = Command::new("objcopy")
+                .arg("--strip-debug")
+                .arg(host)
+                .arg(&out)
+                .status()
+                .context("objcopy (binutils; `cargo xtask setup` installs it)")?;
+            ensure!(
+                status.success(),
+                "objcopy --strip-debug {}: {status}",
+                host.display()
+            );
+            fs::read(&out).with_context(|| format!("read {}", out.display()))?
+        } else {
+            fs::read(host).with_context(|| format!("read {}", host.display()))?
+        };
+        a.file(at, 0o755, &bytes)?;
         libs.extend(shared_libraries(host)?);
     }
     for lib in &libs {

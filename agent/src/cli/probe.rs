@@ -1,8 +1,8 @@
 //! `vpcgate probe TARGET`: a connectivity test from the gateway's egress IP, diagnosed from what the
 //! kernel saw of exactly this connection (DESIGN.md "Probe report", "Probe flows").
 //!
-//! The imperative shell: resolve the targets from the policy the agent applied, connect with a marked
-//! socket whose 5-tuple is registered in the kernel's probe map, wait for the socket or the kernel's
+//! The imperative shell: resolve the targets from the policy the agent applied, connect with a socket
+//! whose 5-tuple is registered in the kernel's probe map, wait for the socket or the kernel's
 //! record to settle, read the neighbour table, and hand the facts to `diagnose`.
 
 use std::{
@@ -14,7 +14,7 @@ use std::{
 
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
-use vpcgate_common::datapath::{PROBE_MARK, ProbeObs};
+use vpcgate_common::datapath::ProbeObs;
 
 use super::{EXIT_ERROR, EXIT_FAILED, EXIT_OK, Output, print_json, record, status};
 use crate::{
@@ -42,8 +42,8 @@ use crate::{
     vpcgate probe upstream/orders_pool --output json\n  \
     vpcgate probe --all\n  \
     vpcgate probe 10.0.3.7:80 --contrast-from 10.0.0.6 --evidence\n\n\
-    Connects from the gateway's egress IP (the policy's egress_ip, else the ENI's address) with a marked\n\
-    socket, in this network namespace, and reads the kernel's record of exactly that connection: the\n\
+    Connects from the gateway's egress IP (the policy's egress_ip, else the ENI's address) with a socket\n\
+    whose 5-tuple it registers with the kernel, in this network namespace, and reads the kernel's record of exactly that connection: the\n\
     verdict on its SYN at the ENI's egress, the SYN-ACK or RST answering that SYN, an ICMP error quoting\n\
     it, or this host's own drop of it (skb:kfree_skb, with the kernel's reason name). Three steps:\n\
     1 authorization (the policy), 2 network (security group, allowlist, routes), 3 service (a listener).\n\
@@ -411,8 +411,6 @@ fn attempt(
         Some(Protocol::TCP),
     )
     .map_err(|e| format!("socket: {e}"))?;
-    sock.set_mark(PROBE_MARK)
-        .map_err(|e| format!("SO_MARK (needs CAP_NET_ADMIN): {e}"))?;
     sock.bind(&SocketAddr::new(source, 0).into()).map_err(|e| {
         format!(
             "cannot bind {source}: {e} (is it an address of this host, in this network namespace?)"
@@ -971,7 +969,14 @@ pub fn run(args: &Args) -> u8 {
         contrast: args.contrast_from,
     };
     let mut reports = vec![];
+    // A target that cannot be probed (its family has no address here, ...) is reported and the others
+    // still are; the exit status is then 2.
+    let mut errors = vec![];
     for t in &targets {
+        if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+            errors.push(serde_json::json!({"target": t.addr.to_string(), "error": "interrupted"}));
+            break;
+        }
         match probe_one(&mut dp, &ctx, t) {
             Ok(r) => {
                 if args.output == Output::Text {
@@ -979,7 +984,15 @@ pub fn run(args: &Args) -> u8 {
                 }
                 reports.push(r);
             }
-            Err(e) => return super::fail(args.output, "probe_failed", format!("{}: {e}", t.addr)),
+            Err(e) if targets.len() == 1 => {
+                return super::fail(args.output, "probe_failed", format!("{}: {e}", t.addr));
+            }
+            Err(e) => {
+                eprintln!("vpcgate: {} ({}): cannot probe: {e}", t.addr, t.name);
+                errors.push(
+                    serde_json::json!({"target": t.addr.to_string(), "name": t.name, "error": e}),
+                );
+            }
         }
     }
     if args.output == Output::Json {
@@ -990,7 +1003,9 @@ pub fn run(args: &Args) -> u8 {
         {
             print_json(&reports[0])
         } else {
-            print_json(&serde_json::json!({ "instance": instance, "probes": reports }))
+            print_json(
+                &serde_json::json!({ "instance": instance, "probes": reports, "errors": errors }),
+            )
         };
         if let Err(code) = printed {
             return code;

@@ -58,22 +58,25 @@ pub fn address_of(family: u8, addr: &[u8; 16]) -> IpAddr {
 impl Datapath {
     /// Every destination the kernel has observed (an LRU: the least recently used are evicted first).
     pub fn destinations(&self) -> Result<Vec<Destination>, DatapathError> {
-        let m = self
-            .ebpf()
-            .map(names::DEST_OBS)
-            .ok_or(DatapathError::MissingMap(names::DEST_OBS))?;
-        let map = PerCpuHashMap::<_, DestKey, DestObs>::try_from(m).map_err(|source| {
-            DatapathError::Map {
-                map: names::DEST_OBS,
-                source,
+        // Passes and replies (DEST_OBS) and drops (DROP_OBS) of one destination are summed.
+        let mut all: std::collections::BTreeMap<[u8; 20], (DestKey, Vec<DestObs>)> =
+            std::collections::BTreeMap::new();
+        for name in [names::DEST_OBS, names::DROP_OBS] {
+            let m = self
+                .ebpf()
+                .map(name)
+                .ok_or(DatapathError::MissingMap(name))?;
+            let map = PerCpuHashMap::<_, DestKey, DestObs>::try_from(m)
+                .map_err(|source| DatapathError::Map { map: name, source })?;
+            for item in map.iter() {
+                let (k, per_cpu) =
+                    item.map_err(|source| DatapathError::Map { map: name, source })?;
+                let entry = all.entry(bytemuck::cast(k)).or_insert_with(|| (k, vec![]));
+                entry.1.extend(per_cpu.iter().copied());
             }
-        })?;
+        }
         let mut out = vec![];
-        for item in map.iter() {
-            let (k, per_cpu) = item.map_err(|source| DatapathError::Map {
-                map: names::DEST_OBS,
-                source,
-            })?;
+        for (k, per_cpu) in all.into_values() {
             let mut d = Destination {
                 address: address(&k),
                 protocol: k.proto,
@@ -164,18 +167,23 @@ pub(super) fn take_ring<T: bytemuck::Pod>(
     Ok(out)
 }
 
-/// The event budget `name`'s suppressed and lost counts, summed over CPUs.
+/// The event budget `name`'s suppressed and lost counts, summed over CPUs and buckets.
 pub(super) fn loss(dp: &Datapath, name: &'static str) -> Result<EventLoss, DatapathError> {
     let m = dp.ebpf().map(name).ok_or(DatapathError::MissingMap(name))?;
     let a = aya::maps::PerCpuArray::<_, EventBudget>::try_from(m)
         .map_err(|source| DatapathError::Map { map: name, source })?;
-    let per_cpu = a
-        .get(&0, 0)
-        .map_err(|source| DatapathError::Map { map: name, source })?;
-    Ok(per_cpu.iter().fold(EventLoss::default(), |l, b| EventLoss {
-        suppressed: l.suppressed + b.suppressed,
-        lost: l.lost + b.lost,
-    }))
+    // Every bucket of the map (the kernel drops' has one per direction).
+    let mut total = EventLoss::default();
+    for i in 0..a.len() {
+        let per_cpu = a
+            .get(&i, 0)
+            .map_err(|source| DatapathError::Map { map: name, source })?;
+        for b in per_cpu.iter() {
+            total.suppressed += b.suppressed;
+            total.lost += b.lost;
+        }
+    }
+    Ok(total)
 }
 
 impl Datapath {
