@@ -78,13 +78,21 @@ impl Setup {
 
 impl Drop for Setup {
     fn drop(&mut self) {
-        if let Some(a) = self.agent.take() {
-            a.stop();
-        }
+        // Stop the agent and clean up first; judge its exit last, and never while already unwinding
+        // (a panic in a drop during a panic aborts, and nothing would be removed).
+        let status = self.agent.take().map(|mut a| {
+            a.signal(libc::SIGTERM);
+            a.wait()
+        });
         let _ = pin::teardown(&self.instance);
         let _ = std::fs::remove_dir_all(&self.dir);
         for ext in ["json", "applied.toml", "sock", "lock", "drops.lock"] {
             let _ = std::fs::remove_file(format!("/run/vpcgate/{}.{ext}", self.instance));
+        }
+        if let Some(status) = status
+            && !std::thread::panicking()
+        {
+            assert!(status.success(), "vpcgate run exited with {status}");
         }
     }
 }

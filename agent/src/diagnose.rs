@@ -262,11 +262,21 @@ pub fn diagnose(
             " — audit mode passed it; enforce mode would drop it ({})",
             policy.reason.map_or("", |r| r.name())
         )
+    } else if !policy.allowed {
+        format!(
+            " — yet the connection was made: vpcgate did not enforce this path ({})",
+            match &f.routed_elsewhere {
+                Some((via, eni)) => format!("the route leaves through {via}, not the ENI {eni}"),
+                None => "are its programs attached to the ENI? see `vpcgate status`".to_owned(),
+            }
+        )
     } else {
         String::new()
     };
+    let connected = matches!(f.connect, Some(Connect::Connected));
     // 1. The policy (the kernel's drop of this very SYN is the proof; the reference verdict explains it).
-    if k.dropped > 0 || (!policy.allowed && !policy.audit) {
+    // A connection the policy denies that was made anyway is not "blocked": it is a bypass, said below.
+    if k.dropped > 0 || (!policy.allowed && !policy.audit && !connected) {
         let reason = DropReason::from_code(k.drop_reason)
             .or(policy.reason)
             .map_or("dropped", |r| r.name());
@@ -321,7 +331,6 @@ pub fn diagnose(
     } else {
         format!("{} SYNs", k.syns)
     };
-    let connected = matches!(f.connect, Some(Connect::Connected));
     if !connected && k.syn_ack > 0 {
         // The backend answered, yet the socket never connected: this host dropped the answer.
         let remedy = "a firewall rule on this host (nftables/iptables input, conntrack) drops the backend's SYN-ACK: list them with `nft list ruleset`".to_owned();
@@ -497,6 +506,39 @@ pub fn diagnose(
                 Some(r) => format!("this host dropped the SYN to {target} before it left ({r})"),
                 None => format!("the SYN to {target} never left this host"),
             },
+            action: Some(remedy),
+        };
+    }
+    let neighbour_failed = f
+        .kernel_reason
+        .as_deref()
+        .is_some_and(|r| r.starts_with("NEIGH"))
+        || matches!(
+            f.neighbour.as_ref().and_then(|n| n.1.as_deref()),
+            Some("FAILED" | "INCOMPLETE")
+        );
+    if neighbour_failed {
+        let hop = f.neighbour.as_ref().map_or(target.ip(), |n| n.0);
+        let remedy = local_remedy(Some("NEIGH_FAILED"), Some(hop), target);
+        return Diagnosis {
+            outcome: Outcome::LocalDrop,
+            steps: vec![
+                auth,
+                Step {
+                    step: "network",
+                    status: StepStatus::Fail,
+                    detail: format!(
+                        "{syns} left {egress} toward a cached link-layer address, nothing answered, and resolving {hop} again failed{}",
+                        f.kernel_reason
+                            .as_ref()
+                            .map(|r| format!(" (the kernel dropped the retransmissions: {r})"))
+                            .unwrap_or_default()
+                    ),
+                    remedy: Some(remedy.clone()),
+                },
+                skipped("service", "not reached"),
+            ],
+            cause: format!("nothing on the link answers for {hop} any more"),
             action: Some(remedy),
         };
     }

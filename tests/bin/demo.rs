@@ -5,12 +5,46 @@
 //!
 //! Usage: VPCGATE_BIN=path/to/vpcgate vpcgate-demo [--instance NAME]   (root)
 
-use std::process::{ExitCode, Stdio};
+use std::{
+    process::{Command, ExitCode, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
 
 use vpcgate_lab::{
     agent::Agent,
     lab::{self, Lab},
 };
+
+/// The running agent's pid (0: none), for the cleanup on a signal.
+static AGENT: AtomicU32 = AtomicU32::new(0);
+
+/// Stops the agent if it still runs (SIGTERM, reaped, bounded), then `vpcgate teardown`: the links,
+/// pins and /run/vpcgate records go, under the instance's lock.
+fn remove_instance(bin: &str, instance: &str) {
+    let pid = AGENT.swap(0, Ordering::SeqCst);
+    if pid != 0 {
+        // SAFETY: signalling and reaping our own child.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG) == 0 {
+                if Instant::now() >= deadline {
+                    libc::kill(pid as i32, libc::SIGKILL);
+                    libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    if vpcgate::datapath::pin::instance_dir(instance).exists() {
+        let _ = Command::new(bin)
+            .args(["teardown", "--instance", instance])
+            .stdout(Stdio::null())
+            .status();
+    }
+}
 
 fn banner(text: &str) {
     println!("\n\x1b[1m==> {text}\x1b[0m");
@@ -65,6 +99,7 @@ fn demo(bin: &str, instance: &str, dir: &std::path::Path) -> Result<(), String> 
         "vpcgate run --config {file_s}   (the agent, in the background)"
     ));
     let agent = Agent::start(&lab.gw, bin, &[], &file);
+    AGENT.store(agent.id(), Ordering::SeqCst);
     agent.wait_for("serving /metrics");
 
     let inst = ["--instance", instance];
@@ -95,6 +130,7 @@ fn demo(bin: &str, instance: &str, dir: &std::path::Path) -> Result<(), String> 
     show(&lab, bin, &[&["drops"][..], &inst].concat())?;
 
     banner("removing everything: the agent, its pins, the namespaces");
+    AGENT.store(0, Ordering::SeqCst);
     agent.stop();
     show(&lab, bin, &["teardown", "--instance", instance])?;
     drop(lab);
@@ -135,9 +171,9 @@ fn main() -> ExitCode {
     // Ctrl-C (or a failure) must not leave pins behind: the agent stops with the signal, this removes
     // its pins, then the lab's namespaces go.
     lab::remove_on_signal();
-    let (inst, d) = (instance.clone(), dir.clone());
+    let (b, inst, d) = (bin.clone(), instance.clone(), dir.clone());
     lab::on_signal_cleanup(Box::new(move || {
-        let _ = vpcgate::datapath::pin::teardown(&inst);
+        remove_instance(&b, &inst);
         let _ = std::fs::remove_dir_all(&d);
     }));
     let result = std::panic::catch_unwind(|| demo(&bin, &instance, &dir));
@@ -145,12 +181,12 @@ fn main() -> ExitCode {
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            let _ = vpcgate::datapath::pin::teardown(&instance);
+            remove_instance(&bin, &instance);
             eprintln!("vpcgate-demo: {e}");
             ExitCode::from(2)
         }
         Err(_) => {
-            let _ = vpcgate::datapath::pin::teardown(&instance);
+            remove_instance(&bin, &instance);
             ExitCode::from(2)
         }
     }

@@ -152,6 +152,17 @@ fn authorization_targets(p: &Policy, name: &str) -> Result<Vec<Target>, String> 
         ));
     }
     // Each port, up to MAX_PORTS per authorization (a wide range is sampled at its first ports).
+    let count: usize = a
+        .ports
+        .ranges()
+        .iter()
+        .map(|&(lo, hi)| usize::from(hi - lo) + 1)
+        .sum();
+    if count > MAX_PORTS {
+        eprintln!(
+            "vpcgate: authorization {name} allows {count} ports: probing the first {MAX_PORTS} (name one as IP:PORT for another)"
+        );
+    }
     Ok(a.ports
         .ranges()
         .iter()
@@ -331,8 +342,6 @@ struct Http {
     status: Option<u16>,
     time_ms: Option<u64>,
     error: Option<String>,
-    /// What was not checked, and why.
-    note: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -364,6 +373,20 @@ impl Drop for Registered<'_> {
             eprintln!("vpcgate: warning: cannot remove the probe's kernel record: {e}");
         }
     }
+}
+
+/// The probe's kernel record; evicted (an LRU of `limits::PROBES`) only when that many other probes
+/// registered since.
+fn record_of(
+    dp: &mut Datapath,
+    key: &vpcgate_common::datapath::FlowKey,
+) -> Result<ProbeObs, String> {
+    dp.probe_record(key).map_err(|e| {
+        format!(
+            "the probe's kernel record is gone ({e}): more than {} probes registered meanwhile?",
+            vpcgate_common::datapath::limits::PROBES
+        )
+    })
 }
 
 fn errno_of(e: &std::io::Error) -> i32 {
@@ -446,7 +469,7 @@ fn attempt(
             });
             break;
         }
-        let r = reg.dp.probe_record(&key).map_err(|e| e.to_string())?;
+        let r = record_of(reg.dp, &key)?;
         if settled(&r) || Instant::now() >= deadline {
             break;
         }
@@ -454,7 +477,7 @@ fn attempt(
             return Err("interrupted".into());
         }
     }
-    let mut record = reg.dp.probe_record(&key).map_err(|e| e.to_string())?;
+    let mut record = record_of(reg.dp, &key)?;
     // Nothing left this host and the neighbour is still being resolved: wait for the kernel's own
     // verdict on it (a neighbour fails after its probes, ~3 s by default), bounded.
     let route = route_to(target.ip(), Some(source)).ok();
@@ -464,6 +487,14 @@ fn attempt(
             neighbour_state(r.oif, r.next_hop).ok().flatten(),
         )
     });
+    let neighbour_now = || {
+        route.map(|r| {
+            (
+                r.next_hop,
+                neighbour_state(r.oif, r.next_hop).ok().flatten(),
+            )
+        })
+    };
     if connect.is_none() && record.syns == 0 && !settled(&record) {
         let extra = Instant::now() + Duration::from_secs(5);
         while Instant::now() < extra {
@@ -474,15 +505,36 @@ fn attempt(
             if !resolving || settled(&record) {
                 break;
             }
+            if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err("interrupted".into());
+            }
             std::thread::sleep(Duration::from_millis(50));
-            record = reg.dp.probe_record(&key).map_err(|e| e.to_string())?;
-            neighbour = route.map(|r| {
-                (
-                    r.next_hop,
-                    neighbour_state(r.oif, r.next_hop).ok().flatten(),
-                )
-            });
+            record = record_of(reg.dp, &key)?;
+            neighbour = neighbour_now();
         }
+        // The neighbour failed: the kernel drops the queued SYNs right after it says so; give that
+        // drop a bounded moment to be recorded (and the socket its error).
+        if matches!(
+            neighbour.as_ref().and_then(|n| n.1.as_deref()),
+            Some("FAILED")
+        ) {
+            let settle = Instant::now() + Duration::from_millis(300);
+            while record.kernel_drops == 0 && Instant::now() < settle {
+                std::thread::sleep(Duration::from_millis(20));
+                record = record_of(reg.dp, &key)?;
+            }
+        }
+    }
+    // What the socket says at the end: a connection completed between the last poll and the record
+    // read is a connection (never "this host dropped the SYN-ACK"), an error is its errno.
+    if connect.is_none() && writable(fd, 0) {
+        connect = Some(match sock.take_error() {
+            Ok(None) => Connect::Connected,
+            Ok(Some(e)) | Err(e) => Connect::Failed {
+                errno: errno_of(&e),
+                message: e.to_string(),
+            },
+        });
     }
     let waited_ms = start.elapsed().as_millis() as u64;
     let routed_elsewhere = match (route, crate::datapath::ifindex(eni)) {
@@ -513,7 +565,7 @@ fn attempt(
 }
 
 /// A GET with the upstream's Host header over the probe's own connection (in TLS for https, verified
-/// against this host's trust store): status and time, or what failed, named.
+/// against this host's trust store): status and time, or what failed, named. One deadline for all of it.
 fn http_request(
     stream: TcpStream,
     scheme: UpstreamProtocol,
@@ -529,37 +581,23 @@ fn http_request(
         status: None,
         time_ms: None,
         error: None,
-        note: None,
     };
     let start = Instant::now();
     let deadline = start + timeout;
-    let _ = stream.set_write_timeout(Some(timeout));
     let result = match scheme {
-        UpstreamProtocol::Http => status_line(
-            false,
-            stream.try_clone().ok(),
-            stream,
-            host,
-            deadline,
-            timeout,
-        ),
-        UpstreamProtocol::Https => match tls(host) {
-            Ok((config, name)) => match rustls::ClientConnection::new(config, name) {
-                Ok(conn) => {
-                    let handle = stream.try_clone().ok();
-                    status_line(
-                        true,
-                        handle,
-                        rustls::StreamOwned::new(conn, stream),
-                        host,
-                        deadline,
-                        timeout,
-                    )
-                }
-                Err(e) => Err(format!("TLS: {e}")),
-            },
-            Err(e) => Err(e),
-        },
+        UpstreamProtocol::Http => exchange(false, &stream, &mut &stream, host, deadline, timeout),
+        UpstreamProtocol::Https => tls(host).and_then(|(config, name)| {
+            let mut conn =
+                rustls::ClientConnection::new(config, name).map_err(|e| format!("TLS: {e}"))?;
+            let mut sock = &stream;
+            while conn.is_handshaking() {
+                until(&stream, deadline, timeout, true, "the TLS handshake")?;
+                conn.complete_io(&mut sock)
+                    .map_err(|e| io_words(true, "the TLS handshake", &e, host, timeout))?;
+            }
+            let mut io = rustls::Stream::new(&mut conn, &mut sock);
+            exchange(true, &stream, &mut io, host, deadline, timeout)
+        }),
     };
     match result {
         Ok(code) => {
@@ -569,6 +607,51 @@ fn http_request(
         Err(e) => out.error = Some(e),
     }
     out
+}
+
+/// Bounds the next socket operation by what is left until `deadline`; an error once it passed.
+fn until(
+    stream: &TcpStream,
+    deadline: Instant,
+    timeout: Duration,
+    tls: bool,
+    what: &str,
+) -> Result<(), String> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(format!(
+            "{}no answer within {} ms during {what}",
+            if tls { "TLS: " } else { "" },
+            timeout.as_millis()
+        ));
+    }
+    let _ = stream.set_read_timeout(Some(left));
+    let _ = stream.set_write_timeout(Some(left));
+    Ok(())
+}
+
+/// An I/O error of the exchange, in words (a TLS failure named).
+fn io_words(tls: bool, what: &str, e: &std::io::Error, host: &str, timeout: Duration) -> String {
+    if let Some(t) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        return tls_words(t, host);
+    }
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof if tls => format!(
+            "TLS: the backend closed the connection during {what} (does it speak TLS on this port?)"
+        ),
+        std::io::ErrorKind::UnexpectedEof => {
+            format!("{what}: the backend closed the connection (does it speak HTTP on this port?)")
+        }
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+            "{}no answer within {} ms during {what}",
+            if tls { "TLS: " } else { "" },
+            timeout.as_millis()
+        ),
+        _ => format!("{what}: {e}"),
+    }
 }
 
 /// The TLS client: this host's trust store, server name from the Host header (without a port).
@@ -586,12 +669,9 @@ fn tls(
     for cert in found.certs {
         let _ = roots.add(cert);
     }
-    if roots.is_empty() {
-        return Err(format!(
-            "TLS: no trusted CA certificates on this host ({} errors reading the store): install ca-certificates",
-            found.errors.len()
-        ));
-    }
+    // Without any, the handshake still runs (a backend that does not speak TLS is still told apart);
+    // a certificate then fails verification, and the failure says why.
+    NO_ROOTS.store(roots.is_empty(), std::sync::atomic::Ordering::Relaxed);
     let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -599,8 +679,10 @@ fn tls(
     .map_err(|e| format!("TLS: {e}"))?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    // host, host:port, [v6], [v6]:port
-    let bare = if let Some(rest) = host.strip_prefix('[') {
+    // host, host:port, an address, [v6], [v6]:port
+    let bare = if host.parse::<IpAddr>().is_ok() {
+        host
+    } else if let Some(rest) = host.strip_prefix('[') {
         rest.split(']').next().unwrap_or_default()
     } else {
         host.rsplit_once(':').map_or(host, |(h, p)| {
@@ -616,10 +698,18 @@ fn tls(
     Ok((std::sync::Arc::new(config), name))
 }
 
+/// Whether this host's trust store had no CA certificate at all.
+static NO_ROOTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// What a TLS failure means, in words.
 fn tls_words(e: &rustls::Error, host: &str) -> String {
     use rustls::{CertificateError, Error};
     match e {
+        Error::InvalidCertificate(CertificateError::UnknownIssuer)
+            if NO_ROOTS.load(std::sync::atomic::Ordering::Relaxed) =>
+        {
+            "TLS: this host has no trusted CA certificates to verify the backend's certificate with: install ca-certificates (or the backend's CA)".into()
+        }
         Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
             "TLS: the backend's certificate is not signed by a CA this host trusts (unknown issuer); add its CA to the trust store".into()
         }
@@ -640,54 +730,31 @@ fn tls_words(e: &rustls::Error, host: &str) -> String {
     }
 }
 
-/// Sends the request over `io` and reads the status line before `deadline`. `tcp`: the socket under
-/// `io`, whose read timeout bounds each read.
-fn status_line<S: Read + Write>(
+/// Sends the request over `io` and reads the status line before `deadline`; `stream` is the socket
+/// under `io`, whose timeouts bound each operation.
+fn exchange<S: Read + Write>(
     tls: bool,
-    tcp: Option<TcpStream>,
-    mut io: S,
+    stream: &TcpStream,
+    io: &mut S,
     host: &str,
     deadline: Instant,
     timeout: Duration,
 ) -> Result<u16, String> {
-    let err = |what: &str, e: std::io::Error| match e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
-        Some(t) => tls_words(t, host),
-        None if e.kind() == std::io::ErrorKind::UnexpectedEof && tls => format!(
-            "TLS: the backend closed the connection while {what} (does it speak TLS on this port?)"
-        ),
-        None if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            format!("{what}: the backend closed the connection (does it speak HTTP on this port?)")
-        }
-        None => format!("{what}: {e}"),
-    };
     let req = format!(
         "GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: vpcgate-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     );
-    let set_timeout = |left: Duration| {
-        if let Some(t) = &tcp {
-            let _ = t.set_read_timeout(Some(left.max(Duration::from_millis(1))));
-        }
-    };
-    set_timeout(timeout);
+    until(stream, deadline, timeout, tls, "sending the request")?;
     io.write_all(req.as_bytes())
         .and_then(|()| io.flush())
-        .map_err(|e| err("sending the request", e))?;
+        .map_err(|e| io_words(tls, "sending the request", &e, host, timeout))?;
     let mut buf = vec![0u8; 512];
     let mut got = 0;
     while got < buf.len() && !buf[..got].contains(&b'\n') {
-        // One deadline for the whole status line, however slowly it trickles in.
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!("no status line within {} ms", timeout.as_millis()));
-        }
-        set_timeout(left);
+        until(stream, deadline, timeout, tls, "reading the response")?;
         match io.read(&mut buf[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
-            Err(e) => return Err(err("reading the response", e)),
+            Err(e) => return Err(io_words(tls, "reading the response", &e, host, timeout)),
         }
     }
     let line = String::from_utf8_lossy(&buf[..got]);
@@ -860,16 +927,13 @@ fn print_text(r: &Report, evidence: bool) {
     if let Some(h) = &r.http {
         match (h.status, &h.error) {
             (Some(code), _) => println!(
-                "  http: GET / Host: {} → {code} in {} ms",
+                "  {}: GET / Host: {} → {code} in {} ms",
+                h.scheme,
                 escape_controls(&h.host),
                 h.time_ms.unwrap_or(0)
             ),
             (None, Some(e)) => println!("  {}: {}", h.scheme, escape_controls(e)),
-            _ => {
-                if let Some(n) = &h.note {
-                    println!("  {}: {}", h.scheme, escape_controls(n));
-                }
-            }
+            _ => {}
         }
     }
     if let Some(c) = &r.contrast {
@@ -994,6 +1058,9 @@ pub fn run(args: &Args) -> u8 {
                 );
             }
         }
+    }
+    if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) && errors.is_empty() {
+        errors.push(serde_json::json!({"error": "interrupted"}));
     }
     if args.output == Output::Json {
         let printed = if args

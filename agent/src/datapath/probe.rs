@@ -51,7 +51,7 @@ impl Datapath {
         })
     }
 
-    /// Registers a probe connection (zeroed record); fails when `PROBES` is full.
+    /// Registers a probe connection (zeroed record; `PROBES` is an LRU: the oldest record makes room).
     pub fn register_probe(&mut self, key: &FlowKey) -> Result<(), DatapathError> {
         self.probes()?
             .insert(key, ProbeObs::default(), 0)
