@@ -198,7 +198,7 @@ fn drop_events_carry_the_packet_and_a_flood_is_rate_limited() {
     assert_eq!(events.len(), 1, "{events:?}");
     let e = events[0];
     assert_eq!(
-        (e.reason, e.basis, e.audit, e.family, e.proto),
+        (e.reason, e.basis, e.audit, e.tuple.family, e.tuple.proto),
         (
             DropReason::PortNotAuthorized.code(),
             basis::COVERED,
@@ -208,10 +208,13 @@ fn drop_events_carry_the_packet_and_a_flood_is_rate_limited() {
         )
     );
     assert_eq!(
-        (u16::from_be_bytes(e.sport), u16::from_be_bytes(e.dport)),
+        (
+            u16::from_be_bytes(e.tuple.sport),
+            u16::from_be_bytes(e.tuple.dport)
+        ),
         (40000, 22)
     );
-    assert_eq!(&e.dst[..4], &[10, 0, 3, 7]);
+    assert_eq!(&e.tuple.dst[..4], &[10, 0, 3, 7]);
     assert!(e.timestamp_ns > 0);
 
     // A flood: the kernel runs the program many times in a tight loop; the bucket holds EVENTS_BURST

@@ -241,6 +241,36 @@ fn local_remedy(reason: Option<&str>, next_hop: Option<IpAddr>, target: SocketAd
     }
 }
 
+/// Step 2 failed (what the network did, and what to do), step 3 not reached.
+fn network_fails(
+    outcome: Outcome,
+    auth: Step,
+    detail: String,
+    remedy: String,
+    cause: String,
+) -> Diagnosis {
+    Diagnosis {
+        outcome,
+        steps: vec![
+            auth,
+            Step {
+                step: "network",
+                status: StepStatus::Fail,
+                detail,
+                remedy: Some(remedy.clone()),
+            },
+            Step {
+                step: "service",
+                status: StepStatus::Skipped,
+                detail: "not reached".into(),
+                remedy: None,
+            },
+        ],
+        cause,
+        action: Some(remedy),
+    }
+}
+
 /// Decides one attempt.
 pub fn diagnose(
     target: SocketAddr,
@@ -334,28 +364,20 @@ pub fn diagnose(
     if !connected && k.syn_ack > 0 {
         // The backend answered, yet the socket never connected: this host dropped the answer.
         let remedy = "a firewall rule on this host (nftables/iptables input, conntrack) drops the backend's SYN-ACK: list them with `nft list ruleset`".to_owned();
-        return Diagnosis {
-            outcome: Outcome::LocalDrop,
-            steps: vec![
-                auth,
-                Step {
-                    step: "network",
-                    status: StepStatus::Fail,
-                    detail: format!(
-                        "{} answered {egress}'s SYN with a SYN-ACK at the ENI, but the connection never completed: this host dropped the answer{}",
-                        target.ip(),
-                        f.kernel_reason
-                            .as_ref()
-                            .map(|r| format!(" ({r})"))
-                            .unwrap_or_default()
-                    ),
-                    remedy: Some(remedy.clone()),
-                },
-                skipped("service", "not reached"),
-            ],
-            cause: format!("this host dropped {target}'s SYN-ACK"),
-            action: Some(remedy),
-        };
+        return network_fails(
+            Outcome::LocalDrop,
+            auth,
+            format!(
+                "{} answered {egress}'s SYN with a SYN-ACK at the ENI, but the connection never completed: this host dropped the answer{}",
+                target.ip(),
+                f.kernel_reason
+                    .as_ref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            ),
+            remedy,
+            format!("this host dropped {target}'s SYN-ACK"),
+        );
     }
     if connected {
         return Diagnosis {
@@ -419,21 +441,13 @@ pub fn diagnose(
                 target.ip()
             )
         };
-        return Diagnosis {
-            outcome: Outcome::Unreachable,
-            steps: vec![
-                auth,
-                Step {
-                    step: "network",
-                    status: StepStatus::Fail,
-                    detail: format!("{syns} from {egress} drew {words}"),
-                    remedy: Some(remedy.clone()),
-                },
-                skipped("service", "not reached"),
-            ],
-            cause: format!("the network answered {egress}'s SYN to {target} with {words}"),
-            action: Some(remedy),
-        };
+        return network_fails(
+            Outcome::Unreachable,
+            auth,
+            format!("{syns} from {egress} drew {words}"),
+            remedy,
+            format!("the network answered {egress}'s SYN to {target} with {words}"),
+        );
     }
     let local_error = match &f.connect {
         Some(Connect::Failed { errno, message })
@@ -454,24 +468,16 @@ pub fn diagnose(
             target.ip(),
             target.ip()
         );
-        return Diagnosis {
-            outcome: Outcome::LocalDrop,
-            steps: vec![
-                auth,
-                Step {
-                    step: "network",
-                    status: StepStatus::Fail,
-                    detail: format!(
-                        "the route to {} leaves through {via}, not the ENI {eni}: the SYN never passed the ENI",
-                        target.ip()
-                    ),
-                    remedy: Some(remedy.clone()),
-                },
-                skipped("service", "not reached"),
-            ],
-            cause: format!("this host routes {target} through {via}, not the ENI"),
-            action: Some(remedy),
-        };
+        return network_fails(
+            Outcome::LocalDrop,
+            auth,
+            format!(
+                "the route to {} leaves through {via}, not the ENI {eni}: the SYN never passed the ENI",
+                target.ip()
+            ),
+            remedy,
+            format!("this host routes {target} through {via}, not the ENI"),
+        );
     }
     if k.syns == 0 {
         let next_hop = f.neighbour.as_ref().map(|n| n.0);
@@ -490,24 +496,16 @@ pub fn diagnose(
             detail.push_str(&format!("; connect: {e}"));
         }
         let remedy = local_remedy(reason, next_hop, target);
-        return Diagnosis {
-            outcome: Outcome::LocalDrop,
-            steps: vec![
-                auth,
-                Step {
-                    step: "network",
-                    status: StepStatus::Fail,
-                    detail,
-                    remedy: Some(remedy.clone()),
-                },
-                skipped("service", "not reached"),
-            ],
-            cause: match reason {
+        return network_fails(
+            Outcome::LocalDrop,
+            auth,
+            detail,
+            remedy,
+            match reason {
                 Some(r) => format!("this host dropped the SYN to {target} before it left ({r})"),
                 None => format!("the SYN to {target} never left this host"),
             },
-            action: Some(remedy),
-        };
+        );
     }
     let neighbour_failed = f
         .kernel_reason
@@ -520,50 +518,34 @@ pub fn diagnose(
     if neighbour_failed {
         let hop = f.neighbour.as_ref().map_or(target.ip(), |n| n.0);
         let remedy = local_remedy(Some("NEIGH_FAILED"), Some(hop), target);
-        return Diagnosis {
-            outcome: Outcome::LocalDrop,
-            steps: vec![
-                auth,
-                Step {
-                    step: "network",
-                    status: StepStatus::Fail,
-                    detail: format!(
-                        "{syns} left {egress} toward a cached link-layer address, nothing answered, and resolving {hop} again failed{}",
-                        f.kernel_reason
-                            .as_ref()
-                            .map(|r| format!(" (the kernel dropped the retransmissions: {r})"))
-                            .unwrap_or_default()
-                    ),
-                    remedy: Some(remedy.clone()),
-                },
-                skipped("service", "not reached"),
-            ],
-            cause: format!("nothing on the link answers for {hop} any more"),
-            action: Some(remedy),
-        };
+        return network_fails(
+            Outcome::LocalDrop,
+            auth,
+            format!(
+                "{syns} left {egress} toward a cached link-layer address, nothing answered, and resolving {hop} again failed{}",
+                f.kernel_reason
+                    .as_ref()
+                    .map(|r| format!(" (the kernel dropped the retransmissions: {r})"))
+                    .unwrap_or_default()
+            ),
+            remedy,
+            format!("nothing on the link answers for {hop} any more"),
+        );
     }
     let remedy = control.admit(egress, target);
-    Diagnosis {
-        outcome: Outcome::NoReply,
-        steps: vec![
-            auth,
-            Step {
-                step: "network",
-                status: StepStatus::Fail,
-                detail: format!(
-                    "{syns} left {egress} through the ENI and nothing came back in {} ms (no SYN-ACK, RST or ICMP error)",
-                    f.waited_ms
-                ),
-                remedy: Some(remedy.clone()),
-            },
-            skipped("service", "not reached"),
-        ],
-        cause: format!(
+    network_fails(
+        Outcome::NoReply,
+        auth,
+        format!(
+            "{syns} left {egress} through the ENI and nothing came back in {} ms (no SYN-ACK, RST or ICMP error)",
+            f.waited_ms
+        ),
+        remedy,
+        format!(
             "{} most likely drops the gateway's egress IP {egress} silently",
             control.name()
         ),
-        action: Some(remedy),
-    }
+    )
 }
 
 #[cfg(test)]
@@ -593,6 +575,20 @@ mod tests {
             ..Facts::default()
         }
     }
+    /// The diagnosis of an attempt from the egress IP to the target.
+    fn decide(c: Control, p: &PolicyView, f: &Facts) -> Diagnosis {
+        diagnose(target(), egress(), c, p, f)
+    }
+    /// What the policy says of a packet it does not allow.
+    fn denied(reason: DropReason, audit: bool, change: &str) -> PolicyView {
+        PolicyView {
+            allowed: false,
+            audit,
+            reason: Some(reason),
+            detail: "no rule allows it".into(),
+            change: Some(change.into()),
+        }
+    }
     fn statuses(d: &Diagnosis) -> Vec<StepStatus> {
         d.steps.iter().map(|s| s.status).collect()
     }
@@ -605,9 +601,7 @@ mod tests {
             ..ProbeObs::default()
         };
         // Connected.
-        let d = diagnose(
-            target(),
-            egress(),
+        let d = decide(
             Control::Clb,
             &allowed(),
             &facts(ProbeObs { syn_ack: 1, ..sent }, Connect::Connected),
@@ -618,9 +612,7 @@ mod tests {
         );
         assert_eq!(d.action, None);
         // Refused: step 3, the CLB's listener and health check.
-        let d = diagnose(
-            target(),
-            egress(),
+        let d = decide(
             Control::Clb,
             &allowed(),
             &facts(
@@ -643,13 +635,7 @@ mod tests {
             (Control::Nlb, "PrivateLink"),
             (Control::Host, "firewall"),
         ] {
-            let d = diagnose(
-                target(),
-                egress(),
-                control,
-                &allowed(),
-                &facts(sent, Connect::TimedOut),
-            );
+            let d = decide(control, &allowed(), &facts(sent, Connect::TimedOut));
             assert_eq!(
                 (d.outcome, statuses(&d)),
                 (Outcome::NoReply, vec![Pass, Fail, Skipped])
@@ -661,9 +647,7 @@ mod tests {
             );
         }
         // Unreachable: ICMP admin prohibited, in words.
-        let d = diagnose(
-            target(),
-            egress(),
+        let d = decide(
             Control::Ecs,
             &allowed(),
             &facts(
@@ -700,7 +684,7 @@ mod tests {
         );
         f.kernel_reason = Some("NEIGH_FAILED".into());
         f.neighbour = Some((target().ip(), Some("FAILED".into())));
-        let d = diagnose(target(), egress(), Control::Ecs, &allowed(), &f);
+        let d = decide(Control::Ecs, &allowed(), &f);
         assert_eq!(
             (d.outcome, statuses(&d)),
             (Outcome::LocalDrop, vec![Pass, Fail, Skipped])
@@ -708,16 +692,8 @@ mod tests {
         assert!(d.steps[1].detail.contains("NEIGH_FAILED") && d.steps[1].detail.contains("FAILED"));
         assert!(d.action.unwrap().contains("ARP"));
         // Blocked by policy: step 1, with the change; the kernel's drop is the evidence.
-        let blocked = PolicyView {
-            allowed: false,
-            audit: false,
-            reason: Some(DropReason::PortNotAuthorized),
-            detail: "no rule allows tcp/81".into(),
-            change: Some("add \"81\" to ports".into()),
-        };
-        let d = diagnose(
-            target(),
-            egress(),
+        let blocked = denied(DropReason::PortNotAuthorized, false, "add \"81\" to ports");
+        let d = decide(
             Control::Ecs,
             &blocked,
             &facts(
@@ -740,9 +716,7 @@ mod tests {
     #[test]
     fn the_kernel_record_outranks_the_socket_and_audit_mode_goes_on() {
         // The kernel dropped the SYN although the reference allowed it: the kernel is what happened.
-        let d = diagnose(
-            target(),
-            egress(),
+        let d = decide(
             Control::Ecs,
             &allowed(),
             &Facts {
@@ -757,16 +731,8 @@ mod tests {
         assert_eq!(d.outcome, Outcome::BlockedByPolicy);
         assert!(d.steps[0].detail.contains("no_policy, 2 times"));
         // Audit mode: the would-be drop passed; the network outcome is reported, step 1 still fails.
-        let audit = PolicyView {
-            allowed: false,
-            audit: true,
-            reason: Some(DropReason::NotAuthorized),
-            detail: "no rule covers it".into(),
-            change: Some("add an authorization".into()),
-        };
-        let d = diagnose(
-            target(),
-            egress(),
+        let audit = denied(DropReason::NotAuthorized, true, "add an authorization");
+        let d = decide(
             Control::Ecs,
             &audit,
             &facts(
@@ -793,9 +759,7 @@ mod tests {
     #[test]
     fn only_the_socket_makes_a_connection() {
         // A SYN-ACK the ENI saw while the socket timed out: this host dropped it, not "connected".
-        let d = diagnose(
-            target(),
-            egress(),
+        let d = decide(
             Control::Ecs,
             &allowed(),
             &facts(
@@ -812,9 +776,7 @@ mod tests {
             (Outcome::LocalDrop, vec![Pass, Fail, Skipped])
         );
         // SYNs left and a later kernel drop was recorded: still no reply, not "never left".
-        let d = diagnose(
-            target(),
-            egress(),
+        let d = decide(
             Control::Ecs,
             &allowed(),
             &facts(
@@ -831,7 +793,7 @@ mod tests {
         // Routed through another interface: named, not guessed as a drop.
         let mut f = facts(ProbeObs::default(), Connect::TimedOut);
         f.routed_elsewhere = Some(("eth0".into(), "eth1".into()));
-        let d = diagnose(target(), egress(), Control::Ecs, &allowed(), &f);
+        let d = decide(Control::Ecs, &allowed(), &f);
         assert_eq!(d.outcome, Outcome::LocalDrop);
         assert!(
             d.steps[1]

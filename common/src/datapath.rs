@@ -327,10 +327,18 @@ pub struct DropEvent {
     pub audit: u32,
     /// `parse_stats::Hook` that saw it.
     pub hook: u32,
-    /// 4 or 6; 0 when the packet was malformed before its addresses were read.
+    /// The packet's addresses and ports (family 0 when it was malformed before they were read).
+    pub tuple: Tuple,
+}
+
+/// A packet's addresses, protocol and ports, as the events carry them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Tuple {
+    /// 4 or 6 (0: unknown).
     pub family: u8,
     pub proto: u8,
-    /// Big-endian ports (0 when there are none).
+    /// Big-endian ports (0 when there are none or they were not read).
     pub sport: [u8; 2],
     pub dport: [u8; 2],
     pub _pad: [u8; 2],
@@ -426,15 +434,7 @@ pub struct KernelDrop {
     pub ifindex: u32,
     /// Code address of the drop (`location`), for `/proc/kallsyms`.
     pub location: u64,
-    /// 4 or 6.
-    pub family: u8,
-    pub proto: u8,
-    /// Big-endian ports (0 when there are none or they were not read).
-    pub sport: [u8; 2],
-    pub dport: [u8; 2],
-    pub _pad: [u8; 2],
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    pub tuple: Tuple,
 }
 
 /// How the kernel decided (`LAST_VERDICT`, and later drop events); mirrors the reference verdict's basis.
@@ -498,6 +498,7 @@ const _: () = assert!(core::mem::size_of::<DestObs>() == 96);
 const _: () = assert!(core::mem::size_of::<ProbeObs>() == 64);
 const _: () = assert!(core::mem::size_of::<KtraceConfig>() == 60);
 const _: () = assert!(core::mem::size_of::<KernelDrop>() == 64);
+const _: () = assert!(core::mem::size_of::<Tuple>() == 40);
 
 #[cfg(feature = "user")]
 mod user {

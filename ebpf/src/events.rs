@@ -1,9 +1,12 @@
 //! Drop events to the agent through a ring buffer, behind a per-CPU token bucket: a flood of drops costs
 //! a counter increment per packet, never the agent's attention.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    maps::{PerCpuArray, RingBuf},
+};
 use vpcgate_common::{
-    datapath::{DropEvent, EventBudget, limits},
+    datapath::{DropEvent, EventBudget, Tuple, limits},
     parse_stats::Hook,
 };
 
@@ -24,26 +27,21 @@ pub fn drop_event(hook: Hook, ifindex: u32, pkt: Option<&Packet>, o: &Outcome) {
         id: o.id,
         audit: o.audit as u32,
         hook: hook as u32,
-        family: 0,
-        proto: 0,
-        sport: [0; 2],
-        dport: [0; 2],
-        _pad: [0; 2],
-        src: [0; 16],
-        dst: [0; 16],
+        tuple: Tuple::default(),
     };
     if let Some(p) = pkt {
-        e.family = match p.l3 {
+        let t = &mut e.tuple;
+        t.family = match p.l3 {
             L3::Ipv4 => 4,
             L3::Ipv6 => 6,
             L3::NonIp => 0,
         };
-        e.proto = p.proto;
-        e.src = p.src;
-        e.dst = p.dst;
+        t.proto = p.proto;
+        t.src = p.src;
+        t.dst = p.dst;
         if let L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } = p.l4 {
-            e.sport = sport.to_be_bytes();
-            e.dport = dport.to_be_bytes();
+            t.sport = sport.to_be_bytes();
+            t.dport = dport.to_be_bytes();
         }
     }
     emit(&mut e);
@@ -52,16 +50,35 @@ pub fn drop_event(hook: Hook, ifindex: u32, pkt: Option<&Packet>, o: &Outcome) {
 /// A separate BPF function taking one fully initialised struct (see `account::record_destination`).
 #[inline(never)]
 fn emit(e: &mut DropEvent) {
-    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
+    send(&EVENTS, &EVENT_BUDGET, 0, e);
+}
+
+/// An event that carries the time it was sent (statically dispatched: BPF has no indirect calls).
+pub trait Stamped {
+    fn stamp(&mut self, now_ns: u64);
+}
+
+impl Stamped for DropEvent {
+    #[inline(always)]
+    fn stamp(&mut self, now_ns: u64) {
+        self.timestamp_ns = now_ns;
+    }
+}
+
+/// Sends `e`, time-stamped, to `ring` if bucket `bucket` of `budget` has a token; counts it lost when
+/// the ring is full.
+#[inline(always)]
+pub fn send<T: Stamped>(ring: &RingBuf, budget: &PerCpuArray<EventBudget>, bucket: u32, e: &mut T) {
+    let Some(b) = budget.get_ptr_mut(bucket) else {
         return;
     };
-    let Some(now) = take_token(budget) else {
+    let Some(now) = take_token(b) else {
         return;
     };
-    e.timestamp_ns = now;
-    if EVENTS.output::<DropEvent>(&*e, 0).is_err() {
+    e.stamp(now);
+    if ring.output::<T>(&*e, 0).is_err() {
         // SAFETY: this CPU's slot.
-        unsafe { (*budget).lost += 1 };
+        unsafe { (*b).lost += 1 };
     }
 }
 

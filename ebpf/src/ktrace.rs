@@ -5,10 +5,10 @@
 //! are on the running kernel (the agent reads tracefs and BTF), so nothing here assumes a layout.
 
 use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::TracePointContext};
-use vpcgate_common::datapath::{KernelDrop, LocalAddr};
+use vpcgate_common::datapath::{KernelDrop, LocalAddr, Tuple};
 
 use crate::{
-    events::take_token,
+    events::{Stamped, send},
     maps::{KERNEL_BUDGET, KERNEL_EVENTS, KTRACE, KTRACE_SEEN, LOCAL_ADDRS},
     parse::{IPPROTO_TCP, IPPROTO_UDP},
     probe,
@@ -108,22 +108,20 @@ pub fn kfree_skb(ctx: &TracePointContext) -> Option<()> {
         reason,
         ifindex,
         location,
-        family,
-        proto: 0,
-        sport: [0; 2],
-        dport: [0; 2],
-        _pad: [0; 2],
-        src: [0; 16],
-        dst: [0; 16],
+        tuple: Tuple {
+            family,
+            ..Tuple::default()
+        },
     };
+    let t = &mut e.tuple;
     let l4 = if family == 4 {
         let h: [u8; 20] = read(ip)?;
         if h[0] >> 4 != 4 {
             return None;
         }
-        e.proto = h[9];
-        e.src[..4].copy_from_slice(&h[12..16]);
-        e.dst[..4].copy_from_slice(&h[16..20]);
+        t.proto = h[9];
+        t.src[..4].copy_from_slice(&h[12..16]);
+        t.dst[..4].copy_from_slice(&h[16..20]);
         // A non-first fragment has no ports.
         if (u16::from(h[6] & 0x1f) << 8 | u16::from(h[7])) != 0 {
             0
@@ -136,31 +134,31 @@ pub fn kfree_skb(ctx: &TracePointContext) -> Option<()> {
             return None;
         }
         // Ports only when the transport header follows at once (no extension headers walked here).
-        e.proto = h[6];
-        e.src.copy_from_slice(&h[8..24]);
-        e.dst.copy_from_slice(&h[24..40]);
+        t.proto = h[6];
+        t.src.copy_from_slice(&h[8..24]);
+        t.dst.copy_from_slice(&h[24..40]);
         ip + 40
     };
-    let from_local = local(family, &e.src);
-    if !from_local && !local(family, &e.dst) {
+    let from_local = local(family, &t.src);
+    if !from_local && !local(family, &t.dst) {
         return None;
     }
     if l4 != 0
-        && (e.proto == IPPROTO_TCP || e.proto == IPPROTO_UDP)
+        && (t.proto == IPPROTO_TCP || t.proto == IPPROTO_UDP)
         && let Some(ports) = read::<[u8; 4]>(l4)
     {
-        e.sport = [ports[0], ports[1]];
-        e.dport = [ports[2], ports[3]];
+        t.sport = [ports[0], ports[1]];
+        t.dport = [ports[2], ports[3]];
     }
     // A probe is credited only with drops of what it sent, for a reason that names one (a driver
     // freeing a sent packet says NOT_SPECIFIED; an inbound segment on its 4-tuple is anyone's).
-    if e.proto == IPPROTO_TCP
+    if t.proto == IPPROTO_TCP
         && from_local
         && reason != cfg.probe_ignore[0]
         && reason != cfg.probe_ignore[1]
     {
-        let (sport, dport) = (u16::from_be_bytes(e.sport), u16::from_be_bytes(e.dport));
-        probe::kernel_drop(&probe::key(family, &e.src, &e.dst, sport, dport), reason);
+        let (sport, dport) = (u16::from_be_bytes(t.sport), u16::from_be_bytes(t.dport));
+        probe::kernel_drop(&probe::key(family, &t.src, &t.dst, sport, dport), reason);
     }
     emit(&mut e, if from_local { 0 } else { 1 });
     Some(())
@@ -168,15 +166,12 @@ pub fn kfree_skb(ctx: &TracePointContext) -> Option<()> {
 
 #[inline(never)]
 fn emit(e: &mut KernelDrop, bucket: u32) {
-    let Some(budget) = KERNEL_BUDGET.get_ptr_mut(bucket) else {
-        return;
-    };
-    let Some(now) = take_token(budget) else {
-        return;
-    };
-    e.timestamp_ns = now;
-    if KERNEL_EVENTS.output::<KernelDrop>(&*e, 0).is_err() {
-        // SAFETY: this CPU's slot.
-        unsafe { (*budget).lost += 1 };
+    send(&KERNEL_EVENTS, &KERNEL_BUDGET, bucket, e);
+}
+
+impl Stamped for KernelDrop {
+    #[inline(always)]
+    fn stamp(&mut self, now_ns: u64) {
+        self.timestamp_ns = now_ns;
     }
 }

@@ -135,15 +135,16 @@ fn wall_time(ts_ns: u64) -> String {
 }
 
 fn decode(e: &DropEvent, policy: Option<&(String, Policy, Compiled)>) -> Drop {
-    let (src, dst) = (address_of(e.family, &e.src), address_of(e.family, &e.dst));
-    let (sport, dport) = (u16::from_be_bytes(e.sport), u16::from_be_bytes(e.dport));
-    let ports = matches!(e.proto, 6 | 17);
-    let (detail, change) = match (policy, e.family) {
+    let t = &e.tuple;
+    let (src, dst) = (address_of(t.family, &t.src), address_of(t.family, &t.dst));
+    let (sport, dport) = (u16::from_be_bytes(t.sport), u16::from_be_bytes(t.dport));
+    let ports = matches!(t.proto, 6 | 17);
+    let (detail, change) = match (policy, t.family) {
         (Some((path, p, c)), 4 | 6) => {
-            let l4 = match e.proto {
+            let l4 = match t.proto {
                 6 => L4::Tcp { dport },
                 17 => L4::Udp { dport },
-                _ if e.family == 4 => L4::Icmp { kind: 8, code: 0 },
+                _ if t.family == 4 => L4::Icmp { kind: 8, code: 0 },
                 _ => L4::Icmpv6 { kind: 128, code: 0 },
             };
             let pkt = Packet::Ip(IpPacket::new(src, dst, l4, Fragment::None));
@@ -175,7 +176,7 @@ fn decode(e: &DropEvent, policy: Option<&(String, Policy, Compiled)>) -> Drop {
         dst,
         sport: ports.then_some(sport),
         dport: ports.then_some(dport),
-        protocol: protocol_name(e.proto),
+        protocol: protocol_name(t.proto),
         reason: DropReason::from_code(e.reason).map_or("unknown", |r| r.name()),
         audit: e.audit != 0,
         detail,
@@ -449,16 +450,19 @@ mod tests {
         );
         let mut e = DropEvent {
             reason: DropReason::PortNotAuthorized as u32,
-            family: 4,
-            proto: 6,
-            sport: 40000u16.to_be_bytes(),
-            dport: 22u16.to_be_bytes(),
+            tuple: vpcgate_common::datapath::Tuple {
+                family: 4,
+                proto: 6,
+                sport: 40000u16.to_be_bytes(),
+                dport: 22u16.to_be_bytes(),
+                ..Default::default()
+            },
             timestamp_ns: kernel_now_ns(),
             ..DropEvent::default()
         };
-        e.src[..4].copy_from_slice(&[10, 0, 0, 5]);
+        e.tuple.src[..4].copy_from_slice(&[10, 0, 0, 5]);
         // 10.1.0.0/16 is accessible on 80, 443 and 8000-8100 only.
-        e.dst[..4].copy_from_slice(&[10, 1, 0, 9]);
+        e.tuple.dst[..4].copy_from_slice(&[10, 1, 0, 9]);
         let d = decode(&e, Some(&p));
         assert_eq!(
             (d.reason, d.protocol.as_str(), d.dport),

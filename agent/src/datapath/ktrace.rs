@@ -160,11 +160,11 @@ impl KernelDropEvent {
             reason_code: e.reason,
             reason: format.reason_name(e.reason),
             ifindex: e.ifindex,
-            protocol: e.proto,
-            src: address_of(e.family, &e.src),
-            dst: address_of(e.family, &e.dst),
-            sport: u16::from_be_bytes(e.sport),
-            dport: u16::from_be_bytes(e.dport),
+            protocol: e.tuple.proto,
+            src: address_of(e.tuple.family, &e.tuple.src),
+            dst: address_of(e.tuple.family, &e.tuple.dst),
+            sport: u16::from_be_bytes(e.tuple.sport),
+            dport: u16::from_be_bytes(e.tuple.dport),
         }
     }
 }
