@@ -27,21 +27,28 @@ pub fn drop_event(hook: Hook, ifindex: u32, pkt: Option<&Packet>, o: &Outcome) {
         id: o.id,
         audit: o.audit as u32,
         hook: hook as u32,
-        tuple: Tuple::default(),
+        tuple: Tuple {
+            family: 0,
+            proto: 0,
+            sport: [0; 2],
+            dport: [0; 2],
+            _pad: [0; 2],
+            src: [0; 16],
+            dst: [0; 16],
+        },
     };
     if let Some(p) = pkt {
-        let t = &mut e.tuple;
-        t.family = match p.l3 {
+        e.tuple.family = match p.l3 {
             L3::Ipv4 => 4,
             L3::Ipv6 => 6,
             L3::NonIp => 0,
         };
-        t.proto = p.proto;
-        t.src = p.src;
-        t.dst = p.dst;
+        e.tuple.proto = p.proto;
+        e.tuple.src = p.src;
+        e.tuple.dst = p.dst;
         if let L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } = p.l4 {
-            t.sport = sport.to_be_bytes();
-            t.dport = dport.to_be_bytes();
+            e.tuple.sport = sport.to_be_bytes();
+            e.tuple.dport = dport.to_be_bytes();
         }
     }
     emit(&mut e);

@@ -161,6 +161,7 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
         }
     }
     let local = ingress_ifindex == 0;
+    // A bare SYN of this host's may open a probe's connection (`probe::egress` looks it up).
     let probe = local && parsed.is_ok();
     let o = enforce(
         Hook::TcEgress,
@@ -171,20 +172,11 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
         local,
         account,
     );
-    // Park the verdict in the scratch packet and read it back after the probe's lookup: the verdict's
-    // many paths (each with its own constants in registers) then reach that code in one state, which
-    // the verifier checks once instead of once per path.
-    pkt.verdict = [o.action, o.reason, o.audit as u32, probe as u32];
-    // A bare SYN of this host's may open a probe's connection (`probe::egress` looks it up).
-    probe::egress(pkt);
-    // SAFETY: reads this run's scratch slot (volatile: from the map, not from a register).
-    let action = unsafe { core::ptr::read_volatile(&pkt.verdict[0]) };
-    release(Hook::TcEgress);
-    if action == ACTION_PASS {
-        TC_PASS
-    } else {
-        TC_ACT_SHOT
+    if probe {
+        probe::egress(pkt, &o);
     }
+    release(Hook::TcEgress);
+    tc_action(&o)
 }
 
 #[xdp]

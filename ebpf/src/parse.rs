@@ -264,10 +264,6 @@ pub struct Packet {
     /// ICMP errors: the quoted packet's source is this packet's destination and its destination this
     /// packet's source (the error answers a packet this host received).
     pub quote_matches: bool,
-    /// TC egress parks its verdict here (action, reason, audit, probe candidate) for the code after
-    /// it: map memory, which the verifier does not track, so the verdict's many paths reach that
-    /// code in one state (see `vpcgate_tc_egress`).
-    pub verdict: [u32; 4],
 }
 
 /// Parses a frame starting with its Ethernet header.
@@ -316,7 +312,6 @@ impl Packet {
             hop_limit: 0,
             source_routed: false,
             quote_matches: false,
-            verdict: [0; 4],
         }
     }
 }

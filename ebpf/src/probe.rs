@@ -10,6 +10,7 @@ use vpcgate_common::datapath::{ACTION_PASS, FlowKey};
 use crate::{
     maps::PROBES,
     parse::{IPPROTO_TCP, L3, L4, Packet, Quote, TCP_ACK, TCP_SYN},
+    verdict::Outcome,
 };
 
 const ANSWER_SYN_ACK: u32 = 1;
@@ -35,16 +36,10 @@ pub fn key(
     }
 }
 
-/// TC egress, after the verdict (parked in `pkt.verdict`: action, reason, audit, whether the packet is
-/// this host's and parsed): a bare SYN of a registered probe connection is recorded with its verdict.
-/// A separate BPF function, reached in one state from every path of the verdict.
-#[inline(never)]
-pub fn egress(pkt: &Packet) {
-    // SAFETY: reads of this run's scratch slot.
-    let [action, reason, audit, candidate] = unsafe { core::ptr::read_volatile(&pkt.verdict) };
-    if candidate == 0 {
-        return;
-    }
+/// TC egress, a packet of this host: a bare SYN of a registered probe connection is recorded with its
+/// verdict.
+#[inline(always)]
+pub fn egress(pkt: &Packet, o: &Outcome) {
     if let L4::Tcp {
         sport,
         dport,
@@ -56,16 +51,12 @@ pub fn egress(pkt: &Packet) {
     {
         let family = if pkt.l3 == L3::Ipv4 { 4 } else { 6 };
         let k = key(family, &pkt.src, &pkt.dst, sport, dport);
-        let verdict = if action == ACTION_PASS {
-            if audit != 0 {
-                VERDICT_AUDIT
-            } else {
-                VERDICT_PASS
-            }
+        let verdict = if o.action == ACTION_PASS {
+            if o.audit { VERDICT_AUDIT } else { VERDICT_PASS }
         } else {
             VERDICT_DROP
         };
-        record_syn(&k, seq, verdict, reason);
+        record_syn(&k, seq, verdict, o.reason);
     }
 }
 
