@@ -495,7 +495,10 @@ fn attempt(
             )
         })
     };
-    if connect.is_none() && record.syns == 0 && !settled(&record) {
+    // Nothing left this host and nothing is known yet (the socket may already have its EHOSTUNREACH:
+    // the kernel reports the neighbour's failure to the socket before it frees the queued SYNs).
+    let nothing_left = !matches!(connect, Some(Connect::Connected)) && record.syns == 0;
+    if nothing_left && !settled(&record) {
         let extra = Instant::now() + Duration::from_secs(5);
         while Instant::now() < extra {
             let resolving = matches!(
@@ -518,7 +521,7 @@ fn attempt(
             neighbour.as_ref().and_then(|n| n.1.as_deref()),
             Some("FAILED")
         ) {
-            let settle = Instant::now() + Duration::from_millis(300);
+            let settle = Instant::now() + Duration::from_secs(1);
             while record.kernel_drops == 0 && Instant::now() < settle {
                 std::thread::sleep(Duration::from_millis(20));
                 record = record_of(reg.dp, &key)?;
