@@ -158,8 +158,14 @@ fn main() {
             "cargo build --target bpfel-unknown-none exited with {status}"
         ));
     }
-    let built = target_dir.join("bpfel-unknown-none/release/vpcgate");
-    if let Err(e) = std::fs::copy(&built, &dest) {
-        fail(&format!("copying {}: {e}", built.display()));
+    // The datapath (embedded) and the benchmark's baselines (`BENCH_OBJECT_PATH`, read at run time).
+    for (bin, to) in [
+        ("vpcgate", dest.clone()),
+        ("vpcgate-bench", out_dir.join("vpcgate-bench.bpf.o")),
+    ] {
+        let built = target_dir.join("bpfel-unknown-none/release").join(bin);
+        if let Err(e) = std::fs::copy(&built, &to) {
+            fail(&format!("copying {}: {e}", built.display()));
+        }
     }
 }

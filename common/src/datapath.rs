@@ -46,13 +46,15 @@ pub mod names {
 /// Capacities (Katran style: every tunable in one place). Policy maps are checked against these before
 /// apply. Policy maps hold two generations during an apply: their `max_entries` are twice these.
 pub mod limits {
-    /// Address prefixes per family, per generation.
-    pub const ADDR_ENTRIES: u32 = 16384;
+    /// Address prefixes per family, per generation. LPM tries allocate per entry, so the capacity costs
+    /// nothing until a policy uses it.
+    pub const ADDR_ENTRIES: u32 = 1 << 20;
     pub const RESERVED_ENTRIES: u32 = 1024;
     /// Port blocks (a range is at most 30) over all port tables, per generation.
     pub const PORT_ENTRIES: u32 = 65536;
     /// Rules per generation (authorizations + upstream nodes + accessible blocks).
-    pub const RULES: u32 = 16384;
+    /// `RULE_STATS` is not preallocated either: a counter exists once its rule matched a packet.
+    pub const RULES: u32 = 1 << 20;
     /// Established TCP flows peers initiated (replies pass); separate from half-open ones, so a SYN
     /// flood cannot evict them.
     pub const FLOWS: u32 = 65536;

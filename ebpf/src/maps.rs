@@ -1,6 +1,7 @@
 //! Every map of the enforcement datapath, defined once (layouts from `vpcgate_common::datapath`).
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{
         Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
@@ -45,9 +46,11 @@ pub static RESERVED_V6: LpmTrie<AddrV6, u32> =
 #[map(name = "PORTS")]
 pub static PORTS: LpmTrie<PortData, u32> = LpmTrie::with_max_entries(2 * limits::PORT_ENTRIES, 0);
 
+/// Not preallocated: a policy of a million rules would otherwise reserve two million per-CPU values up
+/// front, whether or not its rules ever see a packet.
 #[map(name = "RULE_STATS")]
 pub static RULE_STATS: PerCpuHashMap<RuleStatsKey, RuleStats> =
-    PerCpuHashMap::with_max_entries(2 * limits::RULES, 0);
+    PerCpuHashMap::with_max_entries(2 * limits::RULES, BPF_F_NO_PREALLOC);
 
 /// Indexed by drop reason code (+ `AUDIT_OFFSET` for audited would-be drops).
 #[map(name = "DROP_STATS")]

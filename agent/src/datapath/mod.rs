@@ -48,6 +48,11 @@ use vpcgate_common::programs;
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vpcgate.bpf.o"));
 
+/// Where the build left the benchmark's baseline programs (ebpf/src/bench.rs): `cargo xtask bench` loads
+/// them from there. Not embedded (the agent never loads them); absent when `VPCGATE_EBPF_OBJ` replaced
+/// the build.
+pub const BENCH_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/vpcgate-bench.bpf.o");
+
 /// How the XDP program ended up attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
