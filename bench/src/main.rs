@@ -3,8 +3,10 @@
 //! directory (default target/bench/). Needs root. See README.md "Benchmarks".
 
 mod control;
+mod perpkt;
 mod policy;
 mod throughput;
+mod xdp_filter;
 
 use std::{path::PathBuf, time::Instant};
 
@@ -53,9 +55,7 @@ fn main() -> anyhow::Result<()> {
     let seed = opts.seed.unwrap_or_else(|| fastrand::u64(..));
     progress.say(&format!("seed {seed:#x}"));
     let _ = (&opts.out, seed);
-    let t = throughput::run(&opts, seed, &progress)?;
-    let c = control::run(&opts, seed, &progress)?;
-    println!("{}", throughput::markdown(&t));
-    println!("{}", control::markdown(&c));
+    let pp = perpkt::run(opts.quick, seed, &progress)?;
+    println!("{}", serde_json::to_string_pretty(&pp)?);
     Ok(())
 }

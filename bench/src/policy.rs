@@ -62,6 +62,9 @@ pub struct Rule {
     /// A port the rule allows and one it does not.
     pub inside: u16,
     pub outside: u16,
+    /// The one address inside the prefix that benchmark packets go to (exact-match peers such as
+    /// xdp-filter can then hold exactly one entry per rule).
+    pub host: IpAddr,
 }
 
 impl Rule {
@@ -113,13 +116,16 @@ pub fn generate(n: usize, seed: u64) -> anyhow::Result<Vec<Rule>> {
                 IpNet::new(IpAddr::V6(Ipv6Addr::from(base)), len).expect("valid prefix")
             };
             let shape = &SHAPES[rng.usize(0..SHAPES.len())];
-            Rule {
+            let mut r = Rule {
                 net,
                 proto: if rng.bool() { Proto::Tcp } else { Proto::Udp },
                 ranges: shape.ranges,
                 inside: shape.inside,
                 outside: shape.outside,
-            }
+                host: net.addr(),
+            };
+            r.host = r.address(&mut rng);
+            r
         })
         .collect())
 }
@@ -198,7 +204,7 @@ mod tests {
                 );
             }
             let mut rng = fastrand::Rng::with_seed(i as u64);
-            assert!(a.net.contains(&a.address(&mut rng)));
+            assert!(a.net.contains(&a.address(&mut rng)) && a.net.contains(&a.host));
             assert!(a.ports().contains(a.inside) && !a.ports().contains(a.outside));
             assert!(
                 !IpNet::from(ipnet::Ipv4Net::new(Ipv4Addr::new(10, 77, 0, 0), 24).unwrap())

@@ -51,7 +51,9 @@ pub mod limits {
     pub const ADDR_ENTRIES: u32 = 1 << 20;
     pub const RESERVED_ENTRIES: u32 = 1024;
     /// Port blocks (a range is at most 30) over all port tables, per generation.
-    pub const PORT_ENTRIES: u32 = 65536;
+    /// A port table holds the rule that wins each block, so rules with the same ports still have tables
+    /// of their own: a million rules with a few ranges each need a few million blocks.
+    pub const PORT_ENTRIES: u32 = 1 << 22;
     /// Rules per generation (authorizations + upstream nodes + accessible blocks).
     /// `RULE_STATS` is not preallocated either: a counter exists once its rule matched a packet.
     pub const RULES: u32 = 1 << 20;
