@@ -34,7 +34,8 @@ fn small() -> Policy {
     check_text("small.toml", SMALL).policy.expect("valid")
 }
 
-fn huge(v4_prefixes: u32) -> Policy {
+/// `small()` with `v4_prefixes` more authorizations (host addresses in 11.0.0.0/8).
+fn hosts(v4_prefixes: u32) -> Policy {
     let mut p = small();
     let pos = Pos::default();
     p.authorizations = (0..v4_prefixes)
@@ -47,6 +48,20 @@ fn huge(v4_prefixes: u32) -> Policy {
             ports: PortSet::single(80),
             protocol: Proto::Tcp,
             pos,
+        })
+        .collect();
+    p
+}
+
+/// `blocks` reserved IPv4 blocks (one per /24 in 11.0.0.0/8): the smallest kernel map, so its edge is
+/// reached in a fraction of a second (the address maps hold a million prefixes).
+fn reserved_blocks(blocks: u32) -> Policy {
+    let mut p = small();
+    p.instance.reserved = (0..blocks)
+        .map(|i| Reserved {
+            cidr: IpNet::new(IpAddr::V4(Ipv4Addr::from(0x0b00_0000 | (i << 8))), 24).unwrap(),
+            source: ReservedSource::Explicit,
+            pos: Pos::default(),
         })
         .collect();
     p
@@ -66,22 +81,24 @@ fn a_policy_that_does_not_fit_is_refused_and_the_old_one_stays() {
     );
 
     let err =
-        h.dp.apply(&Compiled::new(&huge(limits::ADDR_ENTRIES + 1)))
-            .unwrap_err();
+        h.dp.apply(&Compiled::new(&reserved_blocks(
+            limits::RESERVED_ENTRIES + 1,
+        )))
+        .unwrap_err();
     assert!(
         matches!(
             err,
             DatapathError::MapFull {
-                map: "ADDR_V4",
-                capacity: 16384,
-                needed: 16385
+                map: "RESERVED_V4",
+                capacity: 1024,
+                needed: 1025
             }
         ),
         "{err:?}"
     );
     assert_eq!(
         err.to_string(),
-        "map ADDR_V4 is full: 16384 entries, the policy needs 16385; the old policy stays active"
+        "map RESERVED_V4 is full: 1024 entries, the policy needs 1025; the old policy stays active"
     );
     assert_eq!(
         h.dp.active_generation().unwrap(),
@@ -96,9 +113,9 @@ fn a_policy_that_does_not_fit_is_refused_and_the_old_one_stays() {
 
     // The largest policy that fits is applied (and replaced) like any other.
     let report =
-        h.dp.apply(&Compiled::new(&huge(limits::ADDR_ENTRIES)))
+        h.dp.apply(&Compiled::new(&reserved_blocks(limits::RESERVED_ENTRIES)))
             .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(report.entries.addr_v4, limits::ADDR_ENTRIES);
+    assert_eq!(report.entries.reserved_v4, limits::RESERVED_ENTRIES);
     h.apply(&small());
     assert_eq!(h.check(Enforcer::TcEgress, &web), None);
 }
@@ -112,7 +129,7 @@ fn generations_alternate_and_old_entries_are_removed() {
         None,
         "a fresh object has no policy"
     );
-    let policies = [small(), huge(300), small(), huge(5)];
+    let policies = [small(), hosts(300), small(), hosts(5)];
     let mut seen = vec![];
     for p in &policies {
         let c = Compiled::new(p);

@@ -517,7 +517,7 @@ fn file_changes_reload_and_metrics_report_them() {
     assert!(generation == 1.0 || generation == 2.0, "{generation}");
     assert_eq!(
         sample(&m, "vpcgate_map_capacity", &[("map", "PORTS")]),
-        65536.0
+        f64::from(vpcgate_common::datapath::limits::PORT_ENTRIES)
     );
     assert_eq!(
         sample(&m, "vpcgate_map_entries", &[("map", "ADDR_V4")]),

@@ -1,8 +1,26 @@
 //! `valid` means `run` applies it: `check` compiles the policy with the kernel maps' capacities, refuses
 //! what does not fit (early, naming the rules that multiply entries) and reports the entries per map.
 
-use vpcgate::policy::{check_text, compile::Compiled, diag::Severity};
+use vpcgate::policy::{
+    Checked, check_text_with_limits,
+    compile::{Compiled, Limits},
+    diag::Severity,
+};
 use vpcgate_common::datapath::{limits, names};
+
+/// The capacity rules at the sizes the kernel maps had before they grew to a million rules (testing at
+/// the kernel's edge would take a million-rule file); `check_text` uses `Limits::KERNEL`, the same code
+/// with the kernel's numbers.
+const LIMITS: Limits = Limits {
+    rules: 16_384,
+    addr_entries: 16_384,
+    reserved_entries: limits::RESERVED_ENTRIES,
+    port_entries: 65_536,
+};
+
+fn check_text(path: &str, text: &str) -> Checked {
+    check_text_with_limits(path, text, LIMITS)
+}
 
 const DEDICATED: &str =
     "[instance]\nname = \"gw\"\nkind = \"dedicated\"\nvpc_id = \"vpc-gw\"\ninterface = \"eth1\"\n";
@@ -38,14 +56,14 @@ fn errors(text: &str) -> Vec<vpcgate::policy::diag::Diagnostic> {
 #[test]
 fn rules_beyond_the_rule_map_are_refused_at_the_first_one_beyond() {
     let mut text = DEDICATED.to_owned();
-    for i in 0..limits::RULES {
+    for i in 0..LIMITS.rules {
         text += &auth(&format!("h{i}"), &host(i), &["80".into()]);
     }
     let fits = check_text("p.toml", &text);
     assert!(fits.policy.is_some(), "{:?}", fits.diagnostics.first());
-    assert_eq!(fits.compiled.as_ref().unwrap().counts.rules, limits::RULES);
+    assert_eq!(fits.compiled.as_ref().unwrap().counts.rules, LIMITS.rules);
 
-    text += &auth("one-too-many", &host(limits::RULES), &["80".into()]);
+    text += &auth("one-too-many", &host(LIMITS.rules), &["80".into()]);
     let checked = check_text("p.toml", &text);
     assert!(checked.policy.is_none() && checked.compiled.is_none());
     let e = errors(&text);
@@ -53,12 +71,12 @@ fn rules_beyond_the_rule_map_are_refused_at_the_first_one_beyond() {
     // At the rule's address, the first one beyond capacity.
     assert_eq!(
         e[0].line,
-        line_of(&text, &format!("address = \"{}\"", host(limits::RULES)))
+        line_of(&text, &format!("address = \"{}\"", host(LIMITS.rules)))
     );
     assert!(e[0].message.contains(names::RULE_STATS), "{}", e[0].message);
     assert!(
         e[0].message
-            .contains(&format!("{} rules", limits::RULES + 1)),
+            .contains(&format!("{} rules", LIMITS.rules + 1)),
         "{}",
         e[0].message
     );
@@ -146,7 +164,7 @@ fn overlapping_rules_that_multiply_port_entries_are_named_and_the_compile_stops_
         .and_then(|s| s.rsplit(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{m}"));
-    assert!(done <= 1 + (limits::PORT_ENTRIES as usize / 6000), "{m}");
+    assert!(done <= 1 + (LIMITS.port_entries as usize / 6000), "{m}");
 
     // The same shape, small enough, fits, and the report's count is what the tables need.
     let fits = check_text("p.toml", &wide_and_hosts(20, 1, 100));
@@ -326,5 +344,30 @@ fn outside_the_accessible_blocks_lists_the_first_five_and_counts_the_rest() {
         e[0].message,
         "instance cannot connect to the backend 10.9.0.4: outside accessible CIDR blocks 192.168.0.0/24, \
          10.0.0.1/32, 10.0.0.2/32, 10.0.0.3/32, 10.0.0.4/32, and 16 more"
+    );
+}
+
+#[test]
+fn check_uses_the_kernel_maps_capacities() {
+    assert_eq!(
+        Limits::KERNEL,
+        Limits {
+            rules: limits::RULES,
+            addr_entries: limits::ADDR_ENTRIES,
+            reserved_entries: limits::RESERVED_ENTRIES,
+            port_entries: limits::PORT_ENTRIES,
+        }
+    );
+    // A policy over the test limits but within the kernel's is valid for `check`.
+    let mut text = DEDICATED.to_owned();
+    for i in 0..=LIMITS.rules {
+        text += &auth(&format!("h{i}"), &host(i), &["80".into()]);
+    }
+    assert!(check_text("p.toml", &text).policy.is_none());
+    let checked = vpcgate::policy::check_text("p.toml", &text);
+    assert!(
+        checked.policy.is_some(),
+        "{:?}",
+        checked.diagnostics.first()
     );
 }

@@ -51,12 +51,12 @@ fn check_exit_statuses_and_text() {
         out.trim_end(),
         "examples/policy.toml: valid (0 warnings): instance gw-hz-1 (vpc-integration, enforce), 2 authorizations, 1 upstream (2 nodes), 3 accessible blocks, 4 reserved blocks\n  \
          kernel map   entries  capacity  holds\n  \
-         ADDR_V4            5     16384  IPv4 address prefixes\n  \
-         ADDR_V6            2     16384  IPv6 address prefixes\n  \
+         ADDR_V4            5   1048576  IPv4 address prefixes\n  \
+         ADDR_V6            2   1048576  IPv6 address prefixes\n  \
          RESERVED_V4        4      1024  IPv4 reserved blocks\n  \
          RESERVED_V6        0      1024  IPv6 reserved blocks\n  \
-         PORTS            120     65536  port blocks of the port tables\n  \
-         RULE_STATS         7     16384  rules (per-rule counters)"
+         PORTS            120   4194304  port blocks of the port tables\n  \
+         RULE_STATS         7   1048576  rules (per-rule counters)"
     );
     let (code, out, _) = vpcgate(&["check", "examples/broken.toml"]);
     assert_eq!(code, 1, "{out}");
@@ -110,12 +110,12 @@ fn check_json_is_machine_readable() {
     assert_eq!(
         maps,
         [
-            ("ADDR_V4", 5, 16384),
-            ("ADDR_V6", 1, 16384),
+            ("ADDR_V4", 5, 1_048_576),
+            ("ADDR_V6", 1, 1_048_576),
             ("RESERVED_V4", 1, 1024),
             ("RESERVED_V6", 0, 1024),
-            ("PORTS", 7, 65536),
-            ("RULE_STATS", 6, 16384)
+            ("PORTS", 7, 4_194_304),
+            ("RULE_STATS", 6, 1_048_576)
         ]
     );
 }

@@ -45,8 +45,14 @@ impl Checked {
     }
 }
 
-/// Parses and validates policy text; `path` names it in diagnostics.
+/// Parses and validates policy text; `path` names it in diagnostics. Capacity is the kernel maps'.
 pub fn check_text(path: &str, text: &str) -> Checked {
+    check_text_with_limits(path, text, compile::Limits::KERNEL)
+}
+
+/// `check_text` against other capacities: tests exercise the capacity rules at sizes that check in
+/// milliseconds (the kernel's hold a million rules).
+pub fn check_text_with_limits(path: &str, text: &str, limits: compile::Limits) -> Checked {
     let source = Source::new(path, text);
     let mut d = Diags::new(&source);
     // Field errors may have left entries out: still check what was read, and "outside the accessible
@@ -61,7 +67,7 @@ pub fn check_text(path: &str, text: &str) -> Checked {
     // The compile `run` does, with the kernel maps' capacities: a policy that does not fit is invalid.
     let mut compiled = None;
     if let Some(p) = policy.as_ref().filter(|_| !d.has_errors()) {
-        match compile::Compiled::with_limits(p, compile::Limits::KERNEL) {
+        match compile::Compiled::with_limits(p, limits) {
             // Port tables are named in the kernel by a 64-bit hash of their content: two that collide
             // would be refused by `run`, so `check` refuses them too.
             Ok(c) => match crate::datapath::plan::check_table_ids(&c, None) {
