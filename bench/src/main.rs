@@ -4,7 +4,9 @@
 
 mod control;
 mod perpkt;
+mod plot;
 mod policy;
+mod report;
 mod throughput;
 mod xdp_filter;
 
@@ -28,8 +30,29 @@ pub struct Opts {
     #[arg(long, env = "VPCGATE_BIN")]
     pub vpcgate: PathBuf,
     /// Seed of the generated policies and packet draws [default: a fresh one, printed].
-    #[arg(long)]
+    #[arg(long, value_parser = parse_seed)]
     pub seed: Option<u64>,
+    /// Run only these parts (repeatable or comma-separated) [default: all].
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub only: Vec<Part>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Part {
+    /// Per-packet cost with BPF_PROG_TEST_RUN.
+    PerPacket,
+    /// veth throughput with iperf3.
+    Throughput,
+    /// Apply, reload, check, memory.
+    Control,
+}
+
+fn parse_seed(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("{s}: {e} (decimal or 0x-prefixed hex)"))
 }
 
 /// Progress on the terminal: elapsed time and what runs now.
@@ -51,11 +74,45 @@ impl Progress {
 
 fn main() -> anyhow::Result<()> {
     let opts = Opts::parse();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!(
+            "the benchmarks load BPF programs and create network namespaces: run as root (`sudo -E cargo xtask bench`)"
+        );
+    }
     let progress = Progress::new();
     let seed = opts.seed.unwrap_or_else(|| fastrand::u64(..));
-    progress.say(&format!("seed {seed:#x}"));
-    let _ = (&opts.out, seed);
-    let pp = perpkt::run(opts.quick, seed, &progress)?;
-    println!("{}", serde_json::to_string_pretty(&pp)?);
+    progress.say(&format!(
+        "{} run, seed {seed:#x} (repeat with --seed {seed:#x}), output in {}",
+        if opts.quick { "quick" } else { "full" },
+        opts.out.display()
+    ));
+    let wants = |p: Part| opts.only.is_empty() || opts.only.contains(&p);
+    let mut r = report::Report {
+        date: report::today(),
+        quick: opts.quick,
+        seed: format!("{seed:#x}"),
+        machine: report::machine(&opts.vpcgate),
+        per_packet: None,
+        throughput: None,
+        control: None,
+        findings: vec![],
+    };
+    if wants(Part::PerPacket) {
+        r.per_packet = Some(perpkt::run(opts.quick, seed, &progress)?);
+    }
+    if wants(Part::Throughput) {
+        r.throughput = Some(throughput::run(&opts, seed, &progress)?);
+    }
+    if wants(Part::Control) {
+        r.control = Some(control::run(&opts, seed, &progress)?);
+    }
+    r.findings = report::findings(&r);
+    report::write(&opts.out, &r)?;
+    progress.say(&format!(
+        "done: {} ({} and plots beside it)",
+        opts.out.join("report.md").display(),
+        opts.out.join("report.json").display()
+    ));
     Ok(())
 }

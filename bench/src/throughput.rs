@@ -11,3 +11,7 @@ pub fn run(_opts: &crate::Opts, _seed: u64, _p: &crate::Progress) -> anyhow::Res
 pub fn markdown(_rows: &[Row]) -> String {
     String::new()
 }
+
+pub fn plots(_dir: &std::path::Path, _rows: &[Row]) -> anyhow::Result<()> {
+    Ok(())
+}

@@ -91,11 +91,16 @@ impl XdpFilter {
                 "{PIN_DIR} exists: xdp-filter is loaded somewhere on this host (`xdp-filter status`); the benchmark needs it to itself"
             );
         }
-        let version = Command::new("xdp-filter")
-            .arg("--version")
+        if Command::new("xdp-filter").arg("help").output().is_err() {
+            bail!(
+                "xdp-filter is not installed (Debian package xdp-tools; `cargo xtask setup` installs it)"
+            );
+        }
+        let version = Command::new("dpkg-query")
+            .args(["-W", "-f", "${Version}", "xdp-tools"])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .context("xdp-filter is not installed (Debian package xdp-tools)")?;
+            .unwrap_or_default();
         let ns = Netns::new("xdpf");
         ns.ip(&["link", "add", "xf0", "type", "veth", "peer", "name", "xf1"]);
         ns.ip(&["link", "set", "xf0", "up"]);

@@ -104,6 +104,24 @@ enum Task {
     },
     /// Show vpcgate on this host: build it, check and explain the example policy, run its preflight checks.
     Demo,
+    /// Benchmarks: per-packet cost (BPF_PROG_TEST_RUN, hot and spread, 10 to 1M rules) beside the floor,
+    /// a bare LPM trie, the minimal enforcer and xdp-filter; veth throughput (iperf3) beside no filter,
+    /// nftables and iptables; apply, reload and check times and memory. Writes report.md, report.json and
+    /// SVG plots to target/bench/. Needs root. The full run takes about 10 minutes, --quick under 3.
+    Bench {
+        /// Fewer sizes and shorter runs (under 3 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Seed of the generated policies and packet draws (decimal or 0x hex) [default: fresh, printed].
+        #[arg(long)]
+        seed: Option<String>,
+        /// Only these parts (comma-separated): per-packet, throughput, control.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Do not run `setup` first.
+        #[arg(long)]
+        no_setup: bool,
+    },
     /// Validate the deployment files offline: the systemd unit (`systemd-analyze verify`) and the
     /// Kubernetes manifests (`kubernetes-validate --strict`, from PyPI into target/deploy-check/venv).
     CheckDeploy,
@@ -146,6 +164,12 @@ fn main() -> ExitCode {
             }
         }),
         Task::Demo => demo(),
+        Task::Bench {
+            quick,
+            seed,
+            only,
+            no_setup,
+        } => bench(quick, seed, &only, no_setup),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -164,5 +188,40 @@ fn demo() -> anyhow::Result<()> {
     run::step(
         "vpcgate-demo: the lab, the agent, probe --all, status, drops, then everything removed",
         run::cmd(&demo).env("VPCGATE_BIN", &bin),
+    )
+}
+
+/// `cargo xtask bench`: builds vpcgate and vpcgate-bench, runs the benchmarks as root.
+fn bench(quick: bool, seed: Option<String>, only: &[String], no_setup: bool) -> anyhow::Result<()> {
+    if !no_setup {
+        setup::ensure()?;
+    }
+    let bin = vm::build_vpcgate("build vpcgate (release)")?;
+    let bench = vm::build_bin(
+        "vpcgate-bench",
+        "vpcgate-bench",
+        "build the benchmarks (release)",
+    )?;
+    let mut c = run::cmd(&bench);
+    c.arg("--vpcgate")
+        .arg(&bin)
+        .arg("--out")
+        .arg(run::root().join("target/bench"));
+    if quick {
+        c.arg("--quick");
+    }
+    if let Some(seed) = seed {
+        c.args(["--seed", &seed]);
+    }
+    if !only.is_empty() {
+        c.arg("--only").arg(only.join(","));
+    }
+    run::step(
+        if quick {
+            "vpcgate-bench --quick: per-packet cost, throughput, control plane"
+        } else {
+            "vpcgate-bench: per-packet cost, throughput, control plane"
+        },
+        &mut c,
     )
 }

@@ -40,6 +40,22 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "the lab's security groups: nft drops or rejects the gateway's SYNs in the VPC namespace",
     ),
     (
+        "xdp-tools",
+        "benchmarks: xdp-filter, the peer whose per-packet cost vpcgate is measured against",
+    ),
+    (
+        "iperf3",
+        "benchmarks: TCP and small-packet UDP throughput over the lab's veth",
+    ),
+    (
+        "iptables",
+        "benchmarks: linear iptables rule sets, a baseline for throughput",
+    ),
+    (
+        "bpftool",
+        "benchmarks: profiling the programs (`bpftool prog profile`) and reading map memory",
+    ),
+    (
         "qemu-system-x86",
         "the VM matrix: other kernels booted under QEMU (TCG)",
     ),

@@ -1,0 +1,429 @@
+//! The report: Markdown for people, JSON for machines, SVG plots; all under the output directory.
+
+use std::{fmt::Write as _, path::Path, process::Command};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::{
+    control,
+    perpkt::{self, Kind, Prog, Regime},
+    plot::{self, Series},
+    throughput,
+};
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpu: String,
+    pub cpus: usize,
+    pub memory_gib: f64,
+    /// (tool, version) of everything measured.
+    pub versions: Vec<(String, String)>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Report {
+    pub date: String,
+    pub quick: bool,
+    pub seed: String,
+    pub machine: Machine,
+    pub per_packet: Option<perpkt::Section>,
+    pub throughput: Option<Vec<throughput::Row>>,
+    pub control: Option<Vec<control::Row>>,
+    /// The findings, as sentences computed from the measurements above.
+    pub findings: Vec<String>,
+}
+
+fn first_line(cmd: &str, args: &[&str]) -> String {
+    match Command::new(cmd).args(args).output() {
+        Ok(o) => {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        }
+        Err(e) => format!("not available ({e})"),
+    }
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+pub fn machine(vpcgate: &Path) -> Machine {
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let memory_gib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let vpcgate = vpcgate.to_string_lossy().into_owned();
+    let versions = [
+        ("vpcgate", first_line(&vpcgate, &["--version"])),
+        (
+            "git",
+            first_line("git", &["describe", "--always", "--dirty"]),
+        ),
+        (
+            "xdp-tools (xdp-filter)",
+            first_line("dpkg-query", &["-W", "-f", "${Version}", "xdp-tools"]),
+        ),
+        ("iperf3", first_line("iperf3", &["--version"])),
+        ("nft", first_line("nft", &["--version"])),
+        ("iptables", first_line("iptables", &["--version"])),
+        ("bpftool", first_line("bpftool", &["--version"])),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_string(), b))
+    .collect();
+    Machine {
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+        cpu,
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        memory_gib,
+        versions,
+    }
+}
+
+pub fn today() -> String {
+    first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+}
+
+fn fmt_entries(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
+        n if n >= 1_000 && n % 1_000 == 0 => format!("{}k", n / 1_000),
+        n => n.to_string(),
+    }
+}
+
+fn ns(r: Option<&perpkt::Row>) -> String {
+    r.map_or("–".into(), |r| format!("{:.0}", r.ns))
+}
+
+fn ratio(a: Option<&perpkt::Row>, b: Option<&perpkt::Row>) -> Option<f64> {
+    Some(a?.ns / b?.ns)
+}
+
+fn fmt_ratio(r: Option<f64>) -> String {
+    r.map_or("–".into(), |r| format!("{r:.2}×"))
+}
+
+/// The sentences the issue asks the report to state, from the per-packet rows.
+fn per_packet_findings(s: &perpkt::Section) -> Vec<String> {
+    let mut out = vec![];
+    let find = |p, n, k, r| perpkt::find(s, p, n, k, r);
+    for regime in [Regime::Hot, Regime::Spread] {
+        let at: Vec<String> = s
+            .sizes
+            .iter()
+            .map(|&n| {
+                format!(
+                    "{} rules: {} / {} ns",
+                    fmt_entries(n),
+                    ns(find(Prog::VpcgateTcEgress, n, Kind::Allowed, regime)),
+                    ns(find(Prog::VpcgateXdpForward, n, Kind::Allowed, regime))
+                )
+            })
+            .collect();
+        out.push(format!(
+            "vpcgate on an allowed packet, {regime:?} (TC egress / XDP forward): {}.",
+            at.join("; ")
+        ));
+    }
+    for &n in &s.sizes {
+        for regime in [Regime::Hot, Regime::Spread] {
+            let tc = find(Prog::VpcgateTcEgress, n, Kind::Allowed, regime);
+            let xdp = find(Prog::VpcgateXdpForward, n, Kind::Allowed, regime);
+            let mut parts = vec![
+                format!(
+                    "{} / {} the minimal enforcer",
+                    fmt_ratio(ratio(tc, find(Prog::MinimalTc, n, Kind::Allowed, regime))),
+                    fmt_ratio(ratio(xdp, find(Prog::MinimalXdp, n, Kind::Allowed, regime)))
+                ),
+                format!(
+                    "{} / {} the bare trie",
+                    fmt_ratio(ratio(tc, find(Prog::TrieTc, n, Kind::Allowed, regime))),
+                    fmt_ratio(ratio(xdp, find(Prog::TrieXdp, n, Kind::Allowed, regime)))
+                ),
+            ];
+            if let Some(xf) = find(Prog::XdpFilter, n, Kind::Allowed, regime) {
+                parts.push(format!(
+                    "{} / {} xdp-filter",
+                    fmt_ratio(ratio(tc, Some(xf))),
+                    fmt_ratio(ratio(xdp, Some(xf)))
+                ));
+            }
+            out.push(format!(
+                "At {} rules, {regime:?}, vpcgate TC egress / XDP forward cost {}.",
+                fmt_entries(n),
+                parts.join(", ")
+            ));
+        }
+    }
+    // Growth from the smallest to the largest policy, net of the floor: how much is the trie's own.
+    if let (Some(&lo), Some(&hi)) = (s.sizes.first(), s.sizes.last())
+        && lo != hi
+    {
+        for regime in [Regime::Hot, Regime::Spread] {
+            for (ours, trie, minimal) in [
+                (Prog::VpcgateTcEgress, Prog::TrieTc, Prog::MinimalTc),
+                (Prog::VpcgateXdpForward, Prog::TrieXdp, Prog::MinimalXdp),
+            ] {
+                let g = |p| {
+                    Some(
+                        find(p, hi, Kind::Allowed, regime)?.net_ns
+                            - find(p, lo, Kind::Allowed, regime)?.net_ns,
+                    )
+                };
+                if let (Some(o), Some(t), Some(m)) = (g(ours), g(trie), g(minimal)) {
+                    let over = |a: Prog, b: Prog, n| {
+                        Some(
+                            find(a, n, Kind::Allowed, regime)?.net_ns
+                                - find(b, n, Kind::Allowed, regime)?.net_ns,
+                        )
+                    };
+                    out.push(format!(
+                        "{} grows by {o:.0} ns from {} to {} rules ({regime:?}); the bare trie grows by {t:.0} ns ({:.0}% of it) and the minimal enforcer by {m:.0} ns. Its overhead over the minimal enforcer goes from {:.0} to {:.0} ns.",
+                        ours.label(),
+                        fmt_entries(lo),
+                        fmt_entries(hi),
+                        if o.abs() > f64::EPSILON { 100.0 * t / o } else { 100.0 },
+                        over(ours, minimal, lo).unwrap_or(f64::NAN),
+                        over(ours, minimal, hi).unwrap_or(f64::NAN),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn per_packet_markdown(s: &perpkt::Section, rounds: &str) -> String {
+    let mut md = String::new();
+    let find = |p, n, k, r| perpkt::find(s, p, n, k, r);
+    let _ = writeln!(
+        md,
+        "### Per-packet cost (BPF_PROG_TEST_RUN)\n\n\
+         ns per packet as the kernel timed each run, median of {rounds} rounds. *Hot*: one 64-byte UDP \
+         packet repeated (warm caches). *Spread*: distinct packets to destinations drawn across the \
+         policy's prefixes, one run per call (the syscall between runs evicts much of the cache, as \
+         real traffic does). The floor is an empty program of the same hook; `net` columns subtract it. \
+         Policies are half IPv4, half IPv6, mixed prefix lengths (/28–/32, /64–/128) and port shapes; \
+         one address entry per rule.\n"
+    );
+    let cols = [
+        Prog::VpcgateTcEgress,
+        Prog::VpcgateXdpForward,
+        Prog::MinimalTc,
+        Prog::MinimalXdp,
+        Prog::TrieTc,
+        Prog::TrieXdp,
+        Prog::XdpFilter,
+        Prog::FloorTc,
+        Prog::FloorXdp,
+    ];
+    let _ = writeln!(md, "#### Allowed packet, every program\n");
+    let _ = writeln!(
+        md,
+        "| rules | regime | {} |\n|---|---|{}",
+        cols.iter()
+            .map(|c| c.label())
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---:|".repeat(cols.len())
+    );
+    for &n in &s.sizes {
+        for regime in [Regime::Hot, Regime::Spread] {
+            let _ = writeln!(
+                md,
+                "| {} | {regime:?} | {} |",
+                fmt_entries(n),
+                cols.iter()
+                    .map(|&c| ns(find(c, n, Kind::Allowed, regime)))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\n#### Ratios on the allowed packet (vpcgate TC egress / XDP forward against each baseline of its hook)\n"
+    );
+    let _ = writeln!(
+        md,
+        "| rules | regime | ÷ minimal enforcer | ÷ bare trie | ÷ xdp-filter |\n|---|---|---:|---:|---:|"
+    );
+    for &n in &s.sizes {
+        for regime in [Regime::Hot, Regime::Spread] {
+            let tc = find(Prog::VpcgateTcEgress, n, Kind::Allowed, regime);
+            let xdp = find(Prog::VpcgateXdpForward, n, Kind::Allowed, regime);
+            let xf = find(Prog::XdpFilter, n, Kind::Allowed, regime);
+            let _ = writeln!(
+                md,
+                "| {} | {regime:?} | {} / {} | {} / {} | {} / {} |",
+                fmt_entries(n),
+                fmt_ratio(ratio(tc, find(Prog::MinimalTc, n, Kind::Allowed, regime))),
+                fmt_ratio(ratio(xdp, find(Prog::MinimalXdp, n, Kind::Allowed, regime))),
+                fmt_ratio(ratio(tc, find(Prog::TrieTc, n, Kind::Allowed, regime))),
+                fmt_ratio(ratio(xdp, find(Prog::TrieXdp, n, Kind::Allowed, regime))),
+                fmt_ratio(ratio(tc, xf)),
+                fmt_ratio(ratio(xdp, xf)),
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\n#### vpcgate by kind of packet (ns; net of the floor in brackets)\n"
+    );
+    let _ = writeln!(
+        md,
+        "| rules | regime | program | {} |\n|---|---|---|{}",
+        perpkt::KINDS
+            .iter()
+            .map(|k| format!("{k:?}"))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---:|".repeat(perpkt::KINDS.len())
+    );
+    for &n in &s.sizes {
+        for regime in [Regime::Hot, Regime::Spread] {
+            for p in [Prog::VpcgateTcEgress, Prog::VpcgateXdpForward] {
+                let cells: Vec<String> = perpkt::KINDS
+                    .iter()
+                    .map(|&k| {
+                        find(p, n, k, regime)
+                            .map_or("–".into(), |r| format!("{:.0} ({:.0})", r.ns, r.net_ns))
+                    })
+                    .collect();
+                let _ = writeln!(
+                    md,
+                    "| {} | {regime:?} | {} | {} |",
+                    fmt_entries(n),
+                    p.label(),
+                    cells.join(" | ")
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nKinds: *Allowed* passes by a rule; *Denied* goes to a rule's prefix on a port it does not allow \
+         (dropped, with its drop event); *Reply* answers a flow a peer opened, to a peer outside the policy \
+         (TC egress only: rule 3 is for packets this host generates); *Fragment* is a middle fragment of a \
+         datagram whose first fragment passed.\n"
+    );
+    for n in &s.notes {
+        let _ = writeln!(md, "- {n}");
+    }
+    md
+}
+
+pub fn markdown(r: &Report) -> String {
+    let mut md = String::new();
+    let m = &r.machine;
+    let _ = writeln!(
+        md,
+        "# vpcgate benchmark report\n\n{} · {} run · seed `{}`\n\n\
+         Machine: {} CPUs ({}), {:.0} GiB, kernel {}.\n",
+        r.date,
+        if r.quick { "quick" } else { "full" },
+        r.seed,
+        m.cpus,
+        m.cpu,
+        m.memory_gib,
+        m.kernel
+    );
+    let _ = writeln!(md, "| tool | version |\n|---|---|");
+    for (t, v) in &m.versions {
+        let _ = writeln!(md, "| {t} | {v} |");
+    }
+    let _ = writeln!(
+        md,
+        "\nEvery figure below was measured in this run; ratios compare measurements of this run only. \
+         The machine may be shared: read medians and ratios, not single numbers.\n\n## Findings\n"
+    );
+    for f in &r.findings {
+        let _ = writeln!(md, "- {f}");
+    }
+    let _ = writeln!(md);
+    if let Some(s) = &r.per_packet {
+        md += &per_packet_markdown(s, if r.quick { "3" } else { "7" });
+        let _ = writeln!(
+            md,
+            "\n![hot](per_packet_hot.svg)\n![spread](per_packet_spread.svg)\n"
+        );
+    }
+    if let Some(t) = &r.throughput {
+        md += &throughput::markdown(t);
+    }
+    if let Some(c) = &r.control {
+        md += &control::markdown(c);
+    }
+    md
+}
+
+pub fn findings(r: &Report) -> Vec<String> {
+    let mut out = vec![];
+    if let Some(s) = &r.per_packet {
+        out.extend(per_packet_findings(s));
+    }
+    out
+}
+
+fn per_packet_plots(dir: &Path, s: &perpkt::Section) -> anyhow::Result<()> {
+    for (regime, file) in [
+        (Regime::Hot, "per_packet_hot.svg"),
+        (Regime::Spread, "per_packet_spread.svg"),
+    ] {
+        let series: Vec<Series> = Prog::ALL
+            .iter()
+            .map(|&p| Series {
+                label: p.label().to_string(),
+                points: s
+                    .rows
+                    .iter()
+                    .filter(|r| r.program == p && r.kind == Kind::Allowed && r.regime == regime)
+                    .map(|r| (r.entries as f64, r.ns))
+                    .collect(),
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect();
+        plot::lines(
+            &dir.join(file),
+            &format!("allowed packet, {regime:?}: ns per packet"),
+            "ns per packet",
+            &series,
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes report.md, report.json and the plots into `dir`.
+pub fn write(dir: &Path, r: &Report) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(s) = &r.per_packet {
+        per_packet_plots(dir, s)?;
+    }
+    if let Some(t) = &r.throughput {
+        throughput::plots(dir, t)?;
+    }
+    let json = serde_json::to_string_pretty(r)?;
+    std::fs::write(dir.join("report.json"), json).context("writing report.json")?;
+    std::fs::write(dir.join("report.md"), markdown(r)).context("writing report.md")?;
+    Ok(())
+}
