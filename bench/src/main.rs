@@ -6,6 +6,7 @@ mod control;
 mod perpkt;
 mod plot;
 mod policy;
+mod profile;
 mod report;
 mod throughput;
 mod xdp_filter;
@@ -99,7 +100,7 @@ fn main() -> anyhow::Result<()> {
         findings: vec![],
     };
     if wants(Part::PerPacket) {
-        r.per_packet = Some(perpkt::run(opts.quick, seed, &progress)?);
+        r.per_packet = Some(perpkt::run(opts.quick, seed, &opts.out, &progress)?);
     }
     if wants(Part::Throughput) {
         r.throughput = Some(throughput::run(&opts, seed, &progress)?);

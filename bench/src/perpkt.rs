@@ -28,6 +28,7 @@ use vpcgate_lab::{
 use crate::{
     Progress,
     policy::{self, Rule},
+    profile,
     xdp_filter::{self, XdpFilter},
 };
 
@@ -157,10 +158,31 @@ pub struct Section {
     /// Address entries vpcgate's tries held at each size (v4 + v6).
     pub addr_entries: Vec<(usize, u32)>,
     pub xdp_filter_version: Option<String>,
+    /// Where the time goes (perf samples per kernel symbol) for the allowed packet at `PROFILE_ENTRIES`.
+    pub profiles: Vec<ProfileRow>,
     pub notes: Vec<String>,
 }
 
+#[derive(Serialize, Clone, Debug)]
+pub struct ProfileRow {
+    pub program: Prog,
+    pub regime: Regime,
+    pub entries: usize,
+    pub symbols: Vec<profile::Symbol>,
+}
+
+/// The policy size profiled: the reference size.
+pub const PROFILE_ENTRIES: usize = 100_000;
+/// What is profiled there.
+const PROFILED: [Prog; 3] = [
+    Prog::VpcgateTcEgress,
+    Prog::VpcgateXdpForward,
+    Prog::MinimalTc,
+];
+
 pub struct Params {
+    /// Seconds of perf samples per profiled program and regime.
+    pub profile_seconds: u32,
     pub sizes: Vec<usize>,
     pub rounds: usize,
     pub hot_repeat: u32,
@@ -171,6 +193,7 @@ impl Params {
     pub fn new(quick: bool) -> Self {
         if quick {
             Self {
+                profile_seconds: 1,
                 sizes: vec![10, 1_000, 100_000],
                 rounds: 3,
                 hot_repeat: 20_000,
@@ -178,6 +201,7 @@ impl Params {
             }
         } else {
             Self {
+                profile_seconds: 3,
                 sizes: vec![10, 1_000, 100_000, 1_000_000],
                 rounds: 7,
                 hot_repeat: 200_000,
@@ -487,7 +511,7 @@ fn applies(pr: Prog, kind: Kind, xdp_filter_loaded: bool) -> bool {
     }
 }
 
-pub fn run(quick: bool, seed: u64, p: &Progress) -> anyhow::Result<Section> {
+pub fn run(quick: bool, seed: u64, out: &std::path::Path, p: &Progress) -> anyhow::Result<Section> {
     let params = Params::new(quick);
     let mut section = Section {
         sizes: params.sizes.clone(),
@@ -631,9 +655,62 @@ pub fn run(quick: bool, seed: u64, p: &Progress) -> anyhow::Result<Section> {
                 ));
             }
         }
+        if size == PROFILE_ENTRIES {
+            std::fs::create_dir_all(out)?;
+            let rows = profile_size(&mut progs, &rules, &params, out, &mut rng, p)?;
+            section.profiles.extend(rows);
+        }
     }
     progs.xdp_filter = None;
     Ok(section)
+}
+
+/// perf samples of each profiled program on allowed packets, hot and spread.
+fn profile_size(
+    progs: &mut Programs,
+    rules: &[Rule],
+    params: &Params,
+    out: &std::path::Path,
+    rng: &mut fastrand::Rng,
+    p: &Progress,
+) -> anyhow::Result<Vec<ProfileRow>> {
+    if !profile::available() {
+        bail!(
+            "perf is not installed (Debian package linux-perf; `cargo xtask setup` installs it): the report's profile needs it"
+        );
+    }
+    let mut rows = vec![];
+    for regime in [Regime::Hot, Regime::Spread] {
+        let count = if regime == Regime::Hot {
+            1
+        } else {
+            params.spread_frames
+        };
+        let f = frames(rules, Kind::Allowed, count, rng);
+        let repeat = if regime == Regime::Hot { 100_000 } else { 1 };
+        for pr in PROFILED {
+            p.say(&format!(
+                "per-packet: profiling {} ({regime:?}, {} rules) with perf for {} s",
+                pr.label(),
+                rules.len(),
+                params.profile_seconds
+            ));
+            let data = out.join(format!("perf-{pr:?}-{regime:?}.data"));
+            let symbols = profile::record(&data, params.profile_seconds, 0.5, || {
+                for t in &f.timed {
+                    progs.run(pr, &t.bytes, repeat)?;
+                }
+                Ok(())
+            })?;
+            rows.push(ProfileRow {
+                program: pr,
+                regime,
+                entries: rules.len(),
+                symbols,
+            });
+        }
+    }
+    Ok(rows)
 }
 
 /// The row of one program, size, kind and regime.

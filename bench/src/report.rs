@@ -330,6 +330,32 @@ fn per_packet_markdown(s: &perpkt::Section, rounds: &str) -> String {
     for n in &s.notes {
         let _ = writeln!(md, "- {n}");
     }
+    if !s.profiles.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n#### Where the time goes (perf cpu-clock samples of this process, allowed packet)\n\n\
+             Share of samples per kernel symbol while one program ran in a loop. `bpf_prog_…` is the \
+             program's own instructions (array lookups are inlined there); `trie_lookup_elem` is an LPM \
+             lookup; `htab_*` hash and LRU lookups/updates; `bpf_ktime_get_ns`/`ktime_get*` the clock; \
+             `bpf_ringbuf_*` events; the rest is BPF_PROG_TEST_RUN itself (see the floor).\n"
+        );
+        for pr in &s.profiles {
+            let top: Vec<String> = pr
+                .symbols
+                .iter()
+                .take(12)
+                .map(|sym| format!("{:.1}% `{}`", sym.percent, sym.symbol))
+                .collect();
+            let _ = writeln!(
+                md,
+                "- **{}**, {:?}, {} rules: {}",
+                pr.program.label(),
+                pr.regime,
+                fmt_entries(pr.entries),
+                top.join(", ")
+            );
+        }
+    }
     md
 }
 
