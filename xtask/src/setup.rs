@@ -53,7 +53,11 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ),
     (
         "bpftool",
-        "benchmarks: profiling the programs (`bpftool prog profile`) and reading map memory",
+        "benchmarks: reading the programs' and maps' kernel state",
+    ),
+    (
+        "linux-perf",
+        "benchmarks: where each program's time goes (perf samples per kernel symbol)",
     ),
     (
         "qemu-system-x86",
