@@ -59,6 +59,8 @@ pub enum Regime {
 pub enum Prog {
     VpcgateTcEgress,
     VpcgateXdpForward,
+    /// The ENI's observe-only XDP, on the backend's answers (the allowed packet reversed).
+    VpcgateXdpIngress,
     MinimalTc,
     MinimalXdp,
     TrieTc,
@@ -76,9 +78,10 @@ pub enum Hook {
 }
 
 impl Prog {
-    pub const ALL: [Prog; 9] = [
+    pub const ALL: [Prog; 10] = [
         Prog::VpcgateTcEgress,
         Prog::VpcgateXdpForward,
+        Prog::VpcgateXdpIngress,
         Prog::MinimalTc,
         Prog::MinimalXdp,
         Prog::TrieTc,
@@ -99,6 +102,7 @@ impl Prog {
         match self {
             Prog::VpcgateTcEgress => "vpcgate TC egress",
             Prog::VpcgateXdpForward => "vpcgate XDP forward",
+            Prog::VpcgateXdpIngress => "vpcgate XDP ingress (observe)",
             Prog::MinimalTc => "minimal enforcer (TC)",
             Prog::MinimalXdp => "minimal enforcer (XDP)",
             Prog::TrieTc => "bare LPM trie (TC)",
@@ -174,9 +178,10 @@ pub struct ProfileRow {
 /// The policy size profiled: the reference size.
 pub const PROFILE_ENTRIES: usize = 100_000;
 /// What is profiled there.
-const PROFILED: [Prog; 3] = [
+const PROFILED: [Prog; 4] = [
     Prog::VpcgateTcEgress,
     Prog::VpcgateXdpForward,
+    Prog::VpcgateXdpIngress,
     Prog::MinimalTc,
 ];
 
@@ -280,14 +285,28 @@ fn peer(i: usize, v4: bool) -> IpAddr {
 struct Frames {
     setup: Vec<Frame>,
     timed: Vec<Frame>,
+    /// The answers to `timed` (allowed packets only), for the ENI's ingress.
+    answers: Vec<Frame>,
     /// Reply flows to record before timing.
     replies: Vec<Frame>,
+}
+
+impl Frames {
+    /// What a program is timed on: the ENI's ingress sees the answers.
+    fn for_program(&self, pr: Prog) -> &[Frame] {
+        if pr == Prog::VpcgateXdpIngress {
+            &self.answers
+        } else {
+            &self.timed
+        }
+    }
 }
 
 fn frames(rules: &[Rule], kind: Kind, count: usize, rng: &mut fastrand::Rng) -> Frames {
     let mut f = Frames {
         setup: vec![],
         timed: vec![],
+        answers: vec![],
         replies: vec![],
     };
     // Hot: a UDP rule, IPv4 (xdp-filter's and the 64-byte packet); spread: any rule.
@@ -311,6 +330,9 @@ fn frames(rules: &[Rule], kind: Kind, count: usize, rng: &mut fastrand::Rng) -> 
                 let mut layers = ip_layer(src, dst, None);
                 layers.push(l4(r.proto, sport, r.inside, 0x10));
                 f.timed.push(build("allowed", &layers, payload));
+                let mut back = ip_layer(dst, src, None);
+                back.push(l4(r.proto, r.inside, sport, 0x10));
+                f.answers.push(build("answer", &back, payload));
             }
             Kind::Denied => {
                 let mut layers = ip_layer(src, dst, None);
@@ -371,6 +393,7 @@ impl Programs {
         match prog {
             Prog::VpcgateTcEgress => run_one(self.h.dp.tc_egress()?, data, repeat),
             Prog::VpcgateXdpForward => run_one(self.h.dp.xdp_forward()?, data, repeat),
+            Prog::VpcgateXdpIngress => run_one(self.h.dp.xdp_ingress()?, data, repeat),
             Prog::XdpFilter => match &self.xdp_filter {
                 Some(x) => run_one(&x.prog, data, repeat),
                 None => bail!("xdp-filter is not loaded at this size"),
@@ -490,6 +513,7 @@ fn median(v: &[f64]) -> f64 {
 fn expected(prog: Prog, kind: Kind) -> Option<bool> {
     match prog {
         Prog::VpcgateTcEgress | Prog::VpcgateXdpForward => Some(kind != Kind::Denied),
+        Prog::VpcgateXdpIngress => Some(true),
         Prog::FloorTc | Prog::FloorXdp => Some(true),
         Prog::MinimalTc | Prog::MinimalXdp | Prog::TrieTc | Prog::TrieXdp => match kind {
             Kind::Allowed | Kind::Denied => Some(true),
@@ -507,6 +531,7 @@ fn applies(pr: Prog, kind: Kind, xdp_filter_loaded: bool) -> bool {
     match pr {
         Prog::XdpFilter => xdp_filter_loaded && kind == Kind::Allowed,
         Prog::VpcgateXdpForward => kind != Kind::Reply,
+        Prog::VpcgateXdpIngress => kind == Kind::Allowed,
         _ => true,
     }
 }
@@ -591,7 +616,7 @@ pub fn run(quick: bool, seed: u64, out: &std::path::Path, p: &Progress) -> anyho
                     for s in &f.setup {
                         progs.run(pr, &s.bytes, 1)?;
                     }
-                    for t in &f.timed {
+                    for t in f.for_program(pr) {
                         let (rv, _) = progs.run(pr, &t.bytes, 1)?;
                         if let Some(want) = expected(pr, kind)
                             && Programs::passes(pr, rv) != Some(want)
@@ -613,10 +638,11 @@ pub fn run(quick: bool, seed: u64, out: &std::path::Path, p: &Progress) -> anyho
                 for _ in 0..params.rounds {
                     for (i, &pr) in active.iter().enumerate() {
                         let mut total = 0.0;
-                        for t in &f.timed {
+                        let frames = f.for_program(pr);
+                        for t in frames {
                             total += progs.run(pr, &t.bytes, repeat)?.1;
                         }
-                        per[i].push(total / f.timed.len() as f64);
+                        per[i].push(total / frames.len() as f64);
                     }
                 }
                 let floors: Vec<(Hook, f64)> = active
@@ -697,7 +723,7 @@ fn profile_size(
             ));
             let data = out.join(format!("perf-{pr:?}-{regime:?}.data"));
             let symbols = profile::record(&data, params.profile_seconds, 0.5, || {
-                for t in &f.timed {
+                for t in f.for_program(pr) {
                     progs.run(pr, &t.bytes, repeat)?;
                 }
                 Ok(())

@@ -229,6 +229,7 @@ fn per_packet_markdown(s: &perpkt::Section, rounds: &str) -> String {
     let cols = [
         Prog::VpcgateTcEgress,
         Prog::VpcgateXdpForward,
+        Prog::VpcgateXdpIngress,
         Prog::MinimalTc,
         Prog::MinimalXdp,
         Prog::TrieTc,
@@ -302,7 +303,11 @@ fn per_packet_markdown(s: &perpkt::Section, rounds: &str) -> String {
     );
     for &n in &s.sizes {
         for regime in [Regime::Hot, Regime::Spread] {
-            for p in [Prog::VpcgateTcEgress, Prog::VpcgateXdpForward] {
+            for p in [
+                Prog::VpcgateTcEgress,
+                Prog::VpcgateXdpForward,
+                Prog::VpcgateXdpIngress,
+            ] {
                 let cells: Vec<String> = perpkt::KINDS
                     .iter()
                     .map(|&k| {
