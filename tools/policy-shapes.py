@@ -3,11 +3,11 @@
 
   wide-host.toml      dedicated: 2,000 authorizations on 10.0.0.0/8, each with its own port range,
                       plus 10,000 host authorizations inside it (the overlap multiplies port entries)
-  many-auth.toml      dedicated: 100,000 host authorizations (more rules than the kernel maps hold)
+  many-auth.toml      dedicated: 100,000 host authorizations (fits: the kernel maps hold 2^20 rules)
   many-reserved.toml  vpc-integration: 200,000 reserved blocks (more than the kernel maps hold) and
                       1,000 authorizations
-  largest-fit.toml    dedicated: 16,000 host authorizations with 3 ports each (48,000 port entries of
-                      65,536), which fits
+  largest-fit.toml    dedicated: 16,000 host authorizations with 3 ports each (48,000 port entries; the
+                      largest that fit the maps of issue 8, 65,536 port blocks; they now hold 2^22)
 
 Usage: tools/policy-shapes.py DIR
 """
