@@ -55,7 +55,8 @@ pub mod limits {
     /// of their own: a million rules with a few ranges each need a few million blocks.
     pub const PORT_ENTRIES: u32 = 1 << 22;
     /// Rules per generation (authorizations + upstream nodes + accessible blocks).
-    /// `RULE_STATS` is not preallocated either: a counter exists once its rule matched a packet.
+    /// `RULE_STATS` is not preallocated: a counter exists once its rule matched a packet (its hash
+    /// buckets, 16 bytes per slot, are: 32 MiB for two generations).
     pub const RULES: u32 = 1 << 20;
     /// Established TCP flows peers initiated (replies pass); separate from half-open ones, so a SYN
     /// flood cannot evict them.

@@ -24,9 +24,11 @@ use crate::parse::{Cursor, L3, Packet};
 
 /// Same key, value and capacity as the datapath's `ADDR_V4` / `ADDR_V6`.
 #[map(name = "BENCH_V4")]
-static BENCH_V4: LpmTrie<AddrV4, AddrValue> = LpmTrie::with_max_entries(2 * limits::ADDR_ENTRIES, 0);
+static BENCH_V4: LpmTrie<AddrV4, AddrValue> =
+    LpmTrie::with_max_entries(2 * limits::ADDR_ENTRIES, 0);
 #[map(name = "BENCH_V6")]
-static BENCH_V6: LpmTrie<AddrV6, AddrValue> = LpmTrie::with_max_entries(2 * limits::ADDR_ENTRIES, 0);
+static BENCH_V6: LpmTrie<AddrV6, AddrValue> =
+    LpmTrie::with_max_entries(2 * limits::ADDR_ENTRIES, 0);
 
 const ETH_LEN: usize = 14;
 

@@ -47,7 +47,8 @@ pub static RESERVED_V6: LpmTrie<AddrV6, u32> =
 pub static PORTS: LpmTrie<PortData, u32> = LpmTrie::with_max_entries(2 * limits::PORT_ENTRIES, 0);
 
 /// Not preallocated: a policy of a million rules would otherwise reserve two million per-CPU values up
-/// front, whether or not its rules ever see a packet.
+/// front, whether or not its rules ever see a packet (the kernel still reserves the hash buckets, 16
+/// bytes per slot). A counter that cannot be allocated is not counted; the verdict never depends on it.
 #[map(name = "RULE_STATS")]
 pub static RULE_STATS: PerCpuHashMap<RuleStatsKey, RuleStats> =
     PerCpuHashMap::with_max_entries(2 * limits::RULES, BPF_F_NO_PREALLOC);

@@ -66,3 +66,34 @@ pub(crate) fn check_capacity(n: &EntryCounts) -> Result<(), DatapathError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod object_tests {
+    use vpcgate_common::datapath::{limits, names};
+
+    /// The capacities `check` and `apply` count against are the maps the embedded object creates: room
+    /// for two generations of each, and rule counters allocated per rule rather than preallocated.
+    #[test]
+    fn the_objects_policy_maps_hold_two_generations_of_each_limit() {
+        let obj =
+            aya_obj::Object::parse(super::super::EBPF_OBJECT).expect("the embedded object parses");
+        let map = |name: &str| {
+            obj.maps
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} is not in the object"))
+        };
+        for (name, limit) in [
+            (names::ADDR_V4, limits::ADDR_ENTRIES),
+            (names::ADDR_V6, limits::ADDR_ENTRIES),
+            (names::RESERVED_V4, limits::RESERVED_ENTRIES),
+            (names::RESERVED_V6, limits::RESERVED_ENTRIES),
+            (names::PORTS, limits::PORT_ENTRIES),
+            (names::RULE_STATS, limits::RULES),
+        ] {
+            assert_eq!(map(name).max_entries(), 2 * limit, "{name}");
+        }
+        // BPF_F_NO_PREALLOC: two million preallocated per-CPU counters would cost memory whether or not
+        // the policy has that many rules.
+        assert_eq!(map(names::RULE_STATS).map_flags() & 1, 1);
+    }
+}
