@@ -451,49 +451,57 @@ fn load_baselines() -> anyhow::Result<Ebpf> {
     Ok(ebpf)
 }
 
-/// Replaces the baselines' tries with the compiled policy's address prefixes.
-fn fill_baseline_tries(ebpf: &mut Ebpf, prefixes: &[ipnet::IpNet]) -> anyhow::Result<()> {
-    {
-        let mut v4: LpmTrie<_, AddrV4, AddrValue> =
-            LpmTrie::try_from(ebpf.map_mut("BENCH_V4").context("BENCH_V4")?)?;
-        let old: Vec<_> = v4.keys().collect::<Result<_, _>>()?;
-        for k in old {
-            v4.remove(&k)?;
-        }
-        for n in prefixes {
-            if let ipnet::IpNet::V4(n) = n {
-                let key = Key::new(
-                    GEN_BITS + u32::from(n.prefix_len()),
-                    AddrV4 {
-                        generation: GEN_A,
-                        addr: n.network().octets(),
-                        _pad: [0; 3],
-                    },
-                );
-                v4.insert(&key, AddrValue::default(), 0)?;
-            }
-        }
-    }
-    let mut v6: LpmTrie<_, AddrV6, AddrValue> =
-        LpmTrie::try_from(ebpf.map_mut("BENCH_V6").context("BENCH_V6")?)?;
-    let old: Vec<_> = v6.keys().collect::<Result<_, _>>()?;
+/// Empties one of the baselines' tries and fills it with `keys`.
+fn refill<K: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    keys: impl Iterator<Item = Key<K>>,
+) -> anyhow::Result<()> {
+    let mut trie: LpmTrie<_, K, AddrValue> =
+        LpmTrie::try_from(ebpf.map_mut(name).context(name.to_owned())?)?;
+    let old: Vec<_> = trie.keys().collect::<Result<_, _>>()?;
     for k in old {
-        v6.remove(&k)?;
+        trie.remove(&k)?;
     }
-    for n in prefixes {
-        if let ipnet::IpNet::V6(n) = n {
-            let key = Key::new(
-                GEN_BITS + u32::from(n.prefix_len()),
+    for k in keys {
+        trie.insert(&k, AddrValue::default(), 0)?;
+    }
+    Ok(())
+}
+
+/// Replaces the baselines' tries with the policy's address prefixes (keyed as the datapath keys them).
+fn fill_baseline_tries(ebpf: &mut Ebpf, prefixes: &[ipnet::IpNet]) -> anyhow::Result<()> {
+    let bits = |len: u8| GEN_BITS + u32::from(len);
+    refill(
+        ebpf,
+        "BENCH_V4",
+        prefixes.iter().filter_map(|n| match n {
+            ipnet::IpNet::V4(n) => Some(Key::new(
+                bits(n.prefix_len()),
+                AddrV4 {
+                    generation: GEN_A,
+                    addr: n.network().octets(),
+                    _pad: [0; 3],
+                },
+            )),
+            ipnet::IpNet::V6(_) => None,
+        }),
+    )?;
+    refill(
+        ebpf,
+        "BENCH_V6",
+        prefixes.iter().filter_map(|n| match n {
+            ipnet::IpNet::V6(n) => Some(Key::new(
+                bits(n.prefix_len()),
                 AddrV6 {
                     generation: GEN_A,
                     addr: n.network().octets(),
                     _pad: [0; 3],
                 },
-            );
-            v6.insert(&key, AddrValue::default(), 0)?;
-        }
-    }
-    Ok(())
+            )),
+            ipnet::IpNet::V4(_) => None,
+        }),
+    )
 }
 
 fn median(v: &[f64]) -> f64 {

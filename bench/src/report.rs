@@ -226,18 +226,7 @@ fn per_packet_markdown(s: &perpkt::Section, rounds: &str) -> String {
          Policies are half IPv4, half IPv6, mixed prefix lengths (/28–/32, /64–/128) and port shapes; \
          one address entry per rule.\n"
     );
-    let cols = [
-        Prog::VpcgateTcEgress,
-        Prog::VpcgateXdpForward,
-        Prog::VpcgateXdpIngress,
-        Prog::MinimalTc,
-        Prog::MinimalXdp,
-        Prog::TrieTc,
-        Prog::TrieXdp,
-        Prog::XdpFilter,
-        Prog::FloorTc,
-        Prog::FloorXdp,
-    ];
+    let cols = Prog::ALL;
     let _ = writeln!(md, "#### Allowed packet, every program\n");
     let _ = writeln!(
         md,
