@@ -63,6 +63,8 @@ struct Live {
 }
 
 static LIVE: Mutex<Vec<Live>> = Mutex::new(Vec::new());
+/// Temporary directories still there (a signal ends the process without running drops).
+static DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static CLEANUP: Once = Once::new();
 
 fn live() -> std::sync::MutexGuard<'static, Vec<Live>> {
@@ -85,6 +87,10 @@ pub(crate) fn cleanup_on_signal() {
             }
             for instance in entries.iter().filter_map(|l| l.instance.as_deref()) {
                 remove_instance_state(instance);
+            }
+            let dirs = std::mem::take(&mut *DIRS.lock().unwrap_or_else(|e| e.into_inner()));
+            for d in dirs {
+                let _ = std::fs::remove_dir_all(d);
             }
         }));
     });
@@ -277,10 +283,14 @@ pub(crate) struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub(crate) fn new(tag: &str) -> anyhow::Result<Self> {
+        cleanup_on_signal();
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir =
             std::env::temp_dir().join(format!("vpcgate-bench-{tag}-{}-{n}", std::process::id()));
+        DIRS.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(dir.clone());
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         Ok(Self(dir))
     }
@@ -289,6 +299,9 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        DIRS.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|d| d != &self.0);
     }
 }
 
@@ -680,7 +693,7 @@ pub(crate) fn shared_toml(
 
 /// `shared_toml` as a parsed policy, built without parsing the blocks (a million of them parse
 /// slowly; the compile is what is measured).
-fn shared_policy(n: usize, seed: u64) -> anyhow::Result<(Policy, Vec<policy::Rule>)> {
+pub(crate) fn shared_policy(n: usize, seed: u64) -> anyhow::Result<(Policy, Vec<policy::Rule>)> {
     let head = shared_head("bench-apply", lab::ENI);
     let checked = vpcgate::policy::check_text("shared.toml", &head);
     let mut p = checked.policy.with_context(|| {
