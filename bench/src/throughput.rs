@@ -1,15 +1,1128 @@
-//! Throughput over veth between two namespaces (to be written).
+//! Throughput over veth between the lab's two namespaces (iperf3, both ends on this machine): TCP bits/s
+//! and 64-byte UDP packets/s from a client in the gateway namespace to a server at the lab's backend in
+//! the VPC namespace, with no filter, with vpcgate (`vpcgate run` on the ENI), with nftables sets and
+//! with linear iptables rules on the ENI's output path. Setups are measured in rounds that cycle through
+//! all of them (and no filter once more at the end), so drift on this shared machine hits each alike.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
 use serde::Serialize;
+use vpcgate::policy::model::Proto;
+use vpcgate_lab::lab::{self, Lab};
 
+use crate::{
+    control::{
+        Daemon, PolicyShape, generated_fit, instance_name, new_lab, run_bounded, run_ok,
+        shared_toml, spawn,
+    },
+    policy::{self, Rule},
+};
+
+/// One (setup, test) cell: medians over its runs.
 #[derive(Serialize, Clone, Debug)]
-pub struct Row {}
-
-pub fn run(_opts: &crate::Opts, _seed: u64, _p: &crate::Progress) -> anyhow::Result<Vec<Row>> {
-    anyhow::bail!("not written yet")
+pub struct Row {
+    /// "no filter", "vpcgate 1k", "nftables 1k", "iptables 10k", ...
+    pub setup: String,
+    /// "none", "vpcgate", "nftables" or "iptables".
+    pub filter: String,
+    /// Rules of the setup's policy (0 for no filter).
+    pub rules: usize,
+    /// "tcp" (bits/s, receiver) or "udp64" (64-byte frames, receiver's packets/s).
+    pub test: String,
+    pub unit: String,
+    pub median: f64,
+    pub samples: Vec<f64>,
+    /// UDP: the receiver's loss (percent of datagrams sent), median.
+    pub loss_percent: Option<f64>,
+    /// Busy CPU time of the whole machine (user+nice+system+irq+softirq, /proc/stat) during a run,
+    /// divided by the packets sent on the gateway's ENI (TCP: GSO super-packets, what TC egress sees).
+    /// Both iperf3 ends run on this machine, and anything else running counts too.
+    pub cpu_ns_per_packet: Option<f64>,
+    /// How busy the machine was during the runs (percent of all CPUs, median): near 100, the runs are
+    /// CPU-bound and `cpu_ns_per_packet` is about (CPUs / packet rate), not a filter's own cost.
+    pub cpu_busy_percent: Option<f64>,
+    /// CPU time of the two iperf3 processes (their own user+system accounting, as iperf3 reports it;
+    /// with tick accounting it includes softirq work done in their context, not ksoftirqd's or other
+    /// processes') per packet sent on the ENI, median.
+    pub iperf3_cpu_ns_per_packet: Option<f64>,
+    /// Packets sent on the gateway's ENI per run, median.
+    pub packets_per_run: f64,
+    pub runs: usize,
+    pub seconds_per_run: u64,
+    /// median / the no-filter median of the same test.
+    pub ratio_to_no_filter: Option<f64>,
+    /// vpcgate rows: median / the nftables median with the same number of rules, same test.
+    pub ratio_to_nftables: Option<f64>,
+    /// What the setup is exactly (tool versions, backend).
+    pub note: String,
 }
 
-pub fn markdown(_rows: &[Row]) -> String {
-    String::new()
+/// The ratio of `setup` to no filter in `test` ("tcp" or "udp64"), for the headline.
+#[allow(dead_code)] // for the report (main.rs)
+pub fn ratio_to_no_filter(rows: &[Row], setup: &str, test: &str) -> Option<f64> {
+    rows.iter()
+        .find(|r| r.setup == setup && r.test == test)
+        .and_then(|r| r.ratio_to_no_filter)
+}
+
+/// The ratio of vpcgate to nftables (same rule count) in `test`, for the headline.
+pub fn vpcgate_to_nftables(rows: &[Row], test: &str) -> Option<(String, f64)> {
+    rows.iter()
+        .find(|r| r.filter == "vpcgate" && r.test == test && r.ratio_to_nftables.is_some())
+        .map(|r| (r.setup.clone(), r.ratio_to_nftables.unwrap_or_default()))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Filter {
+    None,
+    Vpcgate(usize),
+    Nftables(usize),
+    Iptables(usize),
+}
+
+fn k(n: usize) -> String {
+    if n >= 1000 && n.is_multiple_of(1000) {
+        format!("{}k", n / 1000)
+    } else {
+        n.to_string()
+    }
+}
+
+impl Filter {
+    fn label(self) -> String {
+        match self {
+            Filter::None => "no filter".into(),
+            Filter::Vpcgate(n) => format!("vpcgate {}", k(n)),
+            Filter::Nftables(n) => format!("nftables {}", k(n)),
+            Filter::Iptables(n) => format!("iptables {}", k(n)),
+        }
+    }
+    fn kind(self) -> &'static str {
+        match self {
+            Filter::None => "none",
+            Filter::Vpcgate(_) => "vpcgate",
+            Filter::Nftables(_) => "nftables",
+            Filter::Iptables(_) => "iptables",
+        }
+    }
+    fn rules(self) -> usize {
+        match self {
+            Filter::None => 0,
+            Filter::Vpcgate(n) | Filter::Nftables(n) | Filter::Iptables(n) => n,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Test {
+    Tcp,
+    Udp64,
+}
+
+impl Test {
+    fn name(self) -> &'static str {
+        match self {
+            Test::Tcp => "tcp",
+            Test::Udp64 => "udp64",
+        }
+    }
+}
+
+const IPERF_PORT: u16 = 5201;
+/// Where the no-filter probe datagram goes: an address of the VPC namespace no policy here allows.
+const PROBE_PORT: u16 = 9;
+
+/// One iperf3 run.
+#[derive(Clone, Debug)]
+struct Sample {
+    value: f64,
+    loss: Option<f64>,
+    packets: u64,
+    cpu_ns_per_packet: Option<f64>,
+    busy_percent: Option<f64>,
+    iperf3_ns_per_packet: Option<f64>,
+}
+
+pub fn run(opts: &crate::Opts, seed: u64, p: &crate::Progress) -> anyhow::Result<Vec<Row>> {
+    // SAFETY: geteuid has no preconditions.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "the throughput benchmark needs root (network namespaces, BPF, netfilter)"
+    );
+    let (setups, rounds, secs): (Vec<Filter>, usize, u64) = if opts.quick {
+        (
+            vec![
+                Filter::None,
+                Filter::Vpcgate(1000),
+                Filter::Nftables(1000),
+                Filter::Iptables(1000),
+            ],
+            1,
+            2,
+        )
+    } else {
+        (
+            vec![
+                Filter::None,
+                Filter::Vpcgate(1000),
+                Filter::Vpcgate(100_000),
+                Filter::Nftables(1000),
+                Filter::Iptables(1000),
+                Filter::Iptables(10_000),
+            ],
+            3,
+            5,
+        )
+    };
+    let tools = Tools::find()?;
+    p.say(&format!(
+        "throughput: {}; {}; {}",
+        tools.iperf3, tools.nft, tools.iptables
+    ));
+    p.say("throughput: building the lab (gateway and VPC namespaces over veth)");
+    let lab = new_lab()?;
+    let mut server = IperfServer::start(&lab)?;
+    let mut texts: BTreeMap<Filter, Texts> = BTreeMap::new();
+    for &s in &setups {
+        texts.insert(s, Texts::new(s, seed)?);
+    }
+    let clk = clock_ticks()?;
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as u64;
+    let mut samples: BTreeMap<(Filter, Test), Vec<Sample>> = BTreeMap::new();
+    let mut attach: BTreeMap<Filter, String> = BTreeMap::new();
+    let mut order: Vec<Filter> = (0..rounds).flat_map(|_| setups.clone()).collect();
+    // No filter again at the end: before and after everything else.
+    order.push(Filter::None);
+    for (i, &s) in order.iter().enumerate() {
+        p.say(&format!(
+            "throughput {}/{}: {}: setting up",
+            i + 1,
+            order.len(),
+            s.label()
+        ));
+        let installed = install(&lab, opts, s, &texts[&s], &tools, p)?;
+        if let Some(a) = &installed.attach {
+            attach.insert(s, a.clone());
+        }
+        for test in [Test::Tcp, Test::Udp64] {
+            server.alive()?;
+            let sample = measure(&lab, test, secs, clk, cpus)
+                .with_context(|| format!("{} under {}", test.name(), s.label()))?;
+            p.say(&format!(
+                "throughput {}/{}: {} {}: {}",
+                i + 1,
+                order.len(),
+                s.label(),
+                test.name(),
+                describe(test, &sample)
+            ));
+            samples.entry((s, test)).or_default().push(sample);
+        }
+        remove(&lab, installed, &tools, p).with_context(|| format!("removing {}", s.label()))?;
+    }
+    drop(server);
+    drop(lab);
+    Ok(rows(&setups, &samples, secs, &tools, &texts, &attach))
+}
+
+fn describe(test: Test, s: &Sample) -> String {
+    let cpu = s
+        .cpu_ns_per_packet
+        .map(|c| {
+            format!(
+                ", {c:.0} ns CPU/packet (machine {:.0}% busy; iperf3 processes {:.0} ns/packet)",
+                s.busy_percent.unwrap_or_default(),
+                s.iperf3_ns_per_packet.unwrap_or(f64::NAN)
+            )
+        })
+        .unwrap_or_default();
+    match test {
+        Test::Tcp => format!("{:.2} Gbit/s{cpu}", s.value / 1e9),
+        Test::Udp64 => format!(
+            "{:.0} kpps received, loss {:.1}%{cpu}",
+            s.value / 1e3,
+            s.loss.unwrap_or_default()
+        ),
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+fn rows(
+    setups: &[Filter],
+    samples: &BTreeMap<(Filter, Test), Vec<Sample>>,
+    secs: u64,
+    tools: &Tools,
+    texts: &BTreeMap<Filter, Texts>,
+    attach: &BTreeMap<Filter, String>,
+) -> Vec<Row> {
+    let med = |s: Filter, t: Test| {
+        samples
+            .get(&(s, t))
+            .map(|v| median(&v.iter().map(|x| x.value).collect::<Vec<_>>()))
+    };
+    let mut out = vec![];
+    for &s in setups {
+        for t in [Test::Tcp, Test::Udp64] {
+            let Some(v) = samples.get(&(s, t)) else {
+                continue;
+            };
+            let values: Vec<f64> = v.iter().map(|x| x.value).collect();
+            let m = median(&values);
+            let cpu: Vec<f64> = v.iter().filter_map(|x| x.cpu_ns_per_packet).collect();
+            let busy: Vec<f64> = v.iter().filter_map(|x| x.busy_percent).collect();
+            let own: Vec<f64> = v.iter().filter_map(|x| x.iperf3_ns_per_packet).collect();
+            let loss: Vec<f64> = v.iter().filter_map(|x| x.loss).collect();
+            let nft = match s {
+                Filter::Vpcgate(n) => med(Filter::Nftables(n), t).map(|x| m / x),
+                _ => None,
+            };
+            out.push(Row {
+                setup: s.label(),
+                filter: s.kind().into(),
+                rules: s.rules(),
+                test: t.name().into(),
+                unit: match t {
+                    Test::Tcp => "bit/s",
+                    Test::Udp64 => "packet/s",
+                }
+                .into(),
+                median: m,
+                samples: values,
+                loss_percent: (!loss.is_empty()).then(|| median(&loss)),
+                cpu_ns_per_packet: (!cpu.is_empty()).then(|| median(&cpu)),
+                cpu_busy_percent: (!busy.is_empty()).then(|| median(&busy)),
+                iperf3_cpu_ns_per_packet: (!own.is_empty()).then(|| median(&own)),
+                packets_per_run: median(&v.iter().map(|x| x.packets as f64).collect::<Vec<_>>()),
+                runs: v.len(),
+                seconds_per_run: secs,
+                ratio_to_no_filter: med(Filter::None, t).map(|x| m / x),
+                ratio_to_nftables: nft,
+                note: match s {
+                    Filter::None => "no filter on the ENI".into(),
+                    Filter::Vpcgate(_) => format!(
+                        "`vpcgate run`: TC egress + XDP ingress on the ENI ({}), the policy in LPM tries; {}",
+                        attach.get(&s).map_or("", String::as_str),
+                        match texts[&s].shape {
+                            PolicyShape::Generated => "generated authorizations (a port table each)",
+                            PolicyShape::Shared => "shared-table shape: the generated prefixes as accessible blocks under region-wide all-port authorizations (generated authorizations beyond about 19,000 do not fit the PORTS map)",
+                        }
+                    ),
+                    Filter::Nftables(_) => format!(
+                        "{}: inet table, output hook on the ENI: interval set of the prefixes, then concatenated address . port interval sets per protocol and family",
+                        tools.nft
+                    ),
+                    Filter::Iptables(n) => format!(
+                        "{}: OUTPUT -o eni0, {n} non-matching IPv4 rules before the iperf accept, then DROP ({n} IPv6 rules in ip6tables)",
+                        tools.iptables
+                    ),
+                },
+            });
+        }
+    }
+    out
+}
+
+/// Tool versions, and the iptables backend.
+struct Tools {
+    iperf3: String,
+    nft: String,
+    iptables: String,
+    /// iptables speaks nf_tables (iptables-nft) rather than the legacy xtables.
+    iptables_nft: bool,
+}
+
+impl Tools {
+    fn find() -> anyhow::Result<Self> {
+        let first_line = |program: &str, arg: &str| -> anyhow::Result<String> {
+            let out = run_ok(None, program, &[arg], None, Duration::from_secs(10))?;
+            Ok(out.lines().next().unwrap_or_default().trim().to_owned())
+        };
+        let iptables = first_line("iptables", "--version")?;
+        first_line("ip6tables", "--version")?;
+        first_line("iptables-restore", "--version")?;
+        first_line("ss", "--version")?;
+        Ok(Self {
+            iperf3: first_line("iperf3", "--version")?,
+            nft: first_line("nft", "--version")?,
+            iptables_nft: iptables.contains("nf_tables"),
+            iptables,
+        })
+    }
+}
+
+/// The iperf3 server in the VPC namespace, on the backend address (killed on drop).
+struct IperfServer(crate::control::ChildGuard);
+
+impl IperfServer {
+    fn start(lab: &Lab) -> anyhow::Result<Self> {
+        let mut cmd = std::process::Command::new("iperf3");
+        cmd.args([
+            "-s",
+            "-B",
+            &lab::BACKEND_V4.to_string(),
+            "-p",
+            &IPERF_PORT.to_string(),
+            // A test whose client vanished ends after 5 s instead of holding the server.
+            "--rcv-timeout",
+            "5000",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        let mut s = Self(crate::control::ChildGuard::new(
+            spawn(Some(&lab.vpc), &mut cmd)?,
+            "iperf3 server",
+        ));
+        let filter = format!("sport = :{IPERF_PORT}");
+        let t = Instant::now();
+        loop {
+            s.alive()?;
+            let out = run_ok(
+                Some(&lab.vpc),
+                "ss",
+                &["-Hltn", &filter],
+                None,
+                Duration::from_secs(5),
+            )?;
+            if !out.trim().is_empty() {
+                return Ok(s);
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(5),
+                "the iperf3 server does not listen on {}:{IPERF_PORT} after 5 s",
+                lab::BACKEND_V4
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.0.exited() {
+            bail!("the {} exited ({status})", self.0.what());
+        }
+        Ok(())
+    }
+}
+
+/// Busy jiffies of all CPUs (user+nice+system+irq+softirq) from /proc/stat.
+fn busy_ticks() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    ensure!(f.len() >= 7, "short cpu line in /proc/stat: {line}");
+    Ok(f[0] + f[1] + f[2] + f[5] + f[6])
+}
+
+fn clock_ticks() -> anyhow::Result<u64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ensure!(hz > 0, "sysconf(_SC_CLK_TCK) = {hz}");
+    Ok(hz as u64)
+}
+
+/// Packets sent on the gateway's ENI so far.
+fn eni_tx_packets(lab: &Lab) -> anyhow::Result<u64> {
+    let out = run_ok(
+        None,
+        "ip",
+        &["-n", lab.gw.name(), "-s", "-j", "link", "show", lab::ENI],
+        None,
+        Duration::from_secs(5),
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("ip -s -j link: not JSON")?;
+    v[0]["stats64"]["tx"]["packets"]
+        .as_u64()
+        .with_context(|| format!("no stats64.tx.packets in {out}"))
+}
+
+fn measure(lab: &Lab, test: Test, secs: u64, clk: u64, cpus: u64) -> anyhow::Result<Sample> {
+    let server = lab::BACKEND_V4.to_string();
+    let port = IPERF_PORT.to_string();
+    let t = secs.to_string();
+    let mut args = vec![
+        "-c",
+        &server,
+        "-p",
+        &port,
+        "-t",
+        &t,
+        "-J",
+        "--connect-timeout",
+        "3000",
+    ];
+    if test == Test::Udp64 {
+        // 18 bytes of payload + 8 UDP + 20 IPv4 + 14 Ethernet + 4 FCS = 64-byte frames; no rate limit.
+        args.extend(["-u", "-l", "18", "-b", "0"]);
+    }
+    let tx0 = eni_tx_packets(lab)?;
+    let busy0 = busy_ticks()?;
+    let t0 = Instant::now();
+    let out = run_bounded(
+        Some(&lab.gw),
+        "iperf3",
+        &args,
+        None,
+        Duration::from_secs(secs + 20),
+    )?;
+    let busy1 = busy_ticks()?;
+    let wall = t0.elapsed().as_secs_f64();
+    let tx1 = eni_tx_packets(lab)?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "iperf3 {} printed no JSON ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if let Some(e) = json.get("error") {
+        bail!("iperf3 {}: {e}", args.join(" "));
+    }
+    ensure!(
+        out.status.success(),
+        "iperf3 {} exited with {}",
+        args.join(" "),
+        out.status
+    );
+    let rx = &json["end"]["sum_received"];
+    let packets = tx1.saturating_sub(tx0);
+    let cpu_ns = (busy1.saturating_sub(busy0)) as f64 * 1e9 / clk as f64;
+    let cpu_ns_per_packet = (packets > 0 && busy1 > busy0).then(|| cpu_ns / packets as f64);
+    let busy_percent = Some(100.0 * cpu_ns / 1e9 / (wall * cpus as f64));
+    let util = &json["end"]["cpu_utilization_percent"];
+    let test_seconds = json["end"]["sum_sent"]["seconds"].as_f64().unwrap_or(0.0);
+    let iperf3_ns_per_packet = match (util["host_total"].as_f64(), util["remote_total"].as_f64()) {
+        (Some(h), Some(r)) if packets > 0 && test_seconds > 0.0 => {
+            Some((h + r) / 100.0 * test_seconds * 1e9 / packets as f64)
+        }
+        _ => None,
+    };
+    match test {
+        Test::Tcp => {
+            let bytes = rx["bytes"].as_u64().unwrap_or(0);
+            ensure!(
+                bytes > 0,
+                "iperf3 TCP: the receiver got nothing: {}",
+                json["end"]
+            );
+            Ok(Sample {
+                value: rx["bits_per_second"]
+                    .as_f64()
+                    .context("no end.sum_received.bits_per_second")?,
+                loss: None,
+                packets,
+                cpu_ns_per_packet,
+                busy_percent,
+                iperf3_ns_per_packet,
+            })
+        }
+        Test::Udp64 => {
+            let sent = rx["packets"]
+                .as_u64()
+                .context("no end.sum_received.packets")?;
+            let lost = rx["lost_packets"].as_u64().unwrap_or(0);
+            let seconds = rx["seconds"].as_f64().unwrap_or(0.0);
+            let got = sent.saturating_sub(lost);
+            ensure!(
+                got > 0 && seconds > 0.0,
+                "iperf3 UDP: the receiver got nothing: {}",
+                json["end"]
+            );
+            Ok(Sample {
+                value: got as f64 / seconds,
+                loss: rx["lost_percent"].as_f64(),
+                packets,
+                cpu_ns_per_packet,
+                busy_percent,
+                iperf3_ns_per_packet,
+            })
+        }
+    }
+}
+
+/// Whether a datagram from the gateway to an address of the VPC namespace that no setup allows
+/// (`lab::UNLISTED_V4`) arrives.
+fn probe_delivered(lab: &Lab) -> anyhow::Result<bool> {
+    let rx = lab
+        .vpc_run(|| UdpSocket::bind((lab::UNLISTED_V4, PROBE_PORT)))
+        .with_context(|| {
+            format!(
+                "bind {}:{PROBE_PORT} in the VPC namespace",
+                lab::UNLISTED_V4
+            )
+        })?;
+    rx.set_read_timeout(Some(Duration::from_millis(500)))?;
+    lab.gw_run(|| -> std::io::Result<()> {
+        let s = UdpSocket::bind((lab::EGRESS_V4, 0))?;
+        for _ in 0..3 {
+            // Refused (EPERM) by netfilter, silently dropped by TC: either way it must not arrive.
+            let _ = s.send_to(
+                b"vpcgate-bench probe",
+                SocketAddr::from((lab::UNLISTED_V4, PROBE_PORT)),
+            );
+        }
+        Ok(())
+    })
+    .context("send the probe datagram from the gateway namespace")?;
+    let mut buf = [0u8; 64];
+    match rx.recv_from(&mut buf) {
+        Ok(_) => Ok(true),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e).context("receive the probe datagram"),
+    }
+}
+
+/// What each setup loads, prepared before any measurement.
+struct Texts {
+    /// vpcgate: the policy file without its [instance] table; nftables: the ruleset;
+    /// iptables: the IPv4 and IPv6 restore files.
+    main: String,
+    v6: String,
+    /// Entries the setup must have loaded: nft set elements per set; iptables rules per family.
+    expect: BTreeMap<String, usize>,
+    /// vpcgate: which kind of generated policy.
+    shape: PolicyShape,
+}
+
+/// The instance name in a vpcgate setup's text, replaced by a fresh one at each start.
+const INSTANCE: &str = "instance-placeholder";
+
+fn iperf_authorizations() -> String {
+    let mut t = String::new();
+    for proto in ["tcp", "udp"] {
+        t += &format!(
+            "\n[[authorization]]\nname = \"iperf-{proto}\"\nvpc_id = \"vpc-bench\"\naddress = \"{}\"\nports = [\"{IPERF_PORT}\"]\nprotocol = \"{proto}\"\n",
+            lab::BACKEND_V4
+        );
+    }
+    t
+}
+
+/// Each port range as nft (`lo-hi`) or iptables (`lo:hi`) writes it.
+fn port_expr(ranges: &[(u16, u16)], range: &str) -> Vec<String> {
+    ranges
+        .iter()
+        .map(|&(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}{range}{hi}")
+            }
+        })
+        .collect()
+}
+
+const NFT_TABLE: &str = "vpcgate_bench";
+
+impl Texts {
+    fn new(s: Filter, seed: u64) -> anyhow::Result<Self> {
+        let mut expect = BTreeMap::new();
+        Ok(match s {
+            Filter::None => Self {
+                main: String::new(),
+                v6: String::new(),
+                shape: PolicyShape::Generated,
+                expect,
+            },
+            Filter::Vpcgate(n) if n <= generated_fit(seed)? => Self {
+                main: policy::instance_toml(INSTANCE, lab::ENI)
+                    + &iperf_authorizations()
+                    + &policy::authorizations_toml(&policy::generate(n, seed)?),
+                v6: String::new(),
+                shape: PolicyShape::Generated,
+                expect,
+            },
+            // Generated authorizations have a port table each and stop fitting PORTS near 19,000.
+            Filter::Vpcgate(n) => Self {
+                main: shared_toml(
+                    INSTANCE,
+                    lab::ENI,
+                    n,
+                    seed,
+                    &(iperf_authorizations()
+                        + &format!(
+                            "\n[[accessible]]\ncidr = \"{}/32\"\nports = [\"{IPERF_PORT}\"]\n",
+                            lab::BACKEND_V4
+                        )),
+                )?,
+                v6: String::new(),
+                shape: PolicyShape::Shared,
+                expect,
+            },
+            Filter::Nftables(n) => {
+                let mut rules = policy::generate(n, seed)?;
+                rules.push(Rule {
+                    net: IpAddr::V4(lab::BACKEND_V4).into(),
+                    proto: Proto::Tcp,
+                    ranges: &[(IPERF_PORT, IPERF_PORT)],
+                    inside: IPERF_PORT,
+                    outside: IPERF_PORT + 1,
+                });
+                rules.push(Rule {
+                    proto: Proto::Udp,
+                    ..rules.last().expect("just pushed").clone()
+                });
+                let mut sets: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+                for r in &rules {
+                    let v4 = r.net.addr().is_ipv4();
+                    let net = r.net.to_string();
+                    // One element per prefix (the iperf address comes twice in a row: TCP and UDP).
+                    let nets = sets.entry(if v4 { "nets4" } else { "nets6" }).or_default();
+                    if nets.last() != Some(&net) {
+                        nets.push(net.clone());
+                    }
+                    let set = match (v4, r.proto) {
+                        (true, Proto::Tcp) => "tcp4",
+                        (true, Proto::Udp) => "udp4",
+                        (false, Proto::Tcp) => "tcp6",
+                        (false, Proto::Udp) => "udp6",
+                    };
+                    for p in port_expr(r.ranges, "-") {
+                        sets.entry(set).or_default().push(format!("{net} . {p}"));
+                    }
+                }
+                let mut t = format!("table inet {NFT_TABLE} {{\n");
+                for (name, elems) in &sets {
+                    let ty = match *name {
+                        "nets4" => "ipv4_addr",
+                        "nets6" => "ipv6_addr",
+                        "tcp4" | "udp4" => "ipv4_addr . inet_service",
+                        _ => "ipv6_addr . inet_service",
+                    };
+                    expect.insert((*name).to_owned(), elems.len());
+                    t += &format!(
+                        "  set {name} {{\n    type {ty}\n    flags interval\n    elements = {{\n      {}\n    }}\n  }}\n",
+                        elems.join(",\n      ")
+                    );
+                }
+                let has = |s: &str| sets.contains_key(s);
+                t += &format!(
+                    "  chain egress {{\n    type filter hook output priority filter; policy accept;\n    oifname != \"{}\" accept\n",
+                    lab::ENI
+                );
+                // What vpcgate does per packet: the address's longest prefix, then its port table.
+                for (set, rule) in [
+                    ("nets4", "ip daddr != @nets4 drop"),
+                    ("nets6", "ip6 daddr != @nets6 drop"),
+                    ("tcp4", "ip daddr . tcp dport @tcp4 accept"),
+                    ("udp4", "ip daddr . udp dport @udp4 accept"),
+                    ("tcp6", "ip6 daddr . tcp dport @tcp6 accept"),
+                    ("udp6", "ip6 daddr . udp dport @udp6 accept"),
+                ] {
+                    if has(set) {
+                        t += &format!("    {rule}\n");
+                    }
+                }
+                t += "    drop\n  }\n}\n";
+                Self {
+                    main: t,
+                    v6: String::new(),
+                    shape: PolicyShape::Generated,
+                    expect,
+                }
+            }
+            Filter::Iptables(n) => {
+                // 2n generated rules: n of each family, so the IPv4 chain has n rules before the accept.
+                let rules = policy::generate(2 * n, seed)?;
+                let mut v4 = String::from(
+                    "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n",
+                );
+                let mut v6 = v4.clone();
+                let (mut c4, mut c6) = (0, 0);
+                for r in &rules {
+                    let ports = port_expr(r.ranges, ":");
+                    let m = if ports.len() == 1 {
+                        format!("--dport {}", ports[0])
+                    } else {
+                        format!("-m multiport --dports {}", ports.join(","))
+                    };
+                    let line = format!(
+                        "-A OUTPUT -o {} -d {} -p {} {m} -j ACCEPT\n",
+                        lab::ENI,
+                        r.net,
+                        r.proto.name()
+                    );
+                    if r.net.addr().is_ipv4() {
+                        v4 += &line;
+                        c4 += 1;
+                    } else {
+                        v6 += &line;
+                        c6 += 1;
+                    }
+                }
+                for proto in ["tcp", "udp"] {
+                    v4 += &format!(
+                        "-A OUTPUT -o {} -d {}/32 -p {proto} --dport {IPERF_PORT} -j ACCEPT\n",
+                        lab::ENI,
+                        lab::BACKEND_V4
+                    );
+                }
+                for t in [&mut v4, &mut v6] {
+                    *t += &format!("-A OUTPUT -o {} -j DROP\nCOMMIT\n", lab::ENI);
+                }
+                expect.insert("iptables".into(), c4 + 3);
+                expect.insert("ip6tables".into(), c6 + 1);
+                Self {
+                    main: v4,
+                    v6,
+                    shape: PolicyShape::Generated,
+                    expect,
+                }
+            }
+        })
+    }
+}
+
+/// A setup in place: the agent when it is vpcgate.
+struct Installed<'a> {
+    filter: Filter,
+    daemon: Option<Daemon<'a>>,
+    /// vpcgate: how its programs are attached (from the agent's "enforcing" line).
+    attach: Option<String>,
+}
+
+fn install<'a>(
+    lab: &'a Lab,
+    opts: &crate::Opts,
+    s: Filter,
+    texts: &Texts,
+    tools: &Tools,
+    p: &crate::Progress,
+) -> anyhow::Result<Installed<'a>> {
+    let t = Instant::now();
+    let mut daemon = None;
+    let mut attach = None;
+    match s {
+        Filter::None => {}
+        Filter::Vpcgate(_) => {
+            let instance = instance_name("tp");
+            let text = texts.main.replacen(
+                &format!("name = \"{INSTANCE}\""),
+                &format!("name = \"{instance}\""),
+                1,
+            );
+            let d = Daemon::start(&lab.gw, &opts.vpcgate, &instance, &text)?;
+            ensure!(
+                lab.gw.ip(&["link", "show", lab::ENI]).contains("xdp"),
+                "vpcgate run is ready but no XDP program is attached to {}",
+                lab::ENI
+            );
+            let line = d
+                .log_since(0)
+                .into_iter()
+                .find(|l| l.contains("enforcing"))
+                .context("vpcgate run is ready but never logged \"enforcing\"")?;
+            attach = Some(
+                line.split_whitespace()
+                    .filter(|w| w.starts_with("tc=") || w.starts_with("xdp="))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+            daemon = Some(d);
+        }
+        Filter::Nftables(_) => {
+            run_ok(
+                Some(&lab.gw),
+                "nft",
+                &["-f", "-"],
+                Some(texts.main.as_bytes()),
+                Duration::from_secs(120),
+            )?;
+            for (set, want) in &texts.expect {
+                let out = run_ok(
+                    Some(&lab.gw),
+                    "nft",
+                    &["-j", "list", "set", "inet", NFT_TABLE, set],
+                    None,
+                    Duration::from_secs(60),
+                )?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&out).context("nft -j list set: not JSON")?;
+                let got = v["nftables"]
+                    .as_array()
+                    .and_then(|a| a.iter().find_map(|o| o.get("set")))
+                    .and_then(|s| s["elem"].as_array())
+                    .map_or(0, Vec::len);
+                ensure!(
+                    got == *want,
+                    "nftables set {set} holds {got} elements, {want} were loaded"
+                );
+            }
+        }
+        Filter::Iptables(_) => {
+            for (program, text, family) in [
+                ("iptables-restore", &texts.main, "iptables"),
+                ("ip6tables-restore", &texts.v6, "ip6tables"),
+            ] {
+                run_ok(
+                    Some(&lab.gw),
+                    program,
+                    &[],
+                    Some(text.as_bytes()),
+                    Duration::from_secs(300),
+                )?;
+                let save = run_ok(
+                    Some(&lab.gw),
+                    &format!("{family}-save"),
+                    &["-t", "filter"],
+                    None,
+                    Duration::from_secs(120),
+                )?;
+                let got = save.lines().filter(|l| l.starts_with("-A OUTPUT")).count();
+                let want = texts.expect[family];
+                ensure!(
+                    got == want,
+                    "{family} OUTPUT holds {got} rules, {want} were loaded ({})",
+                    tools.iptables
+                );
+            }
+        }
+    }
+    // The setup must do what it claims: without a filter the probe datagram arrives, with one it is
+    // dropped (it goes to an address no policy here allows).
+    let mut delivered = probe_delivered(lab)?;
+    if s == Filter::None && !delivered {
+        // Late rather than lost? Once more before calling the lab broken.
+        delivered = probe_delivered(lab)?;
+    }
+    match (s, delivered) {
+        (Filter::None, false) => bail!(
+            "without any filter two datagrams from {} to {}:{PROBE_PORT} did not arrive; the gateway namespace:\n{}",
+            lab::EGRESS_V4,
+            lab::UNLISTED_V4,
+            diagnostics(lab)
+        ),
+        (Filter::None, true) => {}
+        (_, true) => bail!(
+            "{} is in place but a datagram to {}:{PROBE_PORT}, which it does not allow, arrived",
+            s.label(),
+            lab::UNLISTED_V4
+        ),
+        (_, false) => {}
+    }
+    if s != Filter::None {
+        p.say(&format!(
+            "{}: in place in {:.2} s (a datagram it does not allow is dropped)",
+            s.label(),
+            t.elapsed().as_secs_f64()
+        ));
+    }
+    Ok(Installed {
+        filter: s,
+        daemon,
+        attach,
+    })
+}
+
+fn remove(lab: &Lab, i: Installed, tools: &Tools, p: &crate::Progress) -> anyhow::Result<()> {
+    if let Some(d) = i.daemon {
+        d.stop()?;
+    }
+    match i.filter {
+        Filter::Nftables(_) => {
+            run_ok(
+                Some(&lab.gw),
+                "nft",
+                &["delete", "table", "inet", NFT_TABLE],
+                None,
+                Duration::from_secs(60),
+            )?;
+        }
+        Filter::Iptables(_) if tools.iptables_nft => {
+            // iptables-nft made `ip filter` and `ip6 filter` tables: removed with their hooks.
+            run_ok(
+                Some(&lab.gw),
+                "nft",
+                &["flush", "ruleset"],
+                None,
+                Duration::from_secs(60),
+            )?;
+        }
+        Filter::Iptables(_) => {
+            for program in ["iptables", "ip6tables"] {
+                run_ok(
+                    Some(&lab.gw),
+                    program,
+                    &["-F", "OUTPUT"],
+                    None,
+                    Duration::from_secs(60),
+                )?;
+            }
+        }
+        _ => {}
+    }
+    if i.filter != Filter::None {
+        let left = run_ok(
+            Some(&lab.gw),
+            "nft",
+            &["list", "ruleset"],
+            None,
+            Duration::from_secs(30),
+        )?;
+        ensure!(
+            left.trim().is_empty() || (!tools.iptables_nft && i.filter.kind() == "iptables"),
+            "the gateway namespace still has nftables rules after removing {}:\n{left}",
+            i.filter.label()
+        );
+        // `vpcgate teardown` returns a few milliseconds before the kernel has detached the programs
+        // (seen on 6.18: datagrams sent in the first ~4 ms are still dropped), and a datagram can be
+        // late on a loaded machine: up to 3 tries (500 ms each) before calling it dropped.
+        let mut tries = 0;
+        while !probe_delivered(lab)? {
+            tries += 1;
+            ensure!(
+                tries < 3,
+                "after removing {} three datagrams to {}:{PROBE_PORT} did not arrive; the gateway namespace:\n{}",
+                i.filter.label(),
+                lab::UNLISTED_V4,
+                diagnostics(lab)
+            );
+            let neigh = lab.gw.ip(&["neigh", "show", &lab::UNLISTED_V4.to_string()]);
+            p.say(&format!(
+                "after removing {}: probe datagram {tries} did not arrive within 500 ms (neighbour: {}); trying again",
+                i.filter.label(),
+                neigh.trim()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What the gateway namespace has on its ENI: links (XDP), tcx and clsact programs, neighbours.
+fn diagnostics(lab: &Lab) -> String {
+    let mut out = String::new();
+    for (program, args) in [
+        ("ip", &["-d", "link", "show", lab::ENI][..]),
+        ("ip", &["neigh", "show"][..]),
+        ("bpftool", &["net", "show", "dev", lab::ENI][..]),
+        ("tc", &["filter", "show", "dev", lab::ENI, "egress"][..]),
+        ("nft", &["list", "ruleset"][..]),
+    ] {
+        let r = run_bounded(Some(&lab.gw), program, args, None, Duration::from_secs(10));
+        out += &format!("$ {program} {}\n", args.join(" "));
+        match r {
+            Ok(o) => {
+                out += &String::from_utf8_lossy(&o.stdout);
+                out += &String::from_utf8_lossy(&o.stderr);
+            }
+            Err(e) => out += &format!("{e:#}\n"),
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------------------
+
+pub fn markdown(rows: &[Row]) -> String {
+    let mut setups: Vec<&str> = vec![];
+    for r in rows {
+        if !setups.contains(&r.setup.as_str()) {
+            setups.push(&r.setup);
+        }
+    }
+    let cell = |setup: &str, test: &str| rows.iter().find(|r| r.setup == setup && r.test == test);
+    let ratio = |r: &Row| {
+        r.ratio_to_no_filter
+            .map(|x| format!(" ({x:.2}×)"))
+            .unwrap_or_default()
+    };
+    // "machine / iperf3 processes (machine busy %)"
+    let cpu = |r: Option<&Row>| match r.and_then(|r| r.cpu_ns_per_packet.map(|c| (r, c))) {
+        Some((r, c)) => format!(
+            "{c:.0} / {} ({}%)",
+            r.iperf3_cpu_ns_per_packet
+                .map_or_else(|| "—".into(), |x| format!("{x:.0}")),
+            r.cpu_busy_percent
+                .map_or_else(|| "—".into(), |x| format!("{x:.0}"))
+        ),
+        None => "—".into(),
+    };
+    let mut out = String::from(
+        "### Throughput over veth (iperf3, gateway namespace → VPC namespace)\n\n\
+         | setup | TCP Gbit/s (× no filter) | UDP 64 B kpps received (× no filter) | UDP loss | TCP CPU ns/packet: machine / iperf3 (busy) | UDP CPU ns/packet: machine / iperf3 (busy) |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
+    for s in &setups {
+        let tcp = cell(s, "tcp");
+        let udp = cell(s, "udp64");
+        out += &format!(
+            "| {s} | {} | {} | {} | {} | {} |\n",
+            tcp.map(|r| format!("{:.2}{}", r.median / 1e9, ratio(r)))
+                .unwrap_or_else(|| "—".into()),
+            udp.map(|r| format!("{:.0}{}", r.median / 1e3, ratio(r)))
+                .unwrap_or_else(|| "—".into()),
+            udp.and_then(|r| r.loss_percent)
+                .map(|l| format!("{l:.1}%"))
+                .unwrap_or_else(|| "—".into()),
+            cpu(tcp),
+            cpu(udp),
+        );
+    }
+    for test in ["tcp", "udp64"] {
+        if let Some((setup, x)) = vpcgate_to_nftables(rows, test) {
+            out += &format!("\n{setup} vs nftables with the same rules, {test}: {x:.2}×.");
+        }
+    }
+    if let Some(r) = rows.first() {
+        out += &format!(
+            "\n\nMedians of {} run(s) of {} s per setup and test (no filter: {} runs, measured first and last). \
+             TCP: the receiver's bits/s; UDP: 18-byte payloads (64-byte frames) sent without a rate limit, the \
+             receiver's packets/s and loss. CPU per packet, over the packets sent on the gateway's ENI (TCP: \
+             GSO super-packets, what TC egress sees): \"machine\" is the busy time of all CPUs (/proc/stat \
+             user+nice+system+irq+softirq) during the run, so it includes whatever else runs on this shared \
+             machine; \"iperf3\" is the two iperf3 processes' own CPU time as iperf3 reports it (with tick \
+             accounting, softirq work done in their context included, ksoftirqd's not). Both iperf3 ends run \
+             on this machine. When the machine is near 100% busy the runs are CPU-bound: the machine figure is \
+             then about (CPUs / packet rate) and the throughput ratios say more than the CPU figures.\n",
+            rows.iter()
+                .find(|x| x.filter != "none")
+                .map_or(r.runs, |x| x.runs),
+            r.seconds_per_run,
+            rows.iter()
+                .find(|x| x.filter == "none")
+                .map_or(0, |x| x.runs)
+        );
+    }
+    let mut notes: Vec<String> = vec![];
+    for r in rows {
+        let n = format!("- {}: {}", r.setup, r.note);
+        if !notes.contains(&n) {
+            notes.push(n);
+        }
+    }
+    out += &format!("\n{}\n", notes.join("\n"));
+    out
 }
 
 pub fn plots(_dir: &std::path::Path, _rows: &[Row]) -> anyhow::Result<()> {
