@@ -62,7 +62,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new() -> Self {
+    fn new() -> Self {
         Self {
             start: Instant::now(),
         }

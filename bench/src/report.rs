@@ -390,6 +390,10 @@ pub fn markdown(r: &Report) -> String {
     }
     if let Some(t) = &r.throughput {
         md += &throughput::markdown(t);
+        let _ = writeln!(
+            md,
+            "\n![tcp](throughput_tcp.svg)\n![udp](throughput_udp64.svg)\n"
+        );
     }
     if let Some(c) = &r.control {
         md += &control::markdown(c);
@@ -401,6 +405,79 @@ pub fn findings(r: &Report) -> Vec<String> {
     let mut out = vec![];
     if let Some(s) = &r.per_packet {
         out.extend(per_packet_findings(s));
+    }
+    if let Some(t) = &r.throughput {
+        out.extend(throughput_findings(t));
+    }
+    if let Some(c) = &r.control {
+        out.extend(control_findings(c));
+    }
+    out
+}
+
+fn throughput_findings(rows: &[throughput::Row]) -> Vec<String> {
+    let mut setups: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.filter != "none")
+        .map(|r| r.setup.as_str())
+        .collect();
+    setups.dedup();
+    setups
+        .into_iter()
+        .map(|setup| {
+            let per_test: Vec<String> = [("tcp", "TCP"), ("udp64", "64-byte UDP")]
+                .iter()
+                .filter_map(|&(test, name)| {
+                    let r = rows.iter().find(|r| r.setup == setup && r.test == test)?;
+                    let vs_nft = r.ratio_to_nftables.map_or(String::new(), |n| {
+                        format!(", {n:.2}× nftables with as many rules")
+                    });
+                    Some(format!(
+                        "{name} {}× no filter{vs_nft}",
+                        r.ratio_to_no_filter
+                            .map_or("–".into(), |x| format!("{x:.2}"))
+                    ))
+                })
+                .collect();
+            format!("Throughput with {setup}: {}.", per_test.join("; "))
+        })
+        .collect()
+}
+
+fn ms(s: Option<f64>) -> String {
+    s.map_or("–".into(), |s| format!("{:.0} ms", s * 1e3))
+}
+
+fn control_findings(rows: &[control::Row]) -> Vec<String> {
+    let mut out: Vec<String> = control::applies(rows)
+        .into_iter()
+        .map(|a| match &a.error {
+            Some(e) if !a.fits => format!("{} rules ({}): refused: {e}", fmt_entries(a.rules), a.shape),
+            _ => format!(
+                "{} rules ({}): compile {}, first apply {}, one-rule change {} ({}), a new generation {}; kernel maps {:.0} MiB.",
+                fmt_entries(a.rules),
+                a.shape,
+                ms(a.compile_seconds),
+                ms(a.generation_seconds),
+                ms(a.incremental_seconds),
+                match a.incremental_in_place {
+                    Some(true) => "in place",
+                    Some(false) => "new generation",
+                    None => "not run",
+                },
+                ms(a.regeneration_seconds),
+                a.kernel_map_bytes.unwrap_or(0) as f64 / (1 << 20) as f64
+            ),
+        })
+        .collect();
+    if let Some(l) = control::reload(rows) {
+        out.push(format!(
+            "One-rule change from file write to kernel through the daemon's reload, {} rules: median {:.0} ms, max {:.0} ms ({:.0} ms of it the agent's inotify debounce).",
+            fmt_entries(l.rules),
+            l.median_seconds * 1e3,
+            l.max_seconds * 1e3,
+            l.debounce_seconds * 1e3
+        ));
     }
     out
 }

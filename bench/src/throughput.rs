@@ -62,21 +62,6 @@ pub struct Row {
     pub note: String,
 }
 
-/// The ratio of `setup` to no filter in `test` ("tcp" or "udp64"), for the headline.
-#[allow(dead_code)] // for the report (main.rs)
-pub fn ratio_to_no_filter(rows: &[Row], setup: &str, test: &str) -> Option<f64> {
-    rows.iter()
-        .find(|r| r.setup == setup && r.test == test)
-        .and_then(|r| r.ratio_to_no_filter)
-}
-
-/// The ratio of vpcgate to nftables (same rule count) in `test`, for the headline.
-pub fn vpcgate_to_nftables(rows: &[Row], test: &str) -> Option<(String, f64)> {
-    rows.iter()
-        .find(|r| r.filter == "vpcgate" && r.test == test && r.ratio_to_nftables.is_some())
-        .map(|r| (r.setup.clone(), r.ratio_to_nftables.unwrap_or_default()))
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Filter {
     None,
@@ -146,6 +131,13 @@ struct Sample {
     cpu_ns_per_packet: Option<f64>,
     busy_percent: Option<f64>,
     iperf3_ns_per_packet: Option<f64>,
+}
+
+/// The ratio of vpcgate to nftables (same rule count) in `test`.
+fn vpcgate_to_nftables(rows: &[Row], test: &str) -> Option<(String, f64)> {
+    rows.iter()
+        .find(|r| r.filter == "vpcgate" && r.test == test && r.ratio_to_nftables.is_some())
+        .map(|r| (r.setup.clone(), r.ratio_to_nftables.unwrap_or_default()))
 }
 
 pub fn run(opts: &crate::Opts, seed: u64, p: &crate::Progress) -> anyhow::Result<Vec<Row>> {
@@ -686,6 +678,7 @@ impl Texts {
                     ranges: &[(IPERF_PORT, IPERF_PORT)],
                     inside: IPERF_PORT,
                     outside: IPERF_PORT + 1,
+                    host: IpAddr::V4(lab::BACKEND_V4),
                 });
                 rules.push(Rule {
                     proto: Proto::Udp,
@@ -1125,6 +1118,32 @@ pub fn markdown(rows: &[Row]) -> String {
     out
 }
 
-pub fn plots(_dir: &std::path::Path, _rows: &[Row]) -> anyhow::Result<()> {
+/// Bars of each setup's median: TCP in Gbit/s, small-packet UDP in thousands of packets/s received.
+pub fn plots(dir: &std::path::Path, rows: &[Row]) -> anyhow::Result<()> {
+    for (test, file, title, unit, scale) in [
+        (
+            "tcp",
+            "throughput_tcp.svg",
+            "TCP over the lab's veth (iperf3)",
+            "Gbit/s",
+            1e-9,
+        ),
+        (
+            "udp64",
+            "throughput_udp64.svg",
+            "64-byte UDP over the lab's veth (iperf3, received)",
+            "thousand packets/s",
+            1e-3,
+        ),
+    ] {
+        let bars: Vec<(String, f64)> = rows
+            .iter()
+            .filter(|r| r.test == test)
+            .map(|r| (r.setup.clone(), r.median * scale))
+            .collect();
+        if !bars.is_empty() {
+            crate::plot::bars(&dir.join(file), title, unit, &bars)?;
+        }
+    }
     Ok(())
 }
