@@ -1445,7 +1445,10 @@ fn shapes() -> Vec<Shape> {
     let mut v = vec![];
     // Nested prefixes with differing ports, near the PORTS map's capacity: 20 wide rules (60 blocks)
     // repeated under each host, which adds one port of its own (61 entries per host).
-    let (w, h) = (20, vpcgate_common::datapath::limits::PORT_ENTRIES * 98 / 100 / 61);
+    let (w, h) = (
+        20,
+        vpcgate_common::datapath::limits::PORT_ENTRIES * 98 / 100 / 61,
+    );
     v.push(Shape {
         name: "nested-ports",
         description: format!(
