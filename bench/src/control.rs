@@ -613,16 +613,6 @@ fn map_bytes(maps: &BTreeMap<u32, (String, u64)>) -> (u64, u64) {
     (total, policy)
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Policies that fit at any size
 // ---------------------------------------------------------------------------------------------------
@@ -1379,7 +1369,7 @@ fn reloads(
     }
     Ok(ReloadRow {
         rules: rules.len(),
-        median_seconds: median(&samples),
+        median_seconds: crate::median(&samples),
         max_seconds: samples.iter().copied().fold(0.0, f64::max),
         samples_seconds: samples,
         in_place,

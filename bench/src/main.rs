@@ -48,6 +48,17 @@ pub enum Part {
     Control,
 }
 
+/// The median of `v` (the mean of the middle two for an even count; NaN when empty).
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
 fn parse_seed(s: &str) -> Result<u64, String> {
     let r = match s.strip_prefix("0x") {
         Some(hex) => u64::from_str_radix(hex, 16),

@@ -504,18 +504,6 @@ fn fill_baseline_tries(ebpf: &mut Ebpf, prefixes: &[ipnet::IpNet]) -> anyhow::Re
     )
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    if s.is_empty() {
-        f64::NAN
-    } else if s.len() % 2 == 1 {
-        s[s.len() / 2]
-    } else {
-        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
-    }
-}
-
 /// The verdict each program must give a kind of packet before it is timed (None: not checked; the
 /// baselines look at the address only).
 fn expected(prog: Prog, kind: Kind) -> Option<bool> {
@@ -657,10 +645,10 @@ pub fn run(quick: bool, seed: u64, out: &std::path::Path, p: &Progress) -> anyho
                     .iter()
                     .zip(&per)
                     .filter(|(pr, _)| matches!(pr, Prog::FloorTc | Prog::FloorXdp))
-                    .map(|(pr, r)| (pr.hook(), median(r)))
+                    .map(|(pr, r)| (pr.hook(), crate::median(r)))
                     .collect();
                 for (&pr, rounds) in active.iter().zip(per) {
-                    let ns = median(&rounds);
+                    let ns = crate::median(&rounds);
                     let floor = floors
                         .iter()
                         .find(|(hk, _)| *hk == pr.floor().hook())

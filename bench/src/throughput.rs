@@ -244,16 +244,6 @@ fn describe(test: Test, s: &Sample) -> String {
     }
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
-}
-
 fn rows(
     setups: &[Filter],
     samples: &BTreeMap<(Filter, Test), Vec<Sample>>,
@@ -265,7 +255,7 @@ fn rows(
     let med = |s: Filter, t: Test| {
         samples
             .get(&(s, t))
-            .map(|v| median(&v.iter().map(|x| x.value).collect::<Vec<_>>()))
+            .map(|v| crate::median(&v.iter().map(|x| x.value).collect::<Vec<_>>()))
     };
     let mut out = vec![];
     for &s in setups {
@@ -274,7 +264,7 @@ fn rows(
                 continue;
             };
             let values: Vec<f64> = v.iter().map(|x| x.value).collect();
-            let m = median(&values);
+            let m = crate::median(&values);
             let cpu: Vec<f64> = v.iter().filter_map(|x| x.cpu_ns_per_packet).collect();
             let busy: Vec<f64> = v.iter().filter_map(|x| x.busy_percent).collect();
             let own: Vec<f64> = v.iter().filter_map(|x| x.iperf3_ns_per_packet).collect();
@@ -295,11 +285,11 @@ fn rows(
                 .into(),
                 median: m,
                 samples: values,
-                loss_percent: (!loss.is_empty()).then(|| median(&loss)),
-                cpu_ns_per_packet: (!cpu.is_empty()).then(|| median(&cpu)),
-                cpu_busy_percent: (!busy.is_empty()).then(|| median(&busy)),
-                iperf3_cpu_ns_per_packet: (!own.is_empty()).then(|| median(&own)),
-                packets_per_run: median(&v.iter().map(|x| x.packets as f64).collect::<Vec<_>>()),
+                loss_percent: (!loss.is_empty()).then(|| crate::median(&loss)),
+                cpu_ns_per_packet: (!cpu.is_empty()).then(|| crate::median(&cpu)),
+                cpu_busy_percent: (!busy.is_empty()).then(|| crate::median(&busy)),
+                iperf3_cpu_ns_per_packet: (!own.is_empty()).then(|| crate::median(&own)),
+                packets_per_run: crate::median(&v.iter().map(|x| x.packets as f64).collect::<Vec<_>>()),
                 runs: v.len(),
                 seconds_per_run: secs,
                 ratio_to_no_filter: med(Filter::None, t).map(|x| m / x),
