@@ -29,6 +29,7 @@ pub mod names {
     pub const ECHO_FLOWS: &str = "ECHO_FLOWS";
     pub const FRAGS: &str = "FRAGS";
     pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
+    pub const REPLY_PORTS: &str = "REPLY_PORTS";
     pub const ONLINK6: &str = "ONLINK6";
     pub const FORWARD_IFS: &str = "FORWARD_IFS";
     pub const LAST_VERDICT: &str = "LAST_VERDICT";
@@ -71,6 +72,8 @@ pub mod limits {
     pub const FRAGS: u32 = 8192;
     /// The gateway's own addresses (flows are recorded only toward these).
     pub const LOCAL_ADDRS: u32 = 1024;
+    /// `REPLY_PORTS` entries: TCP then UDP, 64 local ports per entry, one byte per port.
+    pub const REPLY_PORT_ENTRIES: u32 = 2 * 1024;
     /// The ENI's on-link IPv6 prefixes (from its addresses): neighbour discovery toward them passes.
     pub const ONLINK6: u32 = 64;
     /// Forward interfaces whose XDP enforces (a packet from one is not counted again at TC egress).
@@ -166,7 +169,35 @@ pub struct AddrValue {
     pub icmp_rule: u32,
     /// Per protocol, the rule a non-first fragment is attributed to when every port is allowed; 0 if not.
     pub all_ports_rule: [u32; 2],
-    pub _pad: u32,
+    /// `ADDR_RESERVED_OVERLAP`.
+    pub flags: u32,
+    /// Per protocol, how many of `inline`'s intervals hold the port table, or `INLINE_IN_PORTS`: the
+    /// table has more intervals than fit, look the port up in `PORTS` under `port_table`.
+    pub inline_len: [u32; 2],
+    /// Per protocol, the port table itself when it is small (almost always): sorted, disjoint
+    /// intervals, so the port's rule comes with the address entry, without a second trie walk.
+    pub inline: [[PortInterval; INLINE_PORTS]; 2],
+}
+
+/// Port intervals an address entry holds inline, per protocol.
+pub const INLINE_PORTS: usize = 4;
+
+/// `AddrValue::inline_len`: the table is in `PORTS` only.
+pub const INLINE_IN_PORTS: u32 = u32::MAX;
+
+/// `AddrValue::flags`: a reserved block overlaps this prefix, so a destination matching it must be looked
+/// up among the reserved blocks (rule 4). Without the flag no reserved block contains any address the
+/// entry matches (the address would lie in both prefixes, so one would contain the other), and the
+/// second walk is skipped.
+pub const ADDR_RESERVED_OVERLAP: u32 = 1;
+
+/// Inclusive port interval allowed to a rule, inline in an address entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PortInterval {
+    pub lo: u16,
+    pub hi: u16,
+    pub rule: u32,
 }
 
 /// LPM key data of a port block: generation, table, protocol, then the port's high bits.
@@ -203,7 +234,7 @@ pub const DROP_STATS_LEN: u32 = 16;
 pub const AUDIT_OFFSET: u32 = 8;
 
 /// A flow a peer initiated toward the gateway, as the gateway's replies see it (local = the gateway).
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FlowKey {
     /// 4 or 6.
@@ -266,7 +297,7 @@ pub struct Prefix6 {
 }
 
 /// One of the gateway's own addresses (flows are recorded only toward these).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct LocalAddr {
     /// 4 or 6.
@@ -276,7 +307,7 @@ pub struct LocalAddr {
 }
 
 /// A destination the gateway sent to: (address, protocol, port). ICMP uses port 0.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct DestKey {
     /// 4 or 6.
@@ -297,18 +328,21 @@ pub struct DestObs {
     pub audited: u64,
     /// TCP SYNs (without ACK) that passed.
     pub syn_sent: u64,
-    /// bpf_ktime_get_ns of the last packet, and of the last drop.
+    /// Monotonic time (`bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC within a tick) of the last packet,
+    /// and of the last drop.
     pub last_seen_ns: u64,
     pub last_drop_ns: u64,
     /// Drop reason code of the last (would-be) drop, 0 if none.
     pub last_reason: u32,
-    pub _pad: u32,
+    /// The kernel's bookkeeping: the tick (`jiffies`, low 32 bits) at which `last_seen_ns` was last
+    /// written, so that further packets in the same tick do not read the clock again.
+    pub seen_tick: u32,
     /// What came back on the ENI's ingress (XDP ingress): TCP SYN-ACKs and RSTs from the destination,
     /// ICMP destination-unreachable (and packet-too-big, time-exceeded) errors quoting a packet to it.
     pub syn_ack: u64,
     pub rst: u64,
     pub icmp_errors: u64,
-    /// bpf_ktime_get_ns of the last of those.
+    /// Monotonic time (coarse, as `last_seen_ns`) of the last of those.
     pub last_reply_ns: u64,
     /// Type and code of the last ICMP error.
     pub icmp_type: u8,
@@ -487,7 +521,7 @@ pub const ACTION_DROP: u32 = 2;
 
 const _: () = assert!(core::mem::size_of::<AddrV4>() == 8);
 const _: () = assert!(core::mem::size_of::<AddrV6>() == 20);
-const _: () = assert!(core::mem::size_of::<AddrValue>() == 32);
+const _: () = assert!(core::mem::size_of::<AddrValue>() == 104);
 const _: () = assert!(core::mem::size_of::<PortData>() == 12);
 const _: () = assert!(core::mem::size_of::<GenConfig>() == 48);
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 16);
@@ -530,4 +564,18 @@ mod user {
     unsafe impl aya::Pod for ProbeObs {}
     unsafe impl aya::Pod for KtraceConfig {}
     unsafe impl aya::Pod for KernelDrop {}
+}
+
+/// Size of a `SCRATCH` value (a kernel-private parsed packet), whose first u32 says whether a running
+/// program holds it: tests mark it taken from userspace.
+pub const SCRATCH_SIZE: usize = 72;
+
+/// Where `REPLY_PORTS` marks a local port of a protocol (0 TCP, 1 UDP): (entry, byte). A peer-initiated
+/// flow is recorded only after its local port is marked; a packet leaving from an unmarked port cannot be
+/// a reply, and its flow lookup is skipped. Marks are never cleared (a stale one costs a lookup).
+pub const fn reply_port_slot(proto_index: u32, port: u16) -> (u32, usize) {
+    (
+        proto_index * 1024 + (port / 64) as u32,
+        (port % 64) as usize,
+    )
 }

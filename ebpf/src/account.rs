@@ -1,8 +1,6 @@
 //! Every verdict goes through here once: drop counters, per-rule counters, per-destination observations,
 //! the test hook.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-
 use vpcgate_common::datapath::{
     ACTION_PASS, AUDIT_OFFSET, DestKey, DestObs, FLAG_RECORD_LAST, LastVerdict, RuleStats,
     RuleStatsKey, basis,
@@ -11,6 +9,8 @@ use vpcgate_common::icmp::{
     ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG,
     ICMPV6_TIME_EXCEEDED,
 };
+
+use aya_ebpf::maps::LruPerCpuHashMap;
 
 use crate::{
     maps::{DEST_OBS, DROP_OBS, DROP_STATS, GEN_CONFIG, LAST_VERDICT, RULE_STATS},
@@ -39,44 +39,75 @@ pub fn observe(pkt: &Packet, o: &Outcome) {
         port: port.to_be_bytes(),
         addr: pkt.dst,
     };
-    record_destination(&key, syn, o.action == ACTION_PASS, o.audit, o.reason);
+    if o.action == ACTION_PASS {
+        record_passed(&key, syn, o.audit, o.reason);
+    } else {
+        record_dropped(&key, o.reason);
+    }
 }
 
-/// A separate BPF function taking only plain values: inlined into the enforcement path (or handed the
-/// parsed packet, whose enum payloads are partly undefined), LLVM produced register uses the verifier
-/// rejects ("bitwise operator on pointer", "!read_ok").
+/// This CPU's copy of `key`'s observation in `map`, created (zero) on the destination's first packet.
+/// Inlined into one function per map: a lookup whose map is known at verification is a direct call,
+/// one that could be either map goes through the generic helper's indirect call.
+#[inline(always)]
+fn observation(
+    map: &'static LruPerCpuHashMap<DestKey, DestObs>,
+    key: &DestKey,
+) -> Option<*mut DestObs> {
+    if let Some(p) = map.get_ptr_mut(key) {
+        return Some(p);
+    }
+    let _ = map.insert(key, DestObs::default(), 0);
+    map.get_ptr_mut(key)
+}
+
+/// A packet that passed (or, audited, would have dropped) toward `key`. A separate BPF function taking
+/// only plain values: inlined into the enforcement path (or handed the parsed packet, whose enum
+/// payloads are partly undefined), LLVM produced register uses the verifier rejects ("bitwise operator
+/// on pointer", "!read_ok").
 #[inline(never)]
-fn record_destination(key: &DestKey, syn: bool, passed: bool, audit: bool, reason: u32) {
-    // SAFETY: a helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let map = if passed { &DEST_OBS } else { &DROP_OBS };
-    let obs = match map.get_ptr_mut(key) {
-        Some(p) => p,
-        None => {
-            let _ = map.insert(key, DestObs::default(), 0);
-            match map.get_ptr_mut(key) {
-                Some(p) => p,
-                None => return,
-            }
-        }
+fn record_passed(key: &DestKey, syn: bool, audit: bool, reason: u32) {
+    let Some(obs) = observation(&DEST_OBS, key) else {
+        return;
     };
     // SAFETY: `obs` points at this CPU's copy of a live map value.
     unsafe {
-        if passed && !audit {
-            (*obs).passed += 1;
-            if syn {
-                (*obs).syn_sent += 1;
-            }
-        } else if audit {
+        if audit {
+            let now = crate::flows::now();
             (*obs).audited += 1;
-        } else {
-            (*obs).dropped += 1;
-        }
-        (*obs).last_seen_ns = now;
-        if reason != 0 {
             (*obs).last_drop_ns = now;
             (*obs).last_reason = reason;
+            (*obs).last_seen_ns = now;
+            return;
         }
+        (*obs).passed += 1;
+        if syn {
+            (*obs).syn_sent += 1;
+        }
+        // The coarse clock moves once per tick: read it once per tick per destination and CPU.
+        // `jiffies` itself is a load (the verifier inlines the helper), the clock is a call.
+        // SAFETY: a helper without preconditions.
+        let tick = aya_ebpf::helpers::bpf_jiffies64() as u32;
+        if (*obs).seen_tick != tick || (*obs).last_seen_ns == 0 {
+            (*obs).seen_tick = tick;
+            (*obs).last_seen_ns = crate::flows::now();
+        }
+    }
+}
+
+/// A packet dropped toward `key` (see `record_passed`).
+#[inline(never)]
+fn record_dropped(key: &DestKey, reason: u32) {
+    let Some(obs) = observation(&DROP_OBS, key) else {
+        return;
+    };
+    let now = crate::flows::now();
+    // SAFETY: `obs` points at this CPU's copy of a live map value.
+    unsafe {
+        (*obs).dropped += 1;
+        (*obs).last_seen_ns = now;
+        (*obs).last_drop_ns = now;
+        (*obs).last_reason = reason;
     }
 }
 
@@ -199,9 +230,9 @@ fn record_reply(key: &DestKey, kind: u8, icmp_type: u8, icmp_code: u8) {
     let Some(obs) = DEST_OBS.get_ptr_mut(key) else {
         return;
     };
-    // SAFETY: a helper without preconditions; `obs` points at this CPU's copy of a live map value.
+    let now = crate::flows::now();
+    // SAFETY: `obs` points at this CPU's copy of a live map value.
     unsafe {
-        let now = bpf_ktime_get_ns();
         match kind {
             REPLY_SYN_ACK => (*obs).syn_ack += 1,
             REPLY_RST => (*obs).rst += 1,

@@ -11,20 +11,20 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple},
-    helpers::{bpf_ktime_get_ns, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     maps::LruHashMap,
     programs::XdpContext,
 };
 use vpcgate_common::{
     datapath::{
         FLOW_CLOSING, FLOW_SYNACK_SENT, FlowKey, FlowValue, FragKey, FragValue, GenConfig,
-        LocalAddr, limits,
+        LocalAddr, limits, reply_port_slot,
     },
     icmp::{ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST},
 };
 
 use crate::{
-    maps::{DGRAM_FLOWS, ECHO_FLOWS, FLOWS, FRAGS, HALF_OPEN, LOCAL_ADDRS},
+    maps::{DGRAM_FLOWS, ECHO_FLOWS, FLOWS, FRAGS, HALF_OPEN, LOCAL_ADDRS, REPLY_PORTS},
     parse::{
         Fragment, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, L3, L4, Packet, TCP_ACK,
         TCP_FIN, TCP_RST, TCP_SYN,
@@ -41,10 +41,39 @@ fn family(pkt: &Packet) -> u8 {
     if pkt.l3 == L3::Ipv4 { 4 } else { 6 }
 }
 
+/// Flow and fragment times: the coarse monotonic clock (updated every tick, a few ms at most behind
+/// `bpf_ktime_get_ns`, without reading the TSC), which serves timeouts counted in seconds. The agent
+/// reads them against CLOCK_MONOTONIC.
 #[inline(always)]
-fn now() -> u64 {
+pub fn now() -> u64 {
     // SAFETY: a helper without preconditions.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// `REPLY_PORTS` index of a protocol.
+const TCP_PORTS: u32 = 0;
+const UDP_PORTS: u32 = 1;
+
+/// Marks `port` of a protocol as one toward which a peer-initiated flow exists: done before the flow is
+/// recorded, so a reply never finds its port unmarked while its flow is there.
+#[inline(always)]
+fn mark_reply_port(proto: u32, port: u16) {
+    let (index, byte) = reply_port_slot(proto, port);
+    if let Some(p) = REPLY_PORTS.get_ptr_mut(index) {
+        // SAFETY: a map value; racing writers store the same byte.
+        unsafe { (*p)[byte] = 1 };
+    }
+}
+
+/// Whether a packet leaving from local `port` may be a reply: false only when no flow was ever recorded
+/// toward that port.
+#[inline(always)]
+fn may_be_reply(proto: u32, port: u16) -> bool {
+    let (index, byte) = reply_port_slot(proto, port);
+    match REPLY_PORTS.get(index) {
+        Some(p) => p[byte] != 0,
+        None => true,
+    }
 }
 
 /// Whether a flow last seen at `last` is still live at `now` under `timeout_s`.
@@ -77,7 +106,6 @@ pub fn is_reply(pkt: &Packet, cfg: &GenConfig) -> bool {
     if pkt.fragment == Fragment::NonFirst {
         return false;
     }
-    let t = now();
     match pkt.l4 {
         L4::Tcp {
             sport,
@@ -87,9 +115,10 @@ pub fn is_reply(pkt: &Packet, cfg: &GenConfig) -> bool {
             ..
         } => {
             // A bare SYN opens a connection: never a reply, whatever a peer sent before.
-            if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            if flags & (TCP_SYN | TCP_ACK) == TCP_SYN || !may_be_reply(TCP_PORTS, sport) {
                 return false;
             }
+            let t = now();
             let k = key(pkt, IPPROTO_TCP, sport, dport, true);
             // SAFETY: the value is copied out at once.
             if let Some(v) = unsafe { FLOWS.get(k) } {
@@ -124,22 +153,24 @@ pub fn is_reply(pkt: &Packet, cfg: &GenConfig) -> bool {
             }
             false
         }
-        L4::Udp { sport, dport } => dgram_live(
-            &DGRAM_FLOWS,
-            &key(pkt, IPPROTO_UDP, sport, dport, true),
-            t,
-            cfg,
-        ),
+        L4::Udp { sport, dport } => {
+            may_be_reply(UDP_PORTS, sport)
+                && dgram_live(
+                    &DGRAM_FLOWS,
+                    &key(pkt, IPPROTO_UDP, sport, dport, true),
+                    cfg,
+                )
+        }
         L4::Icmp {
             kind: ICMP_ECHO_REPLY,
             id,
             ..
-        } => dgram_live(&ECHO_FLOWS, &key(pkt, IPPROTO_ICMP, id, id, true), t, cfg),
+        } => dgram_live(&ECHO_FLOWS, &key(pkt, IPPROTO_ICMP, id, id, true), cfg),
         L4::Icmpv6 {
             kind: ICMPV6_ECHO_REPLY,
             id,
             ..
-        } => dgram_live(&ECHO_FLOWS, &key(pkt, IPPROTO_ICMPV6, id, id, true), t, cfg),
+        } => dgram_live(&ECHO_FLOWS, &key(pkt, IPPROTO_ICMPV6, id, id, true), cfg),
         _ => false,
     }
 }
@@ -147,10 +178,10 @@ pub fn is_reply(pkt: &Packet, cfg: &GenConfig) -> bool {
 type FlowMap = LruHashMap<FlowKey, FlowValue>;
 
 #[inline(always)]
-fn dgram_live(map: &'static FlowMap, k: &FlowKey, now: u64, cfg: &GenConfig) -> bool {
+fn dgram_live(map: &'static FlowMap, k: &FlowKey, cfg: &GenConfig) -> bool {
     // SAFETY: the value is copied out at once.
     match unsafe { map.get(k) } {
-        Some(v) => live(now, v.last_seen_ns, cfg.udp_timeout_s),
+        Some(v) => live(now(), v.last_seen_ns, cfg.udp_timeout_s),
         None => false,
     }
 }
@@ -293,6 +324,7 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
                 if to_local(pkt)
                     && socket_exists(ctx.as_ptr(), v6, true, &mut tuple(pkt, sport, dport))
                 {
+                    mark_reply_port(TCP_PORTS, dport);
                     let _ = HALF_OPEN.insert(
                         k,
                         FlowValue {
@@ -317,6 +349,7 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
             // The peer acknowledged the gateway's SYN-ACK: established. Any other packet (a guessed or
             // junk ACK) changes nothing.
             if flags & TCP_ACK != 0 && h.state & FLOW_SYNACK_SENT != 0 && ack == h.expect_ack {
+                mark_reply_port(TCP_PORTS, dport);
                 let _ = FLOWS.insert(
                     k,
                     FlowValue {
@@ -337,6 +370,7 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
             if to_local(pkt)
                 && socket_exists(ctx.as_ptr(), v6, false, &mut tuple(pkt, sport, dport))
             {
+                mark_reply_port(UDP_PORTS, dport);
                 insert_dgram(&DGRAM_FLOWS, &k, t);
             }
         }

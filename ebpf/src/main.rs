@@ -24,7 +24,7 @@ use vpcgate_common::{
 };
 
 use crate::{
-    maps::{FORWARD_IFS, SCRATCH, SCRATCH_BUSY},
+    maps::{FORWARD_IFS, SCRATCH},
     parse::{Cursor, Fragment, Packet},
     verdict::Outcome,
 };
@@ -104,35 +104,26 @@ fn tc_action(o: &Outcome) -> i32 {
 /// Taken for the program's run and given back by `release`: TC egress and XDP run with bottom halves
 /// disabled, so two runs of one hook do not interleave on a CPU; where they could (PREEMPT_RT without its
 /// per-CPU bottom-half lock), the second finds the slot taken and gets None: the caller fails closed.
+/// Returns the packet and the slot's busy flag, for `release`.
 #[inline(always)]
-fn scratch(hook: Hook) -> Option<&'static mut Packet> {
-    let busy = SCRATCH_BUSY.get_ptr_mut(hook as u32)?;
-    // SAFETY: this CPU's slots of per-CPU arrays, held by this run until `release`.
+fn scratch(hook: Hook) -> Option<(&'static mut Packet, &'static mut u32)> {
+    let s = SCRATCH.get_ptr_mut(hook as u32)?;
+    // SAFETY: this CPU's slot of a per-CPU array, held by this run until `release`.
     unsafe {
-        if *busy != 0 {
+        if (*s).busy != 0 {
             return None;
         }
-        *busy = 1;
-        match SCRATCH.get_ptr_mut(hook as u32) {
-            Some(p) => {
-                *p = Packet::new();
-                Some(&mut *p)
-            }
-            None => {
-                *busy = 0;
-                None
-            }
-        }
+        (*s).busy = 1;
+        Packet::reset(&raw mut (*s).pkt);
+        let s = &mut *s;
+        Some((&mut s.pkt, &mut s.busy))
     }
 }
 
 /// Gives the hook's scratch packet back (see `scratch`).
 #[inline(always)]
-fn release(hook: Hook) {
-    if let Some(busy) = SCRATCH_BUSY.get_ptr_mut(hook as u32) {
-        // SAFETY: this CPU's slot, taken by this run.
-        unsafe { *busy = 0 };
-    }
+fn release(busy: &mut u32) {
+    *busy = 0;
 }
 
 #[classifier]
@@ -147,7 +138,7 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
     let len = ctx.len();
     // Parse what is linear; only a packet whose headers are not all linear is pulled (a TCP segment's
     // headers almost always are: no copy per segment).
-    let Some(pkt) = scratch(Hook::TcEgress) else {
+    let Some((pkt, busy)) = scratch(Hook::TcEgress) else {
         return tc_action(&verdict::malformed());
     };
     let linear = (ctx.data_end() - ctx.data()) as u32;
@@ -175,7 +166,7 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
     if probe {
         probe::egress(pkt, &o);
     }
-    release(Hook::TcEgress);
+    release(busy);
     tc_action(&o)
 }
 
@@ -183,12 +174,12 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
 pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let ifindex = ctx.ingress_ifindex() as u32;
-    let Some(pkt) = scratch(Hook::XdpForward) else {
+    let Some((pkt, busy)) = scratch(Hook::XdpForward) else {
         return xdp_action::XDP_DROP;
     };
     let parsed = parse::parse(&Cursor::new(ctx.data(), ctx.data_end()), pkt);
     let o = enforce(Hook::XdpForward, ifindex, parsed, pkt, bytes, false, true);
-    release(Hook::XdpForward);
+    release(busy);
     if o.action == ACTION_PASS {
         xdp_action::XDP_PASS
     } else {
@@ -202,7 +193,7 @@ pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn vpcgate_xdp_ingress(ctx: XdpContext) -> u32 {
     let cursor = Cursor::new(ctx.data(), ctx.data_end());
-    let Some(pkt) = scratch(Hook::Xdp) else {
+    let Some((pkt, busy)) = scratch(Hook::Xdp) else {
         return xdp_action::XDP_PASS;
     };
     match parse::parse(&cursor, pkt) {
@@ -213,7 +204,7 @@ pub fn vpcgate_xdp_ingress(ctx: XdpContext) -> u32 {
         }
         Err(_) => stats::bump(Hook::Xdp, Stat::Malformed),
     }
-    release(Hook::Xdp);
+    release(busy);
     xdp_action::XDP_PASS
 }
 

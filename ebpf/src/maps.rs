@@ -84,6 +84,12 @@ pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(
 #[map(name = "LOCAL_ADDRS")]
 pub static LOCAL_ADDRS: HashMap<LocalAddr, u32> = HashMap::with_max_entries(limits::LOCAL_ADDRS, 0);
 
+/// Local ports (TCP, then UDP) toward which a peer-initiated flow was recorded
+/// (`vpcgate_common::datapath::reply_port_slot`): only a packet leaving from a marked port is looked up
+/// in the flow maps (rule 3).
+#[map(name = "REPLY_PORTS")]
+pub static REPLY_PORTS: Array<[u8; 64]> = Array::with_max_entries(limits::REPLY_PORT_ENTRIES, 0);
+
 /// The ENI's on-link IPv6 prefixes, written by the agent from the interface's addresses.
 #[map(name = "ONLINK6")]
 pub static ONLINK6: LpmTrie<Prefix6, u32> = LpmTrie::with_max_entries(limits::ONLINK6, 0);
@@ -137,10 +143,17 @@ pub static KTRACE_SEEN: PerCpuArray<[u64; 3]> = PerCpuArray::with_max_entries(1,
 #[map(name = "KERNEL_BUDGET")]
 pub static KERNEL_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(2, 0);
 
-/// Per hook, this CPU's parsed packet (see `main::scratch`).
-#[map(name = "SCRATCH")]
-pub static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(HOOK_COUNT, 0);
+/// A hook's scratch slot on one CPU: the parsed packet, and whether a running program holds it.
+/// The busy flag comes first: tests set it from userspace (`vpcgate_common::datapath::SCRATCH_SIZE`).
+#[repr(C)]
+pub struct Scratch {
+    pub busy: u32,
+    pub _pad: u32,
+    pub pkt: Packet,
+}
 
-/// Per hook, whether this CPU's scratch packet is taken by a running program.
-#[map(name = "SCRATCH_BUSY")]
-pub static SCRATCH_BUSY: PerCpuArray<u32> = PerCpuArray::with_max_entries(HOOK_COUNT, 0);
+const _: () = assert!(core::mem::size_of::<Scratch>() == vpcgate_common::datapath::SCRATCH_SIZE);
+
+/// Per hook, this CPU's scratch slot (see `main::scratch`).
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(HOOK_COUNT, 0);

@@ -244,13 +244,15 @@ pub enum L4 {
 }
 
 /// What the verdict needs of a packet. Addresses are in network byte order; IPv4 uses the first 4 bytes.
+/// The addresses come first and 8-aligned: keys built from them are copied by words, not byte by byte.
+#[repr(C, align(8))]
 #[derive(Clone, Copy)]
 pub struct Packet {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     pub l3: L3,
     pub vlan_tags: u8,
     pub proto: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
     pub fragment: Fragment,
     /// IPv4 identification or IPv6 fragment identification (fragments only).
     pub frag_id: u32,
@@ -295,7 +297,34 @@ pub fn parse(c: &Cursor, pkt: &mut Packet) -> Result<(), Malformed> {
     }
 }
 
+const _: () = assert!(
+    core::mem::size_of::<Packet>() % 4 == 0 && core::mem::align_of::<Packet>() >= 4,
+    "Packet::reset writes words"
+);
+
 impl Packet {
+    /// Makes `*p` a [`Packet::new`] in place. A whole-struct store of `Packet::new()` became a call to a
+    /// BPF `memset` subprogram (a tenth of the observe-only program's time); word stores do not.
+    ///
+    /// # Safety
+    /// `p` is valid for writes and aligned, and no reference to `*p` is live.
+    #[inline(always)]
+    pub unsafe fn reset(p: *mut Packet) {
+        let words = p as *mut u32;
+        for i in 0..core::mem::size_of::<Packet>() / 4 {
+            // SAFETY: within `*p` (the caller's promise); volatile keeps LLVM from merging the stores back
+            // into a memset.
+            unsafe { core::ptr::write_volatile(words.add(i), 0) };
+        }
+        // SAFETY: as above; every field is now written with a valid value (zero bytes are the integers'
+        // and the bools', the enums get theirs).
+        unsafe {
+            (*p).l3 = L3::NonIp;
+            (*p).fragment = Fragment::None;
+            (*p).l4 = L4::None;
+        }
+    }
+
     /// A packet nothing is known of yet (non-IP until the parser says otherwise).
     #[inline(always)]
     pub const fn new() -> Self {

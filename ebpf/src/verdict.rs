@@ -4,9 +4,9 @@
 use aya_ebpf::maps::{LpmTrie, lpm_trie::Key};
 use vpcgate_common::{
     datapath::{
-        ACTION_DROP, ACTION_PASS, AddrV4, AddrV6, AddrValue, ESSENTIAL_DHCP, ESSENTIAL_MLD, GEN_A,
-        GEN_B, GEN_BITS, GenConfig, MODE_AUDIT, PORT_KEY_FIXED_BITS, PortData, Prefix6, basis,
-        essential,
+        ACTION_DROP, ACTION_PASS, ADDR_RESERVED_OVERLAP, AddrV4, AddrV6, AddrValue, ESSENTIAL_DHCP,
+        ESSENTIAL_MLD, GEN_A, GEN_B, GEN_BITS, GenConfig, INLINE_IN_PORTS, INLINE_PORTS,
+        MODE_AUDIT, PORT_KEY_FIXED_BITS, PortData, Prefix6, basis, essential,
     },
     icmp::*,
     verdict::DropReason,
@@ -137,15 +137,27 @@ fn reserved_index(generation: u8, pkt: &Packet) -> Option<u32> {
     lookup_dst(&RESERVED_V4, &RESERVED_V6, generation, pkt).copied()
 }
 
+/// The rule an address entry's port table (protocol index `i`) gives `port`: from the entry's inline
+/// intervals, or, for a table too large to hold inline, from `PORTS`.
 #[inline(always)]
-fn port_rule(generation: u8, table: u64, proto: u8, port: u16) -> Option<u32> {
-    let data = PortData {
-        generation,
-        table: table.to_be_bytes(),
-        proto,
-        port: port.to_be_bytes(),
-    };
-    PORTS.get(Key::new(PORT_KEY_FIXED_BITS + 16, data)).copied()
+fn port_rule(generation: u8, e: &AddrValue, i: usize, proto: u8, port: u16) -> Option<u32> {
+    let n = e.inline_len[i];
+    if n == INLINE_IN_PORTS {
+        let data = PortData {
+            generation,
+            table: e.port_table[i].to_be_bytes(),
+            proto,
+            port: port.to_be_bytes(),
+        };
+        return PORTS.get(Key::new(PORT_KEY_FIXED_BITS + 16, data)).copied();
+    }
+    for k in 0..INLINE_PORTS {
+        let iv = &e.inline[i][k];
+        if (k as u32) < n && iv.lo <= port && port <= iv.hi {
+            return Some(iv.rule);
+        }
+    }
+    None
 }
 
 /// 0 for TCP, 1 for UDP (the `AddrValue` arrays' index), None otherwise.
@@ -216,11 +228,17 @@ pub fn decide(pkt: &Packet, local: bool) -> Outcome {
     if local && flows::is_reply(pkt, ctx.cfg) {
         return ctx.pass(basis::REPLY, 0);
     }
-    // 4. Destination in a reserved block -> drop reserved_range.
-    if let Some(index) = reserved_index(generation, pkt) {
+    // 4. Destination in a reserved block -> drop reserved_range. One walk decides both this and rules
+    // 5-7: the reserved blocks are walked only when no address entry matches or the one that does says
+    // a reserved block overlaps it (`ADDR_RESERVED_OVERLAP`).
+    let entry = addr_entry(generation, pkt);
+    let reserved_possible = match entry {
+        Some(e) => e.flags & ADDR_RESERVED_OVERLAP != 0,
+        None => true,
+    };
+    if reserved_possible && let Some(index) = reserved_index(generation, pkt) {
         return ctx.drop(DropReason::ReservedRange, basis::RESERVED, index);
     }
-    let entry = addr_entry(generation, pkt);
     let covering = match entry {
         Some(e) => e.icmp_rule,
         None => 0,
@@ -289,7 +307,7 @@ pub fn decide(pkt: &Packet, local: bool) -> Outcome {
         L4::Tcp { dport, .. } | L4::Udp { dport, .. } => {
             let i = if pkt.proto == IPPROTO_TCP { 0 } else { 1 };
             let rule = match entry {
-                Some(e) => port_rule(generation, e.port_table[i], pkt.proto, dport),
+                Some(e) => port_rule(generation, e, i, pkt.proto, dport),
                 None => None,
             };
             match rule {

@@ -92,8 +92,14 @@ impl Datapath {
         hook: vpcgate_common::parse_stats::Hook,
         busy: bool,
     ) -> Result<(), DatapathError> {
-        let name = "SCRATCH_BUSY";
-        let mut a = typed_map!(self.ebpf_mut(), PerCpuArray<_, u32>, name);
+        let name = "SCRATCH";
+        let mut a = typed_map!(
+            self.ebpf_mut(),
+            PerCpuArray<_, [u8; vpcgate_common::datapath::SCRATCH_SIZE]>,
+            name
+        );
+        let mut slot = [0u8; vpcgate_common::datapath::SCRATCH_SIZE];
+        slot[..4].copy_from_slice(&u32::from(busy).to_ne_bytes());
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Map {
             map: name,
             source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
@@ -101,16 +107,15 @@ impl Datapath {
                 io_error: e,
             }),
         })?;
-        let values =
-            aya::maps::PerCpuValues::try_from(vec![u32::from(busy); cpus]).map_err(|e| {
-                DatapathError::Map {
-                    map: name,
-                    source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                        call: "per-cpu values",
-                        io_error: e,
-                    }),
-                }
-            })?;
+        let values = aya::maps::PerCpuValues::try_from(vec![slot; cpus]).map_err(|e| {
+            DatapathError::Map {
+                map: name,
+                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "per-cpu values",
+                    io_error: e,
+                }),
+            }
+        })?;
         a.set(hook as u32, values, 0).map_err(map_err(name))
     }
 

@@ -8,7 +8,7 @@ use aya::maps::HashMap as BpfHashMap;
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use ipnet::{IpNet, Ipv6Net};
 use vpcgate_common::datapath::{
-    FlowKey, FlowValue, FragKey, FragValue, LocalAddr, Prefix6, limits, names,
+    FlowKey, FlowValue, FragKey, FragValue, LocalAddr, Prefix6, limits, names, reply_port_slot,
 };
 
 use super::{
@@ -113,6 +113,26 @@ impl Datapath {
         key: &FlowKey,
         value: FlowValue,
     ) -> Result<(), DatapathError> {
+        // The kernel marks a TCP or UDP flow's local port before it records the flow (egress looks a
+        // packet up only when its source port is marked): so does this.
+        let proto_index = match key.proto {
+            6 => Some(0),
+            17 => Some(1),
+            _ => None,
+        };
+        if let Some(p) = proto_index {
+            let (index, byte) = reply_port_slot(p, u16::from_be_bytes(key.local_port));
+            let mut ports = typed_map!(
+                self.ebpf_mut(),
+                aya::maps::Array<_, [u8; 64]>,
+                names::REPLY_PORTS
+            );
+            let mut marks = ports.get(&index, 0).map_err(map_err(names::REPLY_PORTS))?;
+            marks[byte] = 1;
+            ports
+                .set(index, marks, 0)
+                .map_err(map_err(names::REPLY_PORTS))?;
+        }
         let name = map.name();
         self.hash_map::<FlowKey, FlowValue>(name)?
             .insert(key, value, 0)

@@ -17,7 +17,9 @@ use std::{
 };
 
 use ipnet::IpNet;
-use vpcgate_common::datapath::{AddrValue, GEN_A, GEN_B, GenConfig};
+use vpcgate_common::datapath::{
+    ADDR_RESERVED_OVERLAP, AddrValue, GEN_A, GEN_B, GenConfig, INLINE_IN_PORTS,
+};
 
 use super::{
     DatapathError,
@@ -382,28 +384,56 @@ enum Partial {
     Start,
     Gen(u8),
     Config(u8, GenConfig),
-    NotReserved(u8, GenConfig),
-    Entry(u8, GenConfig, u64, u32),
+    /// The address entry read (or none), the reserved blocks still to read.
+    Entry(u8, GenConfig, Option<AddrValue>),
+    /// Not reserved; the port table to read in `PORTS`.
+    Ports(u8, GenConfig, u64, u32),
     Done(Decision),
 }
 
-/// The next read of a packet in `p`, in a state where its lookups return `a` and `ports`.
-fn read(p: Partial, a: &AddrObs, ports: &PortObs, proto: Proto) -> Partial {
+/// After the reserved blocks said no: the address entry's decision, from its inline intervals or, for a
+/// table held in `PORTS` only, after reading it there.
+fn entry_decision(g: u8, cfg: GenConfig, e: Option<AddrValue>, proto: Proto, port: u16) -> Partial {
+    let Some(e) = e else {
+        return Partial::Done((Some(cfg), Outcome::NoRule));
+    };
+    let i = proto_index(proto);
+    let n = e.inline_len[i];
+    if n == INLINE_IN_PORTS {
+        return Partial::Ports(g, cfg, e.port_table[i], e.icmp_rule);
+    }
+    let rule = e.inline[i]
+        .iter()
+        .take(n as usize)
+        .find(|iv| iv.lo <= port && port <= iv.hi)
+        .map(|iv| iv.rule);
+    Partial::Done((
+        Some(cfg),
+        rule.map_or(Outcome::Covered(e.icmp_rule), Outcome::Rule),
+    ))
+}
+
+/// The next read of a packet in `p`, in a state where its lookups return `a` and `ports`: as the kernel
+/// reads them (`ebpf/src/verdict.rs`): the address entry, the reserved blocks only when there is no entry
+/// or it is flagged `ADDR_RESERVED_OVERLAP`, then `PORTS` only for a table not held inline.
+fn read(p: Partial, a: &AddrObs, ports: &PortObs, proto: Proto, port: u16) -> Partial {
     match p {
         Partial::Start => match u8::try_from(a.active) {
             Ok(g @ (GEN_A | GEN_B)) => Partial::Gen(g),
             _ => Partial::Done((None, Outcome::NoPolicy)),
         },
         Partial::Gen(g) => Partial::Config(g, a.config[slot_index(g)]),
-        Partial::Config(g, cfg) => match a.reserved[slot_index(g)] {
+        Partial::Config(g, cfg) => match a.entry[slot_index(g)] {
+            Some(e) if e.flags & ADDR_RESERVED_OVERLAP == 0 => {
+                entry_decision(g, cfg, Some(e), proto, port)
+            }
+            e => Partial::Entry(g, cfg, e),
+        },
+        Partial::Entry(g, cfg, e) => match a.reserved[slot_index(g)] {
             Some(i) => Partial::Done((Some(cfg), Outcome::Reserved(i))),
-            None => Partial::NotReserved(g, cfg),
+            None => entry_decision(g, cfg, e, proto, port),
         },
-        Partial::NotReserved(g, cfg) => match a.entry[slot_index(g)] {
-            None => Partial::Done((Some(cfg), Outcome::NoRule)),
-            Some(e) => Partial::Entry(g, cfg, e.port_table[proto_index(proto)], e.icmp_rule),
-        },
-        Partial::Entry(g, cfg, table, icmp) => {
+        Partial::Ports(g, cfg, table, icmp) => {
             let rule = (table != 0).then(|| ports.get(&(g, table))).flatten();
             Partial::Done((
                 Some(cfg),
@@ -416,13 +446,13 @@ fn read(p: Partial, a: &AddrObs, ports: &PortObs, proto: Proto) -> Partial {
 
 /// Every decision a packet can reach reading a timeline of states in order, possibly delayed between
 /// reads. Keeps, per partial result, the earliest state it can be reached at (later reads only go forward).
-fn decisions(timeline: &[(&AddrObs, &PortObs)], proto: Proto) -> Vec<Decision> {
+fn decisions(timeline: &[(&AddrObs, &PortObs)], proto: Proto, port: u16) -> Vec<Decision> {
     let mut set: Vec<(Partial, usize)> = vec![(Partial::Start, 0)];
     for _ in 0..5 {
         let mut next: Vec<(Partial, usize)> = vec![];
         for &(p, t0) in &set {
             for (t, (a, ports)) in timeline.iter().enumerate().skip(t0) {
-                let q = read(p, a, ports, proto);
+                let q = read(p, a, ports, proto, port);
                 match next.iter_mut().find(|(x, _)| *x == q) {
                     Some(e) => e.1 = e.1.min(t),
                     None => next.push((q, t)),
@@ -606,7 +636,7 @@ fn check_segment(
                 reference(old, dst, proto, port),
                 reference(Some(new), dst, proto, port),
             ];
-            for got in decisions(&timeline, proto) {
+            for got in decisions(&timeline, proto, port) {
                 assert!(
                     allowed.contains(&got),
                     "{ctx}: a packet to {dst} {proto} port {port} can be decided {got:?}; the old policy \
@@ -817,6 +847,19 @@ fn run_sequence(r: &mut Rng, steps: usize, ctx: &str, kinds: &mut BTreeMap<&'sta
         };
         let c = Compiled::new(&next);
         let ctx = format!("{ctx}, step {step}");
+        // Both ways the kernel reads an address entry's neighbours must be exercised.
+        for v in desired(&c).addr.values() {
+            if v.flags & ADDR_RESERVED_OVERLAP != 0 {
+                *kinds
+                    .entry("entries a reserved block overlaps")
+                    .or_default() += 1;
+            }
+            if v.inline_len.contains(&INLINE_IN_PORTS) {
+                *kinds
+                    .entry("entries with a table in PORTS only")
+                    .or_default() += 1;
+            }
+        }
         if r.chance(8) {
             // A restarted agent: it knows nothing of the maps it adopts.
             rec = Recorded::unknown();
@@ -892,6 +935,8 @@ fn every_state_of_every_plan_decides_like_the_old_or_the_new_policy_and_ends_exa
         "incremental",
         "generation",
         "failures injected at every operation",
+        "entries a reserved block overlaps",
+        "entries with a table in PORTS only",
     ] {
         assert!(
             kinds.get(k).copied().unwrap_or(0) > 0,

@@ -7,12 +7,14 @@ use std::collections::BTreeMap;
 
 use ipnet::IpNet;
 use vpcgate_common::datapath::{
-    AddrValue, ESSENTIAL_DHCP, ESSENTIAL_MLD, GEN_A, GEN_B, GenConfig, MODE_AUDIT, MODE_ENFORCE,
+    ADDR_RESERVED_OVERLAP, AddrValue, ESSENTIAL_DHCP, ESSENTIAL_MLD, GEN_A, GEN_B, GenConfig,
+    INLINE_IN_PORTS, INLINE_PORTS, MODE_AUDIT, MODE_ENFORCE, PortInterval,
 };
 
 use crate::policy::{
     compile::{Compiled, PortTable, RuleId, RuleKind},
     model::{HostEssential, Mode, Proto},
+    validate::ReservedIndex,
 };
 
 /// One block of a port table in the `PORTS` trie: table id, IP protocol number, port prefix.
@@ -249,22 +251,46 @@ pub fn used_tables(c: &Compiled) -> Vec<(usize, Proto)> {
     used
 }
 
+/// A port table as an address entry holds it inline: (`inline_len`, intervals), or `INLINE_IN_PORTS`
+/// when it has more intervals than fit.
+fn inline_table(t: &PortTable) -> (u32, [PortInterval; INLINE_PORTS]) {
+    let mut out = [PortInterval::default(); INLINE_PORTS];
+    if t.intervals.len() > INLINE_PORTS {
+        return (INLINE_IN_PORTS, out);
+    }
+    for (slot, &(lo, hi, rule)) in out.iter_mut().zip(&t.intervals) {
+        *slot = PortInterval { lo, hi, rule };
+    }
+    (t.intervals.len() as u32, out)
+}
+
 /// Exactly what a generation slot holds once `c` is applied in it: `GEN_CONFIG`, every address entry
-/// (port tables named by their content ids), every distinct reserved block (attributed to its first
-/// listing), and every (table, protocol) some address entry uses with all its blocks.
+/// (port tables named by their content ids, small ones also inline, flagged when a reserved block
+/// overlaps it), every distinct reserved block (attributed to its first listing), and every (table,
+/// protocol) some address entry uses with all its blocks.
 pub fn desired(c: &Compiled) -> GenState {
     let ids: Vec<u64> = c.port_tables.iter().map(table_id).collect();
+    let inline: Vec<(u32, [PortInterval; INLINE_PORTS])> =
+        c.port_tables.iter().map(inline_table).collect();
+    let reserved_index = ReservedIndex::new(&c.reserved);
     let addr = c
         .addr_entries
         .iter()
         .map(|(n, e)| {
+            let tables = e.port_table.map(|t| inline[t as usize]);
             (
                 *n,
                 AddrValue {
                     port_table: e.port_table.map(|t| ids[t as usize]),
                     icmp_rule: e.icmp_rule,
                     all_ports_rule: e.all_ports_rule,
-                    _pad: 0,
+                    flags: if reserved_index.overlaps_any(n) {
+                        ADDR_RESERVED_OVERLAP
+                    } else {
+                        0
+                    },
+                    inline_len: tables.map(|t| t.0),
+                    inline: tables.map(|t| t.1),
                 },
             )
         })

@@ -73,6 +73,8 @@ pub struct ReservedIndex<'a> {
     starts: Vec<(bool, u128, u8, usize)>,
     /// Distinct block -> its first listing.
     by_block: std::collections::HashMap<IpNet, usize>,
+    /// The distinct prefix lengths of the blocks, per family (IPv4, IPv6), ascending.
+    lengths: [Vec<u8>; 2],
 }
 
 /// The reserved blocks overlapping a value: the first few, and how many in all.
@@ -96,17 +98,29 @@ impl<'a> ReservedIndex<'a> {
             })
             .collect();
         starts.sort_unstable();
+        let mut lengths: [Vec<u8>; 2] = Default::default();
+        for n in by_block.keys() {
+            lengths[usize::from(matches!(n, IpNet::V6(_)))].push(n.prefix_len());
+        }
+        for l in &mut lengths {
+            l.sort_unstable();
+            l.dedup();
+        }
         Self {
             reserved,
             starts,
             by_block,
+            lengths,
         }
     }
 
-    /// Distinct blocks strictly containing `net` (found by its shorter prefixes), widest first.
+    /// Distinct blocks strictly containing `net` (found by its shorter prefixes of the lengths blocks
+    /// have), widest first.
     fn containing(&self, net: &IpNet) -> Vec<usize> {
-        (0..net.prefix_len())
-            .filter_map(|len| IpNet::new(net.addr(), len).ok())
+        self.lengths[usize::from(matches!(net, IpNet::V6(_)))]
+            .iter()
+            .take_while(|&&len| len < net.prefix_len())
+            .filter_map(|&len| IpNet::new(net.addr(), len).ok())
             .filter_map(|n| self.by_block.get(&n.trunc()).copied())
             .collect()
     }
