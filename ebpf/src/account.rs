@@ -61,11 +61,11 @@ fn observation(
     map.get_ptr_mut(key)
 }
 
-/// A packet that passed (or, audited, would have dropped) toward `key`. A separate BPF function taking
-/// only plain values: inlined into the enforcement path (or handed the parsed packet, whose enum
-/// payloads are partly undefined), LLVM produced register uses the verifier rejects ("bitwise operator
-/// on pointer", "!read_ok").
-#[inline(never)]
+/// A packet that passed (or, audited, would have dropped) toward `key`: on every allowed packet, so
+/// inlined (a BPF-to-BPF call and its return cost more than its body). It takes plain values only: handed
+/// the parsed packet, whose enum payloads are partly undefined, LLVM once produced register uses the
+/// verifier rejects ("bitwise operator on pointer", "!read_ok").
+#[inline(always)]
 fn record_passed(key: &DestKey, syn: bool, audit: bool, reason: u32) {
     let Some(obs) = observation(&DEST_OBS, key) else {
         return;
@@ -95,7 +95,7 @@ fn record_passed(key: &DestKey, syn: bool, audit: bool, reason: u32) {
     }
 }
 
-/// A packet dropped toward `key` (see `record_passed`).
+/// A packet dropped toward `key`: a separate BPF function (drops are rarer; see `record_passed`).
 #[inline(never)]
 fn record_dropped(key: &DestKey, reason: u32) {
     let Some(obs) = observation(&DROP_OBS, key) else {

@@ -24,7 +24,7 @@ use vpcgate_common::{
 };
 
 use crate::{
-    maps::{FORWARD_IFS, SCRATCH},
+    maps::{FORWARD_IFS, KeyBuf, SCRATCH},
     parse::{Cursor, Fragment, Packet},
     verdict::Outcome,
 };
@@ -43,15 +43,15 @@ const TC_PASS: i32 = TC_ACT_UNSPEC;
 fn enforce(
     hook: Hook,
     ifindex: u32,
-    parsed: Result<(), parse::Malformed>,
-    pkt: &Packet,
+    parsed: Result<&Packet, parse::Malformed>,
+    key: &mut KeyBuf,
     bytes: u64,
     local: bool,
     account: bool,
 ) -> Outcome {
     let outcome = match parsed {
-        Ok(()) => {
-            let o = verdict::decide(pkt, local);
+        Ok(pkt) => {
+            let o = verdict::decide(pkt, local, key);
             // Remember a first fragment only when it passed outright: an audited would-be drop must not
             // vouch for its datagram's later fragments once the mode is enforce.
             if pkt.fragment == Fragment::First {
@@ -104,9 +104,9 @@ fn tc_action(o: &Outcome) -> i32 {
 /// Taken for the program's run and given back by `release`: TC egress and XDP run with bottom halves
 /// disabled, so two runs of one hook do not interleave on a CPU; where they could (PREEMPT_RT without its
 /// per-CPU bottom-half lock), the second finds the slot taken and gets None: the caller fails closed.
-/// Returns the packet and the slot's busy flag, for `release`.
+/// Returns the packet, the key buffer and the slot's busy flag, for `release`.
 #[inline(always)]
-fn scratch(hook: Hook) -> Option<(&'static mut Packet, &'static mut u32)> {
+fn scratch(hook: Hook) -> Option<(&'static mut Packet, &'static mut KeyBuf, &'static mut u32)> {
     let s = SCRATCH.get_ptr_mut(hook as u32)?;
     // SAFETY: this CPU's slot of a per-CPU array, held by this run until `release`.
     unsafe {
@@ -116,7 +116,7 @@ fn scratch(hook: Hook) -> Option<(&'static mut Packet, &'static mut u32)> {
         (*s).busy = 1;
         Packet::reset(&raw mut (*s).pkt);
         let s = &mut *s;
-        Some((&mut s.pkt, &mut s.busy))
+        Some((&mut s.pkt, &mut s.key, &mut s.busy))
     }
 }
 
@@ -138,7 +138,7 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
     let len = ctx.len();
     // Parse what is linear; only a packet whose headers are not all linear is pulled (a TCP segment's
     // headers almost always are: no copy per segment).
-    let Some((pkt, busy)) = scratch(Hook::TcEgress) else {
+    let Some((pkt, key, busy)) = scratch(Hook::TcEgress) else {
         return tc_action(&verdict::malformed());
     };
     let linear = (ctx.data_end() - ctx.data()) as u32;
@@ -157,8 +157,8 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
     let o = enforce(
         Hook::TcEgress,
         ifindex,
-        parsed,
-        pkt,
+        parsed.map(|()| &*pkt),
+        key,
         u64::from(len),
         local,
         account,
@@ -174,11 +174,19 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
 pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let ifindex = ctx.ingress_ifindex() as u32;
-    let Some((pkt, busy)) = scratch(Hook::XdpForward) else {
+    let Some((pkt, key, busy)) = scratch(Hook::XdpForward) else {
         return xdp_action::XDP_DROP;
     };
     let parsed = parse::parse(&Cursor::new(ctx.data(), ctx.data_end()), pkt);
-    let o = enforce(Hook::XdpForward, ifindex, parsed, pkt, bytes, false, true);
+    let o = enforce(
+        Hook::XdpForward,
+        ifindex,
+        parsed.map(|()| &*pkt),
+        key,
+        bytes,
+        false,
+        true,
+    );
     release(busy);
     if o.action == ACTION_PASS {
         xdp_action::XDP_PASS
@@ -193,7 +201,7 @@ pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn vpcgate_xdp_ingress(ctx: XdpContext) -> u32 {
     let cursor = Cursor::new(ctx.data(), ctx.data_end());
-    let Some((pkt, busy)) = scratch(Hook::Xdp) else {
+    let Some((pkt, _, busy)) = scratch(Hook::Xdp) else {
         return xdp_action::XDP_PASS;
     };
     match parse::parse(&cursor, pkt) {

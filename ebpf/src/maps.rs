@@ -150,7 +150,15 @@ pub struct Scratch {
     pub busy: u32,
     pub _pad: u32,
     pub pkt: Packet,
+    pub key: KeyBuf,
 }
+
+/// Where the verdict assembles the LPM key of the packet's destination (prefix length, generation,
+/// address, padding), by words. In map memory, not on the stack: the verifier does not track what is
+/// stored there, and a key assembled on the stack either cost a call to a byte-wise `memset` per packet
+/// (field by field) or multiplied the verifier's states past its limit (by words).
+#[repr(C, align(8))]
+pub struct KeyBuf(pub [u32; 6]);
 
 const _: () = assert!(core::mem::size_of::<Scratch>() == vpcgate_common::datapath::SCRATCH_SIZE);
 

@@ -298,7 +298,7 @@ pub fn parse(c: &Cursor, pkt: &mut Packet) -> Result<(), Malformed> {
 }
 
 const _: () = assert!(
-    core::mem::size_of::<Packet>() % 4 == 0 && core::mem::align_of::<Packet>() >= 4,
+    core::mem::size_of::<Packet>().is_multiple_of(4) && core::mem::align_of::<Packet>() >= 4,
     "Packet::reset writes words"
 );
 

@@ -14,7 +14,9 @@ use vpcgate_common::{
 
 use crate::{
     flows,
-    maps::{ACTIVE, ADDR_V4, ADDR_V6, GEN_CONFIG, ONLINK6, PORTS, RESERVED_V4, RESERVED_V6},
+    maps::{
+        ACTIVE, ADDR_V4, ADDR_V6, GEN_CONFIG, KeyBuf, ONLINK6, PORTS, RESERVED_V4, RESERVED_V6,
+    },
     parse::{Fragment, IPPROTO_TCP, IPPROTO_UDP, L3, L4, Packet},
 };
 
@@ -96,45 +98,59 @@ pub fn malformed() -> Outcome {
     }
 }
 
-/// Longest-prefix lookup of the packet's destination in one generation of a per-family pair of tries.
+#[cfg(not(target_endian = "little"))]
+compile_error!("`dst_key` assembles little-endian words");
+
+/// Assembles in `kb` the LPM key of the packet's destination in `generation`: the prefix length, the
+/// generation byte, the address, zero padding (`Key<AddrV4>` is 12 bytes, `Key<AddrV6>` 24).
+#[inline(always)]
+fn dst_key(kb: &mut KeyBuf, generation: u8, pkt: &Packet) {
+    // SAFETY: `dst` is 16 bytes at offset 16 of a `repr(C, align(8))` struct: 4-aligned words.
+    let d = unsafe { core::ptr::read(pkt.dst.as_ptr() as *const [u32; 4]) };
+    let g = u32::from(generation);
+    let k = &mut kb.0;
+    if pkt.l3 == L3::Ipv4 {
+        k[0] = GEN_BITS + 32;
+        k[1] = g | (d[0] << 8);
+        k[2] = d[0] >> 24;
+    } else {
+        k[0] = GEN_BITS + 128;
+        k[1] = g | (d[0] << 8);
+        k[2] = (d[0] >> 24) | (d[1] << 8);
+        k[3] = (d[1] >> 24) | (d[2] << 8);
+        k[4] = (d[2] >> 24) | (d[3] << 8);
+        k[5] = d[3] >> 24;
+    }
+}
+
+/// Longest-prefix lookup of the key `dst_key` assembled, in a per-family pair of tries.
 #[inline(always)]
 fn lookup_dst<V>(
     v4: &'static LpmTrie<AddrV4, V>,
     v6: &'static LpmTrie<AddrV6, V>,
-    generation: u8,
+    kb: &KeyBuf,
     pkt: &Packet,
 ) -> Option<&'static V> {
-    if pkt.l3 == L3::Ipv4 {
-        let mut addr = [0u8; 4];
-        addr.copy_from_slice(&pkt.dst[..4]);
-        v4.get(Key::new(
-            GEN_BITS + 32,
-            AddrV4 {
-                generation,
-                addr,
-                _pad: [0; 3],
-            },
-        ))
-    } else {
-        v6.get(Key::new(
-            GEN_BITS + 128,
-            AddrV6 {
-                generation,
-                addr: pkt.dst,
-                _pad: [0; 3],
-            },
-        ))
+    let p = kb.0.as_ptr();
+    // SAFETY: `KeyBuf` is 24 bytes, 8-aligned; `Key<AddrV4>` (12 bytes) and `Key<AddrV6>` (24) are
+    // packed, and `dst_key` wrote every byte of the one the packet's family uses.
+    unsafe {
+        if pkt.l3 == L3::Ipv4 {
+            v4.get(&*(p as *const Key<AddrV4>))
+        } else {
+            v6.get(&*(p as *const Key<AddrV6>))
+        }
     }
 }
 
 #[inline(always)]
-fn addr_entry(generation: u8, pkt: &Packet) -> Option<&'static AddrValue> {
-    lookup_dst(&ADDR_V4, &ADDR_V6, generation, pkt)
+fn addr_entry(kb: &KeyBuf, pkt: &Packet) -> Option<&'static AddrValue> {
+    lookup_dst(&ADDR_V4, &ADDR_V6, kb, pkt)
 }
 
 #[inline(always)]
-fn reserved_index(generation: u8, pkt: &Packet) -> Option<u32> {
-    lookup_dst(&RESERVED_V4, &RESERVED_V6, generation, pkt).copied()
+fn reserved_index(kb: &KeyBuf, pkt: &Packet) -> Option<u32> {
+    lookup_dst(&RESERVED_V4, &RESERVED_V6, kb, pkt).copied()
 }
 
 /// The rule an address entry's port table (protocol index `i`) gives `port`: from the entry's inline
@@ -176,7 +192,7 @@ fn proto_index(proto: u8) -> Option<usize> {
 /// `local`: the packet was generated on this host (TC egress, not forwarded). Only such packets can be
 /// host essentials, replies of flows peers opened toward the host's sockets, or ICMP errors the host's
 /// stack sends: a forwarded packet's addresses and ports are whatever its sender chose.
-pub fn decide(pkt: &Packet, local: bool) -> Outcome {
+pub fn decide(pkt: &Packet, local: bool, kb: &mut KeyBuf) -> Outcome {
     // 1. Not IPv4/IPv6 -> pass.
     if pkt.l3 == L3::NonIp {
         return Outcome {
@@ -231,12 +247,13 @@ pub fn decide(pkt: &Packet, local: bool) -> Outcome {
     // 4. Destination in a reserved block -> drop reserved_range. One walk decides both this and rules
     // 5-7: the reserved blocks are walked only when no address entry matches or the one that does says
     // a reserved block overlaps it (`ADDR_RESERVED_OVERLAP`).
-    let entry = addr_entry(generation, pkt);
+    dst_key(kb, generation, pkt);
+    let entry = addr_entry(kb, pkt);
     let reserved_possible = match entry {
         Some(e) => e.flags & ADDR_RESERVED_OVERLAP != 0,
         None => true,
     };
-    if reserved_possible && let Some(index) = reserved_index(generation, pkt) {
+    if reserved_possible && let Some(index) = reserved_index(kb, pkt) {
         return ctx.drop(DropReason::ReservedRange, basis::RESERVED, index);
     }
     let covering = match entry {
