@@ -272,6 +272,51 @@ fn a_peer_cannot_open_the_gateway_egress_toward_itself_by_sending_first() {
     );
 }
 
+/// A crossed SYN: the gateway connects from Q to a host no authorization names (its SYN drops on egress)
+/// while that host sends its own SYN from P to Q. The gateway's connecting socket answers a SYN-ACK (a
+/// simultaneous open), which must drop like any packet toward that host: nothing listens on Q, so the
+/// host's SYN opened no flow, and the two sockets never connect.
+#[test]
+fn a_crossed_syn_toward_a_connecting_socket_opens_nothing() {
+    let mut lab = Lab::new("");
+    const P: u16 = 40011;
+    const Q: u16 = 40012;
+    let rogue_p = sock(ROGUE_V4, P);
+    let gw_q = sock(GW_V4, Q);
+    let before = lab.drops(DropReason::NotAuthorized);
+    let (gateway, rogue) = std::thread::scope(|s| {
+        let gateway = s.spawn(|| {
+            lab.pair
+                .gw
+                .run(|| connect_from(gw_q, rogue_p, Duration::from_millis(2500)))
+        });
+        // The gateway's socket is in SYN_SENT (its SYN dropped) when the host's SYN reaches it.
+        std::thread::sleep(Duration::from_millis(300));
+        let rogue = lab
+            .pair
+            .vpc
+            .run(|| connect_from(rogue_p, gw_q, Duration::from_millis(1500)));
+        (gateway.join().expect("gateway thread"), rogue)
+    });
+    assert!(
+        rogue.is_err(),
+        "the host connected to the gateway's connecting socket by sending a crossed SYN"
+    );
+    assert!(
+        gateway.is_err(),
+        "the gateway connected to a host no authorization names after it sent a crossed SYN"
+    );
+    assert!(
+        !has_flow(&lab.flows(FlowMap::HalfOpen), 6, gw_q, rogue_p)
+            && !has_flow(&lab.flows(FlowMap::Established), 6, gw_q, rogue_p),
+        "a SYN toward a connecting (not listening) socket was recorded as a flow"
+    );
+    assert!(
+        lab.drops(DropReason::NotAuthorized) - before >= 2,
+        "the gateway's SYN and its answer to the crossed SYN should both drop not_authorized"
+    );
+}
+
 /// One TCP request/response from `client` to `server`, where the gateway echoes with a prefix.
 fn tcp_exchange(lab: &Lab, server: SocketAddr, client_ip: &str) -> SocketAddr {
     let listener = lab

@@ -10,8 +10,8 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
+    bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, bpf_sock_tuple},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
     maps::LruHashMap,
     programs::XdpContext,
 };
@@ -215,9 +215,14 @@ struct Tuple4 {
     dport: [u8; 2],
 }
 
-/// Whether the kernel has a socket that would receive this inbound packet (TCP: a listener or the
-/// connection's socket; UDP: a bound socket), in the receiving device's network namespace.
-/// A separate BPF function taking plain values (see `account::record_destination`).
+/// Whether the kernel has a socket that would receive this inbound packet as a new flow, in the receiving
+/// device's network namespace: for a TCP SYN a listener, for UDP a bound socket.
+///
+/// The socket the 4-tuple finds must itself be listening: a SYN toward a socket that is connecting from
+/// that port (SYN_SENT: the gateway tried to reach the peer, and its SYN was dropped) makes a simultaneous
+/// open, whose SYN-ACK would otherwise pass as a reply: the peer would open the gateway's egress toward
+/// itself by sending first (DESIGN.md rule 3).
+/// A separate BPF function taking plain values (see `account::record_passed`).
 #[inline(never)]
 fn socket_exists(ctx: *mut core::ffi::c_void, v6: bool, tcp: bool, t: &mut Tuple6) -> bool {
     let mut t4 = Tuple4 {
@@ -241,16 +246,17 @@ fn socket_exists(ctx: *mut core::ffi::c_void, v6: bool, tcp: bool, t: &mut Tuple
     // SAFETY: `tuple` points at `size` bytes of stack memory; a socket found is released at once.
     unsafe {
         let sk = if tcp {
-            bpf_skc_lookup_tcp(ctx, tuple, size, netns, 0)
+            bpf_sk_lookup_tcp(ctx, tuple, size, netns, 0)
         } else {
             bpf_sk_lookup_udp(ctx, tuple, size, netns, 0)
         };
         if sk.is_null() {
             return false;
         }
+        let receives = !tcp || (*sk).state == BPF_TCP_LISTEN;
         bpf_sk_release(sk as *mut core::ffi::c_void);
+        receives
     }
-    true
 }
 
 #[inline(always)]

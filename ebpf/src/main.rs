@@ -39,18 +39,23 @@ const TC_PASS: i32 = TC_ACT_UNSPEC;
 /// Parses, decides, accounts: the enforcement path shared by TC egress and XDP forward. `local`: the
 /// packet was generated on this host. `account` false: the packet was enforced and counted already (at a
 /// forward interface's XDP); its passes are not counted again, a drop here is (XDP passed it).
+///
+/// Eight plain arguments rather than a struct or `Result<&Packet, _>`: either changed LLVM's code enough
+/// that the verifier's state count on TC egress went past its limit.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn enforce(
     hook: Hook,
     ifindex: u32,
-    parsed: Result<&Packet, parse::Malformed>,
+    parsed: Result<(), parse::Malformed>,
+    pkt: &Packet,
     key: &mut KeyBuf,
     bytes: u64,
     local: bool,
     account: bool,
 ) -> Outcome {
     let outcome = match parsed {
-        Ok(pkt) => {
+        Ok(()) => {
             let o = verdict::decide(pkt, local, key);
             // Remember a first fragment only when it passed outright: an audited would-be drop must not
             // vouch for its datagram's later fragments once the mode is enforce.
@@ -157,7 +162,8 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
     let o = enforce(
         Hook::TcEgress,
         ifindex,
-        parsed.map(|()| &*pkt),
+        parsed,
+        pkt,
         key,
         u64::from(len),
         local,
@@ -181,7 +187,8 @@ pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
     let o = enforce(
         Hook::XdpForward,
         ifindex,
-        parsed.map(|()| &*pkt),
+        parsed,
+        pkt,
         key,
         bytes,
         false,

@@ -47,7 +47,8 @@ impl FlowMap {
     }
 }
 
-/// The kernel's clock for flow and fragment timestamps (`bpf_ktime_get_ns`: CLOCK_MONOTONIC).
+/// The kernel's clock for flow and fragment timestamps (`bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC, at
+/// most a tick behind this reading).
 pub fn kernel_now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -106,7 +107,9 @@ impl Datapath {
         self.clear_map::<FragKey, FragValue>(names::FRAGS)
     }
 
-    /// Records a flow as the ENI's ingress program would (tests: flows of every age and kind).
+    /// Records a flow as the ENI's ingress program would (tests: flows of every age and kind). It rewrites
+    /// the local port's whole group of 64 `REPLY_PORTS` marks: a mark the kernel set in that group
+    /// meanwhile would be lost, so it is for tests that insert flows while no traffic arrives.
     pub fn insert_flow(
         &mut self,
         map: FlowMap,

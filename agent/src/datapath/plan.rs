@@ -1,8 +1,9 @@
 //! The apply plan, as data: the ordered map operations that take the kernel from what is recorded to a
 //! compiled policy. Pure: no maps, no syscalls; `execute` runs a plan, the model test checks every prefix.
 //!
-//! A packet reads `ACTIVE`, then `GEN_CONFIG`, `RESERVED_*`, `ADDR_*` and `PORTS` of that generation, each
-//! once. The orders below keep every destination's decision, at every point of a plan, the old policy's or
+//! A packet reads `ACTIVE`, then `GEN_CONFIG` and `ADDR_*` of that generation, then `RESERVED_*` only when no
+//! address entry matched or the entry is flagged `ADDR_RESERVED_OVERLAP`, then `PORTS` only when the entry's
+//! port table is not held inline; each at most once. The orders below keep every destination's decision, at every point of a plan, the old policy's or
 //! the new one's; a `Barrier` guarantees that no packet which read an entry before it still runs after it.
 
 use std::{
@@ -320,8 +321,10 @@ fn remove_all(g: u8, slot: &Slot) -> Vec<Op> {
 /// 5. reserved blocks removed, shortest first;
 /// 6. port blocks nothing names any more, and counters of rules removed from the end.
 ///
-/// A packet reads reserved blocks, then its address entry, then the port table that entry names; the
-/// barriers mean a packet that read an old entry has finished before what it could read next changes.
+/// A packet reads its address entry, then (when there is none or it is flagged) reserved blocks, then
+/// (when the entry's table is not inline) the port table it names; the barriers mean a packet that read an
+/// old entry has finished before what it could read next changes. An entry's flag and inline intervals
+/// are part of its value, written in one update.
 pub fn plan_in_place(
     g: u8,
     current: &GenState,

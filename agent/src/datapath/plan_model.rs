@@ -1,8 +1,8 @@
 //! Model-based test of the apply plan: random policy sequences applied to a simulated kernel, checking
 //! every state every plan passes through.
 //!
-//! A packet reads `ACTIVE`, `GEN_CONFIG[g]`, `RESERVED_g`, `ADDR_g` and `PORTS_g`, in that order, each
-//! once, and may be delayed between reads: it can combine the states of a plan between two barriers
+//! A packet reads `ACTIVE`, `GEN_CONFIG[g]`, `ADDR_g`, then `RESERVED_g` (only without an entry or with a
+//! flagged one) and `PORTS_g` (only for a table not held inline), in that order, each at most once, and may be delayed between reads: it can combine the states of a plan between two barriers
 //! (a barrier returns only once every packet that started before it has finished). For every such
 //! combination and every probe (destination, protocol, port), the decision must be the old policy's or
 //! the new one's; after the plan the maps hold exactly `desired(new)` and nothing else. Failures are
