@@ -568,7 +568,7 @@ mod user {
 
 /// Size of a `SCRATCH` value (a kernel-private parsed packet), whose first u32 says whether a running
 /// program holds it: tests mark it taken from userspace.
-pub const SCRATCH_SIZE: usize = 96;
+pub const SCRATCH_SIZE: usize = 120;
 
 /// Where `REPLY_PORTS` marks a local port of a protocol (0 TCP, 1 UDP): (entry, byte). A peer-initiated
 /// flow is recorded only after its local port is marked; a packet leaving from an unmarked port cannot be

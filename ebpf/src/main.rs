@@ -56,7 +56,10 @@ fn enforce(
 ) -> Outcome {
     let outcome = match parsed {
         Ok(()) => {
-            let o = verdict::decide(pkt, local, key);
+            key.outcome = verdict::decide(pkt, local, key);
+            // SAFETY: a field of this run's scratch slot (see `KeyBuf`: volatile, so that LLVM does not
+            // forward the constants each path of `decide` stored).
+            let o = unsafe { core::ptr::read_volatile(&raw const key.outcome) };
             // Remember a first fragment only when it passed outright: an audited would-be drop must not
             // vouch for its datagram's later fragments once the mode is enforce.
             if pkt.fragment == Fragment::First {

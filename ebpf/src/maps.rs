@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use vpcgate_common::parse_stats::HOOK_COUNT;
 
-use crate::parse::Packet;
+use crate::{parse::Packet, verdict::Outcome};
 
 use vpcgate_common::datapath::{
     AddrV4, AddrV6, AddrValue, DROP_STATS_LEN, DestKey, DestObs, EventBudget, FlowKey, FlowValue,
@@ -157,8 +157,16 @@ pub struct Scratch {
 /// address, padding), by words. In map memory, not on the stack: the verifier does not track what is
 /// stored there, and a key assembled on the stack either cost a call to a byte-wise `memset` per packet
 /// (field by field) or multiplied the verifier's states past its limit (by words).
+///
+/// It also holds the verdict between `decide` and the accounting: read back from map memory, which the
+/// verifier does not track, the verdict's many paths (every outcome constant a path produced) collapse
+/// into one state before the accounting is verified, instead of the accounting being verified once per
+/// path.
 #[repr(C, align(8))]
-pub struct KeyBuf(pub [u32; 6]);
+pub struct KeyBuf {
+    pub key: [u32; 6],
+    pub outcome: Outcome,
+}
 
 const _: () = assert!(core::mem::size_of::<Scratch>() == vpcgate_common::datapath::SCRATCH_SIZE);
 

@@ -108,7 +108,7 @@ fn dst_key(kb: &mut KeyBuf, generation: u8, pkt: &Packet) {
     // SAFETY: `dst` is 16 bytes at offset 16 of a `repr(C, align(8))` struct: 4-aligned words.
     let d = unsafe { core::ptr::read(pkt.dst.as_ptr() as *const [u32; 4]) };
     let g = u32::from(generation);
-    let k = &mut kb.0;
+    let k = &mut kb.key;
     if pkt.l3 == L3::Ipv4 {
         k[0] = GEN_BITS + 32;
         k[1] = g | (d[0] << 8);
@@ -131,7 +131,7 @@ fn lookup_dst<V>(
     kb: &KeyBuf,
     pkt: &Packet,
 ) -> Option<&'static V> {
-    let p = kb.0.as_ptr();
+    let p = kb.key.as_ptr();
     // SAFETY: `KeyBuf` is 24 bytes, 8-aligned; `Key<AddrV4>` (12 bytes) and `Key<AddrV6>` (24) are
     // packed, and `dst_key` wrote every byte of the one the packet's family uses.
     unsafe {
