@@ -40,8 +40,8 @@ const TC_PASS: i32 = TC_ACT_UNSPEC;
 /// packet was generated on this host. `account` false: the packet was enforced and counted already (at a
 /// forward interface's XDP); its passes are not counted again, a drop here is (XDP passed it).
 ///
-/// Eight plain arguments rather than a struct or `Result<&Packet, _>`: either changed LLVM's code enough
-/// that the verifier's state count on TC egress went past its limit.
+/// Eight plain arguments: passing the packet as `Result<&Packet, _>` changed LLVM's code enough that
+/// the verifier's state count on TC egress went past its limit.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn enforce(
