@@ -202,6 +202,108 @@ fn drops_and_passes_are_counted_per_reason_and_per_rule() {
     assert_eq!(rules[&web_rule].bytes, 6 * pass.bytes.len() as u64);
 }
 
+/// Rules in `RULE_COUNTERS` (the per-CPU array, the first slots) and past it (the `RULE_STATS` hash) are
+/// counted alike, read together, and folded and emptied when their generation is replaced, so a reused
+/// generation starts from zero in both.
+#[test]
+fn rule_counters_in_the_array_and_past_it_are_counted_read_and_folded_alike() {
+    use vpcgate_common::datapath::rule_counter_slot;
+    vpcgate_lab::require_root();
+    let cpus = aya::util::nr_cpus().expect("possible CPUs") as u32;
+    assert_eq!(
+        Harness::new().dp.rule_counter_slots().unwrap(),
+        vpcgate_common::datapath::rule_counter_slots(cpus),
+        "a default load sizes the array to this host's CPUs"
+    );
+    const SLOTS: u32 = 8;
+    const HOSTS: u32 = 8;
+    let mut h = Harness::with_counter_slots(SLOTS);
+    assert_eq!(h.dp.rule_counter_slots().unwrap(), SLOTS);
+    let frame = |i: u32| {
+        build(
+            "to a host",
+            &[
+                Layer::Ipv4 {
+                    src: [10, 0, 0, 5],
+                    dst: Ipv4Addr::from(0x0b00_0000 | i).octets(),
+                    options: 0,
+                    frag_offset: 0,
+                    more_fragments: false,
+                    id: 1,
+                },
+                tcp(80),
+            ],
+            10 * i as usize,
+        )
+    };
+    // hosts, small, hosts, small, ...: the hosts policy comes back to the same generation each round.
+    let mut generations = vec![];
+    for round in 0..3 {
+        let generation = h.apply(&hosts(HOSTS)).generation;
+        generations.push(generation);
+        assert!(
+            h.dp.take_folded_counters().is_empty(),
+            "round {round}: small() carried no traffic"
+        );
+        assert!(
+            h.dp.rule_stats().unwrap().is_empty(),
+            "round {round}: a new generation starts from zero (array slots zeroed, hash entries gone)"
+        );
+        let ids: Vec<u32> = (0..HOSTS)
+            .map(|i| {
+                let c = h.compiled.as_ref().unwrap();
+                c.rules
+                    .iter()
+                    .find(|r| r.name == format!("a{i}"))
+                    .unwrap()
+                    .id
+            })
+            .collect();
+        let slots: Vec<u32> = ids
+            .iter()
+            .map(|&id| rule_counter_slot(u32::from(generation), id))
+            .collect();
+        assert!(
+            slots.iter().any(|&s| s < SLOTS) && slots.iter().any(|&s| s >= SLOTS),
+            "round {round}: rules on both sides of the array's end: {slots:?}"
+        );
+        let mut counted = vec![];
+        for (i, &id) in ids.iter().enumerate() {
+            let f = frame(i as u32);
+            for _ in 0..=i {
+                assert_eq!(h.check(Enforcer::TcEgress, &f), None);
+            }
+            counted.push((id, i as u64 + 1, (i as u64 + 1) * f.bytes.len() as u64));
+        }
+        counted.sort();
+        let stats = h.dp.rule_stats().unwrap();
+        let mut got: Vec<_> = stats
+            .iter()
+            .map(|(&rule, s)| (rule, s.packets, s.bytes))
+            .collect();
+        got.sort();
+        assert_eq!(got, counted, "round {round}: per-rule counters");
+        // Replaced by a policy of another shape (a new generation): what this one counted is folded,
+        // with the counts the kernel had, from both maps.
+        assert_ne!(h.apply(&small()).generation, generation);
+        let mut folded: Vec<_> =
+            h.dp.take_folded_counters()
+                .iter()
+                .map(|&(g, rule, s)| (g, rule, s.packets, s.bytes))
+                .collect();
+        folded.sort();
+        let want: Vec<_> = counted
+            .iter()
+            .map(|&(rule, p, b)| (generation, rule, p, b))
+            .collect();
+        assert_eq!(folded, want, "round {round}: folded counters");
+    }
+    assert_eq!(
+        generations, [generations[0]; 3],
+        "the same generation was reused"
+    );
+}
+
 #[test]
 fn drop_events_carry_the_packet_and_a_flood_is_rate_limited() {
     use aya::programs::{TestRun, TestRunOptions};

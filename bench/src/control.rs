@@ -581,13 +581,14 @@ pub(crate) fn bpf_maps_of(pid: &str) -> anyhow::Result<BTreeMap<u32, (String, u6
 }
 
 /// The policy maps (what grows with the policy).
-const POLICY_MAPS: [&str; 6] = [
+const POLICY_MAPS: [&str; 7] = [
     "ADDR_V4",
     "ADDR_V6",
     "RESERVED_V4",
     "RESERVED_V6",
     "PORTS",
     "RULE_STATS",
+    "RULE_COUNTERS",
 ];
 
 /// Bytes per map name (summed over maps of one name), largest first.

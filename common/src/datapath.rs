@@ -22,6 +22,7 @@ pub mod names {
     pub const RESERVED_V6: &str = "RESERVED_V6";
     pub const PORTS: &str = "PORTS";
     pub const RULE_STATS: &str = "RULE_STATS";
+    pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
     pub const DROP_STATS: &str = "DROP_STATS";
     pub const FLOWS: &str = "FLOWS";
     pub const HALF_OPEN: &str = "HALF_OPEN";
@@ -59,6 +60,12 @@ pub mod limits {
     /// `RULE_STATS` is not preallocated: a counter exists once its rule matched a packet (its hash
     /// buckets, 16 bytes per slot, are: 32 MiB for two generations).
     pub const RULES: u32 = 1 << 20;
+    /// What `RULE_COUNTERS` (per-rule counters in a per-CPU array, indexed by `rule_counter_slot`) may
+    /// take in total over all CPUs: the agent sizes it at load (`rule_counter_slots`), and rules beyond
+    /// its slots are counted in `RULE_STATS`.
+    pub const RULE_COUNTERS_BYTES: u64 = 32 << 20;
+    /// Slots of `RULE_COUNTERS` at least, whatever the CPU count (1024 rules per generation).
+    pub const RULE_COUNTERS_MIN_SLOTS: u32 = 2 * 1024;
     /// Established TCP flows peers initiated (replies pass); separate from half-open ones, so a SYN
     /// flood cannot evict them.
     pub const FLOWS: u32 = 65536;
@@ -227,6 +234,36 @@ pub struct RuleStatsKey {
 pub struct RuleStats {
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// Where `RULE_COUNTERS` counts `rule` of `generation` (`GEN_A` or `GEN_B`): the two generations
+/// interleaved, so the first slots hold the first rules of both. A slot past the array's end (a rule id
+/// too large for this host's array) is counted in `RULE_STATS` instead, under `RuleStatsKey`.
+pub const fn rule_counter_slot(generation: u32, rule: u32) -> u32 {
+    (rule << 1) | (generation & 1)
+}
+
+/// `RULE_COUNTERS` slots for a host with `cpus` possible CPUs: the largest power of two whose per-CPU
+/// copies fit in `limits::RULE_COUNTERS_BYTES`, between `limits::RULE_COUNTERS_MIN_SLOTS` and two
+/// generations of `limits::RULES` (a two-CPU host counts every rule in the array, a 64-CPU host the first
+/// 16384 of each generation).
+pub const fn rule_counter_slots(cpus: u32) -> u32 {
+    let per_slot =
+        core::mem::size_of::<RuleStats>() as u64 * if cpus == 0 { 1 } else { cpus as u64 };
+    let fit = limits::RULE_COUNTERS_BYTES / per_slot;
+    let max = 2 * limits::RULES as u64;
+    let n = if fit >= max {
+        max
+    } else if fit == 0 {
+        1
+    } else {
+        1 << (63 - fit.leading_zeros())
+    };
+    if n < limits::RULE_COUNTERS_MIN_SLOTS as u64 {
+        limits::RULE_COUNTERS_MIN_SLOTS
+    } else {
+        n as u32
+    }
 }
 
 /// `DROP_STATS` index: reason code, plus `AUDIT_OFFSET` for would-be drops that audit mode passed.

@@ -3,7 +3,7 @@
 
 use vpcgate_common::datapath::{
     ACTION_PASS, AUDIT_OFFSET, DestKey, DestObs, FLAG_RECORD_LAST, LastVerdict, RuleStats,
-    RuleStatsKey, basis,
+    RuleStatsKey, basis, rule_counter_slot,
 };
 use vpcgate_common::icmp::{
     ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG,
@@ -13,7 +13,7 @@ use vpcgate_common::icmp::{
 use aya_ebpf::maps::LruPerCpuHashMap;
 
 use crate::{
-    maps::{DEST_OBS, DROP_OBS, DROP_STATS, GEN_CONFIG, LAST_VERDICT, RULE_STATS},
+    maps::{DEST_OBS, DROP_OBS, DROP_STATS, GEN_CONFIG, LAST_VERDICT, RULE_COUNTERS, RULE_STATS},
     parse::{self, Cursor, IPPROTO_TCP, L3, L4, Packet, TCP_ACK, TCP_RST, TCP_SYN},
     verdict::Outcome,
 };
@@ -121,22 +121,33 @@ pub fn account(o: &Outcome, bytes: u64) {
         }
     }
     if o.basis == basis::RULE {
-        let key = RuleStatsKey {
-            generation: o.generation,
-            rule: o.id,
-        };
-        match RULE_STATS.get_ptr_mut(key) {
-            // SAFETY: per-CPU value.
-            Some(s) => unsafe {
-                (*s).packets += 1;
-                (*s).bytes += bytes;
-            },
-            None => {
-                let _ = RULE_STATS.insert(key, RuleStats { packets: 1, bytes }, 0);
-            }
-        }
+        count_rule(o.generation, o.id, bytes);
     }
     record_last(o);
+}
+
+/// One packet of `bytes` for a rule: in `RULE_COUNTERS` (an inlined array lookup), or in `RULE_STATS`
+/// for a rule past this host's slots.
+#[inline(always)]
+fn count_rule(generation: u32, rule: u32, bytes: u64) {
+    let s = match RULE_COUNTERS.get_ptr_mut(rule_counter_slot(generation, rule)) {
+        Some(s) => s,
+        None => {
+            let key = RuleStatsKey { generation, rule };
+            match RULE_STATS.get_ptr_mut(key) {
+                Some(s) => s,
+                None => {
+                    let _ = RULE_STATS.insert(key, RuleStats { packets: 1, bytes }, 0);
+                    return;
+                }
+            }
+        }
+    };
+    // SAFETY: this CPU's copy of a live map value.
+    unsafe {
+        (*s).packets += 1;
+        (*s).bytes += bytes;
+    }
 }
 
 /// The test hook: every verdict in `LAST_VERDICT` when `GEN_CONFIG[0]` (global flags) asks for it.

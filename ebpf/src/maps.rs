@@ -46,7 +46,15 @@ pub static RESERVED_V6: LpmTrie<AddrV6, u32> =
 #[map(name = "PORTS")]
 pub static PORTS: LpmTrie<PortData, u32> = LpmTrie::with_max_entries(2 * limits::PORT_ENTRIES, 0);
 
-/// Not preallocated: a policy of a million rules would otherwise reserve two million per-CPU values up
+/// Per-rule counters, at `rule_counter_slot(generation, rule)`: an array lookup the verifier inlines,
+/// one cache line per rule. The agent sizes it at load to this host's CPU count
+/// (`vpcgate_common::datapath::rule_counter_slots`); a rule whose slot lies past its end is counted in
+/// `RULE_STATS`.
+#[map(name = "RULE_COUNTERS")]
+pub static RULE_COUNTERS: PerCpuArray<RuleStats> =
+    PerCpuArray::with_max_entries(limits::RULE_COUNTERS_MIN_SLOTS, 0);
+
+/// Rule counters past `RULE_COUNTERS`' slots. Not preallocated: a policy of a million rules would otherwise reserve two million per-CPU values up
 /// front, whether or not its rules ever see a packet (the kernel still reserves the hash buckets, 16
 /// bytes per slot). A counter that cannot be allocated is not counted; the verdict never depends on it.
 #[map(name = "RULE_STATS")]

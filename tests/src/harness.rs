@@ -209,7 +209,15 @@ where
 impl Harness {
     /// Loads the programs and turns on the verdict-recording test hook.
     pub fn new() -> Self {
-        let mut dp = Datapath::load().unwrap_or_else(|e| panic!("{e}"));
+        Self::with(Datapath::load().unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    /// `new`, with `slots` rule counters in the per-CPU array (the rest counted in the overflow hash).
+    pub fn with_counter_slots(slots: u32) -> Self {
+        Self::with(Datapath::load_with_counter_slots(slots).unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    fn with(mut dp: Datapath) -> Self {
         dp.set_record_last(true).expect("set record-last flag");
         Self {
             dp,

@@ -28,26 +28,36 @@ impl Datapath {
         self.ebpf().map(name).ok_or(DatapathError::MissingMap(name))
     }
 
-    /// Per-rule counters of the active generation, summed over CPUs: rule id -> (packets, bytes).
+    /// Per-rule counters of the active generation, summed over CPUs: rule id -> (packets, bytes), from
+    /// `RULE_COUNTERS` and, for rules past its slots, `RULE_STATS`.
     pub fn rule_stats(&self) -> Result<HashMap<u32, RuleStats>, DatapathError> {
-        let generation = self.active_generation()?.map_or(0, u32::from);
+        let active = self.active_generation()?;
+        let generation = active.map_or(0, u32::from);
+        let mut out: HashMap<u32, RuleStats> = super::rule_counters::read_all(self.ebpf())?
+            .into_iter()
+            .filter(|&(g, _, _)| Some(g) == active)
+            .map(|(_, rule, s)| (rule, s))
+            .collect();
         let stats = PerCpuHashMap::<_, RuleStatsKey, RuleStats>::try_from(
             self.read_map(names::RULE_STATS)?,
         )
         .map_err(map_err(names::RULE_STATS))?;
-        let mut out = HashMap::new();
         for item in stats.iter() {
             let (k, per_cpu) = item.map_err(map_err(names::RULE_STATS))?;
             if k.generation != generation {
                 continue;
             }
-            let sum = per_cpu.iter().fold(RuleStats::default(), |a, s| RuleStats {
-                packets: a.packets + s.packets,
-                bytes: a.bytes + s.bytes,
-            });
-            out.insert(k.rule, sum);
+            out.insert(k.rule, super::rule_counters::sum(per_cpu.iter().copied()));
         }
         Ok(out)
+    }
+
+    /// Slots of `RULE_COUNTERS` in the loaded object (rules past them are counted in `RULE_STATS`).
+    pub fn rule_counter_slots(&self) -> Result<u32, DatapathError> {
+        let name = names::RULE_COUNTERS;
+        PerCpuArray::<_, RuleStats>::try_from(self.read_map(name)?)
+            .map(|a| a.len())
+            .map_err(map_err(name))
     }
 
     /// Drop counters by reason, summed over CPUs.

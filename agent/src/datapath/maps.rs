@@ -218,19 +218,23 @@ impl<'a> KernelMaps<'a> {
         generation: u8,
         rules: impl Iterator<Item = u32>,
     ) -> Result<(), DatapathError> {
-        let mut stats = self.counter_map()?;
         let mut folded = vec![];
         for rule in rules {
+            // Read, then zero (array) or delete (hash): what the rule counted is handed to the caller,
+            // not lost.
+            if let Some(sum) = super::rule_counters::take(self.ebpf, generation, rule)? {
+                if sum.packets > 0 || sum.bytes > 0 {
+                    folded.push((generation, rule, sum));
+                }
+                continue;
+            }
+            let mut stats = self.counter_map()?;
             let key = RuleStatsKey {
                 generation: u32::from(generation),
                 rule,
             };
-            // Read, then delete: what the rule counted is handed to the caller, not lost.
             if let Ok(per_cpu) = stats.get(&key, 0) {
-                let sum = per_cpu.iter().fold(RuleStats::default(), |a, s| RuleStats {
-                    packets: a.packets + s.packets,
-                    bytes: a.bytes + s.bytes,
-                });
+                let sum = super::rule_counters::sum(per_cpu.iter().copied());
                 if sum.packets > 0 || sum.bytes > 0 {
                     folded.push((generation, rule, sum));
                 }
@@ -350,8 +354,12 @@ impl Maps for KernelMaps<'_> {
     }
 
     fn counters(&mut self, generation: u8) -> Result<Vec<u32>, DatapathError> {
+        let mut out: Vec<u32> = super::rule_counters::read_all(self.ebpf)?
+            .into_iter()
+            .filter(|&(g, _, _)| g == generation)
+            .map(|(_, rule, _)| rule)
+            .collect();
         let stats = self.counter_map()?;
-        let mut out = vec![];
         for k in stats.keys() {
             let k = k.map_err(map_err(names::RULE_STATS))?;
             if k.generation == u32::from(generation) {

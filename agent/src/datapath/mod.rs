@@ -17,6 +17,7 @@ pub mod plan;
 #[cfg(test)]
 mod plan_model;
 mod probe;
+mod rule_counters;
 #[cfg(test)]
 mod sim;
 pub mod state;
@@ -148,10 +149,14 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     Ok(())
 }
 
-fn loader() -> EbpfLoader<'static> {
+fn loader() -> Result<EbpfLoader<'static>, DatapathError> {
     let mut l = EbpfLoader::new();
     l.verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS);
-    l
+    l.map_max_entries(
+        vpcgate_common::datapath::names::RULE_COUNTERS,
+        rule_counters::rule_counter_slots()?,
+    );
+    Ok(l)
 }
 
 /// Loads `object` with every map pinned at (or opened from) `pins`.
@@ -160,8 +165,7 @@ fn load_pinned(
     names: &std::collections::BTreeSet<String>,
     pins: &pin::Pins,
 ) -> Result<Ebpf, DatapathError> {
-    let mut l = EbpfLoader::new();
-    l.verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS);
+    let mut l = loader()?;
     for n in names {
         l.map_pin_path(n.as_str(), pins.map(n));
     }
@@ -186,7 +190,20 @@ impl Datapath {
 
     /// Loads `object` (an ELF built from `ebpf/`) and both programs into the kernel, pinning nothing.
     pub fn load_object(object: &[u8]) -> Result<Self, DatapathError> {
-        let mut ebpf = loader().load(object).map_err(DatapathError::Object)?;
+        Self::load_with(object, loader()?)
+    }
+
+    /// Test hook: the embedded object with `slots` slots in `RULE_COUNTERS` (instead of this host's
+    /// share), so that tests reach the rules counted in `RULE_STATS` with a small policy.
+    #[doc(hidden)]
+    pub fn load_with_counter_slots(slots: u32) -> Result<Self, DatapathError> {
+        let mut l = loader()?;
+        l.map_max_entries(vpcgate_common::datapath::names::RULE_COUNTERS, slots);
+        Self::load_with(EBPF_OBJECT, l)
+    }
+
+    fn load_with(object: &[u8], mut loader: EbpfLoader<'_>) -> Result<Self, DatapathError> {
+        let mut ebpf = loader.load(object).map_err(DatapathError::Object)?;
         load_programs(&mut ebpf)?;
         // Maps created by this load are empty: both generation slots are known to be.
         Ok(Self {
