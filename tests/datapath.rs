@@ -219,7 +219,7 @@ fn rule_counters_in_the_array_and_past_it_are_counted_read_and_folded_alike() {
     const HOSTS: u32 = 8;
     let mut h = Harness::with_counter_slots(SLOTS);
     assert_eq!(h.dp.rule_counter_slots().unwrap(), SLOTS);
-    let frame = |i: u32| {
+    let frame_with = |i: u32, payload: usize| {
         build(
             "to a host",
             &[
@@ -233,9 +233,10 @@ fn rule_counters_in_the_array_and_past_it_are_counted_read_and_folded_alike() {
                 },
                 tcp(80),
             ],
-            10 * i as usize,
+            payload,
         )
     };
+    let frame = |i: u32| frame_with(i, 10 * i as usize);
     // hosts, small, hosts, small, ...: the hosts policy comes back to the same generation each round.
     let mut generations = vec![];
     for round in 0..3 {
@@ -301,6 +302,42 @@ fn rule_counters_in_the_array_and_past_it_are_counted_read_and_folded_alike() {
     assert_eq!(
         generations, [generations[0]; 3],
         "the same generation was reused"
+    );
+
+    // At this host's size, the first and the last slot of the array (read in several batches) count.
+    let mut h = Harness::new();
+    let slots = h.dp.rule_counter_slots().unwrap();
+    let generation = h.apply(&hosts(slots / 2)).generation;
+    let ids: std::collections::HashMap<&str, u32> = h
+        .compiled
+        .as_ref()
+        .unwrap()
+        .rules
+        .iter()
+        .map(|r| (r.name.as_str(), r.id))
+        .collect();
+    // (host index, rule id, slot) of every host whose slot is in the array.
+    let in_array: Vec<(u32, u32, u32)> = (0..slots / 2)
+        .map(|i| {
+            let id = ids[format!("a{i}").as_str()];
+            (i, id, rule_counter_slot(u32::from(generation), id))
+        })
+        .filter(|&(_, _, s)| s < slots)
+        .collect();
+    let first = *in_array.iter().min_by_key(|x| x.2).unwrap();
+    let last = *in_array.iter().max_by_key(|x| x.2).unwrap();
+    assert!(
+        last.2 >= slots - 2,
+        "a rule at the array's end: {last:?} of {slots}"
+    );
+    for (i, _, _) in [first, last] {
+        assert_eq!(h.check(Enforcer::TcEgress, &frame_with(i, 0)), None);
+    }
+    let stats = h.dp.rule_stats().unwrap();
+    assert_eq!(
+        (stats.len(), stats[&first.1].packets, stats[&last.1].packets),
+        (2, 1, 1),
+        "{stats:?}"
     );
 }
 

@@ -62,9 +62,11 @@ pub mod limits {
     pub const RULES: u32 = 1 << 20;
     /// What `RULE_COUNTERS` (per-rule counters in a per-CPU array, indexed by `rule_counter_slot`) may
     /// take in total over all CPUs: the agent sizes it at load (`rule_counter_slots`), and rules beyond
-    /// its slots are counted in `RULE_STATS`.
-    pub const RULE_COUNTERS_BYTES: u64 = 32 << 20;
-    /// Slots of `RULE_COUNTERS` at least, whatever the CPU count (1024 rules per generation).
+    /// its slots are counted in `RULE_STATS`. Preallocated (and read whole by the agent), so it costs
+    /// the same with ten rules as with a million: 8 MiB (plus the kernel's 8-byte pointer per slot).
+    pub const RULE_COUNTERS_BYTES: u64 = 8 << 20;
+    /// Slots of `RULE_COUNTERS` at least, whatever the CPU count (rule ids 1 to 1023 of each generation;
+    /// past 512 possible CPUs this exceeds `RULE_COUNTERS_BYTES`).
     pub const RULE_COUNTERS_MIN_SLOTS: u32 = 2 * 1024;
     /// Established TCP flows peers initiated (replies pass); separate from half-open ones, so a SYN
     /// flood cannot evict them.
@@ -245,8 +247,8 @@ pub const fn rule_counter_slot(generation: u32, rule: u32) -> u32 {
 
 /// `RULE_COUNTERS` slots for a host with `cpus` possible CPUs: the largest power of two whose per-CPU
 /// copies fit in `limits::RULE_COUNTERS_BYTES`, between `limits::RULE_COUNTERS_MIN_SLOTS` and two
-/// generations of `limits::RULES` (a two-CPU host counts every rule in the array, a 64-CPU host the first
-/// 16384 of each generation).
+/// generations of `limits::RULES`: a two-CPU host counts rule ids below 131,072 of each generation
+/// there, a 64-CPU host those below 4,096.
 pub const fn rule_counter_slots(cpus: u32) -> u32 {
     let per_slot =
         core::mem::size_of::<RuleStats>() as u64 * if cpus == 0 { 1 } else { cpus as u64 };

@@ -283,7 +283,8 @@ impl Datapath {
         KernelMaps::new(&mut self.ebpf, &self.barrier).read_generation(generation)
     }
 
-    /// Rule ids of `generation` that have counters, read back from the kernel.
+    /// Rule ids of `generation` with a non-zero counter (or a `RULE_STATS` entry), read back from the
+    /// kernel.
     pub fn counted_rules(&mut self, generation: u8) -> Result<Vec<u32>, DatapathError> {
         KernelMaps::new(&mut self.ebpf, &self.barrier).counters(generation)
     }

@@ -47,17 +47,18 @@ impl Datapath {
             if k.generation != generation {
                 continue;
             }
-            out.insert(k.rule, super::rule_counters::sum(per_cpu.iter().copied()));
+            // A rule is counted in one map or the other (by its slot); added, not replaced, all the same.
+            let s = super::rule_counters::sum(per_cpu.iter().copied());
+            let e = out.entry(k.rule).or_default();
+            e.packets += s.packets;
+            e.bytes += s.bytes;
         }
         Ok(out)
     }
 
     /// Slots of `RULE_COUNTERS` in the loaded object (rules past them are counted in `RULE_STATS`).
     pub fn rule_counter_slots(&self) -> Result<u32, DatapathError> {
-        let name = names::RULE_COUNTERS;
-        PerCpuArray::<_, RuleStats>::try_from(self.read_map(name)?)
-            .map(|a| a.len())
-            .map_err(map_err(name))
+        super::rule_counters::slots(self.ebpf())
     }
 
     /// Drop counters by reason, summed over CPUs.

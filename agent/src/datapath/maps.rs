@@ -218,13 +218,13 @@ impl<'a> KernelMaps<'a> {
         generation: u8,
         rules: impl Iterator<Item = u32>,
     ) -> Result<(), DatapathError> {
-        let mut folded = vec![];
+        let slots = super::rule_counters::slots(self.ebpf)?;
         for rule in rules {
-            // Read, then zero (array) or delete (hash): what the rule counted is handed to the caller,
-            // not lost.
-            if let Some(sum) = super::rule_counters::take(self.ebpf, generation, rule)? {
+            // Read, then zero (array) or delete (hash): what the rule counted is handed to the caller
+            // (at once: an error on a later rule must not lose it), not lost.
+            if let Some(sum) = super::rule_counters::take(self.ebpf, slots, generation, rule)? {
                 if sum.packets > 0 || sum.bytes > 0 {
-                    folded.push((generation, rule, sum));
+                    self.folded.push((generation, rule, sum));
                 }
                 continue;
             }
@@ -233,18 +233,19 @@ impl<'a> KernelMaps<'a> {
                 generation: u32::from(generation),
                 rule,
             };
-            if let Ok(per_cpu) = stats.get(&key, 0) {
-                let sum = super::rule_counters::sum(per_cpu.iter().copied());
-                if sum.packets > 0 || sum.bytes > 0 {
-                    folded.push((generation, rule, sum));
-                }
-            }
+            let sum = stats
+                .get(&key, 0)
+                .map(|per_cpu| super::rule_counters::sum(per_cpu.iter().copied()));
             match stats.remove(&key) {
                 Err(e) if !is_not_found(&e) => return Err(map_err(names::RULE_STATS)(e)),
                 _ => {}
             }
+            if let Ok(sum) = sum
+                && (sum.packets > 0 || sum.bytes > 0)
+            {
+                self.folded.push((generation, rule, sum));
+            }
         }
-        self.folded.extend(folded);
         Ok(())
     }
 

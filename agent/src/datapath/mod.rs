@@ -170,6 +170,22 @@ fn load_pinned(
         l.map_pin_path(n.as_str(), pins.map(n));
     }
     let ebpf = l.load(object).map_err(DatapathError::Object)?;
+    // The pinned counter array keeps the size it was created with; the agent's reads and zeroing follow
+    // the kernel's size, but a size this agent would not choose means another agent's sizing: refused.
+    let (slots, want) = (
+        rule_counters::slots(&ebpf)?,
+        rule_counters::rule_counter_slots()?,
+    );
+    if slots != want {
+        return Err(DatapathError::Pin {
+            path: pins.map(vpcgate_common::datapath::names::RULE_COUNTERS),
+            what: "adopt the rule counters",
+            source: std::io::Error::other(format!(
+                "{slots} slots pinned, {want} expected on this host (another agent's sizing): \
+                 `vpcgate teardown` the instance, then start again"
+            )),
+        });
+    }
     // Every map of the object is one of the pinned ones (a map the loader created on its own would be
     // state no restart could find).
     if let Some((extra, _)) = ebpf.maps().find(|(n, _)| !names.contains(*n)) {

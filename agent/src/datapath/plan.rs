@@ -59,7 +59,8 @@ pub enum Op {
         generation: u8,
         rules: RangeInclusive<RuleId>,
     },
-    /// Every counter of the generation, found by iterating `RULE_STATS`.
+    /// Every counter of the generation, found by reading `RULE_COUNTERS` (non-zero slots) and iterating
+    /// `RULE_STATS`.
     PurgeCounters(u8),
     /// Every entry of the generation, found by iterating the maps (never trusting a record), its
     /// counters, and its `GEN_CONFIG` reset: the slot is then empty.

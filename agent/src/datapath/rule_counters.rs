@@ -1,7 +1,12 @@
 //! `RULE_COUNTERS`, the per-CPU array where the kernel counts each rule's packets at
 //! `rule_counter_slot(generation, rule)`, sized at load to this host's CPUs; rules past its slots are
-//! counted in `RULE_STATS` (`maps.rs`). Reading the whole array one syscall per slot would cost a
-//! million syscalls at the largest policy: it is read in batches (`BPF_MAP_LOOKUP_BATCH`).
+//! counted in `RULE_STATS` (`maps.rs`). Reading the whole array one syscall per slot would cost hundreds
+//! of thousands of syscalls: it is read in batches (`BPF_MAP_LOOKUP_BATCH`, per-CPU arrays since Linux
+//! 5.13), slot by slot only where the kernel has no batch reads.
+//!
+//! Which slots exist is always the kernel's answer (the map's `max_entries` as the kernel reports it),
+//! never the size this agent would have chosen: the kernel counts a rule in the hash exactly when its slot
+//! is past that end, and adopted pinned maps keep the size they were created with.
 
 use std::os::fd::{AsFd, AsRawFd};
 
@@ -62,21 +67,62 @@ fn map_data(ebpf: &Ebpf) -> Result<&MapData, DatapathError> {
     }
 }
 
-/// Slots read per `BPF_MAP_LOOKUP_BATCH` call.
-const BATCH: usize = 8192;
+/// The slots of the loaded `RULE_COUNTERS`, as the kernel has it.
+pub(crate) fn slots(ebpf: &Ebpf) -> Result<u32, DatapathError> {
+    Ok(map_data(ebpf)?.info().map_err(map_err(NAME))?.max_entries())
+}
+
+/// Bytes of values one `BPF_MAP_LOOKUP_BATCH` call copies at most.
+const BATCH_BYTES: usize = 1 << 20;
 
 /// Every rule with a non-zero counter in `RULE_COUNTERS`, summed over CPUs: (generation, rule, counts).
 pub(crate) fn read_all(ebpf: &Ebpf) -> Result<Vec<(u8, u32, RuleStats)>, DatapathError> {
-    let map = map_data(ebpf)?;
+    let slots = slots(ebpf)?;
+    let mut out = vec![];
+    let mut keep = |slot: u32, s: RuleStats| {
+        if s.packets != 0 || s.bytes != 0 {
+            let (g, rule) = owner(slot);
+            out.push((g, rule, s));
+        }
+    };
+    match read_batched(map_data(ebpf)?, slots, &mut keep) {
+        Ok(()) => {}
+        // No batch reads of per-CPU arrays before Linux 5.13: slot by slot.
+        Err(e) if e.raw_os_error() == Some(ENOTSUPP) || e.raw_os_error() == Some(libc::EINVAL) => {
+            let a = PerCpuArray::<_, RuleStats>::try_from(
+                ebpf.map(NAME).ok_or(DatapathError::MissingMap(NAME))?,
+            )
+            .map_err(map_err(NAME))?;
+            for slot in 0..slots {
+                keep(
+                    slot,
+                    sum(a.get(&slot, 0).map_err(map_err(NAME))?.iter().copied()),
+                );
+            }
+        }
+        Err(e) => return Err(syscall_err("bpf_map_lookup_batch", e)),
+    }
+    Ok(out)
+}
+
+/// The kernel's ENOTSUPP (not in libc: it is no userspace errno).
+const ENOTSUPP: i32 = 524;
+
+/// Hands every slot of `map` (`slots` of them), summed over CPUs, to `each`, reading in batches.
+fn read_batched(
+    map: &MapData,
+    slots: u32,
+    each: &mut impl FnMut(u32, RuleStats),
+) -> std::io::Result<()> {
     let fd = map.fd().as_fd().as_raw_fd();
-    let slots = map.info().map_err(map_err(NAME))?.max_entries() as usize;
-    let cpus = possible_cpus()?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
     // A per-CPU value is copied as one 8-byte-aligned copy per possible CPU.
     const STRIDE: usize = std::mem::size_of::<RuleStats>();
     const _: () = assert!(STRIDE.is_multiple_of(8));
-    let mut keys = vec![0u32; BATCH];
-    let mut values = vec![RuleStats::default(); BATCH * cpus];
-    let mut out = vec![];
+    let batch = (BATCH_BYTES / (STRIDE * cpus)).clamp(1, slots.max(1) as usize);
+    let mut keys = vec![0u32; batch];
+    let mut values = vec![RuleStats::default(); batch * cpus];
+    let slots = slots as usize;
     let mut token = 0u32;
     let mut first = true;
     let mut done = 0usize;
@@ -92,7 +138,7 @@ pub(crate) fn read_all(ebpf: &Ebpf) -> Result<Vec<(u8, u32, RuleStats)>, Datapat
             out_batch: &mut token as *mut u32 as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
-            count: BATCH as u32,
+            count: batch as u32,
             map_fd: fd as u32,
             elem_flags: 0,
             flags: 0,
@@ -109,20 +155,16 @@ pub(crate) fn read_all(ebpf: &Ebpf) -> Result<Vec<(u8, u32, RuleStats)>, Datapat
         let end = if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::ENOENT) {
-                return Err(syscall_err("bpf_map_lookup_batch", e));
+                return Err(e);
             }
             true
         } else {
             false
         };
         // SAFETY: the kernel wrote back how many slots it copied.
-        let n = unsafe { attr.batch.count } as usize;
+        let n = (unsafe { attr.batch.count } as usize).min(batch);
         for (i, &slot) in keys[..n].iter().enumerate() {
-            let s = sum(values[i * cpus..(i + 1) * cpus].iter().copied());
-            if s.packets != 0 || s.bytes != 0 {
-                let (g, rule) = owner(slot);
-                out.push((g, rule, s));
-            }
+            each(slot, sum(values[i * cpus..(i + 1) * cpus].iter().copied()));
         }
         done += n;
         first = false;
@@ -130,23 +172,24 @@ pub(crate) fn read_all(ebpf: &Ebpf) -> Result<Vec<(u8, u32, RuleStats)>, Datapat
             break;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Reads and zeroes `rule`'s slot of `generation` (what it counted, summed over CPUs), or None when the
-/// rule lies past this host's slots (its counter is in `RULE_STATS`). A packet counted between the read
+/// rule lies past the array's `slots` (`slots()`; its counter is in `RULE_STATS`). A packet counted between the read
 /// and the zeroing is lost, as with a hash counter deleted after its read.
 pub(crate) fn take(
     ebpf: &mut Ebpf,
+    slots: u32,
     generation: u8,
     rule: u32,
 ) -> Result<Option<RuleStats>, DatapathError> {
     let slot = rule_counter_slot(u32::from(generation), rule);
-    let m = ebpf.map_mut(NAME).ok_or(DatapathError::MissingMap(NAME))?;
-    let mut a = PerCpuArray::<_, RuleStats>::try_from(m).map_err(map_err(NAME))?;
-    if slot >= a.len() {
+    if slot >= slots {
         return Ok(None);
     }
+    let m = ebpf.map_mut(NAME).ok_or(DatapathError::MissingMap(NAME))?;
+    let mut a = PerCpuArray::<_, RuleStats>::try_from(m).map_err(map_err(NAME))?;
     let per_cpu = a.get(&slot, 0).map_err(map_err(NAME))?;
     let s = sum(per_cpu.iter().copied());
     if s.packets != 0 || s.bytes != 0 {
@@ -198,9 +241,9 @@ mod tests {
                 );
             }
         }
-        assert_eq!(rule_counter_slots(1), 2 * limits::RULES);
-        assert_eq!(rule_counter_slots(2), limits::RULES);
-        assert_eq!(rule_counter_slots(64), 1 << 15);
+        assert_eq!(rule_counter_slots(1), 1 << 19);
+        assert_eq!(rule_counter_slots(2), 1 << 18);
+        assert_eq!(rule_counter_slots(64), 1 << 13);
         assert_eq!(rule_counter_slots(8192), limits::RULE_COUNTERS_MIN_SLOTS);
     }
 }

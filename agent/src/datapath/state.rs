@@ -29,8 +29,8 @@ pub struct PortKey {
 
 /// Everything one generation slot holds in the policy maps.
 ///
-/// Rule counters (`RULE_STATS`) are not part of it: the kernel creates them as packets pass. A slot's
-/// counters are valid when no rule id above its policy's rule count has one.
+/// Rule counters (`RULE_COUNTERS`, `RULE_STATS`) are not part of it: the kernel counts as packets pass.
+/// A slot's counters are valid when no rule id above its policy's rule count has a non-zero one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GenState {
     /// `GEN_CONFIG[generation]` (all zero in an empty slot).
