@@ -41,6 +41,8 @@ pub use error::DatapathError;
 pub use flows::{FlowMap, host_addresses, interface_address, kernel_now_ns, onlink_prefixes};
 pub use observe::{Destination, EventLoss, address_of};
 pub use probe::probe_key;
+#[doc(hidden)]
+pub use rule_counters::BATCH_BYTES as RULE_COUNTER_BATCH_BYTES;
 pub use state::GenState;
 pub use stats::{ParseStats, read_parse_stats};
 use vpcgate_common::programs;

@@ -73,7 +73,7 @@ pub(crate) fn slots(ebpf: &Ebpf) -> Result<u32, DatapathError> {
 }
 
 /// Bytes of values one `BPF_MAP_LOOKUP_BATCH` call copies at most.
-const BATCH_BYTES: usize = 1 << 20;
+pub const BATCH_BYTES: usize = 1 << 20;
 
 /// Every rule with a non-zero counter in `RULE_COUNTERS`, summed over CPUs: (generation, rule, counts).
 pub(crate) fn read_all(ebpf: &Ebpf) -> Result<Vec<(u8, u32, RuleStats)>, DatapathError> {
