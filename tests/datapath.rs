@@ -306,7 +306,8 @@ fn rule_counters_in_the_array_and_past_it_are_counted_read_and_folded_alike() {
 
     // The first and the last slot of an array read in two batches count (the whole array of a default
     // load holds 2^18 slots here, a policy too slow to apply in the VMs).
-    let batch = vpcgate::datapath::RULE_COUNTER_BATCH_BYTES / (16 * cpus as usize);
+    let batch = vpcgate::datapath::RULE_COUNTER_BATCH_BYTES
+        / (size_of::<vpcgate_common::datapath::RuleStats>() * cpus as usize);
     let slots = batch as u32 + 64;
     let mut h = Harness::with_counter_slots(slots);
     let generation = h.apply(&hosts(slots / 2)).generation;

@@ -66,7 +66,7 @@ pub mod limits {
     /// the same with ten rules as with a million: 8 MiB (plus the kernel's 8-byte pointer per slot).
     pub const RULE_COUNTERS_BYTES: u64 = 8 << 20;
     /// Slots of `RULE_COUNTERS` at least, whatever the CPU count (rule ids 1 to 1023 of each generation;
-    /// past 512 possible CPUs this exceeds `RULE_COUNTERS_BYTES`).
+    /// past 256 possible CPUs this exceeds `RULE_COUNTERS_BYTES`).
     pub const RULE_COUNTERS_MIN_SLOTS: u32 = 2 * 1024;
     /// Established TCP flows peers initiated (replies pass); separate from half-open ones, so a SYN
     /// flood cannot evict them.

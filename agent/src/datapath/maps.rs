@@ -233,14 +233,17 @@ impl<'a> KernelMaps<'a> {
                 generation: u32::from(generation),
                 rule,
             };
-            let sum = stats
-                .get(&key, 0)
-                .map(|per_cpu| super::rule_counters::sum(per_cpu.iter().copied()));
+            let sum = match stats.get(&key, 0) {
+                Ok(per_cpu) => Some(super::rule_counters::sum(per_cpu.iter().copied())),
+                Err(e) if is_not_found(&e) => None,
+                // Not read: not deleted either (its counts would be lost).
+                Err(e) => return Err(map_err(names::RULE_STATS)(e)),
+            };
             match stats.remove(&key) {
                 Err(e) if !is_not_found(&e) => return Err(map_err(names::RULE_STATS)(e)),
                 _ => {}
             }
-            if let Ok(sum) = sum
+            if let Some(sum) = sum
                 && (sum.packets > 0 || sum.bytes > 0)
             {
                 self.folded.push((generation, rule, sum));

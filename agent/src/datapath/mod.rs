@@ -171,23 +171,21 @@ fn load_pinned(
     for n in names {
         l.map_pin_path(n.as_str(), pins.map(n));
     }
-    let ebpf = l.load(object).map_err(DatapathError::Object)?;
-    // The pinned counter array keeps the size it was created with; the agent's reads and zeroing follow
-    // the kernel's size, but a size this agent would not choose means another agent's sizing: refused.
-    let (slots, want) = (
-        rule_counters::slots(&ebpf)?,
-        rule_counters::rule_counter_slots()?,
-    );
-    if slots != want {
-        return Err(DatapathError::Pin {
-            path: pins.map(vpcgate_common::datapath::names::RULE_COUNTERS),
-            what: "adopt the rule counters",
-            source: std::io::Error::other(format!(
-                "{slots} slots pinned, {want} expected on this host (another agent's sizing): \
-                 `vpcgate teardown` the instance, then start again"
-            )),
-        });
+    // A pinned counter array keeps the size it was created with (an agent that sized it otherwise may
+    // have pinned it): the loader takes that size, so that every bounds check agrees with the kernel's.
+    let counters = pins.map(vpcgate_common::datapath::names::RULE_COUNTERS);
+    if counters.exists() {
+        let info =
+            aya::maps::MapInfo::from_pin(&counters).map_err(|source| DatapathError::Map {
+                map: vpcgate_common::datapath::names::RULE_COUNTERS,
+                source,
+            })?;
+        l.map_max_entries(
+            vpcgate_common::datapath::names::RULE_COUNTERS,
+            info.max_entries(),
+        );
     }
+    let ebpf = l.load(object).map_err(DatapathError::Object)?;
     // Every map of the object is one of the pinned ones (a map the loader created on its own would be
     // state no restart could find).
     if let Some((extra, _)) = ebpf.maps().find(|(n, _)| !names.contains(*n)) {

@@ -78,31 +78,39 @@ pub const BATCH_BYTES: usize = 1 << 20;
 /// Every rule with a non-zero counter in `RULE_COUNTERS`, summed over CPUs: (generation, rule, counts).
 pub(crate) fn read_all(ebpf: &Ebpf) -> Result<Vec<(u8, u32, RuleStats)>, DatapathError> {
     let slots = slots(ebpf)?;
-    let mut out = vec![];
+    let mut all = vec![];
+    let counted = |s: &RuleStats| s.packets != 0 || s.bytes != 0;
     let mut keep = |slot: u32, s: RuleStats| {
-        if s.packets != 0 || s.bytes != 0 {
-            let (g, rule) = owner(slot);
-            out.push((g, rule, s));
+        if counted(&s) {
+            all.push((slot, s));
         }
     };
     match read_batched(map_data(ebpf)?, slots, &mut keep) {
         Ok(()) => {}
-        // No batch reads of per-CPU arrays before Linux 5.13: slot by slot.
+        // No batch reads of per-CPU arrays before Linux 5.13 (ENOTSUPP), none at all before 5.6
+        // (EINVAL): slot by slot, from the start.
         Err(e) if e.raw_os_error() == Some(ENOTSUPP) || e.raw_os_error() == Some(libc::EINVAL) => {
+            all.clear();
             let a = PerCpuArray::<_, RuleStats>::try_from(
                 ebpf.map(NAME).ok_or(DatapathError::MissingMap(NAME))?,
             )
             .map_err(map_err(NAME))?;
             for slot in 0..slots {
-                keep(
-                    slot,
-                    sum(a.get(&slot, 0).map_err(map_err(NAME))?.iter().copied()),
-                );
+                let s = sum(a.get(&slot, 0).map_err(map_err(NAME))?.iter().copied());
+                if counted(&s) {
+                    all.push((slot, s));
+                }
             }
         }
         Err(e) => return Err(syscall_err("bpf_map_lookup_batch", e)),
     }
-    Ok(out)
+    Ok(all
+        .into_iter()
+        .map(|(slot, s)| {
+            let (g, rule) = owner(slot);
+            (g, rule, s)
+        })
+        .collect())
 }
 
 /// The kernel's ENOTSUPP (not in libc: it is no userspace errno).
