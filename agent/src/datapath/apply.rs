@@ -258,7 +258,11 @@ impl Datapath {
     /// and verified) and the error says which; `RestoreFailed` when even that failed.
     pub fn apply(&mut self, c: &Compiled) -> Result<ApplyReport, DatapathError> {
         let fail_at = self.fail_at.take();
-        let mut maps = KernelMaps::new(&mut self.ebpf, &self.barrier);
+        // Rule ids run from 1 to the rule count: from now on the kernel may count any below this.
+        if let Some(below) = &mut self.counted_below {
+            *below = (*below).max(c.rules.len() as u32 + 1);
+        }
+        let mut maps = KernelMaps::new(&mut self.ebpf, &self.barrier, self.counted_below);
         let r = apply_to(&mut maps, &mut self.recorded, c, fail_at);
         let folded = maps.into_folded();
         self.folded.extend(folded);
@@ -280,13 +284,14 @@ impl Datapath {
 
     /// Everything generation `generation` holds in the policy maps, read back from the kernel.
     pub fn read_generation(&mut self, generation: u8) -> Result<GenState, DatapathError> {
-        KernelMaps::new(&mut self.ebpf, &self.barrier).read_generation(generation)
+        KernelMaps::new(&mut self.ebpf, &self.barrier, self.counted_below)
+            .read_generation(generation)
     }
 
     /// Rule ids of `generation` with a non-zero counter (or a `RULE_STATS` entry), read back from the
     /// kernel.
     pub fn counted_rules(&mut self, generation: u8) -> Result<Vec<u32>, DatapathError> {
-        KernelMaps::new(&mut self.ebpf, &self.barrier).counters(generation)
+        KernelMaps::new(&mut self.ebpf, &self.barrier, self.counted_below).counters(generation)
     }
 
     /// How many policy-map entries (addresses, reserved blocks, port blocks) `generation` holds, found by

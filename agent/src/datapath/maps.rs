@@ -142,14 +142,21 @@ pub(crate) struct KernelMaps<'a> {
     barrier: &'a Barrier,
     /// Counters read as they were deleted: (generation, rule, sum over CPUs).
     folded: Vec<(u8, u32, RuleStats)>,
+    /// Rule ids below which the kernel may have counted (`Datapath::counted_below`; None: unknown).
+    counted_below: Option<u32>,
 }
 
 impl<'a> KernelMaps<'a> {
-    pub(crate) fn new(ebpf: &'a mut Ebpf, barrier: &'a Barrier) -> Self {
+    pub(crate) fn new(
+        ebpf: &'a mut Ebpf,
+        barrier: &'a Barrier,
+        counted_below: Option<u32>,
+    ) -> Self {
         Self {
             ebpf,
             barrier,
             folded: vec![],
+            counted_below,
         }
     }
 
@@ -358,7 +365,8 @@ impl Maps for KernelMaps<'_> {
     }
 
     fn counters(&mut self, generation: u8) -> Result<Vec<u32>, DatapathError> {
-        let mut out: Vec<u32> = super::rule_counters::read_all(self.ebpf)?
+        let below = self.counted_below.map(super::rule_counters::slots_below);
+        let mut out: Vec<u32> = super::rule_counters::read_all(self.ebpf, below)?
             .into_iter()
             .filter(|&(g, _, _)| g == generation)
             .map(|(_, rule, _)| rule)

@@ -130,6 +130,10 @@ pub struct Datapath {
     pins: Option<pin::Pins>,
     /// Rule counters applies deleted, for the caller to fold into totals.
     folded: Vec<(u8, u32, vpcgate_common::datapath::RuleStats)>,
+    /// Rule ids below which `RULE_COUNTERS` may count, in any generation: the largest policy applied
+    /// since the array was created (empty). None when the array was adopted (its history is unknown):
+    /// then it is read whole.
+    counted_below: Option<u32>,
 }
 
 const PROGRAMS: [&str; 3] = [
@@ -230,6 +234,7 @@ impl Datapath {
             adopted: None,
             pins: None,
             folded: vec![],
+            counted_below: Some(0),
         })
     }
 
@@ -336,6 +341,7 @@ impl Datapath {
                         adopted: Some(adopted),
                         pins: Some(pins),
                         folded: vec![],
+                        counted_below: None,
                     },
                     Opened::Adopted,
                 ))
@@ -377,6 +383,7 @@ impl Datapath {
                         adopted: None,
                         pins: Some(pins),
                         folded: vec![],
+                        counted_below: Some(0),
                     },
                     Opened::Loaded,
                 ))

@@ -75,9 +75,22 @@ pub(crate) fn slots(ebpf: &Ebpf) -> Result<u32, DatapathError> {
 /// Bytes of values one `BPF_MAP_LOOKUP_BATCH` call copies at most.
 pub const BATCH_BYTES: usize = 1 << 20;
 
+/// The slots that can hold counters of rule ids below `rules`, in both generations.
+pub(crate) fn slots_below(rules: u32) -> u32 {
+    rule_counter_slot(u32::from(GEN_A), rules.saturating_sub(1))
+        .max(rule_counter_slot(u32::from(GEN_B), rules.saturating_sub(1)))
+        + 1
+}
+
 /// Every rule with a non-zero counter in `RULE_COUNTERS`, summed over CPUs: (generation, rule, counts).
-pub(crate) fn read_all(ebpf: &Ebpf) -> Result<Vec<(u8, u32, RuleStats)>, DatapathError> {
-    let slots = slots(ebpf)?;
+/// `below`: only the slots below this one can be non-zero (None: read all). A new generation's apply
+/// reads twice (the slot it writes, the slot it empties): reading only what the policies applied since
+/// the array was created could have used keeps that proportional to the policy, not to the array.
+pub(crate) fn read_all(
+    ebpf: &Ebpf,
+    below: Option<u32>,
+) -> Result<Vec<(u8, u32, RuleStats)>, DatapathError> {
+    let slots = slots(ebpf)?.min(below.unwrap_or(u32::MAX));
     let mut all = vec![];
     let counted = |s: &RuleStats| s.packets != 0 || s.bytes != 0;
     let mut keep = |slot: u32, s: RuleStats| {
@@ -146,7 +159,7 @@ fn read_batched(
             out_batch: &mut token as *mut u32 as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
-            count: batch as u32,
+            count: batch.min(slots - done) as u32,
             map_fd: fd as u32,
             elem_flags: 0,
             flags: 0,
