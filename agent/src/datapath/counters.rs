@@ -33,12 +33,12 @@ impl Datapath {
     pub fn rule_stats(&self) -> Result<HashMap<u32, RuleStats>, DatapathError> {
         let active = self.active_generation()?;
         let generation = active.map_or(0, u32::from);
-        let below = self.counted_below.map(super::rule_counters::slots_below);
-        let mut out: HashMap<u32, RuleStats> = super::rule_counters::read_all(self.ebpf(), below)?
-            .into_iter()
-            .filter(|&(g, _, _)| Some(g) == active)
-            .map(|(_, rule, s)| (rule, s))
-            .collect();
+        let mut out: HashMap<u32, RuleStats> =
+            super::rule_counters::read_all(self.ebpf(), self.counted_below)?
+                .into_iter()
+                .filter(|&(g, _, _)| Some(g) == active)
+                .map(|(_, rule, s)| (rule, s))
+                .collect();
         let stats = PerCpuHashMap::<_, RuleStatsKey, RuleStats>::try_from(
             self.read_map(names::RULE_STATS)?,
         )

@@ -230,9 +230,7 @@ impl<'a> KernelMaps<'a> {
             // Read, then zero (array) or delete (hash): what the rule counted is handed to the caller
             // (at once: an error on a later rule must not lose it), not lost.
             if let Some(sum) = super::rule_counters::take(self.ebpf, slots, generation, rule)? {
-                if sum.packets > 0 || sum.bytes > 0 {
-                    self.folded.push((generation, rule, sum));
-                }
+                self.fold(generation, rule, sum);
                 continue;
             }
             let mut stats = self.counter_map()?;
@@ -250,13 +248,18 @@ impl<'a> KernelMaps<'a> {
                 Err(e) if !is_not_found(&e) => return Err(map_err(names::RULE_STATS)(e)),
                 _ => {}
             }
-            if let Some(sum) = sum
-                && (sum.packets > 0 || sum.bytes > 0)
-            {
-                self.folded.push((generation, rule, sum));
+            if let Some(sum) = sum {
+                self.fold(generation, rule, sum);
             }
         }
         Ok(())
+    }
+
+    /// Hands a deleted counter's counts to the caller (none if it counted nothing).
+    fn fold(&mut self, generation: u8, rule: u32, sum: RuleStats) {
+        if super::rule_counters::counted(&sum) {
+            self.folded.push((generation, rule, sum));
+        }
     }
 
     fn set_config(&mut self, generation: u8, config: GenConfig) -> Result<(), DatapathError> {
@@ -365,8 +368,7 @@ impl Maps for KernelMaps<'_> {
     }
 
     fn counters(&mut self, generation: u8) -> Result<Vec<u32>, DatapathError> {
-        let below = self.counted_below.map(super::rule_counters::slots_below);
-        let mut out: Vec<u32> = super::rule_counters::read_all(self.ebpf, below)?
+        let mut out: Vec<u32> = super::rule_counters::read_all(self.ebpf, self.counted_below)?
             .into_iter()
             .filter(|&(g, _, _)| g == generation)
             .map(|(_, rule, _)| rule)

@@ -51,6 +51,11 @@ fn owner(slot: u32) -> (u8, u32) {
     (generation, slot >> 1)
 }
 
+/// Whether a counter counted anything.
+pub(crate) fn counted(s: &RuleStats) -> bool {
+    s.packets != 0 || s.bytes != 0
+}
+
 pub(crate) fn sum(per_cpu: impl IntoIterator<Item = RuleStats>) -> RuleStats {
     per_cpu
         .into_iter()
@@ -76,23 +81,23 @@ pub(crate) fn slots(ebpf: &Ebpf) -> Result<u32, DatapathError> {
 pub const BATCH_BYTES: usize = 1 << 20;
 
 /// The slots that can hold counters of rule ids below `rules`, in both generations.
-pub(crate) fn slots_below(rules: u32) -> u32 {
+fn slots_below(rules: u32) -> u32 {
     rule_counter_slot(u32::from(GEN_A), rules.saturating_sub(1))
         .max(rule_counter_slot(u32::from(GEN_B), rules.saturating_sub(1)))
         + 1
 }
 
 /// Every rule with a non-zero counter in `RULE_COUNTERS`, summed over CPUs: (generation, rule, counts).
-/// `below`: only the slots below this one can be non-zero (None: read all). A new generation's apply
-/// reads twice (the slot it writes, the slot it empties): reading only what the policies applied since
-/// the array was created could have used keeps that proportional to the policy, not to the array.
+/// `counted_below`: only rule ids below it can have counted (`Datapath::counted_below`; None: read
+/// all). A new generation's apply reads twice (the slot it writes, the slot it empties): reading only
+/// what the policies applied since the array was created could have used keeps that proportional to the
+/// policy, not to the array.
 pub(crate) fn read_all(
     ebpf: &Ebpf,
-    below: Option<u32>,
+    counted_below: Option<u32>,
 ) -> Result<Vec<(u8, u32, RuleStats)>, DatapathError> {
-    let slots = slots(ebpf)?.min(below.unwrap_or(u32::MAX));
+    let slots = slots(ebpf)?.min(counted_below.map_or(u32::MAX, slots_below));
     let mut all = vec![];
-    let counted = |s: &RuleStats| s.packets != 0 || s.bytes != 0;
     let mut keep = |slot: u32, s: RuleStats| {
         if counted(&s) {
             all.push((slot, s));
@@ -213,7 +218,7 @@ pub(crate) fn take(
     let mut a = PerCpuArray::<_, RuleStats>::try_from(m).map_err(map_err(NAME))?;
     let per_cpu = a.get(&slot, 0).map_err(map_err(NAME))?;
     let s = sum(per_cpu.iter().copied());
-    if s.packets != 0 || s.bytes != 0 {
+    if counted(&s) {
         let zero = PerCpuValues::try_from(vec![RuleStats::default(); per_cpu.len()])
             .map_err(|e| syscall_err("per-cpu values", e))?;
         a.set(slot, zero, 0).map_err(map_err(NAME))?;
