@@ -634,6 +634,86 @@ fn icmp_errors_credit_the_quoted_destination_read_by_its_own_protocol() {
     assert_eq!(h.dp.destination(backend, 1, 53).unwrap(), None);
 }
 
+/// Passes toward a destination are counted exactly, whether a hook combined them in its pending run or
+/// added them to the destination's entry: runs of one destination, alternating destinations, a run
+/// across ticks, two hooks, SYNs among them.
+#[test]
+fn passes_are_observed_exactly_whether_combined_in_a_run_or_not() {
+    vpcgate_lab::require_root();
+    // One CPU: the runs are this CPU's, so the test knows which it combined.
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(libc::sched_getcpu().max(0) as usize, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+    let mut h = Harness::new();
+    h.apply(&hosts(2));
+    let to = |i: u32, syn: bool| {
+        build(
+            "to a host",
+            &[
+                Layer::Ipv4 {
+                    src: [10, 0, 0, 5],
+                    dst: Ipv4Addr::from(0x0b00_0000 | i).octets(),
+                    options: 0,
+                    frag_offset: 0,
+                    more_fragments: false,
+                    id: 1,
+                },
+                Layer::Tcp {
+                    sport: 40000,
+                    dport: 80,
+                    flags: if syn { 0x02 } else { 0x10 },
+                    options: 0,
+                },
+            ],
+            0,
+        )
+    };
+    let addr = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0b00_0000 | i));
+    let seen = |h: &Harness, i: u32| {
+        h.dp.destination(addr(i), 6, 80)
+            .unwrap()
+            .map_or((0, 0), |d| (d.passed, d.syn_sent))
+    };
+    // A run toward host 0: a SYN, then nine ACKs, on TC egress.
+    for k in 0..10 {
+        assert_eq!(h.check(Enforcer::TcEgress, &to(0, k == 0)), None);
+    }
+    assert_eq!(seen(&h, 0), (10, 1));
+    let pending: u64 =
+        h.dp.pending_observations()
+            .unwrap()
+            .iter()
+            .filter(|p| p.key.addr[..4] == [11, 0, 0, 0])
+            .map(|p| p.passed)
+            .sum();
+    assert!(
+        pending >= 1,
+        "ten passes in a row were all looked up: nothing combined"
+    );
+    // Alternating destinations: every pass ends the other's run.
+    for k in 0..6 {
+        assert_eq!(h.check(Enforcer::TcEgress, &to(k % 2, k == 1)), None);
+    }
+    assert_eq!((seen(&h, 0), seen(&h, 1)), ((13, 1), (3, 1)));
+    // The same destination in a later tick (a tick is at most 10 ms), and on the other hook.
+    std::thread::sleep(std::time::Duration::from_millis(25));
+    for k in 0..4 {
+        assert_eq!(h.check(Enforcer::TcEgress, &to(1, k == 3)), None);
+        assert_eq!(h.check(Enforcer::XdpForward, &to(1, false)), None);
+    }
+    assert_eq!((seen(&h, 0), seen(&h, 1)), ((13, 1), (11, 2)));
+    // Another destination ends host 1's runs: the counts stay whole.
+    assert_eq!(h.check(Enforcer::TcEgress, &to(0, false)), None);
+    assert_eq!(h.check(Enforcer::XdpForward, &to(0, false)), None);
+    assert_eq!((seen(&h, 0), seen(&h, 1)), ((15, 1), (11, 2)));
+}
+
 #[test]
 fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
     use vpcgate_common::parse_stats::Hook;

@@ -43,6 +43,9 @@ pub mod names {
     pub const KERNEL_EVENTS: &str = "KERNEL_EVENTS";
     pub const KERNEL_BUDGET: &str = "KERNEL_BUDGET";
     pub const KTRACE_SEEN: &str = "KTRACE_SEEN";
+    /// Per hook and CPU, the running program's parsed packet, verdict and pending observations
+    /// (`SCRATCH_SIZE`, `PendingObs`).
+    pub const SCRATCH: &str = "SCRATCH";
 }
 
 /// Capacities (Katran style: every tunable in one place). Policy maps are checked against these before
@@ -607,7 +610,27 @@ mod user {
 
 /// Size of a `SCRATCH` value (a kernel-private parsed packet), whose first u32 says whether a running
 /// program holds it: tests mark it taken from userspace.
-pub const SCRATCH_SIZE: usize = 120;
+pub const SCRATCH_SIZE: usize = 184;
+
+/// Where a `SCRATCH` value holds its hook's `PendingObs` (the agent reads it beside `DEST_OBS`).
+pub const SCRATCH_PENDING_OFFSET: usize = 120;
+
+/// Passes toward one destination that this CPU's hook has counted but not yet added to the destination's
+/// `DEST_OBS` entry: the packets after the first of a run toward one destination within one tick
+/// (`jiffies`). The first packet of a run goes to the entry (creating it, refreshing it in the LRU and
+/// setting its time); the run's later packets only add here, and the next packet toward another
+/// destination, or in a later tick, adds them to the entry. The agent adds what is pending to what the
+/// entry holds (`destinations`), so its figures are whole at any time.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PendingObs {
+    /// The run's destination (`family` 0: none yet).
+    pub key: DestKey,
+    /// `jiffies` (low 32 bits) of the run's first packet.
+    pub tick: u32,
+    pub passed: u64,
+    pub syn_sent: u64,
+}
 
 /// Where `REPLY_PORTS` marks a local port of a protocol (0 TCP, 1 UDP): (entry, byte). A peer-initiated
 /// flow is recorded only after its local port is marked; a packet leaving from an unmarked port cannot be

@@ -2,8 +2,8 @@
 //! the test hook.
 
 use vpcgate_common::datapath::{
-    ACTION_PASS, AUDIT_OFFSET, DestKey, DestObs, FLAG_RECORD_LAST, LastVerdict, RuleStats,
-    RuleStatsKey, basis, rule_counter_slot,
+    ACTION_PASS, AUDIT_OFFSET, DestKey, DestObs, FLAG_RECORD_LAST, LastVerdict, PendingObs,
+    RuleStats, RuleStatsKey, basis, rule_counter_slot,
 };
 use vpcgate_common::icmp::{
     ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG,
@@ -13,7 +13,10 @@ use vpcgate_common::icmp::{
 use aya_ebpf::maps::LruPerCpuHashMap;
 
 use crate::{
-    maps::{DEST_OBS, DROP_OBS, DROP_STATS, GEN_CONFIG, LAST_VERDICT, RULE_COUNTERS, RULE_STATS},
+    maps::{
+        DEST_OBS, DROP_OBS, DROP_STATS, GEN_CONFIG, KeyBuf, LAST_VERDICT, RULE_COUNTERS,
+        RULE_STATS, SCRATCH,
+    },
     parse::{self, Cursor, IPPROTO_TCP, L3, L4, Packet, TCP_ACK, TCP_RST, TCP_SYN},
     verdict::Outcome,
 };
@@ -22,8 +25,27 @@ use crate::{
 /// SYNs sent. Per CPU (no shared cache line per packet); the agent sums the CPUs and takes the latest drop.
 /// Replies in flows peers opened are not observations of a destination the gateway chose (a peer's
 /// ever-new ports would churn the map); drops go to their own map (`DROP_OBS`) for the same reason.
+///
+/// The packet, its verdict and the hook's pending run are in `hook`'s scratch slot. A global BPF
+/// function: the verifier checks it once, on its own, with an unknown `hook`, rather than once per path
+/// of its caller; and its caller's paths are not multiplied by its own. It returns 0.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vpcgate_observe(hook: u32) -> i32 {
+    let Some(s) = SCRATCH.get_ptr_mut(hook) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot of `hook`, held by the running program (`main::scratch`), which parsed
+    // the packet and decided it there.
+    unsafe {
+        let o = (*s).key.outcome;
+        observe(&(*s).pkt, &o, &mut (*s).key);
+    }
+    0
+}
+
 #[inline(always)]
-pub fn observe(pkt: &Packet, o: &Outcome) {
+fn observe(pkt: &Packet, o: &Outcome, kb: &mut KeyBuf) {
     if o.basis == basis::REPLY {
         return;
     }
@@ -33,16 +55,17 @@ pub fn observe(pkt: &Packet, o: &Outcome) {
         L4::Icmp { .. } | L4::Icmpv6 { .. } => (0, false),
         _ => return,
     };
-    let key = DestKey {
+    kb.dest = DestKey {
         family: if pkt.l3 == L3::Ipv4 { 4 } else { 6 },
         proto: pkt.proto,
         port: port.to_be_bytes(),
         addr: pkt.dst,
     };
+    kb.dest_flags = if syn { PASS_SYN } else { 0 } | if o.audit { PASS_AUDIT } else { 0 };
     if o.action == ACTION_PASS {
-        record_passed(&key, syn, o.audit, o.reason);
+        record_passed(kb, o.reason);
     } else {
-        record_dropped(&key, o.reason);
+        record_dropped(&kb.dest, o.reason);
     }
 }
 
@@ -61,18 +84,89 @@ fn observation(
     map.get_ptr_mut(key)
 }
 
+/// Zero when the two destination keys are equal: their five words (4-aligned, 20 bytes) compared without
+/// a branch per word (each would be a path for the verifier).
+#[inline(always)]
+fn key_diff(a: &DestKey, b: &DestKey) -> u32 {
+    const _: () = assert!(core::mem::size_of::<DestKey>() == 20);
+    const _: () = assert!(core::mem::align_of::<DestKey>() >= 4);
+    // SAFETY: 20 initialized, 4-aligned bytes each.
+    let (a, b) = unsafe {
+        (
+            *(a as *const DestKey as *const [u32; 5]),
+            *(b as *const DestKey as *const [u32; 5]),
+        )
+    };
+    (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4])
+}
+
+/// `jiffies`, low 32 bits: a load (the verifier inlines the helper), where the clock is a call.
+#[inline(always)]
+fn tick() -> u32 {
+    // SAFETY: a helper without preconditions.
+    unsafe { aya_ebpf::helpers::bpf_jiffies64() as u32 }
+}
+
+const PASS_SYN: u32 = 1;
+const PASS_AUDIT: u32 = 2;
+
 /// A packet that passed (or, audited, would have dropped) toward `key`: on every allowed packet, so
 /// inlined (a BPF-to-BPF call and its return cost more than its body). It takes plain values only: handed
 /// the parsed packet, whose enum payloads are partly undefined, LLVM once produced register uses the
 /// verifier rejects ("bitwise operator on pointer", "!read_ok").
+///
+/// A pass toward the destination of this hook's pending run, in the run's tick, is only added to the run
+/// (`PendingObs`): no map lookup. Any other pass ends the run: its packets go to its entry, this packet to
+/// its own (a lookup, which keeps the entry in the LRU and its time current), and it starts a new run.
+/// So a destination's entry is looked up at least once per tick while it has traffic, and a run holds the
+/// packets of one tick at most.
+///
+/// The run's part is inlined and branch-free but for its one test; the rest is a separate BPF function,
+/// so that its paths join again at its return rather than multiplying what the verifier explores after.
 #[inline(always)]
-fn record_passed(key: &DestKey, syn: bool, audit: bool, reason: u32) {
+fn record_passed(kb: &mut KeyBuf, reason: u32) {
+    // SAFETY: fields of this run's scratch slot, read volatile (see `KeyBuf::dest`).
+    let flags = unsafe { core::ptr::read_volatile(&raw const kb.dest_flags) };
+    let p = &mut kb.pending;
+    if key_diff(&p.key, &kb.dest) | (p.tick ^ tick()) | (flags & PASS_AUDIT) == 0 {
+        p.passed += 1;
+        p.syn_sent += u64::from(flags & PASS_SYN);
+        return;
+    }
+    start_run(kb, reason);
+}
+
+/// A pass that does not continue this hook's run: the run goes to its entry, this packet to its own, and
+/// it starts the next run (`record_passed`).
+#[inline(always)]
+fn start_run(kb: &mut KeyBuf, reason: u32) {
+    let flags = kb.dest_flags;
+    let (syn, audit) = (flags & PASS_SYN != 0, flags & PASS_AUDIT != 0);
+    let (key, pending) = (&kb.dest, &mut kb.pending);
+    let tick = tick();
+    let same = key_diff(&pending.key, key) == 0;
+    if !same && (pending.passed | pending.syn_sent) != 0 {
+        flush(pending);
+    }
     let Some(obs) = observation(&DEST_OBS, key) else {
+        // No entry could be made (this packet, and a run of the same destination, go uncounted, as any
+        // packet whose entry cannot be made): no run.
+        pending.key.family = 0;
+        pending.passed = 0;
+        pending.syn_sent = 0;
         return;
     };
     // SAFETY: `obs` points at this CPU's copy of a live map value.
     unsafe {
+        if same {
+            (*obs).passed += pending.passed;
+            (*obs).syn_sent += pending.syn_sent;
+        }
+        pending.passed = 0;
+        pending.syn_sent = 0;
         if audit {
+            // Audited would-be drops are no run (rare, and each carries its reason and time).
+            pending.key.family = 0;
             let now = crate::flows::now();
             (*obs).audited += 1;
             (*obs).last_drop_ns = now;
@@ -85,14 +179,29 @@ fn record_passed(key: &DestKey, syn: bool, audit: bool, reason: u32) {
             (*obs).syn_sent += 1;
         }
         // The coarse clock moves once per tick: read it once per tick per destination and CPU.
-        // `jiffies` itself is a load (the verifier inlines the helper), the clock is a call.
-        // SAFETY: a helper without preconditions.
-        let tick = aya_ebpf::helpers::bpf_jiffies64() as u32;
         if (*obs).seen_tick != tick || (*obs).last_seen_ns == 0 {
             (*obs).seen_tick = tick;
             (*obs).last_seen_ns = crate::flows::now();
         }
     }
+    pending.key = *key;
+    pending.tick = tick;
+}
+
+/// The packets of a pending run, added to its destination's entry (created again if the LRU evicted
+/// it). Its time is that of the run's first packet, which the entry has: a run holds one tick at most.
+/// A separate BPF function: taken once per run, not per packet.
+#[inline(never)]
+fn flush(pending: &mut PendingObs) {
+    if let Some(obs) = observation(&DEST_OBS, &pending.key) {
+        // SAFETY: `obs` points at this CPU's copy of a live map value.
+        unsafe {
+            (*obs).passed += pending.passed;
+            (*obs).syn_sent += pending.syn_sent;
+        }
+    }
+    pending.passed = 0;
+    pending.syn_sent = 0;
 }
 
 /// A packet dropped toward `key`: a separate BPF function (drops are rarer; see `record_passed`).

@@ -72,7 +72,7 @@ fn enforce(
             let account = account || o.reason != 0;
             if account {
                 stats::count(hook, pkt);
-                account::observe(pkt, &o);
+                account::vpcgate_observe(hook as u32);
                 if o.reason != 0 {
                     events::drop_event(hook, ifindex, Some(pkt), &o);
                 }

@@ -13,8 +13,8 @@ use crate::{parse::Packet, verdict::Outcome};
 
 use vpcgate_common::datapath::{
     AddrV4, AddrV6, AddrValue, DROP_STATS_LEN, DestKey, DestObs, EventBudget, FlowKey, FlowValue,
-    FragKey, FragValue, GenConfig, KtraceConfig, LastVerdict, LocalAddr, PortData, Prefix6,
-    ProbeObs, RuleStats, RuleStatsKey, limits,
+    FragKey, FragValue, GenConfig, KtraceConfig, LastVerdict, LocalAddr, PendingObs, PortData,
+    Prefix6, ProbeObs, RuleStats, RuleStatsKey, limits,
 };
 
 /// The active policy generation (`GEN_A` or `GEN_B`; anything else: no policy).
@@ -170,13 +170,25 @@ pub struct Scratch {
 /// verifier does not track, the verdict's many paths (every outcome constant a path produced) collapse
 /// into one state before the accounting is verified, instead of the accounting being verified once per
 /// path.
+///
+/// And the hook's run of passes toward one destination not yet added to `DEST_OBS` (see `PendingObs`),
+/// at `SCRATCH_PENDING_OFFSET`, where the agent reads it.
 #[repr(C, align(8))]
 pub struct KeyBuf {
     pub key: [u32; 6],
     pub outcome: Outcome,
+    pub pending: PendingObs,
+    /// The destination `account::observe` records, and its `PASS_*` flags: in map memory for the same
+    /// reason as the outcome (the verifier forgets what each packet kind stored, so its paths join).
+    pub dest: DestKey,
+    pub dest_flags: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<Scratch>() == vpcgate_common::datapath::SCRATCH_SIZE);
+const _: () = assert!(
+    core::mem::offset_of!(Scratch, key) + core::mem::offset_of!(KeyBuf, pending)
+        == vpcgate_common::datapath::SCRATCH_PENDING_OFFSET
+);
 
 /// Per hook, this CPU's scratch slot (see `main::scratch`).
 #[map(name = "SCRATCH")]

@@ -104,7 +104,7 @@ impl Datapath {
         hook: vpcgate_common::parse_stats::Hook,
         busy: bool,
     ) -> Result<(), DatapathError> {
-        let name = "SCRATCH";
+        let name = vpcgate_common::datapath::names::SCRATCH;
         let mut a = typed_map!(
             self.ebpf_mut(),
             PerCpuArray<_, [u8; vpcgate_common::datapath::SCRATCH_SIZE]>,

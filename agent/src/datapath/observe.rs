@@ -2,9 +2,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::maps::PerCpuHashMap;
+use aya::maps::{PerCpuArray, PerCpuHashMap};
 use vpcgate_common::{
-    datapath::{DestKey, DestObs, DropEvent, EventBudget, names},
+    datapath::{
+        DestKey, DestObs, DropEvent, EventBudget, PendingObs, SCRATCH_PENDING_OFFSET, SCRATCH_SIZE,
+        names,
+    },
     verdict::DropReason,
 };
 
@@ -75,6 +78,19 @@ impl Datapath {
                 entry.1.extend(per_cpu.iter().copied());
             }
         }
+        // Passes each CPU's hooks counted in a run not yet added to the entry (`PendingObs`). Read after
+        // the entries and without a lock: a run handed over to its entry while this reads can be missed
+        // (or, in a window of a few instructions, seen in both) for this read.
+        for p in self.pending_observations()? {
+            let entry = all
+                .entry(bytemuck::cast(p.key))
+                .or_insert_with(|| (p.key, vec![]));
+            entry.1.push(DestObs {
+                passed: p.passed,
+                syn_sent: p.syn_sent,
+                ..DestObs::default()
+            });
+        }
         let mut out = vec![];
         for (k, per_cpu) in all.into_values() {
             let mut d = Destination {
@@ -119,6 +135,34 @@ impl Datapath {
             out.push(d);
         }
         out.sort_by_key(|d| (d.address, d.protocol, d.port));
+        Ok(out)
+    }
+
+    /// Every hook's pending run on every CPU that holds passes (`PendingObs`, in the `SCRATCH` slots).
+    /// Public for tests, which check that runs are combined; `destinations` includes them.
+    #[doc(hidden)]
+    pub fn pending_observations(&self) -> Result<Vec<PendingObs>, DatapathError> {
+        let name = names::SCRATCH;
+        let m = self
+            .ebpf()
+            .map(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let a = PerCpuArray::<_, [u8; SCRATCH_SIZE]>::try_from(m)
+            .map_err(|source| DatapathError::Map { map: name, source })?;
+        let mut out = vec![];
+        for hook in 0..vpcgate_common::parse_stats::HOOK_COUNT {
+            let per_cpu = a
+                .get(&hook, 0)
+                .map_err(|source| DatapathError::Map { map: name, source })?;
+            for slot in per_cpu.iter() {
+                let p: PendingObs = bytemuck::pod_read_unaligned(
+                    &slot[SCRATCH_PENDING_OFFSET..SCRATCH_PENDING_OFFSET + size_of::<PendingObs>()],
+                );
+                if p.key.family != 0 && (p.passed != 0 || p.syn_sent != 0) {
+                    out.push(p);
+                }
+            }
+        }
         Ok(out)
     }
 

@@ -493,7 +493,7 @@ mod tests {
             vpcgate_common::datapath::names::ACTIVE,
             vpcgate_common::datapath::names::PORTS,
             vpcgate_common::datapath::names::EVENTS,
-            "SCRATCH",
+            vpcgate_common::datapath::names::SCRATCH,
         ] {
             assert!(names.contains(n), "{n} missing from {names:?}");
         }
