@@ -18,7 +18,9 @@ use clap::Parser;
 #[derive(Parser, Clone)]
 #[command(
     name = "vpcgate-bench",
-    about = "vpcgate's benchmarks (run through `cargo xtask bench`)"
+    about = "vpcgate's benchmarks (run through `cargo xtask bench`)",
+    after_help = "With VPCGATE_BENCH_KEEP_PERF set, the profiles' perf data files stay in the output \
+directory (perf-<program>-<regime>.data), for `perf annotate -i FILE --stdio -s <symbol>`."
 )]
 pub struct Opts {
     /// Fewer sizes, shorter runs: finishes in under 3 minutes.

@@ -97,7 +97,11 @@ pub fn record(
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let _ = std::fs::remove_file(data);
+    // Kept on request, for `perf annotate -i FILE --stdio -s bpf_prog_…` (which instructions of a
+    // program take the time).
+    if std::env::var_os("VPCGATE_BENCH_KEEP_PERF").is_none() {
+        let _ = std::fs::remove_file(data);
+    }
     Ok(parse_report(
         &String::from_utf8_lossy(&out.stdout),
         min_percent,

@@ -286,17 +286,18 @@ fn refresh(v: *mut FlowValue, now: u64, closing: bool) {
 
 /// The ENI's ingress: records and refreshes flows peers initiate toward a gateway socket. A separate
 /// BPF function (verified once per caller state, not inlined into every parser path).
+///
+/// Most of what arrives answers the gateway's own connections, toward its ephemeral ports, where no flow
+/// was ever recorded: the local port's `REPLY_PORTS` mark (set before any flow or half-open entry toward
+/// it, never cleared) says so without a hash lookup, and such a packet costs no flow lookup, no clock
+/// read and no policy read.
 #[inline(never)]
 pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
     if pkt.fragment == Fragment::NonFirst || pkt.l3 == L3::NonIp {
         return;
     }
-    // Flows follow the active policy's timeouts; with no policy nothing is recorded (all drops anyway).
-    let Some(active) = crate::verdict::active() else {
-        return;
-    };
-    let cfg = active.cfg;
-    let t = now();
+    // Flows follow the active policy's timeouts (`active`); with no policy nothing is recorded (all
+    // drops anyway).
     let v6 = pkt.l3 == L3::Ipv6;
     match pkt.l4 {
         L4::Tcp {
@@ -306,10 +307,21 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
             ack,
             ..
         } => {
-            let k = key(pkt, IPPROTO_TCP, dport, sport, false);
             let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            // Toward an unmarked port there is no flow to refresh and no half-open entry to complete:
+            // only a SYN can start something.
+            let marked = may_be_reply(TCP_PORTS, dport);
+            if !marked && !syn {
+                return;
+            }
+            let Some(active) = crate::verdict::active() else {
+                return;
+            };
+            let cfg = active.cfg;
+            let t = now();
+            let k = key(pkt, IPPROTO_TCP, dport, sport, false);
             let closing = flags & (TCP_FIN | TCP_RST) != 0;
-            if let Some(v) = FLOWS.get_ptr_mut(k) {
+            if marked && let Some(v) = FLOWS.get_ptr_mut(k) {
                 // SAFETY: a map value, read at once.
                 let (was_closing, last) =
                     unsafe { ((*v).state & FLOW_CLOSING != 0, (*v).last_seen_ns) };
@@ -369,13 +381,21 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
             }
         }
         L4::Udp { sport, dport } => {
-            let k = key(pkt, IPPROTO_UDP, dport, sport, false);
-            if refresh_dgram(&DGRAM_FLOWS, &k, t, cfg) {
+            // Toward an unmarked port there is no flow to refresh: only a datagram to a local socket
+            // starts one.
+            let marked = may_be_reply(UDP_PORTS, dport);
+            if !marked && !to_local(pkt) {
                 return;
             }
-            if to_local(pkt)
-                && socket_exists(ctx.as_ptr(), v6, false, &mut tuple(pkt, sport, dport))
-            {
+            let Some(active) = crate::verdict::active() else {
+                return;
+            };
+            let t = now();
+            let k = key(pkt, IPPROTO_UDP, dport, sport, false);
+            if marked && (refresh_dgram(&DGRAM_FLOWS, &k, t, active.cfg) || !to_local(pkt)) {
+                return;
+            }
+            if socket_exists(ctx.as_ptr(), v6, false, &mut tuple(pkt, sport, dport)) {
                 mark_reply_port(UDP_PORTS, dport);
                 insert_dgram(&DGRAM_FLOWS, &k, t);
             }
@@ -385,12 +405,12 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
             kind: ICMP_ECHO_REQUEST,
             id,
             ..
-        } => echo_request(pkt, &key(pkt, IPPROTO_ICMP, id, id, false), t, cfg),
+        } => echo_request(pkt, IPPROTO_ICMP, id),
         L4::Icmpv6 {
             kind: ICMPV6_ECHO_REQUEST,
             id,
             ..
-        } => echo_request(pkt, &key(pkt, IPPROTO_ICMPV6, id, id, false), t, cfg),
+        } => echo_request(pkt, IPPROTO_ICMPV6, id),
         _ => {}
     }
 }
@@ -412,9 +432,14 @@ fn refresh_dgram(map: &'static FlowMap, k: &FlowKey, t: u64, cfg: &GenConfig) ->
 }
 
 #[inline(always)]
-fn echo_request(pkt: &Packet, k: &FlowKey, t: u64, cfg: &GenConfig) {
-    if !refresh_dgram(&ECHO_FLOWS, k, t, cfg) && to_local(pkt) {
-        insert_dgram(&ECHO_FLOWS, k, t);
+fn echo_request(pkt: &Packet, proto: u8, id: u16) {
+    let Some(active) = crate::verdict::active() else {
+        return;
+    };
+    let t = now();
+    let k = key(pkt, proto, id, id, false);
+    if !refresh_dgram(&ECHO_FLOWS, &k, t, active.cfg) && to_local(pkt) {
+        insert_dgram(&ECHO_FLOWS, &k, t);
     }
 }
 
