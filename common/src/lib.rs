@@ -11,7 +11,7 @@ pub mod verdict;
 
 /// Names of the maps in the kernel object, as the loader looks them up.
 pub mod maps {
-    /// Per-CPU array of `u64`, indexed by [`crate::parse_stats::index`].
+    /// Per-CPU array of [`crate::parse_stats::ParseRow`], one per hook.
     pub const PARSE_STATS: &str = "PARSE_STATS";
 }
 

@@ -26,18 +26,21 @@ use crate::{
 /// Replies in flows peers opened are not observations of a destination the gateway chose (a peer's
 /// ever-new ports would churn the map); drops go to their own map (`DROP_OBS`) for the same reason.
 ///
+/// `vpcgate_account_packet` counts the packet's parse stats (`stats::count`) and observes it.
+///
 /// The packet, its verdict and the hook's pending run are in `hook`'s scratch slot. A global BPF
 /// function: the verifier checks it once, on its own, with an unknown `hook`, rather than once per path
 /// of its caller; and its caller's paths are not multiplied by its own. It returns 0.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn vpcgate_observe(hook: u32) -> i32 {
+pub extern "C" fn vpcgate_account_packet(hook: u32) -> i32 {
     let Some(s) = SCRATCH.get_ptr_mut(hook) else {
         return 0;
     };
     // SAFETY: this CPU's slot of `hook`, held by the running program (`main::scratch`), which parsed
     // the packet and decided it there.
     unsafe {
+        crate::stats::count(hook, &(*s).pkt);
         let o = (*s).key.outcome;
         observe(&(*s).pkt, &o, &mut (*s).key);
     }

@@ -14,7 +14,7 @@ mod stats;
 mod verdict;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    bindings::{__sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action, xdp_md},
     macros::{classifier, tracepoint, xdp},
     programs::{TcContext, TracePointContext, XdpContext},
 };
@@ -71,8 +71,7 @@ fn enforce(
             }
             let account = account || o.reason != 0;
             if account {
-                stats::count(hook, pkt);
-                account::vpcgate_observe(hook as u32);
+                account::vpcgate_account_packet(hook as u32);
                 if o.reason != 0 {
                     events::drop_event(hook, ifindex, Some(pkt), &o);
                 }
@@ -128,6 +127,50 @@ fn scratch(hook: Hook) -> Option<(&'static mut Packet, &'static mut KeyBuf, &'st
     }
 }
 
+/// Parses the packet of `skb` into `hook`'s scratch slot (held by the caller: `scratch`): 0 when it
+/// parsed, 1 when it is malformed (or the slot is missing).
+///
+/// A global BPF function: the verifier checks the parser once, on its own, instead of inlined into
+/// each program (twice into TC egress, which parses again after a pull). Inlined, the parser's paths (VLAN
+/// tags, IPv4 options, IPv6 extension chains) made the programs' verification cost swing by hundreds of
+/// thousands of instructions with unrelated changes to the code after it.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vpcgate_parse_skb(skb: *mut __sk_buff, hook: u32) -> i32 {
+    let ctx = TcContext::new(skb);
+    parse_into(hook, ctx.data(), ctx.data_end())
+}
+
+/// `vpcgate_parse_skb` for XDP.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vpcgate_parse_xdp(md: *mut xdp_md, hook: u32) -> i32 {
+    let ctx = XdpContext::new(md);
+    parse_into(hook, ctx.data(), ctx.data_end())
+}
+
+#[inline(always)]
+fn parse_into(hook: u32, data: usize, data_end: usize) -> i32 {
+    let Some(s) = SCRATCH.get_ptr_mut(hook) else {
+        return 1;
+    };
+    // SAFETY: this CPU's slot of `hook`, held by the running program (`scratch`).
+    match parse::parse(&Cursor::new(data, data_end), unsafe { &mut (*s).pkt }) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    }
+}
+
+/// What `vpcgate_parse_*` returned, as the parser's result.
+#[inline(always)]
+fn parse_result(r: i32) -> Result<(), parse::Malformed> {
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(parse::Malformed)
+    }
+}
+
 /// Gives the hook's scratch packet back (see `scratch`).
 #[inline(always)]
 fn release(busy: &mut u32) {
@@ -150,13 +193,13 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
         return tc_action(&verdict::malformed());
     };
     let linear = (ctx.data_end() - ctx.data()) as u32;
-    let mut parsed = parse::parse(&Cursor::new(ctx.data(), ctx.data_end()), pkt);
+    let mut parsed = parse_result(vpcgate_parse_skb(ctx.skb.skb, Hook::TcEgress as u32));
     if parsed.is_err() && linear < len {
         // Parse again from the start over the pulled headers (a failed pull leaves the first result:
         // malformed, dropped).
         if ctx.pull_data(core::cmp::min(len, TC_PULL_LEN)).is_ok() {
             *pkt = Packet::new();
-            parsed = parse::parse(&Cursor::new(ctx.data(), ctx.data_end()), pkt);
+            parsed = parse_result(vpcgate_parse_skb(ctx.skb.skb, Hook::TcEgress as u32));
         }
     }
     let local = ingress_ifindex == 0;
@@ -186,7 +229,7 @@ pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
     let Some((pkt, key, busy)) = scratch(Hook::XdpForward) else {
         return xdp_action::XDP_DROP;
     };
-    let parsed = parse::parse(&Cursor::new(ctx.data(), ctx.data_end()), pkt);
+    let parsed = parse_result(vpcgate_parse_xdp(ctx.ctx, Hook::XdpForward as u32));
     let o = enforce(
         Hook::XdpForward,
         ifindex,
@@ -214,9 +257,9 @@ pub fn vpcgate_xdp_ingress(ctx: XdpContext) -> u32 {
     let Some((pkt, _, busy)) = scratch(Hook::Xdp) else {
         return xdp_action::XDP_PASS;
     };
-    match parse::parse(&cursor, pkt) {
+    match parse_result(vpcgate_parse_xdp(ctx.ctx, Hook::Xdp as u32)) {
         Ok(()) => {
-            stats::count(Hook::Xdp, pkt);
+            stats::count(Hook::Xdp as u32, pkt);
             flows::record_inbound(&ctx, pkt);
             account::observe_reply(&cursor, pkt);
         }

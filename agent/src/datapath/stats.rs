@@ -1,7 +1,7 @@
 use aya::{Ebpf, maps::PerCpuArray};
 use vpcgate_common::{
     maps,
-    parse_stats::{ALL_HOOKS, ALL_STATS, HOOK_COUNT, Hook, STAT_COUNT, Stat, index},
+    parse_stats::{ALL_HOOKS, ALL_STATS, HOOK_COUNT, Hook, ParseRow, STAT_COUNT, Stat},
 };
 
 use super::DatapathError;
@@ -30,21 +30,21 @@ pub fn read_parse_stats(ebpf: &Ebpf) -> Result<ParseStats, DatapathError> {
     let map = ebpf
         .map(maps::PARSE_STATS)
         .ok_or(DatapathError::MissingMap(maps::PARSE_STATS))?;
-    let array = PerCpuArray::<_, u64>::try_from(map).map_err(|source| DatapathError::Map {
+    let array = PerCpuArray::<_, ParseRow>::try_from(map).map_err(|source| DatapathError::Map {
         map: maps::PARSE_STATS,
         source,
     })?;
     let mut stats = ParseStats::default();
     for hook in ALL_HOOKS {
+        let per_cpu = array
+            .get(&(hook as u32), 0)
+            .map_err(|source| DatapathError::Map {
+                map: maps::PARSE_STATS,
+                source,
+            })?;
         for stat in ALL_STATS {
-            let per_cpu =
-                array
-                    .get(&index(hook, stat), 0)
-                    .map_err(|source| DatapathError::Map {
-                        map: maps::PARSE_STATS,
-                        source,
-                    })?;
-            stats.counts[hook as usize][stat as usize] = per_cpu.iter().sum();
+            stats.counts[hook as usize][stat as usize] =
+                per_cpu.iter().map(|row| row[stat as usize]).sum();
         }
     }
     Ok(stats)
