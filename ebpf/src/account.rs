@@ -15,7 +15,7 @@ use aya_ebpf::maps::LruPerCpuHashMap;
 use crate::{
     maps::{
         DEST_OBS, DROP_OBS, DROP_STATS, GEN_CONFIG, KeyBuf, LAST_VERDICT, RULE_COUNTERS,
-        RULE_STATS, SCRATCH,
+        RULE_STATS, SCRATCH, ZERO_OBS,
     },
     parse::{self, Cursor, IPPROTO_TCP, L3, L4, Packet, TCP_ACK, TCP_RST, TCP_SYN},
     verdict::Outcome,
@@ -83,7 +83,10 @@ fn observation(
     if let Some(p) = map.get_ptr_mut(key) {
         return Some(p);
     }
-    let _ = map.insert(key, DestObs::default(), 0);
+    // SAFETY: a read-only map value, handed to the helper as the new entry's value (no copy on the
+    // stack: see `ZERO_OBS`).
+    let zero: &DestObs = unsafe { ZERO_OBS.get(0)? };
+    let _ = map.insert(key, zero, 0);
     map.get_ptr_mut(key)
 }
 

@@ -1,7 +1,7 @@
 //! Every map of the enforcement datapath, defined once (layouts from `vpcgate_common::datapath`).
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_PREALLOC, BPF_F_RDONLY_PROG},
     macros::map,
     maps::{
         Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
@@ -110,6 +110,13 @@ pub static FORWARD_IFS: HashMap<u32, u32> = HashMap::with_max_entries(limits::FO
 #[map(name = "DEST_OBS")]
 pub static DEST_OBS: LruPerCpuHashMap<DestKey, DestObs> =
     LruPerCpuHashMap::with_max_entries(limits::DESTINATIONS, 0);
+
+/// A zero `DestObs` in map memory: the value a new observation entry is made from. On the stack it took
+/// 96 bytes in each function that makes one, and the chain TC egress → `vpcgate_account_packet` →
+/// `flush` went past the 512 bytes a call chain may use on Linux 6.1 (which rounds each frame up).
+/// Read-only for the programs; nothing writes it.
+#[map(name = "ZERO_OBS")]
+pub static ZERO_OBS: Array<DestObs> = Array::with_max_entries(1, BPF_F_RDONLY_PROG);
 
 /// What was dropped toward each destination: a scan of ever-new ports churns this map only.
 #[map(name = "DROP_OBS")]
