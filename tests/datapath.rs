@@ -635,8 +635,9 @@ fn icmp_errors_credit_the_quoted_destination_read_by_its_own_protocol() {
 }
 
 /// Passes toward a destination are counted exactly, whether a hook combined them in its pending run or
-/// added them to the destination's entry: runs of one destination, alternating destinations, a run
-/// across ticks, two hooks, SYNs among them.
+/// added them to the destination's entry: runs of one destination, a drop in the middle of a run,
+/// alternating destinations, a run across ticks (whose entry gets the new time), two hooks, SYNs among
+/// them.
 #[test]
 fn passes_are_observed_exactly_whether_combined_in_a_run_or_not() {
     vpcgate_lab::require_root();
@@ -652,7 +653,7 @@ fn passes_are_observed_exactly_whether_combined_in_a_run_or_not() {
     }
     let mut h = Harness::new();
     h.apply(&hosts(2));
-    let to = |i: u32, syn: bool| {
+    let to = |i: u32, syn: bool, dport: u16| {
         build(
             "to a host",
             &[
@@ -666,7 +667,7 @@ fn passes_are_observed_exactly_whether_combined_in_a_run_or_not() {
                 },
                 Layer::Tcp {
                     sport: 40000,
-                    dport: 80,
+                    dport,
                     flags: if syn { 0x02 } else { 0x10 },
                     options: 0,
                 },
@@ -675,43 +676,65 @@ fn passes_are_observed_exactly_whether_combined_in_a_run_or_not() {
         )
     };
     let addr = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0b00_0000 | i));
-    let seen = |h: &Harness, i: u32| {
-        h.dp.destination(addr(i), 6, 80)
-            .unwrap()
-            .map_or((0, 0), |d| (d.passed, d.syn_sent))
-    };
-    // A run toward host 0: a SYN, then nine ACKs, on TC egress.
-    for k in 0..10 {
-        assert_eq!(h.check(Enforcer::TcEgress, &to(0, k == 0)), None);
-    }
-    assert_eq!(seen(&h, 0), (10, 1));
-    let pending: u64 =
+    let dest = |h: &Harness, i: u32, port: u16| h.dp.destination(addr(i), 6, port).unwrap();
+    let seen = |h: &Harness, i: u32| dest(h, i, 80).map_or((0, 0), |d| (d.passed, d.syn_sent));
+    let pending = |h: &Harness, i: u32| -> u64 {
         h.dp.pending_observations()
             .unwrap()
             .iter()
-            .filter(|p| p.key.addr[..4] == [11, 0, 0, 0])
+            .filter(|p| p.key.addr[..4] == Ipv4Addr::from(0x0b00_0000 | i).octets())
             .map(|p| p.passed)
-            .sum();
+            .sum()
+    };
+    // A run toward host 0 on TC egress: a SYN, then ACKs, in bursts of ten until a burst ends inside a
+    // run (a tick boundary just before a burst's last packet leaves nothing pending; under emulation a
+    // tick is a few checks long).
+    let mut sent = 0;
+    for _ in 0..20 {
+        for _ in 0..10 {
+            assert_eq!(h.check(Enforcer::TcEgress, &to(0, sent == 0, 80)), None);
+            sent += 1;
+        }
+        if pending(&h, 0) >= 1 {
+            break;
+        }
+    }
     assert!(
-        pending >= 1,
-        "ten passes in a row were all looked up: nothing combined"
+        pending(&h, 0) >= 1,
+        "{sent} passes in bursts of ten were all looked up: nothing combined"
     );
+    assert_eq!(seen(&h, 0), (sent, 1));
+    // A drop in the middle of a run is its own observation; the run's count stays whole.
+    for k in 0..5 {
+        let port = if k == 2 { 81 } else { 80 };
+        assert_eq!(h.check(Enforcer::TcEgress, &to(0, false, port)), None);
+    }
+    assert_eq!(seen(&h, 0), (sent + 4, 1));
+    let denied = dest(&h, 0, 81).expect("the drop is observed");
+    assert_eq!((denied.passed, denied.dropped), (0, 1));
     // Alternating destinations: every pass ends the other's run.
     for k in 0..6 {
-        assert_eq!(h.check(Enforcer::TcEgress, &to(k % 2, k == 1)), None);
+        assert_eq!(h.check(Enforcer::TcEgress, &to(k % 2, k == 1, 80)), None);
     }
-    assert_eq!((seen(&h, 0), seen(&h, 1)), ((13, 1), (3, 1)));
-    // The same destination in a later tick (a tick is at most 10 ms), and on the other hook.
+    assert_eq!((seen(&h, 0), seen(&h, 1)), ((sent + 7, 1), (3, 1)));
+    // The same destination in a later tick (a tick is at most 10 ms), and on the other hook: the entry
+    // gets the later time.
+    let before = dest(&h, 1, 80).unwrap().last_seen_ns;
     std::thread::sleep(std::time::Duration::from_millis(25));
     for k in 0..4 {
-        assert_eq!(h.check(Enforcer::TcEgress, &to(1, k == 3)), None);
-        assert_eq!(h.check(Enforcer::XdpForward, &to(1, false)), None);
+        assert_eq!(h.check(Enforcer::TcEgress, &to(1, k == 3, 80)), None);
+        assert_eq!(h.check(Enforcer::XdpForward, &to(1, false, 80)), None);
     }
-    assert_eq!((seen(&h, 0), seen(&h, 1)), ((13, 1), (11, 2)));
+    assert_eq!((seen(&h, 0), seen(&h, 1)), ((sent + 7, 1), (11, 2)));
+    let after = dest(&h, 1, 80).unwrap().last_seen_ns;
+    assert!(
+        after >= before + 10_000_000,
+        "last seen {before} then {after} ns: the run in a later tick kept the old time"
+    );
     // Another destination ends host 1's runs: the counts stay whole.
-    assert_eq!(h.check(Enforcer::TcEgress, &to(0, false)), None);
-    assert_eq!(h.check(Enforcer::XdpForward, &to(0, false)), None);
-    assert_eq!((seen(&h, 0), seen(&h, 1)), ((15, 1), (11, 2)));
+    assert_eq!(h.check(Enforcer::TcEgress, &to(0, false, 80)), None);
+    assert_eq!(h.check(Enforcer::XdpForward, &to(0, false, 80)), None);
+    assert_eq!((seen(&h, 0), seen(&h, 1)), ((sent + 9, 1), (11, 2)));
 }
 
 #[test]

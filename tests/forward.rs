@@ -307,7 +307,11 @@ fn preflight_xdp_checks(pair: &Pair) -> Vec<(String, bool, Option<String>)> {
     let bin = std::env::var("VPCGATE_BIN").unwrap_or_else(|_| {
         panic!("VPCGATE_BIN is not set: run through `cargo xtask test`, which builds vpcgate and points it here")
     });
-    let dir = std::env::temp_dir().join(format!("vpcgate-fwd-{}", std::process::id()));
+    // One directory per call: the tests of this file run in parallel in one process, and one's cleanup
+    // removed the other's file when they shared it.
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("vpcgate-fwd-{}-{call}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("fwd.toml");
     std::fs::write(&file, POLICY).unwrap();

@@ -116,10 +116,8 @@ fn tick() -> u32 {
 const PASS_SYN: u32 = 1;
 const PASS_AUDIT: u32 = 2;
 
-/// A packet that passed (or, audited, would have dropped) toward `key`: on every allowed packet, so
-/// inlined (a BPF-to-BPF call and its return cost more than its body). It takes plain values only: handed
-/// the parsed packet, whose enum payloads are partly undefined, LLVM once produced register uses the
-/// verifier rejects ("bitwise operator on pointer", "!read_ok").
+/// A packet that passed (or, audited, would have dropped) toward `kb.dest`, inlined into
+/// `vpcgate_account_packet`.
 ///
 /// A pass toward the destination of this hook's pending run, in the run's tick, is only added to the run
 /// (`PendingObs`): no map lookup. Any other pass ends the run: its packets go to its entry, this packet to
@@ -127,8 +125,8 @@ const PASS_AUDIT: u32 = 2;
 /// So a destination's entry is looked up at least once per tick while it has traffic, and a run holds the
 /// packets of one tick at most.
 ///
-/// The run's part is inlined and branch-free but for its one test; the rest is a separate BPF function,
-/// so that its paths join again at its return rather than multiplying what the verifier explores after.
+/// The run's part is branch-free but for its one test; `flush`, taken once per run, is a separate BPF
+/// function.
 #[inline(always)]
 fn record_passed(kb: &mut KeyBuf, reason: u32) {
     // SAFETY: fields of this run's scratch slot, read volatile (see `KeyBuf::dest`).
@@ -155,11 +153,15 @@ fn start_run(kb: &mut KeyBuf, reason: u32) {
         flush(pending);
     }
     let Some(obs) = observation(&DEST_OBS, key) else {
-        // No entry could be made (this packet, and a run of the same destination, go uncounted, as any
-        // packet whose entry cannot be made): no run.
-        pending.key.family = 0;
-        pending.passed = 0;
-        pending.syn_sent = 0;
+        // No entry could be made (the map could not allocate one): this pass stays in the run, which
+        // the agent reads beside the entries, until an entry can be made. An audited would-be drop is
+        // lost (its reason and time have no place in a run).
+        if !audit {
+            pending.key = *key;
+            pending.tick = tick;
+            pending.passed += 1;
+            pending.syn_sent += u64::from(syn);
+        }
         return;
     };
     // SAFETY: `obs` points at this CPU's copy of a live map value.
@@ -194,9 +196,10 @@ fn start_run(kb: &mut KeyBuf, reason: u32) {
     pending.tick = tick;
 }
 
-/// The packets of a pending run, added to its destination's entry (created again if the LRU evicted
-/// it). Its time is that of the run's first packet, which the entry has: a run holds one tick at most.
-/// A separate BPF function: taken once per run, not per packet.
+/// The packets of a pending run, added to its destination's entry. The entry has the time of the run's
+/// first packet (a run holds one tick at most); one created again here (the LRU evicted it) gets the
+/// time of now. If no entry can be made, the run is lost. A separate BPF function: taken once per run,
+/// not per packet.
 #[inline(never)]
 fn flush(pending: &mut PendingObs) {
     if let Some(obs) = observation(&DEST_OBS, &pending.key) {
@@ -204,6 +207,10 @@ fn flush(pending: &mut PendingObs) {
         unsafe {
             (*obs).passed += pending.passed;
             (*obs).syn_sent += pending.syn_sent;
+            if (*obs).last_seen_ns == 0 {
+                (*obs).seen_tick = pending.tick;
+                (*obs).last_seen_ns = crate::flows::now();
+            }
         }
     }
     pending.passed = 0;

@@ -10,7 +10,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, bpf_sock_tuple},
+    bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_ESTABLISHED, BPF_TCP_LISTEN, bpf_sock_tuple},
     helpers::{bpf_ktime_get_coarse_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
     maps::LruHashMap,
     programs::XdpContext,
@@ -216,12 +216,15 @@ struct Tuple4 {
 }
 
 /// Whether the kernel has a socket that would receive this inbound packet as a new flow, in the receiving
-/// device's network namespace: for a TCP SYN a listener, for UDP a bound socket.
+/// device's network namespace: for a TCP SYN a listener, for UDP a bound socket not connected to a peer.
 ///
 /// The socket the 4-tuple finds must itself be listening: a SYN toward a socket that is connecting from
 /// that port (SYN_SENT: the gateway tried to reach the peer, and its SYN was dropped) makes a simultaneous
 /// open, whose SYN-ACK would otherwise pass as a reply: the peer would open the gateway's egress toward
-/// itself by sending first (DESIGN.md rule 3).
+/// itself by sending first (DESIGN.md rule 3). Likewise a datagram that finds a UDP socket connected to
+/// its sender (the lookup prefers the socket connected to the 4-tuple) belongs to the gateway's own flow,
+/// which no peer initiated: the peer knows the port the gateway connected to and could try every
+/// ephemeral port; its datagrams are delivered, and open nothing.
 /// A separate BPF function taking plain values (see `account::record_passed`).
 #[inline(never)]
 fn socket_exists(ctx: *mut core::ffi::c_void, v6: bool, tcp: bool, t: &mut Tuple6) -> bool {
@@ -253,7 +256,12 @@ fn socket_exists(ctx: *mut core::ffi::c_void, v6: bool, tcp: bool, t: &mut Tuple
         if sk.is_null() {
             return false;
         }
-        let receives = !tcp || (*sk).state == BPF_TCP_LISTEN;
+        // A connected UDP socket is in TCP_ESTABLISHED (the kernel's UDP sockets borrow TCP's states).
+        let receives = if tcp {
+            (*sk).state == BPF_TCP_LISTEN
+        } else {
+            (*sk).state != BPF_TCP_ESTABLISHED
+        };
         bpf_sk_release(sk as *mut core::ffi::c_void);
         receives
     }
@@ -287,10 +295,10 @@ fn refresh(v: *mut FlowValue, now: u64, closing: bool) {
 /// The ENI's ingress: records and refreshes flows peers initiate toward a gateway socket. A separate
 /// BPF function (verified once per caller state, not inlined into every parser path).
 ///
-/// Most of what arrives answers the gateway's own connections, toward its ephemeral ports, where no flow
-/// was ever recorded: the local port's `REPLY_PORTS` mark (set before any flow or half-open entry toward
-/// it, never cleared) says so without a hash lookup, and such a packet costs no flow lookup, no clock
-/// read and no policy read.
+/// Most TCP segments that arrive answer the gateway's own connections, toward its ephemeral ports, where
+/// no flow was ever recorded: the local port's `REPLY_PORTS` mark (set before any flow or half-open entry
+/// toward it, never cleared) says so without a hash lookup, and such a segment costs no flow lookup, no
+/// clock read and no policy read. (A UDP datagram toward a local socket is looked up as before.)
 #[inline(never)]
 pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
     if pkt.fragment == Fragment::NonFirst || pkt.l3 == L3::NonIp {

@@ -132,7 +132,7 @@ fn lookup_dst<V>(
     pkt: &Packet,
 ) -> Option<&'static V> {
     let p = kb.key.as_ptr();
-    // SAFETY: `KeyBuf` is 24 bytes, 8-aligned; `Key<AddrV4>` (12 bytes) and `Key<AddrV6>` (24) are
+    // SAFETY: `KeyBuf::key` is 24 bytes, 8-aligned; `Key<AddrV4>` (12 bytes) and `Key<AddrV6>` (24) are
     // packed, and `dst_key` wrote every byte of the one the packet's family uses.
     unsafe {
         if pkt.l3 == L3::Ipv4 {

@@ -110,23 +110,23 @@ impl Datapath {
             PerCpuArray<_, [u8; vpcgate_common::datapath::SCRATCH_SIZE]>,
             name
         );
-        let mut slot = [0u8; vpcgate_common::datapath::SCRATCH_SIZE];
-        slot[..4].copy_from_slice(&u32::from(busy).to_ne_bytes());
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Map {
+        // Only the busy flag changes: the slot also holds the hook's pending observations.
+        let slots: Vec<_> = a
+            .get(&(hook as u32), 0)
+            .map_err(map_err(name))?
+            .iter()
+            .map(|s| {
+                let mut s = *s;
+                s[..4].copy_from_slice(&u32::from(busy).to_ne_bytes());
+                s
+            })
+            .collect();
+        let values = aya::maps::PerCpuValues::try_from(slots).map_err(|e| DatapathError::Map {
             map: name,
             source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                call: "nr_cpus",
+                call: "per-cpu values",
                 io_error: e,
             }),
-        })?;
-        let values = aya::maps::PerCpuValues::try_from(vec![slot; cpus]).map_err(|e| {
-            DatapathError::Map {
-                map: name,
-                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                    call: "per-cpu values",
-                    io_error: e,
-                }),
-            }
         })?;
         a.set(hook as u32, values, 0).map_err(map_err(name))
     }
