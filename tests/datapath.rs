@@ -34,6 +34,25 @@ fn small() -> Policy {
     check_text("small.toml", SMALL).policy.expect("valid")
 }
 
+/// A frame from 10.0.0.5 to host `i` of `hosts` (11.0.0.0 + i) carrying `l4` and `payload` bytes.
+fn to_host(i: u32, l4: Layer, payload: usize) -> vpcgate_lab::packet::Frame {
+    build(
+        "to a host",
+        &[
+            Layer::Ipv4 {
+                src: [10, 0, 0, 5],
+                dst: Ipv4Addr::from(0x0b00_0000 | i).octets(),
+                options: 0,
+                frag_offset: 0,
+                more_fragments: false,
+                id: 1,
+            },
+            l4,
+        ],
+        payload,
+    )
+}
+
 /// `small()` with `v4_prefixes` more authorizations (host addresses in 11.0.0.0/8).
 fn hosts(v4_prefixes: u32) -> Policy {
     let mut p = small();
@@ -219,23 +238,7 @@ fn rule_counters_in_the_array_and_past_it_are_counted_read_and_folded_alike() {
     const HOSTS: u32 = 8;
     let mut h = Harness::with_counter_slots(SLOTS);
     assert_eq!(h.dp.rule_counter_slots().unwrap(), SLOTS);
-    let frame_with = |i: u32, payload: usize| {
-        build(
-            "to a host",
-            &[
-                Layer::Ipv4 {
-                    src: [10, 0, 0, 5],
-                    dst: Ipv4Addr::from(0x0b00_0000 | i).octets(),
-                    options: 0,
-                    frag_offset: 0,
-                    more_fragments: false,
-                    id: 1,
-                },
-                tcp(80),
-            ],
-            payload,
-        )
-    };
+    let frame_with = |i: u32, payload: usize| to_host(i, tcp(80), payload);
     let frame = |i: u32| frame_with(i, 10 * i as usize);
     // hosts, small, hosts, small, ...: the hosts policy comes back to the same generation each round.
     let mut generations = vec![];
@@ -654,26 +657,13 @@ fn passes_are_observed_exactly_whether_combined_in_a_run_or_not() {
     let mut h = Harness::new();
     h.apply(&hosts(2));
     let to = |i: u32, syn: bool, dport: u16| {
-        build(
-            "to a host",
-            &[
-                Layer::Ipv4 {
-                    src: [10, 0, 0, 5],
-                    dst: Ipv4Addr::from(0x0b00_0000 | i).octets(),
-                    options: 0,
-                    frag_offset: 0,
-                    more_fragments: false,
-                    id: 1,
-                },
-                Layer::Tcp {
-                    sport: 40000,
-                    dport,
-                    flags: if syn { 0x02 } else { 0x10 },
-                    options: 0,
-                },
-            ],
-            0,
-        )
+        let l4 = Layer::Tcp {
+            sport: 40000,
+            dport,
+            flags: if syn { 0x02 } else { 0x10 },
+            options: 0,
+        };
+        to_host(i, l4, 0)
     };
     let addr = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0b00_0000 | i));
     let dest = |h: &Harness, i: u32, port: u16| h.dp.destination(addr(i), 6, port).unwrap();

@@ -248,22 +248,9 @@ fn a_peer_cannot_open_the_gateway_egress_toward_itself_by_sending_first() {
         !has_flow(&lab.flows(FlowMap::Datagram), 17, gw_q, rogue_p),
         "a datagram toward a port nothing is bound on was recorded as a flow"
     );
-    let before = lab.drops(DropReason::NotAuthorized);
-    lab.pair.gw.run(|| {
-        let s = udp(gw_q);
-        // ENOBUFS or success: the drop is what counts, asserted below.
-        let _ = s.send_to(b"sneaky", rogue_p);
+    assert_sent_datagram_drops(&lab, &host, rogue_p, || {
+        let _ = lab.pair.gw.run(|| udp(gw_q).send_to(b"sneaky", rogue_p));
     });
-    assert_eq!(
-        recv(&host),
-        None,
-        "the gateway's datagram reached the host that sent first"
-    );
-    assert_eq!(
-        lab.drops(DropReason::NotAuthorized) - before,
-        1,
-        "the gateway's datagram toward {rogue_p}"
-    );
     let d = lab.dp.destination(rogue_p.ip(), 17, P).unwrap().unwrap();
     assert_eq!(
         (d.passed, d.dropped, d.last_reason),
@@ -299,18 +286,25 @@ fn a_datagram_toward_a_connected_socket_opens_nothing() {
         !has_flow(&lab.flows(FlowMap::Datagram), 17, gw_q, rogue_p),
         "a datagram toward a socket connected to its sender was recorded as a flow"
     );
+    assert_sent_datagram_drops(&lab, &host, rogue_p, || {
+        let _ = gw.send(b"sneaky");
+    });
+}
+
+/// `send` (the gateway sending one datagram to `host` at `to`; ENOBUFS or success, the drop is what
+/// counts) drops `not_authorized`: the host that sent first receives nothing.
+fn assert_sent_datagram_drops(lab: &Lab, host: &UdpSocket, to: SocketAddr, send: impl FnOnce()) {
     let before = lab.drops(DropReason::NotAuthorized);
-    // ENOBUFS or success: the drop is what counts, asserted below.
-    let _ = gw.send(b"sneaky");
+    send();
     assert_eq!(
-        recv(&host),
+        recv(host),
         None,
         "the gateway's datagram reached the host that sent first"
     );
     assert_eq!(
         lab.drops(DropReason::NotAuthorized) - before,
         1,
-        "the gateway's datagram toward {rogue_p}"
+        "the gateway's datagram toward {to}"
     );
 }
 

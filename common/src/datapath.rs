@@ -621,8 +621,9 @@ pub const SCRATCH_PENDING_OFFSET: usize = 120;
 /// setting its time); the run's later packets only add here, and the next packet toward another
 /// destination, or in a later tick, adds them to the entry. The agent adds what is pending to what the
 /// entry holds (`destinations`), so its figures are whole, but for a run handed over to its entry while the
-/// agent reads (missed by that read; seen twice only if a program is preempted during the handover,
-/// on PREEMPT_RT). A per-destination figure may so dip by one run between two reads.
+/// agent reads: missed by that read, or, rarely (the program stalled for the agent's whole read between
+/// adding the run to the entry and clearing it: an interrupt, a preemption on PREEMPT_RT), seen twice.
+/// A per-destination figure may so dip by one run between two reads.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct PendingObs {

@@ -24,7 +24,7 @@ use vpcgate_common::{
 };
 
 use crate::{
-    maps::{FORWARD_IFS, KeyBuf, SCRATCH},
+    maps::{FORWARD_IFS, KeyBuf, SCRATCH, Scratch},
     parse::{Cursor, Fragment, Packet},
     verdict::Outcome,
 };
@@ -111,9 +111,9 @@ fn tc_action(o: &Outcome) -> i32 {
 /// Taken for the program's run and given back by `release`: TC egress and XDP run with bottom halves
 /// disabled, so two runs of one hook do not interleave on a CPU; where they could (PREEMPT_RT without its
 /// per-CPU bottom-half lock), the second finds the slot taken and gets None: the caller fails closed.
-/// Returns the packet, the key buffer and the slot's busy flag, for `release`.
+/// Returns the slot: the parser (`vpcgate_parse_*`) fills its packet, then `parsed` lends it out.
 #[inline(always)]
-fn scratch(hook: Hook) -> Option<(&'static mut Packet, &'static mut KeyBuf, &'static mut u32)> {
+fn scratch(hook: Hook) -> Option<*mut Scratch> {
     let s = SCRATCH.get_ptr_mut(hook as u32)?;
     // SAFETY: this CPU's slot of a per-CPU array, held by this run until `release`.
     unsafe {
@@ -121,10 +121,16 @@ fn scratch(hook: Hook) -> Option<(&'static mut Packet, &'static mut KeyBuf, &'st
             return None;
         }
         (*s).busy = 1;
-        Packet::reset(&raw mut (*s).pkt);
-        let s = &mut *s;
-        Some((&mut s.pkt, &mut s.key, &mut s.busy))
     }
+    Some(s)
+}
+
+/// The parsed packet and the key buffer of a slot `scratch` took, once the parser is done with it (no
+/// reference to the packet lives while the parser writes it through its own lookup).
+#[inline(always)]
+fn parsed(s: *mut Scratch) -> (&'static mut Packet, &'static mut KeyBuf) {
+    // SAFETY: this run's slot (`scratch`), valid until `release`.
+    unsafe { (&mut (*s).pkt, &mut (*s).key) }
 }
 
 /// Parses the packet of `skb` into `hook`'s scratch slot (held by the caller: `scratch`): 0 when it
@@ -154,10 +160,15 @@ fn parse_into(hook: u32, data: usize, data_end: usize) -> i32 {
     let Some(s) = SCRATCH.get_ptr_mut(hook) else {
         return 1;
     };
-    // SAFETY: this CPU's slot of `hook`, held by the running program (`scratch`).
-    match parse::parse(&Cursor::new(data, data_end), unsafe { &mut (*s).pkt }) {
-        Ok(()) => 0,
-        Err(_) => 1,
+    // SAFETY: this CPU's slot of `hook`, held by the running program (`scratch`), which holds no
+    // reference to its packet while this runs. Reset first: nothing of an earlier packet (or of a first
+    // parse before a pull) survives into this one.
+    unsafe {
+        Packet::reset(&raw mut (*s).pkt);
+        match parse::parse(&Cursor::new(data, data_end), &mut (*s).pkt) {
+            Ok(()) => 0,
+            Err(_) => 1,
+        }
     }
 }
 
@@ -171,10 +182,11 @@ fn parse_result(r: i32) -> Result<(), parse::Malformed> {
     }
 }
 
-/// Gives the hook's scratch packet back (see `scratch`).
+/// Gives the hook's scratch slot back (see `scratch`).
 #[inline(always)]
-fn release(busy: &mut u32) {
-    *busy = 0;
+fn release(s: *mut Scratch) {
+    // SAFETY: this run's slot; no reference into it is used after this.
+    unsafe { (*s).busy = 0 };
 }
 
 #[classifier]
@@ -189,26 +201,26 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
     let len = ctx.len();
     // Parse what is linear; only a packet whose headers are not all linear is pulled (a TCP segment's
     // headers almost always are: no copy per segment).
-    let Some((pkt, key, busy)) = scratch(Hook::TcEgress) else {
+    let Some(s) = scratch(Hook::TcEgress) else {
         return tc_action(&verdict::malformed());
     };
     let linear = (ctx.data_end() - ctx.data()) as u32;
-    let mut parsed = parse_result(vpcgate_parse_skb(ctx.skb.skb, Hook::TcEgress as u32));
-    if parsed.is_err() && linear < len {
+    let mut parsed_ok = parse_result(vpcgate_parse_skb(ctx.skb.skb, Hook::TcEgress as u32));
+    if parsed_ok.is_err() && linear < len {
         // Parse again from the start over the pulled headers (a failed pull leaves the first result:
         // malformed, dropped).
         if ctx.pull_data(core::cmp::min(len, TC_PULL_LEN)).is_ok() {
-            *pkt = Packet::new();
-            parsed = parse_result(vpcgate_parse_skb(ctx.skb.skb, Hook::TcEgress as u32));
+            parsed_ok = parse_result(vpcgate_parse_skb(ctx.skb.skb, Hook::TcEgress as u32));
         }
     }
+    let (pkt, key) = parsed(s);
     let local = ingress_ifindex == 0;
     // A bare SYN of this host's may open a probe's connection (`probe::egress` looks it up).
-    let probe = local && parsed.is_ok();
+    let probe = local && parsed_ok.is_ok();
     let o = enforce(
         Hook::TcEgress,
         ifindex,
-        parsed,
+        parsed_ok,
         pkt,
         key,
         u64::from(len),
@@ -218,7 +230,7 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
     if probe {
         probe::egress(pkt, &o);
     }
-    release(busy);
+    release(s);
     tc_action(&o)
 }
 
@@ -226,21 +238,22 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
 pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let ifindex = ctx.ingress_ifindex() as u32;
-    let Some((pkt, key, busy)) = scratch(Hook::XdpForward) else {
+    let Some(s) = scratch(Hook::XdpForward) else {
         return xdp_action::XDP_DROP;
     };
-    let parsed = parse_result(vpcgate_parse_xdp(ctx.ctx, Hook::XdpForward as u32));
+    let parsed_ok = parse_result(vpcgate_parse_xdp(ctx.ctx, Hook::XdpForward as u32));
+    let (pkt, key) = parsed(s);
     let o = enforce(
         Hook::XdpForward,
         ifindex,
-        parsed,
+        parsed_ok,
         pkt,
         key,
         bytes,
         false,
         true,
     );
-    release(busy);
+    release(s);
     if o.action == ACTION_PASS {
         xdp_action::XDP_PASS
     } else {
@@ -254,10 +267,12 @@ pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn vpcgate_xdp_ingress(ctx: XdpContext) -> u32 {
     let cursor = Cursor::new(ctx.data(), ctx.data_end());
-    let Some((pkt, _, busy)) = scratch(Hook::Xdp) else {
+    let Some(s) = scratch(Hook::Xdp) else {
         return xdp_action::XDP_PASS;
     };
-    match parse_result(vpcgate_parse_xdp(ctx.ctx, Hook::Xdp as u32)) {
+    let parsed_ok = parse_result(vpcgate_parse_xdp(ctx.ctx, Hook::Xdp as u32));
+    let (pkt, _) = parsed(s);
+    match parsed_ok {
         Ok(()) => {
             stats::count(Hook::Xdp as u32, pkt);
             flows::record_inbound(&ctx, pkt);
@@ -265,7 +280,7 @@ pub fn vpcgate_xdp_ingress(ctx: XdpContext) -> u32 {
         }
         Err(_) => stats::bump(Hook::Xdp, Stat::Malformed),
     }
-    release(busy);
+    release(s);
     xdp_action::XDP_PASS
 }
 

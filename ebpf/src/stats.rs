@@ -24,8 +24,8 @@ pub fn bump(hook: Hook, stat: Stat) {
 }
 
 /// Counts what the parser saw of one packet: its two to four stats in one lookup. `hook`: a `Hook`.
-/// Inlined only into global functions (`account::vpcgate_account`, `flows::vpcgate_inbound`): their
-/// branches, inlined into a program's many paths, multiplied the verifier's states past its limit.
+/// Inlined into the global `account::vpcgate_account_packet` (verified once) and into XDP ingress;
+/// inlined into TC egress's many paths, its branches multiplied the verifier's states past its limit.
 #[inline(always)]
 pub fn count(hook: u32, pkt: &Packet) {
     let Some(r) = row(hook) else {

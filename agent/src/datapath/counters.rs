@@ -97,7 +97,8 @@ impl Datapath {
     }
 
     /// Test hook: marks this hook's per-CPU scratch packet taken (or free) on every CPU, as if a program
-    /// run held it: a run that finds it taken must fail closed.
+    /// run held it: a run that finds it taken must fail closed. It writes every CPU's slot back whole
+    /// (with the pending observations it read): call it with no traffic running.
     #[doc(hidden)]
     pub fn set_scratch_busy(
         &mut self,
