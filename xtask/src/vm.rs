@@ -37,7 +37,8 @@ const TEST: &str = "VPCGATE-VM-TEST";
 const RESULT: &str = "VPCGATE-VM-RESULT";
 
 /// Time from QEMU's start to the first test (boot, unpacking the initramfs, loading modules), and between
-/// the end of one test and the next marker.
+/// the end of one test and the next marker (plus, before a test that needs the kernel clock to have run
+/// for a while, that wait: the `wait` marker says how long at most).
 const BOOT_BUDGET: Duration = Duration::from_secs(120);
 const GAP_BUDGET: Duration = Duration::from_secs(30);
 
@@ -648,8 +649,10 @@ fn init_script(
         }
         if t.min_uptime_s > 0 {
             s += &format!(
-                "while [ \"$(cut -d. -f1 /proc/uptime)\" -lt {} ]; do sleep 1; done\n",
-                t.min_uptime_s
+                "echo \"{TEST} wait {name} {up}\"\n\
+                 while [ \"$(cut -d. -f1 /proc/uptime)\" -lt {up} ]; do sleep 1; done\n",
+                name = t.name,
+                up = t.min_uptime_s
             );
         }
         s += &format!("t {} {cmd}\n", t.name);
@@ -1018,6 +1021,14 @@ fn run_kernel(
                     deadline = Instant::now() + budget;
                     phase = format!("the step after test {name}");
                 }
+                // The guest waits until its clock has run `secs` since boot before test `name`: fast
+                // earlier tests must not turn that wait into a timeout.
+                ["wait", name, secs] => {
+                    let secs: u64 = secs.parse().unwrap_or(0);
+                    budget = scale(GAP_BUDGET) + Duration::from_secs(secs);
+                    deadline = Instant::now() + budget;
+                    phase = format!("the wait for {secs}s of uptime before test {name}");
+                }
                 _ => {}
             }
         } else if let Some(rest) = line.strip_prefix(RESULT) {
@@ -1201,6 +1212,18 @@ mod tests {
         );
         let new = init_script(&kernel("6.6.0"), &tests, &[], 7);
         assert!(!new.contains("--skip"), "{new}");
+        // A test that needs uptime announces the wait (the host extends its gap budget by it) before it.
+        let diff = init_script(
+            &kernel("6.6.0"),
+            &select(&["parser".into(), "differential".into()]).unwrap(),
+            &[],
+            7,
+        );
+        let wait = diff
+            .find("echo \"VPCGATE-VM-TEST wait differential 45\"")
+            .unwrap_or_else(|| panic!("{diff}"));
+        assert!(wait < diff.find("/proc/uptime").unwrap(), "{diff}");
+        assert!(diff.find("/proc/uptime").unwrap() < diff.find("\nt differential ").unwrap());
     }
 
     #[test]
