@@ -291,6 +291,41 @@ fn a_datagram_toward_a_connected_socket_opens_nothing() {
     });
 }
 
+/// A datagram toward a port where nothing is bound opens nothing, and the kernel remembers that "no" for
+/// a jiffies tick at most (`NO_SOCKET`): once a socket is bound there, the host's next datagram, a few
+/// ticks later, opens its flow and the gateway's answer passes.
+#[test]
+fn a_datagram_before_the_socket_is_bound_does_not_keep_the_flow_from_opening() {
+    let mut lab = Lab::new("");
+    const P: u16 = 40031;
+    const Q: u16 = 40032;
+    let rogue_p = sock(ROGUE_V4, P);
+    let gw_q = sock(GW_V4, Q);
+    let host = lab.pair.vpc.run(|| udp(rogue_p));
+    host.send_to(b"too early", gw_q).unwrap();
+    // The ICMP port unreachable it earns (or nothing) tells the host nothing is bound yet.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !has_flow(&lab.flows(FlowMap::Datagram), 17, gw_q, rogue_p),
+        "a datagram toward a port where nothing is bound was recorded as a flow"
+    );
+    let gw = lab.pair.gw.run(|| udp(gw_q));
+    // Well past any tick (HZ >= 100: 10 ms at most).
+    std::thread::sleep(Duration::from_millis(100));
+    host.send_to(b"now", gw_q).unwrap();
+    assert_eq!(recv(&gw).as_deref(), Some(b"now".as_slice()));
+    assert!(
+        has_flow(&lab.flows(FlowMap::Datagram), 17, gw_q, rogue_p),
+        "the datagram toward the socket bound since opened no flow: a remembered \"no socket\" outlived its tick"
+    );
+    gw.send_to(b"answer", rogue_p).unwrap();
+    assert_eq!(
+        recv(&host).as_deref(),
+        Some(b"answer".as_slice()),
+        "the gateway's answer in the flow the host opened should pass"
+    );
+}
+
 /// `send` (the gateway sending one datagram to `host` at `to`; ENOBUFS or success, the drop is what
 /// counts) drops `not_authorized`: the host that sent first receives nothing.
 fn assert_sent_datagram_drops(lab: &Lab, host: &UdpSocket, to: SocketAddr, send: impl FnOnce()) {

@@ -38,6 +38,11 @@ pub struct Opts {
     /// Run only these parts (repeatable or comma-separated) [default: all].
     #[arg(long, value_delimiter = ',', value_enum)]
     pub only: Vec<Part>,
+    /// Per-packet cost at these policy sizes only (rules, comma-separated), with the run's other
+    /// parameters (rounds, repeats, spread frames) [default: 10,1000,100000 with --quick, and 1000000 too
+    /// without]. For comparing two builds at one size without the whole run.
+    #[arg(long, value_delimiter = ',')]
+    pub sizes: Vec<usize>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -113,7 +118,13 @@ fn main() -> anyhow::Result<()> {
         findings: vec![],
     };
     if wants(Part::PerPacket) {
-        r.per_packet = Some(perpkt::run(opts.quick, seed, &opts.out, &progress)?);
+        r.per_packet = Some(perpkt::run(
+            opts.quick,
+            &opts.sizes,
+            seed,
+            &opts.out,
+            &progress,
+        )?);
     }
     if wants(Part::Throughput) {
         r.throughput = Some(throughput::run(&opts, seed, &progress)?);

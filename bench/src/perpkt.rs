@@ -532,8 +532,21 @@ fn applies(pr: Prog, kind: Kind, xdp_filter_loaded: bool) -> bool {
     }
 }
 
-pub fn run(quick: bool, seed: u64, out: &std::path::Path, p: &Progress) -> anyhow::Result<Section> {
-    let params = Params::new(quick);
+pub fn run(
+    quick: bool,
+    sizes: &[usize],
+    seed: u64,
+    out: &std::path::Path,
+    p: &Progress,
+) -> anyhow::Result<Section> {
+    let mut params = Params::new(quick);
+    if !sizes.is_empty() {
+        anyhow::ensure!(
+            sizes.iter().all(|&n| n > 0),
+            "--sizes: a policy size is a number of rules, at least 1"
+        );
+        params.sizes = sizes.to_vec();
+    }
     let mut section = Section {
         sizes: params.sizes.clone(),
         ..Section::default()
@@ -542,6 +555,12 @@ pub fn run(quick: bool, seed: u64, out: &std::path::Path, p: &Progress) -> anyho
     let mut h = Harness::new();
     // The harness records every verdict for the differential test: not what production pays.
     h.dp.set_record_last(false)?;
+    // The gateway's addresses are its own, as the agent registers them in production: the answers the
+    // ENI's ingress observes go to them, and pay for what a packet toward a local address costs there.
+    h.dp.set_local_addresses(&[
+        IpAddr::V4(Ipv4Addr::from(GW_V4)),
+        IpAddr::V6(Ipv6Addr::from(GW_V6)),
+    ])?;
     let mut progs = Programs {
         h,
         base: load_baselines()?,

@@ -171,24 +171,28 @@ pub struct AddrV6 {
 pub const GEN_BITS: u32 = 8;
 
 /// What an address prefix allows (compiled: covering prefixes' rules included).
+///
+/// Ordered by use: what every TCP or UDP packet reads first (flags, covering rule, inline intervals), so
+/// that a packet whose entry is not in cache reads as few of its lines as it can; the fragment and
+/// large-table fields last.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct AddrValue {
-    /// Port table id per protocol (0 tcp, 1 udp); 0 is the empty table. Ids are a hash of the table's
-    /// content, so an id never names two different tables (the agent refuses a colliding policy).
-    pub port_table: [u64; 2],
-    /// The highest-precedence rule covering the address (ICMP echo requests, `port_not_authorized`).
-    pub icmp_rule: u32,
-    /// Per protocol, the rule a non-first fragment is attributed to when every port is allowed; 0 if not.
-    pub all_ports_rule: [u32; 2],
     /// `ADDR_RESERVED_OVERLAP`.
     pub flags: u32,
+    /// The highest-precedence rule covering the address (ICMP echo requests, `port_not_authorized`).
+    pub icmp_rule: u32,
     /// Per protocol, how many of `inline`'s intervals hold the port table, or `INLINE_IN_PORTS`: the
     /// table has more intervals than fit, look the port up in `PORTS` under `port_table`.
     pub inline_len: [u32; 2],
     /// Per protocol, the port table itself when it is small (almost always): sorted, disjoint
     /// intervals, so the port's rule comes with the address entry, without a second trie walk.
     pub inline: [[PortInterval; INLINE_PORTS]; 2],
+    /// Per protocol, the rule a non-first fragment is attributed to when every port is allowed; 0 if not.
+    pub all_ports_rule: [u32; 2],
+    /// Port table id per protocol (0 tcp, 1 udp); 0 is the empty table. Ids are a hash of the table's
+    /// content, so an id never names two different tables (the agent refuses a colliding policy).
+    pub port_table: [u64; 2],
 }
 
 /// Port intervals an address entry holds inline, per protocol.

@@ -108,7 +108,7 @@ fn key_diff(a: &DestKey, b: &DestKey) -> u32 {
 
 /// `jiffies`, low 32 bits: a load (the verifier inlines the helper), where the clock is a call.
 #[inline(always)]
-fn tick() -> u32 {
+pub fn tick() -> u32 {
     // SAFETY: a helper without preconditions.
     unsafe { aya_ebpf::helpers::bpf_jiffies64() as u32 }
 }
@@ -291,6 +291,17 @@ pub fn record_last(o: &Outcome) {
                 generation: o.generation,
             };
         }
+    }
+}
+
+/// Whether `observe_reply` could find anything in the packet (a SYN-ACK, a RST, an ICMP error): tested
+/// before the call, so that the data the gateway's connections receive costs no call.
+#[inline(always)]
+pub fn may_answer(pkt: &Packet) -> bool {
+    match pkt.l4 {
+        L4::Tcp { flags, .. } => flags & (TCP_SYN | TCP_RST) != 0,
+        L4::Icmp { .. } | L4::Icmpv6 { .. } => true,
+        _ => false,
     }
 }
 

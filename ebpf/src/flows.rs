@@ -24,7 +24,10 @@ use vpcgate_common::{
 };
 
 use crate::{
-    maps::{DGRAM_FLOWS, ECHO_FLOWS, FLOWS, FRAGS, HALF_OPEN, LOCAL_ADDRS, REPLY_PORTS},
+    maps::{
+        DGRAM_FLOWS, ECHO_FLOWS, FLOWS, FRAGS, HALF_OPEN, LOCAL_ADDRS, NO_SOCKET, NO_SOCKET_SLOTS,
+        NoSocket, REPLY_PORTS,
+    },
     parse::{
         Fragment, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, L3, L4, Packet, TCP_ACK,
         TCP_FIN, TCP_RST, TCP_SYN,
@@ -267,6 +270,91 @@ fn socket_exists(ctx: *mut core::ffi::c_void, v6: bool, tcp: bool, t: &mut Tuple
     }
 }
 
+/// Whether an inbound datagram (not in a live flow) starts a flow: it goes to one of the gateway's own
+/// addresses (`to_local`) and a socket there would take it as new (`socket_exists`). A "no" is remembered
+/// per CPU for the rest of the jiffies tick: most datagrams toward the gateway's addresses answer its own
+/// UDP clients, whose sockets are connected (no flow, see `socket_exists`), and each would otherwise cost
+/// a hash lookup and a socket lookup.
+///
+/// Only a "no" is remembered, for one tuple (addresses, ports, family) and one tick (a few ms) at most:
+/// a socket bound or an address added within that tick misses its first datagrams, whose flow is then
+/// not recorded (the gateway's answers drop, as for any packet that is not a reply: stricter, never
+/// looser). A slot is a hash of the tuple: a peer choosing its port to collide only evicts, which costs
+/// lookups. A torn slot (PREEMPT_RT without its per-CPU bottom-half lock) can only skip a lookup, with the
+/// same effect.
+#[inline(always)]
+fn udp_starts_flow(ctx: &XdpContext, pkt: &Packet, sport: u16, dport: u16) -> bool {
+    let k = memo_key(pkt, sport, dport);
+    let slot = memo_slot(&k);
+    let tick = crate::account::tick();
+    let memo = NO_SOCKET.get_ptr_mut(0);
+    if let Some(m) = memo {
+        // SAFETY: this CPU's copy of the map's one value; `slot` is masked below its length.
+        let s = unsafe { &(*m)[slot] };
+        if memo_diff(&s.key, &k) | (s.tick ^ tick) == 0 {
+            return false;
+        }
+    }
+    let v6 = pkt.l3 == L3::Ipv6;
+    if to_local(pkt) && socket_exists(ctx.as_ptr(), v6, false, &mut tuple(pkt, sport, dport)) {
+        return true;
+    }
+    if let Some(m) = memo {
+        // SAFETY: as above.
+        unsafe {
+            (*m)[slot] = NoSocket {
+                key: k,
+                tick,
+                _pad: 0,
+            }
+        };
+    }
+    false
+}
+
+/// A datagram's tuple as words: source, destination, ports, family.
+#[inline(always)]
+fn memo_key(pkt: &Packet, sport: u16, dport: u16) -> [u32; 10] {
+    // SAFETY: `src` and `dst` are 16 bytes at offsets 0 and 16 of an 8-aligned struct.
+    let (s, d) = unsafe {
+        (
+            core::ptr::read(pkt.src.as_ptr() as *const [u32; 4]),
+            core::ptr::read(pkt.dst.as_ptr() as *const [u32; 4]),
+        )
+    };
+    [
+        s[0],
+        s[1],
+        s[2],
+        s[3],
+        d[0],
+        d[1],
+        d[2],
+        d[3],
+        (u32::from(sport) << 16) | u32::from(dport),
+        u32::from(family(pkt)),
+    ]
+}
+
+/// Zero when the two keys are equal (no branch per word: each would be a path for the verifier).
+#[inline(always)]
+fn memo_diff(a: &[u32; 10], b: &[u32; 10]) -> u32 {
+    let mut d = 0;
+    for i in 0..10 {
+        d |= a[i] ^ b[i];
+    }
+    d
+}
+
+#[inline(always)]
+fn memo_slot(k: &[u32; 10]) -> usize {
+    let mut h = 0u32;
+    for w in k {
+        h = (h ^ w).wrapping_mul(0x9e37_79b1);
+    }
+    (h >> 28) as usize & (NO_SOCKET_SLOTS - 1)
+}
+
 #[inline(always)]
 fn tuple(pkt: &Packet, sport: u16, dport: u16) -> Tuple6 {
     Tuple6 {
@@ -390,9 +478,16 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
         }
         L4::Udp { sport, dport } => {
             // Toward an unmarked port there is no flow to refresh: only a datagram to a local socket
-            // starts one.
-            let marked = may_be_reply(UDP_PORTS, dport);
-            if !marked && !to_local(pkt) {
+            // starts one (with a policy applied: without one nothing is recorded, all drops anyway).
+            if !may_be_reply(UDP_PORTS, dport) {
+                if udp_starts_flow(ctx, pkt, sport, dport) && crate::verdict::active().is_some() {
+                    mark_reply_port(UDP_PORTS, dport);
+                    insert_dgram(
+                        &DGRAM_FLOWS,
+                        &key(pkt, IPPROTO_UDP, dport, sport, false),
+                        now(),
+                    );
+                }
                 return;
             }
             let Some(active) = crate::verdict::active() else {
@@ -400,10 +495,10 @@ pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
             };
             let t = now();
             let k = key(pkt, IPPROTO_UDP, dport, sport, false);
-            if marked && (refresh_dgram(&DGRAM_FLOWS, &k, t, active.cfg) || !to_local(pkt)) {
+            if refresh_dgram(&DGRAM_FLOWS, &k, t, active.cfg) {
                 return;
             }
-            if socket_exists(ctx.as_ptr(), v6, false, &mut tuple(pkt, sport, dport)) {
+            if udp_starts_flow(ctx, pkt, sport, dport) {
                 mark_reply_port(UDP_PORTS, dport);
                 insert_dgram(&DGRAM_FLOWS, &k, t);
             }

@@ -276,7 +276,9 @@ pub fn vpcgate_xdp_ingress(ctx: XdpContext) -> u32 {
         Ok(()) => {
             stats::count(Hook::Xdp as u32, pkt);
             flows::record_inbound(&ctx, pkt);
-            account::observe_reply(&cursor, pkt);
+            if account::may_answer(pkt) {
+                account::observe_reply(&cursor, pkt);
+            }
         }
         Err(_) => stats::bump(Hook::Xdp, Stat::Malformed),
     }

@@ -118,6 +118,25 @@ pub static DEST_OBS: LruPerCpuHashMap<DestKey, DestObs> =
 #[map(name = "ZERO_OBS")]
 pub static ZERO_OBS: Array<DestObs> = Array::with_max_entries(1, BPF_F_RDONLY_PROG);
 
+/// Datagrams toward a local address that no socket takes as a new flow, remembered per CPU for the rest of
+/// the jiffies tick (see `flows::udp_socket_receives`).
+#[map(name = "NO_SOCKET")]
+pub static NO_SOCKET: PerCpuArray<[NoSocket; NO_SOCKET_SLOTS]> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// Slots of `NO_SOCKET` (a power of two: a datagram's slot is a hash of its tuple, masked).
+pub const NO_SOCKET_SLOTS: usize = 16;
+
+/// One remembered datagram tuple (`flows::memo_key`) and the tick it was looked up in. A zero slot
+/// matches no datagram (family 0).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NoSocket {
+    pub key: [u32; 10],
+    pub tick: u32,
+    pub _pad: u32,
+}
+
 /// What was dropped toward each destination: a scan of ever-new ports churns this map only.
 #[map(name = "DROP_OBS")]
 pub static DROP_OBS: LruPerCpuHashMap<DestKey, DestObs> =
