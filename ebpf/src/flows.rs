@@ -346,13 +346,15 @@ fn memo_diff(a: &[u32; 10], b: &[u32; 10]) -> u32 {
     d
 }
 
+/// The slot of a key: its words folded (XOR) and mixed once (a multiplicative hash's top bits). Cheap, and
+/// no secret: a sender that chooses its tuples to share a slot only evicts (see `udp_starts_flow`).
 #[inline(always)]
 fn memo_slot(k: &[u32; 10]) -> usize {
     let mut h = 0u32;
     for w in k {
-        h = (h ^ w).wrapping_mul(0x9e37_79b1);
+        h ^= w;
     }
-    (h >> 28) as usize & (NO_SOCKET_SLOTS - 1)
+    (h.wrapping_mul(0x9e37_79b1) >> 28) as usize & (NO_SOCKET_SLOTS - 1)
 }
 
 #[inline(always)]
