@@ -366,6 +366,38 @@ fn frames(rules: &[Rule], kind: Kind, count: usize, rng: &mut fastrand::Rng) -> 
     f
 }
 
+/// This thread in a network namespace of its own until dropped, then back in the one it was in.
+struct OwnNetns {
+    previous: std::fs::File,
+}
+
+impl OwnNetns {
+    fn enter() -> anyhow::Result<Self> {
+        let previous = std::fs::File::open("/proc/thread-self/ns/net")
+            .context("opening this thread's network namespace")?;
+        // SAFETY: unshare affects only the calling thread's network namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        }
+        Ok(Self { previous })
+    }
+}
+
+impl Drop for OwnNetns {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a namespace file this struct holds open.
+        let rc = unsafe { libc::setns(self.previous.as_raw_fd(), libc::CLONE_NEWNET) };
+        // Throughput and the control plane must not run in the private namespace.
+        assert_eq!(
+            rc,
+            0,
+            "setns back to the original network namespace: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Everything that runs: vpcgate's datapath (through the test harness, which applies policies as the
 /// agent does), the baselines' object, and xdp-filter when the size fits it.
 struct Programs {
@@ -551,6 +583,9 @@ pub fn run(
         sizes: params.sizes.clone(),
         ..Section::default()
     };
+    // The programs' socket lookups (XDP ingress, toward the gateway's addresses) see this thread's
+    // namespace: a fresh one with no sockets, not the host's, whose sockets would change the path timed.
+    let _ns = OwnNetns::enter()?;
     p.say("per-packet: loading vpcgate's datapath and the baselines");
     let mut h = Harness::new();
     // The harness records every verdict for the differential test: not what production pays.

@@ -312,7 +312,7 @@ fn udp_starts_flow(ctx: &XdpContext, pkt: &Packet, sport: u16, dport: u16) -> bo
     false
 }
 
-/// A datagram's tuple as words: source, destination, ports, family.
+/// A datagram's tuple as words: source, destination, ports, family and protocol.
 #[inline(always)]
 fn memo_key(pkt: &Packet, sport: u16, dport: u16) -> [u32; 10] {
     // SAFETY: `src` and `dst` are 16 bytes at offsets 0 and 16 of an 8-aligned struct.
@@ -332,7 +332,7 @@ fn memo_key(pkt: &Packet, sport: u16, dport: u16) -> [u32; 10] {
         d[2],
         d[3],
         (u32::from(sport) << 16) | u32::from(dport),
-        u32::from(family(pkt)),
+        u32::from(family(pkt)) | (u32::from(pkt.proto) << 8),
     ]
 }
 
@@ -388,7 +388,8 @@ fn refresh(v: *mut FlowValue, now: u64, closing: bool) {
 /// Most TCP segments that arrive answer the gateway's own connections, toward its ephemeral ports, where
 /// no flow was ever recorded: the local port's `REPLY_PORTS` mark (set before any flow or half-open entry
 /// toward it, never cleared) says so without a hash lookup, and such a segment costs no flow lookup, no
-/// clock read and no policy read. (A UDP datagram toward a local socket is looked up as before.)
+/// clock read and no policy read. A UDP datagram toward an unmarked port is checked by `udp_starts_flow`,
+/// which remembers a "no" for the tick.
 #[inline(never)]
 pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
     if pkt.fragment == Fragment::NonFirst || pkt.l3 == L3::NonIp {

@@ -119,7 +119,7 @@ pub static DEST_OBS: LruPerCpuHashMap<DestKey, DestObs> =
 pub static ZERO_OBS: Array<DestObs> = Array::with_max_entries(1, BPF_F_RDONLY_PROG);
 
 /// Datagrams toward a local address that no socket takes as a new flow, remembered per CPU for the rest of
-/// the jiffies tick (see `flows::udp_socket_receives`).
+/// the jiffies tick (see `flows::udp_starts_flow`).
 #[map(name = "NO_SOCKET")]
 pub static NO_SOCKET: PerCpuArray<[NoSocket; NO_SOCKET_SLOTS]> =
     PerCpuArray::with_max_entries(1, 0);
