@@ -276,7 +276,8 @@ fn socket_exists(ctx: *mut core::ffi::c_void, v6: bool, tcp: bool, t: &mut Tuple
 /// UDP clients, whose sockets are connected (no flow, see `socket_exists`), and each would otherwise cost
 /// a hash lookup and a socket lookup.
 ///
-/// Only a "no" is remembered, for one tuple (addresses, ports, family) and one tick (a few ms) at most:
+/// Only a "no" is remembered, for one tuple (addresses, ports, family, protocol) and one tick (one jiffy:
+/// 4 ms at HZ=250, 10 ms at most):
 /// a socket bound or an address added within that tick misses its first datagrams, whose flow is then
 /// not recorded (the gateway's answers drop, as for any packet that is not a reply: stricter, never
 /// looser). A slot is a hash of the tuple: a peer choosing its port to collide only evicts, which costs
