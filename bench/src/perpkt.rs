@@ -456,7 +456,7 @@ impl Programs {
     }
 }
 
-fn load_baselines() -> anyhow::Result<Ebpf> {
+pub(crate) fn load_baselines() -> anyhow::Result<Ebpf> {
     let path = vpcgate::datapath::BENCH_OBJECT_PATH;
     let bytes = std::fs::read(path).with_context(|| {
         format!("reading the baselines' object {path} (built with vpcgate; absent when VPCGATE_EBPF_OBJ replaced the build)")
@@ -502,7 +502,10 @@ fn refill<K: aya::Pod>(
 }
 
 /// Replaces the baselines' tries with the policy's address prefixes (keyed as the datapath keys them).
-fn fill_baseline_tries(ebpf: &mut Ebpf, prefixes: &[ipnet::IpNet]) -> anyhow::Result<()> {
+pub(crate) fn fill_baseline_tries(
+    ebpf: &mut Ebpf,
+    prefixes: &[ipnet::IpNet],
+) -> anyhow::Result<()> {
     let bits = |len: u8| GEN_BITS + u32::from(len);
     refill(
         ebpf,

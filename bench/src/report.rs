@@ -432,14 +432,48 @@ fn throughput_findings(rows: &[throughput::Row]) -> Vec<String> {
                     let vs_nft = r.ratio_to_nftables.map_or(String::new(), |n| {
                         format!(", {n:.2}× nftables with as many rules")
                     });
+                    let vs_minimal = r.ratio_to_minimal.map_or(String::new(), |n| {
+                        format!(", {n:.2}× the minimal enforcer with as many rules")
+                    });
                     Some(format!(
-                        "{name} {}× no filter{vs_nft}",
+                        "{name} {}× no filter{vs_minimal}{vs_nft}",
                         r.ratio_to_no_filter
                             .map_or("–".into(), |x| format!("{x:.2}"))
                     ))
                 })
                 .collect();
             format!("Throughput with {setup}: {}.", per_test.join("; "))
+        })
+        .chain(program_findings(rows))
+        .collect()
+}
+
+/// vpcgate's TC egress under each test's traffic, beside the minimal enforcer with as many rules and the
+/// empty program (kernel BPF statistics).
+fn program_findings(rows: &[throughput::Row]) -> Vec<String> {
+    let tc = |r: &throughput::Row| {
+        r.programs
+            .iter()
+            .find(|c| c.program.starts_with("vpcgate_tc_e") || c.program.starts_with("bench_tc_"))
+            .map(|c| c.ns_per_run)
+    };
+    let find = |filter: &str, rules: usize, test: &str| {
+        rows.iter()
+            .find(|r| r.filter == filter && r.rules == rules && r.test == test)
+            .and_then(tc)
+    };
+    rows.iter()
+        .filter(|r| r.filter == "vpcgate")
+        .filter_map(|r| {
+            let own = tc(r)?;
+            let minimal = find("minimal", r.rules, &r.test)
+                .map_or(String::new(), |m| format!(", the minimal enforcer {m:.0} ns"));
+            let empty = find("empty", 0, &r.test)
+                .map_or(String::new(), |e| format!(", the empty program {e:.0} ns"));
+            Some(format!(
+                "Under {} traffic ({}), vpcgate's TC egress took {own:.0} ns per packet{minimal}{empty} (kernel BPF statistics, their clock reads included).",
+                r.test, r.setup
+            ))
         })
         .collect()
 }
