@@ -221,14 +221,22 @@ fn drops_and_passes_are_counted_per_reason_and_per_rule() {
     assert_eq!(rules[&web_rule].bytes, 6 * pass.bytes.len() as u64);
 }
 
-/// Rules in `RULE_COUNTERS` (the per-CPU array, the first slots) and past it (the `RULE_STATS` hash) are
+/// Rules in `RULE_COUNTERS` (the array of per-CPU regions, the first slots) and past it (the `RULE_STATS` hash) are
 /// counted alike, read together, and folded and emptied when their generation is replaced, so a reused
 /// generation starts from zero in both.
 #[test]
 fn rule_counters_in_the_array_and_past_it_are_counted_read_and_folded_alike() {
     use vpcgate_common::datapath::rule_counter_slot;
     vpcgate_lab::require_root();
-    let cpus = aya::util::nr_cpus().expect("possible CPUs") as u32;
+    // One region per possible CPU id (the highest id + 1), as the agent sizes it.
+    let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    let cpus = possible
+        .trim()
+        .split([',', '-'])
+        .map(|n| n.parse::<u32>().unwrap())
+        .max()
+        .unwrap()
+        + 1;
     assert_eq!(
         Harness::new().dp.rule_counter_slots().unwrap(),
         vpcgate_common::datapath::rule_counter_slots(cpus),
@@ -307,8 +315,10 @@ fn rule_counters_in_the_array_and_past_it_are_counted_read_and_folded_alike() {
         "the same generation was reused"
     );
 
-    // The first and the last slot of an array read in two batches count (the whole array of a default
-    // load holds 2^18 slots here, a policy too slow to apply in the VMs).
+    // The first and the last slot of an array read in more than one batch count: each CPU's region is a
+    // read of its own, every region after the first resumed after the element before it, as a second
+    // batch is (the whole array of a default load holds 2^18 slots per CPU here, a policy too slow to
+    // apply in the VMs).
     let batch = vpcgate::datapath::RULE_COUNTER_BATCH_BYTES
         / (size_of::<vpcgate_common::datapath::RuleStats>() * cpus as usize);
     let slots = batch as u32 + 64;

@@ -63,12 +63,12 @@ pub mod limits {
     /// `RULE_STATS` is not preallocated: a counter exists once its rule matched a packet (its hash
     /// buckets, 16 bytes per slot, are: 32 MiB for two generations).
     pub const RULES: u32 = 1 << 20;
-    /// What `RULE_COUNTERS` (per-rule counters in a per-CPU array, indexed by `rule_counter_slot`) may
-    /// take in total over all CPUs: the agent sizes it at load (`rule_counter_slots`), and rules beyond
-    /// its slots are counted in `RULE_STATS`. Preallocated (and read whole by the agent), so it costs
-    /// the same with ten rules as with a million: 8 MiB (plus the kernel's 8-byte pointer per slot).
+    /// What `RULE_COUNTERS` (per-rule counters in an array of per-CPU regions, `rule_counter_index`) may
+    /// take in total over all CPUs: the agent sizes it at load (`rule_counter_slots` per CPU), and rules
+    /// beyond its slots are counted in `RULE_STATS`. Preallocated, so it costs the same with ten rules as
+    /// with a million: 8 MiB.
     pub const RULE_COUNTERS_BYTES: u64 = 8 << 20;
-    /// Slots of `RULE_COUNTERS` at least, whatever the CPU count (rule ids 1 to 1023 of each generation;
+    /// Slots per CPU of `RULE_COUNTERS` at least, whatever the CPU count (rule ids 1 to 1023 of each generation;
     /// past 256 possible CPUs this exceeds `RULE_COUNTERS_BYTES`).
     pub const RULE_COUNTERS_MIN_SLOTS: u32 = 2 * 1024;
     /// Established TCP flows peers initiated (replies pass); separate from half-open ones, so a SYN
@@ -252,8 +252,21 @@ pub const fn rule_counter_slot(generation: u32, rule: u32) -> u32 {
     (rule << 1) | (generation & 1)
 }
 
-/// `RULE_COUNTERS` slots for a host with `cpus` possible CPUs: the largest power of two whose per-CPU
-/// copies fit in `limits::RULE_COUNTERS_BYTES`, between `limits::RULE_COUNTERS_MIN_SLOTS` and two
+/// The element of `RULE_COUNTERS` where `cpu` counts `slot`, for an array of `slots` slots per CPU: each
+/// CPU has a region of its own (`slots` consecutive elements), so no two CPUs write one cache line but at
+/// a region's edge, and the address is computed, not loaded (a per-CPU array first loads the slot's
+/// per-CPU pointer, a second dependent memory access per packet). None past `u32`.
+pub const fn rule_counter_index(cpu: u32, slots: u32, slot: u32) -> Option<u32> {
+    let i = cpu as u64 * slots as u64 + slot as u64;
+    if i > u32::MAX as u64 {
+        None
+    } else {
+        Some(i as u32)
+    }
+}
+
+/// `RULE_COUNTERS` slots per CPU for a host with `cpus` possible CPUs: the largest power of two whose
+/// copies, one per CPU, fit in `limits::RULE_COUNTERS_BYTES`, between `limits::RULE_COUNTERS_MIN_SLOTS` and two
 /// generations of `limits::RULES`: a two-CPU host counts rule ids below 131,072 of each generation
 /// there, a 64-CPU host those below 4,096.
 pub const fn rule_counter_slots(cpus: u32) -> u32 {

@@ -3,7 +3,7 @@
 
 use vpcgate_common::datapath::{
     ACTION_PASS, AUDIT_OFFSET, DestKey, DestObs, FLAG_RECORD_LAST, LastVerdict, PendingObs,
-    RuleStats, RuleStatsKey, basis, rule_counter_slot,
+    RuleStats, RuleStatsKey, basis, rule_counter_index, rule_counter_slot,
 };
 use vpcgate_common::icmp::{
     ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG,
@@ -14,8 +14,8 @@ use aya_ebpf::maps::LruPerCpuHashMap;
 
 use crate::{
     maps::{
-        DEST_OBS, DROP_OBS, DROP_STATS, GEN_CONFIG, KeyBuf, LAST_VERDICT, RULE_COUNTERS,
-        RULE_STATS, SCRATCH, ZERO_OBS,
+        DEST_OBS, DROP_OBS, DROP_STATS, GEN_CONFIG, KeyBuf, LAST_VERDICT, RULE_COUNTER_SLOTS,
+        RULE_COUNTERS, RULE_STATS, SCRATCH, ZERO_OBS,
     },
     parse::{self, Cursor, IPPROTO_TCP, L3, L4, Packet, TCP_ACK, TCP_RST, TCP_SYN},
     verdict::Outcome,
@@ -248,11 +248,25 @@ pub fn account(o: &Outcome, bytes: u64) {
     record_last(o);
 }
 
-/// One packet of `bytes` for a rule: in `RULE_COUNTERS` (an inlined array lookup), or in `RULE_STATS`
-/// for a rule past this host's slots.
+/// One packet of `bytes` for a rule: in this CPU's region of `RULE_COUNTERS` (an inlined array lookup),
+/// or in `RULE_STATS` for a rule past this host's slots.
 #[inline(always)]
 fn count_rule(generation: u32, rule: u32, bytes: u64) {
-    let s = match RULE_COUNTERS.get_ptr_mut(rule_counter_slot(generation, rule)) {
+    // SAFETY: a read-only global the loader sets; volatile so that the compiled-in zero is not folded.
+    let slots = unsafe { core::ptr::read_volatile(&raw const RULE_COUNTER_SLOTS) };
+    let slot = rule_counter_slot(generation, rule);
+    let counter = if slot < slots {
+        // SAFETY: a helper without preconditions (BPF programs run with migration disabled: the CPU
+        // stays this one until the program returns).
+        let cpu = unsafe { aya_ebpf::helpers::bpf_get_smp_processor_id() };
+        match rule_counter_index(cpu, slots, slot) {
+            Some(i) => RULE_COUNTERS.get_ptr_mut(i),
+            None => None,
+        }
+    } else {
+        None
+    };
+    let s = match counter {
         Some(s) => s,
         None => {
             let key = RuleStatsKey { generation, rule };
@@ -265,7 +279,8 @@ fn count_rule(generation: u32, rule: u32, bytes: u64) {
             }
         }
     };
-    // SAFETY: this CPU's copy of a live map value.
+    // SAFETY: a live map value only this CPU writes (its region of `RULE_COUNTERS`, or its copy of the
+    // `RULE_STATS` entry).
     unsafe {
         (*s).packets += 1;
         (*s).bytes += bytes;

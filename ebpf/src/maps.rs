@@ -46,13 +46,20 @@ pub static RESERVED_V6: LpmTrie<AddrV6, u32> =
 #[map(name = "PORTS")]
 pub static PORTS: LpmTrie<PortData, u32> = LpmTrie::with_max_entries(2 * limits::PORT_ENTRIES, 0);
 
-/// Per-rule counters, at `rule_counter_slot(generation, rule)`: an array lookup the verifier inlines,
-/// one cache line per rule. The agent sizes it at load to this host's CPU count
-/// (`vpcgate_common::datapath::rule_counter_slots`); a rule whose slot lies past its end is counted in
-/// `RULE_STATS`.
+/// Per-rule counters: `RULE_COUNTER_SLOTS` slots per CPU, a region per CPU; CPU `c` counts slot
+/// `rule_counter_slot(generation, rule)` at `rule_counter_index(c, RULE_COUNTER_SLOTS, slot)`. An array
+/// lookup the verifier inlines, whose address is computed from the index (a per-CPU array's lookup loads
+/// a per-slot pointer first: one more dependent memory access per packet). The agent sizes it at load to
+/// this host's CPU count (`vpcgate_common::datapath::rule_counter_slots` per CPU); a rule whose slot lies
+/// past `RULE_COUNTER_SLOTS` is counted in `RULE_STATS`.
 #[map(name = "RULE_COUNTERS")]
-pub static RULE_COUNTERS: PerCpuArray<RuleStats> =
-    PerCpuArray::with_max_entries(limits::RULE_COUNTERS_MIN_SLOTS, 0);
+pub static RULE_COUNTERS: Array<RuleStats> =
+    Array::with_max_entries(limits::RULE_COUNTERS_MIN_SLOTS, 0);
+
+/// Slots per CPU of `RULE_COUNTERS`, set by the agent at load with the map's size (read-only data: a
+/// constant to the verifier). Zero, as compiled: every rule is counted in `RULE_STATS`.
+#[unsafe(no_mangle)]
+pub static RULE_COUNTER_SLOTS: u32 = 0;
 
 /// Rule counters past `RULE_COUNTERS`' slots. Not preallocated: a policy of a million rules would otherwise reserve two million per-CPU values up
 /// front, whether or not its rules ever see a packet (the kernel still reserves the hash buckets, 16

@@ -212,7 +212,8 @@ impl Harness {
         Self::with(Datapath::load().unwrap_or_else(|e| panic!("{e}")))
     }
 
-    /// `new`, with `slots` rule counters in the per-CPU array (the rest counted in the overflow hash).
+    /// `new`, with `slots` rule counters per CPU in the counter array (the rest counted in the overflow
+    /// hash).
     pub fn with_counter_slots(slots: u32) -> Self {
         Self::with(Datapath::load_with_counter_slots(slots).unwrap_or_else(|e| panic!("{e}")))
     }

@@ -57,7 +57,8 @@ impl Datapath {
         Ok(out)
     }
 
-    /// Slots of `RULE_COUNTERS` in the loaded object (rules past them are counted in `RULE_STATS`).
+    /// Slots per CPU of `RULE_COUNTERS` in the loaded object (rules past them are counted in
+    /// `RULE_STATS`).
     pub fn rule_counter_slots(&self) -> Result<u32, DatapathError> {
         super::rule_counters::slots(self.ebpf())
     }

@@ -155,13 +155,11 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     Ok(())
 }
 
-fn loader() -> Result<EbpfLoader<'static>, DatapathError> {
+/// The loader, with `RULE_COUNTERS` sized at `counter_slots` per CPU (`rule_counters::size`).
+fn loader(counter_slots: &u32) -> Result<EbpfLoader<'_>, DatapathError> {
     let mut l = EbpfLoader::new();
     l.verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS);
-    l.map_max_entries(
-        vpcgate_common::datapath::names::RULE_COUNTERS,
-        rule_counters::rule_counter_slots()?,
-    );
+    rule_counters::size(&mut l, counter_slots)?;
     Ok(l)
 }
 
@@ -171,28 +169,32 @@ fn load_pinned(
     names: &std::collections::BTreeSet<String>,
     pins: &pin::Pins,
 ) -> Result<Ebpf, DatapathError> {
-    let mut l = loader()?;
-    for n in names {
-        l.map_pin_path(n.as_str(), pins.map(n));
-    }
     // A pinned counter array keeps the size it was created with (an agent that sized it otherwise may
     // have pinned it): the loader takes that size, so that every bounds check agrees with the kernel's.
     let counters = pins.map(vpcgate_common::datapath::names::RULE_COUNTERS);
-    if counters.exists() {
+    let slots = if counters.exists() {
         let info =
             aya::maps::MapInfo::from_pin(&counters).map_err(|source| DatapathError::Map {
                 map: vpcgate_common::datapath::names::RULE_COUNTERS,
                 source,
             })?;
-        l.map_max_entries(
-            vpcgate_common::datapath::names::RULE_COUNTERS,
-            info.max_entries(),
-        );
+        rule_counters::slots_of(info.max_entries())?
+    } else {
+        rule_counters::rule_counter_slots()?
+    };
+    let mut l = loader(&slots)?;
+    for n in names {
+        l.map_pin_path(n.as_str(), pins.map(n));
     }
     let ebpf = l.load(object).map_err(DatapathError::Object)?;
     // Every map of the object is one of the pinned ones (a map the loader created on its own would be
-    // state no restart could find).
-    if let Some((extra, _)) = ebpf.maps().find(|(n, _)| !names.contains(*n)) {
+    // state no restart could find). The programs' read-only data (`.rodata`: the counter array's slots
+    // per CPU) is no state: it is frozen at load, set from the pinned array's own size, and held by the
+    // programs that read it (bpffs names cannot start with a dot).
+    if let Some((extra, _)) = ebpf
+        .maps()
+        .find(|(n, _)| !n.starts_with('.') && !names.contains(*n))
+    {
         return Err(DatapathError::Pin {
             path: pins.maps(),
             what: "pin every map",
@@ -210,16 +212,15 @@ impl Datapath {
 
     /// Loads `object` (an ELF built from `ebpf/`) and both programs into the kernel, pinning nothing.
     pub fn load_object(object: &[u8]) -> Result<Self, DatapathError> {
-        Self::load_with(object, loader()?)
+        let slots = rule_counters::rule_counter_slots()?;
+        Self::load_with(object, loader(&slots)?)
     }
 
     /// Test hook: the embedded object with `slots` slots in `RULE_COUNTERS` (instead of this host's
     /// share), so that tests reach the rules counted in `RULE_STATS` with a small policy.
     #[doc(hidden)]
     pub fn load_with_counter_slots(slots: u32) -> Result<Self, DatapathError> {
-        let mut l = loader()?;
-        l.map_max_entries(vpcgate_common::datapath::names::RULE_COUNTERS, slots);
-        Self::load_with(EBPF_OBJECT, l)
+        Self::load_with(EBPF_OBJECT, loader(&slots)?)
     }
 
     fn load_with(object: &[u8], mut loader: EbpfLoader<'_>) -> Result<Self, DatapathError> {

@@ -1,21 +1,25 @@
-//! `RULE_COUNTERS`, the per-CPU array where the kernel counts each rule's packets at
-//! `rule_counter_slot(generation, rule)`, sized at load to this host's CPUs; rules past its slots are
-//! counted in `RULE_STATS` (`maps.rs`). Reading the whole array one syscall per slot would cost hundreds
-//! of thousands of syscalls: it is read in batches (`BPF_MAP_LOOKUP_BATCH`, per-CPU arrays since Linux
-//! 5.13), slot by slot only where the kernel has no batch reads.
+//! `RULE_COUNTERS`, the array where the kernel counts each rule's packets: slot
+//! `rule_counter_slot(generation, rule)` of the running CPU's region (`rule_counter_index`), `slots` per
+//! CPU, sized at load to this host's CPUs (and the programs told the size: `RULE_COUNTER_SLOTS`); rules
+//! past its slots are counted in `RULE_STATS` (`maps.rs`). Reading the whole array one syscall per slot
+//! would cost hundreds of thousands of syscalls: it is read in batches (`BPF_MAP_LOOKUP_BATCH`, arrays
+//! since Linux 5.6), slot by slot only where the kernel has no batch reads.
 //!
-//! Which slots exist is always the kernel's answer (the map's `max_entries` as the kernel reports it),
-//! never the size this agent would have chosen: the kernel counts a rule in the hash exactly when its slot
-//! is past that end, and adopted pinned maps keep the size they were created with.
+//! Which slots exist is always the kernel's answer (the map's `max_entries` as the kernel reports it, over
+//! this host's possible CPUs), never the size this agent would have chosen: the kernel counts a rule in
+//! the hash exactly when its slot is past that end, and adopted pinned maps keep the size they were
+//! created with.
 
 use std::os::fd::{AsFd, AsRawFd};
 
 use aya::{
-    Ebpf,
-    maps::{Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    Ebpf, EbpfLoader,
+    maps::{Array, Map, MapData, MapError},
 };
 use aya_obj::generated::{bpf_attr, bpf_attr__bindgen_ty_3, bpf_cmd};
-use vpcgate_common::datapath::{GEN_A, GEN_B, RuleStats, names, rule_counter_slot};
+use vpcgate_common::datapath::{
+    GEN_A, GEN_B, RuleStats, names, rule_counter_index, rule_counter_slot,
+};
 
 use super::{DatapathError, maps::map_err};
 
@@ -28,16 +32,76 @@ fn syscall_err(call: &'static str, io_error: std::io::Error) -> DatapathError {
     }
 }
 
-/// This host's possible CPUs (what per-CPU maps hold a copy for).
+const POSSIBLE: &str = "/sys/devices/system/cpu/possible";
+
+/// The regions `RULE_COUNTERS` has: one per CPU id a program can run on, the highest possible CPU's id
+/// plus one (the number of possible CPUs, unless their ids have gaps).
+/// Read once per process: the possible CPUs are fixed at boot.
 fn possible_cpus() -> Result<usize, DatapathError> {
-    aya::util::nr_cpus().map_err(|(_, e)| syscall_err("nr_cpus", e))
+    static REGIONS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if let Some(&n) = REGIONS.get() {
+        return Ok(n);
+    }
+    let text = std::fs::read_to_string(POSSIBLE).map_err(|e| syscall_err("read", e))?;
+    let n = highest_cpu(text.trim())
+        .map(|h| h as usize + 1)
+        .ok_or_else(|| {
+            syscall_err(
+                "read",
+                std::io::Error::other(format!("{POSSIBLE}: {text:?} is no list of CPU ranges")),
+            )
+        })?;
+    Ok(*REGIONS.get_or_init(|| n))
 }
 
-/// The slots `RULE_COUNTERS` gets at load on this host.
+/// The highest CPU id of a kernel CPU list ("0-3,8-11"), None if it is not one.
+fn highest_cpu(list: &str) -> Option<u32> {
+    list.split([',', '-'])
+        .map(|n| n.parse::<u32>().ok())
+        .collect::<Option<Vec<_>>>()?
+        .into_iter()
+        .max()
+}
+
+/// The slots per CPU `RULE_COUNTERS` gets at load on this host.
 pub(crate) fn rule_counter_slots() -> Result<u32, DatapathError> {
     Ok(vpcgate_common::datapath::rule_counter_slots(
         possible_cpus()? as u32,
     ))
+}
+
+/// The programs' name of the slots per CPU (a read-only global the loader sets).
+const SLOTS_GLOBAL: &str = "RULE_COUNTER_SLOTS";
+
+/// Sizes `RULE_COUNTERS` at `slots` per CPU (a region per possible CPU) and tells the programs
+/// (`RULE_COUNTER_SLOTS`): both from the one value, so that no program counts past its CPU's region.
+pub(crate) fn size<'a>(l: &mut EbpfLoader<'a>, slots: &'a u32) -> Result<(), DatapathError> {
+    let cpus = possible_cpus()? as u32;
+    let entries = slots.checked_mul(cpus).ok_or_else(|| {
+        syscall_err(
+            "size",
+            std::io::Error::other(format!(
+                "{slots} slots for each of {cpus} CPUs exceed an array's elements"
+            )),
+        )
+    })?;
+    l.map_max_entries(NAME, entries);
+    l.override_global(SLOTS_GLOBAL, slots, true);
+    Ok(())
+}
+
+/// Slots per CPU of an array of `entries` elements (an adopted pinned one).
+pub(crate) fn slots_of(entries: u32) -> Result<u32, DatapathError> {
+    let cpus = possible_cpus()? as u32;
+    if entries == 0 || !entries.is_multiple_of(cpus) {
+        return Err(syscall_err(
+            "size",
+            std::io::Error::other(format!(
+                "the pinned array holds {entries} elements, not a region for each of this host's {cpus} possible CPUs"
+            )),
+        ));
+    }
+    Ok(entries / cpus)
 }
 
 /// The (generation, rule) a slot counts (the inverse of `rule_counter_slot`).
@@ -67,14 +131,14 @@ pub(crate) fn sum(per_cpu: impl IntoIterator<Item = RuleStats>) -> RuleStats {
 
 fn map_data(ebpf: &Ebpf) -> Result<&MapData, DatapathError> {
     match ebpf.map(NAME).ok_or(DatapathError::MissingMap(NAME))? {
-        Map::PerCpuArray(m) => Ok(m),
+        Map::Array(m) => Ok(m),
         _ => Err(map_err(NAME)(MapError::InvalidMapType { map_type: 0 })),
     }
 }
 
-/// The slots of the loaded `RULE_COUNTERS`, as the kernel has it.
+/// The slots per CPU of the loaded `RULE_COUNTERS`, as the kernel has it.
 pub(crate) fn slots(ebpf: &Ebpf) -> Result<u32, DatapathError> {
-    Ok(map_data(ebpf)?.info().map_err(map_err(NAME))?.max_entries())
+    slots_of(map_data(ebpf)?.info().map_err(map_err(NAME))?.max_entries())
 }
 
 /// Bytes of values one `BPF_MAP_LOOKUP_BATCH` call copies at most.
@@ -96,36 +160,46 @@ pub(crate) fn read_all(
     ebpf: &Ebpf,
     counted_below: Option<u32>,
 ) -> Result<Vec<(u8, u32, RuleStats)>, DatapathError> {
-    let slots = slots(ebpf)?.min(counted_below.map_or(u32::MAX, slots_below));
-    let mut all = vec![];
-    let mut keep = |slot: u32, s: RuleStats| {
-        if counted(&s) {
-            all.push((slot, s));
-        }
-    };
-    match read_batched(map_data(ebpf)?, slots, &mut keep) {
-        Ok(()) => {}
-        // No batch reads of per-CPU arrays before Linux 5.13 (ENOTSUPP), none at all before 5.6
-        // (EINVAL): slot by slot, from the start.
-        Err(e) if e.raw_os_error() == Some(ENOTSUPP) || e.raw_os_error() == Some(libc::EINVAL) => {
-            all.clear();
-            let a = PerCpuArray::<_, RuleStats>::try_from(
-                ebpf.map(NAME).ok_or(DatapathError::MissingMap(NAME))?,
+    let per_cpu = slots(ebpf)?;
+    let n = per_cpu.min(counted_below.map_or(u32::MAX, slots_below));
+    let mut sums = vec![RuleStats::default(); n as usize];
+    let map = map_data(ebpf)?;
+    for cpu in 0..possible_cpus()? as u32 {
+        let start = rule_counter_index(cpu, per_cpu, 0).ok_or_else(|| {
+            syscall_err(
+                "index",
+                std::io::Error::other("a CPU's region lies past u32"),
             )
-            .map_err(map_err(NAME))?;
-            for slot in 0..slots {
-                let s = sum(a.get(&slot, 0).map_err(map_err(NAME))?.iter().copied());
-                if counted(&s) {
-                    all.push((slot, s));
-                }
+        })?;
+        let region = match read_range(map, start, n) {
+            Ok(region) => region,
+            // No batch reads of arrays before Linux 5.6 (EINVAL), or none for this map
+            // (ENOTSUPP): element by element.
+            Err(e)
+                if e.raw_os_error() == Some(ENOTSUPP) || e.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                let a = Array::<_, RuleStats>::try_from(
+                    ebpf.map(NAME).ok_or(DatapathError::MissingMap(NAME))?,
+                )
+                .map_err(map_err(NAME))?;
+                (start..start + n)
+                    .map(|i| a.get(&i, 0))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(map_err(NAME))?
             }
+            Err(e) => return Err(syscall_err("bpf_map_lookup_batch", e)),
+        };
+        for (sum, s) in sums.iter_mut().zip(region) {
+            sum.packets += s.packets;
+            sum.bytes += s.bytes;
         }
-        Err(e) => return Err(syscall_err("bpf_map_lookup_batch", e)),
     }
-    Ok(all
+    Ok(sums
         .into_iter()
+        .enumerate()
+        .filter(|(_, s)| counted(s))
         .map(|(slot, s)| {
-            let (g, rule) = owner(slot);
+            let (g, rule) = owner(slot as u32);
             (g, rule, s)
         })
         .collect())
@@ -134,29 +208,24 @@ pub(crate) fn read_all(
 /// The kernel's ENOTSUPP (not in libc: it is no userspace errno).
 const ENOTSUPP: i32 = 524;
 
-/// Hands every slot of `map` (`slots` of them), summed over CPUs, to `each`, reading in batches.
-fn read_batched(
-    map: &MapData,
-    slots: u32,
-    each: &mut impl FnMut(u32, RuleStats),
-) -> std::io::Result<()> {
+/// The `count` elements of `map` from index `start`, read in batches.
+fn read_range(map: &MapData, start: u32, count: u32) -> std::io::Result<Vec<RuleStats>> {
+    let mut out = vec![RuleStats::default(); count as usize];
     let fd = map.fd().as_fd().as_raw_fd();
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-    // A per-CPU value is copied as one 8-byte-aligned copy per possible CPU.
     const STRIDE: usize = std::mem::size_of::<RuleStats>();
     const _: () = assert!(STRIDE.is_multiple_of(8));
-    let batch = (BATCH_BYTES / (STRIDE * cpus)).clamp(1, slots.max(1) as usize);
+    let batch = (BATCH_BYTES / STRIDE).clamp(1, count.max(1) as usize);
     let mut keys = vec![0u32; batch];
-    let mut values = vec![RuleStats::default(); batch * cpus];
-    let slots = slots as usize;
-    let mut token = 0u32;
-    let mut first = true;
-    let mut done = 0usize;
-    while done < slots {
+    let mut values = vec![RuleStats::default(); batch];
+    let end = start as usize + count as usize;
+    let mut next = start as usize;
+    while next < end {
+        // The kernel resumes after the key `in_batch` points at (none: from the array's first element).
+        let mut token = next.saturating_sub(1) as u32;
         // SAFETY: an all-zero bpf_attr is the documented "no options" value of every command.
         let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
         attr.batch = bpf_attr__bindgen_ty_3 {
-            in_batch: if first {
+            in_batch: if next == 0 {
                 0
             } else {
                 &token as *const u32 as u64
@@ -164,12 +233,12 @@ fn read_batched(
             out_batch: &mut token as *mut u32 as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
-            count: batch.min(slots - done) as u32,
+            count: batch.min(end - next) as u32,
             map_fd: fd as u32,
             elem_flags: 0,
             flags: 0,
         };
-        // SAFETY: `attr` points at buffers of `count` keys and `count × cpus` values, alive for the call.
+        // SAFETY: `attr` points at buffers of `count` keys and values, alive for the call.
         let r = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -178,7 +247,7 @@ fn read_batched(
                 std::mem::size_of::<bpf_attr>(),
             )
         };
-        let end = if r < 0 {
+        let last = if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::ENOENT) {
                 return Err(e);
@@ -187,23 +256,28 @@ fn read_batched(
         } else {
             false
         };
-        // SAFETY: the kernel wrote back how many slots it copied.
+        // SAFETY: the kernel wrote back how many elements it copied.
         let n = (unsafe { attr.batch.count } as usize).min(batch);
-        for (i, &slot) in keys[..n].iter().enumerate() {
-            each(slot, sum(values[i * cpus..(i + 1) * cpus].iter().copied()));
+        for (&index, &value) in keys[..n].iter().zip(&values[..n]) {
+            if let Some(o) = (index as usize)
+                .checked_sub(start as usize)
+                .and_then(|i| out.get_mut(i))
+            {
+                *o = value;
+            }
         }
-        done += n;
-        first = false;
-        if end || n == 0 {
+        next += n;
+        if last || n == 0 {
             break;
         }
     }
-    Ok(())
+    Ok(out)
 }
 
-/// Reads and zeroes `rule`'s slot of `generation` (what it counted, summed over CPUs), or None when the
-/// rule lies past the array's `slots` (`slots()`; its counter is in `RULE_STATS`). A packet counted between the read
-/// and the zeroing is lost, as with a hash counter deleted after its read.
+/// Reads and zeroes `rule`'s slot of `generation` in every CPU's region (what it counted, summed over
+/// CPUs), or None when the rule lies past the array's `slots` per CPU (`slots()`; its counter is in
+/// `RULE_STATS`). A packet counted between a region's read and its zeroing is lost, as with a hash counter
+/// deleted after its read.
 pub(crate) fn take(
     ebpf: &mut Ebpf,
     slots: u32,
@@ -214,22 +288,58 @@ pub(crate) fn take(
     if slot >= slots {
         return Ok(None);
     }
+    let cpus = possible_cpus()? as u32;
     let m = ebpf.map_mut(NAME).ok_or(DatapathError::MissingMap(NAME))?;
-    let mut a = PerCpuArray::<_, RuleStats>::try_from(m).map_err(map_err(NAME))?;
-    let per_cpu = a.get(&slot, 0).map_err(map_err(NAME))?;
-    let s = sum(per_cpu.iter().copied());
-    if counted(&s) {
-        let zero = PerCpuValues::try_from(vec![RuleStats::default(); per_cpu.len()])
-            .map_err(|e| syscall_err("per-cpu values", e))?;
-        a.set(slot, zero, 0).map_err(map_err(NAME))?;
+    let mut a = Array::<_, RuleStats>::try_from(m).map_err(map_err(NAME))?;
+    // Every region read before any is zeroed: a failed read loses nothing.
+    let mut read = vec![];
+    for cpu in 0..cpus {
+        if let Some(i) = rule_counter_index(cpu, slots, slot) {
+            read.push((i, a.get(&i, 0).map_err(map_err(NAME))?));
+        }
     }
-    Ok(Some(s))
+    let total = sum(read.iter().map(|&(_, s)| s));
+    for (i, s) in read {
+        if counted(&s) {
+            a.set(i, RuleStats::default(), 0).map_err(map_err(NAME))?;
+        }
+    }
+    Ok(Some(total))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use vpcgate_common::datapath::{limits, rule_counter_slots};
+
+    #[test]
+    fn regions_cover_every_possible_cpu_id() {
+        assert_eq!(highest_cpu("0"), Some(0));
+        assert_eq!(highest_cpu("0-1"), Some(1));
+        assert_eq!(highest_cpu("0-3,8-11"), Some(11));
+        assert_eq!(highest_cpu("0,2,4"), Some(4));
+        assert_eq!(highest_cpu(""), None);
+        assert_eq!(highest_cpu("0-x"), None);
+        let regions = possible_cpus().unwrap();
+        assert!(regions >= aya::util::nr_cpus().unwrap());
+    }
+
+    #[test]
+    fn regions_never_overlap_and_never_pass_the_array() {
+        for cpus in [1u32, 2, 3, 64, 8192] {
+            let slots = rule_counter_slots(cpus);
+            let entries = u64::from(slots) * u64::from(cpus);
+            for cpu in [0, cpus / 2, cpus - 1] {
+                for slot in [0, 1, slots - 1] {
+                    let i = rule_counter_index(cpu, slots, slot).unwrap();
+                    assert!(u64::from(i) < entries, "{cpus} CPUs: cpu {cpu} slot {slot}");
+                    assert_eq!(i / slots, cpu, "the slot lies in its CPU's region");
+                    assert_eq!(i % slots, slot);
+                }
+            }
+        }
+        assert_eq!(rule_counter_index(1 << 16, 1 << 16, 0), None);
+    }
 
     #[test]
     fn slots_and_owners_are_inverse_and_generations_interleave() {
