@@ -37,7 +37,7 @@ const POSSIBLE: &str = "/sys/devices/system/cpu/possible";
 /// The regions `RULE_COUNTERS` has: one per CPU id a program can run on, the highest possible CPU's id
 /// plus one (the number of possible CPUs, unless their ids have gaps).
 /// Read once per process: the possible CPUs are fixed at boot.
-fn possible_cpus() -> Result<usize, DatapathError> {
+fn cpu_regions() -> Result<usize, DatapathError> {
     static REGIONS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     if let Some(&n) = REGIONS.get() {
         return Ok(n);
@@ -66,7 +66,7 @@ fn highest_cpu(list: &str) -> Option<u32> {
 /// The slots per CPU `RULE_COUNTERS` gets at load on this host.
 pub(crate) fn rule_counter_slots() -> Result<u32, DatapathError> {
     Ok(vpcgate_common::datapath::rule_counter_slots(
-        possible_cpus()? as u32,
+        cpu_regions()? as u32
     ))
 }
 
@@ -76,7 +76,7 @@ const SLOTS_GLOBAL: &str = "RULE_COUNTER_SLOTS";
 /// Sizes `RULE_COUNTERS` at `slots` per CPU (a region per possible CPU) and tells the programs
 /// (`RULE_COUNTER_SLOTS`): both from the one value, so that no program counts past its CPU's region.
 pub(crate) fn size<'a>(l: &mut EbpfLoader<'a>, slots: &'a u32) -> Result<(), DatapathError> {
-    let cpus = possible_cpus()? as u32;
+    let cpus = cpu_regions()? as u32;
     let entries = slots.checked_mul(cpus).ok_or_else(|| {
         syscall_err(
             "size",
@@ -92,7 +92,7 @@ pub(crate) fn size<'a>(l: &mut EbpfLoader<'a>, slots: &'a u32) -> Result<(), Dat
 
 /// Slots per CPU of an array of `entries` elements (an adopted pinned one).
 pub(crate) fn slots_of(entries: u32) -> Result<u32, DatapathError> {
-    let cpus = possible_cpus()? as u32;
+    let cpus = cpu_regions()? as u32;
     if entries == 0 || !entries.is_multiple_of(cpus) {
         return Err(syscall_err(
             "size",
@@ -164,7 +164,7 @@ pub(crate) fn read_all(
     let n = per_cpu.min(counted_below.map_or(u32::MAX, slots_below));
     let mut sums = vec![RuleStats::default(); n as usize];
     let map = map_data(ebpf)?;
-    for cpu in 0..possible_cpus()? as u32 {
+    for cpu in 0..cpu_regions()? as u32 {
         let start = rule_counter_index(cpu, per_cpu, 0).ok_or_else(|| {
             syscall_err(
                 "index",
@@ -189,9 +189,8 @@ pub(crate) fn read_all(
             }
             Err(e) => return Err(syscall_err("bpf_map_lookup_batch", e)),
         };
-        for (sum, s) in sums.iter_mut().zip(region) {
-            sum.packets += s.packets;
-            sum.bytes += s.bytes;
+        for (total, s) in sums.iter_mut().zip(region) {
+            *total = sum([*total, s]);
         }
     }
     Ok(sums
@@ -288,7 +287,7 @@ pub(crate) fn take(
     if slot >= slots {
         return Ok(None);
     }
-    let cpus = possible_cpus()? as u32;
+    let cpus = cpu_regions()? as u32;
     let m = ebpf.map_mut(NAME).ok_or(DatapathError::MissingMap(NAME))?;
     let mut a = Array::<_, RuleStats>::try_from(m).map_err(map_err(NAME))?;
     // Every region read before any is zeroed: a failed read loses nothing.
@@ -320,7 +319,7 @@ mod tests {
         assert_eq!(highest_cpu("0,2,4"), Some(4));
         assert_eq!(highest_cpu(""), None);
         assert_eq!(highest_cpu("0-x"), None);
-        let regions = possible_cpus().unwrap();
+        let regions = cpu_regions().unwrap();
         assert!(regions >= aya::util::nr_cpus().unwrap());
     }
 
