@@ -789,6 +789,92 @@ fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
     assert_eq!(rv, vpcgate_lab::harness::XDP_PASS);
 }
 
+/// Rules 4-7 decide a TCP or UDP packet from its destination, protocol and port only, and each hook
+/// memoizes its last such decision per CPU while the policy epoch stays (`VerdictMemo`). Every apply ends
+/// with a new epoch: the first packet after it is decided by the new policy, in place or as a new
+/// generation, whether the decision flips to a drop or back to a pass. The thread stays on one CPU, and
+/// each round first shows the packet's decision memoized there under the current epoch.
+#[test]
+fn a_memoized_decision_never_outlives_an_apply() {
+    use vpcgate::policy::verdict::Action;
+    use vpcgate_common::parse_stats::Hook;
+    vpcgate_lab::require_root();
+    // SAFETY: plain syscalls on this thread's own affinity, with a zeroed set and its own size.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let with_port = |name: &str, port: u16| {
+        let mut p = small();
+        p.authorizations[0].name = name.into();
+        p.authorizations[0].ports = PortSet::from_ranges(vec![(port, port)]);
+        p
+    };
+    // Allowed, then not (another port of the same rule: in place), allowed again (in place), not
+    // allowed by a renamed rule (a new generation), allowed again (a new generation).
+    let steps = [
+        (with_port("web", 80), None),
+        (with_port("web", 81), Some(true)),
+        (with_port("web", 80), Some(true)),
+        (with_port("web2", 81), Some(false)),
+        (with_port("web", 80), Some(false)),
+    ];
+    let frame = build("to web:80", &[ipv4(), tcp(80)], 0);
+    let mut h = Harness::new();
+    let mut last_epoch = 0;
+    for round in 0..20 {
+        for (i, (policy, incremental)) in steps.iter().enumerate() {
+            let report = h.apply(policy);
+            if let Some(incremental) = incremental {
+                assert_eq!(report.incremental, *incremental, "round {round} step {i}");
+            }
+            // (A round's first step applies what its last one did: nothing changes, nor the epoch.)
+            let epoch = h.dp.policy_epoch().unwrap();
+            assert!(
+                epoch > last_epoch || (i == 0 && round > 0 && epoch == last_epoch),
+                "round {round} step {i}: epoch {epoch} after {last_epoch}"
+            );
+            last_epoch = epoch;
+            for (enforcer, hook) in [
+                (Enforcer::TcEgress, Hook::TcEgress),
+                (Enforcer::XdpForward, Hook::XdpForward),
+            ] {
+                // The first run decides (and memoizes); the next ones reuse it. The reference says which
+                // policy holds: port 80 passes under the first, third and fifth step only.
+                for run in 0..3 {
+                    if let Some(m) = h.check(enforcer, &frame) {
+                        panic!("round {round} step {i} run {run}: {m}");
+                    }
+                }
+                let want = if i % 2 == 0 {
+                    Action::Pass
+                } else {
+                    Action::Drop
+                };
+                assert_eq!(h.reference(&frame).action, want, "step {i}");
+                let memos = h.dp.memo_epochs(hook).unwrap();
+                assert!(
+                    memos.contains(&epoch),
+                    "round {round} step {i}: no {hook:?} memo of epoch {epoch} on this CPU: {memos:?}"
+                );
+            }
+        }
+    }
+}
+
 /// The verifier's headroom: each program must verify within 70% of the 1,000,000-instruction limit on
 /// kernels from 6.6 (this host's generation), and within 90% on older ones, whose verifiers prune less
 /// (Debian's 6.1 has needed from 0.83 to 1.26 times this host's count, and more when a change pruned badly

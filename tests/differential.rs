@@ -648,7 +648,9 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
     ]);
     let per_policy = packets.div_ceil(policies);
     let (mut ran, mut mismatches, mut replies, mut tc_runs) = (0u64, vec![], 0u64, 0u64);
-    let (mut inbound, mut peer_replies) = (0u64, 0u64);
+    let (mut inbound, mut peer_replies, mut repeats) = (0u64, 0u64, 0u64);
+    // The last frame drawn toward a destination and port, with them (kept across applies).
+    let mut last: Option<(vpcgate_lab::packet::Frame, IpAddr, u16)> = None;
     // Policies applied in place (same rule identities and settings as the one before): the final state
     // of an incremental apply must decide exactly like the reference too.
     let (mut incremental, mut generations) = (0u64, 0u64);
@@ -709,7 +711,21 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
             };
             // Fragment ids cycle in a small range so non-first fragments meet their first fragments.
             let frag_id = (policy_no as u32) << 8 | (r.below(32) as u32);
-            let frame = if !peers.is_empty() && r.chance(15) {
+            // Each enforcing hook memoizes its last decision by destination, protocol and port
+            // (`VerdictMemo`): a packet sometimes goes again, or another one to the same destination and
+            // port, so that a memoized decision (or one the apply before it ended) is checked too.
+            let mut target = None;
+            let frame = if let Some((f, d, p)) = &last
+                && r.chance(20)
+            {
+                repeats += 1;
+                target = Some((*d, *p));
+                if r.chance(50) {
+                    f.clone()
+                } else {
+                    random_frame(&mut r, gw(d.is_ipv6()), *d, *p, frag_id)
+                }
+            } else if !peers.is_empty() && r.chance(15) {
                 let (local, peer, peer_port, local_port) = r.pick(&peers);
                 peer_replies += 1;
                 reply_frame(&mut r, local, peer, peer_port, local_port)
@@ -717,6 +733,7 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
                 let (d, p, id) = pending_first.swap_remove(0);
                 random_frame(&mut r, gw(d.is_ipv6()), d, p, id)
             } else {
+                target = Some((dst, port));
                 random_frame(&mut r, gw(dst.is_ipv6()), dst, port, frag_id)
             };
             if r.chance(4) && h.add_reply_flow(&frame, r.chance(20), r.chance(70), r.chance(20)) {
@@ -724,6 +741,9 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
             }
             if frame.describe().frag_id.is_some() {
                 pending_first.push((dst, port, frag_id));
+            }
+            if let Some((d, p)) = target {
+                last = Some((frame.clone(), d, p));
             }
             let accepts_skb = {
                 let et = u16::from_be_bytes([frame.bytes[12], frame.bytes[13]]);
@@ -760,7 +780,7 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
         }
     }
     eprintln!(
-        "differential: {ran} packets ({tc_runs} through TC too), {replies} flows recorded directly, {inbound} inbound packets through XDP ingress, {peer_replies} packets toward those peers; {incremental} incremental and {generations} generation applies; verdict bases: {kinds:?}"
+        "differential: {ran} packets ({tc_runs} through TC too, {repeats} again or toward the last one's destination and port), {replies} flows recorded directly, {inbound} inbound packets through XDP ingress, {peer_replies} packets toward those peers; {incremental} incremental and {generations} generation applies; verdict bases: {kinds:?}"
     );
     assert!(
         mismatches.is_empty(),

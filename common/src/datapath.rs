@@ -15,6 +15,7 @@ pub const GEN_B: u8 = 2;
 /// Map names, as the loader finds them in the object.
 pub mod names {
     pub const ACTIVE: &str = "ACTIVE";
+    pub const POLICY_EPOCH: &str = "POLICY_EPOCH";
     pub const GEN_CONFIG: &str = "GEN_CONFIG";
     pub const ADDR_V4: &str = "ADDR_V4";
     pub const ADDR_V6: &str = "ADDR_V6";
@@ -627,10 +628,14 @@ mod user {
 
 /// Size of a `SCRATCH` value (a kernel-private parsed packet), whose first u32 says whether a running
 /// program holds it: tests mark it taken from userspace.
-pub const SCRATCH_SIZE: usize = 184;
+pub const SCRATCH_SIZE: usize = 240;
 
 /// Where a `SCRATCH` value holds its hook's `PendingObs` (the agent reads it beside `DEST_OBS`).
 pub const SCRATCH_PENDING_OFFSET: usize = 120;
+
+/// Where a `SCRATCH` value holds its hook's memoized decision, whose first field is the policy epoch it
+/// was made in (u64; tests read it).
+pub const SCRATCH_MEMO_OFFSET: usize = 184;
 
 /// Passes toward one destination that this CPU's hook has counted but not yet added to the destination's
 /// `DEST_OBS` entry: the packets after the first of a run toward one destination within one tick

@@ -15,7 +15,7 @@ use aya_ebpf::maps::LruPerCpuHashMap;
 use crate::{
     maps::{
         DEST_OBS, DROP_OBS, DROP_STATS, GEN_CONFIG, KeyBuf, LAST_VERDICT, RULE_COUNTER_SLOTS,
-        RULE_COUNTERS, RULE_STATS, SCRATCH, ZERO_OBS,
+        RULE_COUNTERS, RULE_STATS, SCRATCH, ZERO_OBS, words_diff,
     },
     parse::{self, Cursor, IPPROTO_TCP, L3, L4, Packet, TCP_ACK, TCP_RST, TCP_SYN},
     verdict::Outcome,
@@ -90,20 +90,18 @@ fn observation(
     map.get_ptr_mut(key)
 }
 
-/// Zero when the two destination keys are equal: their five words (4-aligned, 20 bytes) compared without
-/// a branch per word (each would be a path for the verifier).
+/// Zero when the two destination keys are equal (their five words: 4-aligned, 20 bytes).
 #[inline(always)]
 fn key_diff(a: &DestKey, b: &DestKey) -> u32 {
     const _: () = assert!(core::mem::size_of::<DestKey>() == 20);
     const _: () = assert!(core::mem::align_of::<DestKey>() >= 4);
     // SAFETY: 20 initialized, 4-aligned bytes each.
-    let (a, b) = unsafe {
-        (
-            *(a as *const DestKey as *const [u32; 5]),
-            *(b as *const DestKey as *const [u32; 5]),
+    unsafe {
+        words_diff(
+            &*(a as *const DestKey as *const [u32; 5]),
+            &*(b as *const DestKey as *const [u32; 5]),
         )
-    };
-    (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4])
+    }
 }
 
 /// `jiffies`, low 32 bits: a load (the verifier inlines the helper), where the clock is a call.

@@ -26,7 +26,7 @@ use vpcgate_common::{
 use crate::{
     maps::{
         DGRAM_FLOWS, ECHO_FLOWS, FLOWS, FRAGS, HALF_OPEN, LOCAL_ADDRS, NO_SOCKET, NO_SOCKET_SLOTS,
-        NoSocket, REPLY_PORTS,
+        NoSocket, REPLY_PORTS, words_diff,
     },
     parse::{
         Fragment, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, L3, L4, Packet, TCP_ACK,
@@ -292,7 +292,7 @@ fn udp_starts_flow(ctx: &XdpContext, pkt: &Packet, sport: u16, dport: u16) -> bo
     if let Some(m) = memo {
         // SAFETY: this CPU's copy of the map's one value; `slot` is masked below its length.
         let s = unsafe { &(*m)[slot] };
-        if memo_diff(&s.key, &k) | (s.tick ^ tick) == 0 {
+        if words_diff(&s.key, &k) | (s.tick ^ tick) == 0 {
             return false;
         }
     }
@@ -335,16 +335,6 @@ fn memo_key(pkt: &Packet, sport: u16, dport: u16) -> [u32; 10] {
         (u32::from(sport) << 16) | u32::from(dport),
         u32::from(family(pkt)) | (u32::from(pkt.proto) << 8),
     ]
-}
-
-/// Zero when the two keys are equal (no branch per word: each would be a path for the verifier).
-#[inline(always)]
-fn memo_diff(a: &[u32; 10], b: &[u32; 10]) -> u32 {
-    let mut d = 0;
-    for i in 0..10 {
-        d |= a[i] ^ b[i];
-    }
-    d
 }
 
 /// The slot of a key: its words folded (XOR) and mixed once (a multiplicative hash's top bits). Cheap, and

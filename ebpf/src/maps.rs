@@ -25,6 +25,12 @@ pub static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 #[map(name = "GEN_CONFIG")]
 pub static GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(3, 0);
 
+/// The policy epoch: a value the agent writes after every change to the policy maps, and before every
+/// barrier of an apply, never twice the same. A destination's memoized decision (`VerdictMemo`) holds
+/// only while the epoch it was made in is current.
+#[map(name = "POLICY_EPOCH")]
+pub static POLICY_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
 #[map(name = "ADDR_V4")]
 pub static ADDR_V4: LpmTrie<AddrV4, AddrValue> =
     LpmTrie::with_max_entries(2 * limits::ADDR_ENTRIES, 0);
@@ -215,6 +221,28 @@ pub struct KeyBuf {
     /// reason as the outcome (the verifier forgets what each packet kind stored, so its paths join).
     pub dest: DestKey,
     pub dest_flags: u32,
+    /// The hook's last decision by rules 4-7 for a TCP or UDP packet (`verdict::decide`).
+    pub memo: VerdictMemo,
+}
+
+/// One decision by rules 4-7 (reserved blocks, authorizations) for a TCP or UDP packet that is not a
+/// non-first fragment: a function of the active generation's policy maps, the destination address, the
+/// protocol and the destination port only. Reused for the next packets with the same key while
+/// `POLICY_EPOCH` still holds `epoch`; the agent writes a new epoch after changing those maps (and
+/// before each barrier), so a decision never outlives the maps it was read from.
+///
+/// `key` is the LPM key `verdict::dst_key` assembled (prefix length, so the family, the generation and
+/// the address; an IPv4 key's unused words zero), `port` the protocol and port. Zero (as at load) it
+/// matches no packet: a key's prefix length is never 0.
+#[repr(C, align(8))]
+pub struct VerdictMemo {
+    pub epoch: u64,
+    pub key: [u32; 6],
+    pub port: u32,
+    pub basis: u32,
+    pub id: u32,
+    pub reason: u32,
+    pub _pad: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<Scratch>() == vpcgate_common::datapath::SCRATCH_SIZE);
@@ -222,6 +250,21 @@ const _: () = assert!(
     core::mem::offset_of!(Scratch, key) + core::mem::offset_of!(KeyBuf, pending)
         == vpcgate_common::datapath::SCRATCH_PENDING_OFFSET
 );
+const _: () = assert!(
+    core::mem::offset_of!(Scratch, key) + core::mem::offset_of!(KeyBuf, memo)
+        == vpcgate_common::datapath::SCRATCH_MEMO_OFFSET
+);
+
+/// Zero when the two keys are equal, word by word without a branch per word (each would be a path for
+/// the verifier).
+#[inline(always)]
+pub fn words_diff<const N: usize>(a: &[u32; N], b: &[u32; N]) -> u32 {
+    let mut d = 0;
+    for i in 0..N {
+        d |= a[i] ^ b[i];
+    }
+    d
+}
 
 /// Per hook, this CPU's scratch slot (see `main::scratch`).
 #[map(name = "SCRATCH")]

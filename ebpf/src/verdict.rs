@@ -15,7 +15,8 @@ use vpcgate_common::{
 use crate::{
     flows,
     maps::{
-        ACTIVE, ADDR_V4, ADDR_V6, GEN_CONFIG, KeyBuf, ONLINK6, PORTS, RESERVED_V4, RESERVED_V6,
+        ACTIVE, ADDR_V4, ADDR_V6, GEN_CONFIG, KeyBuf, ONLINK6, POLICY_EPOCH, PORTS, RESERVED_V4,
+        RESERVED_V6, words_diff,
     },
     parse::{Fragment, IPPROTO_TCP, IPPROTO_UDP, L3, L4, Packet},
 };
@@ -55,14 +56,64 @@ impl Ctx {
 
     #[inline(always)]
     fn drop(&self, reason: DropReason, basis: u32, id: u32) -> Outcome {
+        self.dropped(reason.code(), basis, id)
+    }
+
+    #[inline(always)]
+    fn dropped(&self, reason: u32, basis: u32, id: u32) -> Outcome {
         let action = if self.audit { ACTION_PASS } else { ACTION_DROP };
         Outcome {
             action,
-            reason: reason.code(),
+            reason,
             basis,
             id,
             audit: self.audit,
             generation: self.generation,
+        }
+    }
+
+    /// The outcome of a decision under this generation's mode.
+    #[inline(always)]
+    fn decided(&self, d: Decision) -> Outcome {
+        if d.reason == 0 {
+            self.pass(d.basis, d.id)
+        } else {
+            self.dropped(d.reason, d.basis, d.id)
+        }
+    }
+}
+
+// A decision's drop reason is never 0, which means a pass.
+const _: () = assert!(
+    DropReason::NotAuthorized.code() != 0
+        && DropReason::PortNotAuthorized.code() != 0
+        && DropReason::ReservedRange.code() != 0
+);
+
+/// What rules 4-7 decided for a packet, before the mode applies: a pass (`reason` 0) or a drop.
+#[derive(Clone, Copy)]
+struct Decision {
+    basis: u32,
+    id: u32,
+    reason: u32,
+}
+
+impl Decision {
+    #[inline(always)]
+    fn pass(basis: u32, id: u32) -> Self {
+        Decision {
+            basis,
+            id,
+            reason: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn drop(reason: DropReason, basis: u32, id: u32) -> Self {
+        Decision {
+            basis,
+            id,
+            reason: reason.code(),
         }
     }
 }
@@ -113,6 +164,10 @@ fn dst_key(kb: &mut KeyBuf, generation: u8, pkt: &Packet) {
         k[0] = GEN_BITS + 32;
         k[1] = g | (d[0] << 8);
         k[2] = d[0] >> 24;
+        // Not part of the IPv4 key; zero, so that the key as a whole is the packet's (`VerdictMemo`).
+        k[3] = 0;
+        k[4] = 0;
+        k[5] = 0;
     } else {
         k[0] = GEN_BITS + 128;
         k[1] = g | (d[0] << 8);
@@ -247,30 +302,20 @@ pub fn decide(pkt: &Packet, local: bool, kb: &mut KeyBuf) -> Outcome {
     if local && flows::is_reply(pkt, ctx.cfg) {
         return ctx.pass(basis::REPLY, 0);
     }
-    // 4. Destination in a reserved block -> drop reserved_range. One walk decides both this and rules
-    // 5-7: the reserved blocks are walked only when no address entry matches or the one that does says
-    // a reserved block overlaps it (`ADDR_RESERVED_OVERLAP`).
     dst_key(kb, generation, pkt);
-    let entry = addr_entry(kb, pkt);
-    let reserved_possible = match entry {
-        Some(e) => e.flags & ADDR_RESERVED_OVERLAP != 0,
-        None => true,
-    };
-    if reserved_possible && let Some(index) = reserved_index(kb, pkt) {
-        return ctx.drop(DropReason::ReservedRange, basis::RESERVED, index);
+    // 4.-7. for TCP and UDP (but a non-first fragment, which has no ports): a function of the
+    // destination, the protocol and the port, memoized per hook and CPU (`VerdictMemo`).
+    if pkt.fragment != Fragment::NonFirst
+        && let L4::Tcp { dport, .. } | L4::Udp { dport, .. } = pkt.l4
+    {
+        return ctx.decided(memoized(kb, pkt, generation, dport));
     }
-    let covering = match entry {
-        Some(e) => e.icmp_rule,
-        None => 0,
-    };
-    // 7. Covered by some rule but not this port/protocol, or by none.
-    let not_allowed = |covering: u32| {
-        if covering != 0 {
-            ctx.drop(DropReason::PortNotAuthorized, basis::COVERED, covering)
-        } else {
-            ctx.drop(DropReason::NotAuthorized, basis::NO_RULE, 0)
-        }
-    };
+    let entry = addr_entry(kb, pkt);
+    if let Some(d) = reserved(entry, kb, pkt) {
+        return ctx.decided(d);
+    }
+    let covering = covering(entry);
+    let not_allowed = |covering: u32| ctx.decided(not_allowed(covering));
     // Fragments: a non-first fragment has no ports.
     if pkt.fragment == Fragment::NonFirst {
         if let (Some(e), Some(i)) = (entry, proto_index(pkt.proto)) {
@@ -323,19 +368,101 @@ pub fn decide(pkt: &Packet, local: bool, kb: &mut KeyBuf) -> Outcome {
                 not_allowed(0)
             }
         }
-        // 5./6. (destination, protocol, port) matches a rule -> pass, attributed to it.
-        L4::Tcp { dport, .. } | L4::Udp { dport, .. } => {
-            let i = if pkt.proto == IPPROTO_TCP { 0 } else { 1 };
-            let rule = match entry {
-                Some(e) => port_rule(generation, e, i, pkt.proto, dport),
-                None => None,
-            };
-            match rule {
-                Some(rule) => ctx.pass(basis::RULE, rule),
-                None => not_allowed(covering),
-            }
-        }
         _ => not_allowed(covering),
+    }
+}
+
+/// Rule 4: the destination lies in a reserved block -> drop reserved_range. The one walk of the address
+/// entries decides this and rules 5-7: the reserved blocks are walked only when no address entry matches
+/// or the one that does says a reserved block overlaps it (`ADDR_RESERVED_OVERLAP`).
+#[inline(always)]
+fn reserved(entry: Option<&AddrValue>, kb: &KeyBuf, pkt: &Packet) -> Option<Decision> {
+    let possible = match entry {
+        Some(e) => e.flags & ADDR_RESERVED_OVERLAP != 0,
+        None => true,
+    };
+    if possible && let Some(index) = reserved_index(kb, pkt) {
+        return Some(Decision::drop(
+            DropReason::ReservedRange,
+            basis::RESERVED,
+            index,
+        ));
+    }
+    None
+}
+
+/// The rule whose prefix covers the destination (for ICMP echo and `port_not_authorized`), 0 if none.
+#[inline(always)]
+fn covering(entry: Option<&AddrValue>) -> u32 {
+    match entry {
+        Some(e) => e.icmp_rule,
+        None => 0,
+    }
+}
+
+/// Rule 7: covered by some rule but not this port/protocol, or by none.
+#[inline(always)]
+fn not_allowed(covering: u32) -> Decision {
+    if covering != 0 {
+        Decision::drop(DropReason::PortNotAuthorized, basis::COVERED, covering)
+    } else {
+        Decision::drop(DropReason::NotAuthorized, basis::NO_RULE, 0)
+    }
+}
+
+/// Rules 4-7 for a TCP or UDP packet toward `dport` (not a non-first fragment), whose destination key
+/// `dst_key` assembled: the hook's memo when it holds this key in the current policy epoch, otherwise
+/// looked up and memoized.
+///
+/// The epoch is read before the lookups: a decision is memoized under the epoch that was current before
+/// any map it read, so a change the agent makes (and then marks with a new epoch) ends it. An epoch of
+/// 0 (none written yet) memoizes nothing.
+#[inline(always)]
+fn memoized(kb: &mut KeyBuf, pkt: &Packet, generation: u8, dport: u16) -> Decision {
+    let port = (u32::from(pkt.proto) << 16) | u32::from(dport);
+    let epoch = match POLICY_EPOCH.get(0) {
+        // SAFETY: a map value; the agent writes it whole.
+        Some(e) => unsafe { core::ptr::read_volatile(e) },
+        None => 0,
+    };
+    if epoch == 0 {
+        return by_port(kb, pkt, generation, dport);
+    }
+    let m = &mut kb.memo;
+    if (m.epoch ^ epoch) | u64::from(words_diff(&m.key, &kb.key) | (m.port ^ port)) == 0 {
+        return Decision {
+            basis: m.basis,
+            id: m.id,
+            reason: m.reason,
+        };
+    }
+    let d = by_port(kb, pkt, generation, dport);
+    let m = &mut kb.memo;
+    m.epoch = epoch;
+    m.key = kb.key;
+    m.port = port;
+    m.basis = d.basis;
+    m.id = d.id;
+    m.reason = d.reason;
+    d
+}
+
+/// Rules 4-7 for a TCP or UDP packet toward `dport`, looked up.
+#[inline(always)]
+fn by_port(kb: &KeyBuf, pkt: &Packet, generation: u8, dport: u16) -> Decision {
+    let entry = addr_entry(kb, pkt);
+    if let Some(d) = reserved(entry, kb, pkt) {
+        return d;
+    }
+    // 5./6. (destination, protocol, port) matches a rule -> pass, attributed to it.
+    let i = if pkt.proto == IPPROTO_TCP { 0 } else { 1 };
+    let rule = match entry {
+        Some(e) => port_rule(generation, e, i, pkt.proto, dport),
+        None => None,
+    };
+    match rule {
+        Some(rule) => Decision::pass(basis::RULE, rule),
+        None => not_allowed(covering(entry)),
     }
 }
 

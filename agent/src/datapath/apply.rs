@@ -6,7 +6,7 @@ use super::{
     capacity::{EntryCounts, check_capacity, entry_counts},
     execute::{Maps, Stopped, execute},
     maps::{KernelMaps, read_active},
-    plan::{Op, Plan, PlanKind, generation_plan, plan, plan_in_place},
+    plan::{Op, Plan, PlanKind, generation_plan, plan, plan_in_place, sealed},
     state::{Applied, GenState, Recorded, Slot},
 };
 use crate::policy::compile::{Compiled, RuleId};
@@ -107,7 +107,8 @@ fn discard_generation(
     stopped: Stopped,
 ) -> DatapathError {
     let g = plan.generation;
-    let cleaned = execute(maps, recorded, &[Op::Purge(g)], None)
+    // Sealed like any plan, though no packet decided by the slot: every execution ends with a new epoch.
+    let cleaned = execute(maps, recorded, &sealed(vec![Op::Purge(g)]), None)
         .map_err(|s| s.error.to_string())
         .and_then(|_| maps.read_generation(g).map_err(|e| e.to_string()))
         .and_then(|s| {

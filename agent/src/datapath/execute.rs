@@ -117,6 +117,6 @@ fn record(recorded: &mut Recorded, op: &Op) {
         }
         Op::Purge(g) => *recorded.slot_mut(*g) = Slot::Known(GenState::default()),
         Op::SetActive(g) => recorded.active = Some(*g),
-        Op::DeleteCounters { .. } | Op::PurgeCounters(_) | Op::Barrier => {}
+        Op::DeleteCounters { .. } | Op::PurgeCounters(_) | Op::Barrier | Op::NewEpoch => {}
     }
 }

@@ -48,6 +48,15 @@ macro_rules! typed_map {
 }
 pub(crate) use typed_map;
 
+/// The policy epoch to write after `current`, read from the map: greater, so never one written before
+/// while one process writes at a time (`vpcgate run` holds its instance's lock); and at least the boot clock's
+/// nanoseconds (`now_ns`), so that two writers racing from the same value would still write different
+/// ones. Never 0 (the programs memoize nothing under 0). Nanoseconds since boot stay below `u64::MAX` for
+/// 584 years, and the map lasts until reboot at most.
+pub(crate) fn next_epoch(current: u64, now_ns: u64) -> u64 {
+    current.saturating_add(1).max(now_ns)
+}
+
 /// `ACTIVE`: the active generation, or None when no policy was applied.
 pub(crate) fn read_active(ebpf: &Ebpf) -> Result<Option<u8>, DatapathError> {
     let m = ebpf
@@ -262,6 +271,18 @@ impl<'a> KernelMaps<'a> {
         }
     }
 
+    /// Writes a new `POLICY_EPOCH` (`Op::NewEpoch`): past the one there, so never one written before.
+    fn new_epoch(&mut self) -> Result<(), DatapathError> {
+        let mut m = typed_map!(self.ebpf, Array<_, u64>, names::POLICY_EPOCH);
+        let current = m.get(&0, 0).map_err(map_err(names::POLICY_EPOCH))?;
+        m.set(
+            0,
+            next_epoch(current, super::flows::clock_ns(libc::CLOCK_BOOTTIME)),
+            0,
+        )
+        .map_err(map_err(names::POLICY_EPOCH))
+    }
+
     fn set_config(&mut self, generation: u8, config: GenConfig) -> Result<(), DatapathError> {
         typed_map!(self.ebpf, Array<_, GenConfig>, names::GEN_CONFIG)
             .set(u32::from(generation), config, 0)
@@ -334,6 +355,7 @@ impl Maps for KernelMaps<'_> {
                 .set(0, u32::from(*g), 0)
                 .map_err(map_err(ACTIVE)),
             Op::Barrier => self.barrier.wait(),
+            Op::NewEpoch => self.new_epoch(),
         }
     }
 
@@ -381,5 +403,22 @@ impl Maps for KernelMaps<'_> {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_epoch;
+
+    #[test]
+    fn the_next_epoch_is_past_the_current_one_and_the_clock_and_never_zero() {
+        assert_eq!(next_epoch(0, 0), 1);
+        assert_eq!(next_epoch(5, 3), 6);
+        assert_eq!(next_epoch(5, 900), 900);
+        assert_eq!(next_epoch(u64::MAX - 1, 7), u64::MAX);
+        for (current, now) in [(0, 0), (1, 1), (41, 40), (41, 42), (u64::MAX, 0)] {
+            let next = next_epoch(current, now);
+            assert!(next != 0 && next >= now && (next > current || current == u64::MAX));
+        }
     }
 }

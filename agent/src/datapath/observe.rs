@@ -5,8 +5,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use aya::maps::{PerCpuArray, PerCpuHashMap};
 use vpcgate_common::{
     datapath::{
-        DestKey, DestObs, DropEvent, EventBudget, PendingObs, SCRATCH_PENDING_OFFSET, SCRATCH_SIZE,
-        names,
+        DestKey, DestObs, DropEvent, EventBudget, PendingObs, SCRATCH_MEMO_OFFSET,
+        SCRATCH_PENDING_OFFSET, SCRATCH_SIZE, names,
     },
     verdict::DropReason,
 };
@@ -142,19 +142,9 @@ impl Datapath {
     /// Public for tests, which check that runs are combined; `destinations` includes them.
     #[doc(hidden)]
     pub fn pending_observations(&self) -> Result<Vec<PendingObs>, DatapathError> {
-        let name = names::SCRATCH;
-        let m = self
-            .ebpf()
-            .map(name)
-            .ok_or(DatapathError::MissingMap(name))?;
-        let a = PerCpuArray::<_, [u8; SCRATCH_SIZE]>::try_from(m)
-            .map_err(|source| DatapathError::Map { map: name, source })?;
         let mut out = vec![];
         for hook in 0..vpcgate_common::parse_stats::HOOK_COUNT {
-            let per_cpu = a
-                .get(&hook, 0)
-                .map_err(|source| DatapathError::Map { map: name, source })?;
-            for slot in per_cpu.iter() {
+            for slot in self.scratch_slots(hook)? {
                 let p: PendingObs = bytemuck::pod_read_unaligned(
                     &slot[SCRATCH_PENDING_OFFSET..SCRATCH_PENDING_OFFSET + size_of::<PendingObs>()],
                 );
@@ -164,6 +154,47 @@ impl Datapath {
             }
         }
         Ok(out)
+    }
+
+    /// Test hook: per CPU, the policy epoch `hook`'s memoized decision was made in (0: none yet).
+    #[doc(hidden)]
+    pub fn memo_epochs(
+        &self,
+        hook: vpcgate_common::parse_stats::Hook,
+    ) -> Result<Vec<u64>, DatapathError> {
+        Ok(self
+            .scratch_slots(hook as u32)?
+            .iter()
+            .map(|s| bytemuck::pod_read_unaligned(&s[SCRATCH_MEMO_OFFSET..SCRATCH_MEMO_OFFSET + 8]))
+            .collect())
+    }
+
+    /// Test hook: `POLICY_EPOCH`, the epoch the last apply ended with (0 before any).
+    #[doc(hidden)]
+    pub fn policy_epoch(&self) -> Result<u64, DatapathError> {
+        let name = names::POLICY_EPOCH;
+        let m = self
+            .ebpf()
+            .map(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        aya::maps::Array::<_, u64>::try_from(m)
+            .and_then(|a| a.get(&0, 0))
+            .map_err(|source| DatapathError::Map { map: name, source })
+    }
+
+    /// Every CPU's `SCRATCH` slot of `hook`, as bytes.
+    fn scratch_slots(&self, hook: u32) -> Result<Vec<[u8; SCRATCH_SIZE]>, DatapathError> {
+        let name = names::SCRATCH;
+        let m = self
+            .ebpf()
+            .map(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let a = PerCpuArray::<_, [u8; SCRATCH_SIZE]>::try_from(m)
+            .map_err(|source| DatapathError::Map { map: name, source })?;
+        let per_cpu = a
+            .get(&hook, 0)
+            .map_err(|source| DatapathError::Map { map: name, source })?;
+        Ok(per_cpu.iter().copied().collect())
     }
 
     /// The observations of one destination, if the kernel has any.

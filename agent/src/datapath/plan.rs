@@ -68,6 +68,10 @@ pub enum Op {
     SetActive(u8),
     /// Returns once every packet that started before it has finished.
     Barrier,
+    /// A new `POLICY_EPOCH`: ends every decision the programs memoized (`VerdictMemo`). `sealed` puts
+    /// one before every barrier and every flip and one last, so no memo outlives the segment of the plan
+    /// it was made in, nor a slot's content it was made from.
+    NewEpoch,
 }
 
 impl Op {
@@ -244,18 +248,44 @@ pub(crate) fn generation_plan(
     }
     ops.push(Op::Purge(next));
     ops.extend(write_all(next, &target));
-    let flip = ops.len();
     ops.push(Op::SetActive(next));
     ops.push(Op::Barrier);
     ops.extend(remove_all(old, recorded.slot(old)));
+    let ops = sealed(ops);
+    let flip = ops.iter().position(|o| *o == Op::SetActive(next));
     Plan {
         kind: PlanKind::Generation,
         generation: next,
         previous,
         ops,
-        flip: Some(flip),
+        flip,
         applied,
     }
+}
+
+/// `ops` with a new policy epoch before every barrier and every flip, and after the last operation.
+///
+/// The programs memoize a destination's decision per CPU while the epoch stays (`VerdictMemo` in the
+/// kernel crate). Between two barriers a packet may read any mix of the states the operations there go
+/// through, which the plan's orders make the old policy's or the new one's decision; a memo is one such
+/// decision, replayed. A new epoch before the barrier ends the segment's memos with it: a packet still
+/// running may memoize under the old epoch, which never comes back, and every packet after the barrier
+/// reads the new one. The last one ends what the plan's final segment memoized. The one before a flip
+/// ends what was memoized from the slot's earlier content (it is written while no packet reads it), so
+/// that a plan stopped between its flip and its end leaves no memo of it, whatever earlier plans left.
+pub(crate) fn sealed(ops: Vec<Op>) -> Vec<Op> {
+    if ops.is_empty() {
+        return ops;
+    }
+    let mut out = Vec::with_capacity(ops.len() + 4);
+    for op in ops {
+        if matches!(op, Op::Barrier | Op::SetActive(_)) {
+            out.push(Op::NewEpoch);
+        }
+        out.push(op);
+    }
+    out.push(Op::NewEpoch);
+    out
 }
 
 /// Every entry of `s`, written into an empty, inactive slot (any order: no packet reads it).
@@ -421,5 +451,5 @@ pub fn plan_in_place(
         }
         ops.extend(phase);
     }
-    ops
+    sealed(ops)
 }

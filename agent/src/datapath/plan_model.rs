@@ -708,7 +708,27 @@ fn op_generation(op: &Op) -> Option<u8> {
         | Op::DeletePort { generation, .. }
         | Op::DeleteCounters { generation, .. } => Some(*generation),
         Op::PurgeCounters(g) | Op::Purge(g) | Op::SetActive(g) => Some(*g),
-        Op::Barrier => None,
+        Op::Barrier | Op::NewEpoch => None,
+    }
+}
+
+/// A new policy epoch right before every barrier and flip and as the last operation (`plan::sealed`): no
+/// decision the programs memoized outlives the segment it was made in.
+fn check_epochs(ops: &[Op], ctx: &str) {
+    for (i, op) in ops.iter().enumerate() {
+        if matches!(op, Op::Barrier | Op::SetActive(_)) {
+            assert!(
+                i > 0 && ops[i - 1] == Op::NewEpoch,
+                "{ctx}: operation {i} {op:?} without a new epoch before it: {ops:#?}"
+            );
+        }
+    }
+    if let Some(last) = ops.last() {
+        assert_eq!(
+            *last,
+            Op::NewEpoch,
+            "{ctx}: the plan does not end with a new epoch"
+        );
     }
 }
 
@@ -717,15 +737,20 @@ fn op_generation(op: &Op) -> Option<u8> {
 /// goes through its phases in order with a barrier between any two.
 fn check_structure(p: &Plan, ctx: &str) {
     let g = p.generation;
+    check_epochs(&p.ops, ctx);
     match p.kind {
         PlanKind::Generation => {
             // A slot that may hold leftovers a packet could still read is purged only after a barrier.
-            let first = usize::from(p.ops.first() == Some(&Op::Barrier));
+            let first = if p.ops.get(1) == Some(&Op::Barrier) {
+                2
+            } else {
+                0
+            };
             assert_eq!(p.ops.get(first), Some(&Op::Purge(g)), "{ctx}: {:#?}", p.ops);
             let flip = p.flip.expect("a generation plan flips");
             assert_eq!(p.ops[flip], Op::SetActive(g), "{ctx}");
             assert_eq!(
-                p.ops.get(flip + 1),
+                p.ops.get(flip + 2),
                 Some(&Op::Barrier),
                 "{ctx}: {:#?}",
                 p.ops
@@ -763,6 +788,9 @@ fn check_structure(p: &Plan, ctx: &str) {
             for (i, op) in p.ops.iter().enumerate() {
                 if *op == Op::Barrier {
                     barrier = true;
+                    continue;
+                }
+                if *op == Op::NewEpoch {
                     continue;
                 }
                 let ph = phase(op);
@@ -979,6 +1007,51 @@ fn with_reserved(p: &Policy, blocks: &[&str]) -> Policy {
         })
         .collect();
     p
+}
+
+/// Every apply, in place or as a generation, and the undo of a failed one, ends with a new policy epoch
+/// and puts one before each barrier: what the programs memoized never outlives a segment of a plan.
+#[test]
+fn every_plan_and_undo_marks_a_new_epoch_before_each_barrier_and_last() {
+    let (mut incremental, mut generation) = (0, 0);
+    for seed in 1..120u64 {
+        let mut r = Rng(seed);
+        let a = random_policy(&mut r);
+        let b = mutate(&a, &mut r);
+        let (ca, cb) = (Compiled::new(&a), Compiled::new(&b));
+        let mut sim = Sim::default();
+        let mut rec = Recorded::fresh();
+        apply_to(&mut sim, &mut rec, &ca, None).expect("first apply");
+        assert!(sim.epoch > 0, "seed {seed}: the first apply wrote no epoch");
+        let p = plan(&rec, &cb).expect("plan");
+        check_epochs(&p.ops, &format!("seed {seed}"));
+        match p.kind {
+            PlanKind::Incremental => incremental += 1,
+            PlanKind::Generation => generation += 1,
+        }
+        // A failure half-way: of what ran (the failed plan's prefix, its undo), everything written to
+        // the slot packets read after it comes before a new epoch. (A generation plan stopped while
+        // emptying the old slot after its flip and barrier leaves writes to that slot, which no packet
+        // reads, after its last epoch.)
+        let at = p.ops.len() / 2;
+        let t0 = sim.trace.len();
+        let _ = apply_to(&mut sim, &mut rec, &cb, Some(at));
+        let ran = &sim.trace[t0..];
+        let last_epoch = ran.iter().rposition(|o| *o == Op::NewEpoch);
+        let active = sim.active().expect("sim");
+        for (i, op) in ran.iter().enumerate() {
+            if op.is_entry_write() && op_generation(op) == active {
+                assert!(
+                    last_epoch.is_some_and(|e| e > i),
+                    "seed {seed}: operation {i} {op:?} on the active slot after the last new epoch: {ran:#?}"
+                );
+            }
+        }
+    }
+    assert!(
+        incremental > 10 && generation > 10,
+        "{incremental} / {generation}"
+    );
 }
 
 /// Reserved blocks listed first shift every other block's index: a longer new block must be in place

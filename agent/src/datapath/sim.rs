@@ -20,6 +20,8 @@ use super::{
 pub(crate) struct Sim {
     /// `ACTIVE[0]`.
     pub active: u32,
+    /// `POLICY_EPOCH[0]`.
+    pub epoch: u64,
     /// Every generation byte's entries (not only the two slots: nothing else may ever appear).
     pub slots: BTreeMap<u8, GenState>,
     /// (generation, rule) pairs with a counter.
@@ -136,6 +138,7 @@ impl Maps for Sim {
             }
             Op::SetActive(g) => self.active = u32::from(*g),
             Op::Barrier => {}
+            Op::NewEpoch => self.epoch += 1,
         }
         Ok(())
     }
