@@ -6,7 +6,7 @@ use super::{
     capacity::{EntryCounts, check_capacity, entry_counts},
     execute::{Maps, Stopped, execute},
     maps::{KernelMaps, read_active},
-    plan::{Op, Plan, PlanKind, generation_plan, plan, plan_in_place, sealed},
+    plan::{FENCE, Op, Plan, PlanKind, generation_plan, plan, plan_in_place},
     state::{Applied, GenState, Recorded, Slot},
 };
 use crate::policy::compile::{Compiled, RuleId};
@@ -107,8 +107,7 @@ fn discard_generation(
     stopped: Stopped,
 ) -> DatapathError {
     let g = plan.generation;
-    // Sealed like any plan, though no packet decided by the slot: every execution ends with a new epoch.
-    let cleaned = execute(maps, recorded, &sealed(vec![Op::Purge(g)]), None)
+    let cleaned = execute(maps, recorded, &[Op::Purge(g)], None)
         .map_err(|s| s.error.to_string())
         .and_then(|_| maps.read_generation(g).map_err(|e| e.to_string()))
         .and_then(|s| {
@@ -268,6 +267,16 @@ impl Datapath {
         let folded = maps.into_folded();
         self.folded.extend(folded);
         r
+    }
+
+    /// Ends every decision the programs memoized (`plan::FENCE`), as every apply does after its last
+    /// write: an agent adopting pinned maps does it first, since the one before may have stopped between
+    /// a write and its epoch (killed, or an undo that failed).
+    pub(crate) fn fence_memos(&mut self) -> Result<(), DatapathError> {
+        let mut maps = KernelMaps::new(&mut self.ebpf, &self.barrier, self.counted_below);
+        execute(&mut maps, &mut self.recorded, &FENCE, None)
+            .map(|_| ())
+            .map_err(|s| *s.error)
     }
 
     /// Rule counters that applies deleted since the last call, read at deletion: (generation, rule id,

@@ -332,20 +332,22 @@ impl Datapath {
                         });
                     }
                 }
-                Ok((
-                    Self {
-                        ebpf,
-                        // Another process wrote these maps: found by reading them.
-                        recorded: state::Recorded::unknown(),
-                        barrier: barrier::Barrier::new()?,
-                        fail_at: None,
-                        adopted: Some(adopted),
-                        pins: Some(pins),
-                        folded: vec![],
-                        counted_below: None,
-                    },
-                    Opened::Adopted,
-                ))
+                let mut dp = Self {
+                    ebpf,
+                    // Another process wrote these maps: found by reading them.
+                    recorded: state::Recorded::unknown(),
+                    barrier: barrier::Barrier::new()?,
+                    fail_at: None,
+                    adopted: Some(adopted),
+                    pins: Some(pins),
+                    folded: vec![],
+                    counted_below: None,
+                };
+                if owner {
+                    // The agent before may have stopped between a map write and its new epoch.
+                    dp.fence_memos()?;
+                }
+                Ok((dp, Opened::Adopted))
             }
             pin::Found::Nothing if !owner => Err(DatapathError::NoInstance(instance.to_owned())),
             pin::Found::Nothing => {

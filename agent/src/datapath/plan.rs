@@ -68,9 +68,9 @@ pub enum Op {
     SetActive(u8),
     /// Returns once every packet that started before it has finished.
     Barrier,
-    /// A new `POLICY_EPOCH`: ends every decision the programs memoized (`VerdictMemo`). `sealed` puts
-    /// one before every barrier and every flip and one last, so no memo outlives the segment of the plan
-    /// it was made in, nor a slot's content it was made from.
+    /// A new `POLICY_EPOCH`: ends every decision the programs memoized (`VerdictMemo`). `sealed` fences
+    /// every barrier with one on each side and puts a fence before every flip; an in-place plan ends with a
+    /// fence (`FENCE`).
     NewEpoch,
 }
 
@@ -263,28 +263,35 @@ pub(crate) fn generation_plan(
     }
 }
 
-/// `ops` with a new policy epoch before every barrier and every flip, and after the last operation.
+/// A barrier between two new epochs: every packet that reads the second epoch started after the barrier,
+/// so it sees every map write made before the fence (an RCU grace period orders memory on every
+/// architecture; the epoch's own write does not order the writes before it on a weakly ordered CPU).
+pub(crate) const FENCE: [Op; 3] = [Op::NewEpoch, Op::Barrier, Op::NewEpoch];
+
+/// `ops` with every barrier fenced (`FENCE`) and a fence before every flip.
 ///
 /// The programs memoize a destination's decision per CPU while the epoch stays (`VerdictMemo` in the
 /// kernel crate). Between two barriers a packet may read any mix of the states the operations there go
 /// through, which the plan's orders make the old policy's or the new one's decision; a memo is one such
-/// decision, replayed. A new epoch before the barrier ends the segment's memos with it: a packet still
-/// running may memoize under the old epoch, which never comes back, and every packet after the barrier
-/// reads the new one. The last one ends what the plan's final segment memoized. The one before a flip
-/// ends what was memoized from the slot's earlier content (it is written while no packet reads it), so
-/// that a plan stopped between its flip and its end leaves no memo of it, whatever earlier plans left.
+/// decision, replayed, so it is allowed while its segment lasts. The epoch before the barrier ends the
+/// segment's memos with it (a packet still running may memoize under that old epoch, which never comes
+/// back); the one after it is the one a packet can only read once every write before the barrier is
+/// visible to it, so a memo made under it is made from them. The fence before a flip does the same for
+/// the flipped-to slot's earlier content: a packet that reads the new `ACTIVE` reads an epoch newer than
+/// any memo of that slot, whatever an earlier apply that stopped half-way left. A plan whose last writes
+/// touch the slot packets read (in place) ends with a fence too (`plan_in_place`).
 pub(crate) fn sealed(ops: Vec<Op>) -> Vec<Op> {
-    if ops.is_empty() {
-        return ops;
-    }
-    let mut out = Vec::with_capacity(ops.len() + 4);
+    let mut out = Vec::with_capacity(ops.len() + 6);
     for op in ops {
-        if matches!(op, Op::Barrier | Op::SetActive(_)) {
-            out.push(Op::NewEpoch);
+        match op {
+            Op::Barrier => out.extend(FENCE),
+            Op::SetActive(_) => {
+                out.extend(FENCE);
+                out.push(op);
+            }
+            op => out.push(op),
         }
-        out.push(op);
     }
-    out.push(Op::NewEpoch);
     out
 }
 
@@ -450,6 +457,11 @@ pub fn plan_in_place(
             ops.push(Op::Barrier);
         }
         ops.extend(phase);
+    }
+    // The last phase wrote the slot packets read: a fence, so that what they memoize from now on is
+    // made from all of it.
+    if !ops.is_empty() {
+        ops.push(Op::Barrier);
     }
     sealed(ops)
 }

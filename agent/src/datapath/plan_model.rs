@@ -25,7 +25,7 @@ use super::{
     DatapathError,
     apply::apply_to,
     execute::Maps,
-    plan::{Op, Plan, PlanKind, plan},
+    plan::{FENCE, Op, Plan, PlanKind, plan},
     sim::Sim,
     state::{Recorded, Slot, desired, gen_config, other},
 };
@@ -712,22 +712,26 @@ fn op_generation(op: &Op) -> Option<u8> {
     }
 }
 
-/// A new policy epoch right before every barrier and flip and as the last operation (`plan::sealed`): no
-/// decision the programs memoized outlives the segment it was made in.
-fn check_epochs(ops: &[Op], ctx: &str) {
+/// Every barrier fenced by new epochs, a fence before every flip, and an in-place plan ending with one
+/// (`plan::sealed`, `plan::FENCE`): no decision the programs memoized outlives the segment it was made
+/// in, and none made under the epoch a plan ends with was made from a state before its last write.
+fn check_epochs(ops: &[Op], in_place: bool, ctx: &str) {
+    let fenced = |i: usize| i >= 1 && ops.get(i - 1..i + 2) == Some(&FENCE[..]);
     for (i, op) in ops.iter().enumerate() {
-        if matches!(op, Op::Barrier | Op::SetActive(_)) {
-            assert!(
-                i > 0 && ops[i - 1] == Op::NewEpoch,
-                "{ctx}: operation {i} {op:?} without a new epoch before it: {ops:#?}"
-            );
-        }
+        let ok = match op {
+            Op::Barrier => fenced(i),
+            Op::SetActive(_) => i >= 2 && fenced(i - 2),
+            _ => true,
+        };
+        assert!(
+            ok,
+            "{ctx}: operation {i} {op:?} not fenced by new epochs: {ops:#?}"
+        );
     }
-    if let Some(last) = ops.last() {
-        assert_eq!(
-            *last,
-            Op::NewEpoch,
-            "{ctx}: the plan does not end with a new epoch"
+    if in_place && !ops.is_empty() {
+        assert!(
+            ops.ends_with(&FENCE),
+            "{ctx}: the in-place plan does not end with a fence: {ops:#?}"
         );
     }
 }
@@ -737,20 +741,21 @@ fn check_epochs(ops: &[Op], ctx: &str) {
 /// goes through its phases in order with a barrier between any two.
 fn check_structure(p: &Plan, ctx: &str) {
     let g = p.generation;
-    check_epochs(&p.ops, ctx);
+    check_epochs(&p.ops, p.kind == PlanKind::Incremental, ctx);
     match p.kind {
         PlanKind::Generation => {
             // A slot that may hold leftovers a packet could still read is purged only after a barrier.
-            let first = if p.ops.get(1) == Some(&Op::Barrier) {
-                2
-            } else {
-                0
-            };
+            let first = p
+                .ops
+                .iter()
+                .position(|o| !matches!(o, Op::NewEpoch | Op::Barrier))
+                .unwrap_or(0);
+            assert!(first == 0 || p.ops[..first].contains(&Op::Barrier), "{ctx}");
             assert_eq!(p.ops.get(first), Some(&Op::Purge(g)), "{ctx}: {:#?}", p.ops);
             let flip = p.flip.expect("a generation plan flips");
             assert_eq!(p.ops[flip], Op::SetActive(g), "{ctx}");
             assert_eq!(
-                p.ops.get(flip + 2),
+                p.ops[flip + 1..].iter().find(|o| **o != Op::NewEpoch),
                 Some(&Op::Barrier),
                 "{ctx}: {:#?}",
                 p.ops
@@ -1009,22 +1014,33 @@ fn with_reserved(p: &Policy, blocks: &[&str]) -> Policy {
     p
 }
 
-/// Every apply, in place or as a generation, and the undo of a failed one, ends with a new policy epoch
-/// and puts one before each barrier: what the programs memoized never outlives a segment of a plan.
+/// A random policy (from `seed`) applied to a fresh simulation, and the plan to a mutation of it.
+fn applied_then_planned(seed: u64) -> (Compiled, Compiled, Sim, Recorded, Plan) {
+    let mut r = Rng(seed);
+    let a = random_policy(&mut r);
+    let b = mutate(&a, &mut r);
+    let (ca, cb) = (Compiled::new(&a), Compiled::new(&b));
+    let mut sim = Sim::default();
+    let mut rec = Recorded::fresh();
+    apply_to(&mut sim, &mut rec, &ca, None).expect("first apply");
+    let p = plan(&rec, &cb).expect("plan");
+    (ca, cb, sim, rec, p)
+}
+
+/// Every apply, in place or as a generation, and the undo of a failed one, fences its barriers and flips
+/// with new policy epochs, and writes to the slot packets read only before a new epoch: what the programs
+/// memoized never outlives a segment of a plan.
 #[test]
-fn every_plan_and_undo_marks_a_new_epoch_before_each_barrier_and_last() {
+fn every_plan_and_undo_fences_its_barriers_and_flips_with_new_epochs() {
     let (mut incremental, mut generation) = (0, 0);
     for seed in 1..120u64 {
-        let mut r = Rng(seed);
-        let a = random_policy(&mut r);
-        let b = mutate(&a, &mut r);
-        let (ca, cb) = (Compiled::new(&a), Compiled::new(&b));
-        let mut sim = Sim::default();
-        let mut rec = Recorded::fresh();
-        apply_to(&mut sim, &mut rec, &ca, None).expect("first apply");
+        let (_, cb, mut sim, mut rec, p) = applied_then_planned(seed);
         assert!(sim.epoch > 0, "seed {seed}: the first apply wrote no epoch");
-        let p = plan(&rec, &cb).expect("plan");
-        check_epochs(&p.ops, &format!("seed {seed}"));
+        check_epochs(
+            &p.ops,
+            p.kind == PlanKind::Incremental,
+            &format!("seed {seed}"),
+        );
         match p.kind {
             PlanKind::Incremental => incremental += 1,
             PlanKind::Generation => generation += 1,
@@ -1111,17 +1127,11 @@ fn nested_prefixes_and_tables_shared_by_both_protocols() {
 fn a_failed_undo_in_place_falls_back_to_a_new_generation_then_to_restore_failed() {
     // A pair of policies the second of which applies in place with a few phases.
     let (ca, cb, sim, rec, p) = (1..200u64)
-        .find_map(|seed| {
-            let mut r = Rng(seed);
-            let a = random_policy(&mut r);
-            let b = mutate(&a, &mut r);
-            let (ca, cb) = (Compiled::new(&a), Compiled::new(&b));
-            let mut sim = Sim::default();
-            let mut rec = Recorded::fresh();
-            apply_to(&mut sim, &mut rec, &ca, None).expect("first apply");
-            let p = plan(&rec, &cb).expect("plan");
-            let phases = p.ops.iter().filter(|o| **o == Op::Barrier).count();
-            (p.kind == PlanKind::Incremental && phases >= 2).then_some((ca, cb, sim, rec, p))
+        .map(applied_then_planned)
+        .find(|(.., p)| {
+            // Barriers: one between phases, one last.
+            let barriers = p.ops.iter().filter(|o| **o == Op::Barrier).count();
+            p.kind == PlanKind::Incremental && barriers >= 3
         })
         .expect("an in-place pair");
     let (mut fell_back, mut gave_up) = (0, 0);
