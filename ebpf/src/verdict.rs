@@ -421,7 +421,9 @@ fn not_allowed(covering: u32) -> Decision {
 fn memoized(kb: &mut KeyBuf, pkt: &Packet, generation: u8, dport: u16) -> Decision {
     let port = (u32::from(pkt.proto) << 16) | u32::from(dport);
     let epoch = match POLICY_EPOCH.get(0) {
-        // SAFETY: a map value; the agent writes it whole.
+        // SAFETY: a map value. The kernel copies the agent's update in with `memcpy`, not one 8-byte
+        // store: a read racing it may see a value never written, which memoizes under an epoch no later
+        // read sees again (or, astronomically rarely, matches an old memo's; the next fence ends that).
         Some(e) => unsafe { core::ptr::read_volatile(e) },
         None => 0,
     };

@@ -1034,7 +1034,7 @@ fn applied_then_planned(seed: u64) -> (Compiled, Compiled, Sim, Recorded, Plan) 
 fn every_plan_and_undo_fences_its_barriers_and_flips_with_new_epochs() {
     let (mut incremental, mut generation) = (0, 0);
     for seed in 1..120u64 {
-        let (_, cb, mut sim, mut rec, p) = applied_then_planned(seed);
+        let (_, cb, sim, rec, p) = applied_then_planned(seed);
         assert!(sim.epoch > 0, "seed {seed}: the first apply wrote no epoch");
         check_epochs(
             &p.ops,
@@ -1045,22 +1045,34 @@ fn every_plan_and_undo_fences_its_barriers_and_flips_with_new_epochs() {
             PlanKind::Incremental => incremental += 1,
             PlanKind::Generation => generation += 1,
         }
-        // A failure half-way: of what ran (the failed plan's prefix, its undo), everything written to
-        // the slot packets read after it comes before a new epoch. (A generation plan stopped while
-        // emptying the old slot after its flip and barrier leaves writes to that slot, which no packet
-        // reads, after its last epoch.)
-        let at = p.ops.len() / 2;
-        let t0 = sim.trace.len();
-        let _ = apply_to(&mut sim, &mut rec, &cb, Some(at));
-        let ran = &sim.trace[t0..];
-        let last_epoch = ran.iter().rposition(|o| *o == Op::NewEpoch);
-        let active = sim.active().expect("sim");
-        for (i, op) in ran.iter().enumerate() {
-            if op.is_entry_write() && op_generation(op) == active {
-                assert!(
-                    last_epoch.is_some_and(|e| e > i),
-                    "seed {seed}: operation {i} {op:?} on the active slot after the last new epoch: {ran:#?}"
-                );
+        // A failure at several points: of what ran (the failed plan's prefix, its undo), every write
+        // to the slot packets read afterwards is followed by a barrier and then a new epoch, so no memo
+        // under the epoch it ended with was made before that write. (A generation plan stopped while
+        // emptying the old slot after its flip leaves writes to that slot, which no packet reads, after
+        // its last epoch.)
+        let n = p.ops.len();
+        let mut points = vec![0, n / 4, n / 2, 3 * n / 4, n.saturating_sub(1)];
+        points.dedup();
+        for at in points {
+            let (mut sim, mut rec) = (sim.clone(), rec.clone());
+            let t0 = sim.trace.len();
+            let _ = apply_to(&mut sim, &mut rec, &cb, Some(at));
+            let ran = &sim.trace[t0..];
+            let active = sim.active().expect("sim");
+            // Whether a barrier, then a new epoch, follow operation `i`.
+            let fenced = |i: usize| {
+                ran[i..]
+                    .iter()
+                    .position(|o| *o == Op::Barrier)
+                    .is_some_and(|b| ran[i + b..].contains(&Op::NewEpoch))
+            };
+            for (i, op) in ran.iter().enumerate() {
+                if op.is_entry_write() && op_generation(op) == active {
+                    assert!(
+                        fenced(i),
+                        "seed {seed}, failure at {at}: operation {i} {op:?} on the active slot is not fenced: {ran:#?}"
+                    );
+                }
             }
         }
     }
