@@ -790,9 +790,9 @@ fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
 }
 
 /// Rules 4-7 decide a TCP or UDP packet from its destination, protocol and port only, and each hook
-/// memoizes its last such decision per CPU while the policy epoch stays (`VerdictMemo`). Every apply ends
-/// with a new epoch: the first packet after it is decided by the new policy, in place or as a new
-/// generation, whether the decision flips to a drop or back to a pass. The thread stays on one CPU, and
+/// memoizes its last such decision per CPU while the policy epoch stays (`VerdictMemo`). Every apply
+/// fences its writes with new epochs: the first packet after it is decided by the new policy, in place or
+/// as a new generation, whether the decision flips to a drop or back to a pass. The thread stays on one CPU, and
 /// each round first shows the packet's decision memoized there under the current epoch.
 #[test]
 fn a_memoized_decision_never_outlives_an_apply() {

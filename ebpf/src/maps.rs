@@ -25,9 +25,9 @@ pub static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 #[map(name = "GEN_CONFIG")]
 pub static GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(3, 0);
 
-/// The policy epoch: a value the agent writes after every change to the policy maps, and before every
-/// barrier of an apply, never twice the same. A destination's memoized decision (`VerdictMemo`) holds
-/// only while the epoch it was made in is current.
+/// The policy epoch: a value the agent writes on both sides of every barrier of an apply, before every
+/// flip and after an in-place apply's last write (the agent's `plan::sealed`), never twice the same. A
+/// destination's memoized decision (`VerdictMemo`) holds only while the epoch it was made in is current.
 #[map(name = "POLICY_EPOCH")]
 pub static POLICY_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 
@@ -228,8 +228,8 @@ pub struct KeyBuf {
 /// One decision by rules 4-7 (reserved blocks, authorizations) for a TCP or UDP packet that is not a
 /// non-first fragment: a function of the active generation's policy maps, the destination address, the
 /// protocol and the destination port only. Reused for the next packets with the same key while
-/// `POLICY_EPOCH` still holds `epoch`; the agent writes a new epoch after changing those maps (and
-/// before each barrier), so a decision never outlives the maps it was read from.
+/// `POLICY_EPOCH` still holds `epoch`; the agent fences every change to those maps with new epochs
+/// (`POLICY_EPOCH`), so a decision never outlives the maps it was read from.
 ///
 /// `key` is the LPM key `verdict::dst_key` assembled (prefix length, so the family, the generation and
 /// the address; an IPv4 key's unused words zero), `port` the protocol and port. Zero (as at load) it

@@ -415,8 +415,8 @@ fn not_allowed(covering: u32) -> Decision {
 /// looked up and memoized.
 ///
 /// The epoch is read before the lookups: a decision is memoized under the epoch that was current before
-/// any map it read, so a change the agent makes (and then marks with a new epoch) ends it. An epoch of
-/// 0 (none written yet) memoizes nothing.
+/// any map it read, so the new epochs the agent fences a change with end it (`POLICY_EPOCH`). An epoch
+/// of 0 (none written yet) memoizes nothing.
 #[inline(always)]
 fn memoized(kb: &mut KeyBuf, pkt: &Packet, generation: u8, dport: u16) -> Decision {
     let port = (u32::from(pkt.proto) << 16) | u32::from(dport);
