@@ -416,11 +416,7 @@ pub fn findings(r: &Report) -> Vec<String> {
 }
 
 fn throughput_findings(rows: &[throughput::Row]) -> Vec<String> {
-    let mut setups: Vec<&str> = rows
-        .iter()
-        .filter(|r| r.filter != "none")
-        .map(|r| r.setup.as_str())
-        .collect();
+    let mut setups: Vec<&str> = rows.iter().map(|r| r.setup.as_str()).collect();
     setups.dedup();
     setups
         .into_iter()
@@ -435,11 +431,19 @@ fn throughput_findings(rows: &[throughput::Row]) -> Vec<String> {
                     let vs_minimal = r.ratio_to_minimal.map_or(String::new(), |n| {
                         format!(", {n:.2}× the minimal enforcer with as many rules")
                     });
-                    Some(format!(
-                        "{name} {}× no filter{vs_minimal}{vs_nft}",
-                        r.ratio_to_no_filter
-                            .map_or("–".into(), |x| format!("{x:.2}"))
-                    ))
+                    let no_filter = match (&r.paired, r.ratio_to_no_filter) {
+                        (Some(p), _) => format!(
+                            "{:.3}× no filter ({} pairs with the twin link{})",
+                            p.median,
+                            p.ratios.len(),
+                            p.ci95.map_or(String::new(), |[lo, hi]| format!(
+                                ", 95% confidence interval {lo:.3}–{hi:.3}"
+                            ))
+                        ),
+                        (None, Some(x)) => format!("{x:.2}× no filter"),
+                        (None, None) => "– × no filter".into(),
+                    };
+                    Some(format!("{name} {no_filter}{vs_minimal}{vs_nft}"))
                 })
                 .collect();
             format!("Throughput with {setup}: {}.", per_test.join("; "))

@@ -5,12 +5,22 @@
 //! the ENI's TC egress the way vpcgate attaches: an empty program (what the hook itself costs) and the
 //! per-packet part's minimal enforcer (vpcgate's parser and one LPM lookup in a trie of the same
 //! prefixes): what any enforcer of this design pays on the path, against which vpcgate's features are
-//! measured. Setups are measured in rounds that cycle through
-//! all of them (and no filter once more at the end), so drift on this shared machine hits each alike.
+//! measured. Setups are measured in rounds that cycle through all of them, so drift on this shared
+//! machine hits each alike.
+//!
+//! A twin link (a second veth pair between the same namespaces, nothing attached, toward a second
+//! iperf3 server) gives the setups that filter per device (no filter, and the BPF programs on the ENI)
+//! a no-filter run a second away from each of theirs: their runs come in pairs, one through the ENI and
+//! one through the twin, back to back in alternating order, and their ratio to no filter is the median
+//! of the pairs' ratios, with a distribution-free 95% confidence interval. Runs of one setup here land
+//! 10-20% apart over minutes, far more than the few percent a filter costs; within a pair that drift
+//! cancels. The no-filter setup's pairs (ENI and twin both bare) show what the two links differ by.
+//! Netfilter's hooks are the namespace's, not a device's (the twin's packets would cross them too), so
+//! nftables and iptables are compared with the no-filter setup's ENI runs instead.
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -69,11 +79,29 @@ pub struct Row {
     pub ratio_to_nftables: Option<f64>,
     /// vpcgate rows: median / the minimal enforcer's median with the same number of rules, same test.
     pub ratio_to_minimal: Option<f64>,
+    /// Setups that filter per device: their runs paired with runs through the twin link, and
+    /// `ratio_to_no_filter` is these pairs' median ratio.
+    pub paired: Option<Paired>,
     /// What the setup is exactly (tool versions, backend).
     pub note: String,
     /// Setups of BPF programs: each program's own cost under this test's traffic, from one extra run
     /// with the kernel's BPF statistics on (`BPF_ENABLE_STATS`), after the setup's last timed run.
     pub programs: Vec<ProgramCost>,
+}
+
+/// A setup's runs through the ENI, each paired with a run through the twin link (nothing attached) right
+/// before or after it.
+#[derive(Serialize, Clone, Debug)]
+pub struct Paired {
+    /// Each pair's ENI value / twin value, in the order measured.
+    pub ratios: Vec<f64>,
+    /// Their median.
+    pub median: f64,
+    /// A distribution-free 95% confidence interval of that median (order statistics of the ratios;
+    /// none with fewer than 6 pairs).
+    pub ci95: Option<[f64; 2]>,
+    /// The median of the twin's runs.
+    pub twin_median: f64,
 }
 
 /// One BPF program's runs and mean run time over a run (kernel BPF statistics: each run is timed by the
@@ -107,6 +135,34 @@ fn k(n: usize) -> String {
 }
 
 impl Filter {
+    /// `none`, `empty`, or a kind and a rule count: `vpcgate-1k`, `minimal-100000`.
+    fn parse(s: &str) -> anyhow::Result<Self> {
+        let bad = || {
+            anyhow::anyhow!(
+                "throughput setup {s:?}: expected none, empty, or minimal, vpcgate, nftables or iptables \
+                 with a rule count (vpcgate-1k, iptables-10000)"
+            )
+        };
+        match s {
+            "none" => return Ok(Filter::None),
+            "empty" => return Ok(Filter::EmptyTc),
+            _ => {}
+        }
+        let (kind, n) = s.split_once('-').ok_or_else(bad)?;
+        let n: usize = match n.strip_suffix('k') {
+            Some(k) => k.parse::<usize>().map(|k| k * 1000),
+            None => n.parse(),
+        }
+        .map_err(|_| bad())?;
+        ensure!(n > 0, "throughput setup {s:?}: no rules");
+        Ok(match kind {
+            "minimal" => Filter::Minimal(n),
+            "vpcgate" => Filter::Vpcgate(n),
+            "nftables" => Filter::Nftables(n),
+            "iptables" => Filter::Iptables(n),
+            _ => return Err(bad()),
+        })
+    }
     fn label(self) -> String {
         match self {
             Filter::None => "no filter".into(),
@@ -138,6 +194,11 @@ impl Filter {
     /// Whether the setup drops what its policy does not allow (the probe datagram).
     fn filters(self) -> bool {
         !matches!(self, Filter::None | Filter::EmptyTc)
+    }
+    /// Whether the setup leaves the twin link alone (its runs are then paired with the twin's): no
+    /// filter, or BPF programs on the ENI. Netfilter's hooks see every device's packets.
+    fn per_device(self) -> bool {
+        !matches!(self, Filter::Nftables(_) | Filter::Iptables(_))
     }
     /// Whether the setup is BPF programs (whose own cost `program_costs` reads).
     fn bpf(self) -> bool {
@@ -173,7 +234,7 @@ fn program_costs(lab: &Lab, test: Test, clk: u64, cpus: u64) -> anyhow::Result<V
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("BPF_ENABLE_STATS (the kernel's per-program run time)")?;
     let before = program_counters()?;
-    measure(lab, test, STATS_SECS, clk, cpus)?;
+    measure(lab, Link::Eni, test, STATS_SECS, clk, cpus)?;
     let after = program_counters()?;
     drop(stats);
     let mut by_name: BTreeMap<String, (u64, Duration)> = BTreeMap::new();
@@ -212,6 +273,65 @@ impl Test {
 }
 
 const IPERF_PORT: u16 = 5201;
+
+/// The twin link: `TWIN_ENI` in the gateway namespace, its peer in the VPC namespace, on a prefix of its
+/// own (no lab address and no generated policy is in 10.78.0.0/24).
+const TWIN_ENI: &str = "eni1";
+const TWIN_VPC_IF: &str = "vpc1";
+const TWIN_EGRESS_V4: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 5);
+const TWIN_BACKEND_V4: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 10);
+
+/// Which link a run goes through: the ENI (where the setup is) toward the lab's backend, or the twin
+/// toward the twin's server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Link {
+    Eni,
+    Twin,
+}
+
+impl Link {
+    fn device(self) -> &'static str {
+        match self {
+            Link::Eni => lab::ENI,
+            Link::Twin => TWIN_ENI,
+        }
+    }
+    fn server(self) -> Ipv4Addr {
+        match self {
+            Link::Eni => lab::BACKEND_V4,
+            Link::Twin => TWIN_BACKEND_V4,
+        }
+    }
+}
+
+/// Adds the twin link to the lab (removed with its namespaces): a veth pair like the ENI's, up, with one
+/// address at each end.
+fn add_twin(lab: &Lab) -> anyhow::Result<()> {
+    let ip = |args: &[&str]| run_ok(None, "ip", args, None, Duration::from_secs(10));
+    let (gw, vpc) = (lab.gw.name(), lab.vpc.name());
+    ip(&[
+        "-n",
+        gw,
+        "link",
+        "add",
+        TWIN_ENI,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        TWIN_VPC_IF,
+        "netns",
+        vpc,
+    ])?;
+    for (ns, dev, addr) in [
+        (gw, TWIN_ENI, TWIN_EGRESS_V4),
+        (vpc, TWIN_VPC_IF, TWIN_BACKEND_V4),
+    ] {
+        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+        ip(&["-n", ns, "link", "set", dev, "up"])?;
+    }
+    Ok(())
+}
 /// Where the no-filter probe datagram goes: an address of the VPC namespace no policy here allows.
 const PROBE_PORT: u16 = 9;
 
@@ -240,7 +360,9 @@ pub fn run(opts: &crate::Opts, seed: u64, p: &crate::Progress) -> anyhow::Result
         unsafe { libc::geteuid() } == 0,
         "the throughput benchmark needs root (network namespaces, BPF, netfilter)"
     );
-    let (setups, rounds, secs): (Vec<Filter>, usize, u64) = if opts.quick {
+    // Runs of 1 s: iperf3 starts in milliseconds, and more, shorter runs give more pairs.
+    let secs = 1;
+    let (setups, rounds, per_round): (Vec<Filter>, usize, usize) = if opts.quick {
         (
             vec![
                 Filter::None,
@@ -266,11 +388,22 @@ pub fn run(opts: &crate::Opts, seed: u64, p: &crate::Progress) -> anyhow::Result
                 Filter::Iptables(1000),
                 Filter::Iptables(10_000),
             ],
-            // Five rounds: a run on this shared machine can land 10-20% off its neighbours, and the
-            // median of three moves with one such run.
+            // Five rounds of six pairs: 30 pairs per setup and test. A pair's ratio spreads by 5-20%
+            // here (runs a second apart differ that much), so the median's 95% confidence interval is a
+            // few percent wide; `--pairs` narrows it at the cost of time.
             5,
-            5,
+            6,
         )
+    };
+    let per_round = opts.pairs.unwrap_or(per_round);
+    ensure!(per_round > 0, "--pairs must be at least 1");
+    let setups = if opts.setups.is_empty() {
+        setups
+    } else {
+        opts.setups
+            .iter()
+            .map(|s| Filter::parse(s))
+            .collect::<anyhow::Result<Vec<_>>>()?
     };
     let tools = Tools::find()?;
     p.say(&format!(
@@ -279,7 +412,11 @@ pub fn run(opts: &crate::Opts, seed: u64, p: &crate::Progress) -> anyhow::Result
     ));
     p.say("throughput: building the lab (gateway and VPC namespaces over veth)");
     let lab = new_lab()?;
-    let mut server = IperfServer::start(&lab)?;
+    add_twin(&lab).context("adding the twin link to the lab")?;
+    let mut servers = [
+        IperfServer::start(&lab, Link::Eni)?,
+        IperfServer::start(&lab, Link::Twin)?,
+    ];
     let mut texts: BTreeMap<Filter, Texts> = BTreeMap::new();
     for &s in &setups {
         texts.insert(s, Texts::new(s, seed)?);
@@ -287,13 +424,11 @@ pub fn run(opts: &crate::Opts, seed: u64, p: &crate::Progress) -> anyhow::Result
     let clk = clock_ticks()?;
     // SAFETY: sysconf has no preconditions.
     let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as u64;
-    let mut samples: BTreeMap<(Filter, Test), Vec<Sample>> = BTreeMap::new();
+    let mut runs = Runs::default();
     let mut attach: BTreeMap<Filter, String> = BTreeMap::new();
     let mut costs: BTreeMap<(Filter, Test), Vec<ProgramCost>> = BTreeMap::new();
-    let mut order: Vec<Filter> = (0..rounds).flat_map(|_| setups.clone()).collect();
+    let order: Vec<Filter> = (0..rounds).flat_map(|_| setups.clone()).collect();
     let last_round = (rounds - 1) * setups.len()..rounds * setups.len();
-    // No filter again at the end: before and after everything else.
-    order.push(Filter::None);
     for (i, &s) in order.iter().enumerate() {
         p.say(&format!(
             "throughput {}/{}: {}: setting up",
@@ -306,24 +441,60 @@ pub fn run(opts: &crate::Opts, seed: u64, p: &crate::Progress) -> anyhow::Result
             attach.insert(s, a.clone());
         }
         for test in [Test::Tcp, Test::Udp64] {
-            server.alive()?;
-            let sample = measure(&lab, test, secs, clk, cpus)
-                .with_context(|| format!("{} under {}", test.name(), s.label()))?;
-            p.say(&format!(
-                "throughput {}/{}: {} {}: {}",
-                i + 1,
-                order.len(),
-                s.label(),
-                test.name(),
-                describe(test, &sample)
-            ));
-            samples.entry((s, test)).or_default().push(sample);
+            for j in 0..per_round {
+                // The twin first in every other pair, so neither link is always the one measured
+                // right after a setup change or the other link's run.
+                let links: &[Link] = match (s.per_device(), (i + j) % 2 == 0) {
+                    (false, _) => &[Link::Eni],
+                    (true, true) => &[Link::Eni, Link::Twin],
+                    (true, false) => &[Link::Twin, Link::Eni],
+                };
+                let mut eni = None;
+                let mut twin = None;
+                for &link in links {
+                    for server in &mut servers {
+                        server.alive()?;
+                    }
+                    let sample = measure(&lab, link, test, secs, clk, cpus).with_context(|| {
+                        format!(
+                            "{} under {} through {}",
+                            test.name(),
+                            s.label(),
+                            link.device()
+                        )
+                    })?;
+                    match link {
+                        Link::Eni => eni = Some(sample),
+                        Link::Twin => twin = Some(sample),
+                    }
+                }
+                let eni = eni.expect("every pair has an ENI run");
+                let paired = twin.map(|t| {
+                    let ratio = eni.value / t.value;
+                    runs.pairs
+                        .entry((s, test))
+                        .or_default()
+                        .push((eni.value, t.value));
+                    format!(" (twin {}: {ratio:.3}×)", value(test, t.value))
+                });
+                p.say(&format!(
+                    "throughput {}/{}: {} {} {}/{per_round}: {}{}",
+                    i + 1,
+                    order.len(),
+                    s.label(),
+                    test.name(),
+                    j + 1,
+                    describe(test, &eni),
+                    paired.unwrap_or_default()
+                ));
+                runs.eni.entry((s, test)).or_default().push(eni);
+            }
         }
         // After the last timed runs of a BPF setup: its programs' own cost, with statistics on (they
         // add two clock reads per run, so no timed run has them).
         if s.bpf() && last_round.contains(&i) {
             for test in [Test::Tcp, Test::Udp64] {
-                server.alive()?;
+                servers[0].alive()?;
                 let c = program_costs(&lab, test, clk, cpus).with_context(|| {
                     format!("{} under {}, BPF statistics on", test.name(), s.label())
                 })?;
@@ -352,11 +523,39 @@ pub fn run(opts: &crate::Opts, seed: u64, p: &crate::Progress) -> anyhow::Result
         }
         remove(&lab, installed, &tools, p).with_context(|| format!("removing {}", s.label()))?;
     }
-    drop(server);
+    drop(servers);
     drop(lab);
     Ok(rows(
-        &setups, &samples, &mut costs, secs, &tools, &texts, &attach,
+        &setups, &runs, &mut costs, secs, &tools, &texts, &attach,
     ))
+}
+
+/// Every timed run, by setup and test.
+#[derive(Default)]
+struct Runs {
+    /// The runs through the ENI.
+    eni: BTreeMap<(Filter, Test), Vec<Sample>>,
+    /// Per-device setups: each pair's (ENI, twin) values.
+    pairs: BTreeMap<(Filter, Test), Vec<(f64, f64)>>,
+}
+
+/// A run's figure as `describe` writes it.
+fn value(test: Test, v: f64) -> String {
+    match test {
+        Test::Tcp => format!("{:.2} Gbit/s", v / 1e9),
+        Test::Udp64 => format!("{:.0} kpps", v / 1e3),
+    }
+}
+
+/// The pairs' ratios, their median and its confidence interval.
+fn paired(pairs: &[(f64, f64)]) -> Paired {
+    let ratios: Vec<f64> = pairs.iter().map(|(e, t)| e / t).collect();
+    Paired {
+        median: crate::median(&ratios),
+        ci95: crate::median_ci95(&ratios).map(|(lo, hi)| [lo, hi]),
+        twin_median: crate::median(&pairs.iter().map(|p| p.1).collect::<Vec<_>>()),
+        ratios,
+    }
 }
 
 fn describe(test: Test, s: &Sample) -> String {
@@ -382,7 +581,7 @@ fn describe(test: Test, s: &Sample) -> String {
 
 fn rows(
     setups: &[Filter],
-    samples: &BTreeMap<(Filter, Test), Vec<Sample>>,
+    runs: &Runs,
     costs: &mut BTreeMap<(Filter, Test), Vec<ProgramCost>>,
     secs: u64,
     tools: &Tools,
@@ -390,14 +589,14 @@ fn rows(
     attach: &BTreeMap<Filter, String>,
 ) -> Vec<Row> {
     let med = |s: Filter, t: Test| {
-        samples
+        runs.eni
             .get(&(s, t))
             .map(|v| crate::median(&v.iter().map(|x| x.value).collect::<Vec<_>>()))
     };
     let mut out = vec![];
     for &s in setups {
         for t in [Test::Tcp, Test::Udp64] {
-            let Some(v) = samples.get(&(s, t)) else {
+            let Some(v) = runs.eni.get(&(s, t)) else {
                 continue;
             };
             let values: Vec<f64> = v.iter().map(|x| x.value).collect();
@@ -406,10 +605,15 @@ fn rows(
             let busy: Vec<f64> = v.iter().filter_map(|x| x.busy_percent).collect();
             let own: Vec<f64> = v.iter().filter_map(|x| x.iperf3_ns_per_packet).collect();
             let loss: Vec<f64> = v.iter().filter_map(|x| x.loss).collect();
+            let paired = runs.pairs.get(&(s, t)).map(|p| paired(p));
             let (nft, minimal) = match s {
                 Filter::Vpcgate(n) => (
                     med(Filter::Nftables(n), t).map(|x| m / x),
-                    med(Filter::Minimal(n), t).map(|x| m / x),
+                    // Both paired: the quotient of their ratios to their own twin runs.
+                    match (&paired, runs.pairs.get(&(Filter::Minimal(n), t))) {
+                        (Some(v), Some(p)) => Some(v.median / self::paired(p).median),
+                        _ => med(Filter::Minimal(n), t).map(|x| m / x),
+                    },
                 ),
                 _ => (None, None),
             };
@@ -432,9 +636,13 @@ fn rows(
                 packets_per_run: crate::median(&v.iter().map(|x| x.packets as f64).collect::<Vec<_>>()),
                 runs: v.len(),
                 seconds_per_run: secs,
-                ratio_to_no_filter: med(Filter::None, t).map(|x| m / x),
+                ratio_to_no_filter: match &paired {
+                    Some(p) => Some(p.median),
+                    None => med(Filter::None, t).map(|x| m / x),
+                },
                 ratio_to_nftables: nft,
                 ratio_to_minimal: minimal,
+                paired,
                 programs: costs.remove(&(s, t)).unwrap_or_default(),
                 note: match s {
                     Filter::None => "no filter on the ENI".into(),
@@ -491,16 +699,17 @@ impl Tools {
     }
 }
 
-/// The iperf3 server in the VPC namespace, on the backend address (killed on drop).
+/// An iperf3 server in the VPC namespace, on `link`'s server address (killed on drop).
 struct IperfServer(crate::control::ChildGuard);
 
 impl IperfServer {
-    fn start(lab: &Lab) -> anyhow::Result<Self> {
+    fn start(lab: &Lab, link: Link) -> anyhow::Result<Self> {
+        let addr = link.server();
         let mut cmd = std::process::Command::new("iperf3");
         cmd.args([
             "-s",
             "-B",
-            &lab::BACKEND_V4.to_string(),
+            &addr.to_string(),
             "-p",
             &IPERF_PORT.to_string(),
             // A test whose client vanished ends after 5 s instead of holding the server.
@@ -514,7 +723,7 @@ impl IperfServer {
             spawn(Some(&lab.vpc), &mut cmd)?,
             "iperf3 server",
         ));
-        let filter = format!("sport = :{IPERF_PORT}");
+        let filter = format!("src {addr}:{IPERF_PORT}");
         let t = Instant::now();
         loop {
             s.alive()?;
@@ -530,8 +739,7 @@ impl IperfServer {
             }
             ensure!(
                 t.elapsed() < Duration::from_secs(5),
-                "the iperf3 server does not listen on {}:{IPERF_PORT} after 5 s",
-                lab::BACKEND_V4
+                "the iperf3 server does not listen on {addr}:{IPERF_PORT} after 5 s"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -568,12 +776,20 @@ fn clock_ticks() -> anyhow::Result<u64> {
     Ok(hz as u64)
 }
 
-/// Packets sent on the gateway's ENI so far.
-fn eni_tx_packets(lab: &Lab) -> anyhow::Result<u64> {
+/// Packets sent on `link` (gateway side) so far.
+fn tx_packets(lab: &Lab, link: Link) -> anyhow::Result<u64> {
     let out = run_ok(
         None,
         "ip",
-        &["-n", lab.gw.name(), "-s", "-j", "link", "show", lab::ENI],
+        &[
+            "-n",
+            lab.gw.name(),
+            "-s",
+            "-j",
+            "link",
+            "show",
+            link.device(),
+        ],
         None,
         Duration::from_secs(5),
     )?;
@@ -583,8 +799,15 @@ fn eni_tx_packets(lab: &Lab) -> anyhow::Result<u64> {
         .with_context(|| format!("no stats64.tx.packets in {out}"))
 }
 
-fn measure(lab: &Lab, test: Test, secs: u64, clk: u64, cpus: u64) -> anyhow::Result<Sample> {
-    let server = lab::BACKEND_V4.to_string();
+fn measure(
+    lab: &Lab,
+    link: Link,
+    test: Test,
+    secs: u64,
+    clk: u64,
+    cpus: u64,
+) -> anyhow::Result<Sample> {
+    let server = link.server().to_string();
     let port = IPERF_PORT.to_string();
     let t = secs.to_string();
     let mut args = vec![
@@ -602,7 +825,7 @@ fn measure(lab: &Lab, test: Test, secs: u64, clk: u64, cpus: u64) -> anyhow::Res
         // 18 bytes of payload + 8 UDP + 20 IPv4 + 14 Ethernet + 4 FCS = 64-byte frames; no rate limit.
         args.extend(["-u", "-l", "18", "-b", "0"]);
     }
-    let tx0 = eni_tx_packets(lab)?;
+    let tx0 = tx_packets(lab, link)?;
     let busy0 = busy_ticks()?;
     let t0 = Instant::now();
     let out = run_bounded(
@@ -614,7 +837,7 @@ fn measure(lab: &Lab, test: Test, secs: u64, clk: u64, cpus: u64) -> anyhow::Res
     )?;
     let busy1 = busy_ticks()?;
     let wall = t0.elapsed().as_secs_f64();
-    let tx1 = eni_tx_packets(lab)?;
+    let tx1 = tx_packets(lab, link)?;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
             "iperf3 {} printed no JSON ({}): {}",
@@ -1231,10 +1454,16 @@ pub fn markdown(rows: &[Row]) -> String {
         }
     }
     let cell = |setup: &str, test: &str| rows.iter().find(|r| r.setup == setup && r.test == test);
-    let ratio = |r: &Row| {
-        r.ratio_to_no_filter
-            .map(|x| format!(" ({x:.2}×)"))
-            .unwrap_or_default()
+    // "(0.97× [0.95–0.99], paired)" or "(0.97×)".
+    let ratio = |r: &Row| match (&r.paired, r.ratio_to_no_filter) {
+        (Some(p), _) => format!(
+            " ({:.3}×{}, paired)",
+            p.median,
+            p.ci95
+                .map_or(String::new(), |[lo, hi]| format!(" [{lo:.3}–{hi:.3}]"))
+        ),
+        (None, Some(x)) => format!(" ({x:.2}×)"),
+        (None, None) => String::new(),
     };
     // "machine / iperf3 processes (machine busy %)"
     let cpu = |r: Option<&Row>| match r.and_then(|r| r.cpu_ns_per_packet.map(|c| (r, c))) {
@@ -1278,8 +1507,21 @@ pub fn markdown(rows: &[Row]) -> String {
         }
     }
     if let Some(r) = rows.first() {
+        let pairs = rows
+            .iter()
+            .find_map(|r| r.paired.as_ref())
+            .map_or(0, |p| p.ratios.len());
         out += &format!(
-            "\n\nMedians of {} run(s) of {} s per setup and test (no filter: {} runs, measured first and last). \
+            "\n\nMedians of {} run(s) of {} s per setup and test. \
+             No filter and the BPF setups (programs on the ENI only) ran in {pairs} pairs: a run through the \
+             ENI and one through the twin link (a second veth pair between the same namespaces, nothing \
+             attached, toward a second iperf3 server), back to back, the twin first in every other pair. \
+             Their \"× no filter\" is the median of the pairs' ratios (ENI / twin), with its distribution-free \
+             95% confidence interval in brackets (order statistics): the machine's drift over minutes, \
+             10-20% here, cancels within a pair. No filter's own pairs (both links bare) show how far the \
+             two links differ. nftables and iptables hook the namespace, not a device (the twin's packets \
+             would cross their rules too): theirs is the ratio of medians to no filter's ENI runs. vpcgate's \
+             ratio to the minimal enforcer is the quotient of their paired ratios. \
              TCP: the receiver's bits/s; UDP: 18-byte payloads (64-byte frames) sent without a rate limit, the \
              receiver's packets/s and loss. CPU per packet, over the packets sent on the gateway's ENI (TCP: \
              GSO super-packets, what TC egress sees): \"machine\" is the busy time of all CPUs (/proc/stat \
@@ -1288,13 +1530,7 @@ pub fn markdown(rows: &[Row]) -> String {
              accounting, softirq work done in their context included, ksoftirqd's not). Both iperf3 ends run \
              on this machine. When the machine is near 100% busy the runs are CPU-bound: the machine figure is \
              then about (CPUs / packet rate) and the throughput ratios say more than the CPU figures.\n",
-            rows.iter()
-                .find(|x| x.filter != "none")
-                .map_or(r.runs, |x| x.runs),
-            r.seconds_per_run,
-            rows.iter()
-                .find(|x| x.filter == "none")
-                .map_or(0, |x| x.runs)
+            r.runs, r.seconds_per_run,
         );
     }
     if rows.iter().any(|r| !r.programs.is_empty()) {

@@ -107,7 +107,7 @@ enum Task {
     /// Benchmarks: per-packet cost (BPF_PROG_TEST_RUN, hot and spread, 10 to 1M rules) beside the floor,
     /// a bare LPM trie, the minimal enforcer and xdp-filter; veth throughput (iperf3) beside no filter,
     /// nftables and iptables; apply, reload and check times and memory. Writes report.md, report.json and
-    /// SVG plots to target/bench/. Needs root. The full run takes about 10 minutes, --quick under 3.
+    /// SVG plots to target/bench/. Needs root. The full run takes about 25 minutes, --quick under 3.
     Bench {
         /// Fewer sizes and shorter runs (under 3 minutes).
         #[arg(long)]
