@@ -5,9 +5,12 @@
 //! Two regimes. *Hot*: one frame, `repeat` runs in one call; the kernel reports the mean, and every
 //! lookup hits a warm cache. *Spread*: many distinct frames whose destinations are drawn across the
 //! policy's prefixes, one run per call; the kernel times each run alone (its clock reads included), and
-//! the syscall and skb set-up between runs evict much of the cache as real traffic does. Each figure is
-//! the median of several rounds; rounds cycle through the programs so noise spreads evenly. `net_ns`
-//! subtracts the floor of the same hook, regime and frames.
+//! the syscall and skb set-up between runs evict much of the cache as real traffic does. Before each
+//! program's pass over the spread frames, a sweep through twice the last-level cache evicts what the
+//! previous pass left: programs that share a trie (the baselines' three, a hook's TC and XDP) would
+//! otherwise find it warmed by the one before them, and a figure would depend on its place in the round.
+//! Each figure is the median of several rounds; rounds cycle through the programs so noise spreads
+//! evenly. `net_ns` subtracts the floor of the same hook, regime and frames.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -575,6 +578,7 @@ pub fn run(
     p: &Progress,
 ) -> anyhow::Result<Section> {
     let mut params = Params::new(quick);
+    let sweep = Sweep::new()?;
     if !sizes.is_empty() {
         anyhow::ensure!(
             sizes.iter().all(|&n| n > 0),
@@ -690,6 +694,9 @@ pub fn run(
                 let mut per: Vec<Vec<f64>> = vec![vec![]; active.len()];
                 for _ in 0..params.rounds {
                     for (i, &pr) in active.iter().enumerate() {
+                        if regime == Regime::Spread {
+                            sweep.run();
+                        }
                         let mut total = 0.0;
                         let frames = f.for_program(pr);
                         for t in frames {
@@ -803,4 +810,42 @@ pub fn find(
     s.rows.iter().find(|r| {
         r.program == program && r.entries == entries && r.kind == kind && r.regime == regime
     })
+}
+
+/// A buffer twice the size of the last-level cache, read through at one load per cache line: what was
+/// cached before is evicted (`run`).
+struct Sweep(Vec<u8>);
+
+impl Sweep {
+    fn new() -> anyhow::Result<Self> {
+        let llc = last_level_cache().unwrap_or(64 << 20);
+        // Written once, so that every page is backed (not the shared zero page) and the reads below go
+        // to memory.
+        Ok(Self(vec![1u8; 2 * llc]))
+    }
+
+    fn run(&self) {
+        let mut sum = 0u8;
+        for chunk in self.0.chunks(64) {
+            sum = sum.wrapping_add(chunk[0]);
+        }
+        std::hint::black_box(sum);
+    }
+}
+
+/// The size of CPU 0's largest cache, from sysfs ("32768K").
+fn last_level_cache() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    dir.filter_map(|e| {
+        let size = std::fs::read_to_string(e.ok()?.path().join("size")).ok()?;
+        let size = size.trim();
+        let (n, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit())?);
+        let n: usize = n.parse().ok()?;
+        Some(match unit {
+            "K" => n << 10,
+            "M" => n << 20,
+            _ => return None,
+        })
+    })
+    .max()
 }

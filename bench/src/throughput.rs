@@ -121,6 +121,10 @@ enum Filter {
     EmptyTc,
     /// The minimal enforcer (TC) over the prefixes of the generated policy of that size.
     Minimal(usize),
+    /// Its parser alone, passing everything (`--setups parse`).
+    Parse,
+    /// Its bare lookup alone (no parser), passing everything (`--setups lookup-1k`).
+    Lookup(usize),
     Vpcgate(usize),
     Nftables(usize),
     Iptables(usize),
@@ -146,6 +150,7 @@ impl Filter {
         match s {
             "none" => return Ok(Filter::None),
             "empty" => return Ok(Filter::EmptyTc),
+            "parse" => return Ok(Filter::Parse),
             _ => {}
         }
         let (kind, n) = s.split_once('-').ok_or_else(bad)?;
@@ -157,6 +162,7 @@ impl Filter {
         ensure!(n > 0, "throughput setup {s:?}: no rules");
         Ok(match kind {
             "minimal" => Filter::Minimal(n),
+            "lookup" => Filter::Lookup(n),
             "vpcgate" => Filter::Vpcgate(n),
             "nftables" => Filter::Nftables(n),
             "iptables" => Filter::Iptables(n),
@@ -168,6 +174,8 @@ impl Filter {
             Filter::None => "no filter".into(),
             Filter::EmptyTc => "empty TC program".into(),
             Filter::Minimal(n) => format!("minimal enforcer {}", k(n)),
+            Filter::Parse => "parser alone".into(),
+            Filter::Lookup(n) => format!("lookup alone {}", k(n)),
             Filter::Vpcgate(n) => format!("vpcgate {}", k(n)),
             Filter::Nftables(n) => format!("nftables {}", k(n)),
             Filter::Iptables(n) => format!("iptables {}", k(n)),
@@ -178,6 +186,8 @@ impl Filter {
             Filter::None => "none",
             Filter::EmptyTc => "empty",
             Filter::Minimal(_) => "minimal",
+            Filter::Parse => "parse",
+            Filter::Lookup(_) => "lookup",
             Filter::Vpcgate(_) => "vpcgate",
             Filter::Nftables(_) => "nftables",
             Filter::Iptables(_) => "iptables",
@@ -185,15 +195,20 @@ impl Filter {
     }
     fn rules(self) -> usize {
         match self {
-            Filter::None | Filter::EmptyTc => 0,
-            Filter::Minimal(n) | Filter::Vpcgate(n) | Filter::Nftables(n) | Filter::Iptables(n) => {
-                n
-            }
+            Filter::None | Filter::EmptyTc | Filter::Parse => 0,
+            Filter::Minimal(n)
+            | Filter::Lookup(n)
+            | Filter::Vpcgate(n)
+            | Filter::Nftables(n)
+            | Filter::Iptables(n) => n,
         }
     }
     /// Whether the setup drops what its policy does not allow (the probe datagram).
     fn filters(self) -> bool {
-        !matches!(self, Filter::None | Filter::EmptyTc)
+        !matches!(
+            self,
+            Filter::None | Filter::EmptyTc | Filter::Parse | Filter::Lookup(_)
+        )
     }
     /// Whether the setup leaves the twin link alone (its runs are then paired with the twin's): no
     /// filter, or BPF programs on the ENI. Netfilter's hooks see every device's packets.
@@ -204,7 +219,11 @@ impl Filter {
     fn bpf(self) -> bool {
         matches!(
             self,
-            Filter::EmptyTc | Filter::Minimal(_) | Filter::Vpcgate(_)
+            Filter::EmptyTc
+                | Filter::Minimal(_)
+                | Filter::Parse
+                | Filter::Lookup(_)
+                | Filter::Vpcgate(_)
         )
     }
 }
@@ -647,6 +666,8 @@ fn rows(
                 note: match s {
                     Filter::None => "no filter on the ENI".into(),
                     Filter::EmptyTc => "the per-packet part's empty TC program (passes everything) on the ENI's egress, attached as vpcgate attaches its TC program: what the hook itself costs".into(),
+                    Filter::Parse => "the minimal enforcer's parser alone on the ENI's egress (vpcgate's parser; passes everything)".into(),
+                    Filter::Lookup(_) => "the minimal enforcer's lookup alone on the ENI's egress (the destination at its fixed offset, looked up in the same trie; no parser; passes everything)".into(),
                     Filter::Minimal(_) => "the per-packet part's minimal enforcer on the ENI's egress (attached as vpcgate attaches its TC program): vpcgate's parser and one lookup of the destination in an LPM trie of the generated policy's prefixes and the iperf server's address; passes what it finds and what is not IP (as vpcgate's rule 1 does), no ports, counters or observations".into(),
                     Filter::Vpcgate(_) => format!(
                         "`vpcgate run`: TC egress + XDP ingress on the ENI ({}), the policy in LPM tries; {}",
@@ -998,7 +1019,7 @@ impl Texts {
     fn new(s: Filter, seed: u64) -> anyhow::Result<Self> {
         let mut expect = BTreeMap::new();
         Ok(match s {
-            Filter::None | Filter::EmptyTc => Self {
+            Filter::None | Filter::EmptyTc | Filter::Parse => Self {
                 main: String::new(),
                 v6: String::new(),
                 shape: PolicyShape::Generated,
@@ -1007,7 +1028,7 @@ impl Texts {
             },
             // The generated policy's prefixes (those of vpcgate with as many rules, in either shape)
             // and the iperf server's address.
-            Filter::Minimal(n) => {
+            Filter::Minimal(n) | Filter::Lookup(n) => {
                 let mut prefixes: Vec<ipnet::IpNet> =
                     policy::generate(n, seed)?.iter().map(|r| r.net).collect();
                 prefixes.push(IpAddr::V4(lab::BACKEND_V4).into());
@@ -1197,18 +1218,25 @@ fn install<'a>(
     let mut baseline = None;
     match s {
         Filter::None => {}
-        Filter::EmptyTc | Filter::Minimal(_) => {
+        Filter::EmptyTc | Filter::Minimal(_) | Filter::Parse | Filter::Lookup(_) => {
             let mut ebpf = crate::perpkt::load_baselines()?;
-            let name = if s == Filter::EmptyTc {
-                "bench_tc_empty"
-            } else {
-                crate::perpkt::fill_baseline_tries(&mut ebpf, &texts.prefixes)?;
-                "bench_tc_minimal"
+            let name = match s {
+                Filter::EmptyTc => "bench_tc_empty",
+                Filter::Parse => "bench_tc_parse",
+                Filter::Lookup(_) => "bench_tc_lookup",
+                _ => "bench_tc_minimal",
             };
+            if !texts.prefixes.is_empty() {
+                crate::perpkt::fill_baseline_tries(&mut ebpf, &texts.prefixes)?;
+            }
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("{name} is not in the baselines' object"))?
                 .try_into()?;
+            // The per-packet part's programs are loaded already; these two are only attached here.
+            if prog.fd().is_err() {
+                prog.load().with_context(|| format!("verifying {name}"))?;
+            }
             // In the gateway namespace, where the ENI is: the link stays attached while its program lives.
             lab.gw_run(|| prog.attach(lab::ENI, TcAttachType::Egress))
                 .with_context(|| format!("attaching {name} to {}'s TC egress", lab::ENI))?;
@@ -1591,4 +1619,51 @@ pub fn plots(dir: &std::path::Path, rows: &[Row]) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Filter;
+
+    #[test]
+    fn setups_parse_from_their_names_and_bad_names_are_errors() {
+        for (name, want) in [
+            ("none", Filter::None),
+            ("empty", Filter::EmptyTc),
+            ("parse", Filter::Parse),
+            ("lookup-1k", Filter::Lookup(1000)),
+            ("minimal-100k", Filter::Minimal(100_000)),
+            ("vpcgate-1000", Filter::Vpcgate(1000)),
+            ("nftables-1k", Filter::Nftables(1000)),
+            ("iptables-10000", Filter::Iptables(10_000)),
+        ] {
+            assert_eq!(Filter::parse(name).unwrap(), want, "{name}");
+        }
+        for bad in [
+            "",
+            "vpcgate",
+            "vpcgate-",
+            "vpcgate-0",
+            "vpcgate-k",
+            "vpcgate-1m",
+            "pf-1k",
+            "none-1k",
+            "minimal-1.5k",
+        ] {
+            let e = Filter::parse(bad).expect_err(bad).to_string();
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+        // Only netfilter's setups are not paired with the twin link.
+        for f in [
+            Filter::None,
+            Filter::EmptyTc,
+            Filter::Parse,
+            Filter::Lookup(1),
+            Filter::Minimal(1),
+            Filter::Vpcgate(1),
+        ] {
+            assert!(f.per_device(), "{f:?}");
+        }
+        assert!(!Filter::Nftables(1).per_device() && !Filter::Iptables(1).per_device());
+    }
 }

@@ -6,6 +6,8 @@
 //!   kernel trie's cost at that size and key distribution.
 //! - `bench_*_minimal`: the minimal enforcer, vpcgate's own parser plus exactly one lookup in the same
 //!   tries: what one parse and one lookup cost, against which vpcgate's features are measured.
+//! - `bench_tc_parse` and `bench_tc_lookup`: the minimal enforcer's two halves on their own (the parser;
+//!   the bare lookup), passing everything: which of them a throughput difference comes from.
 #![no_std]
 #![no_main]
 
@@ -148,6 +150,20 @@ pub fn bench_xdp_minimal(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn bench_tc_minimal(ctx: TcContext) -> i32 {
     tc_verdict(minimal(ctx.data(), ctx.data_end()))
+}
+
+#[classifier]
+pub fn bench_tc_parse(ctx: TcContext) -> i32 {
+    let mut pkt = Packet::new();
+    let parsed = parse::parse(&Cursor::new(ctx.data(), ctx.data_end()), &mut pkt);
+    core::hint::black_box((parsed.is_ok(), &pkt));
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn bench_tc_lookup(ctx: TcContext) -> i32 {
+    core::hint::black_box(bare(ctx.data(), ctx.data_end()));
+    TC_ACT_UNSPEC
 }
 
 #[cfg(not(test))]
