@@ -578,7 +578,7 @@ pub fn run(
     p: &Progress,
 ) -> anyhow::Result<Section> {
     let mut params = Params::new(quick);
-    let sweep = Sweep::new()?;
+    let sweep = Sweep::new();
     if !sizes.is_empty() {
         anyhow::ensure!(
             sizes.iter().all(|&n| n > 0),
@@ -817,11 +817,11 @@ pub fn find(
 struct Sweep(Vec<u8>);
 
 impl Sweep {
-    fn new() -> anyhow::Result<Self> {
+    fn new() -> Self {
         let llc = last_level_cache().unwrap_or(64 << 20);
         // Written once, so that every page is backed (not the shared zero page) and the reads below go
         // to memory.
-        Ok(Self(vec![1u8; 2 * llc]))
+        Self(vec![1u8; 2 * llc])
     }
 
     fn run(&self) {
