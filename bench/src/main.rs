@@ -47,9 +47,10 @@ pub struct Opts {
     /// through the ENI, one through the twin link) [default: 2 with --quick, 6 without (five rounds)].
     #[arg(long)]
     pub pairs: Option<usize>,
-    /// Throughput: only these setups (comma-separated), in this order: none, empty, minimal-<rules>,
-    /// vpcgate-<rules>, nftables-<rules>, iptables-<rules> (rules such as 1000 or 1k) [default: the
-    /// run's own list]. For comparing two builds without the whole run.
+    /// Throughput: only these setups (comma-separated), in this order: none, empty, parse,
+    /// lookup-<rules>, minimal-<rules>, vpcgate-<rules>, nftables-<rules>, iptables-<rules> (rules such
+    /// as 1000 or 1k; parse and lookup are the minimal enforcer's halves) [default: the run's own list].
+    /// For comparing two builds without the whole run.
     #[arg(long, value_delimiter = ',')]
     pub setups: Vec<String>,
 }

@@ -446,7 +446,14 @@ fn throughput_findings(rows: &[throughput::Row]) -> Vec<String> {
                     Some(format!("{name} {no_filter}{vs_minimal}{vs_nft}"))
                 })
                 .collect();
-            format!("Throughput with {setup}: {}.", per_test.join("; "))
+            if setup == "no filter" {
+                format!(
+                    "Throughput with no filter on either link (ENI against the twin: how far the links differ): {}.",
+                    per_test.join("; ")
+                )
+            } else {
+                format!("Throughput with {setup}: {}.", per_test.join("; "))
+            }
         })
         .chain(program_findings(rows))
         .collect()

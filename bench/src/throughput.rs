@@ -12,9 +12,11 @@
 //! iperf3 server) gives the setups that filter per device (no filter, and the BPF programs on the ENI)
 //! a no-filter run a second away from each of theirs: their runs come in pairs, one through the ENI and
 //! one through the twin, back to back in alternating order, and their ratio to no filter is the median
-//! of the pairs' ratios, with a distribution-free 95% confidence interval. Runs of one setup here land
-//! 10-20% apart over minutes, far more than the few percent a filter costs; within a pair that drift
-//! cancels. The no-filter setup's pairs (ENI and twin both bare) show what the two links differ by.
+//! of the pairs' ratios, with a distribution-free 95% confidence interval. The no-filter setup's pairs
+//! (ENI and twin both bare) show what the two links differ by: the method's resolution. Pairing cancels
+//! drift over minutes; runs a second apart still differ by 5-20% here, which only the number of pairs
+//! narrows. The interval takes the pairs as independent, though they come from a few installs of each
+//! setup (five in a full run).
 //! Netfilter's hooks are the namespace's, not a device's (the twin's packets would cross them too), so
 //! nftables and iptables are compared with the no-filter setup's ENI runs instead.
 
@@ -143,8 +145,8 @@ impl Filter {
     fn parse(s: &str) -> anyhow::Result<Self> {
         let bad = || {
             anyhow::anyhow!(
-                "throughput setup {s:?}: expected none, empty, or minimal, vpcgate, nftables or iptables \
-                 with a rule count (vpcgate-1k, iptables-10000)"
+                "throughput setup {s:?}: expected none, empty, parse, or lookup, minimal, vpcgate, \
+                 nftables or iptables with a rule count (vpcgate-1k, iptables-10000)"
             )
         };
         match s {
@@ -155,10 +157,10 @@ impl Filter {
         }
         let (kind, n) = s.split_once('-').ok_or_else(bad)?;
         let n: usize = match n.strip_suffix('k') {
-            Some(k) => k.parse::<usize>().map(|k| k * 1000),
-            None => n.parse(),
+            Some(k) => k.parse::<usize>().ok().and_then(|k| k.checked_mul(1000)),
+            None => n.parse().ok(),
         }
-        .map_err(|_| bad())?;
+        .ok_or_else(bad)?;
         ensure!(n > 0, "throughput setup {s:?}: no rules");
         Ok(match kind {
             "minimal" => Filter::Minimal(n),
@@ -419,10 +421,19 @@ pub fn run(opts: &crate::Opts, seed: u64, p: &crate::Progress) -> anyhow::Result
     let setups = if opts.setups.is_empty() {
         setups
     } else {
-        opts.setups
+        let chosen = opts
+            .setups
             .iter()
             .map(|s| Filter::parse(s))
-            .collect::<anyhow::Result<Vec<_>>>()?
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for (i, s) in chosen.iter().enumerate() {
+            ensure!(
+                !chosen[..i].contains(s),
+                "--setups names {} twice",
+                s.label()
+            );
+        }
+        chosen
     };
     let tools = Tools::find()?;
     p.say(&format!(
@@ -461,9 +472,11 @@ pub fn run(opts: &crate::Opts, seed: u64, p: &crate::Progress) -> anyhow::Result
         }
         for test in [Test::Tcp, Test::Udp64] {
             for j in 0..per_round {
-                // The twin first in every other pair, so neither link is always the one measured
+                // The twin first in every other pair, and the first pair of a visit starts with the
+                // ENI in even rounds and the twin in odd ones: neither link is always the one measured
                 // right after a setup change or the other link's run.
-                let links: &[Link] = match (s.per_device(), (i + j) % 2 == 0) {
+                let round = i / setups.len();
+                let links: &[Link] = match (s.per_device(), (j + round) % 2 == 0) {
                     (false, _) => &[Link::Eni],
                     (true, true) => &[Link::Eni, Link::Twin],
                     (true, false) => &[Link::Twin, Link::Eni],
@@ -1545,8 +1558,9 @@ pub fn markdown(rows: &[Row]) -> String {
              ENI and one through the twin link (a second veth pair between the same namespaces, nothing \
              attached, toward a second iperf3 server), back to back, the twin first in every other pair. \
              Their \"× no filter\" is the median of the pairs' ratios (ENI / twin), with its distribution-free \
-             95% confidence interval in brackets (order statistics): the machine's drift over minutes, \
-             10-20% here, cancels within a pair. No filter's own pairs (both links bare) show how far the \
+             95% confidence interval in brackets (order statistics, the pairs taken as independent): \
+             drift over minutes cancels within a pair, second-to-second variation only narrows with more \
+             pairs. No filter's own pairs (both links bare) show how far the \
              two links differ. nftables and iptables hook the namespace, not a device (the twin's packets \
              would cross their rules too): theirs is the ratio of medians to no filter's ENI runs. vpcgate's \
              ratio to the minimal enforcer is the quotient of their paired ratios. \
@@ -1649,6 +1663,7 @@ mod tests {
             "pf-1k",
             "none-1k",
             "minimal-1.5k",
+            "vpcgate-18446744073709552k",
         ] {
             let e = Filter::parse(bad).expect_err(bad).to_string();
             assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
