@@ -601,13 +601,10 @@ fn describe(test: Test, s: &Sample) -> String {
             )
         })
         .unwrap_or_default();
+    let v = value(test, s.value);
     match test {
-        Test::Tcp => format!("{:.2} Gbit/s{cpu}", s.value / 1e9),
-        Test::Udp64 => format!(
-            "{:.0} kpps received, loss {:.1}%{cpu}",
-            s.value / 1e3,
-            s.loss.unwrap_or_default()
-        ),
+        Test::Tcp => format!("{v}{cpu}"),
+        Test::Udp64 => format!("{v} received, loss {:.1}%{cpu}", s.loss.unwrap_or_default()),
     }
 }
 
@@ -625,6 +622,8 @@ fn rows(
             .get(&(s, t))
             .map(|v| crate::median(&v.iter().map(|x| x.value).collect::<Vec<_>>()))
     };
+    let pairs: BTreeMap<(Filter, Test), Paired> =
+        runs.pairs.iter().map(|(k, p)| (*k, paired(p))).collect();
     let mut out = vec![];
     for &s in setups {
         for t in [Test::Tcp, Test::Udp64] {
@@ -637,13 +636,13 @@ fn rows(
             let busy: Vec<f64> = v.iter().filter_map(|x| x.busy_percent).collect();
             let own: Vec<f64> = v.iter().filter_map(|x| x.iperf3_ns_per_packet).collect();
             let loss: Vec<f64> = v.iter().filter_map(|x| x.loss).collect();
-            let paired = runs.pairs.get(&(s, t)).map(|p| paired(p));
+            let paired = pairs.get(&(s, t)).cloned();
             let (nft, minimal) = match s {
                 Filter::Vpcgate(n) => (
                     med(Filter::Nftables(n), t).map(|x| m / x),
                     // Both paired: the quotient of their ratios to their own twin runs.
-                    match (&paired, runs.pairs.get(&(Filter::Minimal(n), t))) {
-                        (Some(v), Some(p)) => Some(v.median / self::paired(p).median),
+                    match (&paired, pairs.get(&(Filter::Minimal(n), t))) {
+                        (Some(v), Some(p)) => Some(v.median / p.median),
                         _ => med(Filter::Minimal(n), t).map(|x| m / x),
                     },
                 ),
