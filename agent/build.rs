@@ -122,8 +122,9 @@ fn main() {
     match toolchain {
         Toolchain::DebianBpf => {
             cmd.args(["run", "debian-bpf", "cargo", "build"]);
-            // aya-ebpf uses #![feature(asm_experimental_arch)]: allow unstable features for those crates only.
-            cmd.env("RUSTC_BOOTSTRAP", "aya_ebpf,aya_log_ebpf");
+            // aya-ebpf and the programs (the `vpcgate` crate, for the scratch slot's atomic exchange) use
+            // #![feature(asm_experimental_arch)]: allow unstable features for those crates only.
+            cmd.env("RUSTC_BOOTSTRAP", "aya_ebpf,aya_log_ebpf,vpcgate");
         }
         Toolchain::NightlyBuildStd => {
             cmd.args(["run", "nightly", "cargo", "build", "-Z", "build-std=core"]);

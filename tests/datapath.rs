@@ -737,6 +737,8 @@ fn passes_are_observed_exactly_whether_combined_in_a_run_or_not() {
     assert_eq!((seen(&h, 0), seen(&h, 1)), ((sent + 9, 1), (11, 2)));
 }
 
+/// A run takes its hook's scratch slot in one atomic exchange and gives it back when done; a run that
+/// finds it taken fails closed and leaves it to its holder (`main::scratch`).
 #[test]
 fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
     use vpcgate_common::parse_stats::Hook;
@@ -767,17 +769,29 @@ fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
             vpcgate_lab::harness::XDP_PASS
         );
     }
-    // Taken (as by a run another task interleaved on this CPU): the same packet drops.
+    let free = |h: &Harness, hook: Hook| h.dp.scratch_busy(hook).unwrap().iter().all(|&b| b == 0);
+    let taken = |h: &Harness, hook: Hook| h.dp.scratch_busy(hook).unwrap().iter().all(|&b| b == 1);
+    for hook in [Hook::TcEgress, Hook::XdpForward, Hook::Xdp] {
+        assert!(
+            free(&h, hook),
+            "{hook:?}: a finished run left its slot taken"
+        );
+    }
+    // Taken (as by a run another task interleaved on this CPU): the same packet drops, and the run that
+    // found the slot taken leaves it taken (its exchange wrote 1 over 1): the holder still owns it.
     h.dp.set_scratch_busy(Hook::TcEgress, true).unwrap();
     h.dp.set_scratch_busy(Hook::XdpForward, true).unwrap();
-    assert_eq!(
-        run(&mut h, Enforcer::TcEgress),
-        vpcgate_lab::harness::TC_SHOT
-    );
-    assert_eq!(
-        run(&mut h, Enforcer::XdpForward),
-        vpcgate_lab::harness::XDP_DROP
-    );
+    for _ in 0..2 {
+        assert_eq!(
+            run(&mut h, Enforcer::TcEgress),
+            vpcgate_lab::harness::TC_SHOT
+        );
+        assert_eq!(
+            run(&mut h, Enforcer::XdpForward),
+            vpcgate_lab::harness::XDP_DROP
+        );
+    }
+    assert!(taken(&h, Hook::TcEgress) && taken(&h, Hook::XdpForward));
     // The observing program passes whatever happens.
     h.dp.set_scratch_busy(Hook::Xdp, true).unwrap();
     let rv =
@@ -787,6 +801,25 @@ fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
             .unwrap()
             .return_value;
     assert_eq!(rv, vpcgate_lab::harness::XDP_PASS);
+    assert!(taken(&h, Hook::Xdp));
+    // Given back, the slots serve again, and each run frees its slot.
+    for hook in [Hook::TcEgress, Hook::XdpForward, Hook::Xdp] {
+        h.dp.set_scratch_busy(hook, false).unwrap();
+    }
+    assert_eq!(
+        run(&mut h, Enforcer::TcEgress),
+        vpcgate_lab::harness::TC_PASS
+    );
+    assert_eq!(
+        run(&mut h, Enforcer::XdpForward),
+        vpcgate_lab::harness::XDP_PASS
+    );
+    for hook in [Hook::TcEgress, Hook::XdpForward, Hook::Xdp] {
+        assert!(
+            free(&h, hook),
+            "{hook:?}: a finished run left its slot taken"
+        );
+    }
 }
 
 /// Rules 4-7 decide a TCP or UDP packet from its destination, protocol and port only, and each hook

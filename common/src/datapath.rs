@@ -626,8 +626,8 @@ mod user {
     unsafe impl aya::Pod for KernelDrop {}
 }
 
-/// Size of a `SCRATCH` value (a kernel-private parsed packet), whose first u32 says whether a running
-/// program holds it: tests mark it taken from userspace.
+/// Size of a `SCRATCH` value (a kernel-private parsed packet), whose first u64 (native-endian) is 1
+/// while a running program holds it and 0 when it is free: tests mark it taken and read it from userspace.
 pub const SCRATCH_SIZE: usize = 240;
 
 /// Where a `SCRATCH` value holds its hook's `PendingObs` (the agent reads it beside `DEST_OBS`).

@@ -2,6 +2,7 @@
 //! live in their modules.
 #![no_std]
 #![no_main]
+#![feature(asm_experimental_arch)]
 
 mod account;
 mod events;
@@ -108,21 +109,41 @@ fn tc_action(o: &Outcome) -> i32 {
 /// track, so the states of the parser's many paths (VLAN tags, options, extension chains) collapse into
 /// one before the verdict and accounting are verified, instead of multiplying with them.
 ///
-/// Taken for the program's run and given back by `release`: TC egress and XDP run with bottom halves
-/// disabled, so two runs of one hook do not interleave on a CPU; where they could (PREEMPT_RT without its
-/// per-CPU bottom-half lock), the second finds the slot taken and gets None: the caller fails closed.
-/// Returns the slot: the parser (`vpcgate_parse_*`) fills its packet, then `parsed` lends it out.
+/// Taken for the program's run and given back by `release`. Two runs of one hook can interleave on a
+/// CPU wherever a run can be preempted: on PREEMPT_RT without `CONFIG_PREEMPT_RT_NEEDS_BH_LOCK` (off by
+/// default since 6.18) bottom-half sections only disable migration, and a test run on a kernel before
+/// 6.11 keeps bottom halves enabled. The slot is taken in one atomic exchange: a run that finds it taken
+/// gets None and its caller fails closed. A load, a test and a store could be preempted between the load
+/// and the store; both runs would then parse into one slot, and one packet could be decided on the other's
+/// headers. Returns the slot: the parser (`vpcgate_parse_*`) fills its packet, then `parsed` lends it out.
 #[inline(always)]
 fn scratch(hook: Hook) -> Option<*mut Scratch> {
     let s = SCRATCH.get_ptr_mut(hook as u32)?;
     // SAFETY: this CPU's slot of a per-CPU array, held by this run until `release`.
-    unsafe {
-        if (*s).busy != 0 {
-            return None;
-        }
-        (*s).busy = 1;
+    if unsafe { test_and_set(&raw mut (*s).busy) } != 0 {
+        return None;
     }
     Some(s)
+}
+
+/// Sets `*flag` to 1 and returns what it held, in one atomic exchange (BPF_XCHG, Linux 5.12+; the
+/// target's `core` has no atomic read-modify-write).
+///
+/// # Safety
+/// `flag` points at an 8-aligned u64 in map memory.
+#[inline(always)]
+unsafe fn test_and_set(flag: *mut u64) -> u64 {
+    let mut v: u64 = 1;
+    // SAFETY: by the caller.
+    unsafe {
+        core::arch::asm!(
+            "{v} = xchg_64({p} + 0, {v})",
+            p = in(reg) flag,
+            v = inout(reg) v,
+            options(nostack),
+        );
+    }
+    v
 }
 
 /// The parsed packet and the key buffer of a slot `scratch` took, once the parser is done with it (no
@@ -182,11 +203,15 @@ fn parse_result(r: i32) -> Result<(), parse::Malformed> {
     }
 }
 
-/// Gives the hook's scratch slot back (see `scratch`).
+/// Gives the hook's scratch slot back (see `scratch`). Every write of this run into the slot comes
+/// before it in the program: a run that preempts this one and takes the slot cannot have a write of
+/// this run's land in its packet afterwards (the other run is on this CPU, which sees its own writes in
+/// program order; the fence keeps the compiler from moving a write past the release).
 #[inline(always)]
 fn release(s: *mut Scratch) {
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
     // SAFETY: this run's slot; no reference into it is used after this.
-    unsafe { (*s).busy = 0 };
+    unsafe { core::ptr::write_volatile(&raw mut (*s).busy, 0) };
 }
 
 #[classifier]

@@ -17,8 +17,9 @@ fn kernel_clippy() -> Result<()> {
     let mut c = if std::path::Path::new("/etc/debian_version").exists() {
         let mut c = cmd("rustup");
         c.args(["run", setup::DEBIAN_TOOLCHAIN, "cargo", "clippy"]);
-        // aya-ebpf uses #![feature(asm_experimental_arch)]: unstable features for those crates only.
-        c.env("RUSTC_BOOTSTRAP", "aya_ebpf,aya_log_ebpf");
+        // aya-ebpf and the programs (`vpcgate`, for the slot's atomic exchange) use
+        // #![feature(asm_experimental_arch)]: unstable features for those crates only.
+        c.env("RUSTC_BOOTSTRAP", "aya_ebpf,aya_log_ebpf,vpcgate");
         c
     } else {
         let mut c = cmd("rustup");

@@ -119,7 +119,7 @@ impl Datapath {
             .iter()
             .map(|s| {
                 let mut s = *s;
-                s[..4].copy_from_slice(&u32::from(busy).to_ne_bytes());
+                s[..8].copy_from_slice(&u64::from(busy).to_ne_bytes());
                 s
             })
             .collect();

@@ -182,6 +182,24 @@ impl Datapath {
             .map_err(|source| DatapathError::Map { map: name, source })
     }
 
+    /// Test hook: every CPU's busy flag of `hook`'s scratch slot (1 while a run holds it, 0 when free;
+    /// see `set_scratch_busy`).
+    #[doc(hidden)]
+    pub fn scratch_busy(
+        &self,
+        hook: vpcgate_common::parse_stats::Hook,
+    ) -> Result<Vec<u64>, DatapathError> {
+        Ok(self
+            .scratch_slots(hook as u32)?
+            .iter()
+            .map(|s| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&s[..8]);
+                u64::from_ne_bytes(b)
+            })
+            .collect())
+    }
+
     /// Every CPU's `SCRATCH` slot of `hook`, as bytes.
     fn scratch_slots(&self, hook: u32) -> Result<Vec<[u8; SCRATCH_SIZE]>, DatapathError> {
         let name = names::SCRATCH;
