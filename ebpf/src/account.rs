@@ -236,7 +236,8 @@ pub fn account(o: &Outcome, bytes: u64) {
     if o.reason != 0 {
         let index = o.reason + if o.audit { AUDIT_OFFSET } else { 0 };
         if let Some(slot) = DROP_STATS.get_ptr_mut(index) {
-            // SAFETY: per-CPU slot; BPF programs are not preempted by others on this CPU for this map.
+            // SAFETY: per-CPU slot. On PREEMPT_RT without the bottom-half lock a run that preempts
+            // this one between its load and store can lose a count, never more.
             unsafe { *slot += 1 };
         }
     }

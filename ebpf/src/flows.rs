@@ -281,8 +281,7 @@ fn socket_exists(ctx: *mut core::ffi::c_void, v6: bool, tcp: bool, t: &mut Tuple
 /// a socket bound or an address added within that tick misses its first datagrams, whose flow is then
 /// not recorded (the gateway's answers drop, as for any packet that is not a reply: stricter, never
 /// looser). A slot is a hash of the tuple: a peer choosing its port to collide only evicts, which costs
-/// lookups. A torn slot (PREEMPT_RT without its per-CPU bottom-half lock) can only skip a lookup, with the
-/// same effect.
+/// lookups. Only XDP ingress reads and writes the memo, while it holds its scratch slot: one run per CPU.
 #[inline(always)]
 fn udp_starts_flow(ctx: &XdpContext, pkt: &Packet, sport: u16, dport: u16) -> bool {
     let k = memo_key(pkt, sport, dport);
@@ -373,15 +372,17 @@ fn refresh(v: *mut FlowValue, now: u64, closing: bool) {
     }
 }
 
-/// The ENI's ingress: records and refreshes flows peers initiate toward a gateway socket. A separate
-/// BPF function (verified once per caller state, not inlined into every parser path).
+/// The ENI's ingress: records and refreshes flows peers initiate toward a gateway socket. Inlined into
+/// XDP ingress, its one caller: the parser is a global function, so the caller reaches it in one
+/// state, and the call and return it saves were about a tenth of the program's time on a datagram
+/// (83 against 69 ns for the minimal enforcer before, within 10% of it after: issue 13).
 ///
 /// Most TCP segments that arrive answer the gateway's own connections, toward its ephemeral ports, where
 /// no flow was ever recorded: the local port's `REPLY_PORTS` mark (set before any flow or half-open entry
 /// toward it, never cleared) says so without a hash lookup, and such a segment costs no flow lookup, no
 /// clock read and no policy read. A UDP datagram toward an unmarked port is checked by `udp_starts_flow`,
 /// which remembers a "no" for the tick.
-#[inline(never)]
+#[inline(always)]
 pub fn record_inbound(ctx: &XdpContext, pkt: &Packet) {
     if pkt.fragment == Fragment::NonFirst || pkt.l3 == L3::NonIp {
         return;

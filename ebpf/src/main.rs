@@ -203,15 +203,22 @@ fn parse_result(r: i32) -> Result<(), parse::Malformed> {
     }
 }
 
-/// Gives the hook's scratch slot back (see `scratch`). Every write of this run into the slot comes
-/// before it in the program: a run that preempts this one and takes the slot cannot have a write of
-/// this run's land in its packet afterwards (the other run is on this CPU, which sees its own writes in
-/// program order; the fence keeps the compiler from moving a write past the release).
+/// Gives the hook's scratch slot back (see `scratch`). Every read and write of this run in the slot
+/// comes before it in the program: a run that preempts this one and takes the slot neither has a write
+/// of this run's land in its packet nor lends this run its verdict. The other run is on this CPU, which
+/// sees its own accesses in program order; the store is inline assembly that may touch any memory, so
+/// the compiler moves no access to the slot past it.
 #[inline(always)]
 fn release(s: *mut Scratch) {
-    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
-    // SAFETY: this run's slot; no reference into it is used after this.
-    unsafe { core::ptr::write_volatile(&raw mut (*s).busy, 0) };
+    // SAFETY: this run's slot (8-aligned `busy` at offset 0); no reference into it is used after this.
+    unsafe {
+        core::arch::asm!(
+            "*(u64 *)({p} + 0) = {z}",
+            p = in(reg) &raw mut (*s).busy,
+            z = in(reg) 0u64,
+            options(nostack),
+        );
+    }
 }
 
 #[classifier]
@@ -264,7 +271,12 @@ pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let ifindex = ctx.ingress_ifindex() as u32;
     let Some(s) = scratch(Hook::XdpForward) else {
-        return xdp_action::XDP_DROP;
+        // Fail closed as TC egress does: dropped, or passed under an audit policy.
+        return if verdict::malformed().action == ACTION_PASS {
+            xdp_action::XDP_PASS
+        } else {
+            xdp_action::XDP_DROP
+        };
     };
     let parsed_ok = parse_result(vpcgate_parse_xdp(ctx.ctx, Hook::XdpForward as u32));
     let (pkt, key) = parsed(s);

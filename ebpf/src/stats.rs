@@ -12,7 +12,8 @@ static PARSE_STATS: PerCpuArray<ParseRow> = PerCpuArray::with_max_entries(PARSE_
 /// Row `hook` (a `Hook`) on this CPU.
 #[inline(always)]
 fn row(hook: u32) -> Option<&'static mut ParseRow> {
-    // SAFETY: per-CPU row, only this CPU writes it while this program runs (no preemption in BPF).
+    // SAFETY: per-CPU row of this hook, written only by runs that hold the hook's scratch slot on this
+    // CPU (`main::scratch`): one at a time.
     PARSE_STATS.get_ptr_mut(hook).map(|r| unsafe { &mut *r })
 }
 

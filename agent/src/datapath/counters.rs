@@ -97,14 +97,15 @@ impl Datapath {
             .map_err(map_err(names::GEN_CONFIG))
     }
 
-    /// Test hook: marks this hook's per-CPU scratch packet taken (or free) on every CPU, as if a program
-    /// run held it: a run that finds it taken must fail closed. It writes every CPU's slot back whole
-    /// (with the pending observations it read): call it with no traffic running.
+    /// Test hook: sets this hook's per-CPU scratch busy flag to `busy` on every CPU: nonzero marks the
+    /// slot taken, as if a program run held it (a run that finds it taken must fail closed); 0 frees it.
+    /// It writes every CPU's slot back whole (with the pending observations it read): call it with no
+    /// traffic running.
     #[doc(hidden)]
     pub fn set_scratch_busy(
         &mut self,
         hook: vpcgate_common::parse_stats::Hook,
-        busy: bool,
+        busy: u64,
     ) -> Result<(), DatapathError> {
         let name = vpcgate_common::datapath::names::SCRATCH;
         let mut a = typed_map!(
@@ -119,7 +120,7 @@ impl Datapath {
             .iter()
             .map(|s| {
                 let mut s = *s;
-                s[..8].copy_from_slice(&u64::from(busy).to_ne_bytes());
+                s[..8].copy_from_slice(&busy.to_ne_bytes());
                 s
             })
             .collect();
