@@ -801,7 +801,7 @@ fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
     }
     // Taken (as by a run another task interleaved on this CPU), here with a value no run writes: the
     // allowed packet drops (the observing program passes it), and each run's exchange wrote 1 over it.
-    // A load-test-store would have left the 2: only an exchange writes a slot it finds taken.
+    // This rules out the former load-test-store, which left a taken slot as it found it.
     for hook in HOOKS {
         h.dp.set_scratch_busy(hook, 2).unwrap();
     }
@@ -828,7 +828,16 @@ fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
     let mut audit = small();
     audit.instance.mode = Mode::Audit;
     h.apply(&audit);
-    assert_eq!(run(&mut h, &pass.bytes), (TC_PASS, XDP_PASS, XDP_PASS));
+    for frame in [&pass.bytes, &denied.bytes, &malformed] {
+        assert_eq!(run(&mut h, frame), (TC_PASS, XDP_PASS, XDP_PASS));
+    }
+    for hook in HOOKS {
+        assert!(
+            flags(&h, hook).iter().all(|&b| b != 0),
+            "{hook:?}: a run under audit freed a slot it found taken: {:?}",
+            flags(&h, hook)
+        );
+    }
     // Given back, the slots serve again.
     h.apply(&small());
     for hook in HOOKS {

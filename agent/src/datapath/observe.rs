@@ -182,8 +182,8 @@ impl Datapath {
             .map_err(|source| DatapathError::Map { map: name, source })
     }
 
-    /// Test hook: every CPU's busy flag of `hook`'s scratch slot (1 while a run holds it, 0 when free;
-    /// see `set_scratch_busy`).
+    /// Test hook: every CPU's busy flag of `hook`'s scratch slot (nonzero while taken: a run writes 1,
+    /// `set_scratch_busy` any value; 0 when free).
     #[doc(hidden)]
     pub fn scratch_busy(
         &self,
