@@ -162,11 +162,7 @@ impl Datapath {
         &self,
         hook: vpcgate_common::parse_stats::Hook,
     ) -> Result<Vec<u64>, DatapathError> {
-        Ok(self
-            .scratch_slots(hook as u32)?
-            .iter()
-            .map(|s| bytemuck::pod_read_unaligned(&s[SCRATCH_MEMO_OFFSET..SCRATCH_MEMO_OFFSET + 8]))
-            .collect())
+        self.scratch_words(hook, SCRATCH_MEMO_OFFSET)
     }
 
     /// Test hook: `POLICY_EPOCH`, the epoch the last apply ended with (0 before any).
@@ -189,14 +185,19 @@ impl Datapath {
         &self,
         hook: vpcgate_common::parse_stats::Hook,
     ) -> Result<Vec<u64>, DatapathError> {
+        self.scratch_words(hook, 0)
+    }
+
+    /// Per CPU, the u64 at `offset` of `hook`'s scratch slot.
+    fn scratch_words(
+        &self,
+        hook: vpcgate_common::parse_stats::Hook,
+        offset: usize,
+    ) -> Result<Vec<u64>, DatapathError> {
         Ok(self
             .scratch_slots(hook as u32)?
             .iter()
-            .map(|s| {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&s[..8]);
-                u64::from_ne_bytes(b)
-            })
+            .map(|s| bytemuck::pod_read_unaligned(&s[offset..offset + 8]))
             .collect())
     }
 
