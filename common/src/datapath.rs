@@ -627,7 +627,8 @@ mod user {
 }
 
 /// Size of a `SCRATCH` value (a kernel-private parsed packet), whose first u64 (native-endian) is 1
-/// while a running program holds it and 0 when it is free: tests mark it taken and read it from userspace.
+/// while a running program holds it and 0 when it is free: tests mark it taken and read it from
+/// userspace.
 pub const SCRATCH_SIZE: usize = 240;
 
 /// Where a `SCRATCH` value holds its hook's `PendingObs` (the agent reads it beside `DEST_OBS`).

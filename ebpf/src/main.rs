@@ -111,10 +111,11 @@ fn tc_action(o: &Outcome) -> i32 {
 ///
 /// Taken for the program's run and given back by `release`. Two runs of one hook can interleave on a
 /// CPU wherever a run can be preempted: on PREEMPT_RT without `CONFIG_PREEMPT_RT_NEEDS_BH_LOCK` (off by
-/// default) bottom-half sections only disable migration. The slot is taken in one atomic exchange: a run that finds it taken
-/// gets None and its caller fails closed. A load, a test and a store could be preempted between the load
-/// and the store; both runs would then parse into one slot, and one packet could be decided on the other's
-/// headers. Returns the slot: the parser (`vpcgate_parse_*`) fills its packet, then `parsed` lends it out.
+/// default) bottom-half sections only disable migration. The slot is taken in one atomic exchange: a
+/// run that finds it taken gets None and its caller fails closed. A load, a test and a store could be
+/// preempted between the load and the store; both runs would then parse into one slot, and one packet
+/// could be decided on the other's headers. Returns the slot: the parser (`vpcgate_parse_*`) fills its
+/// packet, then `parsed` lends it out.
 #[inline(always)]
 fn scratch(hook: Hook) -> Option<*mut Scratch> {
     let s = SCRATCH.get_ptr_mut(hook as u32)?;

@@ -191,7 +191,8 @@ pub static KTRACE_SEEN: PerCpuArray<[u64; 3]> = PerCpuArray::with_max_entries(1,
 pub static KERNEL_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(2, 0);
 
 /// A hook's scratch slot on one CPU: the parsed packet, and whether a running program holds it.
-/// The busy flag comes first: tests set and read it from userspace (`vpcgate_common::datapath::SCRATCH_SIZE`).
+/// The busy flag comes first: tests set and read it from userspace
+/// (`vpcgate_common::datapath::SCRATCH_SIZE`).
 #[repr(C)]
 pub struct Scratch {
     /// 1 while a run holds the slot (`main::scratch`: an atomic exchange), 0 when free.
