@@ -742,8 +742,8 @@ fn passes_are_observed_exactly_whether_combined_in_a_run_or_not() {
 /// verdict) and leaves it to its holder (`main::scratch`).
 #[test]
 fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
-    use aya::programs::{TestRun, TestRunOptions};
     use vpcgate_common::parse_stats::Hook;
+    use vpcgate_lab::harness::run_prog;
     vpcgate_lab::require_root();
     const HOOKS: [Hook; 3] = [Hook::TcEgress, Hook::XdpForward, Hook::Xdp];
     let mut h = Harness::new();
@@ -754,30 +754,12 @@ fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
     let mut malformed = pass.bytes.clone();
     assert_eq!(malformed[14], 0x45, "an IPv4 header after Ethernet");
     malformed[14] = 0x44;
-    fn opts(b: &[u8]) -> TestRunOptions<'_> {
-        TestRunOptions {
-            data_in: Some(b),
-            ..TestRunOptions::new()
-        }
-    }
     // (TC egress, XDP forward, XDP ingress) return values for one frame.
     let run = |h: &mut Harness, b: &[u8]| {
         (
-            h.dp.tc_egress()
-                .unwrap()
-                .test_run(opts(b))
-                .unwrap()
-                .return_value,
-            h.dp.xdp_forward()
-                .unwrap()
-                .test_run(opts(b))
-                .unwrap()
-                .return_value,
-            h.dp.xdp_ingress()
-                .unwrap()
-                .test_run(opts(b))
-                .unwrap()
-                .return_value,
+            run_prog(h.dp.tc_egress().unwrap(), b),
+            run_prog(h.dp.xdp_forward().unwrap(), b),
+            run_prog(h.dp.xdp_ingress().unwrap(), b),
         )
     };
     let flags = |h: &Harness, hook: Hook| h.dp.scratch_busy(hook).unwrap();

@@ -97,6 +97,15 @@ fn enforce(
 }
 
 #[inline(always)]
+fn xdp_verdict(o: &Outcome) -> u32 {
+    if o.action == ACTION_PASS {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+#[inline(always)]
 fn tc_action(o: &Outcome) -> i32 {
     if o.action == ACTION_PASS {
         TC_PASS
@@ -272,11 +281,7 @@ pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
     let ifindex = ctx.ingress_ifindex() as u32;
     let Some(s) = scratch(Hook::XdpForward) else {
         // Fail closed as TC egress does: dropped, or passed under an audit policy.
-        return if verdict::malformed().action == ACTION_PASS {
-            xdp_action::XDP_PASS
-        } else {
-            xdp_action::XDP_DROP
-        };
+        return xdp_verdict(&verdict::malformed());
     };
     let parsed_ok = parse_result(vpcgate_parse_xdp(ctx.ctx, Hook::XdpForward as u32));
     let (pkt, key) = parsed(s);
@@ -291,11 +296,7 @@ pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
         true,
     );
     release(s);
-    if o.action == ACTION_PASS {
-        xdp_action::XDP_PASS
-    } else {
-        xdp_action::XDP_DROP
-    }
+    xdp_verdict(&o)
 }
 
 /// The ENI's ingress: observe only. Records flows peers initiate (so the gateway's replies pass) and what

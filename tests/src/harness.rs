@@ -193,7 +193,8 @@ fn outbound_flow_key(d: &Described) -> Option<FlowKey> {
     })
 }
 
-fn run_prog<P>(prog: &P, bytes: &[u8]) -> u32
+/// One BPF_PROG_TEST_RUN of `prog` on `bytes`: its return value (panics if the kernel refuses the run).
+pub fn run_prog<P>(prog: &P, bytes: &[u8]) -> u32
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {
