@@ -460,7 +460,8 @@ fn throughput_findings(rows: &[throughput::Row]) -> Vec<String> {
 }
 
 /// vpcgate's TC egress under each test's traffic, beside the minimal enforcer with as many rules and the
-/// empty program (kernel BPF statistics).
+/// empty program (kernel BPF statistics), and each one's share of what the busiest CPU spent per packet
+/// in its setup's runs.
 fn program_findings(rows: &[throughput::Row]) -> Vec<String> {
     let tc = |r: &throughput::Row| {
         r.programs
@@ -471,19 +472,37 @@ fn program_findings(rows: &[throughput::Row]) -> Vec<String> {
     let find = |filter: &str, rules: usize, test: &str| {
         rows.iter()
             .find(|r| r.filter == filter && r.rules == rules && r.test == test)
-            .and_then(tc)
+    };
+    // "3.0% of 4870 ns (99% busy)"
+    let share = |r: &throughput::Row, ns: f64| match (
+        r.busiest_cpu_ns_per_packet,
+        r.busiest_cpu_busy_percent,
+    ) {
+        (Some(b), Some(p)) if b > 0.0 => {
+            format!("{:.1}% of {b:.0} ns ({p:.0}% busy)", 100.0 * ns / b)
+        }
+        _ => "–".into(),
     };
     rows.iter()
         .filter(|r| r.filter == "vpcgate")
         .filter_map(|r| {
             let own = tc(r)?;
-            let minimal = find("minimal", r.rules, &r.test)
-                .map_or(String::new(), |m| format!(", the minimal enforcer {m:.0} ns"));
-            let empty = find("empty", 0, &r.test)
-                .map_or(String::new(), |e| format!(", the empty program {e:.0} ns"));
+            let mut shares = vec![format!("vpcgate {}", share(r, own))];
+            let mut others = String::new();
+            for (label, row) in [
+                ("the minimal enforcer", find("minimal", r.rules, &r.test)),
+                ("the empty program", find("empty", 0, &r.test)),
+            ] {
+                if let Some((row, ns)) = row.and_then(|row| Some((row, tc(row)?))) {
+                    others += &format!(", {label} {ns:.0} ns");
+                    shares.push(format!("{label} {}", share(row, ns)));
+                }
+            }
             Some(format!(
-                "Under {} traffic ({}), vpcgate's TC egress took {own:.0} ns per packet{minimal}{empty} (kernel BPF statistics, their clock reads included).",
-                r.test, r.setup
+                "Under {} traffic ({}), vpcgate's TC egress took {own:.0} ns per packet{others} (kernel BPF statistics, their clock reads included). Against what the busiest CPU spent per packet in each setup's timed runs: {}.",
+                r.test,
+                r.setup,
+                shares.join(", ")
             ))
         })
         .collect()

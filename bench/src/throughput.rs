@@ -67,6 +67,12 @@ pub struct Row {
     /// How busy the machine was during the runs (percent of all CPUs, median): near 100, the runs are
     /// CPU-bound and `cpu_ns_per_packet` is about (CPUs / packet rate), not a filter's own cost.
     pub cpu_busy_percent: Option<f64>,
+    /// Busy time of the CPU that was busiest during a run (/proc/stat, same fields), per packet sent on
+    /// the ENI, median. When that CPU is near 100% busy it bounds the rate: a program's cost in situ takes
+    /// about its share of this figure off the rate, however idle the other CPUs are.
+    pub busiest_cpu_ns_per_packet: Option<f64>,
+    /// How busy that CPU was (percent of its time), median.
+    pub busiest_cpu_busy_percent: Option<f64>,
     /// CPU time of the two iperf3 processes (their own user+system accounting, as iperf3 reports it;
     /// with tick accounting it includes softirq work done in their context, not ksoftirqd's or other
     /// processes') per packet sent on the ENI, median.
@@ -364,6 +370,8 @@ struct Sample {
     packets: u64,
     cpu_ns_per_packet: Option<f64>,
     busy_percent: Option<f64>,
+    busiest_ns_per_packet: Option<f64>,
+    busiest_percent: Option<f64>,
     iperf3_ns_per_packet: Option<f64>,
 }
 
@@ -595,8 +603,10 @@ fn describe(test: Test, s: &Sample) -> String {
         .cpu_ns_per_packet
         .map(|c| {
             format!(
-                ", {c:.0} ns CPU/packet (machine {:.0}% busy; iperf3 processes {:.0} ns/packet)",
+                ", {c:.0} ns CPU/packet (machine {:.0}% busy; busiest CPU {:.0} ns/packet, {:.0}% busy; iperf3 processes {:.0} ns/packet)",
                 s.busy_percent.unwrap_or_default(),
+                s.busiest_ns_per_packet.unwrap_or(f64::NAN),
+                s.busiest_percent.unwrap_or(f64::NAN),
                 s.iperf3_ns_per_packet.unwrap_or(f64::NAN)
             )
         })
@@ -634,6 +644,8 @@ fn rows(
             let m = crate::median(&values);
             let cpu: Vec<f64> = v.iter().filter_map(|x| x.cpu_ns_per_packet).collect();
             let busy: Vec<f64> = v.iter().filter_map(|x| x.busy_percent).collect();
+            let busiest: Vec<f64> = v.iter().filter_map(|x| x.busiest_ns_per_packet).collect();
+            let busiest_busy: Vec<f64> = v.iter().filter_map(|x| x.busiest_percent).collect();
             let own: Vec<f64> = v.iter().filter_map(|x| x.iperf3_ns_per_packet).collect();
             let loss: Vec<f64> = v.iter().filter_map(|x| x.loss).collect();
             let paired = pairs.get(&(s, t)).cloned();
@@ -663,6 +675,9 @@ fn rows(
                 loss_percent: (!loss.is_empty()).then(|| crate::median(&loss)),
                 cpu_ns_per_packet: (!cpu.is_empty()).then(|| crate::median(&cpu)),
                 cpu_busy_percent: (!busy.is_empty()).then(|| crate::median(&busy)),
+                busiest_cpu_ns_per_packet: (!busiest.is_empty()).then(|| crate::median(&busiest)),
+                busiest_cpu_busy_percent: (!busiest_busy.is_empty())
+                    .then(|| crate::median(&busiest_busy)),
                 iperf3_cpu_ns_per_packet: (!own.is_empty()).then(|| crate::median(&own)),
                 packets_per_run: crate::median(&v.iter().map(|x| x.packets as f64).collect::<Vec<_>>()),
                 runs: v.len(),
@@ -786,20 +801,62 @@ impl IperfServer {
     }
 }
 
-/// Busy jiffies of all CPUs (user+nice+system+irq+softirq) from /proc/stat.
-fn busy_ticks() -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
-    let line = stat
-        .lines()
-        .find(|l| l.starts_with("cpu "))
-        .context("no cpu line in /proc/stat")?;
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    ensure!(f.len() >= 7, "short cpu line in /proc/stat: {line}");
-    Ok(f[0] + f[1] + f[2] + f[5] + f[6])
+/// Busy clock ticks (user+nice+system+irq+softirq) from /proc/stat.
+struct BusyTicks {
+    /// All CPUs.
+    total: u64,
+    /// Each CPU's, by its line (`cpuN`).
+    per_cpu: BTreeMap<String, u64>,
+}
+
+impl BusyTicks {
+    fn read() -> anyhow::Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+        Self::parse(&stat)
+    }
+
+    fn parse(stat: &str) -> anyhow::Result<Self> {
+        let busy = |line: &str| -> anyhow::Result<u64> {
+            let f = line
+                .split_whitespace()
+                .skip(1)
+                .map(|x| x.parse::<u64>())
+                .collect::<Result<Vec<u64>, _>>()
+                .with_context(|| format!("a cpu line of /proc/stat that is not numbers: {line}"))?;
+            ensure!(f.len() >= 7, "short cpu line in /proc/stat: {line}");
+            Ok(f[0] + f[1] + f[2] + f[5] + f[6])
+        };
+        let mut total = None;
+        let mut per_cpu = BTreeMap::new();
+        for line in stat.lines() {
+            let Some(name) = line.split_whitespace().next() else {
+                continue;
+            };
+            if name == "cpu" {
+                total = Some(busy(line)?);
+            } else if name.len() > 3
+                && name.starts_with("cpu")
+                && name[3..].bytes().all(|b| b.is_ascii_digit())
+            {
+                per_cpu.insert(name.to_string(), busy(line)?);
+            }
+        }
+        let total = total.context("no cpu line in /proc/stat")?;
+        ensure!(!per_cpu.is_empty(), "no cpuN lines in /proc/stat");
+        Ok(BusyTicks { total, per_cpu })
+    }
+
+    /// The busy ticks of all CPUs and of the busiest one from `self` to `later` (a CPU that went
+    /// offline in between is not counted).
+    fn since(&self, later: &BusyTicks) -> (u64, u64) {
+        let busiest = later
+            .per_cpu
+            .iter()
+            .filter_map(|(cpu, t)| Some(t.saturating_sub(*self.per_cpu.get(cpu)?)))
+            .max()
+            .unwrap_or(0);
+        (later.total.saturating_sub(self.total), busiest)
+    }
 }
 
 fn clock_ticks() -> anyhow::Result<u64> {
@@ -859,7 +916,7 @@ fn measure(
         args.extend(["-u", "-l", "18", "-b", "0"]);
     }
     let tx0 = tx_packets(lab, link)?;
-    let busy0 = busy_ticks()?;
+    let busy0 = BusyTicks::read()?;
     let t0 = Instant::now();
     let out = run_bounded(
         Some(&lab.gw),
@@ -868,7 +925,7 @@ fn measure(
         None,
         Duration::from_secs(secs + 20),
     )?;
-    let busy1 = busy_ticks()?;
+    let busy1 = BusyTicks::read()?;
     let wall = t0.elapsed().as_secs_f64();
     let tx1 = tx_packets(lab, link)?;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
@@ -890,9 +947,13 @@ fn measure(
     );
     let rx = &json["end"]["sum_received"];
     let packets = tx1.saturating_sub(tx0);
-    let cpu_ns = (busy1.saturating_sub(busy0)) as f64 * 1e9 / clk as f64;
-    let cpu_ns_per_packet = (packets > 0 && busy1 > busy0).then(|| cpu_ns / packets as f64);
+    let (busy, busiest) = busy0.since(&busy1);
+    let cpu_ns = busy as f64 * 1e9 / clk as f64;
+    let cpu_ns_per_packet = (packets > 0 && busy > 0).then(|| cpu_ns / packets as f64);
     let busy_percent = Some(100.0 * cpu_ns / 1e9 / (wall * cpus as f64));
+    let busiest_ns = busiest as f64 * 1e9 / clk as f64;
+    let busiest_ns_per_packet = (packets > 0 && busiest > 0).then(|| busiest_ns / packets as f64);
+    let busiest_percent = Some(100.0 * busiest_ns / 1e9 / wall);
     let util = &json["end"]["cpu_utilization_percent"];
     let test_seconds = json["end"]["sum_sent"]["seconds"].as_f64().unwrap_or(0.0);
     let iperf3_ns_per_packet = match (util["host_total"].as_f64(), util["remote_total"].as_f64()) {
@@ -917,6 +978,8 @@ fn measure(
                 packets,
                 cpu_ns_per_packet,
                 busy_percent,
+                busiest_ns_per_packet,
+                busiest_percent,
                 iperf3_ns_per_packet,
             })
         }
@@ -938,6 +1001,8 @@ fn measure(
                 packets,
                 cpu_ns_per_packet,
                 busy_percent,
+                busiest_ns_per_packet,
+                busiest_percent,
                 iperf3_ns_per_packet,
             })
         }
@@ -1505,20 +1570,23 @@ pub fn markdown(rows: &[Row]) -> String {
         (None, Some(x)) => format!(" ({x:.2}×)"),
         (None, None) => String::new(),
     };
-    // "machine / iperf3 processes (machine busy %)"
+    // "machine / busiest CPU / iperf3 processes (machine busy %, busiest CPU busy %)"
     let cpu = |r: Option<&Row>| match r.and_then(|r| r.cpu_ns_per_packet.map(|c| (r, c))) {
-        Some((r, c)) => format!(
-            "{c:.0} / {} ({}%)",
-            r.iperf3_cpu_ns_per_packet
-                .map_or_else(|| "—".into(), |x| format!("{x:.0}")),
-            r.cpu_busy_percent
-                .map_or_else(|| "—".into(), |x| format!("{x:.0}"))
-        ),
+        Some((r, c)) => {
+            let n = |x: Option<f64>| x.map_or_else(|| "—".into(), |x| format!("{x:.0}"));
+            format!(
+                "{c:.0} / {} / {} ({}%, {}%)",
+                n(r.busiest_cpu_ns_per_packet),
+                n(r.iperf3_cpu_ns_per_packet),
+                n(r.cpu_busy_percent),
+                n(r.busiest_cpu_busy_percent),
+            )
+        }
         None => "—".into(),
     };
     let mut out = String::from(
         "### Throughput over veth (iperf3, gateway namespace → VPC namespace)\n\n\
-         | setup | TCP Gbit/s (× no filter) | UDP 64 B kpps received (× no filter) | UDP loss | TCP CPU ns/packet: machine / iperf3 (busy) | UDP CPU ns/packet: machine / iperf3 (busy) |\n\
+         | setup | TCP Gbit/s (× no filter) | UDP 64 B kpps received (× no filter) | UDP loss | TCP CPU ns/packet: machine / busiest CPU / iperf3 (busy: machine, busiest CPU) | UDP CPU ns/packet: machine / busiest CPU / iperf3 (busy: machine, busiest CPU) |\n\
          |---|---:|---:|---:|---:|---:|\n",
     );
     for s in &setups {
@@ -1567,10 +1635,13 @@ pub fn markdown(rows: &[Row]) -> String {
              receiver's packets/s and loss. CPU per packet, over the packets sent on the gateway's ENI (TCP: \
              GSO super-packets, what TC egress sees): \"machine\" is the busy time of all CPUs (/proc/stat \
              user+nice+system+irq+softirq) during the run, so it includes whatever else runs on this shared \
-             machine; \"iperf3\" is the two iperf3 processes' own CPU time as iperf3 reports it (with tick \
+             machine; \"busiest CPU\" is the busy time of the one CPU that was busiest during the run; \
+             \"iperf3\" is the two iperf3 processes' own CPU time as iperf3 reports it (with tick \
              accounting, softirq work done in their context included, ksoftirqd's not). Both iperf3 ends run \
              on this machine. When the machine is near 100% busy the runs are CPU-bound: the machine figure is \
-             then about (CPUs / packet rate) and the throughput ratios say more than the CPU figures.\n",
+             then about (CPUs / packet rate) and the throughput ratios say more than the CPU figures. When \
+             one CPU is near 100% busy and the others are not, that CPU bounds the rate: a program's cost \
+             per packet in situ (below) takes about its share of the busiest CPU's figure off the rate.\n",
             r.runs, r.seconds_per_run,
         );
     }
@@ -1636,7 +1707,52 @@ pub fn plots(dir: &std::path::Path, rows: &[Row]) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::Filter;
+    use super::{BusyTicks, Filter};
+
+    #[test]
+    fn busy_ticks_sum_the_busy_fields_and_find_the_busiest_cpu() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let before = BusyTicks::parse(
+            "cpu  100 0 50 1000 7 0 10 3 0 0\n\
+             cpu0 60 0 20 500 4 0 5 2 0 0\n\
+             cpu1 40 0 30 500 3 0 5 1 0 0\n\
+             intr 12345 0 0\n\
+             cpus_allowed 3\n",
+        )
+        .unwrap();
+        assert_eq!(before.total, 160);
+        assert_eq!(before.per_cpu["cpu0"], 85);
+        assert_eq!(before.per_cpu["cpu1"], 75);
+        // Idle, iowait and steal are not busy; cpu1 did more in between though cpu0 did more overall.
+        let after = BusyTicks::parse(
+            "cpu  150 0 130 1100 9 2 30 4 0 0\n\
+             cpu0 70 0 30 550 5 0 10 3 0 0\n\
+             cpu1 80 0 100 550 4 2 20 1 0 0\n",
+        )
+        .unwrap();
+        assert_eq!(before.since(&after), (152, 202 - 75));
+        // A CPU that appears only later (hot-plugged) is not counted; the total still is.
+        let plugged = BusyTicks::parse(
+            "cpu  400 0 130 1100 9 2 30 4 0 0\n\
+             cpu0 70 0 30 550 5 0 10 3 0 0\n\
+             cpu1 80 0 100 550 4 2 20 1 0 0\n\
+             cpu2 250 0 0 0 0 0 0 0 0 0\n",
+        )
+        .unwrap();
+        assert_eq!(before.since(&plugged), (402, 202 - 75));
+        for (bad, want) in [
+            ("cpu0 1 2 3 4 5 6 7\n", "no cpu line"),
+            ("cpu  1 2 3 4 5 6 7\n", "no cpuN lines"),
+            ("cpu  1 2 3\ncpu0 1 2 3 4 5 6 7\n", "short cpu line"),
+            ("cpu  1 2 3 4 5 6 x\ncpu0 1 2 3 4 5 6 7\n", "not numbers"),
+        ] {
+            let e = BusyTicks::parse(bad).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains(want)),
+                "{bad:?}: {e:?}"
+            );
+        }
+    }
 
     #[test]
     fn setups_parse_from_their_names_and_bad_names_are_errors() {
