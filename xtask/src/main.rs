@@ -7,7 +7,7 @@ mod setup;
 mod test;
 mod vm;
 
-use std::process::ExitCode;
+use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
@@ -118,6 +118,20 @@ enum Task {
         /// Only these parts (comma-separated): per-packet, throughput, control.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Per-packet cost at these policy sizes only (rules, comma-separated), e.g. 100000.
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<String>,
+        /// Throughput: runs per setup, test and round (pairs with the twin link for per-device setups).
+        #[arg(long)]
+        pairs: Option<String>,
+        /// Throughput: only these setups, in this order (comma-separated), e.g.
+        /// none,empty,minimal-1k,vpcgate-1k (`vpcgate-bench --help` lists them).
+        #[arg(long, value_delimiter = ',')]
+        setups: Vec<String>,
+        /// Where the report goes [default: target/bench, which the README's report is taken from: give
+        /// partial runs their own directory].
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// Do not run `setup` first.
         #[arg(long)]
         no_setup: bool,
@@ -168,8 +182,23 @@ fn main() -> ExitCode {
             quick,
             seed,
             only,
+            sizes,
+            pairs,
+            setups,
+            out,
             no_setup,
-        } => bench(quick, seed, &only, no_setup),
+        } => bench(
+            &BenchArgs {
+                quick,
+                seed,
+                only,
+                sizes,
+                pairs,
+                setups,
+                out,
+            },
+            no_setup,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -191,8 +220,53 @@ fn demo() -> anyhow::Result<()> {
     )
 }
 
+/// What `cargo xtask bench` hands to vpcgate-bench (which checks it).
+struct BenchArgs {
+    quick: bool,
+    seed: Option<String>,
+    only: Vec<String>,
+    sizes: Vec<String>,
+    pairs: Option<String>,
+    setups: Vec<String>,
+    out: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// vpcgate-bench's arguments besides `--vpcgate` (it runs in the workspace root: a relative `--out`
+    /// is made absolute against this process's directory first).
+    fn args(&self) -> Vec<OsString> {
+        let out = match &self.out {
+            Some(o) => std::path::absolute(o).unwrap_or_else(|_| o.clone()),
+            None => run::root().join("target/bench"),
+        };
+        let mut a: Vec<OsString> = vec!["--out".into(), out.into()];
+        if self.quick {
+            a.push("--quick".into());
+        }
+        for (flag, value) in [
+            ("--seed", self.seed.clone()),
+            ("--pairs", self.pairs.clone()),
+            ("--only", list(&self.only)),
+            ("--sizes", list(&self.sizes)),
+            ("--setups", list(&self.setups)),
+        ] {
+            if let Some(v) = value {
+                a.push(flag.into());
+                a.push(v.into());
+            }
+        }
+        a
+    }
+}
+
+/// A comma-separated list, None when empty.
+fn list(v: &[String]) -> Option<String> {
+    (!v.is_empty()).then(|| v.join(","))
+}
+
 /// `cargo xtask bench`: builds vpcgate and vpcgate-bench, runs the benchmarks as root.
-fn bench(quick: bool, seed: Option<String>, only: &[String], no_setup: bool) -> anyhow::Result<()> {
+fn bench(args: &BenchArgs, no_setup: bool) -> anyhow::Result<()> {
+    let quick = args.quick;
     if !no_setup {
         setup::ensure()?;
     }
@@ -203,19 +277,7 @@ fn bench(quick: bool, seed: Option<String>, only: &[String], no_setup: bool) -> 
         "build the benchmarks (release)",
     )?;
     let mut c = run::cmd(&bench);
-    c.arg("--vpcgate")
-        .arg(&bin)
-        .arg("--out")
-        .arg(run::root().join("target/bench"));
-    if quick {
-        c.arg("--quick");
-    }
-    if let Some(seed) = seed {
-        c.args(["--seed", &seed]);
-    }
-    if !only.is_empty() {
-        c.arg("--only").arg(only.join(","));
-    }
+    c.arg("--vpcgate").arg(&bin).args(args.args());
     run::step(
         if quick {
             "vpcgate-bench --quick: per-packet cost, throughput, control plane"
@@ -224,4 +286,59 @@ fn bench(quick: bool, seed: Option<String>, only: &[String], no_setup: bool) -> 
         },
         &mut c,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BenchArgs;
+
+    #[test]
+    fn bench_hands_every_given_option_to_vpcgate_bench_and_nothing_else() {
+        let args = |b: &BenchArgs| -> Vec<String> {
+            b.args()
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect()
+        };
+        let bare = BenchArgs {
+            quick: false,
+            seed: None,
+            only: vec![],
+            sizes: vec![],
+            pairs: None,
+            setups: vec![],
+            out: None,
+        };
+        let a = args(&bare);
+        assert_eq!(a.len(), 2, "{a:?}");
+        assert_eq!(a[0], "--out");
+        assert!(a[1].ends_with("target/bench"), "{a:?}");
+        let full = BenchArgs {
+            quick: true,
+            seed: Some("0x2a".into()),
+            only: vec!["per-packet".into(), "throughput".into()],
+            sizes: vec!["10".into(), "100000".into()],
+            pairs: Some("3".into()),
+            setups: vec!["none".into(), "vpcgate-1k".into()],
+            out: Some("/tmp/b".into()),
+        };
+        assert_eq!(
+            args(&full),
+            [
+                "--out",
+                "/tmp/b",
+                "--quick",
+                "--seed",
+                "0x2a",
+                "--pairs",
+                "3",
+                "--only",
+                "per-packet,throughput",
+                "--sizes",
+                "10,100000",
+                "--setups",
+                "none,vpcgate-1k",
+            ]
+        );
+    }
 }
