@@ -846,8 +846,8 @@ impl BusyTicks {
         Ok(BusyTicks { total, per_cpu })
     }
 
-    /// The busy ticks of all CPUs and of the busiest one from `self` to `later` (a CPU that went
-    /// offline in between is not counted).
+    /// The busy ticks of all CPUs and of the busiest one from `self` to `later` (a CPU not in both
+    /// readings, hot-plugged in between, is not counted as the busiest).
     fn since(&self, later: &BusyTicks) -> (u64, u64) {
         let busiest = later
             .per_cpu

@@ -109,29 +109,8 @@ enum Task {
     /// nftables and iptables; apply, reload and check times and memory. Writes report.md, report.json and
     /// SVG plots to target/bench/. Needs root. The full run takes about 25 minutes, --quick under 3.
     Bench {
-        /// Fewer sizes and shorter runs (under 3 minutes).
-        #[arg(long)]
-        quick: bool,
-        /// Seed of the generated policies and packet draws (decimal or 0x hex) [default: fresh, printed].
-        #[arg(long)]
-        seed: Option<String>,
-        /// Only these parts (comma-separated): per-packet, throughput, control.
-        #[arg(long, value_delimiter = ',')]
-        only: Vec<String>,
-        /// Per-packet cost at these policy sizes only (rules, comma-separated), e.g. 100000.
-        #[arg(long, value_delimiter = ',')]
-        sizes: Vec<String>,
-        /// Throughput: runs per setup, test and round (pairs with the twin link for per-device setups).
-        #[arg(long)]
-        pairs: Option<String>,
-        /// Throughput: only these setups, in this order (comma-separated), e.g.
-        /// none,empty,minimal-1k,vpcgate-1k (`vpcgate-bench --help` lists them).
-        #[arg(long, value_delimiter = ',')]
-        setups: Vec<String>,
-        /// Where the report goes [default: target/bench, which the README's report is taken from: give
-        /// partial runs their own directory].
-        #[arg(long)]
-        out: Option<PathBuf>,
+        #[command(flatten)]
+        args: BenchArgs,
         /// Do not run `setup` first.
         #[arg(long)]
         no_setup: bool,
@@ -178,27 +157,7 @@ fn main() -> ExitCode {
             }
         }),
         Task::Demo => demo(),
-        Task::Bench {
-            quick,
-            seed,
-            only,
-            sizes,
-            pairs,
-            setups,
-            out,
-            no_setup,
-        } => bench(
-            &BenchArgs {
-                quick,
-                seed,
-                only,
-                sizes,
-                pairs,
-                setups,
-                out,
-            },
-            no_setup,
-        ),
+        Task::Bench { args, no_setup } => bench(&args, no_setup),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -221,13 +180,30 @@ fn demo() -> anyhow::Result<()> {
 }
 
 /// What `cargo xtask bench` hands to vpcgate-bench (which checks it).
+#[derive(clap::Args)]
 struct BenchArgs {
+    /// Fewer sizes and shorter runs (under 3 minutes).
+    #[arg(long)]
     quick: bool,
+    /// Seed of the generated policies and packet draws (decimal or 0x hex) [default: fresh, printed].
+    #[arg(long)]
     seed: Option<String>,
+    /// Only these parts (comma-separated): per-packet, throughput, control.
+    #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Per-packet cost at these policy sizes only (rules, comma-separated), e.g. 100000.
+    #[arg(long, value_delimiter = ',')]
     sizes: Vec<String>,
+    /// Throughput: runs per setup, test and round (pairs with the twin link for per-device setups).
+    #[arg(long)]
     pairs: Option<String>,
+    /// Throughput: only these setups, in this order (comma-separated), e.g.
+    /// none,empty,minimal-1k,vpcgate-1k (`vpcgate-bench --help` lists them).
+    #[arg(long, value_delimiter = ',')]
     setups: Vec<String>,
+    /// Where the report goes [default: target/bench, which the README's report is taken from: give
+    /// partial runs their own directory].
+    #[arg(long)]
     out: Option<PathBuf>,
 }
 
