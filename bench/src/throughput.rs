@@ -642,12 +642,11 @@ fn rows(
             };
             let values: Vec<f64> = v.iter().map(|x| x.value).collect();
             let m = crate::median(&values);
-            let cpu: Vec<f64> = v.iter().filter_map(|x| x.cpu_ns_per_packet).collect();
-            let busy: Vec<f64> = v.iter().filter_map(|x| x.busy_percent).collect();
-            let busiest: Vec<f64> = v.iter().filter_map(|x| x.busiest_ns_per_packet).collect();
-            let busiest_busy: Vec<f64> = v.iter().filter_map(|x| x.busiest_percent).collect();
-            let own: Vec<f64> = v.iter().filter_map(|x| x.iperf3_ns_per_packet).collect();
-            let loss: Vec<f64> = v.iter().filter_map(|x| x.loss).collect();
+            // The median of a figure over the runs that have it (None when none has).
+            let med_of = |f: fn(&Sample) -> Option<f64>| {
+                let x: Vec<f64> = v.iter().filter_map(f).collect();
+                (!x.is_empty()).then(|| crate::median(&x))
+            };
             let paired = pairs.get(&(s, t)).cloned();
             let (nft, minimal) = match s {
                 Filter::Vpcgate(n) => (
@@ -672,13 +671,12 @@ fn rows(
                 .into(),
                 median: m,
                 samples: values,
-                loss_percent: (!loss.is_empty()).then(|| crate::median(&loss)),
-                cpu_ns_per_packet: (!cpu.is_empty()).then(|| crate::median(&cpu)),
-                cpu_busy_percent: (!busy.is_empty()).then(|| crate::median(&busy)),
-                busiest_cpu_ns_per_packet: (!busiest.is_empty()).then(|| crate::median(&busiest)),
-                busiest_cpu_busy_percent: (!busiest_busy.is_empty())
-                    .then(|| crate::median(&busiest_busy)),
-                iperf3_cpu_ns_per_packet: (!own.is_empty()).then(|| crate::median(&own)),
+                loss_percent: med_of(|x| x.loss),
+                cpu_ns_per_packet: med_of(|x| x.cpu_ns_per_packet),
+                cpu_busy_percent: med_of(|x| x.busy_percent),
+                busiest_cpu_ns_per_packet: med_of(|x| x.busiest_ns_per_packet),
+                busiest_cpu_busy_percent: med_of(|x| x.busiest_percent),
+                iperf3_cpu_ns_per_packet: med_of(|x| x.iperf3_ns_per_packet),
                 packets_per_run: crate::median(&v.iter().map(|x| x.packets as f64).collect::<Vec<_>>()),
                 runs: v.len(),
                 seconds_per_run: secs,
