@@ -834,29 +834,16 @@ fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
 /// fences its writes with new epochs: the first packet after it is decided by the new policy, in place or
 /// as a new generation, whether the decision flips to a drop or back to a pass. The thread stays on one CPU, and
 /// each round first shows the packet's decision memoized there under the current epoch.
+///
+/// A packet toward another port follows each round's checks, so the next round's first packet finds
+/// its hook's last decision for another key, and its own in the hook's `VERDICT_CACHE`: from the epoch
+/// before the apply, which must not be reused either.
 #[test]
 fn a_memoized_decision_never_outlives_an_apply() {
     use vpcgate::policy::verdict::Action;
     use vpcgate_common::parse_stats::Hook;
     vpcgate_lab::require_root();
-    // SAFETY: plain syscalls on this thread's own affinity, with a zeroed set and its own size.
-    unsafe {
-        let cpu = libc::sched_getcpu();
-        assert!(
-            cpu >= 0,
-            "sched_getcpu: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu as usize, &mut set);
-        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(
-            rc,
-            0,
-            "sched_setaffinity: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    let cpu = stay_on_this_cpu();
     let with_port = |name: &str, port: u16| {
         let mut p = small();
         p.authorizations[0].name = name.into();
@@ -873,6 +860,7 @@ fn a_memoized_decision_never_outlives_an_apply() {
         (with_port("web", 80), Some(false)),
     ];
     let frame = build("to web:80", &[ipv4(), tcp(80)], 0);
+    let elsewhere = build("to web:22", &[ipv4(), tcp(22)], 0);
     let mut h = Harness::new();
     let mut last_epoch = 0;
     for round in 0..20 {
@@ -910,8 +898,290 @@ fn a_memoized_decision_never_outlives_an_apply() {
                     memos.contains(&epoch),
                     "round {round} step {i}: no {hook:?} memo of epoch {epoch} on this CPU: {memos:?}"
                 );
+                if let Some(m) = h.check(enforcer, &elsewhere) {
+                    panic!("round {round} step {i}, toward port 22: {m}");
+                }
+                assert!(
+                    cached(&h, hook, cpu, TCP_PORT_80)
+                        .iter()
+                        .any(|(_, r)| r.epoch == epoch),
+                    "round {round} step {i}: no {hook:?} cache record for port 80 of epoch {epoch} on CPU {cpu}"
+                );
             }
         }
+    }
+}
+
+/// Pins the calling thread to the CPU it runs on (each CPU has its own memoized decisions) and returns it.
+fn stay_on_this_cpu() -> usize {
+    // SAFETY: plain syscalls on this thread's own affinity, with a zeroed set and its own size.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+        cpu as usize
+    }
+}
+
+/// A `VerdictMemo`'s `port`: TCP toward port 80.
+const TCP_PORT_80: u32 = 6 << 16 | 80;
+
+/// The records `hook`'s region of `VERDICT_CACHE` holds on `cpu` for `port` (protocol and port), with
+/// their index in the map (the policies here authorize one address: the port and the generation name
+/// the key).
+fn cached(
+    h: &Harness,
+    hook: vpcgate_common::parse_stats::Hook,
+    cpu: usize,
+    port: u32,
+) -> Vec<(u32, vpcgate_common::datapath::VerdictMemo)> {
+    h.dp.verdict_cache(hook)
+        .unwrap()
+        .into_iter()
+        .filter(|&(c, _, r)| c == cpu && r.port == port)
+        .map(|(_, i, r)| (i, r))
+        .collect()
+}
+
+/// The one record for `port` (`cached`), after one apply.
+fn cached_once(
+    h: &Harness,
+    hook: vpcgate_common::parse_stats::Hook,
+    cpu: usize,
+    port: u32,
+) -> (u32, vpcgate_common::datapath::VerdictMemo) {
+    let found = cached(h, hook, cpu, port);
+    assert_eq!(found.len(), 1, "{hook:?} records for {port:#x}: {found:?}");
+    found[0]
+}
+
+/// Each enforcing hook keeps decisions per CPU in `VERDICT_CACHE`, direct-mapped: two destinations whose
+/// keys share a slot take it from each other, and neither is ever decided by the other's record. Here a
+/// port the rule authorizes and one it does not, then an address it does not cover, alternate in one
+/// slot; every packet's verdict is the reference's, and the slot always holds the last one's record.
+#[test]
+fn destinations_that_share_a_cache_slot_are_never_confused() {
+    use vpcgate_common::{datapath::verdict_cache_index, parse_stats::Hook};
+    vpcgate_lab::require_root();
+    let cpu = stay_on_this_cpu();
+    let mut h = Harness::new();
+    h.apply(&small());
+    let to = |dst: [u8; 4], port: u16| {
+        let Layer::Ipv4 { src, .. } = ipv4() else {
+            unreachable!()
+        };
+        build(
+            "to a destination",
+            &[
+                Layer::Ipv4 {
+                    src,
+                    dst,
+                    options: 0,
+                    frag_offset: 0,
+                    more_fragments: false,
+                    id: 1,
+                },
+                tcp(port),
+            ],
+            0,
+        )
+    };
+    let bits = h.dp.verdict_cache_bits().unwrap();
+    let web = [10, 0, 3, 7];
+    assert!(h.check(Enforcer::TcEgress, &to(web, 80)).is_none());
+    let (slot, record) = cached_once(&h, Hook::TcEgress, cpu, TCP_PORT_80);
+    // Another port of web in the same slot (the policy authorizes port 80 only).
+    let port = (1..=u16::MAX)
+        .find(|&p| {
+            p != 80 && verdict_cache_index(0, bits, &record.key, 6 << 16 | u32::from(p)) == slot
+        })
+        .expect("a port whose key shares the slot");
+    // Another address in the same slot, toward port 80: its key is web's with another last two bytes
+    // (`Key<AddrV4>` by words: prefix length, then generation and the first three bytes, then the last).
+    let key_of = |c: u8, d: u8| {
+        let mut k = record.key;
+        k[1] = (k[1] & 0x00ff_ffff) | u32::from(c) << 24;
+        k[2] = u32::from(d);
+        k
+    };
+    let other = (0..=u16::MAX)
+        .map(|x| [(x >> 8) as u8, x as u8])
+        .find(|&[c, d]| {
+            [c, d] != [3, 7] && verdict_cache_index(0, bits, &key_of(c, d), TCP_PORT_80) == slot
+        })
+        .expect("an address whose key shares the slot");
+    let other_addr = [10, 0, other[0], other[1]];
+    let frames = [
+        (to(web, 80), record.key, TCP_PORT_80),
+        (to(web, port), record.key, 6 << 16 | u32::from(port)),
+        (to(other_addr, 80), key_of(other[0], other[1]), TCP_PORT_80),
+    ];
+    assert_eq!(
+        frames
+            .iter()
+            .map(|(f, ..)| h.reference(f).action)
+            .collect::<Vec<_>>(),
+        [
+            vpcgate::policy::verdict::Action::Pass,
+            vpcgate::policy::verdict::Action::Drop,
+            vpcgate::policy::verdict::Action::Drop
+        ],
+        "the three destinations must be decided differently"
+    );
+    let epoch = h.dp.policy_epoch().unwrap();
+    for round in 0..30 {
+        for (i, (frame, key, port)) in frames.iter().enumerate() {
+            for (enforcer, hook) in [
+                (Enforcer::TcEgress, Hook::TcEgress),
+                (Enforcer::XdpForward, Hook::XdpForward),
+            ] {
+                if let Some(m) = h.check(enforcer, frame) {
+                    panic!("round {round} destination {i}: {m}");
+                }
+                let region = vpcgate_common::datapath::verdict_cache_region(hook).unwrap();
+                let records: Vec<_> =
+                    h.dp.verdict_cache(hook)
+                        .unwrap()
+                        .into_iter()
+                        .filter(|&(c, ..)| c == cpu)
+                        .collect();
+                assert_eq!(
+                    records.len(),
+                    1,
+                    "round {round} destination {i}: {hook:?} holds {records:?}"
+                );
+                let (_, index, r) = records[0];
+                assert_eq!(
+                    (index, r.key, r.port, r.epoch),
+                    (slot + (region << bits), *key, *port, epoch),
+                    "round {round} destination {i}: {hook:?}'s record"
+                );
+            }
+        }
+    }
+}
+
+/// A record of `VERDICT_CACHE` decides a packet exactly when its key, port and epoch are the packet's
+/// and the current one: planted with a drop for a destination the policy authorizes, it is obeyed (so the
+/// programs read the cache), and with any of the three changed it is ignored.
+#[test]
+fn a_cached_decision_is_reused_only_for_its_own_key_port_and_epoch() {
+    use vpcgate_common::{
+        datapath::{VerdictMemo, verdict_cache_index},
+        parse_stats::Hook,
+    };
+    use vpcgate_lab::harness::{TC_PASS, TC_SHOT, XDP_DROP, XDP_PASS, run_prog};
+    vpcgate_lab::require_root();
+    let cpu = stay_on_this_cpu();
+    let mut h = Harness::new();
+    h.apply(&small());
+    let bits = h.dp.verdict_cache_bits().unwrap();
+    let web = build("to web:80", &[ipv4(), tcp(80)], 0);
+    assert_eq!(run_prog(h.dp.tc_egress().unwrap(), &web.bytes), TC_PASS);
+    let (slot, record) = cached_once(&h, Hook::TcEgress, cpu, TCP_PORT_80);
+    // A port of web the rule does not authorize, whose record lies in another slot.
+    let port = (22..)
+        .find(|&p| verdict_cache_index(0, bits, &record.key, 6 << 16 | u32::from(p)) != slot)
+        .unwrap();
+    let elsewhere = build("to web, another port", &[ipv4(), tcp(port)], 0);
+    // (TC egress, XDP forward) for `web` after `elsewhere` took each hook's last decision.
+    let run = |h: &mut Harness| {
+        for prog in [
+            run_prog(h.dp.tc_egress().unwrap(), &elsewhere.bytes),
+            run_prog(h.dp.xdp_forward().unwrap(), &elsewhere.bytes),
+        ] {
+            assert!(prog == TC_SHOT || prog == XDP_DROP, "web:{port} passed");
+        }
+        (
+            run_prog(h.dp.tc_egress().unwrap(), &web.bytes),
+            run_prog(h.dp.xdp_forward().unwrap(), &web.bytes),
+        )
+    };
+    assert_eq!(run(&mut h), (TC_PASS, XDP_PASS));
+    let drop = VerdictMemo {
+        basis: vpcgate_common::datapath::basis::NO_RULE,
+        id: 0,
+        reason: DropReason::NotAuthorized.code(),
+        ..record
+    };
+    let plant = |h: &mut Harness, r| {
+        for region in 0..2 {
+            h.dp.plant_verdict_memo(slot + (region << bits), r).unwrap();
+        }
+    };
+    plant(&mut h, drop);
+    assert_eq!(
+        run(&mut h),
+        (TC_SHOT, XDP_DROP),
+        "the planted drop was not used"
+    );
+    // Another key: each word in turn (prefix length, generation and address bytes, the rest of the
+    // address an IPv6 key would hold).
+    let other_keys = (0..6).map(|w| {
+        let mut key = drop.key;
+        key[w] ^= 1;
+        (
+            format!("another key (word {w})"),
+            VerdictMemo { key, ..drop },
+        )
+    });
+    for (what, r) in [
+        (
+            "an earlier epoch".to_string(),
+            VerdictMemo {
+                epoch: drop.epoch - 1,
+                ..drop
+            },
+        ),
+        (
+            "a later epoch".to_string(),
+            VerdictMemo {
+                epoch: drop.epoch + 1,
+                ..drop
+            },
+        ),
+        (
+            "another port".to_string(),
+            VerdictMemo {
+                port: drop.port ^ 1,
+                ..drop
+            },
+        ),
+        (
+            "another protocol".to_string(),
+            VerdictMemo {
+                port: 17 << 16 | 80,
+                ..drop
+            },
+        ),
+    ]
+    .into_iter()
+    .chain(other_keys)
+    {
+        plant(&mut h, r);
+        assert_eq!(
+            run(&mut h),
+            (TC_PASS, XDP_PASS),
+            "a record of {what} was used"
+        );
+        // The pass was looked up and memoized over the planted record.
+        assert_eq!(
+            cached_once(&h, Hook::TcEgress, cpu, TCP_PORT_80),
+            (slot, record),
+            "after a record of {what}"
+        );
     }
 }
 

@@ -628,6 +628,9 @@ fn reply_frame(r: &mut Rng, local: IpAddr, peer: IpAddr, peer_port: u16, local_p
     )
 }
 
+/// Frames the differential keeps to send again (or toward their destination and port again).
+const RECENT: usize = 64;
+
 #[test]
 fn kernel_and_reference_agree_on_random_packets_and_policies() {
     vpcgate_lab::require_root();
@@ -649,8 +652,9 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
     let per_policy = packets.div_ceil(policies);
     let (mut ran, mut mismatches, mut replies, mut tc_runs) = (0u64, vec![], 0u64, 0u64);
     let (mut inbound, mut peer_replies, mut repeats) = (0u64, 0u64, 0u64);
-    // The last frame drawn toward a destination and port, with them (kept across applies).
-    let mut last: Option<(vpcgate_lab::packet::Frame, IpAddr, u16)> = None;
+    // The last frames drawn toward a destination and port, with them, newest last (kept across applies).
+    let mut recent: std::collections::VecDeque<(vpcgate_lab::packet::Frame, IpAddr, u16)> =
+        std::collections::VecDeque::with_capacity(RECENT);
     // Policies applied in place (same rule identities and settings as the one before): the final state
     // of an incremental apply must decide exactly like the reference too.
     let (mut incremental, mut generations) = (0u64, 0u64);
@@ -711,13 +715,19 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
             };
             // Fragment ids cycle in a small range so non-first fragments meet their first fragments.
             let frag_id = (policy_no as u32) << 8 | (r.below(32) as u32);
-            // Each enforcing hook memoizes its last decision by destination, protocol and port
-            // (`VerdictMemo`): a packet sometimes goes again, or another one to the same destination and
-            // port, so that a memoized decision (or one the apply before it ended) is checked too.
+            // Each enforcing hook memoizes its decisions by destination, protocol and port per CPU
+            // (`VerdictMemo`): its last one, and more in `VERDICT_CACHE`. A packet sometimes goes again,
+            // or another one to the same destination and port, right after it or some packets and
+            // applies later, so that a memoized decision (or one an apply since ended) is checked too.
             let mut target = None;
-            let frame = if let Some((f, d, p)) = &last
-                && r.chance(20)
-            {
+            let again = if recent.is_empty() || !r.chance(20) {
+                None
+            } else if r.chance(50) {
+                recent.back()
+            } else {
+                recent.get(r.below(recent.len() as u64) as usize)
+            };
+            let frame = if let Some((f, d, p)) = again {
                 repeats += 1;
                 target = Some((*d, *p));
                 if r.chance(50) {
@@ -743,7 +753,10 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
                 pending_first.push((dst, port, frag_id));
             }
             if let Some((d, p)) = target {
-                last = Some((frame.clone(), d, p));
+                if recent.len() == RECENT {
+                    recent.pop_front();
+                }
+                recent.push_back((frame.clone(), d, p));
             }
             let accepts_skb = {
                 let et = u16::from_be_bytes([frame.bytes[12], frame.bytes[13]]);
@@ -780,7 +793,7 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
         }
     }
     eprintln!(
-        "differential: {ran} packets ({tc_runs} through TC too, {repeats} again or toward the last one's destination and port), {replies} flows recorded directly, {inbound} inbound packets through XDP ingress, {peer_replies} packets toward those peers; {incremental} incremental and {generations} generation applies; verdict bases: {kinds:?}"
+        "differential: {ran} packets ({tc_runs} through TC too, {repeats} again or toward a recent one's destination and port), {replies} flows recorded directly, {inbound} inbound packets through XDP ingress, {peer_replies} packets toward those peers; {incremental} incremental and {generations} generation applies; verdict bases: {kinds:?}"
     );
     assert!(
         mismatches.is_empty(),

@@ -2,14 +2,17 @@
 //! empty program of the same type), a bare LPM lookup in a trie of the same entries, the minimal enforcer
 //! (vpcgate's parser + that one lookup) and xdp-filter, on the same frames.
 //!
-//! Two regimes. *Hot*: one frame, `repeat` runs in one call; the kernel reports the mean, and every
+//! Three regimes. *Hot*: one frame, `repeat` runs in one call; the kernel reports the mean, and every
 //! lookup hits a warm cache. *Spread*: many distinct frames whose destinations are drawn across the
 //! policy's prefixes, one run per call; the kernel times each run alone (its clock reads included), and
 //! the syscall and skb set-up between runs evict much of the cache as real traffic does. Before each
 //! program's pass over the spread frames, a sweep through twice the last-level cache evicts what the
 //! previous pass left: programs that share a trie (the baselines' three, a hook's TC and XDP) would
 //! otherwise find it warmed by the one before them, and a figure would depend on its place in the round.
-//! Each figure is the median of several rounds; rounds cycle through the programs so noise spreads
+//! vpcgate memoizes decisions per destination (`VERDICT_CACHE`), so spread frames after the first pass
+//! mostly reuse them. *Fresh*: the spread frames again, each pass right after a new policy epoch (as
+//! after an apply), so no memoized decision holds and vpcgate walks its tries for every packet, as for
+//! the first packet toward a destination. Each figure is the median of several rounds; rounds cycle through the programs so noise spreads
 //! evenly. `net_ns` subtracts the floor of the same hook, regime and frames.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -55,6 +58,14 @@ pub const KINDS: [Kind; 4] = [Kind::Allowed, Kind::Denied, Kind::Reply, Kind::Fr
 pub enum Regime {
     Hot,
     Spread,
+    /// The spread frames right after a new policy epoch, as after an apply: no decision is memoized
+    /// (`VerdictMemo`, `VERDICT_CACHE`), so vpcgate walks the tries for every packet, as it does for the
+    /// first packet toward a destination.
+    Fresh,
+}
+
+impl Regime {
+    pub const ALL: [Regime; 3] = [Regime::Hot, Regime::Spread, Regime::Fresh];
 }
 
 #[derive(Serialize, Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
@@ -650,7 +661,7 @@ pub fn run(
             ));
         }
         for kind in KINDS {
-            for regime in [Regime::Hot, Regime::Spread] {
+            for regime in Regime::ALL {
                 let count = if regime == Regime::Hot {
                     1
                 } else {
@@ -694,8 +705,11 @@ pub fn run(
                 let mut per: Vec<Vec<f64>> = vec![vec![]; active.len()];
                 for _ in 0..params.rounds {
                     for (i, &pr) in active.iter().enumerate() {
-                        if regime == Regime::Spread {
+                        if regime != Regime::Hot {
                             sweep.run();
+                        }
+                        if regime == Regime::Fresh {
+                            progs.h.dp.new_policy_epoch()?;
                         }
                         let mut total = 0.0;
                         let frames = f.for_program(pr);
@@ -751,7 +765,8 @@ pub fn run(
     Ok(section)
 }
 
-/// perf samples of each profiled program on allowed packets, hot and spread.
+/// perf samples of each profiled program on allowed packets, hot and spread (spread after its first
+/// pass: vpcgate's memoized decisions).
 fn profile_size(
     progs: &mut Programs,
     rules: &[Rule],

@@ -127,7 +127,7 @@ fn fmt_ratio(r: Option<f64>) -> String {
 fn per_packet_findings(s: &perpkt::Section) -> Vec<String> {
     let mut out = vec![];
     let find = |p, n, k, r| perpkt::find(s, p, n, k, r);
-    for regime in [Regime::Hot, Regime::Spread] {
+    for regime in Regime::ALL {
         let at: Vec<String> = s
             .sizes
             .iter()
@@ -146,7 +146,7 @@ fn per_packet_findings(s: &perpkt::Section) -> Vec<String> {
         ));
     }
     for &n in &s.sizes {
-        for regime in [Regime::Hot, Regime::Spread] {
+        for regime in Regime::ALL {
             let tc = find(Prog::VpcgateTcEgress, n, Kind::Allowed, regime);
             let xdp = find(Prog::VpcgateXdpForward, n, Kind::Allowed, regime);
             let mut parts = vec![
@@ -179,7 +179,7 @@ fn per_packet_findings(s: &perpkt::Section) -> Vec<String> {
     if let (Some(&lo), Some(&hi)) = (s.sizes.first(), s.sizes.last())
         && lo != hi
     {
-        for regime in [Regime::Hot, Regime::Spread] {
+        for regime in Regime::ALL {
             for (ours, trie, minimal) in [
                 (Prog::VpcgateTcEgress, Prog::TrieTc, Prog::MinimalTc),
                 (Prog::VpcgateXdpForward, Prog::TrieXdp, Prog::MinimalXdp),
@@ -222,7 +222,10 @@ fn per_packet_markdown(s: &perpkt::Section, rounds: &str) -> String {
          ns per packet as the kernel timed each run, median of {rounds} rounds. *Hot*: one 64-byte UDP \
          packet repeated (warm caches). *Spread*: distinct packets to destinations drawn across the \
          policy's prefixes, one run per call (the syscall between runs evicts much of the cache, as \
-         real traffic does). The floor is an empty program of the same hook; `net` columns subtract it. \
+         real traffic does); vpcgate has memoized most of their decisions in an earlier pass. *Fresh*: \
+         the spread packets right after a new policy epoch (as after an apply), so vpcgate memoizes \
+         nothing and walks its tries for every packet, as for the first packet toward a destination. \
+         The floor is an empty program of the same hook; `net` columns subtract it. \
          Policies are half IPv4, half IPv6, mixed prefix lengths (/28–/32, /64–/128) and port shapes; \
          one address entry per rule.\n"
     );
@@ -238,7 +241,7 @@ fn per_packet_markdown(s: &perpkt::Section, rounds: &str) -> String {
         "---:|".repeat(cols.len())
     );
     for &n in &s.sizes {
-        for regime in [Regime::Hot, Regime::Spread] {
+        for regime in Regime::ALL {
             let _ = writeln!(
                 md,
                 "| {} | {regime:?} | {} |",
@@ -259,7 +262,7 @@ fn per_packet_markdown(s: &perpkt::Section, rounds: &str) -> String {
         "| rules | regime | ÷ minimal enforcer | ÷ bare trie | ÷ xdp-filter |\n|---|---|---:|---:|---:|"
     );
     for &n in &s.sizes {
-        for regime in [Regime::Hot, Regime::Spread] {
+        for regime in Regime::ALL {
             let tc = find(Prog::VpcgateTcEgress, n, Kind::Allowed, regime);
             let xdp = find(Prog::VpcgateXdpForward, n, Kind::Allowed, regime);
             let xf = find(Prog::XdpFilter, n, Kind::Allowed, regime);
@@ -291,7 +294,7 @@ fn per_packet_markdown(s: &perpkt::Section, rounds: &str) -> String {
         "---:|".repeat(perpkt::KINDS.len())
     );
     for &n in &s.sizes {
-        for regime in [Regime::Hot, Regime::Spread] {
+        for regime in Regime::ALL {
             for p in [
                 Prog::VpcgateTcEgress,
                 Prog::VpcgateXdpForward,
@@ -385,7 +388,7 @@ pub fn markdown(r: &Report) -> String {
         md += &per_packet_markdown(s, if r.quick { "3" } else { "7" });
         let _ = writeln!(
             md,
-            "\n![hot](per_packet_hot.svg)\n![spread](per_packet_spread.svg)\n"
+            "\n![hot](per_packet_hot.svg)\n![spread](per_packet_spread.svg)\n![fresh](per_packet_fresh.svg)\n"
         );
     }
     if let Some(t) = &r.throughput {
@@ -550,6 +553,7 @@ fn per_packet_plots(dir: &Path, s: &perpkt::Section) -> anyhow::Result<()> {
     for (regime, file) in [
         (Regime::Hot, "per_packet_hot.svg"),
         (Regime::Spread, "per_packet_spread.svg"),
+        (Regime::Fresh, "per_packet_fresh.svg"),
     ] {
         let series: Vec<Series> = Prog::ALL
             .iter()

@@ -47,6 +47,8 @@ pub mod names {
     /// Per hook and CPU, the running program's parsed packet, verdict and pending observations
     /// (`SCRATCH_SIZE`, `PendingObs`).
     pub const SCRATCH: &str = "SCRATCH";
+    /// Per enforcing hook and CPU, decisions by rules 4-7 (`VerdictMemo`, `verdict_cache_index`).
+    pub const VERDICT_CACHE: &str = "VERDICT_CACHE";
 }
 
 /// Capacities (Katran style: every tunable in one place). Policy maps are checked against these before
@@ -95,6 +97,17 @@ pub mod limits {
     pub const FRAG_TIMEOUT_NS: u64 = 30_000_000_000;
     /// Destinations (address, protocol, port) observed.
     pub const DESTINATIONS: u32 = 65536;
+    /// What `VERDICT_CACHE` may take in total over all CPUs: the agent sizes it at load
+    /// (`verdict_cache_bits`). Preallocated: 3 MiB on two CPUs, at most this from 11 CPUs on.
+    pub const VERDICT_CACHE_BYTES: u64 = 32 << 20;
+    /// log2 of the decisions each enforcing hook keeps per CPU in `VERDICT_CACHE` at most (16,384).
+    pub const VERDICT_CACHE_MAX_BITS: u32 = 14;
+    /// log2 of `VERDICT_CACHE_BLOCK`: the fewest decisions per hook and CPU (512).
+    pub const VERDICT_CACHE_MIN_BITS: u32 = 9;
+    /// Records per element of `VERDICT_CACHE` (24 KiB: a per-CPU value may take 32 KiB). Few, large
+    /// elements: the kernel finds a per-CPU element through a table of pointers, one per element, and a
+    /// table of 64 stays in the cache where one per record (256 KiB) would cost a miss of its own.
+    pub const VERDICT_CACHE_BLOCK: u32 = 512;
     /// Destinations only dropped: their own map, so drops toward ever-new ports churn it and never
     /// evict the backends the gateway reaches.
     pub const DROP_DESTINATIONS: u32 = 16384;
@@ -598,6 +611,7 @@ const _: () = assert!(core::mem::size_of::<ProbeObs>() == 64);
 const _: () = assert!(core::mem::size_of::<KtraceConfig>() == 60);
 const _: () = assert!(core::mem::size_of::<KernelDrop>() == 64);
 const _: () = assert!(core::mem::size_of::<Tuple>() == 40);
+const _: () = assert!(core::mem::size_of::<VerdictMemo>() == 48);
 
 #[cfg(feature = "user")]
 mod user {
@@ -618,6 +632,7 @@ mod user {
     unsafe impl aya::Pod for Prefix6 {}
     unsafe impl aya::Pod for LastVerdict {}
     unsafe impl aya::Pod for DestKey {}
+    unsafe impl aya::Pod for VerdictMemo {}
     unsafe impl aya::Pod for DestObs {}
     unsafe impl aya::Pod for DropEvent {}
     unsafe impl aya::Pod for EventBudget {}
@@ -629,7 +644,7 @@ mod user {
 /// Size of a `SCRATCH` value (a kernel-private parsed packet), whose first u64 (native-endian) is 1
 /// while a running program holds it and 0 when it is free: tests mark it taken and read it from
 /// userspace.
-pub const SCRATCH_SIZE: usize = 240;
+pub const SCRATCH_SIZE: usize = 232;
 
 /// Where a `SCRATCH` value holds its hook's `PendingObs` (the agent reads it beside `DEST_OBS`).
 pub const SCRATCH_PENDING_OFFSET: usize = 120;
@@ -637,6 +652,94 @@ pub const SCRATCH_PENDING_OFFSET: usize = 120;
 /// Where a `SCRATCH` value holds its hook's memoized decision, whose first field is the policy epoch it
 /// was made in (u64; tests read it).
 pub const SCRATCH_MEMO_OFFSET: usize = 184;
+
+/// One decision by rules 4-7 (reserved blocks, authorizations) for a TCP or UDP packet that is not a
+/// non-first fragment: a function of the active generation's policy maps, the destination address, the
+/// protocol and the destination port only. Reused for the next packets with the same key while
+/// `POLICY_EPOCH` still holds `epoch`; the agent fences every change to those maps with new epochs, so a
+/// decision never outlives the maps it was read from. Each enforcing hook keeps its last one in its
+/// scratch slot and more in `VERDICT_CACHE`.
+///
+/// `key` is the LPM key of the destination (`Key<AddrV4>` or `Key<AddrV6>` by words: prefix length, so
+/// the family, the generation and the address; an IPv4 key's unused words zero), `port` the protocol
+/// (high half) and port. Zero (as at load) it matches no packet: a key's prefix length is never 0.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct VerdictMemo {
+    pub epoch: u64,
+    pub key: [u32; 6],
+    pub port: u32,
+    /// The decision: `basis::*`, the rule id or reserved-block index, the drop reason (0: a pass).
+    pub basis: u32,
+    pub id: u32,
+    pub reason: u32,
+}
+
+/// Enforcing hooks with a region of `VERDICT_CACHE`: TC egress, XDP forward (XDP ingress decides nothing).
+pub const VERDICT_CACHE_HOOKS: u32 = 2;
+
+/// One element of `VERDICT_CACHE`: `limits::VERDICT_CACHE_BLOCK` records.
+pub type VerdictBlock = [VerdictMemo; limits::VERDICT_CACHE_BLOCK as usize];
+
+const _: () = assert!(
+    limits::VERDICT_CACHE_BLOCK == 1 << limits::VERDICT_CACHE_MIN_BITS
+        && core::mem::size_of::<VerdictBlock>() <= 32 * 1024
+);
+
+/// log2 of the decisions each enforcing hook keeps per CPU in `VERDICT_CACHE` on a host with `cpus`
+/// possible CPUs: the most whose copies, one per CPU, fit in `limits::VERDICT_CACHE_BYTES`, between
+/// `VERDICT_CACHE_MIN_BITS` and `VERDICT_CACHE_MAX_BITS`: 16,384 on two CPUs, 4,096 on 64.
+pub const fn verdict_cache_bits(cpus: u32) -> u32 {
+    let cpus = if cpus == 0 { 1 } else { cpus as u64 };
+    let mut bits = limits::VERDICT_CACHE_MAX_BITS;
+    while bits > limits::VERDICT_CACHE_MIN_BITS
+        && cpus
+            * VERDICT_CACHE_HOOKS as u64
+            * (1u64 << bits)
+            * core::mem::size_of::<VerdictMemo>() as u64
+            > limits::VERDICT_CACHE_BYTES
+    {
+        bits -= 1;
+    }
+    bits
+}
+
+/// Elements of `VERDICT_CACHE` for `bits` (`verdict_cache_bits`).
+pub const fn verdict_cache_elements(bits: u32) -> u32 {
+    (VERDICT_CACHE_HOOKS << bits) / limits::VERDICT_CACHE_BLOCK
+}
+
+/// A hook's region of `VERDICT_CACHE` (`verdict_cache_index`); None for XDP ingress, which decides nothing.
+#[inline(always)]
+pub fn verdict_cache_region(hook: crate::parse_stats::Hook) -> Option<u32> {
+    match hook {
+        crate::parse_stats::Hook::TcEgress => Some(0),
+        crate::parse_stats::Hook::XdpForward => Some(1),
+        crate::parse_stats::Hook::Xdp => None,
+    }
+}
+
+/// Where in `VERDICT_CACHE` an enforcing hook keeps the decision for a destination key and port (see
+/// `VerdictMemo`): its region (`verdict_cache_region`) of `1 << bits` records, at a multiplicative hash
+/// of the key and port. Record `i` of the map is record `i % VERDICT_CACHE_BLOCK` of element
+/// `i / VERDICT_CACHE_BLOCK`. A record is reused for its own key alone: destinations that share a slot
+/// (by chance, or a flood that evicts others) are walked again, as before any cache, never misdecided.
+/// `bits` must lie in `VERDICT_CACHE_MIN_BITS..=VERDICT_CACHE_MAX_BITS`. Each CPU has its own copy of the map, and only the run that holds the hook's scratch slot on
+/// that CPU reads or writes the hook's region there: one writer, and no reader while it writes.
+#[inline(always)]
+pub fn verdict_cache_index(region: u32, bits: u32, key: &[u32; 6], port: u32) -> u32 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h = u64::from(port);
+    let mut i = 0;
+    while i < 6 {
+        h = (h ^ (u64::from(key[i]) | u64::from(key[i + 1]) << 32)).wrapping_mul(K);
+        // A product's bits depend only on the factor's bits below them: fold the high half down, so
+        // that the next word's product (and the index, the top bits) depends on every bit so far.
+        h ^= h >> 32;
+        i += 2;
+    }
+    (region << bits) | (h >> (64 - bits)) as u32
+}
 
 /// Passes toward one destination that this CPU's hook has counted but not yet added to the destination's
 /// `DEST_OBS` entry: the packets after the first of a run toward one destination within one tick
@@ -666,4 +769,60 @@ pub const fn reply_port_slot(proto_index: u32, port: u16) -> (u32, usize) {
         proto_index * 1024 + (port / 64) as u32,
         (port % 64) as usize,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    /// `Key<AddrV4>` by words, as the programs assemble it (`verdict::dst_key`).
+    fn v4_key(generation: u8, a: [u8; 4]) -> [u32; 6] {
+        [
+            GEN_BITS + 32,
+            u32::from(generation) | u32::from_le_bytes([0, a[0], a[1], a[2]]),
+            u32::from(a[3]),
+            0,
+            0,
+            0,
+        ]
+    }
+
+    #[test]
+    fn verdict_cache_indexes_stay_in_their_region_and_spread_over_it() {
+        let bits = limits::VERDICT_CACHE_MAX_BITS;
+        let slots = 1 << bits;
+        // 4,096 destinations (consecutive addresses and ports, as backends often are) over 16,384
+        // slots: a uniform hash leaves 16384 * (1 - e^-0.25), about 3,620 slots, taken.
+        let mut taken = std::collections::BTreeSet::new();
+        for i in 0..4096u32 {
+            let key = v4_key(GEN_A, [10, 0, (i >> 8) as u8, i as u8]);
+            let port = 6 << 16 | (8000 + i % 4);
+            let tc = verdict_cache_index(0, bits, &key, port);
+            let forward = verdict_cache_index(1, bits, &key, port);
+            assert!(tc < slots, "{tc}");
+            assert_eq!(forward, tc + slots);
+            assert!(forward < verdict_cache_elements(bits) * limits::VERDICT_CACHE_BLOCK);
+            // The smallest regions: the same hash, fewer of its bits.
+            let small = limits::VERDICT_CACHE_MIN_BITS;
+            assert_eq!(
+                verdict_cache_index(1, small, &key, port),
+                (1 << small) + (tc >> (bits - small))
+            );
+            taken.insert(tc);
+        }
+        assert!(taken.len() > 3400, "{} slots taken", taken.len());
+        // Every word of the key and the port count: the generation, each address byte, the protocol.
+        let key = v4_key(GEN_A, [10, 0, 3, 7]);
+        let base = verdict_cache_index(0, bits, &key, 6 << 16 | 80);
+        let moved = |k: [u32; 6], p: u32| verdict_cache_index(0, bits, &k, p) != base;
+        assert!(moved(v4_key(GEN_B, [10, 0, 3, 7]), 6 << 16 | 80));
+        for byte in 0..4 {
+            let mut a = [10, 0, 3, 7];
+            a[byte] ^= 1;
+            assert!(moved(v4_key(GEN_A, a), 6 << 16 | 80), "byte {byte}");
+        }
+        assert!(moved(key, 17 << 16 | 80));
+        assert!(moved(key, 6 << 16 | 81));
+    }
 }

@@ -57,7 +57,7 @@ fn enforce(
 ) -> Outcome {
     let outcome = match parsed {
         Ok(()) => {
-            key.outcome = verdict::decide(pkt, local, key);
+            key.outcome = verdict::decide(hook, pkt, local, key);
             // SAFETY: a field of this run's scratch slot (see `KeyBuf`: volatile, so that LLVM does not
             // forward the constants each path of `decide` stored).
             let o = unsafe { core::ptr::read_volatile(&raw const key.outcome) };

@@ -14,7 +14,8 @@ use crate::{parse::Packet, verdict::Outcome};
 use vpcgate_common::datapath::{
     AddrV4, AddrV6, AddrValue, DROP_STATS_LEN, DestKey, DestObs, EventBudget, FlowKey, FlowValue,
     FragKey, FragValue, GenConfig, KtraceConfig, LastVerdict, LocalAddr, PendingObs, PortData,
-    Prefix6, ProbeObs, RuleStats, RuleStatsKey, limits,
+    Prefix6, ProbeObs, RuleStats, RuleStatsKey, VerdictBlock, VerdictMemo, limits,
+    verdict_cache_elements,
 };
 
 /// The active policy generation (`GEN_A` or `GEN_B`; anything else: no policy).
@@ -226,26 +227,6 @@ pub struct KeyBuf {
     pub memo: VerdictMemo,
 }
 
-/// One decision by rules 4-7 (reserved blocks, authorizations) for a TCP or UDP packet that is not a
-/// non-first fragment: a function of the active generation's policy maps, the destination address, the
-/// protocol and the destination port only. Reused for the next packets with the same key while
-/// `POLICY_EPOCH` still holds `epoch`; the agent fences every change to those maps with new epochs
-/// (`POLICY_EPOCH`), so a decision never outlives the maps it was read from.
-///
-/// `key` is the LPM key `verdict::dst_key` assembled (prefix length, so the family, the generation and
-/// the address; an IPv4 key's unused words zero), `port` the protocol and port. Zero (as at load) it
-/// matches no packet: a key's prefix length is never 0.
-#[repr(C, align(8))]
-pub struct VerdictMemo {
-    pub epoch: u64,
-    pub key: [u32; 6],
-    pub port: u32,
-    pub basis: u32,
-    pub id: u32,
-    pub reason: u32,
-    pub _pad: u32,
-}
-
 const _: () = assert!(core::mem::size_of::<Scratch>() == vpcgate_common::datapath::SCRATCH_SIZE);
 const _: () = assert!(
     core::mem::offset_of!(Scratch, key) + core::mem::offset_of!(KeyBuf, pending)
@@ -266,6 +247,22 @@ pub fn words_diff<const N: usize>(a: &[u32; N], b: &[u32; N]) -> u32 {
     }
     d
 }
+
+/// Per enforcing hook, this CPU's decisions by rules 4-7 beyond the last one (which the scratch slot
+/// holds): `VerdictMemo`s, direct-mapped by `verdict_cache_index`, `VERDICT_CACHE_BLOCK` to an element.
+/// A per-CPU array: no element is ever freed or reused, no other CPU writes this CPU's copy, and the
+/// agent never writes it; within a CPU the hook's scratch slot serializes the runs that use the hook's
+/// region (`verdict::memoized`). Zero at load, matching no packet. The agent sizes it at load to this
+/// host's CPUs (`vpcgate_common::datapath::verdict_cache_bits`, `verdict_cache_elements`).
+#[map(name = "VERDICT_CACHE")]
+pub static VERDICT_CACHE: PerCpuArray<VerdictBlock> =
+    PerCpuArray::with_max_entries(verdict_cache_elements(limits::VERDICT_CACHE_MAX_BITS), 0);
+
+/// log2 of the records of each hook's region of `VERDICT_CACHE`, set by the agent at load with the map's
+/// size (read-only data: a constant to the verifier). Zero, as compiled, or outside
+/// `VERDICT_CACHE_MIN_BITS..=VERDICT_CACHE_MAX_BITS`: no decision is cached there.
+#[unsafe(no_mangle)]
+pub static VERDICT_CACHE_BITS: u32 = 0;
 
 /// Per hook, this CPU's scratch slot (see `main::scratch`).
 #[map(name = "SCRATCH")]

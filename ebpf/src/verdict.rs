@@ -6,9 +6,11 @@ use vpcgate_common::{
     datapath::{
         ACTION_DROP, ACTION_PASS, ADDR_RESERVED_OVERLAP, AddrV4, AddrV6, AddrValue, ESSENTIAL_DHCP,
         ESSENTIAL_MLD, GEN_A, GEN_B, GEN_BITS, GenConfig, INLINE_IN_PORTS, INLINE_PORTS,
-        MODE_AUDIT, PORT_KEY_FIXED_BITS, PortData, Prefix6, basis, essential,
+        MODE_AUDIT, PORT_KEY_FIXED_BITS, PortData, Prefix6, VerdictMemo, basis, essential, limits,
+        verdict_cache_index, verdict_cache_region,
     },
     icmp::*,
+    parse_stats::Hook,
     verdict::DropReason,
 };
 
@@ -16,7 +18,7 @@ use crate::{
     flows,
     maps::{
         ACTIVE, ADDR_V4, ADDR_V6, GEN_CONFIG, KeyBuf, ONLINK6, POLICY_EPOCH, PORTS, RESERVED_V4,
-        RESERVED_V6, words_diff,
+        RESERVED_V6, VERDICT_CACHE, VERDICT_CACHE_BITS, words_diff,
     },
     parse::{Fragment, IPPROTO_TCP, IPPROTO_UDP, L3, L4, Packet},
 };
@@ -250,7 +252,9 @@ fn proto_index(proto: u8) -> Option<usize> {
 /// `local`: the packet was generated on this host (TC egress, not forwarded). Only such packets can be
 /// host essentials, replies of flows peers opened toward the host's sockets, or ICMP errors the host's
 /// stack sends: a forwarded packet's addresses and ports are whatever its sender chose.
-pub fn decide(pkt: &Packet, local: bool, kb: &mut KeyBuf) -> Outcome {
+///
+/// `hook`: the enforcing hook whose scratch slot this run holds (`kb` is in it), whose decisions it reuses.
+pub fn decide(hook: Hook, pkt: &Packet, local: bool, kb: &mut KeyBuf) -> Outcome {
     // 1. Not IPv4/IPv6 -> pass.
     if pkt.l3 == L3::NonIp {
         return Outcome {
@@ -308,7 +312,7 @@ pub fn decide(pkt: &Packet, local: bool, kb: &mut KeyBuf) -> Outcome {
     if pkt.fragment != Fragment::NonFirst
         && let L4::Tcp { dport, .. } | L4::Udp { dport, .. } = pkt.l4
     {
-        return ctx.decided(memoized(kb, pkt, generation, dport));
+        return ctx.decided(memoized(hook, kb, pkt, generation, dport));
     }
     let entry = addr_entry(kb, pkt);
     if let Some(d) = reserved(entry, kb, pkt) {
@@ -411,14 +415,19 @@ fn not_allowed(covering: u32) -> Decision {
 }
 
 /// Rules 4-7 for a TCP or UDP packet toward `dport` (not a non-first fragment), whose destination key
-/// `dst_key` assembled: the hook's memo when it holds this key in the current policy epoch, otherwise
-/// looked up and memoized.
+/// `dst_key` assembled: the hook's last decision (in its scratch slot) or the one its `VERDICT_CACHE`
+/// slot holds on this CPU, when either is for this key and port in the current policy epoch; otherwise
+/// looked up and memoized in both.
 ///
 /// The epoch is read before the lookups: a decision is memoized under the epoch that was current before
 /// any map it read, so the new epochs the agent fences a change with end it (`POLICY_EPOCH`). An epoch
 /// of 0 (none written yet) memoizes nothing.
+///
+/// The cache slot is this CPU's copy, in `hook`'s region: only a run holding `hook`'s scratch slot on
+/// this CPU (this one) reads or writes it, so a record is never read half-written. A record another key
+/// left in the slot fails the key comparison, as a record of an earlier epoch fails the epoch's.
 #[inline(always)]
-fn memoized(kb: &mut KeyBuf, pkt: &Packet, generation: u8, dport: u16) -> Decision {
+fn memoized(hook: Hook, kb: &mut KeyBuf, pkt: &Packet, generation: u8, dport: u16) -> Decision {
     let port = (u32::from(pkt.proto) << 16) | u32::from(dport);
     let epoch = match POLICY_EPOCH.get(0) {
         // SAFETY: a map value. The kernel copies the agent's update in with `memcpy`, not one 8-byte
@@ -430,23 +439,63 @@ fn memoized(kb: &mut KeyBuf, pkt: &Packet, generation: u8, dport: u16) -> Decisi
     if epoch == 0 {
         return by_port(kb, pkt, generation, dport);
     }
-    let m = &mut kb.memo;
-    if (m.epoch ^ epoch) | u64::from(words_diff(&m.key, &kb.key) | (m.port ^ port)) == 0 {
-        return Decision {
-            basis: m.basis,
-            id: m.id,
-            reason: m.reason,
-        };
+    if holds(&kb.memo, epoch, &kb.key, port) {
+        return recalled(&kb.memo);
+    }
+    // SAFETY: a read-only global the loader sets; volatile so that the compiled-in zero is not folded.
+    let bits = unsafe { core::ptr::read_volatile(&raw const VERDICT_CACHE_BITS) };
+    let cached = match verdict_cache_region(hook) {
+        Some(r)
+            if (limits::VERDICT_CACHE_MIN_BITS..=limits::VERDICT_CACHE_MAX_BITS)
+                .contains(&bits) =>
+        {
+            let i = verdict_cache_index(r, bits, &kb.key, port);
+            VERDICT_CACHE
+                .get_ptr_mut(i / limits::VERDICT_CACHE_BLOCK)
+                // SAFETY: a record within the element (`i % VERDICT_CACHE_BLOCK` of its records).
+                .map(|b| unsafe {
+                    (b as *mut VerdictMemo).add((i % limits::VERDICT_CACHE_BLOCK) as usize)
+                })
+        }
+        _ => None,
+    };
+    if let Some(c) = cached {
+        // SAFETY: this CPU's element of the hook's region, which only this run uses (see above).
+        let c = unsafe { &*c };
+        if holds(c, epoch, &kb.key, port) {
+            kb.memo = *c;
+            return recalled(c);
+        }
     }
     let d = by_port(kb, pkt, generation, dport);
-    let m = &mut kb.memo;
-    m.epoch = epoch;
-    m.key = kb.key;
-    m.port = port;
-    m.basis = d.basis;
-    m.id = d.id;
-    m.reason = d.reason;
+    kb.memo = VerdictMemo {
+        epoch,
+        key: kb.key,
+        port,
+        basis: d.basis,
+        id: d.id,
+        reason: d.reason,
+    };
+    if let Some(c) = cached {
+        // SAFETY: as above.
+        unsafe { *c = kb.memo };
+    }
     d
+}
+
+/// Whether `m` is the decision for `key` and `port` in `epoch`.
+#[inline(always)]
+fn holds(m: &VerdictMemo, epoch: u64, key: &[u32; 6], port: u32) -> bool {
+    (m.epoch ^ epoch) | u64::from(words_diff(&m.key, key) | (m.port ^ port)) == 0
+}
+
+#[inline(always)]
+fn recalled(m: &VerdictMemo) -> Decision {
+    Decision {
+        basis: m.basis,
+        id: m.id,
+        reason: m.reason,
+    }
 }
 
 /// Rules 4-7 for a TCP or UDP packet toward `dport`, looked up.

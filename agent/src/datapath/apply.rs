@@ -279,6 +279,13 @@ impl Datapath {
             .map_err(|s| *s.error)
     }
 
+    /// Bench hook: ends every decision the programs memoized, as an apply does (`fence_memos`), so
+    /// that the next packets toward any destination walk the policy's tries.
+    #[doc(hidden)]
+    pub fn new_policy_epoch(&mut self) -> Result<(), DatapathError> {
+        self.fence_memos()
+    }
+
     /// Rule counters that applies deleted since the last call, read at deletion: (generation, rule id,
     /// packets and bytes). A generation flip empties the old slot's counters, an in-place apply those of
     /// the rules it removes; the caller folds them into totals so history survives reloads.

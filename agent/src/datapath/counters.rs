@@ -97,6 +97,43 @@ impl Datapath {
             .map_err(map_err(names::GEN_CONFIG))
     }
 
+    /// Test hook: writes `record` as record `index` (`verdict_cache_index`) of `VERDICT_CACHE` on every
+    /// CPU, as if a run had memoized it there (the agent itself never writes the map). It writes the
+    /// record's element back whole: call it with no traffic running.
+    #[doc(hidden)]
+    pub fn plant_verdict_memo(
+        &mut self,
+        index: u32,
+        record: vpcgate_common::datapath::VerdictMemo,
+    ) -> Result<(), DatapathError> {
+        let name = vpcgate_common::datapath::names::VERDICT_CACHE;
+        let block = vpcgate_common::datapath::limits::VERDICT_CACHE_BLOCK;
+        let mut a = typed_map!(
+            self.ebpf_mut(),
+            PerCpuArray<_, vpcgate_common::datapath::VerdictBlock>,
+            name
+        );
+        let elements: Vec<_> = a
+            .get(&(index / block), 0)
+            .map_err(map_err(name))?
+            .iter()
+            .map(|e| {
+                let mut e = *e;
+                e[(index % block) as usize] = record;
+                e
+            })
+            .collect();
+        let values =
+            aya::maps::PerCpuValues::try_from(elements).map_err(|e| DatapathError::Map {
+                map: name,
+                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "per-cpu values",
+                    io_error: e,
+                }),
+            })?;
+        a.set(index / block, values, 0).map_err(map_err(name))
+    }
+
     /// Test hook: sets this hook's per-CPU scratch busy flag to `busy` on every CPU: nonzero marks the
     /// slot taken, as if a program run held it (a run that finds it taken must fail closed); 0 frees it.
     /// It writes every CPU's slot back whole (with the pending observations it read): call it with no

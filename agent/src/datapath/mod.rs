@@ -22,6 +22,7 @@ mod rule_counters;
 mod sim;
 pub mod state;
 mod stats;
+mod verdict_cache;
 
 use std::ffi::CString;
 
@@ -155,11 +156,16 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     Ok(())
 }
 
-/// The loader, with `RULE_COUNTERS` sized at `counter_slots` per CPU (`rule_counters::size`).
-fn loader(counter_slots: &u32) -> Result<EbpfLoader<'_>, DatapathError> {
+/// The loader, with `RULE_COUNTERS` sized at `counter_slots` per CPU (`rule_counters::size`) and
+/// `VERDICT_CACHE` at `cache_bits` (`verdict_cache::size`).
+fn loader<'a>(
+    counter_slots: &'a u32,
+    cache_bits: &'a u32,
+) -> Result<EbpfLoader<'a>, DatapathError> {
     let mut l = EbpfLoader::new();
     l.verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS);
     rule_counters::size(&mut l, counter_slots)?;
+    verdict_cache::size(&mut l, cache_bits);
     Ok(l)
 }
 
@@ -182,15 +188,26 @@ fn load_pinned(
     } else {
         rule_counters::rule_counter_slots()?
     };
-    let mut l = loader(&slots)?;
+    // So does the verdict cache.
+    let cache = pins.map(vpcgate_common::datapath::names::VERDICT_CACHE);
+    let bits = if cache.exists() {
+        let info = aya::maps::MapInfo::from_pin(&cache).map_err(|source| DatapathError::Map {
+            map: vpcgate_common::datapath::names::VERDICT_CACHE,
+            source,
+        })?;
+        verdict_cache::bits_of(info.max_entries())?
+    } else {
+        verdict_cache::host_bits()?
+    };
+    let mut l = loader(&slots, &bits)?;
     for n in names {
         l.map_pin_path(n.as_str(), pins.map(n));
     }
     let ebpf = l.load(object).map_err(DatapathError::Object)?;
     // Every map of the object is one of the pinned ones (a map the loader created on its own would be
     // state no restart could find). The programs' read-only data (`.rodata`: the counter array's slots
-    // per CPU) is no state: it is frozen at load, set from the pinned array's own size, and held by the
-    // programs that read it (bpffs names cannot start with a dot).
+    // per CPU, the verdict cache's region size) is no state: it is frozen at load, set from the pinned
+    // arrays' own sizes, and held by the programs that read it (bpffs names cannot start with a dot).
     if let Some((extra, _)) = ebpf
         .maps()
         .find(|(n, _)| !n.starts_with('.') && !names.contains(*n))
@@ -213,14 +230,16 @@ impl Datapath {
     /// Loads `object` (an ELF built from `ebpf/`) and both programs into the kernel, pinning nothing.
     pub fn load_object(object: &[u8]) -> Result<Self, DatapathError> {
         let slots = rule_counters::rule_counter_slots()?;
-        Self::load_with(object, loader(&slots)?)
+        let bits = verdict_cache::host_bits()?;
+        Self::load_with(object, loader(&slots, &bits)?)
     }
 
     /// Test hook: the embedded object with `slots` slots in `RULE_COUNTERS` (instead of this host's
     /// share), so that tests reach the rules counted in `RULE_STATS` with a small policy.
     #[doc(hidden)]
     pub fn load_with_counter_slots(slots: u32) -> Result<Self, DatapathError> {
-        Self::load_with(EBPF_OBJECT, loader(&slots)?)
+        let bits = verdict_cache::host_bits()?;
+        Self::load_with(EBPF_OBJECT, loader(&slots, &bits)?)
     }
 
     fn load_with(object: &[u8], mut loader: EbpfLoader<'_>) -> Result<Self, DatapathError> {

@@ -6,7 +6,8 @@ use aya::maps::{PerCpuArray, PerCpuHashMap};
 use vpcgate_common::{
     datapath::{
         DestKey, DestObs, DropEvent, EventBudget, PendingObs, SCRATCH_MEMO_OFFSET,
-        SCRATCH_PENDING_OFFSET, SCRATCH_SIZE, names,
+        SCRATCH_PENDING_OFFSET, SCRATCH_SIZE, VerdictBlock, VerdictMemo, limits, names,
+        verdict_cache_region,
     },
     verdict::DropReason,
 };
@@ -163,6 +164,59 @@ impl Datapath {
         hook: vpcgate_common::parse_stats::Hook,
     ) -> Result<Vec<u64>, DatapathError> {
         self.scratch_words(hook, SCRATCH_MEMO_OFFSET)
+    }
+
+    /// log2 of the records each enforcing hook keeps per CPU in the loaded `VERDICT_CACHE`, as the
+    /// kernel sized it.
+    pub fn verdict_cache_bits(&self) -> Result<u32, DatapathError> {
+        let name = names::VERDICT_CACHE;
+        let m = self
+            .ebpf()
+            .map(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let elements = match m {
+            aya::maps::Map::PerCpuArray(d) => d
+                .info()
+                .map_err(|source| DatapathError::Map { map: name, source })?
+                .max_entries(),
+            _ => return Err(DatapathError::MissingMap(name)),
+        };
+        super::verdict_cache::bits_of(elements)
+    }
+
+    /// Test hook: every record of `hook`'s `VERDICT_CACHE` region that a run wrote, as (CPU, index of the
+    /// record in the map: `verdict_cache_index`, record). XDP ingress has no region: none.
+    #[doc(hidden)]
+    pub fn verdict_cache(
+        &self,
+        hook: vpcgate_common::parse_stats::Hook,
+    ) -> Result<Vec<(usize, u32, VerdictMemo)>, DatapathError> {
+        let Some(region) = verdict_cache_region(hook) else {
+            return Ok(vec![]);
+        };
+        let name = names::VERDICT_CACHE;
+        let m = self
+            .ebpf()
+            .map(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let a = PerCpuArray::<_, VerdictBlock>::try_from(m)
+            .map_err(|source| DatapathError::Map { map: name, source })?;
+        let mut out = vec![];
+        let block = limits::VERDICT_CACHE_BLOCK;
+        let per_region = (1 << self.verdict_cache_bits()?) / block;
+        for element in region * per_region..(region + 1) * per_region {
+            let per_cpu = a
+                .get(&element, 0)
+                .map_err(|source| DatapathError::Map { map: name, source })?;
+            for (cpu, records) in per_cpu.iter().enumerate() {
+                for (j, r) in (0..).zip(records.iter()) {
+                    if r.epoch != 0 {
+                        out.push((cpu, element * block + j, *r));
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Test hook: `POLICY_EPOCH`, the epoch the last apply ended with (0 before any).

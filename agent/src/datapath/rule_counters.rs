@@ -37,7 +37,7 @@ const POSSIBLE: &str = "/sys/devices/system/cpu/possible";
 /// The regions `RULE_COUNTERS` has: one per CPU id a program can run on, the highest possible CPU's id
 /// plus one (the number of possible CPUs, unless their ids have gaps).
 /// Read once per process: the possible CPUs are fixed at boot.
-fn cpu_regions() -> Result<usize, DatapathError> {
+pub(crate) fn cpu_regions() -> Result<usize, DatapathError> {
     static REGIONS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     if let Some(&n) = REGIONS.get() {
         return Ok(n);
