@@ -432,7 +432,8 @@ fn memoized(hook: Hook, kb: &mut KeyBuf, pkt: &Packet, generation: u8, dport: u1
     let epoch = match POLICY_EPOCH.get(0) {
         // SAFETY: a map value. The kernel copies the agent's update in with `memcpy`, not one 8-byte
         // store: a read racing it may see a value never written, which memoizes under an epoch no later
-        // read sees again (or, astronomically rarely, matches an old memo's; the next fence ends that).
+        // read sees again (or, astronomically rarely, matches an old record's exactly; the next fence
+        // ends that).
         Some(e) => unsafe { core::ptr::read_volatile(e) },
         None => 0,
     };
