@@ -9,10 +9,11 @@
 //! program's pass over the spread frames, a sweep through twice the last-level cache evicts what the
 //! previous pass left: programs that share a trie (the baselines' three, a hook's TC and XDP) would
 //! otherwise find it warmed by the one before them, and a figure would depend on its place in the round.
-//! vpcgate memoizes decisions per destination (`VERDICT_CACHE`), so spread frames after the first pass
-//! mostly reuse them. *Fresh*: the spread frames again, each pass right after a new policy epoch (as
-//! after an apply), so no memoized decision holds and vpcgate walks its tries for every packet, as for
-//! the first packet toward a destination. Each figure is the median of several rounds; rounds cycle through the programs so noise spreads
+//! vpcgate memoizes decisions per destination and CPU (`VERDICT_CACHE`; the bench stays on one CPU), so
+//! spread frames after the first pass reuse those whose slot no other destination took. *Fresh*: the
+//! spread frames again, each right after a new policy epoch (as after an apply), so no memoized decision
+//! holds and vpcgate walks its tries for every packet, as for the first packet toward a destination.
+//! Each figure is the median of several rounds; rounds cycle through the programs so noise spreads
 //! evenly. `net_ns` subtracts the floor of the same hook, regime and frames.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -58,9 +59,9 @@ pub const KINDS: [Kind; 4] = [Kind::Allowed, Kind::Denied, Kind::Reply, Kind::Fr
 pub enum Regime {
     Hot,
     Spread,
-    /// The spread frames right after a new policy epoch, as after an apply: no decision is memoized
-    /// (`VerdictMemo`, `VERDICT_CACHE`), so vpcgate walks the tries for every packet, as it does for the
-    /// first packet toward a destination.
+    /// The spread frames, each right after a new policy epoch, as after an apply: no decision is
+    /// memoized (`VerdictMemo`, `VERDICT_CACHE`), so vpcgate walks the tries for every packet, as it does
+    /// for the first packet toward a destination.
     Fresh,
 }
 
@@ -397,6 +398,49 @@ impl OwnNetns {
     }
 }
 
+/// This thread kept on the CPU it runs on until dropped, then given back the CPUs it had: vpcgate keeps
+/// memoized decisions per CPU (`VERDICT_CACHE`), and a pass that moved to another CPU would find none of
+/// the ones the pass before it made. (Throughput and the control plane run after, on every CPU.)
+struct StayOnCpu {
+    previous: libc::cpu_set_t,
+}
+
+impl StayOnCpu {
+    fn here() -> anyhow::Result<Self> {
+        // SAFETY: plain syscalls on this thread's own affinity, with zeroed sets of their own size.
+        unsafe {
+            let mut previous: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut previous) != 0 {
+                bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+            }
+            let cpu = libc::sched_getcpu();
+            if cpu < 0 {
+                bail!("sched_getcpu: {}", std::io::Error::last_os_error());
+            }
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu as usize, &mut one);
+            if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &one) != 0 {
+                bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+            }
+            Ok(Self { previous })
+        }
+    }
+}
+
+impl Drop for StayOnCpu {
+    fn drop(&mut self) {
+        // SAFETY: as in `here`, with the set it read.
+        let rc =
+            unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &self.previous) };
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity back to this thread's CPUs: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 impl Drop for OwnNetns {
     fn drop(&mut self) {
         use std::os::fd::AsRawFd;
@@ -604,6 +648,7 @@ pub fn run(
     // The programs' socket lookups (XDP ingress, toward the gateway's addresses) see this thread's
     // namespace: a fresh one with no sockets, not the host's, whose sockets would change the path timed.
     let _ns = OwnNetns::enter()?;
+    let _cpu = StayOnCpu::here()?;
     p.say("per-packet: loading vpcgate's datapath and the baselines");
     let mut h = Harness::new();
     // The harness records every verdict for the differential test: not what production pays.
@@ -708,12 +753,15 @@ pub fn run(
                         if regime != Regime::Hot {
                             sweep.run();
                         }
-                        if regime == Regime::Fresh {
-                            progs.h.dp.new_policy_epoch()?;
-                        }
                         let mut total = 0.0;
                         let frames = f.for_program(pr);
                         for t in frames {
+                            // Frames repeat destinations (drawn with replacement from the rules): a
+                            // new epoch before each, for every program alike (a map write between
+                            // runs, outside the kernel's timing).
+                            if regime == Regime::Fresh {
+                                progs.h.dp.new_policy_epoch()?;
+                            }
                             total += progs.run(pr, &t.bytes, repeat)?.1;
                         }
                         per[i].push(total / frames.len() as f64);

@@ -222,9 +222,11 @@ fn per_packet_markdown(s: &perpkt::Section, rounds: &str) -> String {
          ns per packet as the kernel timed each run, median of {rounds} rounds. *Hot*: one 64-byte UDP \
          packet repeated (warm caches). *Spread*: distinct packets to destinations drawn across the \
          policy's prefixes, one run per call (the syscall between runs evicts much of the cache, as \
-         real traffic does); vpcgate has memoized most of their decisions in an earlier pass. *Fresh*: \
-         the spread packets right after a new policy epoch (as after an apply), so vpcgate memoizes \
-         nothing and walks its tries for every packet, as for the first packet toward a destination. \
+         real traffic does); vpcgate reuses the decisions it memoized per destination in an earlier \
+         pass (`VERDICT_CACHE`, on the CPU the bench stays on: those whose slot no other destination \
+         of the pass took). *Fresh*: the spread packets, each right after a new policy epoch (as after \
+         an apply), so vpcgate walks its tries for every packet, as for the first packet toward a \
+         destination. \
          The floor is an empty program of the same hook; `net` columns subtract it. \
          Policies are half IPv4, half IPv6, mixed prefix lengths (/28–/32, /64–/128) and port shapes; \
          one address entry per rule.\n"

@@ -98,7 +98,8 @@ pub mod limits {
     /// Destinations (address, protocol, port) observed.
     pub const DESTINATIONS: u32 = 65536;
     /// What `VERDICT_CACHE` may take in total over all CPUs: the agent sizes it at load
-    /// (`verdict_cache_bits`). Preallocated: 3 MiB on two CPUs, at most this from 11 CPUs on.
+    /// (`verdict_cache_bits`). Preallocated: 3 MiB on two CPUs, 16,384 records per hook up to 21 CPUs;
+    /// past 682 CPUs the fewest records (512 per hook, 48 KiB per CPU) take more than this.
     pub const VERDICT_CACHE_BYTES: u64 = 32 << 20;
     /// log2 of the decisions each enforcing hook keeps per CPU in `VERDICT_CACHE` at most (16,384).
     pub const VERDICT_CACHE_MAX_BITS: u32 = 14;

@@ -279,11 +279,12 @@ impl Datapath {
             .map_err(|s| *s.error)
     }
 
-    /// Bench hook: ends every decision the programs memoized, as an apply does (`fence_memos`), so
-    /// that the next packets toward any destination walk the policy's tries.
+    /// Bench hook: writes a new policy epoch (`Op::NewEpoch`, without the barriers of a fence: nothing
+    /// changes in the policy maps), so that every decision the programs memoized ends and the next
+    /// packet toward any destination walks the policy's tries, as the first one toward it does.
     #[doc(hidden)]
     pub fn new_policy_epoch(&mut self) -> Result<(), DatapathError> {
-        self.fence_memos()
+        KernelMaps::new(&mut self.ebpf, &self.barrier, self.counted_below).run(&Op::NewEpoch)
     }
 
     /// Rule counters that applies deleted since the last call, read at deletion: (generation, rule id,
