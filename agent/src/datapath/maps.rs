@@ -52,9 +52,10 @@ pub(crate) use typed_map;
 /// while one process writes at a time (`vpcgate run` holds its instance's lock); and at least the boot clock's
 /// nanoseconds (`now_ns`), so that two writers racing from the same value would still write different
 /// ones. Never 0 (the programs memoize nothing under 0). Nanoseconds since boot stay below `u64::MAX` for
-/// 584 years, and the map lasts until reboot at most.
-pub(crate) fn next_epoch(current: u64, now_ns: u64) -> u64 {
-    current.saturating_add(1).max(now_ns)
+/// 584 years, and the map lasts until reboot at most: None after `u64::MAX`, which only a hand-written
+/// value reaches, and past which no epoch is new (memoized decisions would never end).
+pub(crate) fn next_epoch(current: u64, now_ns: u64) -> Option<u64> {
+    Some(current.checked_add(1)?.max(now_ns))
 }
 
 /// `ACTIVE`: the active generation, or None when no policy was applied.
@@ -275,12 +276,17 @@ impl<'a> KernelMaps<'a> {
     fn new_epoch(&mut self) -> Result<(), DatapathError> {
         let mut m = typed_map!(self.ebpf, Array<_, u64>, names::POLICY_EPOCH);
         let current = m.get(&0, 0).map_err(map_err(names::POLICY_EPOCH))?;
-        m.set(
-            0,
-            next_epoch(current, super::flows::clock_ns(libc::CLOCK_BOOTTIME)),
-            0,
-        )
-        .map_err(map_err(names::POLICY_EPOCH))
+        let next = next_epoch(current, super::flows::clock_ns(libc::CLOCK_BOOTTIME)).ok_or_else(|| {
+            map_err(names::POLICY_EPOCH)(aya::maps::MapError::SyscallError(
+                aya::sys::SyscallError {
+                    call: "new epoch",
+                    io_error: std::io::Error::other(
+                        "the policy epoch is at its largest value (written by hand?): no new one can end the decisions the programs memoized; restart the datapath (`vpcgate teardown`) to start over",
+                    ),
+                },
+            ))
+        })?;
+        m.set(0, next, 0).map_err(map_err(names::POLICY_EPOCH))
     }
 
     fn set_config(&mut self, generation: u8, config: GenConfig) -> Result<(), DatapathError> {
@@ -412,13 +418,14 @@ mod tests {
 
     #[test]
     fn the_next_epoch_is_past_the_current_one_and_the_clock_and_never_zero() {
-        assert_eq!(next_epoch(0, 0), 1);
-        assert_eq!(next_epoch(5, 3), 6);
-        assert_eq!(next_epoch(5, 900), 900);
-        assert_eq!(next_epoch(u64::MAX - 1, 7), u64::MAX);
-        for (current, now) in [(0, 0), (1, 1), (41, 40), (41, 42), (u64::MAX, 0)] {
-            let next = next_epoch(current, now);
-            assert!(next != 0 && next >= now && (next > current || current == u64::MAX));
+        assert_eq!(next_epoch(0, 0), Some(1));
+        assert_eq!(next_epoch(5, 3), Some(6));
+        assert_eq!(next_epoch(5, 900), Some(900));
+        assert_eq!(next_epoch(u64::MAX - 1, 7), Some(u64::MAX));
+        assert_eq!(next_epoch(u64::MAX, 7), None);
+        for (current, now) in [(0, 0), (1, 1), (41, 40), (41, 42), (u64::MAX - 1, 0)] {
+            let next = next_epoch(current, now).unwrap();
+            assert!(next != 0 && next >= now && next > current);
         }
     }
 }
