@@ -24,7 +24,7 @@ pub struct DropCounts {
 }
 
 impl Datapath {
-    fn read_map(&self, name: &'static str) -> Result<&aya::maps::Map, DatapathError> {
+    pub(crate) fn read_map(&self, name: &'static str) -> Result<&aya::maps::Map, DatapathError> {
         self.ebpf().map(name).ok_or(DatapathError::MissingMap(name))
     }
 

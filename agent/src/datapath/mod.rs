@@ -169,35 +169,34 @@ fn loader<'a>(
     Ok(l)
 }
 
+/// The `max_entries` of map `name` pinned at `pins`, None when it is not pinned.
+fn pinned_entries(pins: &pin::Pins, name: &'static str) -> Result<Option<u32>, DatapathError> {
+    let path = pins.map(name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    aya::maps::MapInfo::from_pin(&path)
+        .map(|info| Some(info.max_entries()))
+        .map_err(|source| DatapathError::Map { map: name, source })
+}
+
 /// Loads `object` with every map pinned at (or opened from) `pins`.
 fn load_pinned(
     object: &[u8],
     names: &std::collections::BTreeSet<String>,
     pins: &pin::Pins,
 ) -> Result<Ebpf, DatapathError> {
+    use vpcgate_common::datapath::names::{RULE_COUNTERS, VERDICT_CACHE};
     // A pinned counter array keeps the size it was created with (an agent that sized it otherwise may
     // have pinned it): the loader takes that size, so that every bounds check agrees with the kernel's.
-    let counters = pins.map(vpcgate_common::datapath::names::RULE_COUNTERS);
-    let slots = if counters.exists() {
-        let info =
-            aya::maps::MapInfo::from_pin(&counters).map_err(|source| DatapathError::Map {
-                map: vpcgate_common::datapath::names::RULE_COUNTERS,
-                source,
-            })?;
-        rule_counters::slots_of(info.max_entries())?
-    } else {
-        rule_counters::rule_counter_slots()?
-    };
     // So does the verdict cache.
-    let cache = pins.map(vpcgate_common::datapath::names::VERDICT_CACHE);
-    let bits = if cache.exists() {
-        let info = aya::maps::MapInfo::from_pin(&cache).map_err(|source| DatapathError::Map {
-            map: vpcgate_common::datapath::names::VERDICT_CACHE,
-            source,
-        })?;
-        verdict_cache::bits_of(info.max_entries())?
-    } else {
-        verdict_cache::host_bits()?
+    let slots = match pinned_entries(pins, RULE_COUNTERS)? {
+        Some(n) => rule_counters::slots_of(n)?,
+        None => rule_counters::rule_counter_slots()?,
+    };
+    let bits = match pinned_entries(pins, VERDICT_CACHE)? {
+        Some(n) => verdict_cache::bits_of(n)?,
+        None => verdict_cache::host_bits()?,
     };
     let mut l = loader(&slots, &bits)?;
     for n in names {

@@ -170,11 +170,7 @@ impl Datapath {
     /// kernel sized it.
     pub fn verdict_cache_bits(&self) -> Result<u32, DatapathError> {
         let name = names::VERDICT_CACHE;
-        let m = self
-            .ebpf()
-            .map(name)
-            .ok_or(DatapathError::MissingMap(name))?;
-        let elements = match m {
+        let elements = match self.read_map(name)? {
             aya::maps::Map::PerCpuArray(d) => d
                 .info()
                 .map_err(|source| DatapathError::Map { map: name, source })?
@@ -195,11 +191,7 @@ impl Datapath {
             return Ok(vec![]);
         };
         let name = names::VERDICT_CACHE;
-        let m = self
-            .ebpf()
-            .map(name)
-            .ok_or(DatapathError::MissingMap(name))?;
-        let a = PerCpuArray::<_, VerdictBlock>::try_from(m)
+        let a = PerCpuArray::<_, VerdictBlock>::try_from(self.read_map(name)?)
             .map_err(|source| DatapathError::Map { map: name, source })?;
         let mut out = vec![];
         let block = limits::VERDICT_CACHE_BLOCK;
