@@ -638,10 +638,14 @@ fn kernel_and_reference_agree_on_random_packets_and_policies() {
     let policies = env("VPCGATE_DIFF_POLICIES").unwrap_or(200).max(1);
     let seed = env("VPCGATE_DIFF_SEED").unwrap_or_else(fresh_seed);
     eprintln!(
-        "differential: {packets} packets over {policies} policies, seed {seed:#x} (replay with VPCGATE_DIFF_SEED={seed:#x})"
+        "differential: {packets} packets over {policies} policies, seed {seed:#x} (replay with VPCGATE_DIFF_SEED={seed:#x}); the smallest verdict cache"
     );
     let mut r = Rng(seed);
-    let mut h = Harness::new();
+    // The smallest verdict cache (512 decisions per hook and CPU): the destinations of a policy share
+    // its slots often, so records are evicted and replaced, and records of earlier applies wait in many.
+    let cache_bits = vpcgate_common::datapath::limits::VERDICT_CACHE_MIN_BITS;
+    let mut h = Harness::with_cache_bits(cache_bits);
+    assert_eq!(h.dp.verdict_cache_bits().unwrap(), cache_bits);
     h.isolate_with_sockets(&[gw(false), gw(true)], GW_TCP_PORT, GW_UDP_PORT);
     // The ENI's on-link prefixes cover part of the policy space: ND (and DHCPv4 renewals) toward them
     // pass, beyond them not.

@@ -219,6 +219,11 @@ impl Harness {
         Self::with(Datapath::load_with_counter_slots(slots).unwrap_or_else(|e| panic!("{e}")))
     }
 
+    /// `new`, with `1 << bits` decisions per hook and CPU in the verdict cache.
+    pub fn with_cache_bits(bits: u32) -> Self {
+        Self::with(Datapath::load_with_cache_bits(bits).unwrap_or_else(|e| panic!("{e}")))
+    }
+
     fn with(mut dp: Datapath) -> Self {
         dp.set_record_last(true).expect("set record-last flag");
         Self {

@@ -241,6 +241,15 @@ impl Datapath {
         Self::load_with(EBPF_OBJECT, loader(&slots, &bits)?)
     }
 
+    /// Test hook: the embedded object with `1 << bits` records per hook and CPU in `VERDICT_CACHE`
+    /// (instead of this host's share), so that tests make destinations share slots often.
+    #[doc(hidden)]
+    pub fn load_with_cache_bits(bits: u32) -> Result<Self, DatapathError> {
+        let bits = verdict_cache::bits_of(vpcgate_common::datapath::verdict_cache_elements(bits))?;
+        let slots = rule_counters::rule_counter_slots()?;
+        Self::load_with(EBPF_OBJECT, loader(&slots, &bits)?)
+    }
+
     fn load_with(object: &[u8], mut loader: EbpfLoader<'_>) -> Result<Self, DatapathError> {
         let mut ebpf = loader.load(object).map_err(DatapathError::Object)?;
         load_programs(&mut ebpf)?;
