@@ -843,7 +843,8 @@ fn a_memoized_decision_never_outlives_an_apply() {
     use vpcgate::policy::verdict::Action;
     use vpcgate_common::parse_stats::Hook;
     vpcgate_lab::require_root();
-    let cpu = stay_on_this_cpu();
+    let pinned = stay_on_this_cpu();
+    let cpu = pinned.cpu;
     let with_port = |name: &str, port: u16| {
         let mut p = small();
         p.authorizations[0].name = name.into();
@@ -912,27 +913,9 @@ fn a_memoized_decision_never_outlives_an_apply() {
     }
 }
 
-/// Pins the calling thread to the CPU it runs on (each CPU has its own memoized decisions) and returns it.
-fn stay_on_this_cpu() -> usize {
-    // SAFETY: plain syscalls on this thread's own affinity, with a zeroed set and its own size.
-    unsafe {
-        let cpu = libc::sched_getcpu();
-        assert!(
-            cpu >= 0,
-            "sched_getcpu: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu as usize, &mut set);
-        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(
-            rc,
-            0,
-            "sched_setaffinity: {}",
-            std::io::Error::last_os_error()
-        );
-        cpu as usize
-    }
+/// Keeps the calling thread on the CPU it runs on (each CPU has its own memoized decisions).
+fn stay_on_this_cpu() -> vpcgate_lab::harness::StayOnCpu {
+    vpcgate_lab::harness::StayOnCpu::here().unwrap_or_else(|e| panic!("pinning to one CPU: {e}"))
 }
 
 /// A `VerdictMemo`'s `port`: TCP toward port 80.
@@ -975,7 +958,8 @@ fn cached_once(
 fn destinations_that_share_a_cache_slot_are_never_confused() {
     use vpcgate_common::{datapath::verdict_cache_index, parse_stats::Hook};
     vpcgate_lab::require_root();
-    let cpu = stay_on_this_cpu();
+    let pinned = stay_on_this_cpu();
+    let cpu = pinned.cpu;
     let mut h = Harness::new();
     h.apply(&small());
     let to = |dst: [u8; 4], port: u16| {
@@ -1084,7 +1068,8 @@ fn a_cached_decision_is_reused_only_for_its_own_key_port_and_epoch() {
     };
     use vpcgate_lab::harness::{TC_PASS, TC_SHOT, XDP_DROP, XDP_PASS, run_prog};
     vpcgate_lab::require_root();
-    let cpu = stay_on_this_cpu();
+    let pinned = stay_on_this_cpu();
+    let cpu = pinned.cpu;
     let mut h = Harness::new();
     h.apply(&small());
     let bits = h.dp.verdict_cache_bits().unwrap();

@@ -28,7 +28,7 @@ use serde::Serialize;
 use vpcgate::policy::model::Proto;
 use vpcgate_common::datapath::{AddrV4, AddrV6, AddrValue, GEN_A, GEN_BITS};
 use vpcgate_lab::{
-    harness::{Harness, TC_PASS, TC_SHOT, XDP_DROP, XDP_PASS},
+    harness::{Harness, StayOnCpu, TC_PASS, TC_SHOT, XDP_DROP, XDP_PASS},
     packet::{Ext, Frame, Layer, build},
 };
 
@@ -398,49 +398,6 @@ impl OwnNetns {
     }
 }
 
-/// This thread kept on the CPU it runs on until dropped, then given back the CPUs it had: vpcgate keeps
-/// memoized decisions per CPU (`VERDICT_CACHE`), and a pass that moved to another CPU would find none of
-/// the ones the pass before it made. (Throughput and the control plane run after, on every CPU.)
-struct StayOnCpu {
-    previous: libc::cpu_set_t,
-}
-
-impl StayOnCpu {
-    fn here() -> anyhow::Result<Self> {
-        // SAFETY: plain syscalls on this thread's own affinity, with zeroed sets of their own size.
-        unsafe {
-            let mut previous: libc::cpu_set_t = std::mem::zeroed();
-            if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut previous) != 0 {
-                bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
-            }
-            let cpu = libc::sched_getcpu();
-            if cpu < 0 {
-                bail!("sched_getcpu: {}", std::io::Error::last_os_error());
-            }
-            let mut one: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu as usize, &mut one);
-            if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &one) != 0 {
-                bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
-            }
-            Ok(Self { previous })
-        }
-    }
-}
-
-impl Drop for StayOnCpu {
-    fn drop(&mut self) {
-        // SAFETY: as in `here`, with the set it read.
-        let rc =
-            unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &self.previous) };
-        assert_eq!(
-            rc,
-            0,
-            "sched_setaffinity back to this thread's CPUs: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 impl Drop for OwnNetns {
     fn drop(&mut self) {
         use std::os::fd::AsRawFd;
@@ -648,7 +605,8 @@ pub fn run(
     // The programs' socket lookups (XDP ingress, toward the gateway's addresses) see this thread's
     // namespace: a fresh one with no sockets, not the host's, whose sockets would change the path timed.
     let _ns = OwnNetns::enter()?;
-    let _cpu = StayOnCpu::here()?;
+    // Throughput and the control plane run after, on every CPU.
+    let _cpu = StayOnCpu::here().context("keeping the per-packet bench on one CPU")?;
     p.say("per-packet: loading vpcgate's datapath and the baselines");
     let mut h = Harness::new();
     // The harness records every verdict for the differential test: not what production pays.

@@ -207,6 +207,55 @@ where
         .return_value
 }
 
+/// The calling thread kept on the CPU it runs on until dropped, then given back the CPUs it had: the
+/// programs memoize decisions per CPU (`VerdictMemo`, `VERDICT_CACHE`), and a thread that moved between
+/// runs would find none of the ones it made.
+pub struct StayOnCpu {
+    /// The CPU the thread stays on.
+    pub cpu: usize,
+    previous: libc::cpu_set_t,
+}
+
+impl StayOnCpu {
+    pub fn here() -> std::io::Result<Self> {
+        let size = size_of::<libc::cpu_set_t>();
+        // SAFETY: plain syscalls on this thread's own affinity, with zeroed sets of their own size.
+        unsafe {
+            let mut previous: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, size, &mut previous) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let cpu = libc::sched_getcpu();
+            if cpu < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu as usize, &mut one);
+            if libc::sched_setaffinity(0, size, &one) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(Self {
+                cpu: cpu as usize,
+                previous,
+            })
+        }
+    }
+}
+
+impl Drop for StayOnCpu {
+    fn drop(&mut self) {
+        // SAFETY: as in `here`, with the set it read.
+        let rc =
+            unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &self.previous) };
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity back to this thread's CPUs: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 impl Harness {
     /// Loads the programs and turns on the verdict-recording test hook.
     pub fn new() -> Self {
