@@ -863,6 +863,12 @@ fn a_memoized_decision_never_outlives_an_apply() {
     let frame = build("to web:80", &[ipv4(), tcp(80)], 0);
     let elsewhere = build("to web:22", &[ipv4(), tcp(22)], 0);
     let mut h = Harness::new();
+    // The agent writes the epoch in place with one 8-byte store, which needs an mmapable map: a write
+    // through the syscall is a `memcpy`, and a read racing it could see a mix of two epochs.
+    assert!(
+        h.dp.policy_epoch_is_mmapable().unwrap(),
+        "POLICY_EPOCH must be mmapable"
+    );
     let mut last_epoch = 0;
     for round in 0..20 {
         for (i, (policy, incremental)) in steps.iter().enumerate() {

@@ -1,7 +1,7 @@
 //! Every map of the enforcement datapath, defined once (layouts from `vpcgate_common::datapath`).
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_F_RDONLY_PROG},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_F_RDONLY_PROG},
     macros::map,
     maps::{
         Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
@@ -29,8 +29,11 @@ pub static GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(3, 0);
 /// The policy epoch: a value the agent writes on both sides of every barrier of an apply, before every
 /// flip and after an in-place apply's last write (the agent's `plan::sealed`), never twice the same. A
 /// destination's memoized decision (`VerdictMemo`) holds only while the epoch it was made in is current.
+///
+/// Mmapable: the agent writes the value in place with one 8-byte store, and the programs read it with one
+/// 8-byte load, so no read sees a mix of two epochs (an update through the syscall is a `memcpy`).
 #[map(name = "POLICY_EPOCH")]
-pub static POLICY_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+pub static POLICY_EPOCH: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 #[map(name = "ADDR_V4")]
 pub static ADDR_V4: LpmTrie<AddrV4, AddrValue> =

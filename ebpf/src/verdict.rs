@@ -430,10 +430,9 @@ fn not_allowed(covering: u32) -> Decision {
 fn memoized(hook: Hook, kb: &mut KeyBuf, pkt: &Packet, generation: u8, dport: u16) -> Decision {
     let port = (u32::from(pkt.proto) << 16) | u32::from(dport);
     let epoch = match POLICY_EPOCH.get(0) {
-        // SAFETY: a map value. The kernel copies the agent's update in with `memcpy`, not one 8-byte
-        // store: a read racing it may see a value never written, which memoizes under an epoch no later
-        // read sees again (or, astronomically rarely, matches an old record's exactly; the next fence
-        // ends that).
+        // SAFETY: a map value, 8-byte aligned. One 8-byte load (volatile: never split or repeated); the
+        // agent writes the value in place with one 8-byte store (the map is mmapable), so a read racing
+        // it sees the old epoch or the new one, never a mix that might equal an earlier epoch's records.
         Some(e) => unsafe { core::ptr::read_volatile(e) },
         None => 0,
     };

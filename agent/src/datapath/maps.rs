@@ -272,10 +272,11 @@ impl<'a> KernelMaps<'a> {
         }
     }
 
-    /// Writes a new `POLICY_EPOCH` (`Op::NewEpoch`): past the one there, so never one written before.
+    /// Writes a new `POLICY_EPOCH` (`Op::NewEpoch`): past the one there, so never one written before; in
+    /// place, with one 8-byte store (`epoch`), so that no program reads a mix of two epochs.
     fn new_epoch(&mut self) -> Result<(), DatapathError> {
-        let mut m = typed_map!(self.ebpf, Array<_, u64>, names::POLICY_EPOCH);
-        let current = m.get(&0, 0).map_err(map_err(names::POLICY_EPOCH))?;
+        let word = super::epoch::epoch_word(self.ebpf)?;
+        let current = word.load();
         let next = next_epoch(current, super::flows::clock_ns(libc::CLOCK_BOOTTIME)).ok_or_else(|| {
             map_err(names::POLICY_EPOCH)(aya::maps::MapError::SyscallError(
                 aya::sys::SyscallError {
@@ -286,7 +287,8 @@ impl<'a> KernelMaps<'a> {
                 },
             ))
         })?;
-        m.set(0, next, 0).map_err(map_err(names::POLICY_EPOCH))
+        word.store(next);
+        Ok(())
     }
 
     fn set_config(&mut self, generation: u8, config: GenConfig) -> Result<(), DatapathError> {

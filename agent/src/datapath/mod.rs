@@ -5,6 +5,7 @@ mod barrier;
 pub mod btf;
 pub mod capacity;
 mod counters;
+mod epoch;
 mod error;
 mod execute;
 mod flows;

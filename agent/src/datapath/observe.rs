@@ -224,6 +224,20 @@ impl Datapath {
             .map_err(|source| DatapathError::Map { map: name, source })
     }
 
+    /// Test hook: whether the kernel reports `POLICY_EPOCH` created `BPF_F_MMAPABLE` (which lets the agent
+    /// write the epoch in place, with one 8-byte store).
+    #[doc(hidden)]
+    pub fn policy_epoch_is_mmapable(&self) -> Result<bool, DatapathError> {
+        let name = names::POLICY_EPOCH;
+        match self.ebpf().map(name) {
+            Some(aya::maps::Map::Array(d)) => d
+                .info()
+                .map(|i| i.map_flags() & aya_obj::generated::BPF_F_MMAPABLE != 0)
+                .map_err(|source| DatapathError::Map { map: name, source }),
+            _ => Err(DatapathError::MissingMap(name)),
+        }
+    }
+
     /// Test hook: every CPU's busy flag of `hook`'s scratch slot (nonzero while taken: a run writes 1,
     /// `set_scratch_busy` any value; 0 when free).
     #[doc(hidden)]

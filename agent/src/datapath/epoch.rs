@@ -1,0 +1,98 @@
+//! `POLICY_EPOCH` through a shared mapping of the map's value: one aligned 8-byte load or store, never a
+//! torn value.
+//!
+//! The programs read the epoch with one 8-byte load and trust a memoized decision whose epoch equals it
+//! (`VerdictMemo`). Written through `bpf_map_update_elem`, the kernel copies the value in with
+//! `memcpy`, which promises no single store: a read racing it could see bytes of both epochs, a value
+//! never written, and one that may equal an earlier epoch whose records are still cached. The map is
+//! created `BPF_F_MMAPABLE`, so the agent writes the value in place, with one atomic store the programs'
+//! load sees whole or not at all.
+
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd},
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use aya::maps::{Map, MapData, MapError};
+use vpcgate_common::datapath::names;
+
+use super::DatapathError;
+
+/// Element 0 of `POLICY_EPOCH`, mapped read-write; unmapped on drop.
+pub(crate) struct EpochWord {
+    base: NonNull<libc::c_void>,
+    len: usize,
+}
+
+impl EpochWord {
+    /// Maps `map`'s value area (its first page: element 0 is at offset 0, page-aligned).
+    fn map(map: &MapData) -> io::Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let len = usize::try_from(page)
+            .ok()
+            .filter(|&p| p >= std::mem::size_of::<u64>())
+            .ok_or_else(|| io::Error::other(format!("sysconf(_SC_PAGESIZE) returned {page}")))?;
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: a new shared mapping of `len` bytes at an address the kernel picks; nothing else is
+        // touched. A map not created mmapable is refused (EINVAL), never mapped.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base =
+            NonNull::new(p).ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
+        Ok(Self { base, len })
+    }
+
+    fn word(&self) -> &AtomicU64 {
+        // SAFETY: the mapping is page-aligned (so 8-byte aligned), at least 8 bytes long and lives as long
+        // as `self`; the kernel's programs only read it, with aligned 8-byte loads.
+        unsafe { &*self.base.as_ptr().cast::<AtomicU64>() }
+    }
+
+    pub(crate) fn load(&self) -> u64 {
+        self.word().load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn store(&self, epoch: u64) {
+        self.word().store(epoch, Ordering::SeqCst)
+    }
+}
+
+impl Drop for EpochWord {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `map` made, not used after this.
+        unsafe { libc::munmap(self.base.as_ptr(), self.len) };
+    }
+}
+
+/// `POLICY_EPOCH` of `ebpf`, mapped.
+pub(crate) fn epoch_word(ebpf: &aya::Ebpf) -> Result<EpochWord, DatapathError> {
+    let name = names::POLICY_EPOCH;
+    let err = |e: io::Error| DatapathError::Map {
+        map: name,
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "mmap",
+            io_error: e,
+        }),
+    };
+    match ebpf.map(name).ok_or(DatapathError::MissingMap(name))? {
+        Map::Array(d) => EpochWord::map(d).map_err(err),
+        _ => Err(err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not an array map",
+        ))),
+    }
+}
