@@ -787,7 +787,31 @@ fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
     for hook in HOOKS {
         h.dp.set_scratch_busy(hook, 2).unwrap();
     }
+    // Each enforcing run that finds its slot taken counts a `malformed` drop (or, under audit, an
+    // audited one) and reports it, without the packet's addresses it never read.
+    let malformed_counts = |h: &Harness| {
+        let d = h.dp.drop_counts().unwrap();
+        (
+            d.dropped[&DropReason::Malformed],
+            d.audited[&DropReason::Malformed],
+        )
+    };
+    let reported = |h: &mut Harness, audit: u32| {
+        let events = h.dp.take_events(100).unwrap();
+        assert_eq!(events.len(), 2, "one event per enforcing hook: {events:?}");
+        for e in events {
+            assert_eq!(
+                (e.reason, e.audit, e.tuple.family, e.tuple.dst),
+                (DropReason::Malformed.code(), audit, 0, [0; 16]),
+                "{e:?}"
+            );
+        }
+    };
+    h.dp.take_events(100).unwrap();
+    let before = malformed_counts(&h);
     assert_eq!(run(&mut h, &pass.bytes), (TC_SHOT, XDP_DROP, XDP_PASS));
+    assert_eq!(malformed_counts(&h), (before.0 + 2, before.1));
+    reported(&mut h, 0);
     let cpu = |h: &Harness, hook: Hook| {
         let f = flags(h, hook);
         (
@@ -806,12 +830,22 @@ fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
     }
     // Still taken (the failed runs did not free the holder's slot): it still drops.
     assert_eq!(run(&mut h, &pass.bytes), (TC_SHOT, XDP_DROP, XDP_PASS));
+    assert_eq!(malformed_counts(&h), (before.0 + 4, before.1));
+    reported(&mut h, 0);
     // Under an audit policy a taken slot passes, as TC egress's and XDP forward's fail-closed verdicts do.
     let mut audit = small();
     audit.instance.mode = Mode::Audit;
     h.apply(&audit);
-    for frame in [&pass.bytes, &denied.bytes, &malformed] {
+    for (i, frame) in [&pass.bytes, &denied.bytes, &malformed]
+        .into_iter()
+        .enumerate()
+    {
         assert_eq!(run(&mut h, frame), (TC_PASS, XDP_PASS, XDP_PASS));
+        assert_eq!(
+            malformed_counts(&h),
+            (before.0 + 4, before.1 + 2 * (i as u64 + 1))
+        );
+        reported(&mut h, 1);
     }
     for hook in HOOKS {
         assert!(

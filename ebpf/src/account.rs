@@ -231,15 +231,41 @@ fn record_dropped(key: &DestKey, reason: u32) {
     }
 }
 
+/// This CPU's `DROP_STATS` counter of a drop's reason, or of an audited would-be drop's (None for a pass).
+#[inline(always)]
+fn drop_slot(o: &Outcome) -> Option<*mut u64> {
+    if o.reason == 0 {
+        return None;
+    }
+    DROP_STATS.get_ptr_mut(o.reason + if o.audit { AUDIT_OFFSET } else { 0 })
+}
+
+/// Counts the drop of a run that holds no scratch slot (it found its hook's taken: `main::slot_taken`),
+/// in one atomic add: on PREEMPT_RT without the bottom-half lock, runs that find the slot taken may
+/// interleave with each other and with the holder on this CPU. The holder's plain add can still lose
+/// one count (see `account`), never add one.
+#[inline(always)]
+pub fn count_unslotted_drop(o: &Outcome) {
+    if let Some(slot) = drop_slot(o) {
+        // SAFETY: an 8-aligned u64 of this CPU's copy of a map value (BPF_ATOMIC add, any kernel with
+        // BPF at all).
+        unsafe {
+            core::arch::asm!(
+                "lock *(u64 *)({p} + 0) += {v}",
+                p = in(reg) slot,
+                v = in(reg) 1u64,
+                options(nostack),
+            );
+        }
+    }
+}
+
 #[inline(always)]
 pub fn account(o: &Outcome, bytes: u64) {
-    if o.reason != 0 {
-        let index = o.reason + if o.audit { AUDIT_OFFSET } else { 0 };
-        if let Some(slot) = DROP_STATS.get_ptr_mut(index) {
-            // SAFETY: per-CPU slot. On PREEMPT_RT without the bottom-half lock a run that preempts
-            // this one between its load and store can lose a count, never more.
-            unsafe { *slot += 1 };
-        }
+    if let Some(slot) = drop_slot(o) {
+        // SAFETY: per-CPU slot. On PREEMPT_RT without the bottom-half lock a run that preempts this one
+        // between its load and store can lose a count, never more.
+        unsafe { *slot += 1 };
     }
     if o.basis == basis::RULE {
         count_rule(o.generation, o.id, bytes);

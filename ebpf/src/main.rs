@@ -135,6 +135,18 @@ fn scratch(hook: Hook) -> Option<*mut Scratch> {
     Some(s)
 }
 
+/// The verdict of an enforcing run that found its hook's scratch slot taken (`scratch`): its headers
+/// are never read, so it fails closed as a malformed packet does (dropped, or passed audited under an
+/// audit policy), and is counted and reported as such (`account::count_unslotted_drop`, a drop event
+/// without the packet's addresses).
+#[inline(always)]
+fn slot_taken(hook: Hook, ifindex: u32) -> Outcome {
+    let o = verdict::malformed();
+    account::count_unslotted_drop(&o);
+    events::drop_event(hook, ifindex, None, &o);
+    o
+}
+
 /// Sets `*flag` to 1 and returns what it held, in one atomic exchange (BPF_XCHG, Linux 5.12+; the
 /// target's `core` has no atomic read-modify-write).
 ///
@@ -243,7 +255,7 @@ pub fn vpcgate_tc_egress(ctx: TcContext) -> i32 {
     // Parse what is linear; only a packet whose headers are not all linear is pulled (a TCP segment's
     // headers almost always are: no copy per segment).
     let Some(s) = scratch(Hook::TcEgress) else {
-        return tc_action(&verdict::malformed());
+        return tc_action(&slot_taken(Hook::TcEgress, ifindex));
     };
     let linear = (ctx.data_end() - ctx.data()) as u32;
     let mut parsed_ok = parse_result(vpcgate_parse_skb(ctx.skb.skb, Hook::TcEgress as u32));
@@ -280,8 +292,7 @@ pub fn vpcgate_xdp_forward(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let ifindex = ctx.ingress_ifindex() as u32;
     let Some(s) = scratch(Hook::XdpForward) else {
-        // Fail closed as TC egress does: dropped, or passed under an audit policy.
-        return xdp_verdict(&verdict::malformed());
+        return xdp_verdict(&slot_taken(Hook::XdpForward, ifindex));
     };
     let parsed_ok = parse_result(vpcgate_parse_xdp(ctx.ctx, Hook::XdpForward as u32));
     let (pkt, key) = parsed(s);

@@ -262,8 +262,8 @@ impl Datapath {
         if let Some(below) = &mut self.counted_below {
             *below = (*below).max(c.rules.len() as u32 + 1);
         }
-        let mut maps = KernelMaps::new(&mut self.ebpf, &self.barrier, self.counted_below);
-        let r = apply_to(&mut maps, &mut self.recorded, c, fail_at);
+        let (mut maps, recorded) = self.kernel_maps_and_record();
+        let r = apply_to(&mut maps, recorded, c, fail_at);
         let folded = maps.into_folded();
         self.folded.extend(folded);
         r
@@ -273,10 +273,28 @@ impl Datapath {
     /// write: an agent adopting pinned maps does it first, since the one before may have stopped between
     /// a write and its epoch (killed, or an undo that failed).
     pub(crate) fn fence_memos(&mut self) -> Result<(), DatapathError> {
-        let mut maps = KernelMaps::new(&mut self.ebpf, &self.barrier, self.counted_below);
-        execute(&mut maps, &mut self.recorded, &FENCE, None)
+        let (mut maps, recorded) = self.kernel_maps_and_record();
+        execute(&mut maps, recorded, &FENCE, None)
             .map(|_| ())
             .map_err(|s| *s.error)
+    }
+
+    /// The kernel maps, for one plan or read.
+    fn kernel_maps(&mut self) -> KernelMaps<'_> {
+        self.kernel_maps_and_record().0
+    }
+
+    /// The kernel maps and what `apply` knows of them, to execute a plan.
+    fn kernel_maps_and_record(&mut self) -> (KernelMaps<'_>, &mut super::state::Recorded) {
+        (
+            KernelMaps::new(
+                &mut self.ebpf,
+                &self.barrier,
+                &self.epoch,
+                self.counted_below,
+            ),
+            &mut self.recorded,
+        )
     }
 
     /// Bench hook: writes a new policy epoch (`Op::NewEpoch`, without the barriers of a fence: nothing
@@ -284,7 +302,7 @@ impl Datapath {
     /// packet toward any destination walks the policy's tries, as the first one toward it does.
     #[doc(hidden)]
     pub fn new_policy_epoch(&mut self) -> Result<(), DatapathError> {
-        KernelMaps::new(&mut self.ebpf, &self.barrier, self.counted_below).run(&Op::NewEpoch)
+        self.kernel_maps().run(&Op::NewEpoch)
     }
 
     /// Rule counters that applies deleted since the last call, read at deletion: (generation, rule id,
@@ -302,14 +320,13 @@ impl Datapath {
 
     /// Everything generation `generation` holds in the policy maps, read back from the kernel.
     pub fn read_generation(&mut self, generation: u8) -> Result<GenState, DatapathError> {
-        KernelMaps::new(&mut self.ebpf, &self.barrier, self.counted_below)
-            .read_generation(generation)
+        self.kernel_maps().read_generation(generation)
     }
 
     /// Rule ids of `generation` with a non-zero counter (or a `RULE_STATS` entry), read back from the
     /// kernel.
     pub fn counted_rules(&mut self, generation: u8) -> Result<Vec<u32>, DatapathError> {
-        KernelMaps::new(&mut self.ebpf, &self.barrier, self.counted_below).counters(generation)
+        self.kernel_maps().counters(generation)
     }
 
     /// How many policy-map entries (addresses, reserved blocks, port blocks) `generation` holds, found by

@@ -7,6 +7,10 @@
 //! never written, and one that may equal an earlier epoch whose records are still cached. The map is
 //! created `BPF_F_MMAPABLE`, so the agent writes the value in place, with one atomic store the programs'
 //! load sees whole or not at all.
+//!
+//! The page is mapped once, when the datapath is loaded or adopted (`epoch_word`), so that writing an
+//! epoch cannot fail half-way through an apply. Nothing else may write the map: an update through the
+//! syscall (`bpftool map update` too) would be a `memcpy` again.
 
 use std::{
     io,
@@ -78,21 +82,40 @@ impl Drop for EpochWord {
     }
 }
 
-/// `POLICY_EPOCH` of `ebpf`, mapped.
+// SAFETY (Send, Sync): the mapping belongs to this value alone, and the word is only reached through
+// atomic operations.
+unsafe impl Send for EpochWord {}
+unsafe impl Sync for EpochWord {}
+
+/// `POLICY_EPOCH` of `ebpf`, mapped: refused, before any map is written, when the map was not created
+/// mmapable.
 pub(crate) fn epoch_word(ebpf: &aya::Ebpf) -> Result<EpochWord, DatapathError> {
     let name = names::POLICY_EPOCH;
-    let err = |e: io::Error| DatapathError::Map {
-        map: name,
-        source: MapError::SyscallError(aya::sys::SyscallError {
-            call: "mmap",
-            io_error: e,
-        }),
+    let map_err = |source| DatapathError::Map { map: name, source };
+    let syscall_err = |call, io_error| {
+        map_err(MapError::SyscallError(aya::sys::SyscallError {
+            call,
+            io_error,
+        }))
     };
-    match ebpf.map(name).ok_or(DatapathError::MissingMap(name))? {
-        Map::Array(d) => EpochWord::map(d).map_err(err),
-        _ => Err(err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not an array map",
-        ))),
+    let m = ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+    // The typed view checks the map's type and value size, as every other access does.
+    aya::maps::Array::<_, u64>::try_from(m).map_err(map_err)?;
+    let Map::Array(d) = m else {
+        // Not reached: the view accepts arrays only.
+        return Err(map_err(MapError::InvalidMapType { map_type: 0 }));
+    };
+    let flags = d.info().map_err(map_err)?.map_flags();
+    if flags & aya_obj::generated::BPF_F_MMAPABLE == 0 {
+        return Err(syscall_err(
+            "mmap",
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "created without BPF_F_MMAPABLE (flags {flags:#x}), so no epoch can be written in one store; these maps are not this build's: `vpcgate teardown` and start again"
+                ),
+            ),
+        ));
     }
+    EpochWord::map(d).map_err(|e| syscall_err("mmap", e))
 }

@@ -19,6 +19,7 @@ use vpcgate_common::datapath::{
 use super::{
     DatapathError,
     barrier::Barrier,
+    epoch::EpochWord,
     execute::Maps,
     plan::Op,
     state::{GenState, PortKey},
@@ -150,6 +151,8 @@ fn keys_of<K: aya::Pod, V: aya::Pod>(
 pub(crate) struct KernelMaps<'a> {
     ebpf: &'a mut Ebpf,
     barrier: &'a Barrier,
+    /// `POLICY_EPOCH`, mapped (`epoch`).
+    epoch: &'a EpochWord,
     /// Counters read as they were deleted: (generation, rule, sum over CPUs).
     folded: Vec<(u8, u32, RuleStats)>,
     /// Rule ids below which the kernel may have counted (`Datapath::counted_below`; None: unknown).
@@ -160,11 +163,13 @@ impl<'a> KernelMaps<'a> {
     pub(crate) fn new(
         ebpf: &'a mut Ebpf,
         barrier: &'a Barrier,
+        epoch: &'a EpochWord,
         counted_below: Option<u32>,
     ) -> Self {
         Self {
             ebpf,
             barrier,
+            epoch,
             folded: vec![],
             counted_below,
         }
@@ -275,8 +280,7 @@ impl<'a> KernelMaps<'a> {
     /// Writes a new `POLICY_EPOCH` (`Op::NewEpoch`): past the one there, so never one written before; in
     /// place, with one 8-byte store (`epoch`), so that no program reads a mix of two epochs.
     fn new_epoch(&mut self) -> Result<(), DatapathError> {
-        let word = super::epoch::epoch_word(self.ebpf)?;
-        let current = word.load();
+        let current = self.epoch.load();
         let next = next_epoch(current, super::flows::clock_ns(libc::CLOCK_BOOTTIME)).ok_or_else(|| {
             map_err(names::POLICY_EPOCH)(aya::maps::MapError::SyscallError(
                 aya::sys::SyscallError {
@@ -287,7 +291,7 @@ impl<'a> KernelMaps<'a> {
                 },
             ))
         })?;
-        word.store(next);
+        self.epoch.store(next);
         Ok(())
     }
 

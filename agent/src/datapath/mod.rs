@@ -124,6 +124,9 @@ pub struct Datapath {
     recorded: state::Recorded,
     /// Waits out packets in flight between the phases of an apply.
     barrier: barrier::Barrier,
+    /// `POLICY_EPOCH`, mapped for one-store writes (`epoch`): mapped at load or adoption, so that an
+    /// apply's epochs cannot fail to be written half-way.
+    epoch: epoch::EpochWord,
     /// Test hook: the next apply fails at this operation of its plan.
     fail_at: Option<usize>,
     /// Set when the programs were adopted from pins (the object's own are then never loaded).
@@ -256,6 +259,7 @@ impl Datapath {
         load_programs(&mut ebpf)?;
         // Maps created by this load are empty: both generation slots are known to be.
         Ok(Self {
+            epoch: epoch::epoch_word(&ebpf)?,
             ebpf,
             recorded: state::Recorded::fresh(),
             barrier: barrier::Barrier::new()?,
@@ -361,6 +365,7 @@ impl Datapath {
                     }
                 }
                 let mut dp = Self {
+                    epoch: epoch::epoch_word(&ebpf)?,
                     ebpf,
                     // Another process wrote these maps: found by reading them.
                     recorded: state::Recorded::unknown(),
@@ -407,6 +412,7 @@ impl Datapath {
                 let pins = pin::commit(&staging, instance, &build)?;
                 Ok((
                     Self {
+                        epoch: epoch::epoch_word(&ebpf)?,
                         ebpf,
                         recorded: state::Recorded::fresh(),
                         barrier: barrier::Barrier::new()?,
