@@ -801,8 +801,14 @@ fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
         assert_eq!(events.len(), 2, "one event per enforcing hook: {events:?}");
         for e in events {
             assert_eq!(
-                (e.reason, e.audit, e.tuple.family, e.tuple.dst),
-                (DropReason::Malformed.code(), audit, 0, [0; 16]),
+                (e.reason, e.basis, e.audit, e.tuple.family, e.tuple.dst),
+                (
+                    DropReason::Malformed.code(),
+                    vpcgate_common::datapath::basis::SLOT_TAKEN,
+                    audit,
+                    0,
+                    [0; 16]
+                ),
                 "{e:?}"
             );
         }

@@ -572,6 +572,9 @@ pub mod basis {
     pub const HOST_ESSENTIAL: u32 = 13;
     /// Rule 2: source-routed.
     pub const SOURCE_ROUTED: u32 = 14;
+    /// Rule 2, `malformed`: the run found its CPU's scratch slot taken (by a run of the same hook it
+    /// preempted, on PREEMPT_RT), so it never read the packet's headers.
+    pub const SLOT_TAKEN: u32 = 15;
 }
 
 /// The last verdict (tests, with `FLAG_RECORD_LAST`).

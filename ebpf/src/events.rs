@@ -98,7 +98,10 @@ pub fn take_token(budget: *mut EventBudget) -> Option<u64> {
         let now = bpf_ktime_get_ns();
         let b = &mut *budget;
         // Refill: EVENTS_PER_SEC events per second, i.e. EVENTS_PER_SEC milli-tokens per millisecond.
-        let elapsed_ms = (now - b.last_ns) / 1_000_000;
+        // Saturating: on PREEMPT_RT a run of another hook, or one that found its scratch slot taken, can
+        // preempt this one between the clock read and here and store a later `last_ns`; a wrapped
+        // difference would refill the bucket to the full burst.
+        let elapsed_ms = now.saturating_sub(b.last_ns) / 1_000_000;
         if elapsed_ms > 0 {
             let cap = limits::EVENTS_BURST * 1000;
             let refill = elapsed_ms.saturating_mul(limits::EVENTS_PER_SEC);

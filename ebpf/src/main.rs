@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::{TcContext, TracePointContext, XdpContext},
 };
 use vpcgate_common::{
-    datapath::ACTION_PASS,
+    datapath::{ACTION_PASS, basis},
     parse_stats::{Hook, Stat},
 };
 
@@ -141,7 +141,8 @@ fn scratch(hook: Hook) -> Option<*mut Scratch> {
 /// without the packet's addresses).
 #[inline(always)]
 fn slot_taken(hook: Hook, ifindex: u32) -> Outcome {
-    let o = verdict::malformed();
+    let mut o = verdict::malformed();
+    o.basis = basis::SLOT_TAKEN;
     account::count_unslotted_drop(&o);
     events::drop_event(hook, ifindex, None, &o);
     o

@@ -10,7 +10,11 @@ use std::{
 };
 
 use serde::Serialize;
-use vpcgate_common::{datapath::DropEvent, parse_stats::Hook, verdict::DropReason};
+use vpcgate_common::{
+    datapath::{DropEvent, basis},
+    parse_stats::Hook,
+    verdict::DropReason,
+};
 
 use super::{EXIT_ERROR, EXIT_OK, Output, record, status};
 use crate::{
@@ -162,6 +166,13 @@ fn decode(e: &DropEvent, policy: Option<&(String, Policy, Compiled)>) -> Drop {
                     .map(|s| s.text.lines().map(str::trim).collect::<Vec<_>>().join(" ")),
             )
         }
+        _ if e.basis == basis::SLOT_TAKEN => (
+            Some(
+                "headers not read: the run found its CPU's scratch slot taken by a run of the same hook it preempted (PREEMPT_RT); decided as malformed (fail closed)"
+                    .to_owned(),
+            ),
+            None,
+        ),
         _ => (None, None),
     };
     Drop {
@@ -474,6 +485,30 @@ mod tests {
         assert!(change.contains("22"), "{change}");
         assert!(!change.contains('\n'));
         assert!(d.time.ends_with('Z') && d.time.len() == 24, "{}", d.time);
+    }
+
+    #[test]
+    fn a_drop_whose_headers_were_never_read_says_so() {
+        let e = DropEvent {
+            reason: DropReason::Malformed as u32,
+            basis: basis::SLOT_TAKEN,
+            timestamp_ns: kernel_now_ns(),
+            ..DropEvent::default()
+        };
+        let d = decode(&e, None);
+        assert_eq!((d.reason, d.sport, d.dport), ("malformed", None, None));
+        let detail = d.detail.expect("a slot-taken drop is explained");
+        assert!(detail.contains("scratch slot taken"), "{detail}");
+        assert_eq!(d.change, None);
+        // Another malformed drop without addresses has no such detail.
+        let other = decode(
+            &DropEvent {
+                basis: basis::MALFORMED,
+                ..e
+            },
+            None,
+        );
+        assert_eq!(other.detail, None);
     }
 
     #[test]

@@ -290,7 +290,7 @@ impl Datapath {
             KernelMaps::new(
                 &mut self.ebpf,
                 &self.barrier,
-                &self.epoch,
+                self.epoch.as_ref(),
                 self.counted_below,
             ),
             &mut self.recorded,

@@ -151,8 +151,8 @@ fn keys_of<K: aya::Pod, V: aya::Pod>(
 pub(crate) struct KernelMaps<'a> {
     ebpf: &'a mut Ebpf,
     barrier: &'a Barrier,
-    /// `POLICY_EPOCH`, mapped (`epoch`).
-    epoch: &'a EpochWord,
+    /// `POLICY_EPOCH`, mapped (`epoch`); None when the datapath was opened to inspect.
+    epoch: Option<&'a EpochWord>,
     /// Counters read as they were deleted: (generation, rule, sum over CPUs).
     folded: Vec<(u8, u32, RuleStats)>,
     /// Rule ids below which the kernel may have counted (`Datapath::counted_below`; None: unknown).
@@ -163,7 +163,7 @@ impl<'a> KernelMaps<'a> {
     pub(crate) fn new(
         ebpf: &'a mut Ebpf,
         barrier: &'a Barrier,
-        epoch: &'a EpochWord,
+        epoch: Option<&'a EpochWord>,
         counted_below: Option<u32>,
     ) -> Self {
         Self {
@@ -280,18 +280,27 @@ impl<'a> KernelMaps<'a> {
     /// Writes a new `POLICY_EPOCH` (`Op::NewEpoch`): past the one there, so never one written before; in
     /// place, with one 8-byte store (`epoch`), so that no program reads a mix of two epochs.
     fn new_epoch(&mut self) -> Result<(), DatapathError> {
-        let current = self.epoch.load();
-        let next = next_epoch(current, super::flows::clock_ns(libc::CLOCK_BOOTTIME)).ok_or_else(|| {
+        let refused = |io_error| {
             map_err(names::POLICY_EPOCH)(aya::maps::MapError::SyscallError(
                 aya::sys::SyscallError {
                     call: "new epoch",
-                    io_error: std::io::Error::other(
-                        "the policy epoch is at its largest value (written by hand?): no new one can end the decisions the programs memoized; restart the datapath (`vpcgate teardown`) to start over",
-                    ),
+                    io_error,
                 },
             ))
+        };
+        let word = self.epoch.ok_or_else(|| {
+            refused(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the datapath was opened to inspect, which writes nothing",
+            ))
         })?;
-        self.epoch.store(next);
+        let current = word.load();
+        let next = next_epoch(current, super::flows::clock_ns(libc::CLOCK_BOOTTIME)).ok_or_else(|| {
+            refused(std::io::Error::other(
+                "the policy epoch is at its largest value (written by hand?): no new one can end the decisions the programs memoized; restart the datapath (`vpcgate teardown`) to start over",
+            ))
+        })?;
+        word.store(next);
         Ok(())
     }
 

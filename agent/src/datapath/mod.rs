@@ -125,8 +125,8 @@ pub struct Datapath {
     /// Waits out packets in flight between the phases of an apply.
     barrier: barrier::Barrier,
     /// `POLICY_EPOCH`, mapped for one-store writes (`epoch`): mapped at load or adoption, so that an
-    /// apply's epochs cannot fail to be written half-way.
-    epoch: epoch::EpochWord,
+    /// apply's epochs cannot fail to be written half-way. None when opened to inspect (nothing written).
+    epoch: Option<epoch::EpochWord>,
     /// Test hook: the next apply fails at this operation of its plan.
     fail_at: Option<usize>,
     /// Set when the programs were adopted from pins (the object's own are then never loaded).
@@ -259,7 +259,7 @@ impl Datapath {
         load_programs(&mut ebpf)?;
         // Maps created by this load are empty: both generation slots are known to be.
         Ok(Self {
-            epoch: epoch::epoch_word(&ebpf)?,
+            epoch: Some(epoch::epoch_word(&ebpf)?),
             ebpf,
             recorded: state::Recorded::fresh(),
             barrier: barrier::Barrier::new()?,
@@ -365,7 +365,12 @@ impl Datapath {
                     }
                 }
                 let mut dp = Self {
-                    epoch: epoch::epoch_word(&ebpf)?,
+                    // Only the owner writes epochs (`inspect` maps nothing writable).
+                    epoch: if owner {
+                        Some(epoch::epoch_word(&ebpf)?)
+                    } else {
+                        None
+                    },
                     ebpf,
                     // Another process wrote these maps: found by reading them.
                     recorded: state::Recorded::unknown(),
@@ -399,9 +404,12 @@ impl Datapath {
                                 source: std::io::Error::other(e.to_string()),
                             })?;
                     }
-                    Ok(ebpf)
+                    // What could still fail is done before the commit: a failure leaves no pins.
+                    let epoch = epoch::epoch_word(&ebpf)?;
+                    let barrier = barrier::Barrier::new()?;
+                    Ok((ebpf, epoch, barrier))
                 })();
-                let ebpf = match staged {
+                let (ebpf, epoch, barrier) = match staged {
                     Ok(e) => e,
                     Err(e) => {
                         let _ = pin::remove_tree(&staging.dir);
@@ -412,10 +420,10 @@ impl Datapath {
                 let pins = pin::commit(&staging, instance, &build)?;
                 Ok((
                     Self {
-                        epoch: epoch::epoch_word(&ebpf)?,
+                        epoch: Some(epoch),
                         ebpf,
                         recorded: state::Recorded::fresh(),
-                        barrier: barrier::Barrier::new()?,
+                        barrier,
                         fail_at: None,
                         adopted: None,
                         pins: Some(pins),
