@@ -838,10 +838,41 @@ fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
     assert_eq!(run(&mut h, &pass.bytes), (TC_SHOT, XDP_DROP, XDP_PASS));
     assert_eq!(malformed_counts(&h), (before.0 + 4, before.1));
     reported(&mut h, 0);
+    // A flood of runs that find the slot taken: every one counted, and reported within the event
+    // budget like any drop (the rest counted as suppressed, none lost).
+    {
+        use aya::programs::{TestRun, TestRunOptions};
+        let flood = 20_000u32;
+        let loss = h.dp.event_loss().unwrap();
+        let opts = TestRunOptions {
+            data_in: Some(&pass.bytes),
+            repeat: flood,
+            ..TestRunOptions::new()
+        };
+        let r = h.dp.tc_egress().unwrap().test_run(opts).unwrap();
+        assert_eq!(r.return_value, TC_SHOT);
+        assert_eq!(
+            malformed_counts(&h),
+            (before.0 + 4 + u64::from(flood), before.1)
+        );
+        let events = h.dp.take_events(flood as usize + 1).unwrap();
+        assert!(
+            events
+                .iter()
+                .all(|e| e.basis == vpcgate_common::datapath::basis::SLOT_TAKEN),
+            "{events:?}"
+        );
+        let after = h.dp.event_loss().unwrap();
+        let suppressed = after.suppressed - loss.suppressed;
+        assert_eq!(events.len() as u64 + suppressed, u64::from(flood));
+        assert!(suppressed > 0, "a flood of {flood} was not rate limited");
+        assert_eq!(after.lost, loss.lost);
+    }
     // Under an audit policy a taken slot passes, as TC egress's and XDP forward's fail-closed verdicts do.
     let mut audit = small();
     audit.instance.mode = Mode::Audit;
     h.apply(&audit);
+    let dropped = malformed_counts(&h).0;
     for (i, frame) in [&pass.bytes, &denied.bytes, &malformed]
         .into_iter()
         .enumerate()
@@ -849,7 +880,7 @@ fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
         assert_eq!(run(&mut h, frame), (TC_PASS, XDP_PASS, XDP_PASS));
         assert_eq!(
             malformed_counts(&h),
-            (before.0 + 4, before.1 + 2 * (i as u64 + 1))
+            (dropped, before.1 + 2 * (i as u64 + 1))
         );
         reported(&mut h, 1);
     }
