@@ -359,7 +359,6 @@ fn rule_counters_in_the_array_and_past_it_are_counted_read_and_folded_alike() {
 
 #[test]
 fn drop_events_carry_the_packet_and_a_flood_is_rate_limited() {
-    use aya::programs::{TestRun, TestRunOptions};
     use vpcgate_common::datapath::{basis, limits};
     vpcgate_lab::require_root();
     let mut h = Harness::new();
@@ -392,16 +391,9 @@ fn drop_events_carry_the_packet_and_a_flood_is_rate_limited() {
     // A flood: the kernel runs the program many times in a tight loop; the bucket holds EVENTS_BURST
     // events and refills EVENTS_PER_SEC per second, so most are counted as suppressed, none lost.
     let flood = 20_000u32;
-    let before = h.dp.event_loss().unwrap();
-    let opts = TestRunOptions {
-        data_in: Some(&wrong_port.bytes),
-        repeat: flood,
-        ..TestRunOptions::new()
-    };
-    h.dp.tc_egress().unwrap().test_run(opts).unwrap();
-    let emitted = h.dp.take_events(flood as usize + 1).unwrap().len() as u64;
-    let loss = h.dp.event_loss().unwrap();
-    let suppressed = loss.suppressed - before.suppressed;
+    let f = flood_tc_egress(&mut h, &wrong_port.bytes, flood);
+    let (emitted, loss) = (f.events.len() as u64, f.after);
+    let suppressed = loss.suppressed - f.before.suppressed;
     assert_eq!(
         emitted + suppressed,
         u64::from(flood),
@@ -420,6 +412,39 @@ fn drop_events_carry_the_packet_and_a_flood_is_rate_limited() {
         "flood of {flood} drops: {emitted} events (burst {}), {suppressed} suppressed",
         limits::EVENTS_BURST
     );
+}
+
+/// What a flood of TC egress runs did: `repeat` runs of `bytes` in one BPF_PROG_TEST_RUN.
+struct Flood {
+    /// The runs' verdict (the kernel reports the last run's).
+    verdict: u32,
+    /// The drop events they emitted.
+    events: Vec<vpcgate_common::datapath::DropEvent>,
+    /// Event loss (suppressed, lost) before and after.
+    before: vpcgate::datapath::EventLoss,
+    after: vpcgate::datapath::EventLoss,
+}
+
+fn flood_tc_egress(h: &mut Harness, bytes: &[u8], repeat: u32) -> Flood {
+    use aya::programs::{TestRun, TestRunOptions};
+    let before = h.dp.event_loss().unwrap();
+    let opts = TestRunOptions {
+        data_in: Some(bytes),
+        repeat,
+        ..TestRunOptions::new()
+    };
+    let verdict =
+        h.dp.tc_egress()
+            .unwrap()
+            .test_run(opts)
+            .unwrap()
+            .return_value;
+    Flood {
+        verdict,
+        events: h.dp.take_events(repeat as usize + 1).unwrap(),
+        before,
+        after: h.dp.event_loss().unwrap(),
+    }
 }
 
 const EXACT: &str = r#"
@@ -841,28 +866,20 @@ fn a_run_that_finds_its_scratch_packet_taken_fails_closed() {
     // A flood of runs that find the slot taken: every one counted, and reported within the event
     // budget like any drop (the rest counted as suppressed, none lost).
     {
-        use aya::programs::{TestRun, TestRunOptions};
         let flood = 20_000u32;
-        let loss = h.dp.event_loss().unwrap();
-        let opts = TestRunOptions {
-            data_in: Some(&pass.bytes),
-            repeat: flood,
-            ..TestRunOptions::new()
-        };
-        let r = h.dp.tc_egress().unwrap().test_run(opts).unwrap();
-        assert_eq!(r.return_value, TC_SHOT);
+        let f = flood_tc_egress(&mut h, &pass.bytes, flood);
+        assert_eq!(f.verdict, TC_SHOT);
         assert_eq!(
             malformed_counts(&h),
             (before.0 + 4 + u64::from(flood), before.1)
         );
-        let events = h.dp.take_events(flood as usize + 1).unwrap();
+        let (events, loss, after) = (f.events, f.before, f.after);
         assert!(
             events
                 .iter()
                 .all(|e| e.basis == vpcgate_common::datapath::basis::SLOT_TAKEN),
             "{events:?}"
         );
-        let after = h.dp.event_loss().unwrap();
         let suppressed = after.suppressed - loss.suppressed;
         assert_eq!(events.len() as u64 + suppressed, u64::from(flood));
         assert!(suppressed > 0, "a flood of {flood} was not rate limited");

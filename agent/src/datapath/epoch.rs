@@ -87,17 +87,16 @@ impl Drop for EpochWord {
 unsafe impl Send for EpochWord {}
 unsafe impl Sync for EpochWord {}
 
-/// `POLICY_EPOCH` of `ebpf`, mapped: refused, before any map is written, when the map was not created
-/// mmapable.
-pub(crate) fn epoch_word(ebpf: &aya::Ebpf) -> Result<EpochWord, DatapathError> {
+fn map_err(source: MapError) -> DatapathError {
+    DatapathError::Map {
+        map: names::POLICY_EPOCH,
+        source,
+    }
+}
+
+/// `POLICY_EPOCH` of `ebpf`, and its flags as the kernel reports them.
+pub(crate) fn epoch_map(ebpf: &aya::Ebpf) -> Result<(&MapData, u32), DatapathError> {
     let name = names::POLICY_EPOCH;
-    let map_err = |source| DatapathError::Map { map: name, source };
-    let syscall_err = |call, io_error| {
-        map_err(MapError::SyscallError(aya::sys::SyscallError {
-            call,
-            io_error,
-        }))
-    };
     let m = ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
     // The typed view checks the map's type and value size, as every other access does.
     aya::maps::Array::<_, u64>::try_from(m).map_err(map_err)?;
@@ -105,17 +104,31 @@ pub(crate) fn epoch_word(ebpf: &aya::Ebpf) -> Result<EpochWord, DatapathError> {
         // Not reached: the view accepts arrays only.
         return Err(map_err(MapError::InvalidMapType { map_type: 0 }));
     };
-    let flags = d.info().map_err(map_err)?.map_flags();
-    if flags & aya_obj::generated::BPF_F_MMAPABLE == 0 {
-        return Err(syscall_err(
-            "mmap",
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "created without BPF_F_MMAPABLE (flags {flags:#x}), so no epoch can be written in one store; these maps are not this build's: `vpcgate teardown` and start again"
-                ),
+    Ok((d, d.info().map_err(map_err)?.map_flags()))
+}
+
+/// Whether `flags` (a map's) include `BPF_F_MMAPABLE`.
+pub(crate) fn mmapable(flags: u32) -> bool {
+    flags & aya_obj::generated::BPF_F_MMAPABLE != 0
+}
+
+/// `POLICY_EPOCH` of `ebpf`, mapped: refused, before any map is written, when the map was not created
+/// mmapable.
+pub(crate) fn epoch_word(ebpf: &aya::Ebpf) -> Result<EpochWord, DatapathError> {
+    let mmap_err = |io_error| {
+        map_err(MapError::SyscallError(aya::sys::SyscallError {
+            call: "mmap",
+            io_error,
+        }))
+    };
+    let (d, flags) = epoch_map(ebpf)?;
+    if !mmapable(flags) {
+        return Err(mmap_err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "created without BPF_F_MMAPABLE (flags {flags:#x}), so no epoch can be written in one store; these maps are not this build's: `vpcgate teardown` and start again"
             ),
-        ));
+        )));
     }
-    EpochWord::map(d).map_err(|e| syscall_err("mmap", e))
+    EpochWord::map(d).map_err(mmap_err)
 }

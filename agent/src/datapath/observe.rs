@@ -228,14 +228,7 @@ impl Datapath {
     /// write the epoch in place, with one 8-byte store).
     #[doc(hidden)]
     pub fn policy_epoch_is_mmapable(&self) -> Result<bool, DatapathError> {
-        let name = names::POLICY_EPOCH;
-        match self.ebpf().map(name) {
-            Some(aya::maps::Map::Array(d)) => d
-                .info()
-                .map(|i| i.map_flags() & aya_obj::generated::BPF_F_MMAPABLE != 0)
-                .map_err(|source| DatapathError::Map { map: name, source }),
-            _ => Err(DatapathError::MissingMap(name)),
-        }
+        super::epoch::epoch_map(self.ebpf()).map(|(_, flags)| super::epoch::mmapable(flags))
     }
 
     /// Test hook: every CPU's busy flag of `hook`'s scratch slot (nonzero while taken: a run writes 1,
