@@ -48,9 +48,10 @@ pub struct Opts {
     #[arg(long)]
     pub pairs: Option<usize>,
     /// Throughput: only these setups (comma-separated), in this order: none, empty, parse,
-    /// lookup-<rules>, minimal-<rules>, vpcgate-<rules>, nftables-<rules>, iptables-<rules> (rules such
-    /// as 1000 or 1k; parse and lookup are the minimal enforcer's halves) [default: the run's own list].
-    /// For comparing two builds without the whole run.
+    /// lookup-<rules>, spin-<iterations>, minimal-<rules>, vpcgate-<rules>, nftables-<rules>,
+    /// iptables-<rules> (rules such as 1000 or 1k; parse and lookup are the minimal enforcer's halves;
+    /// spin is a program that only loops, up to 2048 times, to calibrate what run time alone costs)
+    /// [default: the run's own list]. For comparing two builds without the whole run.
     #[arg(long, value_delimiter = ',')]
     pub setups: Vec<String>,
 }

@@ -461,6 +461,98 @@ fn throughput_findings(rows: &[throughput::Row]) -> Vec<String> {
             }
         })
         .chain(program_findings(rows))
+        .chain(calibration_findings(rows))
+        .collect()
+}
+
+/// A TC program's own mean run time under a setup's traffic (kernel BPF statistics): vpcgate's TC egress
+/// or the baseline on the ENI.
+fn tc_ns(r: &throughput::Row) -> Option<f64> {
+    r.programs
+        .iter()
+        .find(|c| c.program.starts_with("vpcgate_tc_e") || c.program.starts_with("bench_tc_"))
+        .map(|c| c.ns_per_run)
+}
+
+/// The throughput bar (× no filter), which the calibration translates into run time.
+const THROUGHPUT_BAR: f64 = 0.97;
+
+/// A straight line through points (x, y) by least squares: (intercept, slope). None with fewer than two
+/// distinct x.
+fn fit_line(points: &[(f64, f64)]) -> Option<(f64, f64)> {
+    let n = points.len() as f64;
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    if points.len() < 2 || sxx <= f64::EPSILON {
+        return None;
+    }
+    let slope = sxy / sxx;
+    Some((my - slope * mx, slope))
+}
+
+/// What run time alone takes off the rate, per test: the empty program and the spin loops (programs that
+/// only spend time) give a line of "× no filter" against their run time in situ; vpcgate and the
+/// minimal enforcer are set against what that line gives a program of their own run time, so what their
+/// work costs beyond its run time (cache, memory, helpers) shows apart from the run time itself. The bar
+/// becomes a run time where the line crosses it.
+fn calibration_findings(rows: &[throughput::Row]) -> Vec<String> {
+    let mut tests: Vec<&str> = rows.iter().map(|r| r.test.as_str()).collect();
+    tests.sort_unstable();
+    tests.dedup();
+    let point = |r: &throughput::Row| Some((tc_ns(r)?, r.ratio_to_no_filter?));
+    tests
+        .into_iter()
+        .filter_map(|test| {
+            let mut calib: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| r.test == test && matches!(r.filter.as_str(), "empty" | "spin"))
+                .filter_map(point)
+                .collect();
+            calib.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let (a, b) = fit_line(&calib)?;
+            let pts = calib
+                .iter()
+                .map(|(ns, x)| format!("{ns:.0} ns {x:.3}×"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let slope = if b < 0.0 {
+                format!(
+                    "lose {:.1}% of the rate per 100 ns in situ (least squares over {} setups); on that line {THROUGHPUT_BAR}× no filter leaves {:.0} ns in situ (clock reads included)",
+                    -b * 1e4,
+                    calib.len(),
+                    (THROUGHPUT_BAR - a) / b
+                )
+            } else {
+                format!(
+                    "lose no rate with run time: their line rises {:.1}% per 100 ns in situ (least squares over {} setups), within the runs' spread",
+                    b * 1e4,
+                    calib.len()
+                )
+            };
+            let set_against: Vec<String> = rows
+                .iter()
+                .filter(|r| r.test == test && matches!(r.filter.as_str(), "vpcgate" | "minimal"))
+                .filter_map(|r| {
+                    let (ns, x) = point(r)?;
+                    let line = a + b * ns;
+                    Some(format!(
+                        "{} {ns:.0} ns, {x:.3}× (the line at {ns:.0} ns: {line:.3}×, so {:.2}× what its run time alone explains)",
+                        r.setup,
+                        x / line
+                    ))
+                })
+                .collect();
+            Some(format!(
+                "Run time alone under {test} traffic: programs that only spend time ({pts}) {slope}.{}",
+                if set_against.is_empty() {
+                    String::new()
+                } else {
+                    format!(" Set against it: {}.", set_against.join("; "))
+                }
+            ))
+        })
         .collect()
 }
 
@@ -468,12 +560,7 @@ fn throughput_findings(rows: &[throughput::Row]) -> Vec<String> {
 /// empty program (kernel BPF statistics), and each one's share of what the busiest CPU spent per packet
 /// in its setup's runs.
 fn program_findings(rows: &[throughput::Row]) -> Vec<String> {
-    let tc = |r: &throughput::Row| {
-        r.programs
-            .iter()
-            .find(|c| c.program.starts_with("vpcgate_tc_e") || c.program.starts_with("bench_tc_"))
-            .map(|c| c.ns_per_run)
-    };
+    let tc = tc_ns;
     let find = |filter: &str, rules: usize, test: &str| {
         rows.iter()
             .find(|r| r.filter == filter && r.rules == rules && r.test == test)
@@ -593,4 +680,119 @@ pub fn write(dir: &Path, r: &Report) -> anyhow::Result<()> {
     std::fs::write(dir.join("report.json"), json).context("writing report.json")?;
     std::fs::write(dir.join("report.md"), markdown(r)).context("writing report.md")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A throughput row of `filter` under `test` whose TC program took `ns` per run and whose ratio to no
+    /// filter is `ratio`.
+    fn row(setup: &str, filter: &str, test: &str, ns: f64, ratio: f64) -> throughput::Row {
+        throughput::Row {
+            setup: setup.into(),
+            filter: filter.into(),
+            rules: 0,
+            test: test.into(),
+            unit: "packets/s".into(),
+            median: 1.0,
+            samples: vec![],
+            loss_percent: None,
+            cpu_ns_per_packet: None,
+            cpu_busy_percent: None,
+            busiest_cpu_ns_per_packet: None,
+            busiest_cpu_busy_percent: None,
+            iperf3_cpu_ns_per_packet: None,
+            packets_per_run: 1.0,
+            runs: 1,
+            seconds_per_run: 1,
+            ratio_to_no_filter: Some(ratio),
+            ratio_to_nftables: None,
+            ratio_to_minimal: None,
+            paired: None,
+            note: String::new(),
+            programs: vec![throughput::ProgramCost {
+                program: if filter == "vpcgate" {
+                    "vpcgate_tc_egre".into()
+                } else {
+                    format!("bench_tc_{filter}")
+                },
+                runs: 1000,
+                ns_per_run: ns,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_line_is_fitted_by_least_squares() {
+        let (a, b) = fit_line(&[(0.0, 1.0), (100.0, 0.9), (200.0, 0.8)]).unwrap();
+        assert!(
+            (a - 1.0).abs() < 1e-12 && (b + 0.001).abs() < 1e-12,
+            "{a} {b}"
+        );
+        // Scattered points: the slope is cov(x, y) / var(x).
+        let (a, b) = fit_line(&[(0.0, 1.0), (0.0, 0.8), (100.0, 0.8), (100.0, 0.6)]).unwrap();
+        assert!(
+            (a - 0.9).abs() < 1e-12 && (b + 0.002).abs() < 1e-12,
+            "{a} {b}"
+        );
+        assert!(fit_line(&[(50.0, 1.0)]).is_none());
+        assert!(
+            fit_line(&[(50.0, 1.0), (50.0, 0.9)]).is_none(),
+            "one x: no slope"
+        );
+        assert!(fit_line(&[]).is_none());
+    }
+
+    #[test]
+    fn programs_are_set_against_what_their_run_time_alone_takes() {
+        // Run time alone: 1.0 at 0 ns, 10% per 100 ns; vpcgate at 150 ns on the line, the minimal
+        // enforcer at 100 ns 0.05 under it. The other test has a single calibration point: no line.
+        let rows = [
+            row("empty TC program", "empty", "udp64", 50.0, 0.95),
+            row("spin loop 100", "spin", "udp64", 100.0, 0.90),
+            row("spin loop 300", "spin", "udp64", 250.0, 0.75),
+            row("minimal enforcer 1k", "minimal", "udp64", 100.0, 0.85),
+            row("vpcgate 1k", "vpcgate", "udp64", 150.0, 0.85),
+            row("empty TC program", "empty", "tcp", 50.0, 1.0),
+            row("vpcgate 1k", "vpcgate", "tcp", 150.0, 1.0),
+        ];
+        let f = calibration_findings(&rows);
+        assert_eq!(f.len(), 1, "{f:#?}");
+        let f = &f[0];
+        assert!(f.starts_with("Run time alone under udp64 traffic"), "{f}");
+        assert!(
+            f.contains("(50 ns 0.950×, 100 ns 0.900×, 250 ns 0.750×)"),
+            "{f}"
+        );
+        assert!(f.contains("lose 10.0% of the rate per 100 ns"), "{f}");
+        assert!(f.contains("over 3 setups"), "{f}");
+        // 1 - 0.001 x = 0.97 at x = 30.
+        assert!(f.contains("0.97× no filter leaves 30 ns in situ"), "{f}");
+        assert!(
+            f.contains("vpcgate 1k 150 ns, 0.850× (the line at 150 ns: 0.850×, so 1.00×"),
+            "{f}"
+        );
+        assert!(
+            f.contains("minimal enforcer 1k 100 ns, 0.850× (the line at 100 ns: 0.900×, so 0.94×"),
+            "{f}"
+        );
+        // Rows without the programs' statistics are left out, not guessed.
+        let mut bare = rows.to_vec();
+        bare[4].programs.clear();
+        let f = calibration_findings(&bare);
+        assert!(!f[0].contains("vpcgate 1k"), "{}", f[0]);
+        // A line that does not fall gives no budget.
+        let flat = [
+            row("empty TC program", "empty", "udp64", 50.0, 0.95),
+            row("spin loop 100", "spin", "udp64", 100.0, 0.96),
+        ];
+        let f = calibration_findings(&flat);
+        assert!(!f[0].contains("leaves"), "{}", f[0]);
+        assert!(
+            f[0].contains("lose no rate with run time: their line rises 2.0% per 100 ns"),
+            "{}",
+            f[0]
+        );
+    }
 }

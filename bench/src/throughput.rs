@@ -5,8 +5,9 @@
 //! the ENI's TC egress the way vpcgate attaches: an empty program (what the hook itself costs) and the
 //! per-packet part's minimal enforcer (vpcgate's parser and one LPM lookup in a trie of the same
 //! prefixes): what any enforcer of this design pays on the path, against which vpcgate's features are
-//! measured. Setups are measured in rounds that cycle through all of them, so drift on this shared
-//! machine hits each alike.
+//! measured. Spin loops (TC programs that only loop a set number of times) calibrate what run time
+//! alone takes off the rate: the report sets vpcgate and the minimal enforcer against them. Setups are
+//! measured in rounds that cycle through all of them, so drift on this shared machine hits each alike.
 //!
 //! A twin link (a second veth pair between the same namespaces, nothing attached, toward a second
 //! iperf3 server) gives the setups that filter per device (no filter, and the BPF programs on the ENI)
@@ -29,10 +30,12 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use aya::{
     Ebpf,
+    maps::Array,
     programs::{SchedClassifier, TcAttachType},
 };
 use serde::Serialize;
 use vpcgate::policy::model::Proto;
+use vpcgate_common::datapath::BENCH_SPIN_MAX;
 use vpcgate_lab::lab::{self, Lab};
 
 use crate::{
@@ -49,7 +52,7 @@ pub struct Row {
     /// "no filter", "empty TC program", "minimal enforcer 1k", "vpcgate 1k", "nftables 1k",
     /// "iptables 10k", ...
     pub setup: String,
-    /// "none", "empty", "minimal", "vpcgate", "nftables" or "iptables".
+    /// "none", "empty", "parse", "lookup", "spin", "minimal", "vpcgate", "nftables" or "iptables".
     pub filter: String,
     /// Rules of the setup's policy (0 for no filter).
     pub rules: usize,
@@ -133,6 +136,9 @@ enum Filter {
     Parse,
     /// Its bare lookup alone (no parser), passing everything (`--setups lookup-1k`).
     Lookup(usize),
+    /// A TC program that only loops this many times (`--setups spin-200`): a cost in situ and nothing
+    /// else, to calibrate what a given cost takes off the rate.
+    Spin(usize),
     Vpcgate(usize),
     Nftables(usize),
     Iptables(usize),
@@ -152,7 +158,8 @@ impl Filter {
         let bad = || {
             anyhow::anyhow!(
                 "throughput setup {s:?}: expected none, empty, parse, or lookup, minimal, vpcgate, \
-                 nftables or iptables with a rule count (vpcgate-1k, iptables-10000)"
+                 nftables or iptables with a rule count (vpcgate-1k, iptables-10000), or spin with \
+                 a count of loop iterations up to {BENCH_SPIN_MAX} (spin-200)"
             )
         };
         match s {
@@ -167,8 +174,12 @@ impl Filter {
             None => n.parse().ok(),
         }
         .ok_or_else(bad)?;
-        ensure!(n > 0, "throughput setup {s:?}: no rules");
+        ensure!(
+            n > 0,
+            "throughput setup {s:?}: the count must be at least 1"
+        );
         Ok(match kind {
+            "spin" if n <= BENCH_SPIN_MAX as usize => Filter::Spin(n),
             "minimal" => Filter::Minimal(n),
             "lookup" => Filter::Lookup(n),
             "vpcgate" => Filter::Vpcgate(n),
@@ -184,6 +195,7 @@ impl Filter {
             Filter::Minimal(n) => format!("minimal enforcer {}", k(n)),
             Filter::Parse => "parser alone".into(),
             Filter::Lookup(n) => format!("lookup alone {}", k(n)),
+            Filter::Spin(n) => format!("spin loop {n}"),
             Filter::Vpcgate(n) => format!("vpcgate {}", k(n)),
             Filter::Nftables(n) => format!("nftables {}", k(n)),
             Filter::Iptables(n) => format!("iptables {}", k(n)),
@@ -196,6 +208,7 @@ impl Filter {
             Filter::Minimal(_) => "minimal",
             Filter::Parse => "parse",
             Filter::Lookup(_) => "lookup",
+            Filter::Spin(_) => "spin",
             Filter::Vpcgate(_) => "vpcgate",
             Filter::Nftables(_) => "nftables",
             Filter::Iptables(_) => "iptables",
@@ -203,7 +216,7 @@ impl Filter {
     }
     fn rules(self) -> usize {
         match self {
-            Filter::None | Filter::EmptyTc | Filter::Parse => 0,
+            Filter::None | Filter::EmptyTc | Filter::Parse | Filter::Spin(_) => 0,
             Filter::Minimal(n)
             | Filter::Lookup(n)
             | Filter::Vpcgate(n)
@@ -215,7 +228,7 @@ impl Filter {
     fn filters(self) -> bool {
         !matches!(
             self,
-            Filter::None | Filter::EmptyTc | Filter::Parse | Filter::Lookup(_)
+            Filter::None | Filter::EmptyTc | Filter::Parse | Filter::Lookup(_) | Filter::Spin(_)
         )
     }
     /// Whether the setup leaves the twin link alone (its runs are then paired with the twin's): no
@@ -231,6 +244,7 @@ impl Filter {
                 | Filter::Minimal(_)
                 | Filter::Parse
                 | Filter::Lookup(_)
+                | Filter::Spin(_)
                 | Filter::Vpcgate(_)
         )
     }
@@ -396,6 +410,7 @@ pub fn run(opts: &crate::Opts, seed: u64, p: &crate::Progress) -> anyhow::Result
             vec![
                 Filter::None,
                 Filter::EmptyTc,
+                Filter::Spin(250),
                 Filter::Minimal(1000),
                 Filter::Vpcgate(1000),
                 Filter::Nftables(1000),
@@ -409,6 +424,10 @@ pub fn run(opts: &crate::Opts, seed: u64, p: &crate::Progress) -> anyhow::Result
             vec![
                 Filter::None,
                 Filter::EmptyTc,
+                // Programs that only spend time, about 100 and 210 ns in situ here (the empty program
+                // about 56), around vpcgate's: the report's line of what run time alone costs.
+                Filter::Spin(50),
+                Filter::Spin(250),
                 Filter::Minimal(1000),
                 Filter::Vpcgate(1000),
                 Filter::Minimal(100_000),
@@ -692,6 +711,7 @@ fn rows(
                     Filter::None => "no filter on the ENI".into(),
                     Filter::EmptyTc => "the per-packet part's empty TC program (passes everything) on the ENI's egress, attached as vpcgate attaches its TC program: what the hook itself costs".into(),
                     Filter::Parse => "the minimal enforcer's parser alone on the ENI's egress (vpcgate's parser; passes everything)".into(),
+                    Filter::Spin(n) => format!("a TC program on the ENI's egress that loops {n} times and does nothing else (no packet read, no map but its count): a cost in situ alone, to calibrate what a program's cost takes off the rate"),
                     Filter::Lookup(_) => "the minimal enforcer's lookup alone on the ENI's egress (the destination at its fixed offset, looked up in the same trie; no parser; passes everything)".into(),
                     Filter::Minimal(_) => "the per-packet part's minimal enforcer on the ENI's egress (attached as vpcgate attaches its TC program): vpcgate's parser and one lookup of the destination in an LPM trie of the generated policy's prefixes and the iperf server's address; passes what it finds and what is not IP (as vpcgate's rule 1 does), no ports, counters or observations".into(),
                     Filter::Vpcgate(_) => format!(
@@ -1094,7 +1114,7 @@ impl Texts {
     fn new(s: Filter, seed: u64) -> anyhow::Result<Self> {
         let mut expect = BTreeMap::new();
         Ok(match s {
-            Filter::None | Filter::EmptyTc | Filter::Parse => Self {
+            Filter::None | Filter::EmptyTc | Filter::Parse | Filter::Spin(_) => Self {
                 main: String::new(),
                 v6: String::new(),
                 shape: PolicyShape::Generated,
@@ -1293,16 +1313,33 @@ fn install<'a>(
     let mut baseline = None;
     match s {
         Filter::None => {}
-        Filter::EmptyTc | Filter::Minimal(_) | Filter::Parse | Filter::Lookup(_) => {
+        Filter::EmptyTc
+        | Filter::Minimal(_)
+        | Filter::Parse
+        | Filter::Lookup(_)
+        | Filter::Spin(_) => {
             let mut ebpf = crate::perpkt::load_baselines()?;
             let name = match s {
                 Filter::EmptyTc => "bench_tc_empty",
                 Filter::Parse => "bench_tc_parse",
                 Filter::Lookup(_) => "bench_tc_lookup",
+                Filter::Spin(_) => "bench_tc_spin",
                 _ => "bench_tc_minimal",
             };
             if !texts.prefixes.is_empty() {
                 crate::perpkt::fill_baseline_tries(&mut ebpf, &texts.prefixes)?;
+            }
+            if let Filter::Spin(n) = s {
+                let mut spin: Array<_, u32> = Array::try_from(
+                    ebpf.map_mut("BENCH_SPIN")
+                        .context("BENCH_SPIN is not in the baselines' object")?,
+                )?;
+                spin.set(0, u32::try_from(n)?, 0)
+                    .context("writing bench_tc_spin's iteration count")?;
+                ensure!(
+                    spin.get(&0, 0)? == u32::try_from(n)?,
+                    "BENCH_SPIN does not hold the count just written"
+                );
             }
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -1310,7 +1347,8 @@ fn install<'a>(
                 .try_into()?;
             // The per-packet part's programs are loaded already; these two are only attached here.
             if prog.fd().is_err() {
-                prog.load().with_context(|| format!("verifying {name}"))?;
+                prog.load()
+                    .map_err(|e| anyhow::anyhow!("verifying {name}: {e:?}"))?;
             }
             // In the gateway namespace, where the ENI is: the link stays attached while its program lives.
             lab.gw_run(|| prog.attach(lab::ENI, TcAttachType::Egress))
@@ -1759,6 +1797,8 @@ mod tests {
             ("empty", Filter::EmptyTc),
             ("parse", Filter::Parse),
             ("lookup-1k", Filter::Lookup(1000)),
+            ("spin-200", Filter::Spin(200)),
+            ("spin-2048", Filter::Spin(2048)),
             ("minimal-100k", Filter::Minimal(100_000)),
             ("vpcgate-1000", Filter::Vpcgate(1000)),
             ("nftables-1k", Filter::Nftables(1000)),
@@ -1776,6 +1816,8 @@ mod tests {
             "pf-1k",
             "none-1k",
             "minimal-1.5k",
+            "spin-2049",
+            "spin-0",
             "vpcgate-18446744073709552k",
         ] {
             let e = Filter::parse(bad).expect_err(bad).to_string();
@@ -1787,6 +1829,7 @@ mod tests {
             Filter::EmptyTc,
             Filter::Parse,
             Filter::Lookup(1),
+            Filter::Spin(1),
             Filter::Minimal(1),
             Filter::Vpcgate(1),
         ] {

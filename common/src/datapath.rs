@@ -51,6 +51,10 @@ pub mod names {
     pub const VERDICT_CACHE: &str = "VERDICT_CACHE";
 }
 
+/// The most iterations the benchmark's `bench_tc_spin` makes per run (its object is never loaded by the
+/// agent): the benchmark refuses a larger count, the program clamps to it, the verifier walks each.
+pub const BENCH_SPIN_MAX: u32 = 2048;
+
 /// Capacities (Katran style: every tunable in one place). Policy maps are checked against these before
 /// apply. Policy maps hold two generations during an apply: their `max_entries` are twice these.
 pub mod limits {

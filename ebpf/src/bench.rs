@@ -8,6 +8,9 @@
 //!   tries: what one parse and one lookup cost, against which vpcgate's features are measured.
 //! - `bench_tc_parse` and `bench_tc_lookup`: the minimal enforcer's two halves on their own (the parser;
 //!   the bare lookup), passing everything: which of them a throughput difference comes from.
+//! - `bench_tc_spin`: a loop of `BENCH_SPIN[0]` iterations and nothing else (no packet, no other map),
+//!   passing everything: a program whose only cost is its run time, to calibrate how much of the rate a
+//!   given cost in situ takes off.
 #![no_std]
 #![no_main]
 
@@ -17,10 +20,12 @@ mod parse;
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     macros::{classifier, map, xdp},
-    maps::{LpmTrie, lpm_trie::Key},
+    maps::{Array, LpmTrie, lpm_trie::Key},
     programs::{TcContext, XdpContext},
 };
-use vpcgate_common::datapath::{AddrV4, AddrV6, AddrValue, GEN_A, GEN_BITS, limits};
+use vpcgate_common::datapath::{
+    AddrV4, AddrV6, AddrValue, BENCH_SPIN_MAX, GEN_A, GEN_BITS, limits,
+};
 
 use crate::parse::{Cursor, L3, Packet};
 
@@ -31,6 +36,10 @@ static BENCH_V4: LpmTrie<AddrV4, AddrValue> =
 #[map(name = "BENCH_V6")]
 static BENCH_V6: LpmTrie<AddrV6, AddrValue> =
     LpmTrie::with_max_entries(2 * limits::ADDR_ENTRIES, 0);
+
+/// `bench_tc_spin`'s iterations per run, set by the benchmark before it attaches the program.
+#[map(name = "BENCH_SPIN")]
+static BENCH_SPIN: Array<u32> = Array::with_max_entries(1, 0);
 
 const ETH_LEN: usize = 14;
 
@@ -163,6 +172,21 @@ pub fn bench_tc_parse(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn bench_tc_lookup(ctx: TcContext) -> i32 {
     core::hint::black_box(bare(ctx.data(), ctx.data_end()));
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn bench_tc_spin(_ctx: TcContext) -> i32 {
+    let n = BENCH_SPIN.get(0).copied().unwrap_or(0);
+    let mut acc = 0u32;
+    // The counter is a plain register bounded by a constant, which the verifier tracks exactly; the
+    // accumulator goes through `black_box` (memory the compiler cannot see through), so the loop is kept.
+    for i in 0..BENCH_SPIN_MAX {
+        if i >= n {
+            break;
+        }
+        acc = core::hint::black_box(acc ^ i);
+    }
     TC_ACT_UNSPEC
 }
 
