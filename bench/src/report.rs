@@ -468,24 +468,46 @@ fn throughput_findings(rows: &[throughput::Row]) -> Vec<String> {
 /// A TC program's own mean run time under a setup's traffic (kernel BPF statistics): vpcgate's TC egress
 /// or the baseline on the ENI.
 fn tc_ns(r: &throughput::Row) -> Option<f64> {
+    tc_cost(r).map(|c| c.ns_per_run)
+}
+
+fn tc_cost(r: &throughput::Row) -> Option<&throughput::ProgramCost> {
     r.programs
         .iter()
         .find(|c| c.program.starts_with("vpcgate_tc_e") || c.program.starts_with("bench_tc_"))
-        .map(|c| c.ns_per_run)
+}
+
+/// The run time of all of a setup's programs (kernel BPF statistics) per run of its TC program: vpcgate's
+/// XDP ingress included (under TCP it runs for each ACK), so that what the line sets vpcgate against is
+/// all the time its programs spent.
+fn programs_ns_per_packet(r: &throughput::Row) -> Option<f64> {
+    let tc = tc_cost(r)?;
+    if tc.runs == 0 {
+        return None;
+    }
+    let total: f64 = r
+        .programs
+        .iter()
+        .map(|c| c.runs as f64 * c.ns_per_run)
+        .sum();
+    Some(total / tc.runs as f64)
 }
 
 /// The throughput bar (× no filter), which the calibration translates into run time.
 const THROUGHPUT_BAR: f64 = 0.97;
 
 /// A straight line through points (x, y) by least squares: (intercept, slope). None with fewer than two
-/// distinct x.
+/// distinct x, or a point that is not finite.
 fn fit_line(points: &[(f64, f64)]) -> Option<(f64, f64)> {
+    if points.len() < 2 || points.iter().any(|p| !p.0.is_finite() || !p.1.is_finite()) {
+        return None;
+    }
     let n = points.len() as f64;
     let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
     let my = points.iter().map(|p| p.1).sum::<f64>() / n;
     let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
     let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-    if points.len() < 2 || sxx <= f64::EPSILON {
+    if sxx <= f64::EPSILON {
         return None;
     }
     let slope = sxy / sxx;
@@ -495,38 +517,58 @@ fn fit_line(points: &[(f64, f64)]) -> Option<(f64, f64)> {
 /// What run time alone takes off the rate, per test: the empty program and the spin loops (programs that
 /// only spend time) give a line of "× no filter" against their run time in situ; vpcgate and the
 /// minimal enforcer are set against what that line gives a program of their own run time, so what their
-/// work costs beyond its run time (cache, memory, helpers) shows apart from the run time itself. The bar
-/// becomes a run time where the line crosses it.
+/// work costs outside its own run time (the stack's cache refills after it, say) shows apart from the run
+/// time itself. Where the line falls, the bar becomes the run time at which it crosses it.
 fn calibration_findings(rows: &[throughput::Row]) -> Vec<String> {
     let mut tests: Vec<&str> = rows.iter().map(|r| r.test.as_str()).collect();
     tests.sort_unstable();
     tests.dedup();
-    let point = |r: &throughput::Row| Some((tc_ns(r)?, r.ratio_to_no_filter?));
+    let point = |r: &throughput::Row| Some((programs_ns_per_packet(r)?, r.ratio_to_no_filter?));
     tests
         .into_iter()
         .filter_map(|test| {
-            let mut calib: Vec<(f64, f64)> = rows
+            let calib_rows: Vec<&throughput::Row> = rows
                 .iter()
                 .filter(|r| r.test == test && matches!(r.filter.as_str(), "empty" | "spin"))
-                .filter_map(point)
+                .filter(|r| point(r).is_some())
                 .collect();
+            let mut calib: Vec<(f64, f64)> = calib_rows.iter().filter_map(|r| point(r)).collect();
             calib.sort_by(|a, b| a.0.total_cmp(&b.0));
             let (a, b) = fit_line(&calib)?;
+            let (lo, hi) = (calib[0].0, calib[calib.len() - 1].0);
             let pts = calib
                 .iter()
                 .map(|(ns, x)| format!("{ns:.0} ns {x:.3}×"))
                 .collect::<Vec<_>>()
                 .join(", ");
+            // The widest 95% interval among the points, in percent of no filter, either side.
+            let spread = calib_rows
+                .iter()
+                .filter_map(|r| r.paired.as_ref()?.ci95)
+                .map(|[l, h]| (h - l) / 2.0 * 100.0)
+                .fold(None, |m: Option<f64>, w| Some(m.map_or(w, |m| m.max(w))))
+                .map_or(String::new(), |w| {
+                    format!("; each point's 95% interval up to ±{w:.1}% wide")
+                });
             let slope = if b < 0.0 {
+                let budget = if a > THROUGHPUT_BAR {
+                    format!(
+                        "on that line {THROUGHPUT_BAR}× no filter leaves {:.0} ns in situ (clock reads included)",
+                        (THROUGHPUT_BAR - a) / b
+                    )
+                } else {
+                    format!(
+                        "that line is at {a:.3}× at 0 ns in situ: under {THROUGHPUT_BAR}× no filter at any run time"
+                    )
+                };
                 format!(
-                    "lose {:.1}% of the rate per 100 ns in situ (least squares over {} setups); on that line {THROUGHPUT_BAR}× no filter leaves {:.0} ns in situ (clock reads included)",
+                    "lose {:.1}% of the rate per 100 ns in situ (least squares over {} setups{spread}); {budget}",
                     -b * 1e4,
                     calib.len(),
-                    (THROUGHPUT_BAR - a) / b
                 )
             } else {
                 format!(
-                    "lose no rate with run time: their line rises {:.1}% per 100 ns in situ (least squares over {} setups), within the runs' spread",
+                    "lose no rate with run time on these runs: their line does not fall ({:+.1}% per 100 ns in situ, least squares over {} setups{spread})",
                     b * 1e4,
                     calib.len()
                 )
@@ -537,8 +579,17 @@ fn calibration_findings(rows: &[throughput::Row]) -> Vec<String> {
                 .filter_map(|r| {
                     let (ns, x) = point(r)?;
                     let line = a + b * ns;
+                    // Near 0 (far past the calibration points) the quotient says nothing.
+                    if line < 0.1 {
+                        return None;
+                    }
+                    let outside = if ns < lo || ns > hi {
+                        ", extrapolated"
+                    } else {
+                        ""
+                    };
                     Some(format!(
-                        "{} {ns:.0} ns, {x:.3}× (the line at {ns:.0} ns: {line:.3}×, so {:.2}× what its run time alone explains)",
+                        "{} {ns:.0} ns, {x:.3}× (the line at {ns:.0} ns: {line:.3}×{outside}; so {:.2}× what its run time alone explains)",
                         r.setup,
                         x / line
                     ))
@@ -549,7 +600,10 @@ fn calibration_findings(rows: &[throughput::Row]) -> Vec<String> {
                 if set_against.is_empty() {
                     String::new()
                 } else {
-                    format!(" Set against it: {}.", set_against.join("; "))
+                    format!(
+                        " Set against it, with all of each setup's programs' time per packet: {}.",
+                        set_against.join("; ")
+                    )
                 }
             ))
         })
@@ -742,21 +796,30 @@ mod tests {
             "one x: no slope"
         );
         assert!(fit_line(&[]).is_none());
+        // A ratio over a twin run of 0 packets: no line rather than a NaN one.
+        assert!(fit_line(&[(50.0, 1.0), (100.0, f64::INFINITY)]).is_none());
+        assert!(fit_line(&[(f64::NAN, 1.0), (100.0, 0.9)]).is_none());
     }
 
     #[test]
     fn programs_are_set_against_what_their_run_time_alone_takes() {
         // Run time alone: 1.0 at 0 ns, 10% per 100 ns; vpcgate at 150 ns on the line, the minimal
         // enforcer at 100 ns 0.05 under it. The other test has a single calibration point: no line.
-        let rows = [
+        let mut rows = vec![
             row("empty TC program", "empty", "udp64", 50.0, 0.95),
-            row("spin loop 100", "spin", "udp64", 100.0, 0.90),
-            row("spin loop 300", "spin", "udp64", 250.0, 0.75),
+            row("spin loop 50", "spin", "udp64", 100.0, 0.90),
+            row("spin loop 250", "spin", "udp64", 250.0, 0.75),
             row("minimal enforcer 1k", "minimal", "udp64", 100.0, 0.85),
             row("vpcgate 1k", "vpcgate", "udp64", 150.0, 0.85),
             row("empty TC program", "empty", "tcp", 50.0, 1.0),
             row("vpcgate 1k", "vpcgate", "tcp", 150.0, 1.0),
         ];
+        rows[1].paired = Some(throughput::Paired {
+            ratios: vec![],
+            median: 0.90,
+            ci95: Some([0.87, 0.93]),
+            twin_median: 1.0,
+        });
         let f = calibration_findings(&rows);
         assert_eq!(f.len(), 1, "{f:#?}");
         let f = &f[0];
@@ -766,31 +829,85 @@ mod tests {
             "{f}"
         );
         assert!(f.contains("lose 10.0% of the rate per 100 ns"), "{f}");
-        assert!(f.contains("over 3 setups"), "{f}");
+        assert!(
+            f.contains("over 3 setups; each point's 95% interval up to ±3.0% wide)"),
+            "{f}"
+        );
         // 1 - 0.001 x = 0.97 at x = 30.
         assert!(f.contains("0.97× no filter leaves 30 ns in situ"), "{f}");
         assert!(
-            f.contains("vpcgate 1k 150 ns, 0.850× (the line at 150 ns: 0.850×, so 1.00×"),
+            f.contains("vpcgate 1k 150 ns, 0.850× (the line at 150 ns: 0.850×; so 1.00×"),
             "{f}"
         );
         assert!(
-            f.contains("minimal enforcer 1k 100 ns, 0.850× (the line at 100 ns: 0.900×, so 0.94×"),
+            f.contains("minimal enforcer 1k 100 ns, 0.850× (the line at 100 ns: 0.900×; so 0.94×"),
             "{f}"
         );
+
+        // All of a setup's programs count, per run of its TC program: XDP ingress's 500 runs of
+        // 100 ns add 50 ns to each of TC egress's 1000 runs of 150 ns.
+        let mut with_xdp = rows.clone();
+        with_xdp[4].programs.push(throughput::ProgramCost {
+            program: "vpcgate_xdp_ing".into(),
+            runs: 500,
+            ns_per_run: 100.0,
+        });
+        let f = calibration_findings(&with_xdp);
+        assert!(
+            f[0].contains("vpcgate 1k 200 ns, 0.850× (the line at 200 ns: 0.800×; so 1.06×"),
+            "{}",
+            f[0]
+        );
+
+        // Outside the calibration points' run times, the line is extrapolated, and says so.
+        let mut far = rows.clone();
+        far[4].programs[0].ns_per_run = 300.0;
+        let f = calibration_findings(&far);
+        assert!(
+            f[0].contains("vpcgate 1k 300 ns, 0.850× (the line at 300 ns: 0.700×, extrapolated;"),
+            "{}",
+            f[0]
+        );
+        // Where the line reaches 0 no ratio to it is given.
+        for ns in [950.0, 1000.0, 1100.0] {
+            far[4].programs[0].ns_per_run = ns;
+            let f = calibration_findings(&far);
+            assert!(!f[0].contains("vpcgate 1k"), "{}", f[0]);
+        }
+        far[4].programs[0].ns_per_run = 1000.0;
+        let f = calibration_findings(&far);
+        assert!(!f[0].contains("vpcgate 1k"), "{}", f[0]);
+
         // Rows without the programs' statistics are left out, not guessed.
-        let mut bare = rows.to_vec();
+        let mut bare = rows.clone();
         bare[4].programs.clear();
         let f = calibration_findings(&bare);
         assert!(!f[0].contains("vpcgate 1k"), "{}", f[0]);
+
+        // A line already under the bar at 0 ns leaves no run time.
+        let low = [
+            row("empty TC program", "empty", "udp64", 50.0, 0.94),
+            row("spin loop 250", "spin", "udp64", 250.0, 0.90),
+        ];
+        let f = calibration_findings(&low);
+        assert!(
+            f[0].contains(
+                "that line is at 0.950× at 0 ns in situ: under 0.97× no filter at any run time"
+            ),
+            "{}",
+            f[0]
+        );
+        assert!(!f[0].contains("leaves"), "{}", f[0]);
+
         // A line that does not fall gives no budget.
         let flat = [
             row("empty TC program", "empty", "udp64", 50.0, 0.95),
-            row("spin loop 100", "spin", "udp64", 100.0, 0.96),
+            row("spin loop 50", "spin", "udp64", 100.0, 0.96),
         ];
         let f = calibration_findings(&flat);
         assert!(!f[0].contains("leaves"), "{}", f[0]);
         assert!(
-            f[0].contains("lose no rate with run time: their line rises 2.0% per 100 ns"),
+            f[0].contains("lose no rate with run time on these runs: their line does not fall (+2.0% per 100 ns"),
             "{}",
             f[0]
         );

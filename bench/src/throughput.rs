@@ -54,7 +54,8 @@ pub struct Row {
     pub setup: String,
     /// "none", "empty", "parse", "lookup", "spin", "minimal", "vpcgate", "nftables" or "iptables".
     pub filter: String,
-    /// Rules of the setup's policy (0 for no filter).
+    /// Rules of the setup's policy (0 for no filter, the empty program, the parser and the spin loops;
+    /// a spin loop's iterations are in its `setup` and `note`).
     pub rules: usize,
     /// "tcp" (bits/s, receiver) or "udp64" (64-byte frames, receiver's packets/s).
     pub test: String,
@@ -153,7 +154,8 @@ fn k(n: usize) -> String {
 }
 
 impl Filter {
-    /// `none`, `empty`, or a kind and a rule count: `vpcgate-1k`, `minimal-100000`.
+    /// `none`, `empty`, `parse`, a kind and a rule count (`vpcgate-1k`, `minimal-100000`), or `spin`
+    /// and a count of iterations (`spin-250`).
     fn parse(s: &str) -> anyhow::Result<Self> {
         let bad = || {
             anyhow::anyhow!(
@@ -1345,7 +1347,8 @@ fn install<'a>(
                 .program_mut(name)
                 .with_context(|| format!("{name} is not in the baselines' object"))?
                 .try_into()?;
-            // The per-packet part's programs are loaded already; these two are only attached here.
+            // The per-packet part loaded the empty program and the minimal enforcer already; the
+            // others are loaded here.
             if prog.fd().is_err() {
                 prog.load()
                     .map_err(|e| anyhow::anyhow!("verifying {name}: {e:?}"))?;
