@@ -527,13 +527,14 @@ fn calibration_findings(rows: &[throughput::Row]) -> Vec<String> {
     tests
         .into_iter()
         .filter_map(|test| {
-            let calib_rows: Vec<&throughput::Row> = rows
+            // The calibration's rows, each with its point, in order of run time.
+            let mut calib_rows: Vec<(&throughput::Row, (f64, f64))> = rows
                 .iter()
                 .filter(|r| r.test == test && matches!(r.filter.as_str(), "empty" | "spin"))
-                .filter(|r| point(r).is_some())
+                .filter_map(|r| Some((r, point(r)?)))
                 .collect();
-            let mut calib: Vec<(f64, f64)> = calib_rows.iter().filter_map(|r| point(r)).collect();
-            calib.sort_by(|a, b| a.0.total_cmp(&b.0));
+            calib_rows.sort_by(|a, b| a.1.0.total_cmp(&b.1.0));
+            let calib: Vec<(f64, f64)> = calib_rows.iter().map(|(_, p)| *p).collect();
             let (a, b) = fit_line(&calib)?;
             let (lo, hi) = (calib[0].0, calib[calib.len() - 1].0);
             let pts = calib
@@ -544,7 +545,7 @@ fn calibration_findings(rows: &[throughput::Row]) -> Vec<String> {
             // The widest 95% interval among the points, in percent of no filter, either side.
             let spread = calib_rows
                 .iter()
-                .filter_map(|r| r.paired.as_ref()?.ci95)
+                .filter_map(|(r, _)| r.paired.as_ref()?.ci95)
                 .map(|[l, h]| (h - l) / 2.0 * 100.0)
                 .fold(None, |m: Option<f64>, w| Some(m.map_or(w, |m| m.max(w))))
                 .map_or(String::new(), |w| {
@@ -614,7 +615,6 @@ fn calibration_findings(rows: &[throughput::Row]) -> Vec<String> {
 /// empty program (kernel BPF statistics), and each one's share of what the busiest CPU spent per packet
 /// in its setup's runs.
 fn program_findings(rows: &[throughput::Row]) -> Vec<String> {
-    let tc = tc_ns;
     let find = |filter: &str, rules: usize, test: &str| {
         rows.iter()
             .find(|r| r.filter == filter && r.rules == rules && r.test == test)
@@ -632,14 +632,14 @@ fn program_findings(rows: &[throughput::Row]) -> Vec<String> {
     rows.iter()
         .filter(|r| r.filter == "vpcgate")
         .filter_map(|r| {
-            let own = tc(r)?;
+            let own = tc_ns(r)?;
             let mut shares = vec![format!("vpcgate {}", share(r, own))];
             let mut others = String::new();
             for (label, row) in [
                 ("the minimal enforcer", find("minimal", r.rules, &r.test)),
                 ("the empty program", find("empty", 0, &r.test)),
             ] {
-                if let Some((row, ns)) = row.and_then(|row| Some((row, tc(row)?))) {
+                if let Some((row, ns)) = row.and_then(|row| Some((row, tc_ns(row)?))) {
                     others += &format!(", {label} {ns:.0} ns");
                     shares.push(format!("{label} {}", share(row, ns)));
                 }

@@ -1332,14 +1332,15 @@ fn install<'a>(
                 crate::perpkt::fill_baseline_tries(&mut ebpf, &texts.prefixes)?;
             }
             if let Filter::Spin(n) = s {
+                let n = u32::try_from(n)?;
                 let mut spin: Array<_, u32> = Array::try_from(
                     ebpf.map_mut("BENCH_SPIN")
                         .context("BENCH_SPIN is not in the baselines' object")?,
                 )?;
-                spin.set(0, u32::try_from(n)?, 0)
+                spin.set(0, n, 0)
                     .context("writing bench_tc_spin's iteration count")?;
                 ensure!(
-                    spin.get(&0, 0)? == u32::try_from(n)?,
+                    spin.get(&0, 0)? == n,
                     "BENCH_SPIN does not hold the count just written"
                 );
             }
